@@ -1,0 +1,176 @@
+"""Every message that crosses a process boundary (router <-> workers <-> transceivers), typed and
+frozen. No free-form dicts cross actors.
+
+A request's trip, in messages:
+
+    router  --GenerateRequest-->  decode worker
+    decode  --PrefillRequest-->   prefill worker   (unless it prefills locally)
+    prefill --KVHandle-->         decode           (blocks pinned on prefill under a lease)
+    decode  READs the blocks (kv_transfer), then --release--> prefill (frees the pinned blocks)
+    decode  --TokenDelta*-->      router           (streamed)
+    workers --KVEvent*-->         router           (prefix index), WorkerLoad (routing weights)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Role(str, Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"  # cancelled by the client or the cluster
+    ERROR = "error"  # failed; TokenDelta.error says why
+
+
+class InvalidRequestError(ValueError):
+    """A client mistake (bad prompt, bad parameter): maps to HTTP 400, never to a 5xx."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False  # logprob of each chosen token
+    top_logprobs: int = 0  # also the k most likely tokens at each step
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+        if self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}", "top_k")
+        if not 0 <= self.top_logprobs <= 20:
+            raise InvalidRequestError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}", "top_logprobs")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty", "stop")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Router -> decode worker: one request, already tokenized by the router."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    cache_salt: str | None = None
+    prefill_worker_id: str | None = None  # the router's pick; None = decode decides (local prefill)
+    arrival_time: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    """Decode -> prefill worker: compute the prompt's KV, sample the first token, pin the blocks."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    cache_salt: str | None = None
+    lease_ttl_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class KVHandle:
+    """Prefill -> decode: where a finished prefill's KV lives, pinned until released or expired.
+
+    Ownership: the prefill worker owns ``block_ids`` until exactly one of these happens: the decode
+    side releases the handle (after its READ), or the lease expires (then the prefill side frees
+    them and a later release reports the expiry, so a late READ is detected and discarded).
+    """
+
+    request_id: str
+    worker_id: str  # the prefill worker holding the blocks
+    block_ids: tuple[int, ...]  # every block of the prompt, in order; the last may be partial
+    num_tokens: int  # prompt tokens whose KV the blocks hold
+    first_token_id: int
+    first_logprob: float | None
+    first_top_logprobs: tuple[tuple[int, float], ...] | None
+    compat_hash: str
+    kv_epoch: int  # the prefill side's segment-set version when the handle was made
+    lease_ttl_s: float
+    expires_at: float  # unix time
+    num_cached_tokens: int = 0  # prompt tokens the prefill worker already had cached
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New output of one request (one or more tokens), streamed decode -> router."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class KVEventKind(str, Enum):
+    STORED = "stored"  # blocks became reusable prefix-cache entries
+    REMOVED = "removed"  # blocks were evicted (their hashes no longer resolve on that worker)
+    CLEARED = "cleared"  # the worker dropped its whole cache (restart, resize to zero)
+
+
+@dataclass(frozen=True)
+class KVEvent:
+    worker_id: str
+    kind: KVEventKind
+    block_hashes: tuple[int, ...] = ()
+    seq: int = 0  # per-worker sequence number; a gap tells the router to resync that worker
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    worker_id: str
+    role: Role
+    num_running: int
+    num_waiting: int
+    num_used_blocks: int
+    num_total_blocks: int
+    num_pinned_blocks: int = 0  # prefill: blocks held for decode under leases
+    is_draining: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker registers in etcd under /pdserve/<cluster>/workers/<role>/<worker_id>."""
+
+    worker_id: str
+    role: Role
+    actor_name: str  # Ray named actor (namespace: the cluster name)
+    address: str  # node IP
+    model: str
+    kv_capacity_blocks: int
+    compat_hash: str
+    started_at: float
