@@ -1,0 +1,29 @@
+"""Config sections the router owns: how requests are routed, and the input limits at the door."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["kv_aware", "round_robin"] = "kv_aware"
+    overlap_weight: float = Field(1.0, ge=0, description="cost = overlap_weight * new_prefill_blocks + active_decode_blocks")
+    local_prefill_threshold_tokens: int = Field(
+        32, ge=0, description="Decode prefills locally when the uncached prompt part is below this"
+    )
+    min_prefill_workers: int = Field(1, ge=0, description="Readiness gate: 503 until this many prefill workers registered")
+    min_decode_workers: int = Field(1, ge=1, description="Readiness gate: 503 until this many decode workers registered")
+
+
+class LimitsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_prompt_tokens: int = Field(4096, ge=1)
+    max_tokens: int = Field(2048, ge=1)
+    max_body_bytes: int = Field(1048576, ge=1)
+    max_concurrent_requests: int = Field(256, ge=1, description="Over this: 429 with Retry-After")
+    request_timeout_s: float = Field(300, gt=0)
