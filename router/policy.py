@@ -1,0 +1,214 @@
+"""Routing policy: pure functions of worker loads and prefix overlaps. No Ray, no etcd, no clocks.
+
+Decode choice (Dynamo's form), lowest cost wins:
+
+    cost(w) = overlap_weight * new_prefill_blocks(w) + active_decode_blocks(w)
+    new_prefill_blocks(w) = request_blocks - overlap(w)       active_decode_blocks(w) = w.num_used_blocks
+
+Prefill choice (TensorRT-LLM's form), highest score wins:
+
+    score(w) = overlap(w) - prefill_queue_weight * (w.num_running + w.num_waiting)
+
+Ties break deterministically: fewer queued requests, then the smaller worker id. Draining workers are
+never chosen. Each choice returns a RoutingDecision (chosen id, every candidate's score, the reason)
+so the endpoint can count decisions and show recent ones.
+
+Conditional disaggregation: the chosen decode worker prefills locally when the prompt tokens
+missing from *its own* cache are below a threshold; otherwise a prefill worker is chosen.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from router.config import RouterConfig
+from workers.protocol import Role, WorkerLoad
+
+
+class NoWorkerAvailable(RuntimeError):
+    """No worker of ``role`` can take the request (none registered, or all draining)."""
+
+    def __init__(self, role: Role, message: str):
+        super().__init__(message)
+        self.role = role
+        self.message = message
+
+
+@dataclass(frozen=True)
+class WorkerScore:
+    worker_id: str
+    score: float  # decode: a cost (lower wins); prefill: a score (higher wins); round-robin: 0
+    overlap_blocks: int
+    num_queued: int  # running + waiting requests
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    role: Role
+    worker_id: str
+    reason: str  # lowest_cost | softmax_sample | highest_score | round_robin
+    num_request_blocks: int
+    overlap_blocks: int  # the chosen worker's matched prefix blocks
+    scores: tuple[WorkerScore, ...]  # every eligible candidate, by worker id
+    num_draining_skipped: int = 0
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """One request's route. ``prefill is None`` means the decode worker prefills locally."""
+
+    decode: RoutingDecision
+    prefill: RoutingDecision | None
+    num_uncached_tokens: int  # prompt tokens missing from the decode worker's cache
+    reason: str  # disaggregated | uncached_below_threshold | no_prefill_worker
+
+    @property
+    def prefill_locally(self) -> bool:
+        return self.prefill is None
+
+
+def num_blocks(num_tokens: int, block_size: int) -> int:
+    """Blocks a prompt occupies, the partial last one included."""
+    if block_size <= 0 or num_tokens < 0:
+        raise ValueError(f"need block_size > 0 and num_tokens >= 0, got {block_size}, {num_tokens}")
+    return -(-num_tokens // block_size)
+
+
+def choose_decode(num_request_blocks: int, candidates: Sequence[WorkerLoad], overlaps: Mapping[str, int], *,
+                  overlap_weight: float = 1.0, temperature: float = 0.0,
+                  rng: random.Random | None = None) -> RoutingDecision:
+    """Lowest ``overlap_weight * new_prefill_blocks + active_decode_blocks``; with temperature > 0,
+    sample from softmax(-normalised_cost / temperature) using ``rng`` (required, for reproducibility)."""
+    if overlap_weight < 0 or temperature < 0:
+        raise ValueError("overlap_weight and temperature must be >= 0")
+    eligible, num_draining = _eligible(Role.DECODE, candidates)
+    scores = []
+    for w in eligible:
+        overlap = _overlap(overlaps, w.worker_id, num_request_blocks)
+        cost = overlap_weight * (num_request_blocks - overlap) + w.num_used_blocks
+        scores.append(WorkerScore(w.worker_id, cost, overlap, w.num_running + w.num_waiting))
+    if temperature > 0:
+        if rng is None:
+            raise ValueError("softmax sampling (temperature > 0) needs a seeded rng")
+        chosen, reason = _softmax_pick(scores, temperature, rng), "softmax_sample"
+    else:
+        chosen, reason = min(scores, key=lambda s: (s.score, s.num_queued, s.worker_id)), "lowest_cost"
+    return _decision(Role.DECODE, chosen, reason, num_request_blocks, scores, num_draining)
+
+
+def choose_prefill(num_request_blocks: int, candidates: Sequence[WorkerLoad], overlaps: Mapping[str, int], *,
+                   queue_weight: float = 0.25) -> RoutingDecision:
+    """Highest ``matched_blocks - queue_weight * (running + waiting)``: reuse a cached prefix unless
+    that worker's queue costs more than the blocks it saves."""
+    if queue_weight < 0:
+        raise ValueError("queue_weight must be >= 0")
+    eligible, num_draining = _eligible(Role.PREFILL, candidates)
+    scores = []
+    for w in eligible:
+        overlap = _overlap(overlaps, w.worker_id, num_request_blocks)
+        queued = w.num_running + w.num_waiting
+        scores.append(WorkerScore(w.worker_id, overlap - queue_weight * queued, overlap, queued))
+    chosen = min(scores, key=lambda s: (-s.score, s.num_queued, s.worker_id))
+    return _decision(Role.PREFILL, chosen, "highest_score", num_request_blocks, scores, num_draining)
+
+
+class RoundRobin:
+    """Cycles through eligible workers in id order, per role; for comparison with kv_aware.
+
+    Keeps only the last chosen id per role, so workers joining or leaving never reset the cycle.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[Role, str] = {}
+
+    def choose(self, role: Role, candidates: Sequence[WorkerLoad], num_request_blocks: int = 0,
+               overlaps: Mapping[str, int] | None = None) -> RoutingDecision:
+        eligible, num_draining = _eligible(role, candidates)
+        overlaps = overlaps or {}
+        scores = [WorkerScore(w.worker_id, 0.0, _overlap(overlaps, w.worker_id, num_request_blocks),
+                              w.num_running + w.num_waiting) for w in eligible]
+        last = self._last.get(role)
+        chosen = next((s for s in scores if last is None or s.worker_id > last), scores[0])
+        self._last[role] = chosen.worker_id
+        return _decision(role, chosen, "round_robin", num_request_blocks, scores, num_draining)
+
+
+def should_prefill_locally(num_uncached_tokens: int, threshold_tokens: int) -> bool:
+    """Conditional disaggregation: a short uncached tail is cheaper to prefill than to transfer."""
+    if num_uncached_tokens < 0 or threshold_tokens < 0:
+        raise ValueError("num_uncached_tokens and threshold_tokens must be >= 0")
+    return num_uncached_tokens < threshold_tokens
+
+
+def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Sequence[WorkerLoad],
+               prefill_candidates: Sequence[WorkerLoad], overlaps: Mapping[str, int], config: RouterConfig, *,
+               rng: random.Random | None = None, round_robin: RoundRobin | None = None) -> RoutePlan:
+    """The whole routing step: pick decode, decide local prefill from its own overlap, else pick prefill.
+
+    ``overlaps``: PrefixIndex.overlap() of the request's block hashes (workers of both roles).
+    With no eligible prefill worker the decode worker prefills locally (reason no_prefill_worker).
+    Raises NoWorkerAvailable when no decode worker is eligible.
+    """
+    request_blocks = num_blocks(num_prompt_tokens, block_size)
+    if config.policy == "round_robin":
+        if round_robin is None:
+            raise ValueError("policy round_robin needs a RoundRobin instance (it keeps the cycle)")
+        decode = round_robin.choose(Role.DECODE, decode_candidates, request_blocks, overlaps)
+    else:
+        decode = choose_decode(request_blocks, decode_candidates, overlaps, overlap_weight=config.overlap_weight,
+                               temperature=config.temperature, rng=rng)
+    # [0, cached) on the decode worker | [cached, num_prompt_tokens) to prefill
+    num_cached = min(decode.overlap_blocks * block_size, num_prompt_tokens)
+    num_uncached = num_prompt_tokens - num_cached
+    if should_prefill_locally(num_uncached, config.local_prefill_threshold_tokens):
+        return RoutePlan(decode, None, num_uncached, "uncached_below_threshold")
+    if not any(not w.is_draining for w in prefill_candidates):
+        return RoutePlan(decode, None, num_uncached, "no_prefill_worker")
+    if config.policy == "round_robin":
+        prefill = round_robin.choose(Role.PREFILL, prefill_candidates, request_blocks, overlaps)
+    else:
+        prefill = choose_prefill(request_blocks, prefill_candidates, overlaps, queue_weight=config.prefill_queue_weight)
+    return RoutePlan(decode, prefill, num_uncached, "disaggregated")
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _eligible(role: Role, candidates: Sequence[WorkerLoad]) -> tuple[list[WorkerLoad], int]:
+    """Non-draining candidates sorted by id; raises on a wrong role or a duplicate id."""
+    seen: set[str] = set()
+    for w in candidates:
+        if w.role is not role:
+            raise ValueError(f"worker {w.worker_id!r} has role {w.role.value}, expected {role.value}")
+        if w.worker_id in seen:
+            raise ValueError(f"worker {w.worker_id!r} appears twice among the candidates")
+        seen.add(w.worker_id)
+    eligible = sorted((w for w in candidates if not w.is_draining), key=lambda w: w.worker_id)
+    num_draining = len(candidates) - len(eligible)
+    if not eligible:
+        what = f"all {num_draining} are draining" if num_draining else "none is registered"
+        raise NoWorkerAvailable(role, f"no {role.value} worker available: {what}")
+    return eligible, num_draining
+
+
+def _overlap(overlaps: Mapping[str, int], worker_id: str, num_request_blocks: int) -> int:
+    overlap = overlaps.get(worker_id, 0)
+    if not 0 <= overlap <= num_request_blocks:
+        raise ValueError(f"overlap {overlap} of worker {worker_id!r} is outside [0, {num_request_blocks}]")
+    return overlap
+
+
+def _softmax_pick(scores: list[WorkerScore], temperature: float, rng: random.Random) -> WorkerScore:
+    # Costs are min-max normalised to [0, 1] so the temperature means the same at any load scale.
+    costs = [s.score for s in scores]
+    low, span = min(costs), max(costs) - min(costs)
+    weights = [math.exp(-((c - low) / span if span else 0.0) / temperature) for c in costs]
+    return rng.choices(scores, weights=weights, k=1)[0]
+
+
+def _decision(role: Role, chosen: WorkerScore, reason: str, num_request_blocks: int,
+              scores: list[WorkerScore], num_draining: int) -> RoutingDecision:
+    return RoutingDecision(role=role, worker_id=chosen.worker_id, reason=reason,
+                           num_request_blocks=num_request_blocks, overlap_blocks=chosen.overlap_blocks,
+                           scores=tuple(scores), num_draining_skipped=num_draining)
