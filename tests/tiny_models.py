@@ -1,0 +1,80 @@
+"""Tiny random-weight checkpoints the tests build (seeded), one per architecture family, with a
+small byte-level BPE tokenizer trained on the spot (no hub access needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+_CORPUS = [
+    "The capital of France is Paris. The capital of Germany is Berlin.",
+    "Disaggregated serving splits prefill and decode into separate worker pools.",
+    "KV blocks move from the prefill worker to the decode worker without serialization.",
+    "A quick brown fox jumps over the lazy dog while the router picks a worker.",
+    "hello world, hello pdserve! 0123456789 ~!@#$%^&*()_+ {}[]:;\"'<>,.?/",
+] * 20
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _config(family: str, vocab_size: int, eos_id: int):
+    import transformers as tf
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
+                  initializer_range=0.4, eos_token_id=eos_id, bos_token_id=0, pad_token_id=0,
+                  tie_word_embeddings=False)
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=16, head_dim=16)  # window < test lengths: exercised
+    if family == "qwen2":
+        return tf.Qwen2Config(**common)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=32)
+    raise ValueError(family)
+
+
+def build_tiny_checkpoint(family: str, out_dir: str | os.PathLike, seed: int | None = None) -> Path:
+    """Save a seeded random model + tokenizer; returns the directory. Idempotent."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out)
+    seed = FAMILIES.index(family) if seed is None else seed
+    torch.manual_seed(seed)
+    cfg = _config(family, len(tok), tok.convert_tokens_to_ids("<|im_end|>"))
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.generation_config.eos_token_id = cfg.eos_token_id
+    model.save_pretrained(out)
+    (out / "pdserve_test_model.json").write_text(json.dumps({"family": family, "seed": seed}))
+    return out

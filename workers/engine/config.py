@@ -1,0 +1,39 @@
+"""Config sections the engine owns: which model to load, and how the engine runs it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, description="Local Hugging Face checkpoint dir; None = the default model")
+    served_model_name: str | None = Field(None, description="Model id in /v1/models; default: directory name")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block")
+    num_kv_blocks: int = Field(512, ge=1, description="Initial KV quota in blocks (rounded up to segments)")
+    blocks_per_segment: int = Field(64, ge=1, description="KV memory is added and returned in segments of this many blocks")
+    max_num_batched_tokens: int = Field(512, ge=1, description="Token budget per step (chunked prefill)")
+    max_num_seqs: int = Field(64, ge=1, description="Max requests running at once")
+    max_model_len: int | None = Field(None, ge=2, description="Context limit; default: the model's max_position_embeddings")
+    enable_prefix_caching: bool = True
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    cuda_graphs: bool = Field(True, description="Capture decode steps as CUDA graphs (CUDA only)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineConfig":
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # every running decode needs one token of budget per step
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs})"
+            )
+        return self

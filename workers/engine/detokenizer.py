@@ -1,0 +1,50 @@
+"""Incremental detokenization with stop strings, one instance per request.
+
+Text is decoded from a sliding window of token ids so that multi-token characters (UTF-8 pieces,
+SentencePiece spaces) come out whole; text that could still become a stop string is held back
+until it cannot.
+"""
+
+from __future__ import annotations
+
+
+class Detokenizer:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), prompt_tail: list[int] | None = None):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self._holdback = max((len(s) for s in stop), default=1) - 1
+        # Start the window on a few prompt tokens so the first output token decodes with its
+        # leading space exactly as it does in the full text.
+        self._ids: list[int] = list(prompt_tail or [])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self.text = ""  # all output text so far (truncated at a stop string once found)
+        self._emitted = 0
+        self.stopped = False  # a stop string was found
+
+    def add(self, token_ids: list[int]) -> None:
+        """Append tokens; detects stop strings."""
+        if self.stopped:
+            return
+        self._ids.extend(token_ids)
+        decode = self.tokenizer.decode
+        prefix = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+        full = decode(self._ids[self._prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            new = full[len(prefix):]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            start = max(0, len(self.text) - self._holdback)
+            self.text += new
+            for s in self.stop:
+                i = self.text.find(s, start)
+                if i >= 0:
+                    self.text = self.text[:i]
+                    self.stopped = True
+                    break
+
+    def take_delta(self, final: bool) -> str:
+        """Text not yet handed out; keeps back a possible stop-string prefix unless final."""
+        end = len(self.text) if (final or self.stopped or not self.stop) else max(self._emitted, len(self.text) - self._holdback)
+        delta = self.text[self._emitted:end]
+        self._emitted = end
+        return delta

@@ -1,0 +1,138 @@
+"""Loads a Hugging Face checkpoint through transformers' own model classes and runs packed steps
+with our paged attention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from workers.engine.attention import PAGED_ATTN, AttentionBackend, SeqSlice, TorchPagedAttention
+from workers.engine.config import EngineConfig, ModelConfig
+from workers.engine.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+# Families tested token-exact against transformers' generate (tests/workers/engine).
+TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Known not to work, and why.
+UNSUPPORTED_MODEL_TYPES = {
+    "gemma2": "attention logit soft-capping is not implemented in the paged attention",
+    "gpt_oss": "attention sinks are not implemented in the paged attention",
+    "mamba": "not an attention model (state-space layers have no KV cache)",
+    "mamba2": "not an attention model (state-space layers have no KV cache)",
+    "jamba": "hybrid attention/state-space layers are not supported",
+    "falcon_h1": "hybrid attention/state-space layers are not supported",
+    "qwen3_next": "linear-attention layers are not supported",
+    "deepseek_v3": "multi-head latent attention caches a compressed latent, not per-head K/V",
+    "deepseek_v2": "multi-head latent attention caches a compressed latent, not per-head K/V",
+    "llama4": "chunked attention and mixed NoPE layers are not implemented",
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
+    return dtype
+
+
+def load_hf_config(path: str):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory not found: {path}")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as e:
+        raise UnsupportedModelError(f"cannot load the model config in {path}: {e}") from e
+    if config.model_type in UNSUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(f"model type {config.model_type!r} is not supported: {UNSUPPORTED_MODEL_TYPES[config.model_type]}")
+    if getattr(config, "is_encoder_decoder", False) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(f"model type {config.model_type!r} is not a decoder-only causal LM known to transformers")
+    for attr in ("attn_logit_softcapping",):
+        if getattr(config, attr, None):
+            raise UnsupportedModelError(f"model type {config.model_type!r} uses {attr}, which the paged attention does not implement")
+    return config
+
+
+def model_identity(config) -> str:
+    """Architecture identity for KV compatibility: equal configs give equal KV meaning."""
+    d = config.to_diff_dict()
+    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation_autoset",
+              "architectures", "use_cache"):
+        d.pop(k, None)
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return f"{config.model_type}:{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, model_path: str):
+        self.device = resolve_device(model_config.device)
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        self.hf_config = load_hf_config(model_path)
+        model_cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.hf_config.model_type]
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=self.dtype, attn_implementation=PAGED_ATTN
+        ).to(self.device).eval()
+        if not type(self.model).is_backend_compatible():
+            raise UnsupportedModelError(f"{model_cls_name} does not use transformers' attention interface")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model_id = model_identity(self.hf_config)
+        text_config = self.hf_config.get_text_config()
+        self.num_layers = text_config.num_hidden_layers
+        self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        self.max_model_len = engine_config.max_model_len or getattr(text_config, "max_position_embeddings", 2048)
+        self.eos_token_ids = self._eos_ids(model_path)
+        self.backend: AttentionBackend | None = None
+
+    def _eos_ids(self, model_path: str) -> frozenset[int]:
+        ids: set[int] = set()
+        try:
+            gen = GenerationConfig.from_pretrained(model_path)
+            e = gen.eos_token_id
+            ids.update(e if isinstance(e, list) else [e] if e is not None else [])
+        except OSError:
+            pass
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    def bind_kv_cache(self, kv_cache: KVCache, backend: str = "auto") -> None:
+        if backend in ("auto", "torch"):
+            self.backend = TorchPagedAttention(kv_cache)
+        else:
+            from workers.engine.triton_attention import TritonPagedAttention  # CUDA only
+
+            self.backend = TritonPagedAttention(kv_cache)
+
+    @torch.inference_mode()
+    def execute(self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice],
+                logits_indices: list[int]) -> torch.Tensor:
+        """One packed forward pass; returns fp32 logits [len(logits_indices), vocab]."""
+        self.backend.prepare(seqs, len(input_ids))
+        ids = torch.tensor([input_ids], device=self.device)
+        pos = torch.tensor([positions], device=self.device)
+        keep = torch.tensor(logits_indices, device=self.device)
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep,
+                         pdserve_backend=self.backend)
+        return out.logits[0].float()

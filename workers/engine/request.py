@@ -1,0 +1,63 @@
+"""A request's state inside one engine."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+
+from workers.block_hash import BlockHasher
+from workers.engine.detokenizer import Detokenizer
+from workers.protocol import FinishReason, SamplingParams
+
+
+class RequestStatus(str, Enum):
+    WAITING = "waiting"  # queued; holds no blocks (also after preemption)
+    RUNNING = "running"  # scheduled; holds blocks for [0, num_computed_tokens)
+    PINNED = "pinned"  # prefill-only request done: blocks held for a KV handle until released
+    RESERVED = "reserved"  # decode side: blocks allocated, waiting for their KV to arrive
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                 block_size: int, cache_salt: str | None = None, prefill_only: bool = False):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling = sampling
+        self.cache_salt = cache_salt
+        self.prefill_only = prefill_only
+        self.output_token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.status = RequestStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.arrival_time = time.time()
+        # KV state:  block_ids cover tokens [0, num_computed_tokens) and room for what is scheduled
+        self.block_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prefix-cache hit at first admission (reported to clients)
+        self.num_hashed_blocks = 0  # block_ids[:num_hashed_blocks] are published in the prefix cache
+        self.num_preemptions = 0
+        self.hasher = BlockHasher(block_size, cache_salt)
+        self.detok: Detokenizer | None = None
+        self.num_emitted_tokens = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Still computing tokens it already knows (the prompt, or the prompt + outputs after a
+        preemption); no token is sampled until it has caught up."""
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    def block_hashes(self) -> list[int]:
+        return self.hasher.extend(self.all_token_ids)

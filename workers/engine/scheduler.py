@@ -1,0 +1,142 @@
+"""Continuous batching: which requests compute how many tokens this step, and their KV blocks.
+
+Policy, per step, under a token budget:
+1. running requests first, oldest first (decodes take 1 token, unfinished prefills a chunk);
+   when blocks run out, the newest running request is preempted (blocks freed, recomputed later,
+   cheaply, through the prefix cache);
+2. then waiting requests FCFS, admitted only if their next chunk's blocks are free right now
+   (a prefix-cache hit reuses cached blocks and skips their compute).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from workers.engine.block_pool import BlockPool
+from workers.engine.config import EngineConfig
+from workers.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    capacity_exhausted: list[Request] = field(default_factory=list)  # can never fit: finish them
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, pool: BlockPool, block_size: int):
+        self.config = config
+        self.pool = pool
+        self.block_size = block_size
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self.num_prompt_tokens_queried = 0
+        self.num_prompt_tokens_hit = 0
+        self.blocks_held_elsewhere = lambda: 0  # pinned/reserved blocks, set by the engine
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def add_running(self, req: Request) -> None:
+        """A request whose KV is already in place (imported): straight to decoding."""
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    def remove(self, req: Request) -> None:
+        """Take a request out of the queues and free its blocks (finish or abort)."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.free_blocks(req)
+
+    def free_blocks(self, req: Request) -> None:
+        self.pool.free(reversed(req.block_ids))  # tail first: head blocks stay cached longest
+        req.block_ids = []
+
+    # -- the step ------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self._grow(req, req.num_computed_tokens + n):
+                victim = self.running[-1]
+                if victim is req and i == 0 and self.blocks_held_elsewhere() == 0:
+                    # alone with every block of the pool and still short: it can never finish
+                    self.running.pop()
+                    batch.capacity_exhausted.append(req)
+                    break
+                self.running.pop()
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                batch.requests.append(req)
+                batch.num_new_tokens.append(n)
+                budget -= n
+                i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = self._admit(req, budget)
+            if n == 0:
+                break  # head of line waits for blocks
+            self.waiting.popleft()
+            self.running.append(req)
+            batch.requests.append(req)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        return batch
+
+    def _admit(self, req: Request, budget: int) -> int:
+        """Give a waiting request its prefix hit and the blocks for its next chunk; 0 if not now."""
+        bs = self.block_size
+        hits: list[int] = []
+        if self.config.enable_prefix_caching:
+            # at least one token must be computed to get logits, and a shared cached block is never
+            # written again: so the last (full or partial) block is always computed fresh
+            hits = self.pool.lookup(req.block_hashes())[: (req.num_tokens - 1) // bs]
+        num_cached = len(hits) * bs
+        n = min(req.num_tokens - num_cached, budget)
+        need = -(-(num_cached + n) // bs) - len(hits)
+        free_after_touch = self.pool.num_free - sum(1 for b in hits if self.pool.ref_count[b] == 0)
+        if need > free_after_touch:
+            return 0
+        self.pool.touch(hits)
+        req.block_ids = hits + self.pool.allocate(need)
+        req.num_computed_tokens = num_cached
+        req.num_hashed_blocks = len(hits)
+        req.status = RequestStatus.RUNNING
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = num_cached
+            self.num_prompt_tokens_queried += req.num_prompt_tokens
+            self.num_prompt_tokens_hit += num_cached
+        return n
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        need = -(-num_tokens // self.block_size) - len(req.block_ids)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free:
+            return False
+        req.block_ids += self.pool.allocate(need)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.free_blocks(req)
+        req.num_computed_tokens = 0
+        req.num_hashed_blocks = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
