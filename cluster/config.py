@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from cluster.autoscale_policy import AutoscalingConfig
 from kv_transfer.config import TransferConfig
 from router.config import LimitsConfig, RouterConfig
 from workers.engine.config import EngineConfig, ModelConfig
@@ -137,14 +138,6 @@ class ServerConfig(_Section):
         if self.port == self.admin_port:
             raise ValueError(f"port and admin_port must differ (both {self.port})")
         return self
-
-
-class AutoscalingConfig(_Section):
-    enabled: bool = False
-    interval_s: float = Field(10, gt=0)
-    cooldown_s: float = Field(60, ge=0)
-    ttft_p90_target_s: float = Field(2.0, gt=0)
-    itl_p90_target_s: float = Field(0.2, gt=0)
 
 
 class KVQuotaConfig(_Section):
