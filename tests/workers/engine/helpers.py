@@ -1,0 +1,71 @@
+"""Shared pieces of the engine tests: building engines, running requests to completion, and
+transformers' own greedy generate as the reference."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from workers.engine.config import EngineConfig, ModelConfig
+from workers.engine.engine import Engine
+from workers.protocol import SamplingParams
+
+PROMPTS = [
+    [5, 6, 7, 8, 9, 10, 11],
+    [20, 21, 22],
+    list(range(30, 60)),
+    [100, 101, 102, 103, 104, 105, 106, 107],
+    [7] * 13,
+]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def make_engine(model_dir: str, dtype: str = "float32", worker_id: str = "engine", **engine_kwargs) -> Engine:
+    cfg = dict(block_size=4, num_kv_blocks=128, blocks_per_segment=16, max_num_batched_tokens=64, max_num_seqs=8)
+    cfg.update(engine_kwargs)
+    return Engine(ModelConfig(device="cpu", dtype=dtype), EngineConfig(**cfg), model_dir, worker_id=worker_id)
+
+
+def run_all(engine: Engine, prompts, sampling=GREEDY, prefix="r", **add_kwargs) -> dict[str, list[int]]:
+    """Submit every prompt, step until done; returns request id -> output token ids."""
+    out: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{prefix}{i}", p, sampling, **add_kwargs)
+        out[f"{prefix}{i}"] = []
+    drain(engine, out)
+    return out
+
+
+def drain(engine: Engine, out: dict[str, list[int]], max_steps: int = 10_000) -> list:
+    finished = []
+    for _ in range(max_steps):
+        if not engine.has_work():
+            return finished
+        for d in engine.step().deltas:
+            out.setdefault(d.request_id, []).extend(d.token_ids)
+            if d.finished:
+                finished.append(d)
+    raise AssertionError("engine did not finish")
+
+
+@functools.lru_cache(maxsize=None)
+def hf_model(model_dir: str, dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+
+
+def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int, dtype: str = "float32") -> list[int]:
+    model = hf_model(model_dir, dtype)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def assert_all_blocks_free(engine: Engine) -> None:
+    s = engine.stats()
+    assert s.num_used_blocks == 0, f"{s.num_used_blocks} blocks still in use"
+    assert s.num_free_blocks == s.num_target_blocks, s  # every usable block is back in the pool
+    assert not engine.requests, f"requests left: {list(engine.requests)}"

@@ -1,0 +1,70 @@
+"""Bad input: clear exceptions, nothing leaked."""
+
+import json
+
+import pytest
+
+from tests.workers.engine.helpers import GREEDY, assert_all_blocks_free, make_engine
+from workers.engine.model_runner import UnsupportedModelError
+from workers.protocol import InvalidRequestError, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    return make_engine(tiny_checkpoint("llama"), num_kv_blocks=32, blocks_per_segment=16)
+
+
+@pytest.mark.parametrize("prompt, sampling, match", [
+    ([], GREEDY, "empty"),
+    (list(range(1, 10)) * 60, GREEDY, "context"),  # 540 tokens > 512 max_position_embeddings
+    ([1, 2, 3], SamplingParams(max_tokens=0), "max_tokens"),
+    ([1, 2, 3], SamplingParams(max_tokens=-5), "max_tokens"),
+    ([1, 2, 3], SamplingParams(temperature=-1.0), "temperature"),
+    ([1, 2, 3], SamplingParams(top_p=0.0), "top_p"),
+    ([1, 2, 3], SamplingParams(stop=("",)), "stop"),
+    ([1, 99999], GREEDY, "token ids"),
+    ([1, -1], GREEDY, "token ids"),
+])
+def test_rejected_with_clear_error(engine, prompt, sampling, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        engine.add_request("bad", prompt, sampling)
+    assert "bad" not in engine.requests
+    assert_all_blocks_free(engine)
+
+
+def test_prompt_larger_than_kv_capacity(engine):
+    with pytest.raises(InvalidRequestError, match="KV blocks"):
+        engine.add_request("big", list(range(1, 200)), GREEDY)  # 50 blocks > 32
+    assert_all_blocks_free(engine)
+
+
+def test_duplicate_request_id(engine):
+    engine.add_request("dup", [1, 2, 3], GREEDY)
+    with pytest.raises(InvalidRequestError, match="duplicate"):
+        engine.add_request("dup", [1, 2, 3], GREEDY)
+    engine.abort("dup")
+    assert_all_blocks_free(engine)
+
+
+def test_unknown_architecture(tmp_path, tiny_checkpoint):
+    src = tiny_checkpoint("llama")
+    cfg = json.loads(open(f"{src}/config.json").read())
+    cfg["model_type"] = "no-such-arch"
+    cfg["architectures"] = ["NoSuchArchForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="no-such-arch"):
+        make_engine(str(tmp_path))
+
+
+def test_known_unsupported_architecture(tmp_path):
+    from transformers import Gemma2Config
+
+    Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="soft-capping"):
+        make_engine(str(tmp_path))
+
+
+def test_missing_model_dir():
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        make_engine("/nonexistent/model")
