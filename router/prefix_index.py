@@ -25,6 +25,7 @@ the cap the worker's oldest stored hashes are forgotten).
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -72,7 +73,7 @@ class PrefixIndex:
         self._owners: dict[int, int] = {}  # hash -> bitmask of worker slots; never 0
         self._workers: dict[str, _WorkerState] = {}
         self._slot_worker: dict[int, str] = {}
-        self._free_slots: list[int] = []
+        self._free_slots: list[int] = []  # a min-heap
         self._num_entries = 0
         self._num_events = 0
         self._num_seq_gaps = 0
@@ -200,7 +201,7 @@ class PrefixIndex:
             return
         self._drop_hashes(state)
         del self._slot_worker[state.slot]
-        self._free_slots.append(state.slot)
+        heapq.heappush(self._free_slots, state.slot)
 
     # -- internals -------------------------------------------------------------------------------
     def _add_worker(self, worker_id: str) -> _WorkerState:
@@ -209,8 +210,7 @@ class PrefixIndex:
                 f"prefix index already tracks {self.max_workers} workers; cannot add {worker_id!r} "
                 "(raise router.index_max_workers or remove departed workers)")
         if self._free_slots:
-            slot = min(self._free_slots)  # the lowest slot keeps masks narrow
-            self._free_slots.remove(slot)
+            slot = heapq.heappop(self._free_slots)  # the lowest free slot keeps masks narrow
         else:
             slot = len(self._slot_worker)
         state = _WorkerState(slot=slot)
