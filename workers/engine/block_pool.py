@@ -30,7 +30,7 @@ class BlockPool:
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # LRU: oldest first
         self._retiring: set[int] = set()  # blocks of segments being removed: never handed out again
         self._events: list[KVEvent] = []
-        self._event_seq = 0
+        self._event_seq = -1  # events are numbered 0, 1, 2, ... per worker (seq 0 = fresh cache)
         self.num_evictions = 0
 
     # -- capacity ------------------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""Runs an Engine on its own thread and bridges it to asyncio (the worker actor's event loop).
+
+The engine is single-threaded: every call goes through ``call``, which runs it on the engine
+thread between steps. Outputs flow back per request: token deltas into an asyncio.Queue,
+prefill handles into a Future. KV events go into a bounded log that routers poll by sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from workers.engine.engine import Engine
+from workers.protocol import FinishReason, KVEvent, KVHandle, TokenDelta
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, event_log_size: int = 10_000):
+        self.engine = engine
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._handles: dict[str, asyncio.Future] = {}
+        self._events: collections.deque[KVEvent] = collections.deque(maxlen=event_log_size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.error: BaseException | None = None
+        self.num_steps = 0
+        self.last_step_at = time.monotonic()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        self._thread.join(timeout=10)
+
+    # -- calls from the event loop -------------------------------------------------------------
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run fn(engine) on the engine thread; exceptions propagate to the caller."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine thread died: {self.error!r}")
+        fut = self._loop.create_future()
+        self._commands.put((fn, fut))
+        return await fut
+
+    def open_stream(self, request_id: str) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = q
+        return q
+
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    def expect_handle(self, request_id: str) -> asyncio.Future:
+        fut = self._loop.create_future()
+        self._handles[request_id] = fut
+        return fut
+
+    def drop_handle(self, request_id: str) -> None:
+        self._handles.pop(request_id, None)
+
+    def events_since(self, seq: int) -> tuple[list[KVEvent], bool]:
+        """KV events with seq > ``seq``; the flag is False when some were already dropped from
+        the log (the caller must resync from a full snapshot)."""
+        events = list(self._events)
+        complete = not events or events[0].seq <= seq + 1
+        return [e for e in events if e.seq > seq], complete
+
+    # -- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands(block=not self.engine.has_work())
+                if self.engine.has_work():
+                    out = self.engine.step()
+                    self.num_steps += 1
+                    self.last_step_at = time.monotonic()
+                    self._dispatch(out.deltas, out.handles)
+                self._events.extend(self.engine.take_kv_events())
+        except BaseException as e:  # the engine is broken: fail every waiter loudly
+            log.exception("engine thread died")
+            self.error = e
+            self._loop.call_soon_threadsafe(self._fail_all, e)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            item = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            fn, fut = item
+            try:
+                result, exc = fn(self.engine), None
+            except Exception as e:
+                result, exc = None, e
+            self._loop.call_soon_threadsafe(_resolve, fut, result, exc)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self, deltas: list[TokenDelta], handles: list[KVHandle]) -> None:
+        if deltas:
+            self._loop.call_soon_threadsafe(self._deliver, deltas)
+        for h in handles:
+            self._loop.call_soon_threadsafe(self._deliver_handle, h)
+
+    def _deliver(self, deltas: list[TokenDelta]) -> None:
+        for d in deltas:
+            q = self._streams.get(d.request_id)
+            if q is not None:
+                q.put_nowait(d)
+
+    def _deliver_handle(self, handle: KVHandle) -> None:
+        fut = self._handles.pop(handle.request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(handle)
+        else:  # nobody waits for it any more (cancelled): free the pinned blocks
+            self._commands.put((lambda e: e.release_handle(handle.request_id), self._loop.create_future()))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for rid, q in self._streams.items():
+            q.put_nowait(TokenDelta(rid, (), "", finish_reason=FinishReason.ERROR, error=f"engine failed: {exc!r}"))
+        for fut in self._handles.values():
+            if not fut.done():
+                fut.set_exception(EngineDeadError(f"engine failed: {exc!r}"))
+
+
+def _resolve(fut: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
