@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from cluster.autoscale_policy import AutoscalingConfig
+from cluster.quota_policy import KVQuotaConfig
 from kv_transfer.config import TransferConfig
 from router.config import LimitsConfig, RouterConfig
 from workers.engine.config import EngineConfig, ModelConfig
@@ -138,12 +139,6 @@ class ServerConfig(_Section):
         if self.port == self.admin_port:
             raise ValueError(f"port and admin_port must differ (both {self.port})")
         return self
-
-
-class KVQuotaConfig(_Section):
-    enabled: bool = False
-    interval_s: float = Field(5, gt=0)
-    node_kv_budget_bytes: int | None = Field(None, gt=0, description="KV bytes per node shared by its workers")
 
 
 class PdserveConfig(_Section):
