@@ -4,6 +4,7 @@ watch resync, readiness, cluster isolation, control-plane keys, TLS and auth."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import aetcd
@@ -12,7 +13,7 @@ import pytest
 from cluster.config import EtcdConfig
 from cluster.etcd_client import EtcdConfigError, EtcdConnector, EtcdUnavailableError
 from cluster.etcd_server import EtcdNotInstalledError, EtcdServerTLS, LocalEtcd, find_etcd_binary, pick_free_port
-from cluster.keys import ClusterKeys, decode_worker_info
+from cluster.keys import ClusterKeys, decode_worker_info, encode_worker_info
 from cluster.registry import ControlState, MembershipWatcher, WorkerRegistration
 from tests.cluster.conftest import TcpProxy, enable_etcd_auth, eventually, make_worker_info
 from workers.protocol import Role
@@ -104,6 +105,19 @@ async def test_lost_lease_reregisters(registry, local_etcd):
     assert reg.lease_id != old_lease and reg.is_registered
     assert (await raw_get(local_etcd, reg.key)).lease == reg.lease_id
     await eventually(lambda: ids(watcher) == {"p-lost"}, what="back in membership")
+
+
+async def test_update_info_rewrites_the_value_under_the_same_lease(registry, local_etcd):
+    watcher = await registry.watcher()
+    info = make_worker_info("p-grow", kv_capacity_blocks=64)
+    reg = await registry.register(info)
+    await eventually(lambda: watcher.member("p-grow") == info, what="registered")
+    lease_id = reg.lease_id
+    await reg.update_info(dataclasses.replace(info, kv_capacity_blocks=128))
+    await eventually(lambda: watcher.member("p-grow").kv_capacity_blocks == 128, what="update seen")
+    assert (await raw_get(local_etcd, reg.key)).lease == lease_id == reg.lease_id
+    with pytest.raises(ValueError, match="cannot change worker_id or role"):
+        await reg.update_info(dataclasses.replace(info, role=Role.DECODE))
 
 
 async def test_put_if_absent_never_overwrites_another_incarnation(registry, local_etcd):
@@ -366,3 +380,15 @@ def test_missing_etcd_binary_says_what_to_install(monkeypatch):
     monkeypatch.setattr("cluster.etcd_server.os.access", lambda *a: False)
     with pytest.raises(EtcdNotInstalledError, match="apt-get install etcd-server"):
         find_etcd_binary()
+
+
+async def test_malformed_entries_are_ignored_not_fatal(registry, local_etcd, cluster_name):
+    workers = ClusterKeys(cluster_name).workers_prefix
+    async with aetcd.Client(host=local_etcd.host, port=local_etcd.client_port, timeout=5) as client:
+        await client.put(f"{workers}prefill/garbage".encode(), b"{not json")
+        mislabeled = make_worker_info("real-id", Role.DECODE)
+        await client.put(f"{workers}prefill/other-id".encode(), encode_worker_info(mislabeled))
+    watcher = await registry.watcher()
+    await registry.register(make_worker_info("good"))
+    await eventually(lambda: ids(watcher) == {"good"}, what="only the valid worker")
+    assert watcher.is_connected
