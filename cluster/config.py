@@ -133,6 +133,7 @@ class ServerConfig(_Section):
     admin_token: SecretStr | None = Field(
         None, description=f"Management API token; or env {ADMIN_TOKEN_ENV}; `pdserve up` generates one if neither"
     )
+    drain_timeout_s: float = Field(60, gt=0, description="How long a drained worker may finish in-flight requests")
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "ServerConfig":

@@ -79,7 +79,9 @@ class GenerateRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     cache_salt: str | None = None
-    prefill_worker_id: str | None = None  # the router's pick; None = decode decides (local prefill)
+    # prefill workers to try, best first (the router's ranking); empty = prefill locally
+    prefill_candidates: tuple[str, ...] = ()
+    deadline_s: float = 300.0  # the whole request, from arrival
     arrival_time: float = field(default_factory=time.time)
 
 
@@ -160,6 +162,46 @@ class WorkerLoad:
     num_total_blocks: int
     num_pinned_blocks: int = 0  # prefill: blocks held for decode under leases
     is_draining: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerCounters:
+    """Monotonic counters a worker reports (the router exports them as Prometheus metrics)."""
+
+    num_requests_finished: int = 0
+    num_prompt_tokens: int = 0
+    num_prompt_tokens_cached: int = 0  # prefix-cache hits
+    num_transfers: int = 0
+    num_transfer_failures: int = 0
+    transfer_bytes: int = 0
+    transfer_seconds: float = 0.0
+    num_local_prefills: int = 0  # conditional disaggregation: short uncached part, prefilled on decode
+    num_prefill_fallbacks: int = 0  # every remote prefill attempt failed; re-run locally (never silent)
+    num_prefill_retries: int = 0
+    num_leases_expired: int = 0
+    num_preemptions: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """A worker's answer to the router's poll: its load and the KV events since the router's
+    last seen seq. When the worker's event log no longer reaches back that far,
+    ``events_complete`` is False and ``cached_hashes`` is a full snapshot instead."""
+
+    load: WorkerLoad
+    events: tuple[KVEvent, ...]
+    events_complete: bool
+    cached_hashes: tuple[int, ...] | None
+    last_seq: int  # seq of the newest event included (or of the snapshot)
+    counters: "WorkerCounters"
+
+
+class WorkerDrainingError(RuntimeError):
+    """The worker is draining or stopping and takes no new work: route elsewhere."""
+
+
+class RequestFailedError(RuntimeError):
+    """A request could not be served by this worker (its prefill and transfer attempts all failed)."""
 
 
 @dataclass(frozen=True)

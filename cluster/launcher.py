@@ -1,0 +1,221 @@
+"""`pdserve up`: etcd (local unless configured), Ray (local unless an address is given), the
+cluster manager with its pools, and the OpenAI endpoint; then wait until /ready answers 200.
+`--detach` runs the same in a background process; `pdserve down` stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from cluster.config import PdserveConfig
+from workers.model_files import cache_dir, resolve_model_path, served_model_name
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(cluster_name: str) -> Path:
+    d = Path(os.environ.get("PDSERVE_RUN_DIR", cache_dir() / "run")) / cluster_name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def ensure_admin_token(config: PdserveConfig, rdir: Path) -> tuple[PdserveConfig, Path | None]:
+    """Config token, else env (load_config applied it), else generate one into the run dir."""
+    if config.server.admin_token is not None:
+        return config, None
+    path = rdir / "admin-token"
+    path.write_text(secrets.token_urlsafe(32))
+    path.chmod(0o600)
+    server = config.server.model_copy(update={"admin_token": path.read_text()})
+    return config.model_copy(update={"server": server}), path
+
+
+class Cluster:
+    """A running pdserve cluster started by this process."""
+
+    def __init__(self, config: PdserveConfig, ray_address: str | None = None, say=print):
+        self.config, self.ray_address, self.say = config, ray_address, say
+        self.rdir = run_dir(config.cluster_name)
+        self.etcd = None
+        self.manager = None
+        self.token_file: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.server.host}:{self.config.server.port}"
+
+    def start(self, ready_timeout_s: float = 600) -> None:
+        import ray
+        from ray import serve
+
+        from router.app import build_app
+        from router.cluster_view import ray_namespace
+
+        c = self.config
+        self.say(f"model: resolving {c.model.path or 'the default model (SmolLM2-135M-Instruct)'} ...")
+        model_path = resolve_model_path(c.model.path)
+        if c.model.path is None or c.model.served_model_name is None:
+            model = c.model.model_copy(update={"path": model_path,
+                                               "served_model_name": served_model_name(model_path, c.model.served_model_name)})
+            c = c.model_copy(update={"model": model})
+        self.config, self.token_file = ensure_admin_token(c, self.rdir)
+        c = self.config
+        if not c.etcd.endpoints:
+            from cluster.etcd_server import LocalEtcd
+
+            self.etcd = LocalEtcd(self.rdir / "etcd")
+            self.etcd.start()
+            self.config = c = c.model_copy(update={"etcd": c.etcd.model_copy(update={"endpoints": [self.etcd.endpoint]})})
+            self.say(f"etcd: started a local etcd at {self.etcd.endpoint} (data in {self.etcd.data_dir})")
+        self.say("ray: " + (f"joining {self.ray_address}" if self.ray_address else "starting a local Ray instance"))
+        ray.init(address=self.ray_address or "local", namespace=ray_namespace(c.cluster_name),
+                 include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        serve.start(http_options={"host": c.server.host, "port": c.server.port})
+        serve.run(build_app({"config": config_as_dict(c)}), name="pdserve", route_prefix="/")
+        self.manager = ray.get_actor("pdserve-manager", namespace=ray_namespace(c.cluster_name))
+        self._wait_ready(ready_timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        import ray
+
+        deadline, last = time.monotonic() + timeout_s, None
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"{self.url}/ready", timeout=5)
+                if r.status_code == 200:
+                    return
+                reason = r.json().get("error", {}).get("message", r.text)
+            except (httpx.HTTPError, ValueError) as e:
+                reason = f"endpoint not answering yet ({type(e).__name__})"
+            workers = ray.get(self.manager.list_workers.remote())
+            failed = [w for w in workers if w["state"] == "failed"]
+            if failed:
+                raise RuntimeError("workers failed to start: " + "; ".join(f"{w['worker_id']}: {w['error']}" for w in failed))
+            states = ", ".join(f"{w['worker_id']} {w['state']}" for w in workers)
+            line = f"waiting: {reason} [{states}]"
+            if line != last:
+                self.say(line)
+                last = line
+            time.sleep(1)
+        raise TimeoutError(f"the cluster did not become ready within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            if self.manager is not None:
+                try:
+                    ray.get(self.manager.shutdown.remote(), timeout=30)
+                    ray.kill(self.manager)
+                except Exception as e:
+                    log.warning("manager shutdown: %r", e)
+            try:
+                serve.shutdown()
+            except Exception as e:
+                log.warning("serve shutdown: %r", e)
+            ray.shutdown()
+        if self.etcd is not None:
+            self.etcd.stop()
+
+
+def config_as_dict(c: PdserveConfig) -> dict:
+    """Plain data (secrets included) that parse_config reads back to an equal config."""
+    import yaml
+
+    from cluster.config import config_to_yaml
+
+    return yaml.safe_load(config_to_yaml(c, reveal_secrets=True))
+
+
+def up(config: PdserveConfig, ray_address: str | None, detach: bool, config_args: list[str]) -> int:
+    rdir = run_dir(config.cluster_name)
+    if detach:
+        return _spawn_detached(config, rdir, config_args)
+    cluster = Cluster(config, ray_address)
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    (rdir / "pid").write_text(str(os.getpid()))
+    try:
+        cluster.start()
+        c = cluster.config
+        print(f"ready: {cluster.url}/v1", flush=True)
+        print(f"model: {c.model.served_model_name}")
+        print(f"management API: http://{c.server.host}:{c.server.admin_port} "
+              f"(token {'in ' + str(cluster.token_file) if cluster.token_file else 'from your config / PDSERVE_ADMIN_TOKEN'})")
+        print("try:\n  curl " + cluster.url + "/v1/chat/completions -H 'Content-Type: application/json' -d '"
+              + json.dumps({"model": c.model.served_model_name,
+                            "messages": [{"role": "user", "content": "What is the capital of France?"}]}) + "'",
+              flush=True)
+        print("Ctrl-C stops the cluster.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping ...", flush=True)
+        return 0
+    finally:
+        cluster.stop()
+        (rdir / "pid").unlink(missing_ok=True)
+        print("stopped.", flush=True)
+
+
+def _spawn_detached(config: PdserveConfig, rdir: Path, config_args: list[str]) -> int:
+    log_path = rdir / "pdserve.log"
+    cmd = [sys.executable, "-m", "cluster.cli", "up", *config_args]
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    print(f"started in the background (pid {proc.pid}); log: {log_path}", flush=True)
+    url = f"http://{config.server.host}:{config.server.port}"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"pdserve exited with code {proc.returncode}; see {log_path}", file=sys.stderr)
+            return 1
+        if "ready: " in log_path.read_text(errors="replace"):
+            print(f"ready: {url}/v1", flush=True)
+            return 0
+        time.sleep(1)
+    print(f"not ready after 900 s; see {log_path}", file=sys.stderr)
+    return 1
+
+
+def down(cluster_name: str, timeout_s: float = 60) -> int:
+    pid_file = run_dir(cluster_name) / "pid"
+    if not pid_file.exists():
+        print(f"no running cluster {cluster_name!r} started by `pdserve up --detach` here", file=sys.stderr)
+        return 1
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        print(f"cluster {cluster_name!r} was not running (stale pid {pid})")
+        return 0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"stopped cluster {cluster_name!r}")
+            return 0
+        time.sleep(0.5)
+    print(f"cluster {cluster_name!r} (pid {pid}) did not stop within {timeout_s:.0f} s", file=sys.stderr)
+    return 1

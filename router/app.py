@@ -1,0 +1,286 @@
+"""The OpenAI-compatible endpoint: a Ray Serve deployment with a FastAPI app.
+
+    POST /v1/completions, /v1/chat/completions (SSE streaming with usage), GET /v1/models
+    GET /health (process up), /ready (503 until the minimum workers are registered), /metrics
+
+``build_app`` is the Ray Serve application builder (RayService serveConfigV2 import path
+``router.app:build_app``); ``pdserve up`` uses it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import generate_latest
+from ray import serve
+
+from cluster.config import PdserveConfig, load_config, parse_config
+from router import openai_format as fmt
+from router.cluster_view import ClusterView
+from router.metrics import EndpointMetrics
+from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                  CompletionResponse, ErrorResponse, ModelCard, ModelList)
+from router.policy import NoWorkerAvailable
+from router.request_flow import MigrationsExhausted, serve_request
+from router.request_parsing import chat_prompt, completion_prompt, sampling_params
+from workers.protocol import InvalidRequestError, RequestFailedError
+
+log = logging.getLogger(__name__)
+
+app = FastAPI(title="pdserve OpenAI-compatible API", version="0.1.0")
+_ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+           429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
+
+
+def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@app.exception_handler(HTTPError)
+async def _http_error(request: Request, e: HTTPError):
+    return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError):
+    first = e.errors()[0] if e.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    msg = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}"
+                    for err in e.errors())
+    return error_response(400, msg or "invalid request", "invalid_request_error", ".".join(loc) or None)
+
+
+@app.exception_handler(InvalidRequestError)
+async def _invalid(request: Request, e: InvalidRequestError):
+    return error_response(400, e.message, "invalid_request_error", e.param)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, config: PdserveConfig):
+        from transformers import AutoTokenizer
+
+        from workers.model_files import resolve_model_path, served_model_name
+
+        logging.basicConfig(level=logging.INFO)
+        self.config = config
+        model_path = resolve_model_path(self.config.model.path)
+        self.model_name = served_model_name(model_path, self.config.model.served_model_name)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        from workers.engine.model_runner import load_hf_config
+
+        text_config = load_hf_config(model_path).get_text_config()
+        self.max_model_len = self.config.engine.max_model_len or getattr(text_config, "max_position_embeddings", 2048)
+        self.view: ClusterView | None = None
+        self._starting: asyncio.Lock | None = None
+        self.num_inflight = 0
+        self.created = int(time.time())
+        self.metrics = EndpointMetrics(lambda: self.view)
+
+    async def _view(self) -> ClusterView:
+        if self.view is None:
+            self._starting = self._starting or asyncio.Lock()
+            async with self._starting:
+                if self.view is None:
+                    view = ClusterView(self.config.cluster_name, self.config.etcd, self.config.router,
+                                       self.config.engine.block_size)
+                    await view.start()
+                    self.view = view
+        return self.view
+
+    # -- probes --------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready", responses={503: {"model": ErrorResponse}})
+    async def ready(self):
+        ready, reason = (await self._view()).is_ready()
+        if not ready:
+            return error_response(503, reason, "service_unavailable", code="not_ready")
+        return {"status": "ready"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(self):
+        await self._view()
+        return PlainTextResponse(generate_latest(self.metrics.registry).decode(),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)])
+
+    @app.get("/v1/routing/recent")
+    async def recent_routing(self) -> dict:
+        view = await self._view()
+        return {"decisions": list(view.decisions), "zero_overlap_alarm": view.alarm.is_alarmed}
+
+    # -- generation ----------------------------------------------------------------------------
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+    async def completions(self, body: CompletionRequest, raw: Request):
+        self._check_model(body.model)
+        prompt = completion_prompt(self.tokenizer, body)
+        sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=16)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        want_lp = body.logprobs is not None
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await self._stream(rid, prompt, sampling, body.cache_salt, include_usage,
+                                      lambda d, acc, created, offset: fmt.completion_chunk(
+                                          rid, self.model_name, created, d, acc, want_lp, offset),
+                                      "text_completion", chat=False)
+        acc = await self._collect(rid, prompt, sampling, body.cache_salt)
+        return fmt.completion_body(rid, self.model_name, acc, want_lp)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+    async def chat_completions(self, body: ChatCompletionRequest, raw: Request):
+        self._check_model(body.model)
+        prompt = chat_prompt(self.tokenizer, body)
+        sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=None)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            def chunk(d, acc, created, offset):
+                lp = fmt.chat_logprobs(acc, list(d.token_ids), list(d.logprobs or ()), d.top_logprobs) \
+                    if body.logprobs and d.token_ids else None
+                return fmt.chat_chunk(rid, self.model_name, created, {"content": d.text}, d.finish_reason, lp)
+
+            return await self._stream(rid, prompt, sampling, body.cache_salt, include_usage, chunk,
+                                      "chat.completion.chunk", chat=True)
+        acc = await self._collect(rid, prompt, sampling, body.cache_salt)
+        return fmt.chat_body(rid, self.model_name, acc, body.logprobs)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise HTTPError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
+                            "invalid_request_error", "model", "model_not_found")
+
+    async def _admit(self) -> ClusterView:
+        view = await self._view()
+        ready, reason = view.is_ready()
+        if not ready:
+            raise HTTPError(503, f"the cluster is not ready: {reason}", "service_unavailable", code="not_ready")
+        if self.num_inflight >= self.config.limits.max_concurrent_requests:
+            self.metrics.requests.labels("rejected").inc()
+            raise HTTPError(429, f"too many concurrent requests (limit {self.config.limits.max_concurrent_requests})",
+                            "rate_limit_exceeded", headers={"Retry-After": "1"})
+        return view
+
+    async def _deltas(self, view, rid, prompt, sampling, salt):
+        """serve_request with metrics and status accounting."""
+        self.num_inflight += 1
+        self.metrics.queue_depth.set(self.num_inflight)
+        start, last, status = time.monotonic(), None, "error"
+
+        def on_event(kind, what):
+            if kind == "routed":
+                self.metrics.routed.labels(what.decode.worker_id, what.reason).inc()
+            elif kind == "migrated":
+                self.metrics.migrations.inc()
+
+        try:
+            async for d in serve_request(view, rid, prompt, sampling, salt, self.config.limits.request_timeout_s,
+                                         on_event=on_event):
+                now = time.monotonic()
+                if d.token_ids:
+                    if last is None:
+                        self.metrics.ttft.observe(now - start)
+                    else:
+                        for _ in d.token_ids:
+                            self.metrics.itl.observe((now - last) / len(d.token_ids))
+                    last = now
+                    self.metrics.completion_tokens.inc(len(d.token_ids))
+                if d.finished:
+                    status = "ok" if d.error is None else "error"
+                    self.metrics.prompt_tokens.inc(d.num_prompt_tokens or len(prompt))
+                yield d
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"
+            raise
+        finally:
+            self.num_inflight -= 1
+            self.metrics.queue_depth.set(self.num_inflight)
+            self.metrics.requests.labels(status).inc()
+            self.metrics.e2e.observe(time.monotonic() - start)
+
+    async def _collect(self, rid, prompt, sampling, salt) -> fmt.Accumulator:
+        view = await self._admit()
+        acc = fmt.Accumulator(self.tokenizer)
+        try:
+            async for d in self._deltas(view, rid, prompt, sampling, salt):
+                acc.add(d)
+                if d.error:
+                    raise HTTPError(503, f"request failed: {d.error}", "server_error", code="request_failed")
+        except (NoWorkerAvailable, MigrationsExhausted, RequestFailedError) as e:
+            raise HTTPError(503, str(e), "service_unavailable", code="no_worker") from e
+        return acc
+
+    async def _stream(self, rid, prompt, sampling, salt, include_usage, make_chunk, obj, chat: bool):
+        view = await self._admit()
+        created = int(time.time())
+        acc = fmt.Accumulator(self.tokenizer)
+        deltas = self._deltas(view, rid, prompt, sampling, salt)
+        try:  # route now, so that "no worker" is a proper 503 before any byte is streamed
+            first = await deltas.__anext__()
+        except (NoWorkerAvailable, MigrationsExhausted, RequestFailedError) as e:
+            raise HTTPError(503, str(e), "service_unavailable", code="no_worker") from e
+
+        async def events():
+            offset = 0
+            if chat:
+                yield fmt.sse(fmt.chat_chunk(rid, self.model_name, created, {"role": "assistant", "content": ""}, None))
+            try:
+                d = first
+                while True:
+                    acc.add(d)
+                    if d.error:
+                        yield fmt.sse({"error": {"message": d.error, "type": "server_error", "param": None,
+                                                 "code": "request_failed"}})
+                        break
+                    yield fmt.sse(make_chunk(d, acc, created, offset))
+                    offset += len(d.text)
+                    if d.finished:
+                        break
+                    d = await deltas.__anext__()
+                if include_usage:
+                    yield fmt.sse(fmt.usage_chunk(rid, self.model_name, created, obj, acc))
+            except (NoWorkerAvailable, MigrationsExhausted, RequestFailedError) as e:
+                yield fmt.sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": "no_worker"}})
+            finally:
+                await deltas.aclose()
+            yield fmt.SSE_DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def build_app(args: dict | None = None):
+    """Ray Serve application builder. args: {"config_path": FILE} or {"config": {...}}, plus
+    optional dotted overrides under "overrides"."""
+    args = args or {}
+    if "config" in args:
+        config = parse_config(args["config"])
+    else:
+        config = load_config(args.get("config_path"), args.get("overrides"))
+    from cluster.manager import ensure_manager
+
+    ensure_manager(config)
+    limits = config.limits
+    return OpenAIIngress.options(
+        max_ongoing_requests=limits.max_concurrent_requests * 2,  # above ours: we answer 429, Serve never queues
+    ).bind(config)

@@ -1,0 +1,180 @@
+"""The router's live view of the cluster: who is registered (etcd), how loaded each worker is
+and which prefixes it caches (polled worker state feeding the global PrefixIndex), and the
+routing decision for a request.
+
+Membership comes from etcd only; a worker that is registered but does not answer its poll is
+left out of routing until it answers again. While etcd is unreachable the last known
+membership stays in force (MembershipWatcher keeps it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import ray
+
+from cluster.config import EtcdConfig
+from cluster.membership import MembershipWatcher
+from router.config import RouterConfig
+from router.overlap_alarm import ZeroOverlapAlarm
+from router.policy import RoundRobin, RoutePlan, plan_route
+from router.prefix_index import PrefixIndex
+from workers.block_hash import block_hashes
+from workers.protocol import Role, WorkerCounters, WorkerInfo, WorkerLoad, WorkerState
+
+log = logging.getLogger(__name__)
+
+
+def ray_namespace(cluster_name: str) -> str:
+    return f"pdserve-{cluster_name}"
+
+
+@dataclass
+class WorkerEntry:
+    info: WorkerInfo
+    actor: object  # ray ActorHandle
+    state: WorkerState | None = None
+    last_seq: int = -1
+    last_ok_at: float = 0.0
+    num_poll_failures: int = 0
+    num_routed: int = 0  # requests this router sent it and that have not finished
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.state is not None and self.num_poll_failures == 0
+
+    def load(self) -> WorkerLoad:
+        s = self.state.load
+        # add this router's own in-flight count, which is fresher than the last poll
+        return WorkerLoad(s.worker_id, s.role, s.num_running, s.num_waiting + max(0, self.num_routed - s.num_running),
+                          s.num_used_blocks, s.num_total_blocks, s.num_pinned_blocks, s.is_draining)
+
+
+class ClusterView:
+    def __init__(self, cluster_name: str, etcd: EtcdConfig, config: RouterConfig, block_size: int,
+                 poll_interval_s: float = 0.1, poll_timeout_s: float = 2.0):
+        self.cluster_name = cluster_name
+        self.namespace = ray_namespace(cluster_name)
+        self.config = config
+        self.block_size = block_size
+        self.poll_interval_s = poll_interval_s
+        self.poll_timeout_s = poll_timeout_s
+        self.watcher = MembershipWatcher(etcd, cluster_name)
+        self.index = PrefixIndex(config.index_max_blocks_per_worker, config.index_max_workers)
+        self.workers: dict[str, WorkerEntry] = {}
+        self.round_robin = RoundRobin()
+        self.alarm = ZeroOverlapAlarm(config.zero_overlap_window_requests or 10**9, config.zero_overlap_min_repeats)
+        self.decisions: collections.deque = collections.deque(maxlen=max(1, config.recent_decisions))
+        self.rng = random.Random(0)
+        self._task: asyncio.Task | None = None
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.watcher.start()
+        await self.watcher.wait_synced(10)
+        self._task = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self.watcher.stop()
+
+    # -- readiness -----------------------------------------------------------------------------
+    def is_ready(self) -> tuple[bool, str]:
+        ready, reason = self.watcher.is_ready(self.config.min_prefill_workers, self.config.min_decode_workers)
+        if not ready:
+            return False, reason
+        healthy = {r: sum(1 for w in self.workers.values() if w.info.role == r and w.is_healthy) for r in Role}
+        if healthy[Role.DECODE] < self.config.min_decode_workers or healthy[Role.PREFILL] < self.config.min_prefill_workers:
+            return False, (f"waiting for workers to answer: {healthy[Role.PREFILL]}/{self.config.min_prefill_workers} "
+                           f"prefill, {healthy[Role.DECODE]}/{self.config.min_decode_workers} decode")
+        return True, "ready"
+
+    # -- routing -------------------------------------------------------------------------------
+    def plan(self, prompt_token_ids: list[int], cache_salt: str | None,
+             exclude: frozenset[str] = frozenset()) -> tuple[RoutePlan, tuple[str, ...]]:
+        """Choose a decode worker and a ranked list of prefill workers (empty: prefill locally)."""
+        hashes = block_hashes(prompt_token_ids, self.block_size, cache_salt)
+        overlaps = self.index.overlap(hashes) if hashes else {}
+        usable = [w for w in self.workers.values() if w.is_healthy and w.info.worker_id not in exclude]
+        decode = [w.load() for w in usable if w.info.role == Role.DECODE]
+        prefill = [w.load() for w in usable if w.info.role == Role.PREFILL]
+        plan = plan_route(len(prompt_token_ids), self.block_size, decode, prefill, overlaps, self.config,
+                          rng=self.rng, round_robin=self.round_robin)
+        ranked: tuple[str, ...] = ()
+        if plan.prefill is not None:
+            others = sorted((s for s in plan.prefill.scores if s.worker_id != plan.prefill.worker_id),
+                            key=lambda s: -s.score)
+            ranked = (plan.prefill.worker_id, *(s.worker_id for s in others))
+        self.alarm.observe(hashes[0] if hashes else None, max(overlaps.values(), default=0))
+        self.decisions.append({
+            "at": time.time(), "decode": plan.decode.worker_id,
+            "prefill": plan.prefill.worker_id if plan.prefill else None, "reason": plan.reason,
+            "prompt_tokens": len(prompt_token_ids), "uncached_tokens": plan.num_uncached_tokens,
+            "decode_overlap_blocks": plan.decode.overlap_blocks,
+        })
+        return plan, ranked
+
+    def actor(self, worker_id: str):
+        return self.workers[worker_id].actor
+
+    def note_routed(self, worker_id: str, delta: int) -> None:
+        w = self.workers.get(worker_id)
+        if w is not None:
+            w.num_routed += delta
+
+    # -- polling -------------------------------------------------------------------------------
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                self._sync_membership()
+                await asyncio.gather(*(self._poll(w) for w in list(self.workers.values())))
+            except Exception:
+                log.exception("router poll failed")
+            await asyncio.sleep(self.poll_interval_s)
+
+    def _sync_membership(self) -> None:
+        members = {m.worker_id: m for m in self.watcher.members()}
+        for wid in list(self.workers):
+            if wid not in members:
+                log.info("worker %s left the cluster", wid)
+                del self.workers[wid]
+                self.index.remove_worker(wid)
+        for wid, info in members.items():
+            if wid not in self.workers:
+                try:
+                    actor = ray.get_actor(info.actor_name, namespace=self.namespace)
+                except ValueError:
+                    continue  # registered but not (yet / any more) a live actor
+                log.info("worker %s (%s) joined the cluster", wid, info.role.value)
+                self.workers[wid] = WorkerEntry(info, actor)
+            else:
+                self.workers[wid].info = info
+
+    async def _poll(self, w: WorkerEntry) -> None:
+        try:
+            state: WorkerState = await asyncio.wait_for(w.actor.state.remote(w.last_seq), self.poll_timeout_s)
+        except Exception as e:
+            w.num_poll_failures += 1
+            if w.num_poll_failures in (1, 10):
+                log.warning("worker %s did not answer its poll: %r", w.info.worker_id, e)
+            return
+        wid = w.info.worker_id
+        if state.events_complete:
+            self.index.apply_all(state.events)
+        else:
+            self.index.reset_worker(wid, state.cached_hashes or (), state.last_seq)
+        w.state, w.last_seq = state, state.last_seq
+        w.num_poll_failures, w.last_ok_at = 0, time.monotonic()
+
+    # -- reporting -----------------------------------------------------------------------------
+    def counters(self) -> dict[str, WorkerCounters]:
+        return {wid: w.state.counters for wid, w in self.workers.items() if w.state is not None}
+
+    def loads(self) -> dict[str, WorkerLoad]:
+        return {wid: w.state.load for wid, w in self.workers.items() if w.state is not None}

@@ -1,0 +1,107 @@
+"""Turns a request's TokenDeltas into OpenAI responses: whole bodies, or SSE chunks."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from router.openai_models import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChoiceLogprobs,
+                                  CompletionChoice, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
+                                  TokenLogprob, TopLogprob, Usage)
+from workers.protocol import FinishReason, TokenDelta
+
+
+class Accumulator:
+    """Everything a request produced so far."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[tuple[tuple[int, float], ...]] = []
+        self.finish_reason: FinishReason | None = None
+        self.num_prompt_tokens = 0
+        self.num_cached_tokens = 0
+
+    def add(self, d: TokenDelta) -> None:
+        self.text += d.text
+        self.token_ids += d.token_ids
+        self.logprobs += d.logprobs or ()
+        self.top_logprobs += d.top_logprobs or ()
+        self.finish_reason = d.finish_reason or self.finish_reason
+        self.num_prompt_tokens = d.num_prompt_tokens or self.num_prompt_tokens
+        self.num_cached_tokens = max(self.num_cached_tokens, d.num_cached_tokens)
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=len(self.token_ids),
+                     total_tokens=self.num_prompt_tokens + len(self.token_ids),
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens))
+
+    def token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
+def finish_str(reason: FinishReason | None) -> str | None:
+    return None if reason is None else reason.value
+
+
+def completion_logprobs(acc: Accumulator, deltas_ids: list[int], lps: list[float], tops, offset0: int) -> CompletionLogprobs:
+    tokens = [acc.token_str(t) for t in deltas_ids]
+    offsets, pos = [], offset0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    top = [{acc.token_str(t): lp for t, lp in step} for step in tops] if tops else None
+    return CompletionLogprobs(tokens=tokens, token_logprobs=list(lps), top_logprobs=top, text_offset=offsets)
+
+
+def chat_logprobs(acc: Accumulator, ids: list[int], lps: list[float], tops) -> ChoiceLogprobs:
+    content = []
+    for i, (t, lp) in enumerate(zip(ids, lps)):
+        s = acc.token_str(t)
+        alts = [TopLogprob(token=acc.token_str(a), logprob=alp, bytes=list(acc.token_str(a).encode()))
+                for a, alp in (tops[i] if tops and i < len(tops) else ())]
+        content.append(TokenLogprob(token=s, logprob=lp, bytes=list(s.encode()), top_logprobs=alts))
+    return ChoiceLogprobs(content=content)
+
+
+def completion_body(rid: str, model: str, acc: Accumulator, want_logprobs: bool) -> CompletionResponse:
+    lp = completion_logprobs(acc, acc.token_ids, acc.logprobs, acc.top_logprobs, 0) if want_logprobs else None
+    return CompletionResponse(id=rid, created=int(time.time()), model=model, usage=acc.usage(), choices=[
+        CompletionChoice(index=0, text=acc.text, finish_reason=finish_str(acc.finish_reason), logprobs=lp)])
+
+
+def chat_body(rid: str, model: str, acc: Accumulator, want_logprobs: bool) -> ChatCompletionResponse:
+    lp = chat_logprobs(acc, acc.token_ids, acc.logprobs, acc.top_logprobs) if want_logprobs else None
+    return ChatCompletionResponse(id=rid, created=int(time.time()), model=model, usage=acc.usage(), choices=[
+        ChatChoice(index=0, message=AssistantMessage(content=acc.text), finish_reason=finish_str(acc.finish_reason),
+                   logprobs=lp)])
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def completion_chunk(rid: str, model: str, created: int, d: TokenDelta, acc: Accumulator, want_logprobs: bool,
+                     text_offset: int) -> dict:
+    choice = {"index": 0, "text": d.text, "finish_reason": finish_str(d.finish_reason), "logprobs": None}
+    if want_logprobs and d.token_ids:
+        choice["logprobs"] = completion_logprobs(acc, list(d.token_ids), list(d.logprobs or ()),
+                                                 d.top_logprobs, text_offset).model_dump()
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: FinishReason | None,
+               logprobs: ChoiceLogprobs | None = None) -> dict:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_str(finish),
+              "logprobs": logprobs.model_dump() if logprobs else None}
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+
+
+def usage_chunk(rid: str, model: str, created: int, obj: str, acc: Accumulator) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": acc.usage().model_dump()}

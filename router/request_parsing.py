@@ -1,0 +1,57 @@
+"""From an OpenAI request body to what the cluster runs: prompt token ids and SamplingParams,
+with the configured input limits. Raises InvalidRequestError (-> HTTP 400) for client mistakes."""
+
+from __future__ import annotations
+
+from router.config import LimitsConfig
+from router.openai_models import ChatCompletionRequest, CompletionRequest
+from workers.protocol import InvalidRequestError, SamplingParams
+
+
+def completion_prompt(tokenizer, body: CompletionRequest) -> list[int]:
+    if isinstance(body.prompt, str):
+        if not body.prompt:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        return list(tokenizer(body.prompt).input_ids)
+    return list(body.prompt)
+
+
+def chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # template errors are about the messages the client sent
+        raise InvalidRequestError(f"the chat template rejected these messages: {e}", "messages") from e
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def sampling_params(body: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int, max_model_len: int,
+                    limits: LimitsConfig, default_max_tokens: int | None) -> SamplingParams:
+    if num_prompt_tokens > limits.max_prompt_tokens:
+        raise InvalidRequestError(
+            f"the prompt has {num_prompt_tokens} tokens; the limit is {limits.max_prompt_tokens}", "prompt")
+    if num_prompt_tokens >= max_model_len:
+        raise InvalidRequestError(
+            f"the prompt has {num_prompt_tokens} tokens; this model's context is {max_model_len} tokens", "prompt")
+    room = max_model_len - num_prompt_tokens
+    asked = body.max_tokens
+    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+        asked = body.max_completion_tokens
+    if asked is not None and asked > limits.max_tokens:
+        raise InvalidRequestError(f"max_tokens {asked} exceeds this server's limit of {limits.max_tokens}", "max_tokens")
+    max_tokens = min(asked or default_max_tokens or limits.max_tokens, room, limits.max_tokens)
+    if isinstance(body, CompletionRequest):
+        logprobs, top = body.logprobs is not None, body.logprobs or 0
+    else:
+        logprobs, top = body.logprobs, (body.top_logprobs or 0) if body.logprobs else 0
+        if body.top_logprobs and not body.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs: true", "top_logprobs")
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+        stop=body.stop_list(), stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+        logprobs=logprobs, top_logprobs=top,
+    )
+    params.validate()
+    return params

@@ -1,0 +1,155 @@
+"""What prefill and decode workers share: the engine on its thread, the KV transceiver, etcd
+registration, the router's state poll, drain, KV resize and shutdown.
+
+Workers are async Ray actors: methods run on the actor's event loop; engine work runs on the
+engine thread (EngineLoop). Heavy set-up (loading the model) happens in ``start``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+
+from cluster.config import EtcdConfig
+from kv_transfer.config import TransferConfig
+from workers.engine.config import EngineConfig, ModelConfig
+from workers.engine.engine import Engine
+from workers.engine_loop import EngineLoop
+from workers.model_files import resolve_model_path
+from workers.protocol import (Role, WorkerCounters, WorkerDrainingError, WorkerInfo, WorkerLoad,
+                              WorkerState)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, each component's own config section."""
+
+    worker_id: str
+    role: Role
+    cluster_name: str
+    model: ModelConfig
+    engine: EngineConfig
+    transfer: TransferConfig
+    etcd: EtcdConfig
+    local_prefill_threshold_tokens: int = 32
+    max_prefill_attempts: int = 2
+
+
+class WorkerBase:
+    role: Role
+
+    def __init__(self, spec: WorkerSpec):
+        logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.spec = spec
+        self.worker_id = spec.worker_id
+        self.engine: Engine | None = None
+        self.loop: EngineLoop | None = None
+        self.transceiver = None
+        self.registration = None
+        self.is_draining = False
+        self.inflight: set[str] = set()
+        self.counters = dataclasses.asdict(WorkerCounters())
+        self.started_at = time.time()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> WorkerInfo:
+        """Load the model, open the transceiver, register in etcd. Returns what was registered."""
+        from cluster.registration import WorkerRegistration
+        from kv_transfer import make_transceiver
+
+        model_path = await asyncio.to_thread(resolve_model_path, self.spec.model.path)
+        self.engine = await asyncio.to_thread(Engine, self.spec.model, self.spec.engine, model_path, self.worker_id)
+        self.loop = EngineLoop(self.engine)
+        self.loop.start()
+        self.transceiver = make_transceiver(self.spec.transfer, self.engine.kv_cache, self.worker_id)
+        info = self.info()
+        self.registration = WorkerRegistration(self.spec.etcd, self.spec.cluster_name, info)
+        await self.registration.start()
+        if not await self.registration.wait_registered(timeout_s=30):
+            raise RuntimeError(f"{self.worker_id}: could not register in etcd at {self.spec.etcd.endpoints} "
+                               f"within 30 s ({self.registration.last_error})")
+        log.info("%s ready: %s, %d KV blocks", self.worker_id, self.engine.layout.model_id, self.engine.kv_cache.num_blocks)
+        return info
+
+    def info(self) -> WorkerInfo:
+        import ray
+
+        return WorkerInfo(
+            worker_id=self.worker_id, role=self.role, actor_name=self.worker_id,
+            address=ray.util.get_node_ip_address(), model=self.spec.model.served_model_name or "",
+            kv_capacity_blocks=self.engine.kv_cache.num_blocks, compat_hash=self.engine.layout.compat_hash(),
+            started_at=self.started_at,
+        )
+
+    async def drain(self, timeout_s: float = 60.0) -> bool:
+        """Take no new work, let in-flight requests finish (up to timeout_s), then deregister.
+        True if everything finished in time."""
+        self.is_draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        finished = not self.inflight
+        await self._deregister()
+        return finished
+
+    async def shutdown(self) -> None:
+        self.is_draining = True
+        await self._deregister()
+        if self.loop is not None:
+            await asyncio.to_thread(self.loop.stop)
+        if self.transceiver is not None:
+            self.transceiver.close()
+
+    async def _deregister(self) -> None:
+        if self.registration is not None:
+            await self.registration.deregister()
+
+    def check_accepting(self) -> None:
+        if self.is_draining:
+            raise WorkerDrainingError(f"worker {self.worker_id} is draining")
+
+    # -- observability -------------------------------------------------------------------------
+    async def state(self, since_seq: int = -1) -> WorkerState:
+        """The router's poll: load + KV events after ``since_seq`` (or a full snapshot)."""
+        stats = await self.loop.call(lambda e: e.stats())
+        events, complete = self.loop.events_since(since_seq)
+        snapshot = None
+        last_seq = events[-1].seq if events else since_seq
+        if not complete:
+            snapshot, last_seq = await self.loop.call(lambda e: (tuple(e.pool.cached_hashes()), e.pool._event_seq))
+            events = []
+        load = WorkerLoad(
+            worker_id=self.worker_id, role=self.role, num_running=stats.num_running, num_waiting=stats.num_waiting,
+            num_used_blocks=stats.num_used_blocks, num_total_blocks=stats.num_total_blocks,
+            num_pinned_blocks=stats.num_pinned_blocks, is_draining=self.is_draining,
+        )
+        self.counters.update(num_prompt_tokens=stats.prompt_tokens_queried,
+                             num_prompt_tokens_cached=stats.prompt_tokens_hit, num_preemptions=stats.num_preemptions)
+        self.counters.update(self.transceiver.counters() if self.transceiver is not None else {})
+        return WorkerState(load, tuple(events), complete, snapshot, last_seq, WorkerCounters(**self.counters))
+
+    async def stats(self):
+        return await self.loop.call(lambda e: e.stats())
+
+    async def num_inflight(self) -> int:
+        return len(self.inflight)
+
+    async def ping(self) -> str:
+        return self.worker_id
+
+    # -- KV quota ------------------------------------------------------------------------------
+    async def resize(self, num_blocks: int):
+        result = await self.loop.call(lambda e: e.resize(num_blocks))
+        await self.registration.update_info(self.info())
+        return result
+
+    async def peer_info(self):
+        """What a peer needs to read this worker's KV blocks (exchanged through Ray, never through
+        NIXL's own listener)."""
+        return self.transceiver.peer_info()
