@@ -44,7 +44,11 @@ class AttentionBackend(ABC):
         self.kv_cache = kv_cache
 
     @abstractmethod
-    def prepare(self, seqs: list[SeqSlice], num_tokens: int) -> None: ...
+    def prepare(self, seqs: list[SeqSlice], input_ids: list[int], positions: list[int],
+                logits_indices: list[int] | None = None, pad_to: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage a step; returns the model's device inputs: ids [1, T], positions [1, T] and the
+        packed rows whose logits are wanted. pad_to: only backends that support CUDA graphs."""
 
     @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -53,49 +57,72 @@ class AttentionBackend(ABC):
 
 
 class TorchPagedAttention(AttentionBackend):
-    """Reference backend on any device: index_copy for the cache writes, a per-request gather of
-    its blocks and torch SDPA with an explicit causal (and sliding-window) mask."""
+    """Reference backend on any device: index_copy for the cache writes, one gather of every block
+    the step reads (per segment, then into step order), and torch SDPA per request with an
+    explicit causal (and sliding-window) mask."""
 
-    def prepare(self, seqs: list[SeqSlice], num_tokens: int) -> None:
+    def prepare(self, seqs, input_ids, positions, logits_indices=None, pad_to=None):
+        if pad_to is not None:
+            raise ValueError("the torch attention backend does not pad steps (no CUDA graphs)")
         layout, device = self.kv_cache.layout, self.kv_cache.device
         bs, bps = layout.block_size, layout.blocks_per_segment
         self.seqs = seqs
-        # cache writes, grouped by segment: packed token index -> flat slot inside the segment
-        writes: dict[int, tuple[list[int], list[int]]] = {}
-        # per request: (segment, local blocks) runs to gather, and the context positions
-        self.gathers = []
-        for s in seqs:
-            first_new = s.ctx_len - s.q_len
-            for i in range(s.q_len):
-                pos = first_new + i
-                seg, local = divmod(s.block_ids[pos // bs], bps)
-                toks, slots = writes.setdefault(seg, ([], []))
-                toks.append(s.q_start + i)
-                slots.append(local * bs + pos % bs)
-            nblk = -(-s.ctx_len // bs)
-            segs = [divmod(b, bps) for b in s.block_ids[:nblk]]
-            if all(seg == segs[0][0] for seg, _ in segs):
-                plan = [(segs[0][0], torch.tensor([l for _, l in segs], device=device))]
+        # every block the step reads, in step order: request i's blocks are gathered[blk_off[i]:...]
+        nblk = [-(-s.ctx_len // bs) for s in seqs]
+        blocks = torch.tensor([b for s, n in zip(seqs, nblk) for b in s.block_ids[:n]], dtype=torch.long)
+        self.blk_off = [0]
+        for n in nblk:
+            self.blk_off.append(self.blk_off[-1] + n)
+        # new tokens' cache slots: token t of request i is at context position ctx_len - q_len + t
+        pos = torch.tensor(positions, dtype=torch.long)
+        tok_seq = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([s.q_len for s in seqs]))
+        tok_blk = blocks[torch.tensor(self.blk_off[:-1], dtype=torch.long)[tok_seq] + pos // bs]
+        tok_seg, tok_slot = tok_blk // bps, (tok_blk % bps) * bs + pos % bs
+        blk_seg, blk_local = blocks // bps, blocks % bps
+        self.num_blocks = len(blocks)
+        # (segment, rows of the step, slots or local blocks inside the segment), one entry per segment
+        self.writes, self.reads = [], []
+        for seg in torch.unique(blk_seg).tolist():
+            if seg == int(blk_seg[0]) and bool((blk_seg == seg).all()):
+                self.reads.append((seg, None, blk_local.to(device)))  # one segment: no reordering
             else:
-                plan = [(seg, torch.tensor([l], device=device)) for seg, l in segs]
-            q_pos = torch.arange(first_new, s.ctx_len, device=device)
-            self.gathers.append((plan, q_pos))
-        self.writes = [
-            (seg, torch.tensor(toks, device=device), torch.tensor(slots, device=device))
-            for seg, (toks, slots) in writes.items()
-        ]
+                rows = torch.nonzero(blk_seg == seg).flatten()
+                self.reads.append((seg, rows.to(device), blk_local[rows].to(device)))
+            rows = torch.nonzero(tok_seg == seg).flatten()
+            if len(rows):
+                self.writes.append((seg, rows.to(device), tok_slot[rows].to(device)))
         self._mask_cache: dict[tuple[int, int | None], torch.Tensor | None] = {}
+        ids = torch.tensor([input_ids], device=device)
+        keep = torch.tensor(logits_indices if logits_indices is not None else [], dtype=torch.long, device=device)
+        return ids, pos.to(device)[None], keep
 
     def _mask(self, i: int, window: int | None) -> torch.Tensor | None:
         key = (i, window)
         if key not in self._mask_cache:
-            s, (_, q_pos) = self.seqs[i], self.gathers[i]
-            k_pos = torch.arange(s.ctx_len, device=q_pos.device)
+            s = self.seqs[i]
+            if s.q_len == 1 and (window is None or s.ctx_len <= window):
+                self._mask_cache[key] = None  # a decode token sees its whole context
+                return None
+            device = self.kv_cache.device
+            q_pos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=device)
+            k_pos = torch.arange(s.ctx_len, device=device)
             mask = k_pos[None, :] <= q_pos[:, None]
             if window is not None:
                 mask &= (q_pos[:, None] - k_pos[None, :]) < window
             self._mask_cache[key] = None if bool(mask.all()) else mask
         return self._mask_cache[key]
+
+    def _gather(self, cache_kv: int, layer: int) -> torch.Tensor:
+        """[num_blocks, bs, Hkv, D]: the step's blocks of one layer's K (0) or V (1), in step order."""
+        kv = self.kv_cache
+        if len(self.reads) == 1 and self.reads[0][1] is None:
+            seg, _, local = self.reads[0]
+            return kv.layer_view(seg, layer)[cache_kv].index_select(0, local)
+        first = kv.layer_view(self.reads[0][0], layer)[cache_kv]
+        out = first.new_empty((self.num_blocks,) + first.shape[1:])
+        for seg, rows, local in self.reads:
+            out.index_copy_(0, rows, kv.layer_view(seg, layer)[cache_kv].index_select(0, local))
+        return out
 
     def forward(self, layer, q, k, v, scaling, sliding_window):
         kv = self.kv_cache
@@ -105,19 +132,17 @@ class TorchPagedAttention(AttentionBackend):
             cache = kv.layer_view(seg, layer)  # [2, nb, bs, Hkv, D]
             cache[0].view(-1, heads, dim).index_copy_(0, slots, k_t.index_select(0, toks).to(cache.dtype))
             cache[1].view(-1, heads, dim).index_copy_(0, slots, v_t.index_select(0, toks).to(cache.dtype))
+        keys_all = self._gather(0, layer).view(-1, heads, dim).to(q.dtype)
+        vals_all = self._gather(1, layer).view(-1, heads, dim).to(q.dtype)
+        bs = kv.layout.block_size
         outs = []
         for i, s in enumerate(self.seqs):
-            plan, _ = self.gathers[i]
-            ks, vs = [], []
-            for seg, locals_ in plan:
-                cache = kv.layer_view(seg, layer)
-                ks.append(cache[0].index_select(0, locals_))
-                vs.append(cache[1].index_select(0, locals_))
-            keys = torch.cat(ks).reshape(-1, heads, dim)[: s.ctx_len].transpose(0, 1)  # [Hkv, ctx, D]
-            vals = torch.cat(vs).reshape(-1, heads, dim)[: s.ctx_len].transpose(0, 1)
+            lo = self.blk_off[i] * bs
+            keys = keys_all[lo:lo + s.ctx_len].transpose(0, 1)  # [Hkv, ctx, D]
+            vals = vals_all[lo:lo + s.ctx_len].transpose(0, 1)
             qs = q[0, :, s.q_start:s.q_start + s.q_len]  # [Hq, n, D]
             o = F.scaled_dot_product_attention(
-                qs[None], keys[None].to(qs.dtype), vals[None].to(qs.dtype),
+                qs[None], keys[None], vals[None],
                 attn_mask=self._mask(i, sliding_window), scale=scaling, enable_gqa=True,
             )
             outs.append(o[0].transpose(0, 1))  # [n, Hq, D]

@@ -246,6 +246,8 @@ class Engine:
         if not isinstance(sampling, SamplingParams):
             raise InvalidRequestError("sampling must be a SamplingParams")
         sampling.validate()
+        if sampling.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this model has none (use stop_token_ids)", "stop")
         prompt = list(prompt_token_ids)
         if not prompt:
             raise InvalidRequestError("the prompt is empty", "prompt")
@@ -290,12 +292,12 @@ class Engine:
     def _append_token(self, req: Request, token_id: int, logprob, top) -> TokenDelta:
         req.output_token_ids.append(token_id)
         sp = req.sampling
-        if req.detok is None:
+        if req.detok is None and self.tokenizer is not None:
             req.detok = Detokenizer(self.tokenizer, sp.stop, req.prompt_token_ids[-6:])
         finish = None
         if token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.runner.eos_token_ids):
             finish = FinishReason.STOP
-        else:
+        elif req.detok is not None:
             req.detok.add([token_id])
             if req.detok.stopped:
                 finish = FinishReason.STOP

@@ -15,6 +15,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from workers.engine.attention import PAGED_ATTN, AttentionBackend, SeqSlice, TorchPagedAttention
 from workers.engine.config import EngineConfig, ModelConfig
+from workers.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from workers.engine.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ UNSUPPORTED_MODEL_TYPES = {
     "deepseek_v2": "multi-head latent attention caches a compressed latent, not per-head K/V",
     "llama4": "chunked attention and mixed NoPE layers are not implemented",
 }
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class UnsupportedModelError(ValueError):
@@ -74,6 +78,15 @@ def load_hf_config(path: str):
     return config
 
 
+def load_tokenizer(path: str):
+    """The checkpoint's tokenizer, or None when it ships none: the engine then works on token ids
+    only (no text in deltas, no stop strings), as a benchmark of token-id workloads needs."""
+    if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        log.info("no tokenizer in %s: token ids only (no text, no stop strings)", path)
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
 def model_identity(config) -> str:
     """Architecture identity for KV compatibility: equal configs give equal KV meaning."""
     d = config.to_diff_dict()
@@ -95,7 +108,7 @@ class ModelRunner:
         ).to(self.device).eval()
         if not type(self.model).is_backend_compatible():
             raise UnsupportedModelError(f"{model_cls_name} does not use transformers' attention interface")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = load_tokenizer(model_path)
         self.model_id = model_identity(self.hf_config)
         text_config = self.hf_config.get_text_config()
         self.num_layers = text_config.num_hidden_layers
@@ -103,7 +116,9 @@ class ModelRunner:
         self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         self.max_model_len = engine_config.max_model_len or getattr(text_config, "max_position_embeddings", 2048)
         self.eos_token_ids = self._eos_ids(model_path)
+        self.engine_config = engine_config
         self.backend: AttentionBackend | None = None
+        self.graphs: DecodeGraphs | None = None
 
     def _eos_ids(self, model_path: str) -> frozenset[int]:
         ids: set[int] = set()
@@ -113,26 +128,37 @@ class ModelRunner:
             ids.update(e if isinstance(e, list) else [e] if e is not None else [])
         except OSError:
             pass
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return frozenset(ids)
 
     def bind_kv_cache(self, kv_cache: KVCache, backend: str = "auto") -> None:
-        if backend in ("auto", "torch"):
+        """Choose the attention backend: 'auto' = Triton kernels (+ decode CUDA graphs) on CUDA, the
+        torch reference elsewhere. 'triton' off CUDA runs only under TRITON_INTERPRET=1 (tests)."""
+        cfg = self.engine_config
+        if backend == "torch" or (backend == "auto" and self.device.type != "cuda"):
             self.backend = TorchPagedAttention(kv_cache)
-        else:
-            from workers.engine.triton_attention import TritonPagedAttention  # CUDA only
+            return
+        if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("attention_backend 'triton' needs a CUDA device (TRITON_INTERPRET=1 runs it on "
+                             "the CPU, slowly, for tests); set engine.attention_backend: torch")
+        from workers.engine.triton_attention import TritonPagedAttention
 
-            self.backend = TritonPagedAttention(kv_cache)
+        text_config = self.hf_config.get_text_config()
+        self.backend = TritonPagedAttention(
+            kv_cache, text_config.num_attention_heads, cfg.max_num_batched_tokens, cfg.max_num_seqs,
+            self.max_model_len)
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            self.graphs = DecodeGraphs(self.model, self.backend, capture_sizes(cfg.max_num_seqs))
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice],
                 logits_indices: list[int]) -> torch.Tensor:
         """One packed forward pass; returns fp32 logits [len(logits_indices), vocab]."""
-        self.backend.prepare(seqs, len(input_ids))
-        ids = torch.tensor([input_ids], device=self.device)
-        pos = torch.tensor([positions], device=self.device)
-        keep = torch.tensor(logits_indices, device=self.device)
+        if self.graphs is not None and self.graphs.fits(seqs):
+            return self.graphs.run(seqs, input_ids, positions, logits_indices)
+        ids, pos, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices)
         out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep,
                          pdserve_backend=self.backend)
         return out.logits[0].float()

@@ -1,0 +1,23 @@
+"""Runs the Triton kernel checks (triton_interpret_cases.py) on the CPU through Triton's
+interpreter, in a fresh process: TRITON_INTERPRET=1 must be set before triton is first imported,
+and other tests in this process import it (through transformers) without it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+CASES = Path(__file__).with_name("triton_interpret_cases.py")
+
+
+def test_triton_kernels_under_the_interpreter():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise AssertionError("triton is not installed: pip install -e '.[test]' (it pins triton for these checks)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"interpreted kernel checks failed:\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"
+    assert " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-2000:]

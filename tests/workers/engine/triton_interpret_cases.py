@@ -1,0 +1,91 @@
+"""The Triton attention kernels, run on the CPU by Triton's interpreter, checked against the torch
+reference backend: same cache writes, same attention output, for mixed prefill/decode steps over
+blocks spread across several segments; and the engine on the Triton backend token-exact against
+transformers' generate.
+
+Not collected by the suite directly: test_triton_attention.py runs this file in a fresh process
+with TRITON_INTERPRET=1, which must be set before triton is first imported."""
+
+import os
+import random
+
+import pytest
+import torch
+
+from kv_transfer.layout import KVLayout
+from tests.workers.engine.helpers import GREEDY, PROMPTS, assert_all_blocks_free, hf_greedy, make_engine, run_all
+from workers.engine.attention import SeqSlice, TorchPagedAttention
+from workers.engine.kv_cache import KVCache
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("run this file with TRITON_INTERPRET=1 (tests/workers/engine/test_triton_attention.py does)")
+from workers.engine.triton_attention import TritonPagedAttention  # noqa: E402
+
+
+def random_step(rng: random.Random, num_blocks: int, bs: int, shapes):
+    """Sequences with (cached, new) token counts, each with distinct random blocks."""
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    seqs, ids, pos, t = [], [], [], 0
+    for cached, new in shapes:
+        ctx = cached + new
+        blocks = tuple(free.pop() for _ in range(-(-ctx // bs)))
+        seqs.append(SeqSlice(t, new, ctx, blocks))
+        ids += [rng.randrange(100) for _ in range(new)]
+        pos += list(range(cached, ctx))
+        t += new
+    return seqs, ids, pos
+
+
+@pytest.mark.parametrize("hq,hkv,dim,window", [(4, 2, 16, None), (8, 2, 32, None), (4, 4, 16, 5), (6, 2, 24, None)],
+                         ids=["gqa2", "gqa4-d32", "mha-window5", "gqa3-d24"])
+def test_kernels_match_torch_reference(hq, hkv, dim, window):
+    torch.manual_seed(hq * 100 + dim)
+    rng = random.Random(hq + dim)
+    bs, bps, layers = 4, 8, 2
+    layout = KVLayout("m", layers, hkv, dim, bs, "float32", bps)
+    caches = [KVCache(layout, 3), KVCache(layout, 3)]  # 3 segments: blocks of a step span all of them
+    for c in caches[1:]:
+        for i, seg in c.segments.items():
+            seg.copy_(caches[0].segments[i])
+    for seg in caches[0].segments.values():
+        seg.normal_()
+    for i, seg in caches[1].segments.items():
+        seg.copy_(caches[0].segments[i])
+    ref = TorchPagedAttention(caches[0])
+    fast = TritonPagedAttention(caches[1], hq, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64)
+    # decodes, a fresh prefill, a chunk after cached context, a one-token chunk
+    for shapes in ([(9, 1), (0, 7), (12, 6), (3, 1)], [(5, 1), (17, 1)], [(0, 19)]):
+        seqs, ids, pos = random_step(rng, caches[0].num_blocks, bs, shapes)
+        T = len(ids)
+        ref.prepare(seqs, ids, pos, [T - 1])
+        fast.prepare(seqs, ids, pos, [T - 1])
+        for layer in range(layers):
+            q, k, v = torch.randn(1, hq, T, dim), torch.randn(1, hkv, T, dim), torch.randn(1, hkv, T, dim)
+            want = ref.forward(layer, q, k, v, dim ** -0.5, window)
+            got = fast.forward(layer, q, k, v, dim ** -0.5, window)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for i in caches[0].segments:
+            assert torch.equal(caches[0].segments[i], caches[1].segments[i]), "cache writes differ"
+
+
+def test_padded_decode_rows_write_nothing():
+    layout = KVLayout("m", 1, 2, 16, 4, "float32", 8)
+    cache = KVCache(layout, 1)
+    before = cache.segments[0].clone()
+    fast = TritonPagedAttention(cache, 4, max_num_batched_tokens=8, max_num_seqs=8, max_model_len=32)
+    ids, pos, _ = fast.prepare([], [], [], None, pad_to=4)
+    assert ids.shape == (1, 4) and fast.num_qblocks == 4
+    out = fast.forward(0, torch.randn(1, 4, 4, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), 0.25, None)
+    assert torch.equal(cache.segments[0], before)
+    assert torch.equal(out, torch.zeros_like(out))  # no context: zero output, no NaN
+
+
+def test_engine_on_triton_backend_matches_generate(tiny_checkpoint):
+    model_dir = tiny_checkpoint("qwen2")
+    prompts = PROMPTS[:3]
+    engine = make_engine(model_dir, attention_backend="triton", max_num_batched_tokens=16, blocks_per_segment=4)
+    assert type(engine.runner.backend).__name__ == "TritonPagedAttention"
+    got = run_all(engine, prompts, sampling=GREEDY)
+    assert got == {f"r{i}": hf_greedy(model_dir, p, GREEDY.max_tokens) for i, p in enumerate(prompts)}
+    assert_all_blocks_free(engine)

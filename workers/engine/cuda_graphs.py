@@ -1,0 +1,83 @@
+"""CUDA graphs of the decode step: one graph per padded batch size, replayed with new inputs.
+
+A decode-only step of n sequences runs the graph captured for the smallest size >= n; the extra
+rows are empty sequences (no context, KV writes skipped) whose logits are ignored. Every input a
+graph reads lives in the attention backend's fixed device buffers (token ids, positions, slots,
+lengths, block ids) and is refilled by ONE host->device copy before the replay; the KV segment
+table is rewritten in place on resize. So a replay issues no host sync; the step's only sync is
+reading the sampled token ids back.
+
+Graphs share one memory pool and are captured largest first, so smaller graphs reuse the
+largest one's intermediate memory; replays never overlap (one engine thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from workers.engine.attention import SeqSlice
+
+log = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to max_num_seqs (and max_num_seqs itself)."""
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs] + list(range(8, max_num_seqs + 1, 8))
+    if not sizes or sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, backend, sizes: list[int]):
+        self.model = model
+        self.backend = backend
+        self.sizes = sorted(sizes)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_replays = 0
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=0,
+                         pdserve_backend=self.backend)
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        for size in sorted(self.sizes, reverse=True):
+            ids, pos, _ = self.backend.prepare([], [], [], None, pad_to=size)  # all padding rows
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
+                for _ in range(2):
+                    self._forward(ids, pos)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(ids, pos)
+            self.graphs[size] = (graph, logits)
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.sizes, time.perf_counter() - t0)
+
+    def fits(self, seqs: list[SeqSlice]) -> bool:
+        return 0 < len(seqs) <= self.max_batch and all(s.q_len == 1 for s in seqs)
+
+    def run(self, seqs: list[SeqSlice], input_ids: list[int], positions: list[int],
+            logits_indices: list[int]) -> torch.Tensor:
+        """fp32 logits [len(logits_indices), vocab] (rows of the graph's static output)."""
+        size = next(s for s in self.sizes if s >= len(seqs))
+        _, _, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices, pad_to=size)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        self.num_replays += 1
+        if logits_indices == list(range(len(seqs))):
+            return logits[: len(seqs)]
+        return logits.index_select(0, keep)

@@ -1,0 +1,202 @@
+"""The fast attention backend (CUDA; also runs on CPU tensors under TRITON_INTERPRET=1 for tests).
+
+Per step, every integer the GPU needs (token ids, positions, KV slots, query blocks, per-sequence
+lengths, block ids, logits rows) is packed on the host into one pinned int32 buffer and sent with
+ONE asynchronous copy into a device buffer of fixed layout. Regions sit at fixed offsets, so a
+captured CUDA graph that reads them stays valid: a replay only needs the buffer refilled.
+
+    [ids T | pos T | slot T | keep T | qb_seq Q | qb_start Q | q_start S | q_len S | ctx S | blk_start S | blocks B]
+     T = max tokens per step, Q = T + S query blocks, S = max sequences, B = S * blocks per sequence
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from workers.engine.attention import AttentionBackend, SeqSlice
+from workers.engine.kv_cache import KVCache
+
+try:
+    import triton
+
+    from workers.engine.triton_kernels import paged_attention_kernel, write_kv_kernel
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "attention_backend 'triton' needs the triton package (pip install triton; it ships with CUDA "
+        "builds of torch); or set engine.attention_backend: torch") from e
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_SEGMENTS = 4096  # capacity of the segment offset table
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+class StepMetadata:
+    """Host staging + device copy of a step's integers (layout in the module docstring)."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
+        self.T, self.S, self.Q = max_tokens, max_seqs, max_tokens + max_seqs
+        names = [("ids", self.T), ("pos", self.T), ("slot", self.T), ("keep", self.T),
+                 ("qb_seq", self.Q), ("qb_start", self.Q), ("q_start", self.S), ("q_len", self.S),
+                 ("ctx", self.S), ("blk_start", self.S)]
+        self.offsets: dict[str, tuple[int, int]] = {}
+        off = 0
+        for name, n in names:
+            self.offsets[name] = (off, n)
+            off += n
+        self.blocks_off = off
+        self.size = off + max_blocks
+        pin = device.type == "cuda"
+        self.host = torch.zeros(self.size, dtype=torch.int32, pin_memory=pin)
+        self.np = self.host.numpy()
+        self.dev = torch.zeros(self.size, dtype=torch.int32, device=device)
+        self.used = 0
+
+    def host_view(self, name: str) -> np.ndarray:
+        off, n = self.offsets[name]
+        return self.np[off:off + n]
+
+    def dev_view(self, name: str, n: int | None = None) -> torch.Tensor:
+        off, cap = self.offsets[name]
+        return self.dev[off:off + (cap if n is None else n)]
+
+    @property
+    def dev_blocks(self) -> torch.Tensor:
+        return self.dev[self.blocks_off:]
+
+    def upload(self, num_blocks: int) -> None:
+        """One host->device copy of everything written this step (non-blocking from pinned memory:
+        the previous step's copy has finished, its results were read back)."""
+        n = self.blocks_off + num_blocks
+        self.dev[:n].copy_(self.host[:n], non_blocking=True)
+
+
+class TritonPagedAttention(AttentionBackend):
+    def __init__(self, kv_cache: KVCache, num_q_heads: int, max_num_batched_tokens: int = 512,
+                 max_num_seqs: int = 64, max_model_len: int = 2048):
+        super().__init__(kv_cache)
+        layout = kv_cache.layout
+        if num_q_heads % layout.num_kv_heads:
+            raise ValueError(f"{num_q_heads} query heads are not a multiple of {layout.num_kv_heads} KV heads")
+        self.group = num_q_heads // layout.num_kv_heads
+        self.bs, self.bps = layout.block_size, layout.blocks_per_segment
+        self.H, self.D = layout.num_kv_heads, layout.head_dim
+        self.block_elems = self.bs * self.H * self.D
+        self.kv_off = self.bps * self.block_elems
+        self.layer_stride = 2 * self.kv_off
+        device = kv_cache.device
+        self.max_tokens = max(max_num_batched_tokens, max_num_seqs)
+        self.max_seqs = max_num_seqs
+        blocks_per_seq = -(-max_model_len // self.bs)
+        self.meta = StepMetadata(self.max_tokens, max_num_seqs, max_num_seqs * blocks_per_seq, device)
+        self.anchor = torch.empty(1, dtype=layout.torch_dtype, device=device)  # lives as long as we do
+        self.seg_off = torch.zeros(MAX_SEGMENTS, dtype=torch.int64, device=device)
+        self._epoch = -1
+        self.block_q = 1
+        self.num_qblocks = 0
+        self.num_tokens = 0
+
+    # -- per step --------------------------------------------------------------------------------
+    def _sync_segments(self) -> None:
+        """Rewrite the segment offset table when segments changed (in place: graphs keep the pointer)."""
+        kv = self.kv_cache
+        if kv.epoch == self._epoch:
+            return
+        if kv.segments and max(kv.segments) >= MAX_SEGMENTS:
+            raise RuntimeError(f"segment index {max(kv.segments)} >= {MAX_SEGMENTS}: raise MAX_SEGMENTS")
+        esize = self.anchor.element_size()
+        table = torch.zeros(MAX_SEGMENTS, dtype=torch.int64)
+        for index, seg in kv.segments.items():
+            delta = seg.data_ptr() - self.anchor.data_ptr()
+            if delta % esize:
+                raise RuntimeError("KV segment is not element-aligned with the anchor tensor")
+            table[index] = delta // esize
+        self.seg_off.copy_(table)  # rare (resize): a synchronous copy is fine here
+        self._epoch = kv.epoch
+
+    def prepare(self, seqs: list[SeqSlice], input_ids: list[int], positions: list[int],
+                logits_indices: list[int] | None = None, pad_to: int | None = None):
+        """Stage and upload the step; returns device (ids [1, T], positions [1, T], keep [n]).
+        pad_to: decode-only graph steps, padded with empty one-token sequences up to this many."""
+        self._sync_segments()
+        m, bs = self.meta, self.bs
+        T, S = len(input_ids), len(seqs)
+        n_pad = T if pad_to is None else pad_to
+        S_pad = S if pad_to is None else S + (pad_to - T)
+        if n_pad > m.T or S_pad > m.S:
+            raise ValueError(f"step of {n_pad} tokens / {S_pad} sequences exceeds the backend's capacity")
+        # per sequence, vectorised: [0, S) real | [S, S_pad) padding (no context, write nothing)
+        q_start, q_len, ctx, blk_start = (m.host_view(n)[:S_pad] for n in ("q_start", "q_len", "ctx", "blk_start"))
+        q_start[:S] = [s.q_start for s in seqs]
+        q_len[:S] = [s.q_len for s in seqs]
+        ctx[:S] = [s.ctx_len for s in seqs]
+        nblk = (ctx[:S] + (bs - 1)) // bs
+        nb = int(nblk.sum())
+        if nb > m.size - m.blocks_off:
+            raise ValueError("step's block ids exceed the backend's capacity (max_model_len)")
+        blk_start[:S] = np.cumsum(nblk) - nblk
+        blocks = m.np[m.blocks_off:m.blocks_off + nb]
+        blocks[:] = [b for s, k in zip(seqs, nblk.tolist()) for b in s.block_ids[:k]]
+        q_start[S:] = np.arange(T, n_pad)
+        q_len[S:], ctx[S:], blk_start[S:] = 1, 0, 0
+        # per token
+        ids, pos, slot = m.host_view("ids")[:n_pad], m.host_view("pos")[:n_pad], m.host_view("slot")[:n_pad]
+        ids[:T] = input_ids
+        pos[:T] = positions
+        tok_seq = np.repeat(np.arange(S), q_len[:S])
+        slot[:T] = blocks[blk_start[tok_seq] + pos[:T] // bs] * bs + pos[:T] % bs
+        ids[T:], pos[T:], slot[T:] = 0, 0, -1
+        # query blocks: ceil(q_len / block_q) per sequence
+        self.block_q = bq = 1 if int(q_len[:S].max(initial=1)) == 1 else max(1, 64 // _pow2(self.group))
+        per_seq = (q_len + (bq - 1)) // bq
+        nq = int(per_seq.sum())
+        qb_seq = np.repeat(np.arange(S_pad), per_seq)
+        first_qb = np.cumsum(per_seq) - per_seq
+        m.host_view("qb_seq")[:nq] = qb_seq
+        m.host_view("qb_start")[:nq] = q_start[qb_seq] + (np.arange(nq) - first_qb[qb_seq]) * bq
+        n_keep = 0
+        if logits_indices is not None:
+            n_keep = len(logits_indices)
+            m.host_view("keep")[:n_keep] = logits_indices
+        m.upload(nb)
+        self.num_qblocks, self.num_tokens = nq, n_pad
+        return m.dev_view("ids", n_pad)[None], m.dev_view("pos", n_pad)[None], m.dev_view("keep", n_keep)
+
+    # -- per layer -------------------------------------------------------------------------------
+    def forward(self, layer, q, k, v, scaling, sliding_window):
+        """q [1, Hq, T, D], k/v [1, Hkv, T, D] -> out [1, T, Hq, D]."""
+        m, T = self.meta, self.num_tokens
+        q, k, v = q[0], k[0], v[0]  # [H, T, D]
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if k.stride(-1) != 1:
+            k = k.contiguous()
+        if v.stride(-1) != 1:
+            v = v.contiguous()
+        layer_off = layer * self.layer_stride
+        block_h, block_d = _pow2(self.H), _pow2(self.D)
+        write_kv_kernel[(T,)](
+            k, v, k.stride(1), k.stride(0), v.stride(1), v.stride(0),
+            self.anchor, self.seg_off, m.dev_view("slot"), layer_off, self.kv_off, self.bps,
+            BS=self.bs, H=self.H, D=self.D, BLOCK_H=block_h, BLOCK_D=block_d,
+        )
+        Hq, G = q.shape[0], self.group
+        out = torch.empty((1, T, Hq, self.D), dtype=q.dtype, device=q.device)
+        o = out[0]
+        block_m = max(16, _pow2(self.block_q * G))
+        paged_attention_kernel[(self.num_qblocks, self.H)](
+            q, q.stride(1), q.stride(0), o, o.stride(0), o.stride(1),
+            self.anchor, self.seg_off, layer_off, self.kv_off, self.bps,
+            m.dev_blocks, m.dev_view("qb_seq"), m.dev_view("qb_start"), m.dev_view("q_start"),
+            m.dev_view("q_len"), m.dev_view("ctx"), m.dev_view("blk_start"),
+            float(scaling), int(sliding_window or 0),
+            G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs,
+            BLOCK_Q=self.block_q, BLOCK_M=block_m, BLOCK_N=max(16, min(64, _pow2(self.bs) * 4)),
+            USE_WINDOW=bool(sliding_window), INTERPRET=INTERPRET,
+        )
+        return out

@@ -1,0 +1,139 @@
+"""Triton kernels of the paged attention: the KV cache write and one attention kernel for every
+step (prefill chunks, decodes, and mixes of both), over block ids that may live in any segment.
+
+Addressing. KV memory is several segment tensors (kv_cache.py, layout in kv_transfer/layout.py):
+
+    segment[layer, kv, local_block, slot, kv_head, dim]
+
+Kernels take one *anchor* pointer and a table ``seg_off[segment] = (segment.data_ptr() -
+anchor.data_ptr()) / element_size`` (int64, elements). The element (layer, kv, block b, slot,
+head, d) is then at
+
+    anchor + seg_off[b // bps] + layer_off + kv * kv_off + (b % bps) * block_elems
+           + slot * H * D + head * D + d
+
+so one launch reads blocks of any segment, and the table is rewritten in place when segments
+come and go (captured CUDA graphs keep pointing at the same table).
+
+Step metadata (int32, all on the device; see triton_attention.StepMetadata):
+    slot[t]          global KV slot (block_id * block_size + offset) of packed token t; -1 = padding
+    qb_seq[i]        sequence of query block i;  qb_start[i]: its first packed token
+    seq_q_start[s], seq_q_len[s], seq_ctx_len[s], seq_blk_start[s]: packed tokens of sequence s are
+                     [q_start, q_start + q_len), at context positions [ctx_len - q_len, ctx_len);
+                     its block ids are blocks[blk_start : blk_start + ceil(ctx_len / bs)]
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def write_kv_kernel(
+    K, V, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
+    anchor, seg_off, slot_mapping, layer_off, kv_off, bps,
+    BS: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_mapping + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // BS
+        base = tl.load(seg_off + blk // bps) + layer_off + (blk % bps) * (BS * H * D) + (slot % BS) * (H * D)
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        m = (h[:, None] < H) & (d[None, :] < D)
+        k = tl.load(K + t * k_stride_t + h[:, None] * k_stride_h + d[None, :], mask=m)
+        v = tl.load(V + t * v_stride_t + h[:, None] * v_stride_h + d[None, :], mask=m)
+        dst = anchor + base + h[:, None] * D + d[None, :]
+        tl.store(dst, k.to(anchor.dtype.element_ty), mask=m)
+        tl.store(dst + kv_off, v.to(anchor.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _attend_tile(n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, seg_off, layer_off, kv_off, bps, blocks, blk_start,
+                 kvh, scale, window, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """Keys [n0, n0 + BLOCK_N) of one sequence into the running (max, sum, output) of its rows."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = n < kv_hi
+    d = tl.arange(0, BLOCK_D)
+    blk = tl.load(blocks + blk_start + n // BS, mask=n_ok, other=0).to(tl.int64)
+    base = (tl.load(seg_off + blk // bps, mask=n_ok, other=0) + layer_off
+            + (blk % bps) * (BS * HKV * D) + (n % BS) * (HKV * D) + kvh * D)
+    kv_mask = n_ok[:, None] & (d < D)[None, :]
+    k = tl.load(anchor + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(anchor + kv_off + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    scores = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
+    visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+    if USE_WINDOW:
+        visible = visible & ((q_pos[:, None] - n[None, :]) < window)
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    p = tl.exp(scores - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def paged_attention_kernel(
+    Q, q_stride_t, q_stride_h, O, o_stride_t, o_stride_h,
+    anchor, seg_off, layer_off, kv_off, bps,
+    blocks, qb_seq, qb_start, seq_q_start, seq_q_len, seq_ctx_len, seq_blk_start,
+    scale, window,
+    G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """One program = one query block (up to BLOCK_Q tokens of one sequence) x one KV head, with the
+    G query heads of that KV head stacked as rows: row r is token r // G, query head kvh * G + r % G.
+    Online softmax over the sequence's cached context, causal (and sliding-window) masked."""
+    qb = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.load(qb_seq + qb)
+    t0 = tl.load(qb_start + qb)
+    q_start = tl.load(seq_q_start + s)
+    q_len = tl.load(seq_q_len + s)
+    ctx_len = tl.load(seq_ctx_len + s)
+    blk_start = tl.load(seq_blk_start + s)
+    first_pos = ctx_len - q_len  # context position of the sequence's first new token
+
+    r = tl.arange(0, BLOCK_M)
+    ti = r // G
+    tok = t0 + ti
+    row_ok = (ti < BLOCK_Q) & (tok < q_start + q_len)
+    q_pos = first_pos + (tok - q_start)
+    head = kvh * G + r % G
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(Q + tok[:, None] * q_stride_t + head[:, None] * q_stride_h + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # keys this block can see: [kv_lo, kv_hi)
+    last_tok = tl.minimum(t0 + BLOCK_Q, q_start + q_len) - 1
+    kv_hi = first_pos + (last_tok - q_start) + 1
+    kv_lo = 0
+    if USE_WINDOW:
+        kv_lo = tl.maximum(first_pos + (t0 - q_start) - window + 1, 0)
+        kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows stay NaN-free
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if INTERPRET:  # the interpreter cannot take tensor bounds in range() (numpy >= 2 scalars)
+        n0 = kv_lo
+        while n0 < kv_hi:
+            m_i, l_i, acc = _attend_tile(
+                n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, seg_off, layer_off, kv_off, bps, blocks, blk_start,
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW)
+            n0 += BLOCK_N
+    else:  # a for loop: the compiler pipelines the K/V loads
+        for n0 in range(kv_lo, kv_hi, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, seg_off, layer_off, kv_off, bps, blocks, blk_start,
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW)
+    out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
+    tl.store(O + tok[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
