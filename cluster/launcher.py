@@ -43,16 +43,23 @@ def ensure_admin_token(config: PdserveConfig, rdir: Path) -> tuple[PdserveConfig
 class Cluster:
     """A running pdserve cluster started by this process."""
 
-    def __init__(self, config: PdserveConfig, ray_address: str | None = None, say=print):
+    def __init__(self, config: PdserveConfig, ray_address: str | None = None, say=print,
+                 app_name: str = "pdserve", route_prefix: str = "/"):
         self.config, self.ray_address, self.say = config, ray_address, say
+        self.app_name, self.route_prefix = app_name, route_prefix
         self.rdir = run_dir(config.cluster_name)
         self.etcd = None
         self.manager = None
         self.token_file: Path | None = None
+        self.owns_ray = False
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.server.host}:{self.config.server.port}"
+        return f"http://{self.config.server.host}:{self.config.server.port}{self.route_prefix.rstrip('/')}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.config.server.host}:{self.config.server.admin_port}"
 
     def start(self, ready_timeout_s: float = 600) -> None:
         import ray
@@ -77,11 +84,13 @@ class Cluster:
             self.etcd.start()
             self.config = c = c.model_copy(update={"etcd": c.etcd.model_copy(update={"endpoints": [self.etcd.endpoint]})})
             self.say(f"etcd: started a local etcd at {self.etcd.endpoint} (data in {self.etcd.data_dir})")
-        self.say("ray: " + (f"joining {self.ray_address}" if self.ray_address else "starting a local Ray instance"))
-        ray.init(address=self.ray_address or "local", namespace=ray_namespace(c.cluster_name),
-                 include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-        serve.start(http_options={"host": c.server.host, "port": c.server.port})
-        serve.run(build_app({"config": config_as_dict(c)}), name="pdserve", route_prefix="/")
+        if not ray.is_initialized():  # (tests and embedding programs bring their own Ray and Serve)
+            self.say("ray: " + (f"joining {self.ray_address}" if self.ray_address else "starting a local Ray instance"))
+            ray.init(address=self.ray_address or "local", namespace=ray_namespace(c.cluster_name),
+                     include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+            serve.start(http_options={"host": c.server.host, "port": c.server.port})
+            self.owns_ray = True
+        serve.run(build_app({"config": config_as_dict(c)}), name=self.app_name, route_prefix=self.route_prefix)
         self.manager = ray.get_actor("pdserve-manager", namespace=ray_namespace(c.cluster_name))
         self._wait_ready(ready_timeout_s)
 
@@ -121,10 +130,13 @@ class Cluster:
                 except Exception as e:
                     log.warning("manager shutdown: %r", e)
             try:
-                serve.shutdown()
+                serve.delete(self.app_name)
+                if self.owns_ray:
+                    serve.shutdown()
             except Exception as e:
                 log.warning("serve shutdown: %r", e)
-            ray.shutdown()
+            if self.owns_ray:
+                ray.shutdown()
         if self.etcd is not None:
             self.etcd.stop()
 

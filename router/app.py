@@ -7,8 +7,6 @@
 ``router.app:build_app``); ``pdserve up`` uses it too.
 """
 
-from __future__ import annotations
-
 import asyncio
 import logging
 import time
@@ -71,7 +69,7 @@ async def _invalid(request: Request, e: InvalidRequestError):
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, config: PdserveConfig):
+    def __init__(self, config: "PdserveConfig"):
         from transformers import AutoTokenizer
 
         from workers.model_files import resolve_model_path, served_model_name
@@ -131,7 +129,7 @@ class OpenAIIngress:
 
     # -- generation ----------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
-    async def completions(self, body: CompletionRequest, raw: Request):
+    async def completions(self, body: CompletionRequest):
         self._check_model(body.model)
         prompt = completion_prompt(self.tokenizer, body)
         sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=16)
@@ -147,7 +145,7 @@ class OpenAIIngress:
         return fmt.completion_body(rid, self.model_name, acc, want_lp)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
-    async def chat_completions(self, body: ChatCompletionRequest, raw: Request):
+    async def chat_completions(self, body: ChatCompletionRequest):
         self._check_model(body.model)
         prompt = chat_prompt(self.tokenizer, body)
         sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=None)

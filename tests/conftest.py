@@ -26,3 +26,105 @@ def tiny_checkpoint():
         return str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
 
     return build
+
+
+# -- one Ray instance (with Serve) and one etcd for the whole session -----------------------------
+# Starting Ray costs ~5 s and ~1 GB: every test that needs Ray shares this one. pdserve clusters
+# inside it keep apart by cluster name (Ray namespace + etcd prefix) and Serve route prefix.
+@pytest.fixture(scope="session")
+def session_etcd(tmp_path_factory):
+    from cluster.etcd_server import LocalEtcd
+
+    etcd = LocalEtcd(tmp_path_factory.mktemp("session-etcd")).start()
+    yield etcd
+    etcd.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray (local, in-process head) with Serve's HTTP proxy on a free loopback port."""
+    import logging
+
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=os.environ.get("PDSERVE_TEST_RAY_LOGS") == "1")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield {"serve_port": port}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pdserve_cluster(ray_session, session_etcd, tmp_path_factory):
+    """pdserve_cluster(name, model_dir, **overrides) -> a started cluster.Launcher.Cluster (stopped
+    at session end, or earlier with .stop())."""
+    import uuid
+
+    from cluster.config import load_config
+    from cluster.launcher import Cluster
+
+    started = []
+    os.environ.setdefault("PDSERVE_RUN_DIR", str(tmp_path_factory.mktemp("pdserve-run")))
+
+    def start(model_dir: str, prefix: str | None = None, **overrides) -> Cluster:
+        name = f"t{uuid.uuid4().hex[:8]}"
+        base = {
+            "cluster_name": name, "model.path": model_dir, "model.device": "cpu",
+            "etcd.endpoints": [session_etcd.endpoint], "etcd.lease_ttl_s": 3,
+            "server.port": ray_session["serve_port"], "server.admin_port": _free_port(),
+            "server.admin_token": "test-token",
+            "engine.block_size": 4, "engine.num_kv_blocks": 256, "engine.blocks_per_segment": 32,
+            "engine.max_num_batched_tokens": 128, "engine.max_num_seqs": 16,
+            "pools.prefill.num_cpus": 0.1, "pools.decode.num_cpus": 0.1,
+            "router.local_prefill_threshold_tokens": 0,
+        }
+        base.update({k.replace("__", "."): v for k, v in overrides.items()})
+        cluster = Cluster(load_config(None, base), say=lambda m: None, app_name=name, route_prefix=f"/{prefix or name}")
+        started.append(cluster)
+        cluster.start(ready_timeout_s=300)
+        return cluster
+
+    yield start
+    for c in started:
+        c.stop()
+
+
+def attach_ingress(cluster, prefix: str, **overrides):
+    """A second OpenAI endpoint (e.g. another routing policy) over the same cluster's workers."""
+    from ray import serve
+
+    from cluster.config import parse_config
+    from cluster.launcher import config_as_dict
+    from router.app import build_app
+
+    raw = config_as_dict(cluster.config)
+    for dotted, value in overrides.items():
+        node = raw
+        *path, last = dotted.replace("__", ".").split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    parse_config(raw)  # validate early
+    serve.run(build_app({"config": raw}), name=f"{cluster.app_name}-{prefix}", route_prefix=f"/{prefix}")
+    base = cluster.url.rsplit("/", 1)[0] + f"/{prefix}"
+    import httpx
+    import time
+
+    deadline = time.monotonic() + 120
+    while httpx.get(base + "/ready", timeout=10).status_code != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ingress {prefix} not ready")
+        time.sleep(0.5)
+    return base

@@ -22,15 +22,16 @@ class Detokenizer:
         self._emitted = 0
         self.stopped = False  # a stop string was found
 
-    def add(self, token_ids: list[int]) -> None:
-        """Append tokens; detects stop strings."""
+    def add(self, token_ids: list[int], final: bool = False) -> None:
+        """Append tokens; detects stop strings. ``final``: no more tokens will come, so text that
+        is still an incomplete character is emitted as it decodes (U+FFFD), like a full decode."""
         if self.stopped:
             return
         self._ids.extend(token_ids)
         decode = self.tokenizer.decode
         prefix = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
         full = decode(self._ids[self._prefix_offset:], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             new = full[len(prefix):]
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
             start = max(0, len(self.text) - self._holdback)
@@ -44,6 +45,8 @@ class Detokenizer:
 
     def take_delta(self, final: bool) -> str:
         """Text not yet handed out; keeps back a possible stop-string prefix unless final."""
+        if final and not self.stopped and self._read_offset < len(self._ids):
+            self.add([], final=True)
         end = len(self.text) if (final or self.stopped or not self.stop) else max(self._emitted, len(self.text) - self._holdback)
         delta = self.text[self._emitted:end]
         self._emitted = end

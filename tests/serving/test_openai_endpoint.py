@@ -1,0 +1,126 @@
+"""The serving path end to end: real etcd, Ray, NIXL, a tiny transformers model; the official
+openai client against 1 prefill + 1 decode, then scaled to 2 + 2: greedy output token-identical
+to transformers' generate."""
+
+import httpx
+import openai
+import pytest
+
+from tests.workers.engine.helpers import hf_greedy
+
+PROMPTS = ["The capital of France is", "KV blocks move", "hello world, hello pdserve! 0123456789 and more"]
+N = 12
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_checkpoint):
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def cluster(pdserve_cluster, model_dir):
+    return pdserve_cluster(model_dir, prefix="openai")
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def expected(model_dir, tokenizer, prompt_ids):
+    return hf_greedy(model_dir, prompt_ids, N)
+
+
+def model_name(cluster):
+    return cluster.config.model.served_model_name
+
+
+def test_models(client, cluster):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [model_name(cluster)] == ["tiny-llama"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_match_generate(client, cluster, model_dir, tokenizer, stream):
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt).input_ids
+        want = tokenizer.decode(expected(model_dir, tokenizer, ids), skip_special_tokens=True)
+        kwargs = dict(model=model_name(cluster), prompt=prompt, max_tokens=N, temperature=0,
+                      extra_body={"ignore_eos": True})
+        if stream:
+            chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            assert chunks[-1].usage.completion_tokens == N and chunks[-1].usage.prompt_tokens == len(ids)
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        else:
+            r = client.completions.create(**kwargs)
+            text = r.choices[0].text
+            assert r.usage.completion_tokens == N and r.choices[0].finish_reason == "length"
+        assert text == want
+
+
+def test_completions_logprobs_are_the_greedy_tokens(client, cluster, model_dir, tokenizer):
+    ids = tokenizer(PROMPTS[0]).input_ids
+    want = expected(model_dir, tokenizer, ids)
+    r = client.completions.create(model=model_name(cluster), prompt=ids, max_tokens=N, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [tokenizer.decode([t]) for t in want]
+    assert all(v <= 0 for v in lp.token_logprobs) and len(lp.top_logprobs) == N
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_matches_generate(client, cluster, model_dir, tokenizer, stream):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    want = tokenizer.decode(expected(model_dir, tokenizer, ids), skip_special_tokens=True)
+    kwargs = dict(model=model_name(cluster), messages=messages, max_tokens=N, temperature=0,
+                  extra_body={"ignore_eos": True})
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        got = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        r = client.chat.completions.create(**kwargs)
+        got = r.choices[0].message.content
+        assert r.usage.prompt_tokens == len(ids)
+    assert got == want
+
+
+def test_errors_are_openai_shaped(client, cluster):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+    for bad in [dict(max_tokens=0), dict(temperature=-1), dict(top_p=2), dict(n=2), dict(prompt="")]:
+        args = dict(model=model_name(cluster), prompt="hi", max_tokens=2) | bad
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**args)
+        assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
+    r = httpx.post(cluster.url + "/v1/chat/completions", content=b"{not json", timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_probes_and_metrics(cluster):
+    assert httpx.get(cluster.url + "/health", timeout=30).status_code == 200
+    assert httpx.get(cluster.url + "/ready", timeout=30).status_code == 200
+    text = httpx.get(cluster.url + "/metrics", timeout=30).text
+    for name in ["pdserve_ttft_seconds", "pdserve_itl_seconds", "pdserve_e2e_seconds", "pdserve_queue_depth",
+                 "pdserve_kv_used_blocks", "pdserve_transfer_bytes_total", "pdserve_prefix_hit_rate",
+                 "pdserve_requests_total"]:
+        assert name in text, name
+
+
+def test_remote_prefill_really_transferred(cluster):
+    """With threshold 0 every request is disaggregated: bytes crossed the transceiver."""
+    text = httpx.get(cluster.url + "/metrics", timeout=30).text
+    transferred = sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("pdserve_transfer_bytes_total"))
+    assert transferred > 0
