@@ -32,8 +32,11 @@ class Sampler:
         logits = logits.float()
         n = logits.shape[0]
         greedy = [p.is_greedy for p in params]
-        chosen = torch.empty(n, dtype=torch.long, device=logits.device)
-        if any(greedy):
+        if all(greedy):  # the common case: one argmax on the device, no index upload
+            chosen = logits.argmax(dim=-1)
+        else:
+            chosen = torch.empty(n, dtype=torch.long, device=logits.device)
+        if any(greedy) and not all(greedy):
             idx = torch.tensor([i for i, g in enumerate(greedy) if g], device=logits.device)
             chosen[idx] = logits[idx].argmax(dim=-1)
         for i, p in enumerate(params):

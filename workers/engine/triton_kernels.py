@@ -53,7 +53,7 @@ def write_kv_kernel(
 @triton.jit
 def _attend_tile(n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, seg_off, layer_off, kv_off, bps, blocks, blk_start,
                  kvh, scale, window, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
+                 BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Keys [n0, n0 + BLOCK_N) of one sequence into the running (max, sum, output) of its rows."""
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < kv_hi
@@ -64,7 +64,7 @@ def _attend_tile(n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, seg_off, layer_off,
     kv_mask = n_ok[:, None] & (d < D)[None, :]
     k = tl.load(anchor + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(anchor + kv_off + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    scores = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
+    scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
     visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
     if USE_WINDOW:
         visible = visible & ((q_pos[:, None] - n[None, :]) < window)
@@ -73,7 +73,7 @@ def _attend_tile(n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, seg_off, layer_off,
     p = tl.exp(scores - m_new[:, None])
     alpha = tl.exp(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -85,7 +85,7 @@ def paged_attention_kernel(
     scale, window,
     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program = one query block (up to BLOCK_Q tokens of one sequence) x one KV head, with the
     G query heads of that KV head stacked as rows: row r is token r // G, query head kvh * G + r % G.
@@ -127,13 +127,13 @@ def paged_attention_kernel(
         while n0 < kv_hi:
             m_i, l_i, acc = _attend_tile(
                 n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, seg_off, layer_off, kv_off, bps, blocks, blk_start,
-                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW)
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION)
             n0 += BLOCK_N
     else:  # a for loop: the compiler pipelines the K/V loads
         for n0 in range(kv_lo, kv_hi, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, seg_off, layer_off, kv_off, bps, blocks, blk_start,
-                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW)
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION)
     out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
     tl.store(O + tok[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

@@ -1,0 +1,257 @@
+"""Engine benchmark: pdserve's engine against transformers on the same model, in the same run.
+
+Workloads (fixed output lengths, EOS ignored; token-id prompts, random, seeded):
+  decode_b1      batch-1 decode step time vs `generate` with a static cache
+  batch32        32 x (128 in, 128 out) throughput vs static-cache `generate` at batch 32
+  many           N x (512 in, 128 out) vs transformers' continuous batching `generate_batch`
+
+Prints one JSON line per workload: workload, engine_tok_s, hf_tok_s, ratio (engine / hf), device,
+and step times in ms where they apply. On CUDA it also measures the HBM copy bandwidth and the
+weights' bytes, i.e. the batch-1 decode floor.
+
+    .venv/bin/python benchmarks/engine.py --smoke                       # tiny sizes, CPU, < 60 s
+    python3 benchmarks/engine.py --device cuda --model llama-1b-shape   # the GPU targets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
+from workers.engine.engine import Engine  # noqa: E402
+from workers.protocol import SamplingParams  # noqa: E402
+
+# Random-weight model shapes (no tokenizer: token-id workloads). llama-1b-shape = Llama-3.2-1B.
+SHAPES = {
+    "llama-1b-shape": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                           head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                           max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5),
+    # ~110M parameters: a mid-size model that a 2-core CPU runs in minutes
+    "small-shape": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                        head_dim=64, intermediate_size=2048, vocab_size=32000, tie_word_embeddings=True,
+                        max_position_embeddings=4096),
+}
+
+
+def build_model(name: str, cache: Path) -> str:
+    """Checkpoint directory for --model: a path, 'tiny' (the tests' tiny llama), or a random shape."""
+    if name == "tiny":
+        from tests.tiny_models import build_tiny_checkpoint
+
+        return str(build_tiny_checkpoint("llama", cache / "tiny-llama"))
+    if name not in SHAPES:
+        return name
+    out = cache / name
+    if not (out / "config.json").exists():
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        cfg = LlamaConfig(**SHAPES[name], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        torch.manual_seed(0)
+        init_device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of 1B params is slow on CPU
+        with torch.device(init_device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model.generation_config.eos_token_id = None
+        model.save_pretrained(out)
+        del model
+    return str(out)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab - 10, (n, length), generator=g).tolist()
+
+
+def run_engine(engine: Engine, batch: list[list[int]], out_len: int, tag: str) -> tuple[float, int]:
+    """Submit all, step to completion; returns (seconds, output tokens)."""
+    sp = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, p in enumerate(batch):
+        engine.add_request(f"{tag}-{i}", p, sp)
+    n = 0
+    while engine.has_work():
+        n += sum(len(d.token_ids) for d in engine.step().deltas)
+    return time.perf_counter() - t0, n
+
+
+def hf_generate(model, batch: list[list[int]], out_len: int, device: str) -> float:
+    ids = torch.tensor(batch, device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=out_len, min_new_tokens=out_len,
+                             do_sample=False, cache_implementation="static", eos_token_id=None, pad_token_id=0)
+    sync(device)
+    if out.shape[1] != ids.shape[1] + out_len:
+        raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} tokens, not {out_len}")
+    return time.perf_counter() - t0
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b > 0 else float("nan")
+
+
+def bench_decode_b1(engine, hf, args, vocab) -> dict:
+    p_len, steps = args.b1_prompt, args.b1_steps
+    run_engine(engine, prompts(1, p_len, vocab, 1), steps, "warm-b1")
+    engine.add_request("b1", prompts(1, p_len, vocab, 2)[0],
+                       SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
+    engine.step()  # prefill + first token
+    times = []
+    while engine.has_work():
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    step_ms = statistics.median(times) * 1e3
+    batch = prompts(1, p_len, vocab, 3)
+    hf_generate(hf, batch, steps + 1, args.device)  # warm-up (and any compilation)
+    hf_generate(hf, batch, 1, args.device)
+    t_long = min(hf_generate(hf, batch, steps + 1, args.device) for _ in range(args.repeats))
+    t_short = min(hf_generate(hf, batch, 1, args.device) for _ in range(args.repeats))
+    hf_ms = (t_long - t_short) / steps * 1e3
+    row = dict(workload="decode_b1", prompt_len=p_len, steps=steps, engine_step_ms=round(step_ms, 3),
+               hf_step_ms=round(hf_ms, 3), engine_tok_s=round(1e3 / step_ms, 1), hf_tok_s=round(1e3 / hf_ms, 1))
+    if args.device == "cuda":
+        row.update(gpu_floor(engine))
+    return row
+
+
+def gpu_floor(engine) -> dict:
+    """Weight bytes / measured copy bandwidth, and the captured batch-1 graph's replay time."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        y.copy_(x)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    copy_gbs = 2 * x.numel() * 10 / (start.elapsed_time(end) / 1e3) / 1e9  # bytes read + written
+    del x, y
+    row = dict(weight_bytes=weight_bytes, copy_gbs=round(copy_gbs, 1),
+               floor_ms=round(weight_bytes / (copy_gbs * 1e9) * 1e3, 3), card=torch.cuda.get_device_name())
+    graphs = engine.runner.graphs
+    if graphs is not None and 1 in graphs.graphs:
+        graph = graphs.graphs[1][0]
+        for _ in range(5):
+            graph.replay()
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        row["engine_graph_ms"] = round(start.elapsed_time(end) / 50, 3)
+    return row
+
+
+def bench_batch(engine, hf, args, vocab) -> dict:
+    n, p_len, out_len = args.batch, args.batch_prompt, args.batch_out
+    run_engine(engine, prompts(n, p_len, vocab, 10), out_len, "warm-batch")
+    secs, toks = run_engine(engine, prompts(n, p_len, vocab, 11), out_len, "batch")
+    batch = prompts(n, p_len, vocab, 12)
+    hf_generate(hf, batch, out_len, args.device)
+    hf_secs = min(hf_generate(hf, batch, out_len, args.device) for _ in range(args.repeats))
+    return dict(workload=f"batch{n}", requests=n, prompt_len=p_len, output_len=out_len,
+                engine_tok_s=round(toks / secs, 1), hf_tok_s=round(n * out_len / hf_secs, 1),
+                engine_s=round(secs, 3), hf_s=round(hf_secs, 3))
+
+
+def bench_many(engine, hf, args, vocab) -> dict:
+    from transformers import GenerationConfig
+
+    n, p_len, out_len = args.num_requests, args.many_prompt, args.many_out
+    run_engine(engine, prompts(min(n, 8), p_len, vocab, 20), out_len, "warm-many")
+    secs, toks = run_engine(engine, prompts(n, p_len, vocab, 21), out_len, "many")
+    row = dict(workload="many", requests=n, prompt_len=p_len, output_len=out_len,
+               engine_tok_s=round(toks / secs, 1), engine_s=round(secs, 3))
+    gc = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batch = prompts(n, p_len, vocab, 22)
+    try:
+        with torch.inference_mode():
+            hf.generate_batch(prompts(min(n, 8), p_len, vocab, 23), generation_config=gc)  # warm-up
+            sync(args.device)
+            t0 = time.perf_counter()
+            out = hf.generate_batch(batch, generation_config=gc)
+            sync(args.device)
+        hf_secs = time.perf_counter() - t0
+        hf_toks = sum(len(o.generated_tokens) for o in out.values())
+        row.update(hf_tok_s=round(hf_toks / hf_secs, 1), hf_s=round(hf_secs, 3), hf_tokens=hf_toks)
+    except Exception as e:  # report, don't hide: the row says what transformers did
+        row.update(hf_tok_s=float("nan"), hf_error=f"{type(e).__name__}: {e}"[:300])
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--model", default="tiny", help="tiny | llama-1b-shape | small-shape | <checkpoint dir>")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--num-requests", type=int, default=None, help="N of the 'many' workload (default 256 cuda, 16 cpu)")
+    ap.add_argument("--workloads", default="decode_b1,batch,many")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (CI): < 60 s")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (both sides)")
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.device, args.model = "cpu", "tiny"
+    torch.set_num_threads(args.threads)
+    small = args.smoke
+    args.b1_prompt, args.b1_steps = (16, 16) if small else (128, 128)
+    args.batch, args.batch_prompt, args.batch_out = (4, 16, 8) if small else (32, 128, 128)
+    args.many_prompt, args.many_out = (32, 8) if small else (512, 128)
+    if args.num_requests is None:
+        args.num_requests = 4 if small else (256 if args.device == "cuda" else 16)
+    args.repeats = 1 if small else 3
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_model(args.model, Path(args.cache_dir))
+    max_seqs = 4 if small else (128 if args.device == "cuda" else 32)
+    max_len = 1024
+    bs = 16
+    blocks = max_seqs * (-(-(max(args.many_prompt, args.batch_prompt) + args.many_out + 16) // bs)) + 64
+    ecfg = EngineConfig(block_size=bs, num_kv_blocks=blocks, blocks_per_segment=max(16, blocks // 8),
+                        max_num_batched_tokens=256 if small else (4096 if args.device == "cuda" else 1024),
+                        max_num_seqs=max_seqs, max_model_len=max_len, attention_backend=args.attention_backend)
+    t0 = time.perf_counter()
+    engine = Engine(ModelConfig(device=args.device, dtype=dtype), ecfg, model_dir)
+    init_s = time.perf_counter() - t0
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(args.device).eval()
+    vocab = engine.vocab_size
+    common = dict(device=args.device, model=args.model, dtype=dtype, threads=args.threads,
+                  attention_backend=type(engine.runner.backend).__name__,
+                  cuda_graphs=engine.runner.graphs is not None, engine_init_s=round(init_s, 2))
+    if args.device == "cuda":
+        common["card"] = torch.cuda.get_device_name()
+    benches = {"decode_b1": bench_decode_b1, "batch": bench_batch, "many": bench_many}
+    for name in args.workloads.split(","):
+        row = benches[name](engine, hf, args, vocab)
+        row["ratio"] = ratio(row["engine_tok_s"], row["hf_tok_s"])
+        print(json.dumps({**row, **common}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    raise SystemExit(main())
