@@ -216,3 +216,49 @@ class WorkerInfo:
     kv_capacity_blocks: int
     compat_hash: str
     started_at: float
+
+
+# -- kv transfer --
+# The handshake between transceivers travels through our own channel (a Ray call's return value),
+# never through NIXL's listener (which binds every interface).
+from kv_transfer.layout import KVLayout  # noqa: E402  (kept with the messages that use it)
+
+
+@dataclass(frozen=True)
+class KVSegmentInfo:
+    """Where one KV segment tensor lives in its worker's address space (or on its GPU)."""
+
+    index: int
+    base_address: int
+    num_bytes: int
+    device_id: int  # CUDA ordinal; 0 for host memory
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """Transceiver handshake: what a peer needs to READ (or WRITE) this worker's KV blocks.
+    Valid for one ``kv_epoch``: a KVHandle with a newer epoch means fetch a fresh PeerInfo."""
+
+    worker_id: str
+    backend: str  # "nixl" | "tcp": both sides must use the same
+    agent_name: str  # unique per worker incarnation (a restarted worker gets a new one)
+    agent_metadata: bytes  # nixl: nixl_agent.get_agent_metadata(); tcp: the token a reader presents
+    memory_kind: str  # "DRAM" | "VRAM"
+    segments: tuple[KVSegmentInfo, ...]
+    layout: KVLayout
+    compat_hash: str
+    kv_epoch: int
+    tcp_address: str = ""  # tcp: "host:port" of the block server; empty for nixl
+
+
+@dataclass(frozen=True)
+class LayerwiseTarget:
+    """Decode -> prefill (layer-wise streaming): where to WRITE each layer of a request's KV.
+    The decode worker allocated ``block_ids`` before asking for the prefill and owns them; it frees
+    them only after the prefill side finished or aborted its sender (or died)."""
+
+    request_id: str
+    worker_id: str  # the decode worker
+    block_ids: tuple[int, ...]  # decode-side blocks, in prompt order (one per prefill-side block)
+    kv_epoch: int  # decode's segment-set version: prefill re-handshakes when it knows an older one
+    compat_hash: str

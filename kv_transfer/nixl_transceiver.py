@@ -1,0 +1,273 @@
+"""NixlTransceiver: the default backend. One-sided NIXL (UCX) READs from the prefill worker's KV
+segments straight into the decode worker's, no serialization, no copy through Python.
+
+- One NIXL agent per transceiver, named ``<worker_id>-<random>`` so that a restarted worker is a
+  new agent for its peers. No listener thread: metadata travels in PeerInfo through Ray.
+- Each KV segment tensor is registered whole (register_memory) when the KVCache announces it and
+  deregistered when it is removed; peers learn about the change through a newer kv_epoch.
+- A read is one initialize_xfer("READ") over two descriptor lists (descriptors.py), posted, then
+  polled until DONE/ERR or the deadline. The agent runs in NIXL_THREAD_SYNC_STRICT mode because
+  reads of different requests run on different threads.
+- Layer-wise streaming (layerwise.py) WRITEs with NIXL notifications through the same agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+
+import numpy as np
+import torch
+
+from kv_transfer.descriptors import MissingSegmentError, Run, descriptor_array
+from kv_transfer.errors import (BackendUnavailableError, CompatMismatchError, DeadlineExceededError, PeerGoneError,
+                                StalePeerError, TransferError, TransportError, UnknownPeerError)
+from kv_transfer.layerwise import LayerWriter, LayerwiseReceiver, LayerwiseSender
+from kv_transfer.metrics import TransferMetrics
+from kv_transfer.transceiver import KVTransceiver, TransferResult
+from kv_transfer.ucx_transports import UcxTransportLog
+from workers.protocol import KVSegmentInfo, LayerwiseTarget, PeerInfo
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install nixl==1.5.1 (or set transfer.backend: tcp)"
+
+
+def load_nixl():
+    """The nixl._api module, or BackendUnavailableError saying what to install."""
+    try:
+        from nixl import _api
+    except Exception as e:  # ImportError, or a native library that fails to load
+        raise BackendUnavailableError(f"transfer.backend is 'nixl' but NIXL cannot be loaded "
+                                      f"({type(e).__name__}: {e}): {INSTALL_HINT}") from e
+    return _api
+
+
+def _poll_sleep(num_polls: int) -> None:
+    """Back off from spinning to 1 ms: completions of small reads come in microseconds, and
+    spinning on a 2-core host starves the progress thread doing the copy."""
+    if num_polls < 50:
+        time.sleep(0)
+    else:
+        time.sleep(min(0.001, 0.00002 * (num_polls - 49)))
+
+
+class NixlTransceiver(KVTransceiver):
+    backend = "nixl"
+
+    def __init__(self, worker_id: str, kv_cache, *, metrics: TransferMetrics | None = None, num_threads: int = 0):
+        super().__init__(worker_id, kv_cache, metrics)
+        self.transports = UcxTransportLog()  # before the agent: UCX reads its log settings at load
+        api = load_nixl()
+        self._api = api
+        from nixl._bindings import nixlRemoteDisconnectError
+
+        self._disconnect_error = nixlRemoteDisconnectError
+        self.agent_name = f"{worker_id}-{uuid.uuid4().hex[:8]}"
+        config = api.nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"],
+                                       num_threads=num_threads,
+                                       sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        try:
+            self._agent = api.nixl_agent(self.agent_name, config)
+        except Exception as e:
+            raise BackendUnavailableError(f"NIXL agent could not start ({type(e).__name__}: {e}): {INSTALL_HINT}") from e
+        if "UCX" not in self._agent.backends:
+            raise BackendUnavailableError(f"NIXL has no UCX plugin (plugins: {self._agent.get_plugin_list()}): "
+                                          f"{INSTALL_HINT}")
+        self._memory_kind = "VRAM" if kv_cache.device.type == "cuda" else "DRAM"
+        self._registrations: dict[int, object] = {}
+        self._reported_peers: set[str] = set()
+        self._notif_lock = threading.Lock()
+        self._receiver = LayerwiseReceiver(self)
+        self._notif_sinks = [self._receiver]  # callables(agent_name, message bytes) -> bool (consumed)
+        self._layer_writer: LayerWriter | None = None
+        log.info("%s: NIXL agent %s, UCX backend params %s, plugin params %s, UCX env %s", worker_id,
+                 self.agent_name, self._agent.get_backend_params("UCX"), self._agent.get_plugin_params("UCX"),
+                 UcxTransportLog.effective_env())
+        self._attach()
+
+    # -- memory registration -------------------------------------------------------------------
+    def _register_segment(self, info: KVSegmentInfo, tensor: torch.Tensor) -> None:
+        self._registrations[info.index] = self._agent.register_memory(tensor)
+
+    def _deregister_segment(self, info: KVSegmentInfo, tensor: torch.Tensor) -> None:
+        reg = self._registrations.pop(info.index, None)
+        if reg is not None:
+            self._agent.deregister_memory(reg)
+
+    # -- peers ---------------------------------------------------------------------------------
+    def _connection_metadata(self) -> bytes:
+        return self._agent.get_agent_metadata()
+
+    def _connect_peer(self, info: PeerInfo) -> None:
+        try:
+            name = self._agent.add_remote_agent(info.agent_metadata)
+        except Exception as e:
+            raise TransportError(f"NIXL could not load {info.worker_id}'s agent metadata: {e}", peer=info.worker_id) from e
+        name = name.decode() if isinstance(name, bytes) else name
+        if name != info.agent_name:
+            self._agent.remove_remote_agent(name)
+            raise TransferError(f"{info.worker_id}'s metadata names agent {name!r}, PeerInfo says {info.agent_name!r}",
+                                peer=info.worker_id)
+
+    def _disconnect_peer(self, info: PeerInfo) -> None:
+        try:
+            self._agent.remove_remote_agent(info.agent_name)
+        except Exception as e:  # already gone or never loaded: nothing left to drop
+            log.debug("remove_remote_agent(%s): %s", info.agent_name, e)
+
+    # -- descriptors ---------------------------------------------------------------------------
+    def descriptor_lists(self, peer: PeerInfo, runs: list[Run], layers=None) -> tuple[np.ndarray, np.ndarray]:
+        """(local Nx3, remote Nx3) rows for the runs; StalePeerError if the peer's segment is unknown."""
+        local_bases, local_devs = self._local_segment_maps()
+        try:
+            local = descriptor_array(self.layout, local_bases, local_devs, [r.dst_first for r in runs],
+                                     [r.count for r in runs], layers)
+        except MissingSegmentError as e:
+            raise ValueError(f"local block ids lie in segment {e.segment}, which this cache does not have") from None
+        remote_bases = {s.index: s.base_address for s in peer.segments}
+        remote_devs = {s.index: s.device_id for s in peer.segments}
+        try:
+            remote = descriptor_array(peer.layout, remote_bases, remote_devs, [r.src_first for r in runs],
+                                      [r.count for r in runs], layers)
+        except MissingSegmentError as e:
+            raise StalePeerError(f"block ids of {peer.worker_id} lie in segment {e.segment}, unknown at epoch "
+                                 f"{peer.kv_epoch}: re-handshake", peer=peer.worker_id) from None
+        return local, remote
+
+    # -- transfers -----------------------------------------------------------------------------
+    def post(self, op: str, peer: PeerInfo, local: np.ndarray, remote: np.ndarray, notif: bytes = b""):
+        """Create and post one NIXL transfer; returns (handle, state)."""
+        handle = None
+        try:
+            local_dl = self._agent.get_xfer_descs(local, self._memory_kind)
+            remote_dl = self._agent.get_xfer_descs(remote, peer.memory_kind)
+            handle = self._agent.initialize_xfer(op, local_dl, remote_dl, peer.agent_name, notif)
+            return handle, self._agent.transfer(handle)
+        except Exception as e:
+            if handle is not None:
+                self.release(handle)
+            raise self._map_error(e, peer) from e
+
+    def wait(self, handle, state: str, peer: PeerInfo, deadline: float, what: str) -> None:
+        """Poll until DONE; raise DeadlineExceededError / PeerGoneError / TransportError."""
+        polls = 0
+        try:
+            while state == "PROC":
+                if time.monotonic() >= deadline:
+                    raise DeadlineExceededError(f"{what} from {peer.worker_id} not done by its deadline",
+                                                peer=peer.worker_id)
+                _poll_sleep(polls)
+                polls += 1
+                state = self._agent.check_xfer_state(handle)
+        except TransferError:
+            raise
+        except Exception as e:
+            raise self._map_error(e, peer) from e
+        if state != "DONE":
+            raise TransportError(f"NIXL reported {state} for {what} with {peer.worker_id}", peer=peer.worker_id)
+
+    def release(self, handle) -> None:
+        try:
+            self._agent.release_xfer_handle(handle)
+        except Exception as e:
+            # An active transfer that cannot be cancelled keeps its handle (NIXL keeps it alive and
+            # retries on agent teardown); the caller's blocks may still be written: it frees them only
+            # after the peer is gone or the agent is closed.
+            log.error("%s: could not release a NIXL transfer handle: %s", self.worker_id, e)
+
+    def _map_error(self, e: Exception, peer: PeerInfo) -> TransferError:
+        if isinstance(e, TransferError):
+            return e
+        if isinstance(e, self._disconnect_error):
+            return PeerGoneError(f"{peer.worker_id} ({peer.agent_name}) disconnected: {e}", peer=peer.worker_id)
+        return TransportError(f"NIXL error with {peer.worker_id}: {type(e).__name__}: {e}", peer=peer.worker_id)
+
+    def _read(self, peer: PeerInfo, runs: list[Run], deadline: float, request_id: str) -> int:
+        local, remote = self.descriptor_lists(peer, runs)
+        handle, state = self.post("READ", peer, local, remote)
+        try:
+            self.wait(handle, state, peer, deadline, f"READ of request {request_id or '?'}")
+        finally:
+            self.release(handle)
+        self._report_transports(peer)
+        return len(local)
+
+    def _report_transports(self, peer: PeerInfo) -> None:
+        if peer.agent_name not in self._reported_peers:
+            self._reported_peers.add(peer.agent_name)
+            self.transports.report(peer.worker_id)
+
+    def transport_info(self) -> dict[str, object]:
+        return {"backend": self.backend, "agent": self.agent_name, "nixl_backends": list(self._agent.backends),
+                "nixl_ucx_params": self._agent.get_backend_params("UCX"), **self.transports.summary()}
+
+    # -- notifications (layer-wise streaming) --------------------------------------------------
+    def send_notification(self, peer: PeerInfo, message: dict) -> None:
+        try:
+            self._agent.send_notif(peer.agent_name, json.dumps(message).encode())
+        except Exception as e:
+            raise self._map_error(e, peer) from e
+
+    def poll_notifications(self) -> None:
+        """Drain NIXL notifications and hand each to the sinks (thread-safe)."""
+        with self._notif_lock:
+            new = self._agent.get_new_notifs()
+            for agent_name, messages in new.items():
+                name = agent_name.decode() if isinstance(agent_name, bytes) else agent_name
+                for msg in messages:
+                    if not any(sink(name, msg) for sink in self._notif_sinks):
+                        log.debug("%s: unrouted NIXL notification from %s: %r", self.worker_id, name, msg[:80])
+
+    # -- layer-wise streaming (layerwise.py) ---------------------------------------------------
+    def layer_writer(self) -> LayerWriter:
+        with self._lock:
+            if self._layer_writer is None:
+                self._layer_writer = LayerWriter(self.worker_id)
+            return self._layer_writer
+
+    def layerwise_sender(self, target: LayerwiseTarget, src_block_ids, deadline_s: float) -> LayerwiseSender:
+        """Prefill side: a sender for one request. The decode worker must be a known peer at
+        target.kv_epoch or newer (ensure_peer with its PeerInfo first)."""
+        with self._lock:
+            peer = self._peers.get(target.worker_id)
+        if target.compat_hash != self.compat_hash:
+            diff = (self.layout.compat_diff(peer.layout) if peer else {}) or {
+                "compat_hash": (self.compat_hash, target.compat_hash)}
+            raise CompatMismatchError.from_diff(diff, target.worker_id)
+        if peer is None:
+            raise UnknownPeerError(f"no handshake with {target.worker_id!r}", peer=target.worker_id,
+                                   request_id=target.request_id)
+        if peer.kv_epoch < target.kv_epoch:
+            raise StalePeerError(f"{target.worker_id} is at epoch {target.kv_epoch}, we know {peer.kv_epoch}",
+                                 peer=target.worker_id, request_id=target.request_id)
+        return LayerwiseSender(self, peer, target, src_block_ids, deadline_s)
+
+    def expect_layers(self, request_id: str) -> None:
+        """Decode side: start collecting layer notifications for request_id (call before the
+        prefill request goes out; early notifications are kept anyway)."""
+        self._receiver.expect(request_id)
+
+    def receive_layers_blocking(self, request_id: str, deadline_s: float, num_blocks: int = 0) -> TransferResult:
+        """Decode side: wait until every layer of request_id has been written into our blocks."""
+        start = time.perf_counter()
+        try:
+            self._receiver.wait(request_id, self.layout.num_layers, deadline_s)
+        except TransferError as e:
+            self.metrics.transfer_failed(e.kind)
+            raise
+        seconds = time.perf_counter() - start
+        num_bytes = num_blocks * self.layout.bytes_per_block_all_layers
+        self.metrics.transfer_done(num_bytes, seconds, "layerwise_receive")
+        return TransferResult(num_bytes, seconds, 0)
+
+    async def receive_layers(self, request_id: str, deadline_s: float, num_blocks: int = 0) -> TransferResult:
+        return await asyncio.to_thread(self.receive_layers_blocking, request_id, deadline_s, num_blocks)
+
+    def _shutdown(self) -> None:
+        if self._layer_writer is not None:
+            self._layer_writer.close()

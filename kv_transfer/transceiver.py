@@ -1,0 +1,244 @@
+"""KVTransceiver: moves KV blocks between engines in different processes. One per worker.
+
+Contract (both backends):
+- It is a SegmentListener of the worker's KVCache: every segment's memory is registered when added
+  and deregistered when removed. It never allocates or frees engine blocks.
+- Handshake: ``peer_info()`` on one side, ``add_peer(info)`` on the other, carried by our own
+  channel (a Ray call). A PeerInfo is valid for its ``kv_epoch``; ``ensure_peer`` re-handshakes
+  when a KVHandle names a newer epoch and refuses peers whose KV layout differs
+  (CompatMismatchError names the fields).
+- ``read(peer, remote_block_ids, local_block_ids, deadline_s)`` pulls remote block i into local
+  block i, all layers, K and V, as ONE backend request, and returns only once the bytes are in
+  place, or raises a TransferError subclass. After an error the local blocks hold undefined bytes
+  and the caller frees them; the remote side's blocks are the remote side's business (its lease).
+- Partial blocks: with ``num_tokens``, the block count must be ceil(num_tokens / block_size). Whole
+  blocks are moved; slots past num_tokens in the last block carry whatever the sender had there
+  and mean nothing (the reader's engine overwrites them as it appends tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kv_transfer.descriptors import Run, check_num_tokens, pair_runs
+from kv_transfer.errors import (CompatMismatchError, StalePeerError, TransferError, UnknownPeerError)
+from kv_transfer.layout import KVLayout
+from kv_transfer.metrics import TransferMetrics
+from workers.protocol import KVSegmentInfo, PeerInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    num_bytes: int
+    seconds: float
+    num_descriptors: int  # per side: (layers * 2 * runs) for a whole-request read
+
+
+class KVTransceiver(ABC):
+    backend: str = ""
+
+    def __init__(self, worker_id: str, kv_cache, metrics: TransferMetrics | None = None):
+        self.worker_id = worker_id
+        self.kv_cache = kv_cache
+        self.layout: KVLayout = kv_cache.layout
+        self.compat_hash = self.layout.compat_hash()
+        self.metrics = metrics or TransferMetrics(worker_id, self.backend)
+        self._lock = threading.RLock()
+        self._segments: dict[int, tuple[KVSegmentInfo, torch.Tensor]] = {}
+        self._peers: dict[str, PeerInfo] = {}
+        self._closed = False
+
+    def _attach(self) -> None:
+        """Subclasses call this last in __init__: registers existing segments right away."""
+        self.kv_cache.add_listener(self)
+
+    # -- SegmentListener -----------------------------------------------------------------------
+    def on_segment_added(self, index: int, tensor: torch.Tensor) -> None:
+        if not tensor.is_contiguous():
+            raise ValueError(f"KV segment {index} is not contiguous; cannot register it")
+        info = KVSegmentInfo(index=index, base_address=tensor.data_ptr(),
+                             num_bytes=tensor.numel() * tensor.element_size(),
+                             device_id=tensor.device.index or 0 if tensor.is_cuda else 0)
+        with self._lock:
+            self._register_segment(info, tensor)
+            self._segments[index] = (info, tensor)
+
+    def on_segment_removed(self, index: int) -> None:
+        with self._lock:
+            info, tensor = self._segments.pop(index)
+            self._deregister_segment(info, tensor)
+
+    # -- handshake -----------------------------------------------------------------------------
+    def peer_info(self) -> PeerInfo:
+        with self._lock:
+            segments = tuple(info for info, _ in sorted(self._segments.values(), key=lambda it: it[0].index))
+            memory_kind = "VRAM" if self.kv_cache.device.type == "cuda" else "DRAM"
+            return PeerInfo(worker_id=self.worker_id, backend=self.backend, agent_name=self.agent_name,
+                            agent_metadata=self._connection_metadata(), memory_kind=memory_kind,
+                            segments=segments, layout=self.layout, compat_hash=self.compat_hash,
+                            kv_epoch=self.kv_cache.epoch, tcp_address=self._tcp_address())
+
+    def add_peer(self, info: PeerInfo) -> None:
+        """Accept a peer's handshake (replacing an older one from the same worker)."""
+        diff = self.layout.compat_diff(info.layout)
+        if info.backend != self.backend:
+            diff["backend"] = (self.backend, info.backend)
+        if info.compat_hash != info.layout.compat_hash():
+            diff["compat_hash"] = (info.layout.compat_hash(), info.compat_hash)
+        if diff:
+            self.metrics.transfer_failed(CompatMismatchError.kind)
+            raise CompatMismatchError.from_diff(diff, info.worker_id)
+        with self._lock:
+            old = self._peers.pop(info.worker_id, None)
+            if old is not None:
+                self._disconnect_peer(old)
+            self._connect_peer(info)
+            self._peers[info.worker_id] = info
+        log.info("%s: handshake with %s (%s, epoch %d, %d segments)", self.worker_id, info.worker_id,
+                 info.agent_name, info.kv_epoch, len(info.segments))
+
+    def remove_peer(self, worker_id: str) -> None:
+        with self._lock:
+            info = self._peers.pop(worker_id, None)
+            if info is not None:
+                self._disconnect_peer(info)
+
+    def known_epoch(self, worker_id: str) -> int | None:
+        with self._lock:
+            info = self._peers.get(worker_id)
+            return None if info is None else info.kv_epoch
+
+    def needs_handshake(self, worker_id: str, kv_epoch: int) -> bool:
+        known = self.known_epoch(worker_id)
+        return known is None or known < kv_epoch
+
+    async def ensure_peer(self, worker_id: str, kv_epoch: int, compat_hash: str,
+                          fetch_peer_info: Callable[[], object]) -> None:
+        """Handshake with ``worker_id`` unless we hold its PeerInfo for ``kv_epoch`` or newer.
+        ``fetch_peer_info()`` returns a PeerInfo or an awaitable of one (e.g. a Ray ObjectRef).
+        A compat hash that differs from ours is refused after fetching the PeerInfo, so the
+        error can name the differing fields."""
+        if compat_hash == self.compat_hash and not self.needs_handshake(worker_id, kv_epoch):
+            return
+        info = fetch_peer_info()
+        if inspect.isawaitable(info):
+            info = await info
+        self._accept_fetched(worker_id, kv_epoch, info)
+
+    def ensure_peer_blocking(self, worker_id: str, kv_epoch: int, compat_hash: str,
+                             fetch_peer_info: Callable[[], PeerInfo]) -> None:
+        if compat_hash == self.compat_hash and not self.needs_handshake(worker_id, kv_epoch):
+            return
+        self._accept_fetched(worker_id, kv_epoch, fetch_peer_info())
+
+    def _accept_fetched(self, worker_id: str, kv_epoch: int, info: PeerInfo) -> None:
+        if not isinstance(info, PeerInfo) or info.worker_id != worker_id:
+            raise TransferError(f"handshake with {worker_id!r} returned {type(info).__name__} "
+                                f"for {getattr(info, 'worker_id', '?')!r}", peer=worker_id)
+        if info.kv_epoch < kv_epoch:
+            raise StalePeerError(f"{worker_id} sent PeerInfo of epoch {info.kv_epoch}, older than the handle's "
+                                 f"{kv_epoch}", peer=worker_id)
+        self.add_peer(info)
+
+    # -- reads ---------------------------------------------------------------------------------
+    async def read(self, peer: str, remote_block_ids: Sequence[int], local_block_ids: Sequence[int],
+                   deadline_s: float, *, num_tokens: int | None = None, request_id: str = "") -> TransferResult:
+        """``read_blocking`` on a worker thread, so the caller's event loop keeps running."""
+        return await asyncio.to_thread(self.read_blocking, peer, remote_block_ids, local_block_ids, deadline_s,
+                                       num_tokens=num_tokens, request_id=request_id)
+
+    def read_blocking(self, peer: str, remote_block_ids: Sequence[int], local_block_ids: Sequence[int],
+                      deadline_s: float, *, num_tokens: int | None = None, request_id: str = "") -> TransferResult:
+        """Copy remote block i -> local block i (all layers, K and V) as one backend request."""
+        remote_block_ids, local_block_ids = list(remote_block_ids), list(local_block_ids)
+        if not remote_block_ids:
+            raise ValueError("read of zero blocks")
+        check_num_tokens(self.layout, len(remote_block_ids), num_tokens)
+        with self._lock:
+            info = self._peers.get(peer)
+        if info is None:
+            self.metrics.transfer_failed(UnknownPeerError.kind)
+            raise UnknownPeerError(f"no handshake with {peer!r}: ensure_peer/add_peer first", peer=peer,
+                                   request_id=request_id)
+        runs = pair_runs(remote_block_ids, local_block_ids, info.layout.blocks_per_segment,
+                         self.layout.blocks_per_segment)
+        start = time.perf_counter()
+        try:
+            num_descs = self._read(info, runs, time.monotonic() + deadline_s, request_id)
+        except TransferError as e:
+            e.peer, e.request_id = e.peer or peer, e.request_id or request_id
+            self.metrics.transfer_failed(e.kind)
+            raise
+        seconds = time.perf_counter() - start
+        num_bytes = len(remote_block_ids) * self.layout.bytes_per_block_all_layers
+        self.metrics.transfer_done(num_bytes, seconds, "read")
+        return TransferResult(num_bytes, seconds, num_descs)
+
+    # -- observability and shutdown ------------------------------------------------------------
+    def counters(self) -> dict[str, float]:
+        return self.metrics.counters()
+
+    def transport_info(self) -> dict[str, object]:
+        return {"backend": self.backend}
+
+    def close(self) -> None:
+        """Stop listening to the cache, drop peers, deregister memory. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self.kv_cache.remove_listener(self)
+            except ValueError:
+                pass
+            for info in list(self._peers.values()):
+                self._disconnect_peer(info)
+            self._peers.clear()
+            for index in list(self._segments):
+                info, tensor = self._segments.pop(index)
+                self._deregister_segment(info, tensor)
+            self._shutdown()
+
+    # -- what a backend provides ---------------------------------------------------------------
+    agent_name: str = ""
+
+    def _local_segment_maps(self) -> tuple[dict[int, int], dict[int, int]]:
+        with self._lock:
+            return ({i: s.base_address for i, (s, _) in self._segments.items()},
+                    {i: s.device_id for i, (s, _) in self._segments.items()})
+
+    @abstractmethod
+    def _register_segment(self, info: KVSegmentInfo, tensor: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def _deregister_segment(self, info: KVSegmentInfo, tensor: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def _connection_metadata(self) -> bytes: ...
+
+    def _tcp_address(self) -> str:
+        return ""
+
+    @abstractmethod
+    def _connect_peer(self, info: PeerInfo) -> None: ...
+
+    @abstractmethod
+    def _disconnect_peer(self, info: PeerInfo) -> None: ...
+
+    @abstractmethod
+    def _read(self, peer: PeerInfo, runs: list[Run], deadline: float, request_id: str) -> int:
+        """Move the runs (deadline is time.monotonic()); return descriptors per side."""
+
+    def _shutdown(self) -> None:
+        pass
