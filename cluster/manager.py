@@ -5,11 +5,18 @@ cluster's Ray namespace.
 Workers are Ray actors named by their worker id; they register themselves in etcd once their
 model is loaded, and the router routes to what etcd lists. The manager's own record of the
 pools says which actors it started and in what state they are.
+
+Everything runs on the actor's event loop: the management API (cluster/admin_server.py), the
+autoscaler and KV resizer loops when enabled, and a membership watch of etcd (for the API's
+"registered" and lease views). Worker state a caller sees is probed fresh from the workers
+(cluster/worker_probe.py). Drains are operations with a status (``drains``); KV quota overrides
+live in etcd (ControlState) so they outlive the manager, and win over the resizer's plan.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
@@ -24,6 +31,37 @@ from workers.protocol import Role
 log = logging.getLogger(__name__)
 
 MANAGER_NAME = "pdserve-manager"
+MAX_DRAIN_RECORDS = 100  # finished drains kept for GET /cluster/drains
+
+
+class UnknownWorkerError(KeyError):
+    """No worker with this id in the cluster (HTTP 404)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown worker"
+
+
+class InvalidScaleError(ValueError):
+    """A replica count outside the pool's [min_replicas, max_replicas] (HTTP 400)."""
+
+
+class WorkerStateConflict(RuntimeError):
+    """The operation does not fit the worker's state, e.g. draining it twice (HTTP 409)."""
+
+
+@dataclass
+class DrainStatus:
+    """One drain operation. state: draining -> drained (everything finished in time) |
+    timed_out (stopped with requests still in flight) | failed | removed (DELETE during the drain)."""
+
+    worker_id: str
+    role: Role
+    timeout_s: float
+    started_at: float = field(default_factory=time.time)
+    state: str = "draining"
+    finished_at: float | None = None
+    error: str | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
 
 @dataclass
@@ -47,15 +85,37 @@ class ClusterManagerImpl:
         self._started = False
         self._tasks: set[asyncio.Task] = set()
         self.admin = None
+        self.desired = {role: self._pool(role).replicas for role in Role}
+        self.drains: collections.OrderedDict[str, DrainStatus] = collections.OrderedDict()
+        self.membership = None  # MembershipWatcher
+        self.control = None  # ControlState
+        self.registered_at: dict[str, float] = {}  # worker id -> when this manager saw it register
+        self.autoscaler = None
+        self.kv_resizer = None
+        # the OpenAI endpoint's Prometheus metrics (the autoscaler's latencies); set_endpoint_url
+        # overrides it when the app is served under another route prefix
+        self.endpoint_url = f"http://{config.server.host}:{config.server.port}"
 
     async def start(self) -> None:
-        """Start the initial pools (in the background) and the management API. Idempotent."""
+        """Start the initial pools (in the background), the management API and the control loops.
+        Idempotent. Raises when the management API cannot start (no token, port taken)."""
         if self._started:
             return
         self._started = True
+        from cluster.admin_server import start_admin_server
+        from cluster.control_state import ControlState
+        from cluster.membership import MembershipWatcher
+
+        c = self.config
+        self.control = ControlState(c.etcd, c.cluster_name)
+        self.membership = MembershipWatcher(c.etcd, c.cluster_name)
+        self.membership.add_listener(self._on_membership)
+        await self.membership.start()
+        self.admin = await start_admin_server(self)
         for role in Role:
             for _ in range(self._pool(role).replicas):
                 self._spawn(role)
+        self._start_loops()
 
     def _pool(self, role: Role):
         return getattr(self.config.pools, role.value)
@@ -89,6 +149,7 @@ class ClusterManagerImpl:
             if w.state == "starting":
                 w.state, w.ready_at = "ready", time.time()
                 log.info("worker %s is ready", w.worker_id)
+                await self._apply_kv_override(w)
         except Exception as e:
             w.state, w.error = "failed", f"{type(e).__name__}: {e}"
             log.error("worker %s failed to start: %s", w.worker_id, w.error)
@@ -101,33 +162,76 @@ class ClusterManagerImpl:
         Stopping drains the newest workers first."""
         role = Role(role)
         pool = self._pool(role)
+        if isinstance(replicas, bool) or not isinstance(replicas, int):
+            raise InvalidScaleError(f"replicas must be an integer, got {replicas!r}")
         if not pool.min_replicas <= replicas <= pool.max_replicas:
-            raise ValueError(f"replicas for {role.value} must be in [{pool.min_replicas}, {pool.max_replicas}], "
-                             f"got {replicas}")
+            raise InvalidScaleError(f"replicas for {role.value} must be in [{pool.min_replicas}, {pool.max_replicas}] "
+                                    f"(pools.{role.value}.min_replicas/max_replicas), got {replicas}")
         current = self.pool_workers(role)
         started, stopping = [], []
         for _ in range(replicas - len(current)):
             started.append(self._spawn(role).worker_id)
         for w in sorted(current, key=lambda w: w.created_at, reverse=True)[: max(0, len(current) - replicas)]:
             stopping.append(w.worker_id)
-            self._background(self.drain(w.worker_id, self.config.server.drain_timeout_s))
+            self.begin_drain(w.worker_id, self.config.server.drain_timeout_s)
+        self.desired[role] = replicas
         return {"role": role.value, "replicas": replicas, "started": started, "stopping": stopping}
 
-    async def drain(self, worker_id: str, timeout_s: float) -> bool:
-        """Stop routing to it, let in-flight requests finish (bounded), deregister, exit."""
+    def begin_drain(self, worker_id: str, timeout_s: float | None = None) -> DrainStatus:
+        """Start draining (returns at once; the status says when it is done): the worker refuses
+        new work (its is_draining shows in the router's next poll, and the router skips it),
+        in-flight requests finish (up to timeout_s), then it deregisters and exits."""
         w = self._get(worker_id)
+        if w.state in ("draining", "stopping"):
+            raise WorkerStateConflict(f"worker {worker_id} is already {w.state}")
+        timeout_s = self.config.server.drain_timeout_s if timeout_s is None else timeout_s
+        if w.state in ("starting", "ready"):
+            self.desired[w.role] = max(0, self.desired[w.role] - 1)
         w.state = "draining"
-        try:
-            finished = await w.actor.drain.remote(timeout_s)
-        except Exception as e:
-            log.warning("drain of %s failed: %r", worker_id, e)
-            finished = False
-        await self._stop(w)
-        return finished
+        status = DrainStatus(worker_id, w.role, timeout_s)
+        self.drains[worker_id] = status
+        finished = [k for k, d in self.drains.items() if d.finished_at is not None]
+        for k in finished[: max(0, len(self.drains) - MAX_DRAIN_RECORDS)]:
+            del self.drains[k]
+        self._background(self._run_drain(w, status))
+        return status
 
-    async def remove(self, worker_id: str) -> None:
+    async def _run_drain(self, w: ManagedWorker, status: DrainStatus) -> None:
+        try:
+            await self._set_drain_flag(w.worker_id)
+            finished = await w.actor.drain.remote(status.timeout_s)
+            if status.state == "draining":
+                status.state = "drained" if finished else "timed_out"
+        except Exception as e:
+            if status.state == "draining":
+                status.state, status.error = "failed", f"{type(e).__name__}: {e}"
+            log.warning("drain of %s failed: %r", w.worker_id, e)
+        finally:
+            if self.workers.get(w.worker_id) is w:
+                await self._stop(w)
+            await self._forget(w.worker_id)
+            status.finished_at = time.time()
+            status.done.set()
+            log.info("drain of %s: %s", w.worker_id, status.state)
+
+    async def drain(self, worker_id: str, timeout_s: float) -> bool:
+        """Drain and wait until the worker is gone. True if its requests all finished in time."""
+        status = self.begin_drain(worker_id, timeout_s)
+        await status.done.wait()
+        return status.state == "drained"
+
+    async def remove(self, worker_id: str) -> ManagedWorker:
         """Immediate removal: its in-flight requests fail over (migrate) in the router."""
-        await self._stop(self._get(worker_id), graceful=False)
+        w = self._get(worker_id)
+        if w.state in ("starting", "ready"):
+            self.desired[w.role] = max(0, self.desired[w.role] - 1)
+        drain = self.drains.get(worker_id)
+        if drain is not None and drain.state == "draining":
+            drain.state = "removed"
+        await self._stop(w, graceful=False)
+        await self._delete_registration(w)
+        await self._forget(worker_id)
+        return w
 
     async def _stop(self, w: ManagedWorker, graceful: bool = True) -> None:
         w.state = "stopping"
@@ -143,7 +247,7 @@ class ClusterManagerImpl:
         try:
             return self.workers[worker_id]
         except KeyError:
-            raise KeyError(f"no worker {worker_id!r} in cluster {self.config.cluster_name!r}") from None
+            raise UnknownWorkerError(f"no worker {worker_id!r} in cluster {self.config.cluster_name!r}") from None
 
     async def list_workers(self) -> list[dict]:
         return [{"worker_id": w.worker_id, "role": w.role.value, "state": w.state, "error": w.error,
@@ -153,9 +257,148 @@ class ClusterManagerImpl:
         return self._get(worker_id).actor
 
     async def shutdown(self) -> None:
+        for loop in (self.autoscaler, self.kv_resizer):
+            if loop is not None:
+                await loop.stop()
         if self.admin is not None:
             await self.admin.stop()
+            self.admin = None
         await asyncio.gather(*(self._stop(w) for w in list(self.workers.values())), return_exceptions=True)
+        if self.membership is not None:
+            await self.membership.stop()
+        if self.control is not None:
+            await self.control.close()
+
+    # -- what the management API and the control loops use ------------------------------------
+    def get_worker(self, worker_id: str) -> ManagedWorker:
+        return self._get(worker_id)
+
+    async def set_endpoint_url(self, url: str) -> None:
+        """Where the OpenAI endpoint answers (e.g. with a route prefix); the autoscaler scrapes
+        <url>/metrics."""
+        self.endpoint_url = url.rstrip("/")
+        if self.autoscaler is not None and self.autoscaler.scraper is not None:
+            self.autoscaler.scraper.metrics_url = f"{self.endpoint_url}/metrics"
+
+    async def probe(self, w: ManagedWorker):
+        from cluster.worker_probe import WorkerProbe, probe_worker
+
+        if w.state not in ("ready", "draining"):
+            return WorkerProbe(w.worker_id, time.time(), error=f"worker is {w.state}")
+        return await probe_worker(w.worker_id, w.actor)
+
+    async def probe_all(self, states: tuple[str, ...] = ("ready", "draining")) -> list[tuple[ManagedWorker, object]]:
+        ws = [w for w in self.workers.values() if w.state in states]
+        probes = await asyncio.gather(*(self.probe(w) for w in ws))
+        return list(zip(ws, probes))
+
+    async def leases(self, ws: list[ManagedWorker]) -> dict[str, dict]:
+        """Registration leases in etcd, by worker id: {lease_id, granted_ttl_s, remaining_ttl_s}
+        (workers without a key are left out). Raises EtcdUnavailableError."""
+        from cluster.etcd_client import EtcdConnector, EtcdUnavailableError, close_quietly
+        from cluster.keys import ClusterKeys
+
+        keys = ClusterKeys(self.config.cluster_name)
+        client = EtcdConnector(self.config.etcd, request_timeout_s=2.0).new_client()
+        out = {}
+        try:
+            for w in ws:
+                got = await client.get(keys.worker(w.role, w.worker_id).encode())
+                if got is not None and got.lease:
+                    info = await client.get_lease_info(got.lease, keys=False)
+                    out[w.worker_id] = {"lease_id": got.lease, "granted_ttl_s": info.grantedTTL,
+                                        "remaining_ttl_s": info.TTL}
+        except Exception as e:
+            raise EtcdUnavailableError(f"reading worker leases from etcd failed: {type(e).__name__}: {e}") from e
+        finally:
+            await close_quietly(client)
+        return out
+
+    async def kv_overrides(self) -> dict[str, int]:
+        return await self.control.list_kv_quotas()
+
+    async def set_kv_quota(self, worker_id: str, num_blocks: int):
+        """Manual KV quota: recorded in etcd first (so it sticks: the resizer leaves the worker
+        alone and a restarted worker gets it back), then applied. Returns the ResizeResult."""
+        w = self._get(worker_id)
+        if w.state not in ("ready", "draining"):
+            raise WorkerStateConflict(f"worker {worker_id} is {w.state}; its KV quota can be set once it is ready")
+        await self.control.set_kv_quota(worker_id, num_blocks)
+        return await w.actor.resize.remote(num_blocks)
+
+    async def clear_kv_quota(self, worker_id: str) -> bool:
+        """Hand the worker's quota back to the resizer. True if there was an override."""
+        self._get(worker_id)
+        return await self.control.clear_kv_quota(worker_id)
+
+    async def _resize(self, worker_id: str, num_blocks: int):
+        return await self._get(worker_id).actor.resize.remote(num_blocks)
+
+    async def _apply_kv_override(self, w: ManagedWorker) -> None:
+        try:
+            num_blocks = await self.control.get_kv_quota(w.worker_id)
+            if num_blocks is not None:
+                log.info("worker %s: applying its KV quota override (%d blocks)", w.worker_id, num_blocks)
+                await w.actor.resize.remote(num_blocks)
+        except Exception as e:
+            log.warning("worker %s: could not apply its KV quota override: %r", w.worker_id, e)
+
+    async def _set_drain_flag(self, worker_id: str) -> None:
+        try:
+            await self.control.set_drain(worker_id, reason="drain requested through the management API")
+        except Exception as e:  # the drain itself does not need etcd: go on, but say so
+            log.warning("drain of %s: could not write its etcd drain flag: %r", worker_id, e)
+
+    async def _forget(self, worker_id: str) -> None:
+        """A worker removed on purpose: drop its etcd drain flag and KV quota override."""
+        for clear in (self.control.clear_drain, self.control.clear_kv_quota):
+            try:
+                await clear(worker_id)
+            except Exception as e:
+                log.warning("could not clear etcd state of removed worker %s: %r", worker_id, e)
+
+    async def _delete_registration(self, w: ManagedWorker) -> None:
+        """After a kill: remove its key now instead of waiting for the lease to expire, so the
+        router stops routing to it at once."""
+        from cluster.etcd_client import EtcdConnector, close_quietly
+        from cluster.keys import ClusterKeys
+
+        client = EtcdConnector(self.config.etcd, request_timeout_s=2.0).new_client()
+        try:
+            await client.delete(ClusterKeys(self.config.cluster_name).worker(w.role, w.worker_id).encode())
+        except Exception as e:
+            log.warning("could not delete the registration of removed worker %s (it expires with its lease): %r",
+                        w.worker_id, e)
+        finally:
+            await close_quietly(client)
+
+    def _on_membership(self, change) -> None:
+        worker_id = change.name.split("/", 1)[-1]
+        if change.kind == "put":
+            self.registered_at.setdefault(worker_id, time.time())
+        else:
+            self.registered_at.pop(worker_id, None)
+
+    def _start_loops(self) -> None:
+        from cluster.autoscaler import Autoscaler, LatencyScraper
+        from cluster.kv_resizer import KVResizer, QuotaWorker
+
+        c = self.config
+        if c.autoscaling.enabled:
+            async def loads():
+                return [p.load for _, p in await self.probe_all() if p.ok]
+
+            self.autoscaler = Autoscaler(
+                c.autoscaling, {r: self._pool(r) for r in Role}, loads, LatencyScraper(f"{self.endpoint_url}/metrics"),
+                current=lambda: {r: len(self.pool_workers(r)) for r in Role}, apply=self.scale)
+            self.autoscaler.start()
+        if c.kv_quota.enabled:
+            async def quota_workers():
+                return [QuotaWorker(w.worker_id, w.role, p, w.state == "draining") for w, p in await self.probe_all()]
+
+            self.kv_resizer = KVResizer(c.kv_quota, c.engine.blocks_per_segment, quota_workers, self.kv_overrides,
+                                        self._resize)
+            self.kv_resizer.start()
 
     def _background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -167,9 +410,13 @@ ClusterManager = ray.remote(ClusterManagerImpl)
 
 
 def ensure_manager(config: PdserveConfig):
-    """Get or create the cluster's manager actor and start it (idempotent)."""
+    """Get or create the cluster's manager actor and start it (idempotent). It runs on the caller's
+    node (the head, for `pdserve up` and RayService), where server.host can be bound."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     manager = ClusterManager.options(name=MANAGER_NAME, namespace=ray_namespace(config.cluster_name),
                                      lifetime="detached", get_if_exists=True, num_cpus=0,
-                                     max_concurrency=1000).remote(config)
+                                     max_concurrency=1000, scheduling_strategy=here).remote(config)
     ray.get(manager.start.remote())
     return manager
