@@ -136,8 +136,13 @@ class ClusterManagerImpl:
                           local_prefill_threshold_tokens=c.router.local_prefill_threshold_tokens)
         pool = self._pool(role)
         cls = PrefillWorker if role == Role.PREFILL else DecodeWorker
+        # CPU workers: a fixed malloc mmap threshold, so a KV segment freed by a quota shrink goes
+        # back to the OS every time (glibc's dynamic threshold otherwise moves segments onto the
+        # heap after the first free; benchmarks/kv_quota_memory.py measures both)
+        env = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)} if pool.num_gpus == 0 else {}
         actor = cls.options(name=worker_id, namespace=self.namespace, num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
-                            resources=dict(pool.resources) or None, max_concurrency=1000).remote(spec)
+                            resources=dict(pool.resources) or None, max_concurrency=1000,
+                            runtime_env={"env_vars": env} if env else None).remote(spec)
         w = ManagedWorker(worker_id, role, actor)
         self.workers[worker_id] = w
         self._background(self._await_start(w))
