@@ -184,15 +184,17 @@ def bench_many(engine, hf, args, vocab) -> dict:
                engine_tok_s=round(toks / secs, 1), engine_s=round(secs, 3))
     gc = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
     batch = prompts(n, p_len, vocab, 22)
-    try:
-        with torch.inference_mode():
-            hf.generate_batch(prompts(min(n, 8), p_len, vocab, 23), generation_config=gc)  # warm-up
-            sync(args.device)
-            t0 = time.perf_counter()
-            out = hf.generate_batch(batch, generation_config=gc)
-            sync(args.device)
+    try:  # not under inference_mode: generate_batch resets its own static tensors in place
+        hf.generate_batch(prompts(min(n, 8), p_len, vocab, 23), generation_config=gc)  # warm-up
+        sync(args.device)
+        t0 = time.perf_counter()
+        out = hf.generate_batch(batch, generation_config=gc)
+        sync(args.device)
         hf_secs = time.perf_counter() - t0
         hf_toks = sum(len(o.generated_tokens) for o in out.values())
+        errors = [o.error for o in out.values() if o.error]
+        if hf_toks == 0 or errors:
+            raise RuntimeError(f"generate_batch produced {hf_toks} tokens; errors: {errors[:1]}")
         row.update(hf_tok_s=round(hf_toks / hf_secs, 1), hf_s=round(hf_secs, 3), hf_tokens=hf_toks)
     except Exception as e:  # report, don't hide: the row says what transformers did
         row.update(hf_tok_s=float("nan"), hf_error=f"{type(e).__name__}: {e}"[:300])
@@ -209,6 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (CI): < 60 s")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (both sides)")
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--no-compile", action="store_true", help="CUDA graphs of the eager model (no torch.compile)")
     ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"))
     args = ap.parse_args(argv)
     if args.smoke:
@@ -232,7 +235,8 @@ def main(argv=None) -> int:
     blocks = max_seqs * (-(-(max(args.many_prompt, args.batch_prompt) + args.many_out + 16) // bs)) + 64
     ecfg = EngineConfig(block_size=bs, num_kv_blocks=blocks, blocks_per_segment=max(16, blocks // 8),
                         max_num_batched_tokens=256 if small else (4096 if args.device == "cuda" else 1024),
-                        max_num_seqs=max_seqs, max_model_len=max_len, attention_backend=args.attention_backend)
+                        max_num_seqs=max_seqs, max_model_len=max_len, attention_backend=args.attention_backend,
+                        compile_decode=not args.no_compile)
     t0 = time.perf_counter()
     engine = Engine(ModelConfig(device=args.device, dtype=dtype), ecfg, model_dir)
     init_s = time.perf_counter() - t0
@@ -240,7 +244,9 @@ def main(argv=None) -> int:
     vocab = engine.vocab_size
     common = dict(device=args.device, model=args.model, dtype=dtype, threads=args.threads,
                   attention_backend=type(engine.runner.backend).__name__,
-                  cuda_graphs=engine.runner.graphs is not None, engine_init_s=round(init_s, 2))
+                  cuda_graphs=engine.runner.graphs is not None,
+                  compile_decode=ecfg.compile_decode and engine.runner.graphs is not None,
+                  engine_init_s=round(init_s, 2))
     if args.device == "cuda":
         common["card"] = torch.cuda.get_device_name()
     benches = {"decode_b1": bench_decode_b1, "batch": bench_batch, "many": bench_many}

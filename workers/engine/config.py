@@ -28,6 +28,8 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     cuda_graphs: bool = Field(True, description="Capture decode steps as CUDA graphs (CUDA only)")
+    compile_decode: bool = Field(True, description="torch.compile the decode step before capturing its CUDA "
+                                                   "graphs: fuses norms, RoPE and activations (CUDA only)")
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

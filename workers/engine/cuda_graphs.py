@@ -32,9 +32,12 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, backend, sizes: list[int]):
+    def __init__(self, model: torch.nn.Module, backend, sizes: list[int], compile_model: bool = False):
         self.model = model
         self.backend = backend
+        # compiled once with a symbolic batch size (batch 1 gets its own specialisation), then each
+        # size is captured; the compiled code runs only inside captures and replays
+        self.forward = torch.compile(self._forward, dynamic=True) if compile_model else self._forward
         self.sizes = sorted(sizes)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_replays = 0
@@ -58,11 +61,11 @@ class DecodeGraphs:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
                 for _ in range(2):
-                    self._forward(ids, pos)
+                    self.forward(ids, pos)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(ids, pos)
+                logits = self.forward(ids, pos)
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.sizes, time.perf_counter() - t0)

@@ -186,7 +186,7 @@ class Engine:
         for req, n in zip(batch.requests, batch.num_new_tokens):
             c = req.num_computed_tokens
             q_start = len(input_ids)
-            input_ids += req.all_token_ids[c:c + n]
+            input_ids += req.token_ids(c, c + n)
             positions += range(c, c + n)
             seqs.append(SeqSlice(q_start, n, c + n, tuple(req.block_ids)))
             if c + n == req.num_tokens:

@@ -149,7 +149,7 @@ class ModelRunner:
             kv_cache, text_config.num_attention_heads, cfg.max_num_batched_tokens, cfg.max_num_seqs,
             self.max_model_len)
         if self.device.type == "cuda" and cfg.cuda_graphs:
-            self.graphs = DecodeGraphs(self.model, self.backend, capture_sizes(cfg.max_num_seqs))
+            self.graphs = DecodeGraphs(self.model, self.backend, capture_sizes(cfg.max_num_seqs), cfg.compile_decode)
             self.graphs.capture()
 
     @torch.inference_mode()

@@ -12,6 +12,7 @@ captured CUDA graph that reads them stays valid: a replay only needs the buffer 
 from __future__ import annotations
 
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -30,6 +31,21 @@ except ImportError as e:  # pragma: no cover - depends on the install
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_SEGMENTS = 4096  # capacity of the segment offset table
+
+
+_BACKENDS: "weakref.WeakValueDictionary[int, TritonPagedAttention]" = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("pdserve::paged_attention", mutates_args=())
+def _paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend_id: int, layer: int,
+                        scaling: float, window: int) -> torch.Tensor:
+    """Writes this step's K/V into the paged cache and attends; the backend holds the step's metadata."""
+    return _BACKENDS[backend_id]._forward(layer, q, k, v, scaling, window or None)
+
+
+@_paged_attention_op.register_fake
+def _(q, k, v, backend_id, layer, scaling, window):
+    return q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
 
 
 def _pow2(n: int) -> int:
@@ -97,6 +113,8 @@ class TritonPagedAttention(AttentionBackend):
         self.anchor = torch.empty(1, dtype=layout.torch_dtype, device=device)  # lives as long as we do
         self.seg_off = torch.zeros(MAX_SEGMENTS, dtype=torch.int64, device=device)
         self._epoch = -1
+        self.backend_id = id(self)
+        _BACKENDS[self.backend_id] = self  # for the compiled op; weakly held: the engine owns us
         self.block_q = 1
         self.num_qblocks = 0
         self.num_tokens = 0
@@ -170,6 +188,14 @@ class TritonPagedAttention(AttentionBackend):
     # -- per layer -------------------------------------------------------------------------------
     def forward(self, layer, q, k, v, scaling, sliding_window):
         """q [1, Hq, T, D], k/v [1, Hkv, T, D] -> out [1, T, Hq, D]."""
+        if torch.compiler.is_compiling():
+            # under torch.compile the kernels are one opaque op (they touch the cache through raw
+            # pointers, which the compiler cannot trace); outside it, a direct call is cheaper
+            return torch.ops.pdserve.paged_attention(q, k, v, self.backend_id, layer, float(scaling),
+                                                     int(sliding_window or 0))
+        return self._forward(layer, q, k, v, scaling, sliding_window)
+
+    def _forward(self, layer, q, k, v, scaling, sliding_window):
         m, T = self.meta, self.num_tokens
         q, k, v = q[0], k[0], v[0]  # [H, T, D]
         if q.stride(-1) != 1:
