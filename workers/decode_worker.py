@@ -102,8 +102,8 @@ class DecodeWorkerImpl(WorkerBase):
                                                lambda: prefill.peer_info.remote())
             n = reservation.num_local_cached_blocks
             budget_s = min(self.spec.transfer.deadline_s, min(deadline, handle.expires_at) - time.time())
-            await self.transceiver.read(prefill_id, list(handle.block_ids[n:]), list(reservation.block_ids[n:]),
-                                        deadline_s=budget_s)
+            await self.transceiver.read(prefill_id, handle.block_ids[n:], reservation.block_ids[n:], budget_s,
+                                        num_tokens=handle.num_tokens - n * self.engine.block_size, request_id=rid)
             released = True  # from here the prefill side frees its blocks whatever release() answers
             await prefill.release.remote(rid)  # raises LeaseExpiredError: what we read may be stale
         except BaseException:
@@ -133,7 +133,7 @@ class DecodeWorkerImpl(WorkerBase):
 
     @property
     def namespace(self) -> str:
-        return ray.get_runtime_context().namespace
+        return f"pdserve-{self.spec.cluster_name}"  # router.cluster_view.ray_namespace
 
 
 def _release_quietly(prefill, request_id: str) -> None:

@@ -31,7 +31,7 @@ class PrefillWorkerImpl(WorkerBase):
 
     async def start(self):
         info = await super().start()
-        self.leases = LeaseTable(on_expired=self._on_lease_expired)
+        self.leases = LeaseTable(on_expired=self._on_lease_expired, metrics=self.transceiver.metrics)
         self.leases.start()
         return info
 
