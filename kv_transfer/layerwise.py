@@ -153,7 +153,7 @@ class LayerWriter:
 
 @dataclass
 class _Arrival:
-    layers: set[int] = field(default_factory=set)
+    layers: dict[int, float] = field(default_factory=dict)  # layer -> unix time it was first seen
     aborted: str | None = None
     since: float = field(default_factory=time.monotonic)
 
@@ -177,7 +177,7 @@ class LayerwiseReceiver:
         with self._lock:
             arrival = self._arrivals.setdefault(msg["rid"], _Arrival())
             if "layer" in msg:
-                arrival.layers.add(int(msg["layer"]))
+                arrival.layers.setdefault(int(msg["layer"]), time.time())
             if "abort" in msg:
                 arrival.aborted = str(msg["abort"])
             self._prune()
@@ -187,8 +187,9 @@ class LayerwiseReceiver:
         with self._lock:
             self._arrivals.setdefault(request_id, _Arrival())
 
-    def wait(self, request_id: str, num_layers: int, deadline_s: float) -> list[int]:
-        """Block until layers 0..num_layers-1 of request_id have arrived (returns them sorted).
+    def wait(self, request_id: str, num_layers: int, deadline_s: float) -> dict[int, float]:
+        """Block until layers 0..num_layers-1 of request_id have arrived; returns {layer: unix
+        time it was first seen here}.
         Raises DeadlineExceededError or TransferAbortedError; the entry is dropped either way."""
         deadline = time.monotonic() + deadline_s
         polls = 0
@@ -201,8 +202,8 @@ class LayerwiseReceiver:
                         raise TransferAbortedError(f"sender aborted layer-wise transfer of {request_id}: "
                                                    f"{arrival.aborted}", request_id=request_id)
                     if len(arrival.layers) >= num_layers:
-                        return sorted(arrival.layers)
-                    missing = sorted(set(range(num_layers)) - arrival.layers)
+                        return dict(arrival.layers)
+                    missing = sorted(set(range(num_layers)) - set(arrival.layers))
                 if time.monotonic() >= deadline:
                     raise DeadlineExceededError(f"layer-wise transfer of {request_id}: layers {missing} did not "
                                                 f"arrive within {deadline_s:.3f} s", request_id=request_id)
@@ -217,6 +218,7 @@ class LayerwiseReceiver:
         with self._lock:
             arrival = self._arrivals.get(request_id)
             return set(arrival.layers) if arrival else set()
+
 
     def _prune(self) -> None:
         now = time.monotonic()

@@ -256,14 +256,14 @@ class NixlTransceiver(KVTransceiver):
         """Decode side: wait until every layer of request_id has been written into our blocks."""
         start = time.perf_counter()
         try:
-            self._receiver.wait(request_id, self.layout.num_layers, deadline_s)
+            arrived = self._receiver.wait(request_id, self.layout.num_layers, deadline_s)
         except TransferError as e:
             self.metrics.transfer_failed(e.kind)
             raise
         seconds = time.perf_counter() - start
         num_bytes = num_blocks * self.layout.bytes_per_block_all_layers
         self.metrics.transfer_done(num_bytes, seconds, "layerwise_receive")
-        return TransferResult(num_bytes, seconds, 0)
+        return TransferResult(num_bytes, seconds, 0, tuple(arrived[layer] for layer in sorted(arrived)))
 
     async def receive_layers(self, request_id: str, deadline_s: float, num_blocks: int = 0) -> TransferResult:
         return await asyncio.to_thread(self.receive_layers_blocking, request_id, deadline_s, num_blocks)

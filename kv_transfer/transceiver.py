@@ -43,6 +43,7 @@ class TransferResult:
     num_bytes: int
     seconds: float
     num_descriptors: int  # per side: (layers * 2 * runs) for a whole-request read
+    layer_times: tuple[float, ...] = ()  # layer-wise receive: unix time layer i was seen here
 
 
 class KVTransceiver(ABC):
@@ -69,7 +70,7 @@ class KVTransceiver(ABC):
             raise ValueError(f"KV segment {index} is not contiguous; cannot register it")
         info = KVSegmentInfo(index=index, base_address=tensor.data_ptr(),
                              num_bytes=tensor.numel() * tensor.element_size(),
-                             device_id=tensor.device.index or 0 if tensor.is_cuda else 0)
+                             device_id=(tensor.device.index or 0) if tensor.is_cuda else 0)
         with self._lock:
             self._register_segment(info, tensor)
             self._segments[index] = (info, tensor)
@@ -173,6 +174,12 @@ class KVTransceiver(ABC):
                                    request_id=request_id)
         runs = pair_runs(remote_block_ids, local_block_ids, info.layout.blocks_per_segment,
                          self.layout.blocks_per_segment)
+        known = {s.index for s in info.segments}
+        unknown = sorted({b // info.layout.blocks_per_segment for b in remote_block_ids} - known)
+        if unknown:  # blocks of a segment added after our handshake: its memory is unknown to us
+            self.metrics.transfer_failed(StalePeerError.kind)
+            raise StalePeerError(f"blocks of {peer} lie in segments {unknown}, unknown at its epoch "
+                                 f"{info.kv_epoch}: re-handshake", peer=peer, request_id=request_id)
         start = time.perf_counter()
         try:
             num_descs = self._read(info, runs, time.monotonic() + deadline_s, request_id)

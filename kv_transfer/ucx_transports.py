@@ -14,6 +14,7 @@ already loaded, we only report the effective environment.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
 import re
@@ -60,7 +61,9 @@ class UcxTransportLog:
                     os.environ.setdefault("UCX_PROTO_INFO", "y")
                     atexit.register(_remove_log, _log_path)
         self.log_path = _log_path
+        self._lock = threading.Lock()
         self._offset = 0
+        self._current: str | None = None  # the read/write protocol table being parsed
         self._seen: set[str] = set()
         self.version: str | None = None
         self.lanes: list[str] = []
@@ -72,15 +75,20 @@ class UcxTransportLog:
 
     def refresh(self) -> list[str]:
         """Parse what UCX wrote since the last call; return the lines worth reporting (new ones)."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> list[str]:
         if self.log_path is None or not os.path.exists(self.log_path):
             return []
-        with open(self.log_path, errors="replace") as f:
+        _flush_c_streams()  # UCX writes its log through a buffered FILE*
+        with open(self.log_path, "rb") as f:
             f.seek(self._offset)
-            text = f.read()
-            self._offset = f.tell()
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line UCX is still writing waits for the next call
+        self._offset += len(complete)
         news: list[str] = []
-        current: str | None = None
-        for line in text.splitlines():
+        for line in complete.decode(errors="replace").splitlines():
             if self.version is None and (m := _VERSION_RE.search(line)):
                 self.version = m.group(1)
             if m := _LANES_RE.search(line):
@@ -94,17 +102,17 @@ class UcxTransportLog:
                 log.warning("UCX %s: %s", m.group(1), m.group(2).strip())
                 continue
             if _TABLE_RE.search(line):
-                current = None  # a new protocol table: only read/write tables are of interest
+                self._current = None  # a new protocol table: only read/write tables are of interest
                 continue
             if m := _OP_RE.search(line):
-                current = f"{m.group(1)} with {m.group(2)} memory"
+                self._current = f"{m.group(1)} with {m.group(2)} memory"
                 continue
-            if current is not None and (m := _ROW_RE.search(line)) and m.group(1) != "Range":
+            if self._current is not None and (m := _ROW_RE.search(line)):
                 row = f"{m.group(1)} {m.group(2)} {m.group(3)}"
-                key = f"{current}: {row}"
+                key = f"{self._current}: {row}"
                 if key not in self._seen:
                     self._seen.add(key)
-                    self.protocols.setdefault(current, []).append(row)
+                    self.protocols.setdefault(self._current, []).append(row)
                     news.append(key)
         return news
 
@@ -120,6 +128,13 @@ class UcxTransportLog:
         self.refresh()
         return {"ucx_version": self.version, "env": self.effective_env(), "log_file": self.log_path,
                 "lanes": list(self.lanes), "protocols": {k: list(v) for k, v in self.protocols.items()}}
+
+
+def _flush_c_streams() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
 
 
 def _remove_log(path: str) -> None:
