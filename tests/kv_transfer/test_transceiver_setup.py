@@ -1,0 +1,76 @@
+"""Configuration, backend selection, typed errors and metrics of transceivers (in-process)."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from pydantic import ValidationError
+
+from kv_transfer import make_transceiver
+from kv_transfer.config import TransferConfig
+from kv_transfer.errors import (BackendUnavailableError, CompatMismatchError, DeadlineExceededError,
+                                LeaseExpiredError, TransferError)
+from tests.kv_transfer.peer import make_layout
+from workers.engine.kv_cache import KVCache
+
+
+def test_config_defaults_and_refusals():
+    cfg = TransferConfig()
+    assert (cfg.backend, cfg.lease_ttl_s, cfg.deadline_s, cfg.layerwise) == ("nixl", 30.0, 10.0, False)
+    with pytest.raises(ValidationError, match="backnd"):
+        TransferConfig(backnd="tcp")
+    with pytest.raises(ValidationError, match="backend"):
+        TransferConfig(backend="ray")
+    with pytest.raises(ValidationError, match="layerwise needs"):
+        TransferConfig(backend="tcp", layerwise=True)
+    with pytest.raises(ValidationError, match="deadline_s"):
+        TransferConfig(deadline_s=0)
+
+
+def test_nixl_that_cannot_load_says_what_to_install(monkeypatch):
+    """No silent fallback to tcp: the error names the package to install."""
+    for name in [m for m in sys.modules if m == "nixl" or m.startswith("nixl.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "nixl", None)  # import nixl -> ImportError
+    cache = KVCache(make_layout(), 1)
+    with pytest.raises(BackendUnavailableError, match=r"pip install nixl==1\.5\.1"):
+        make_transceiver(TransferConfig(backend="nixl"), cache, "no-nixl", registry=CollectorRegistry())
+    assert cache._listeners == [], "a transceiver that failed to start must not stay subscribed"
+
+
+@pytest.mark.parametrize("error", [
+    DeadlineExceededError("late", request_id="r1", peer="p"),
+    LeaseExpiredError("expired", request_id="r2"),
+    CompatMismatchError.from_diff({"dtype": ("float32", "bfloat16")}, "p"),
+])
+def test_errors_survive_pickling_with_their_fields(error):
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and isinstance(copy, TransferError)
+    assert (str(copy), copy.request_id, copy.peer) == (str(error), error.request_id, error.peer)
+    if isinstance(error, CompatMismatchError):
+        assert copy.diff == {"dtype": ("float32", "bfloat16")} and "dtype" in str(copy)
+
+
+def test_two_transceivers_in_one_process_keep_their_own_metrics():
+    registry = CollectorRegistry()
+    caches = [KVCache(make_layout(), 1) for _ in range(2)]
+    a = make_transceiver(TransferConfig(backend="tcp"), caches[0], "metrics-a", host="127.0.0.1", registry=registry)
+    b = make_transceiver(TransferConfig(backend="tcp"), caches[1], "metrics-b", host="127.0.0.1", registry=registry)
+    try:
+        b.add_peer(a.peer_info())
+        result = b.read_blocking("metrics-a", [0, 1], [2, 3], 10.0)
+        text = generate_latest(registry).decode()
+        assert f'pdserve_kv_transfer_bytes_total{{backend="tcp",direction="read",worker_id="metrics-b"}} {float(result.num_bytes)}' in text
+        assert 'worker_id="metrics-a"' not in text.split("pdserve_kv_transfer_bytes_total")[1].split("#")[0]
+        assert b.counters()["num_transfers"] == 1 and a.counters()["num_transfers"] == 0
+        with pytest.raises(TransferError):
+            b.read_blocking("nobody", [0], [0], 1.0)
+        assert 'pdserve_kv_transfer_failures_total{backend="tcp",error="unknown_peer",worker_id="metrics-b"} 1.0' in \
+            generate_latest(registry).decode()
+    finally:
+        a.close()
+        b.close()
+    assert caches[0]._listeners == [] and caches[1]._listeners == []
