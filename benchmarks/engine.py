@@ -229,12 +229,12 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     model_dir = build_model(args.model, Path(args.cache_dir))
-    max_seqs = 4 if small else (128 if args.device == "cuda" else 32)
+    max_seqs = 4 if small else (256 if args.device == "cuda" else 32)
     max_len = 1024
     bs = 16
     blocks = max_seqs * (-(-(max(args.many_prompt, args.batch_prompt) + args.many_out + 16) // bs)) + 64
     ecfg = EngineConfig(block_size=bs, num_kv_blocks=blocks, blocks_per_segment=max(16, blocks // 8),
-                        max_num_batched_tokens=256 if small else (4096 if args.device == "cuda" else 1024),
+                        max_num_batched_tokens=256 if small else (16384 if args.device == "cuda" else 1024),
                         max_num_seqs=max_seqs, max_model_len=max_len, attention_backend=args.attention_backend,
                         compile_decode=not args.no_compile)
     t0 = time.perf_counter()
