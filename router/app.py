@@ -124,8 +124,15 @@ class OpenAIIngress:
 
     @app.get("/v1/routing/recent")
     async def recent_routing(self) -> dict:
+        """This endpoint's view: the workers it routes to and its recent routing decisions."""
         view = await self._view()
-        return {"decisions": list(view.decisions), "zero_overlap_alarm": view.alarm.is_alarmed}
+        workers = {wid: {"role": w.info.role.value, "healthy": w.is_healthy,
+                         "draining": bool(w.state and w.state.load.is_draining),
+                         "used_blocks": w.state.load.num_used_blocks if w.state else None,
+                         "total_blocks": w.state.load.num_total_blocks if w.state else None}
+                   for wid, w in list(view.workers.items())}
+        return {"workers": workers, "decisions": list(view.decisions), "zero_overlap_alarm": view.alarm.is_alarmed,
+                "etcd_connected": view.watcher.is_connected}
 
     # -- generation ----------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
