@@ -67,3 +67,26 @@ def test_cache_salt_keeps_tenants_apart(cluster):
     assert d_b["decode_overlap_blocks"] == 0
     r_a, d_a = chat(cluster.url, model, msgs, salt="tenant-a")
     assert r_a.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_readiness_gate_503_until_min_workers(cluster):
+    url = attach_ingress_unready(cluster)
+    r = httpx.get(url + "/ready", timeout=30)
+    assert r.status_code == 503 and "prefill" in r.json()["error"]["message"]
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model=cluster.config.model.served_model_name, prompt="hi", max_tokens=2)
+    assert e.value.status_code == 503 and "not ready" in e.value.message
+
+
+def attach_ingress_unready(cluster):
+    """An endpoint that needs 3 prefill workers where the cluster has 1: it never becomes ready."""
+    from ray import serve
+
+    from cluster.launcher import config_as_dict
+    from router.app import build_app
+
+    raw = config_as_dict(cluster.config)
+    raw["router"]["min_prefill_workers"] = 3
+    serve.run(build_app({"config": raw}), name=f"{cluster.app_name}-unready", route_prefix="/routing-unready")
+    return cluster.url.rsplit("/", 1)[0] + "/routing-unready"
