@@ -202,20 +202,22 @@ class ClusterManagerImpl:
         return status
 
     async def _run_drain(self, w: ManagedWorker, status: DrainStatus) -> None:
+        # the status leaves "draining" only once the worker is really gone
+        outcome, error = "failed", None
         try:
             await self._set_drain_flag(w.worker_id)
             finished = await w.actor.drain.remote(status.timeout_s)
-            if status.state == "draining":
-                status.state = "drained" if finished else "timed_out"
+            outcome = "drained" if finished else "timed_out"
         except Exception as e:
-            if status.state == "draining":
-                status.state, status.error = "failed", f"{type(e).__name__}: {e}"
+            error = f"{type(e).__name__}: {e}"
             log.warning("drain of %s failed: %r", w.worker_id, e)
         finally:
             if self.workers.get(w.worker_id) is w:
                 await self._stop(w)
             await self._forget(w.worker_id)
-            status.finished_at = time.time()
+            if status.state == "draining":
+                status.state, status.error = outcome, error
+            status.finished_at = status.finished_at or time.time()
             status.done.set()
             log.info("drain of %s: %s", w.worker_id, status.state)
 
@@ -232,7 +234,7 @@ class ClusterManagerImpl:
             self.desired[w.role] = max(0, self.desired[w.role] - 1)
         drain = self.drains.get(worker_id)
         if drain is not None and drain.state == "draining":
-            drain.state = "removed"
+            drain.state, drain.finished_at = "removed", time.time()
         await self._stop(w, graceful=False)
         await self._delete_registration(w)
         await self._forget(worker_id)
