@@ -45,6 +45,9 @@ from workers.protocol import Role
 log = logging.getLogger(__name__)
 
 _ERRORS = {code: {"model": m.ErrorResponse} for code in (400, 401, 404, 409, 503)}
+# for a route whose own media type is not JSON (FastAPI would document its errors as that type)
+_JSON_ERRORS = {code: {"description": "Error", "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}} for code in (401, 503)}
 
 
 class ApiError(Exception):
@@ -68,9 +71,15 @@ class BearerTokenAuth:
         self.app = app
         self._expected = f"Bearer {token}".encode()
 
+    @staticmethod
+    def presented(scope) -> bytes:
+        """The credentials a request presents. (The live dashboard, a page a browser navigates
+        to, will need a second way in here, e.g. an HttpOnly session cookie; same token.)"""
+        return dict(scope["headers"]).get(b"authorization", b"")
+
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            given = dict(scope["headers"]).get(b"authorization", b"")
+            given = self.presented(scope)
             if not hmac.compare_digest(given, self._expected):
                 message = ("missing bearer token: send 'Authorization: Bearer <token>' (server.admin_token / "
                            "PDSERVE_ADMIN_TOKEN)" if not given else "invalid bearer token")
@@ -198,7 +207,7 @@ def create_app(manager, token: str) -> FastAPI:
     async def clear_kv_quota(worker_id: str):
         return m.KVQuotaCleared(worker_id=worker_id, had_override=await manager.clear_kv_quota(worker_id))
 
-    @app.get("/metrics", response_class=PlainTextResponse, **deps)
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(bearer)], responses=_JSON_ERRORS)
     async def metrics():
         return PlainTextResponse(await metrics_text(manager), media_type="text/plain; version=0.0.4")
 

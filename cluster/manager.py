@@ -111,7 +111,12 @@ class ClusterManagerImpl:
         self.membership = MembershipWatcher(c.etcd, c.cluster_name)
         self.membership.add_listener(self._on_membership)
         await self.membership.start()
-        self.admin = await start_admin_server(self)
+        try:
+            self.admin = await start_admin_server(self)
+        except BaseException:
+            self._started = False  # a later start() may try again (e.g. once the port is free)
+            await self.membership.stop()
+            raise
         for role in Role:
             for _ in range(self._pool(role).replicas):
                 self._spawn(role)
@@ -300,26 +305,10 @@ class ClusterManagerImpl:
         return list(zip(ws, probes))
 
     async def leases(self, ws: list[ManagedWorker]) -> dict[str, dict]:
-        """Registration leases in etcd, by worker id: {lease_id, granted_ttl_s, remaining_ttl_s}
-        (workers without a key are left out). Raises EtcdUnavailableError."""
-        from cluster.etcd_client import EtcdConnector, EtcdUnavailableError, close_quietly
-        from cluster.keys import ClusterKeys
+        """Registration leases in etcd by worker id (raises EtcdUnavailableError)."""
+        from cluster.worker_keys import read_leases
 
-        keys = ClusterKeys(self.config.cluster_name)
-        client = EtcdConnector(self.config.etcd, request_timeout_s=2.0).new_client()
-        out = {}
-        try:
-            for w in ws:
-                got = await client.get(keys.worker(w.role, w.worker_id).encode())
-                if got is not None and got.lease:
-                    info = await client.get_lease_info(got.lease, keys=False)
-                    out[w.worker_id] = {"lease_id": got.lease, "granted_ttl_s": info.grantedTTL,
-                                        "remaining_ttl_s": info.TTL}
-        except Exception as e:
-            raise EtcdUnavailableError(f"reading worker leases from etcd failed: {type(e).__name__}: {e}") from e
-        finally:
-            await close_quietly(client)
-        return out
+        return await read_leases(self.config.etcd, self.config.cluster_name, [(w.role, w.worker_id) for w in ws])
 
     async def kv_overrides(self) -> dict[str, int]:
         return await self.control.list_kv_quotas()
@@ -365,19 +354,10 @@ class ClusterManagerImpl:
                 log.warning("could not clear etcd state of removed worker %s: %r", worker_id, e)
 
     async def _delete_registration(self, w: ManagedWorker) -> None:
-        """After a kill: remove its key now instead of waiting for the lease to expire, so the
-        router stops routing to it at once."""
-        from cluster.etcd_client import EtcdConnector, close_quietly
-        from cluster.keys import ClusterKeys
+        """After a kill: its key goes now, not when the lease expires, so routing stops at once."""
+        from cluster.worker_keys import delete_worker_key
 
-        client = EtcdConnector(self.config.etcd, request_timeout_s=2.0).new_client()
-        try:
-            await client.delete(ClusterKeys(self.config.cluster_name).worker(w.role, w.worker_id).encode())
-        except Exception as e:
-            log.warning("could not delete the registration of removed worker %s (it expires with its lease): %r",
-                        w.worker_id, e)
-        finally:
-            await close_quietly(client)
+        await delete_worker_key(self.config.etcd, self.config.cluster_name, w.role, w.worker_id)
 
     def _on_membership(self, change) -> None:
         worker_id = change.name.split("/", 1)[-1]

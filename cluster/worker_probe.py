@@ -86,7 +86,7 @@ def process_info(worker=None) -> ProcessInfo:
     )
 
 
-async def probe_worker(worker_id: str, actor, timeout_s: float = 3.0) -> WorkerProbe:
+async def probe_worker(worker_id: str, actor, timeout_s: float = 5.0) -> WorkerProbe:
     now = time.time()
     try:
         stats, state, num_inflight, process = await asyncio.wait_for(asyncio.gather(
