@@ -118,14 +118,15 @@ def test_scale_up_workers_register_and_take_traffic(cluster, admin, oai):
 
 def test_drain_lets_the_stream_through_it_finish_then_the_worker_leaves(cluster, admin, oai):
     prompt = "Draining a worker must not cut a stream short:"
-    want = oai.completions.create(model=model(cluster), prompt=prompt, max_tokens=160, **GREEDY).choices[0].text
-    stream = oai.completions.create(model=model(cluster), prompt=prompt, max_tokens=160, stream=True, **GREEDY)
+    want = oai.completions.create(model=model(cluster), prompt=prompt, max_tokens=320, **GREEDY).choices[0].text
+    stream = oai.completions.create(model=model(cluster), prompt=prompt, max_tokens=320, stream=True, **GREEDY)
     chunks = [next(stream)]
     target = recent_decisions(cluster)[-1]["decode"]
     r = admin.post(f"/cluster/workers/{target}/drain", json={"timeout_s": 60})
     assert r.status_code == 202 and r.headers["location"] == f"/cluster/drains/{target}", r.text
     assert r.json()["state"] == "draining"
-    assert admin.get(f"/cluster/workers/{target}").json()["state"] == "draining"
+    draining = admin.get(f"/cluster/workers/{target}").json()
+    assert draining["state"] == "draining" and draining["load"]["num_inflight"] == 1  # our stream, still running
     with pytest.raises(httpx.HTTPStatusError) as again:
         admin.post(f"/cluster/workers/{target}/drain").raise_for_status()
     assert again.value.response.status_code == 409
