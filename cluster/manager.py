@@ -31,6 +31,7 @@ from workers.protocol import Role
 log = logging.getLogger(__name__)
 
 MANAGER_NAME = "pdserve-manager"
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource (Serve pins its controller by it)
 MAX_DRAIN_RECORDS = 100  # finished drains kept for GET /cluster/drains
 
 
@@ -397,13 +398,11 @@ ClusterManager = ray.remote(ClusterManagerImpl)
 
 
 def ensure_manager(config: PdserveConfig):
-    """Get or create the cluster's manager actor and start it (idempotent). It runs on the caller's
-    node (the head, for `pdserve up` and RayService), where server.host can be bound."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    """Get or create the cluster's manager actor and start it (idempotent). It runs on the Ray head
+    node, where the deployments expose the management API port (deploy/: `pdserve up` host,
+    KubeRay head pod) and server.host can be bound."""
     manager = ClusterManager.options(name=MANAGER_NAME, namespace=ray_namespace(config.cluster_name),
                                      lifetime="detached", get_if_exists=True, num_cpus=0,
-                                     max_concurrency=1000, scheduling_strategy=here).remote(config)
+                                     resources={HEAD_NODE_RESOURCE: 0.001}, max_concurrency=1000).remote(config)
     ray.get(manager.start.remote())
     return manager
