@@ -90,6 +90,27 @@ def descriptor_array(
     return out
 
 
+def split_rows(local: np.ndarray, remote: np.ndarray, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut paired rows longer than max_bytes into max_bytes pieces (same cuts on both sides), so a
+    multi-threaded backend has enough descriptors to spread one large run over its threads."""
+    lengths = local[:, 1].astype(np.int64)
+    pieces = np.maximum(1, -(-lengths // max_bytes))
+    if (pieces == 1).all():
+        return local, remote
+    row = np.repeat(np.arange(len(local)), pieces)
+    k = np.arange(len(row)) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # piece index within its row
+    offset = (k * max_bytes).astype(np.uint64)
+    length = np.minimum(lengths[row] - k * max_bytes, max_bytes).astype(np.uint64)
+    out = []
+    for rows in (local, remote):
+        split = np.empty((len(row), 3), dtype=np.uint64)
+        split[:, 0] = rows[row, 0] + offset
+        split[:, 1] = length
+        split[:, 2] = rows[row, 2]
+        out.append(split)
+    return out[0], out[1]
+
+
 def run_offsets(layout: KVLayout, first: int, count: int, layer: int, kv: int) -> tuple[int, int, int]:
     """(segment index, byte offset inside it, num_bytes) of one run of one (layer, kv)."""
     seg, local = layout.locate(first)

@@ -23,7 +23,7 @@ import uuid
 import numpy as np
 import torch
 
-from kv_transfer.descriptors import MissingSegmentError, Run, descriptor_array
+from kv_transfer.descriptors import MissingSegmentError, Run, descriptor_array, split_rows
 from kv_transfer.errors import (BackendUnavailableError, CompatMismatchError, DeadlineExceededError, PeerGoneError,
                                 StalePeerError, TransferError, TransportError, UnknownPeerError)
 from kv_transfer.layerwise import LayerWriter, LayerwiseReceiver, LayerwiseSender
@@ -35,6 +35,7 @@ from workers.protocol import KVSegmentInfo, LayerwiseTarget, PeerInfo
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install nixl==1.5.1 (or set transfer.backend: tcp)"
+_THREAD_PIECE_BYTES = 4 << 20  # with num_threads: descriptors are cut to at most this
 
 
 def load_nixl():
@@ -68,11 +69,17 @@ class NixlTransceiver(KVTransceiver):
 
         self._disconnect_error = nixlRemoteDisconnectError
         self.agent_name = f"{worker_id}-{uuid.uuid4().hex[:8]}"
-        config = api.nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"],
-                                       num_threads=num_threads,
+        config = api.nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=[],
                                        sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        # num_threads > 0: NIXL's thread-pool UCX engine, which splits a request of at least
+        # split_batch_size descriptors over its threads; large runs are cut into pieces
+        # (split_rows) so that even a few contiguous runs spread over the threads.
+        self._num_threads = num_threads
+        ucx_params = {"num_threads": str(num_threads), "split_batch_size": str(num_threads)} if num_threads else {}
         try:
             self._agent = api.nixl_agent(self.agent_name, config)
+            if "UCX" in self._agent.get_plugin_list():
+                self._agent.create_backend("UCX", ucx_params)
         except Exception as e:
             raise BackendUnavailableError(f"NIXL agent could not start ({type(e).__name__}: {e}): {INSTALL_HINT}") from e
         if "UCX" not in self._agent.backends:
@@ -189,6 +196,8 @@ class NixlTransceiver(KVTransceiver):
 
     def _read(self, peer: PeerInfo, runs: list[Run], deadline: float, request_id: str) -> int:
         local, remote = self.descriptor_lists(peer, runs)
+        if self._num_threads:
+            local, remote = split_rows(local, remote, _THREAD_PIECE_BYTES)
         handle, state = self.post("READ", peer, local, remote)
         try:
             self.wait(handle, state, peer, deadline, f"READ of request {request_id or '?'}")

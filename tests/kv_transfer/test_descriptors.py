@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kv_transfer.descriptors import (MissingSegmentError, Run, check_num_tokens, descriptor_array, pair_runs)
+from kv_transfer.descriptors import (MissingSegmentError, Run, check_num_tokens, descriptor_array, pair_runs,
+                                     split_rows)
 from kv_transfer.layout import KVLayout
 from workers.engine.kv_cache import KVCache
 
@@ -78,3 +80,13 @@ def test_partial_last_block_counts():
     for bad in (4, 7, 0):
         with pytest.raises(ValueError, match="blocks of 2"):
             check_num_tokens(lay, 3, bad)
+
+
+def test_split_rows_cuts_both_sides_alike():
+    local = np.array([[1000, 10, 0], [5000, 3, 0]], dtype=np.uint64)
+    remote = np.array([[8000, 10, 1], [9000, 3, 1]], dtype=np.uint64)
+    lo, re = split_rows(local, remote, 4)
+    assert lo.tolist() == [[1000, 4, 0], [1004, 4, 0], [1008, 2, 0], [5000, 3, 0]]
+    assert re.tolist() == [[8000, 4, 1], [8004, 4, 1], [8008, 2, 1], [9000, 3, 1]]
+    same = split_rows(local, remote, 16)
+    assert same[0] is local and same[1] is remote

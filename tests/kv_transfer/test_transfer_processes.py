@@ -15,11 +15,11 @@ REMOTE = [30, 31, 32, 33, 7, 1, 2]  # 31 -> 32 crosses the prefill side's segmen
 LOCAL = [4, 5, 6, 7, 9, 0, 15]  # 7 -> 8 would cross decode's (8/seg); 9 and 15 in other segments
 
 
-def _serve(conn, backend: str, dtype: str) -> None:
+def _serve(conn, backend: str, dtype: str, threads: int) -> None:
     """Child process: a prefill-side KVPeer answering (method, args) requests until 'close'."""
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
     peer = KVPeer("proc-prefill", backend, blocks_per_segment=32, num_segments=2, seed=11,
-                  layout_overrides={"dtype": dtype})
+                  layout_overrides={"dtype": dtype}, nixl_num_threads=threads)
     while True:
         method, args = conn.recv()
         if method == "close":
@@ -29,13 +29,14 @@ def _serve(conn, backend: str, dtype: str) -> None:
         conn.send(getattr(peer, method)(*args))
 
 
-@pytest.fixture(scope="module", params=[("nixl", "float32"), ("nixl", "bfloat16"), ("tcp", "bfloat16")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(scope="module", params=[("nixl", "float32", 0), ("nixl", "bfloat16", 2), ("tcp", "bfloat16", 0)],
+                ids=lambda p: f"{p[0]}-{p[1]}-threads{p[2]}")
 def prefill_process(request):
-    backend, dtype = request.param
+    """NIXL's default engine and its thread-pool engine (2 threads, descriptors split), and tcp."""
+    backend, dtype, threads = request.param
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=_serve, args=(there, backend, dtype), daemon=True)
+    proc = ctx.Process(target=_serve, args=(there, backend, dtype, threads), daemon=True)
     proc.start()
 
     def call(method: str, *args):
@@ -44,7 +45,7 @@ def prefill_process(request):
             raise TimeoutError(f"prefill process did not answer {method}")
         return here.recv()
 
-    yield call, backend, dtype
+    yield call, backend, dtype, threads
     call("close")
     proc.join(timeout=30)
     if proc.is_alive():
@@ -52,9 +53,9 @@ def prefill_process(request):
 
 
 def test_two_processes_byte_exact(prefill_process):
-    call, backend, dtype = prefill_process
+    call, backend, dtype, threads = prefill_process
     decode = KVPeer("proc-decode", backend, blocks_per_segment=8, num_segments=2, seed=12,
-                    layout_overrides={"dtype": dtype})
+                    layout_overrides={"dtype": dtype}, nixl_num_threads=threads)
     try:
         decode.zero()
         decode.add_peer(call("peer_info"))
