@@ -2,6 +2,10 @@
 
     POST /v1/completions, /v1/chat/completions (SSE streaming with usage), GET /v1/models
     GET /health (process up), /ready (503 until the minimum workers are registered), /metrics
+    GET /v1/routing/recent (this endpoint's workers with their KV use, recent routing decisions)
+
+Limits (config `limits:`): body size (413), prompt tokens and max_tokens (400), concurrent requests
+(429 with Retry-After), and the request deadline (504). Every error body is OpenAI-shaped.
 
 ``build_app`` is the Ray Serve application builder (RayService serveConfigV2 import path
 ``router.app:build_app``); ``pdserve up`` uses it too.
@@ -25,7 +29,7 @@ from router.metrics import EndpointMetrics
 from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                   CompletionResponse, ErrorResponse, ModelCard, ModelList)
 from router.policy import NoWorkerAvailable
-from router.request_flow import MigrationsExhausted, serve_request
+from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
 from router.request_parsing import chat_prompt, completion_prompt, sampling_params
 from workers.protocol import InvalidRequestError, RequestFailedError
 
@@ -33,7 +37,12 @@ log = logging.getLogger(__name__)
 
 app = FastAPI(title="pdserve OpenAI-compatible API", version="0.1.0")
 _ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-           429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+           429: {"model": ErrorResponse}, 500: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
+           504: {"model": ErrorResponse}}
+# stream: true answers with server-sent events instead of the JSON body
+_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+# what ends a request with a 503 (no byte streamed yet) or an SSE error event (streaming)
+_UNAVAILABLE = (NoWorkerAvailable, MigrationsExhausted, RequestFailedError)
 
 
 class HTTPError(Exception):
@@ -63,7 +72,64 @@ async def _validation_error(request: Request, e: RequestValidationError):
 
 @app.exception_handler(InvalidRequestError)
 async def _invalid(request: Request, e: InvalidRequestError):
-    return error_response(400, e.message, "invalid_request_error", e.param)
+    # also a worker's InvalidRequestError (Ray re-raises it as a subclass with the same attributes)
+    return error_response(400, getattr(e, "message", str(e)), "invalid_request_error", getattr(e, "param", None))
+
+
+@app.exception_handler(Exception)
+async def _internal(request: Request, e: Exception):
+    log.exception("%s %s failed", request.method, request.url.path)
+    return error_response(500, f"internal error: {type(e).__name__}", "server_error", code="internal_error")
+
+
+class BodyLimit:
+    """413 for a request body over limits.max_body_bytes (app.state.max_body_bytes), judged on
+    Content-Length and on the bytes that actually arrive (a chunked body has no Content-Length).
+    The body is read here, up to the limit, then handed on."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        limit = getattr(scope.get("app").state, "max_body_bytes", None) if scope["type"] == "http" else None
+        if limit is None:
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._too_large(limit, scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                chunks = None
+                first = message
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self._too_large(limit, scope, receive, send)
+            if not message.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _too_large(limit, scope, receive, send):
+        response = error_response(413, f"the request body is larger than this server's limit of {limit} bytes "
+                                       "(limits.max_body_bytes)", "invalid_request_error", code="body_too_large")
+        await response(scope, receive, send)
+
+
+app.add_middleware(BodyLimit)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
@@ -88,6 +154,8 @@ class OpenAIIngress:
         self.num_inflight = 0
         self.created = int(time.time())
         self.metrics = EndpointMetrics(lambda: self.view)
+        self.vocab_size = text_config.vocab_size
+        app.state.max_body_bytes = self.config.limits.max_body_bytes  # read by BodyLimit
 
     async def _view(self) -> ClusterView:
         if self.view is None:
@@ -129,16 +197,22 @@ class OpenAIIngress:
         workers = {wid: {"role": w.info.role.value, "healthy": w.is_healthy,
                          "draining": bool(w.state and w.state.load.is_draining),
                          "used_blocks": w.state.load.num_used_blocks if w.state else None,
+                         "pinned_blocks": w.state.load.num_pinned_blocks if w.state else None,
                          "total_blocks": w.state.load.num_total_blocks if w.state else None}
                    for wid, w in list(view.workers.items())}
         return {"workers": workers, "decisions": list(view.decisions), "zero_overlap_alarm": view.alarm.is_alarmed,
-                "etcd_connected": view.watcher.is_connected}
+                "etcd_connected": view.watcher.is_connected, "etcd_resyncs": view.watcher.num_resyncs,
+                "inflight_requests": self.num_inflight}
 
     # -- generation ----------------------------------------------------------------------------
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+    @app.post("/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, 200: {"content": _SSE}})
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model)
         prompt = completion_prompt(self.tokenizer, body)
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        if any(t < 0 or t >= self.vocab_size for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=16)
         rid = f"cmpl-{uuid.uuid4().hex}"
         want_lp = body.logprobs is not None
@@ -151,7 +225,8 @@ class OpenAIIngress:
         acc = await self._collect(rid, prompt, sampling, body.cache_salt)
         return fmt.completion_body(rid, self.model_name, acc, want_lp)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses={**_ERRORS, 200: {"content": _SSE}})
     async def chat_completions(self, body: ChatCompletionRequest):
         self._check_model(body.model)
         prompt = chat_prompt(self.tokenizer, body)
@@ -184,7 +259,8 @@ class OpenAIIngress:
         if self.num_inflight >= self.config.limits.max_concurrent_requests:
             self.metrics.requests.labels("rejected").inc()
             raise HTTPError(429, f"too many concurrent requests (limit {self.config.limits.max_concurrent_requests})",
-                            "rate_limit_exceeded", headers={"Retry-After": "1"})
+                            "rate_limit_exceeded", code="too_many_requests",
+                            headers={"Retry-After": str(self.config.limits.retry_after_s)})
         return view
 
     async def _deltas(self, view, rid, prompt, sampling, salt):
@@ -200,7 +276,7 @@ class OpenAIIngress:
                 self.metrics.migrations.inc()
 
         try:
-            async for d in serve_request(view, rid, prompt, sampling, salt, self.config.limits.request_timeout_s,
+            async for d in serve_request(view, rid, prompt, sampling, salt, self.config.limits, self.tokenizer,
                                          on_event=on_event):
                 now = time.monotonic()
                 if d.token_ids:
@@ -232,8 +308,10 @@ class OpenAIIngress:
                 acc.add(d)
                 if d.error:
                     raise HTTPError(503, f"request failed: {d.error}", "server_error", code="request_failed")
-        except (NoWorkerAvailable, MigrationsExhausted, RequestFailedError) as e:
+        except _UNAVAILABLE as e:
             raise HTTPError(503, str(e), "service_unavailable", code="no_worker") from e
+        except RequestTimedOut as e:
+            raise HTTPError(504, str(e), "timeout_error", code="request_timeout") from e
         return acc
 
     async def _stream(self, rid, prompt, sampling, salt, include_usage, make_chunk, obj, chat: bool):
@@ -243,8 +321,10 @@ class OpenAIIngress:
         deltas = self._deltas(view, rid, prompt, sampling, salt)
         try:  # route now, so that "no worker" is a proper 503 before any byte is streamed
             first = await deltas.__anext__()
-        except (NoWorkerAvailable, MigrationsExhausted, RequestFailedError) as e:
+        except _UNAVAILABLE as e:
             raise HTTPError(503, str(e), "service_unavailable", code="no_worker") from e
+        except RequestTimedOut as e:
+            raise HTTPError(504, str(e), "timeout_error", code="request_timeout") from e
 
         async def events():
             offset = 0
@@ -265,8 +345,15 @@ class OpenAIIngress:
                     d = await deltas.__anext__()
                 if include_usage:
                     yield fmt.sse(fmt.usage_chunk(rid, self.model_name, created, obj, acc))
-            except (NoWorkerAvailable, MigrationsExhausted, RequestFailedError) as e:
+            except _UNAVAILABLE as e:
                 yield fmt.sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": "no_worker"}})
+            except RequestTimedOut as e:
+                yield fmt.sse({"error": {"message": str(e), "type": "timeout_error", "param": None,
+                                         "code": "request_timeout"}})
+            except Exception as e:  # the status line is sent: the stream itself must say it failed
+                log.exception("stream %s failed", rid)
+                yield fmt.sse({"error": {"message": f"internal error: {type(e).__name__}", "type": "server_error",
+                                         "param": None, "code": "internal_error"}})
             finally:
                 await deltas.aclose()
             yield fmt.SSE_DONE

@@ -43,6 +43,7 @@ class WorkerEntry:
     last_ok_at: float = 0.0
     num_poll_failures: int = 0
     num_routed: int = 0  # requests this router sent it and that have not finished
+    poll_task: asyncio.Task | None = None
 
     @property
     def is_healthy(self) -> bool:
@@ -82,6 +83,9 @@ class ClusterView:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+        for w in self.workers.values():
+            if w.poll_task is not None:
+                w.poll_task.cancel()
         await self.watcher.stop()
 
     # -- readiness -----------------------------------------------------------------------------
@@ -123,6 +127,11 @@ class ClusterView:
     def actor(self, worker_id: str):
         return self.workers[worker_id].actor
 
+    def silence_s(self, worker_id: str) -> float | None:
+        """Seconds since the worker last answered a poll; None once it left the membership."""
+        w = self.workers.get(worker_id)
+        return None if w is None else time.monotonic() - w.last_ok_at
+
     def note_routed(self, worker_id: str, delta: int) -> None:
         w = self.workers.get(worker_id)
         if w is not None:
@@ -130,10 +139,14 @@ class ClusterView:
 
     # -- polling -------------------------------------------------------------------------------
     async def _poll_forever(self) -> None:
+        # One poll in flight per worker, each bounded by poll_timeout_s: a hung worker's poll
+        # never delays the others' (their last_ok_at is what hang detection reads).
         while True:
             try:
                 self._sync_membership()
-                await asyncio.gather(*(self._poll(w) for w in list(self.workers.values())))
+                for w in list(self.workers.values()):
+                    if w.poll_task is None or w.poll_task.done():
+                        w.poll_task = asyncio.ensure_future(self._poll(w))
             except Exception:
                 log.exception("router poll failed")
             await asyncio.sleep(self.poll_interval_s)
@@ -143,7 +156,9 @@ class ClusterView:
         for wid in list(self.workers):
             if wid not in members:
                 log.info("worker %s left the cluster", wid)
-                del self.workers[wid]
+                gone = self.workers.pop(wid)
+                if gone.poll_task is not None:
+                    gone.poll_task.cancel()
                 self.index.remove_worker(wid)
         for wid, info in members.items():
             if wid not in self.workers:
@@ -165,6 +180,8 @@ class ClusterView:
                 log.warning("worker %s did not answer its poll: %r", w.info.worker_id, e)
             return
         wid = w.info.worker_id
+        if self.workers.get(wid) is not w:
+            return  # it left while this poll was in flight: its index entries are gone, keep them so
         if state.events_complete:
             self.index.apply_all(state.events)
         else:

@@ -37,10 +37,20 @@ class RouterConfig(BaseModel):
 
 
 class LimitsConfig(BaseModel):
+    """Input limits at the door, and the deadlines that bound every wait of a request."""
+
     model_config = ConfigDict(extra="forbid")
 
     max_prompt_tokens: int = Field(4096, ge=1)
     max_tokens: int = Field(2048, ge=1)
-    max_body_bytes: int = Field(1048576, ge=1)
+    max_body_bytes: int = Field(1048576, ge=1, description="Larger request bodies: 413")
     max_concurrent_requests: int = Field(256, ge=1, description="Over this: 429 with Retry-After")
-    request_timeout_s: float = Field(300, gt=0)
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 429")
+    request_timeout_s: float = Field(300, gt=0, description="The whole request, from arrival; no wait is longer")
+    prefill_timeout_s: float = Field(
+        60, gt=0, description="A decode worker's wait for one prefill worker's KV handle; then the next candidate")
+    worker_stall_timeout_s: float = Field(
+        15, gt=0, description="A decode worker that streams nothing and answers no poll for this long (a stuck step, "
+                              "a hung process) is treated as failed: its requests migrate")
+    max_migrations: int = Field(
+        3, ge=0, description="Decode-worker failures one request survives (each one migrates it); then a clear error")

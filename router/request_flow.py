@@ -5,14 +5,22 @@
          releases the handle, then decodes; or prefills locally)
       -> stream TokenDeltas back to the client
 
-If the decode worker dies mid-stream, the request migrates: the prompt plus every token already
-streamed goes to another decode worker and the stream continues with no gap and no repeat.
-A worker that refuses (draining) before producing anything is simply skipped.
+Failures (every wait is bounded):
+  - the decode worker dies (RayActorError) or hangs (it left the etcd membership because its lease
+    expired, or neither streamed nor answered a poll for limits.worker_stall_timeout_s): the request
+    migrates. The prompt plus every token already streamed goes to another decode worker; seeded
+    sampling resumes at the same output position and the router's own detokenizer continues the
+    text, so the stream has no gap and no repeat. After limits.max_migrations: MigrationsExhausted.
+  - limits.request_timeout_s over the whole request: RequestTimedOut.
+  - a worker that refuses (draining) before producing anything is simply skipped.
+Leaving a worker's stream early for any reason (client gone, migration, timeout) cancels it there:
+the worker aborts the request and frees its KV blocks, and those of the prefill worker it used.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -22,70 +30,165 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from router.cluster_view import ClusterView
+from router.config import LimitsConfig
+from workers.engine.detokenizer import Detokenizer
 from workers.protocol import FinishReason, GenerateRequest, SamplingParams, TokenDelta, WorkerDrainingError
 
 log = logging.getLogger(__name__)
 
 WORKER_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
+_CHECK_INTERVAL_S = 0.25  # how often a wait for the next token re-checks the worker and the deadline
 
 
 class MigrationsExhausted(RuntimeError):
     pass
 
 
+class RequestTimedOut(RuntimeError):
+    pass
+
+
+class WorkerStalled(RuntimeError):
+    """The decode worker left the membership or went silent: treated like a dead one."""
+
+
 async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                        cache_salt: str | None, deadline_s: float, max_migrations: int = 3,
+                        cache_salt: str | None, limits: LimitsConfig, tokenizer=None,
                         on_event=None) -> AsyncIterator[TokenDelta]:
     """Yields the request's TokenDeltas; the last one has finish_reason set."""
     generated: list[int] = []
     exclude: set[str] = set()
+    text: _ResumedText | None = None  # set at the first migration that had produced tokens
     migrations = 0
-    started = time.monotonic()
+    deadline = time.monotonic() + limits.request_timeout_s
     while True:
         plan, prefill_ranked = view.plan(prompt_token_ids + generated, cache_salt, frozenset(exclude))
         decode_id = plan.decode.worker_id
-        remaining = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(generated))
-        attempt_id = request_id if migrations == 0 and not exclude else f"{request_id}#{len(exclude)}"
+        # a resumed request: [prompt | generated so far] is its prompt, and it produces the rest
+        remaining = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(generated),
+                                        output_position_offset=sampling.output_position_offset + len(generated))
+        attempt_id = request_id if not exclude else f"{request_id}#{len(exclude)}"
         req = GenerateRequest(attempt_id, tuple(prompt_token_ids + generated), remaining, cache_salt,
-                              prefill_ranked, max(1.0, deadline_s - (time.monotonic() - started)))
+                              prefill_ranked, deadline_s=max(0.001, deadline - time.monotonic()),
+                              prefill_timeout_s=limits.prefill_timeout_s)
         if on_event:
             on_event("routed", plan)
         stream = view.actor(decode_id).generate.options(num_returns="streaming").remote(req)
         view.note_routed(decode_id, +1)
-        produced = False
+        produced, worker_done = False, False
         try:
-            async for ref in stream:
-                delta: TokenDelta = await ref
-                produced = produced or bool(delta.token_ids)
-                generated += delta.token_ids
-                if migrations or exclude:
-                    delta = dataclasses.replace(delta, request_id=request_id,
-                                                num_prompt_tokens=len(prompt_token_ids))
-                yield delta
-                if delta.finished:
-                    return
+            async with contextlib.aclosing(_watched(stream, view, decode_id, deadline,
+                                                    limits.worker_stall_timeout_s)) as deltas:
+                async for delta in deltas:
+                    produced = produced or bool(delta.token_ids)
+                    worker_done = delta.finished
+                    generated += delta.token_ids
+                    if exclude:
+                        delta = dataclasses.replace(delta, request_id=request_id,
+                                                    num_prompt_tokens=len(prompt_token_ids))
+                    if text is not None:
+                        delta = text.rewrite(delta)
+                    yield delta
+                    if delta.finished:
+                        return
             raise RayActorError(f"decode worker {decode_id} ended the stream without finishing the request")
         except WorkerDrainingError:
             if produced:
                 raise
             exclude.add(decode_id)  # it refused before doing anything: try another worker
-        except WORKER_GONE as e:
+        except (*WORKER_GONE, WorkerStalled) as e:
             exclude.add(decode_id)
-            if not produced and not generated:
-                log.warning("decode worker %s failed before the first token of %s: %r", decode_id, request_id, e)
             migrations += 1
             if on_event:
                 on_event("migrated", decode_id)
-            if migrations > max_migrations:
+            if migrations > limits.max_migrations:
                 raise MigrationsExhausted(
-                    f"request {request_id}: decode workers failed {migrations} times; giving up") from e
-            log.warning("decode worker %s died mid-request %s after %d tokens; migrating", decode_id, request_id,
-                        len(generated))
-        except (asyncio.CancelledError, GeneratorExit):
-            ray.cancel(stream)  # the client went away: the decode worker aborts and frees KV on both sides
-            raise
+                    f"request {request_id}: decode workers failed {migrations} times "
+                    f"(limits.max_migrations = {limits.max_migrations}); giving up. Last: {e}") from e
+            log.warning("decode worker %s failed during request %s after %d tokens (%s); migrating", decode_id,
+                        request_id, len(generated), e)
+            if generated and text is None and tokenizer is not None:
+                text = _ResumedText(tokenizer, prompt_token_ids, sampling.stop, generated)
         finally:
             view.note_routed(decode_id, -1)
+            if not worker_done:  # the worker aborts and frees KV on every worker it involved
+                _cancel_quietly(stream)
+
+
+async def _watched(stream, view: ClusterView, worker_id: str, deadline: float,
+                   stall_timeout_s: float) -> AsyncIterator[TokenDelta]:
+    """The worker's TokenDeltas. Raises WorkerStalled when the worker left the membership, or sent
+    nothing and answered no poll for stall_timeout_s; RequestTimedOut past the deadline."""
+    last_heard = time.monotonic()
+    while True:
+        nxt = asyncio.ensure_future(_next_delta(stream))
+        try:
+            while not nxt.done():
+                now = time.monotonic()
+                if now >= deadline:
+                    raise RequestTimedOut("the request did not finish by its deadline (limits.request_timeout_s)")
+                poll_silence_s = view.silence_s(worker_id)
+                if poll_silence_s is None:
+                    raise WorkerStalled(f"decode worker {worker_id} left the cluster (etcd lease expired or "
+                                        f"deregistered)")
+                if min(poll_silence_s, now - last_heard) > stall_timeout_s:
+                    raise WorkerStalled(f"decode worker {worker_id} sent nothing and answered no poll for "
+                                        f"{stall_timeout_s:.0f} s (limits.worker_stall_timeout_s)")
+                await asyncio.wait({nxt}, timeout=min(_CHECK_INTERVAL_S, deadline - now))
+        except BaseException:
+            nxt.cancel()
+            raise
+        try:
+            delta = nxt.result()
+        except StopAsyncIteration:
+            return
+        last_heard = time.monotonic()
+        yield delta
+
+
+async def _next_delta(stream) -> TokenDelta:
+    ref = await stream.__anext__()
+    return await ref
+
+
+def _cancel_quietly(stream) -> None:
+    try:
+        ray.cancel(stream)
+    except Exception as e:  # e.g. the actor is already gone: nothing left to cancel
+        log.debug("cancelling a decode stream failed: %r", e)
+
+
+class _ResumedText:
+    """The text of a migrated request, continued by the router.
+
+    The failed worker's detokenizer may have held text back (an unfinished UTF-8 character, a
+    possible stop-string prefix); the new worker starts its own after the tokens it was given, so
+    that text would be lost. Instead this detokenizer replays every token so far (same algorithm,
+    one token at a time like the engine, so it reaches the failed worker's exact state: what it
+    had emitted is what the client has) and from then on produces the text of each delta, stop
+    strings included. A stop string found here ends the request (the worker's stream is cancelled).
+    """
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...], generated: list[int]):
+        self.detok = Detokenizer(tokenizer, stop, list(prompt_token_ids[-6:]))
+        for t in generated:
+            self.detok.add([t])
+        self.detok.take_delta(final=False)  # == the text the client already has
+
+    def rewrite(self, delta: TokenDelta) -> TokenDelta:
+        ids = list(delta.token_ids)
+        kept = 0
+        for t in ids:
+            if self.detok.stopped:
+                break
+            self.detok.add([t])
+            kept += 1
+        if self.detok.stopped:
+            return dataclasses.replace(delta, token_ids=tuple(ids[:kept]), text=self.detok.take_delta(final=True),
+                                       logprobs=delta.logprobs[:kept] if delta.logprobs else delta.logprobs,
+                                       top_logprobs=delta.top_logprobs[:kept] if delta.top_logprobs else None,
+                                       finish_reason=FinishReason.STOP)
+        return dataclasses.replace(delta, text=self.detok.take_delta(final=delta.finished))
 
 
 def error_delta(request_id: str, message: str) -> TokenDelta:

@@ -12,6 +12,11 @@
                      every failure frees the blocks on both sides and tries the next candidate;
                      when all fail, prefill locally (counted as a fallback, logged)
       then stream TokenDeltas (coalesced per step) until finished.
+
+Every wait is bounded: the prefill by req.prefill_timeout_s, each call to the prefill worker
+around the READ (handshake, renew, release) and the READ itself by transfer.deadline_s, and the
+whole request by its deadline. A client mistake (InvalidRequestError) is raised at once, never
+retried elsewhere.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import time
 import ray
 
 from workers.engine.block_pool import NoFreeBlocks
-from workers.protocol import (FinishReason, GenerateRequest, KVHandle, PrefillRequest, RequestFailedError, Role,
-                              TokenDelta)
+from workers.protocol import (FinishReason, GenerateRequest, InvalidRequestError, KVHandle, PrefillRequest,
+                              RequestFailedError, Role, TokenDelta)
 from workers.worker_base import WorkerBase
 
 log = logging.getLogger(__name__)
@@ -73,7 +78,7 @@ class DecodeWorkerImpl(WorkerBase):
                         self.counters["num_prefill_retries"] += 1
                     try:
                         return await self._remote_prefill(req, prefill_id, deadline)
-                    except asyncio.CancelledError:
+                    except (asyncio.CancelledError, InvalidRequestError):
                         raise
                     except Exception as e:
                         log.warning("%s: remote prefill on %s failed (%s: %s)", rid, prefill_id, type(e).__name__, e)
@@ -90,22 +95,25 @@ class DecodeWorkerImpl(WorkerBase):
         preq = PrefillRequest(rid, req.prompt_token_ids, req.sampling, req.cache_salt, ttl)
         ref = prefill.prefill.remote(preq)
         try:
-            handle: KVHandle = await asyncio.wait_for(ref, timeout=max(0.001, deadline - time.time()))
+            wait_s = min(req.prefill_timeout_s, deadline - time.time())
+            handle: KVHandle = await asyncio.wait_for(ref, timeout=max(0.001, wait_s))
         except BaseException:
             ray.cancel(ref)  # the prefill side aborts; a handle made in the meantime expires with its lease
             _release_quietly(prefill, rid)
             raise
         reservation, released = None, False
+        call_s = self.spec.transfer.deadline_s  # any one call to the prefill worker around the READ
         try:
             reservation = await self._reserve(req, prefill, deadline)
-            await self.transceiver.ensure_peer(prefill_id, handle.kv_epoch, handle.compat_hash,
-                                               lambda: prefill.peer_info.remote())
+            await asyncio.wait_for(self.transceiver.ensure_peer(prefill_id, handle.kv_epoch, handle.compat_hash,
+                                                                lambda: prefill.peer_info.remote()), call_s)
             n = reservation.num_local_cached_blocks
             budget_s = min(self.spec.transfer.deadline_s, min(deadline, handle.expires_at) - time.time())
             await self.transceiver.read(prefill_id, handle.block_ids[n:], reservation.block_ids[n:], budget_s,
                                         num_tokens=handle.num_tokens - n * self.engine.block_size, request_id=rid)
             released = True  # from here the prefill side frees its blocks whatever release() answers
-            await prefill.release.remote(rid)  # raises LeaseExpiredError: what we read may be stale
+            # raises LeaseExpiredError (what we read may be stale); no answer in time counts as that too
+            await asyncio.wait_for(prefill.release.remote(rid), call_s)
         except BaseException:
             if reservation is not None:
                 await asyncio.shield(self.loop.call(lambda e: e.abort(rid)))
@@ -127,7 +135,7 @@ class DecodeWorkerImpl(WorkerBase):
                 if time.time() >= deadline:
                     raise RequestFailedError(f"{rid}: no free KV blocks on {self.worker_id} before the deadline")
                 if time.monotonic() - last_renew > renew_every:
-                    await prefill.renew.remote(rid)
+                    await asyncio.wait_for(prefill.renew.remote(rid), self.spec.transfer.deadline_s)
                     last_renew = time.monotonic()
                 await asyncio.sleep(0.01)
 

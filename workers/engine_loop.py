@@ -3,6 +3,10 @@
 The engine is single-threaded: every call goes through ``call``, which runs it on the engine
 thread between steps. Outputs flow back per request: token deltas into an asyncio.Queue,
 prefill handles into a Future. KV events go into a bounded log that routers poll by sequence.
+
+No waiter is left hanging: when the engine thread dies or stops, every pending call, stream and
+handle fails with EngineDeadError; a prefill that ends without a handle (the engine finished it
+with an error) fails its handle future with the engine's message.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from workers.engine.engine import Engine
-from workers.protocol import FinishReason, KVEvent, KVHandle, TokenDelta
+from workers.protocol import FinishReason, KVEvent, KVHandle, RequestFailedError, TokenDelta
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,6 +53,10 @@ class EngineLoop:
         self._stop.set()
         self._commands.put(None)
         self._thread.join(timeout=10)
+        if self.error is None:
+            self.error = EngineDeadError("engine stopped")
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_all, self.error)
 
     # -- calls from the event loop -------------------------------------------------------------
     async def call(self, fn: Callable[[Engine], T]) -> T:
@@ -126,6 +134,11 @@ class EngineLoop:
             q = self._streams.get(d.request_id)
             if q is not None:
                 q.put_nowait(d)
+            elif d.finished and d.request_id in self._handles:  # a prefill-only request ended without a handle
+                fut = self._handles.pop(d.request_id)
+                if not fut.done():
+                    fut.set_exception(RequestFailedError(
+                        f"prefill of {d.request_id} ended without a KV handle: {d.error or d.finish_reason.value}"))
 
     def _deliver_handle(self, handle: KVHandle) -> None:
         fut = self._handles.pop(handle.request_id, None)
@@ -135,11 +148,20 @@ class EngineLoop:
             self._commands.put((lambda e: e.release_handle(handle.request_id), self._loop.create_future()))
 
     def _fail_all(self, exc: BaseException) -> None:
+        """Runs on the event loop once the engine thread is gone (self.error is set, so no new
+        call is queued after this drains the queue)."""
         for rid, q in self._streams.items():
             q.put_nowait(TokenDelta(rid, (), "", finish_reason=FinishReason.ERROR, error=f"engine failed: {exc!r}"))
         for fut in self._handles.values():
             if not fut.done():
                 fut.set_exception(EngineDeadError(f"engine failed: {exc!r}"))
+        while True:
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                _resolve(item[1], None, EngineDeadError(f"engine failed: {exc!r}"))
 
 
 def _resolve(fut: asyncio.Future, result: Any, exc: BaseException | None) -> None:

@@ -5,6 +5,9 @@ Block ownership: from ``prefill`` returning a KVHandle until exactly one of
     release(request_id)   the decode side is done reading -> blocks freed here
     lease expiry          nobody released in time -> blocks freed here; a later release raises
                           LeaseExpiredError so the reader discards what it read.
+A release that arrives while the prefill is still running (the decode side gave up waiting and
+its cancel has not landed yet) marks the request abandoned: its handle is freed the moment it is
+made, never pinned.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import ray
 
 from kv_transfer.lease import LeaseTable
-from workers.protocol import KVHandle, PrefillRequest, Role
+from workers.protocol import KVHandle, PrefillRequest, RequestFailedError, Role
 from workers.worker_base import WorkerBase, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,7 @@ class PrefillWorkerImpl(WorkerBase):
     def __init__(self, spec: WorkerSpec):
         super().__init__(spec)
         self.leases: LeaseTable | None = None
+        self.abandoned: set[str] = set()  # released while still prefilling (see the module doc)
 
     async def start(self):
         info = await super().start()
@@ -45,6 +49,8 @@ class PrefillWorkerImpl(WorkerBase):
             await self.loop.call(lambda e: e.add_request(rid, list(req.prompt_token_ids), req.sampling,
                                                          req.cache_salt, prefill_only=True))
             handle: KVHandle = await handle_future
+            if rid in self.abandoned:
+                raise RequestFailedError(f"{rid}: released by its reader before the prefill finished")
             expires_at = self.leases.pin(rid, handle.block_ids, req.lease_ttl_s)
             return dataclasses.replace(handle, lease_ttl_s=req.lease_ttl_s, expires_at=expires_at)
         except BaseException:
@@ -54,6 +60,7 @@ class PrefillWorkerImpl(WorkerBase):
             raise
         finally:
             self.inflight.discard(rid)
+            self.abandoned.discard(rid)
 
     async def renew(self, request_id: str) -> float:
         """Extend a handle's lease; returns the new expiry (unix time). Raises LeaseExpiredError."""
@@ -62,6 +69,9 @@ class PrefillWorkerImpl(WorkerBase):
     async def release(self, request_id: str) -> None:
         """The reader is done: free the pinned blocks. Raises LeaseExpiredError if the lease had
         already expired (the blocks may have been reused while being read)."""
+        if request_id in self.inflight and not self.leases.is_pinned(request_id):
+            self.abandoned.add(request_id)
+            return
         self.leases.release(request_id)
         await self.loop.call(lambda e: e.release_handle(request_id))
 

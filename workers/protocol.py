@@ -51,6 +51,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # logprob of each chosen token
     top_logprobs: int = 0  # also the k most likely tokens at each step
+    # Output tokens this request already produced elsewhere (a migrated request resumes with them
+    # as the prompt's tail): seeded sampling draws the next token at output position
+    # output_position_offset + i, so a migration does not change what a seed samples.
+    output_position_offset: int = 0
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -65,6 +69,9 @@ class SamplingParams:
             raise InvalidRequestError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}", "top_logprobs")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty", "stop")
+        if not isinstance(self.output_position_offset, int) or self.output_position_offset < 0:
+            raise InvalidRequestError(f"output_position_offset must be an integer >= 0, got "
+                                      f"{self.output_position_offset!r}", "output_position_offset")
 
     @property
     def is_greedy(self) -> bool:
@@ -83,6 +90,7 @@ class GenerateRequest:
     prefill_candidates: tuple[str, ...] = ()
     deadline_s: float = 300.0  # the whole request, from arrival
     arrival_time: float = field(default_factory=time.time)
+    prefill_timeout_s: float = 60.0  # one remote prefill attempt; past it, the next candidate is tried
 
 
 @dataclass(frozen=True)

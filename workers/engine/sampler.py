@@ -72,7 +72,7 @@ class Sampler:
             probs = probs / probs.sum()
         if p.seed is not None:
             gen = torch.Generator(device=logits.device)
-            gen.manual_seed((p.seed * 1_000_003 + position) % (2**63))
+            gen.manual_seed((p.seed * 1_000_003 + p.output_position_offset + position) % (2**63))
         else:
             gen = self._unseeded
         # Gumbel-max via exponential noise: argmax(p / E), E ~ Exp(1), same law as multinomial

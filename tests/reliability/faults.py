@@ -1,0 +1,147 @@
+"""Fault injection into live worker actors and the checks the reliability tests share.
+
+The injections run inside the worker process through Ray's ``__ray_call__`` (functions pickled by
+value, so workers never import the tests package). They only wrap real methods of the real
+objects (the engine's step, the transceiver's read) with a delay, to hold a request at a known
+point while the test kills or freezes a process; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import httpx
+import ray
+from ray import cloudpickle
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def on_worker(actor, fn, *args, timeout_s: float = 60):
+    """fn(worker_instance, *args), run inside the worker actor."""
+    return ray.get(actor.__ray_call__.remote(fn, *args), timeout=timeout_s)
+
+
+def _slow_steps(worker, delay_s: float) -> None:
+    engine = worker.engine
+    engine.__dict__.pop("step", None)
+    if delay_s > 0:
+        original = engine.step
+
+        def step():
+            time.sleep(delay_s)
+            return original()
+
+        engine.step = step  # the engine thread calls self.engine.step() each iteration
+
+
+def slow_engine_steps(actor, delay_s: float) -> None:
+    """Every engine step of that worker takes delay_s longer (0 restores it)."""
+    on_worker(actor, _slow_steps, delay_s)
+
+
+def _hold_reads(worker, hold_s: float) -> None:
+    import asyncio
+
+    tr = worker.transceiver
+    tr.__dict__.pop("read", None)
+    worker.num_held_reads = 0
+    if hold_s > 0:
+        original = tr.read
+
+        async def read(*args, **kwargs):
+            worker.num_held_reads += 1
+            await asyncio.sleep(hold_s)
+            return await original(*args, **kwargs)
+
+        tr.read = read  # the decode worker calls self.transceiver.read(...) for each KV READ
+
+
+def hold_kv_reads(actor, hold_s: float) -> None:
+    """The decode worker waits hold_s before each KV READ (after the prefill handle arrived and its
+    blocks were reserved): the window in which a test kills the prefill worker (0 restores it)."""
+    on_worker(actor, _hold_reads, hold_s)
+
+
+def num_held_reads(actor) -> int:
+    return on_worker(actor, lambda w: getattr(w, "num_held_reads", 0))
+
+
+def inflight(actor, timeout_s: float = 30) -> list[str]:
+    return on_worker(actor, lambda w: sorted(w.inflight), timeout_s=timeout_s)
+
+
+def pinned_leases(actor) -> int:
+    return on_worker(actor, lambda w: w.leases.num_leases)
+
+
+def counters(actor) -> dict:
+    return on_worker(actor, lambda w: dict(w.counters))
+
+
+def pid_of(actor) -> int:
+    return on_worker(actor, lambda w: os.getpid())
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP: the process hangs (no tokens, no polls, no etcd keepalive) but Ray still sees it alive."""
+    os.kill(pid, signal.SIGSTOP)
+
+
+def thaw(pid: int) -> None:
+    os.kill(pid, signal.SIGCONT)
+
+
+def actor_of(cluster, worker_id: str):
+    return ray.get(cluster.manager.actor_of.remote(worker_id), timeout=60)
+
+
+def routing(url: str) -> dict:
+    return httpx.get(url + "/v1/routing/recent", timeout=30).json()
+
+
+def workers_of(url: str, role: str | None = None) -> dict:
+    return {wid: w for wid, w in routing(url)["workers"].items() if role is None or w["role"] == role}
+
+
+def metric(url: str, name: str) -> float:
+    """Sum of a Prometheus metric's samples (all label sets) on the endpoint's /metrics."""
+    total = 0.0
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
+    """Polls predicate() until truthy (returned); a liveness bound, not a speed check."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def no_blocks_in_use(url: str) -> dict:
+    """Every routed worker's used and pinned KV blocks (the endpoint's leak check)."""
+    return {wid: (w["used_blocks"], w["pinned_blocks"]) for wid, w in workers_of(url).items()}
+
+
+def assert_no_leaks(url: str, timeout_s: float = 30) -> None:
+    last = {}
+
+    def clean():
+        nonlocal last
+        last = no_blocks_in_use(url)
+        return last and all(v == (0, 0) for v in last.values())
+
+    try:
+        wait_for(clean, timeout_s, "every worker to hold 0 KV blocks")
+    except AssertionError:
+        raise AssertionError(f"KV blocks still in use (used, pinned) per worker: {last}") from None
