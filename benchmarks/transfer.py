@@ -137,24 +137,36 @@ def bench_bandwidth(side: Side, args, emit) -> None:
     for size_mib in args.sizes_mib:
         size = size_mib * MIB
         ids = list(range(size // lay.bytes_per_block_all_layers))
-        reads, copies = [], []
+        reads, copies, copies_1t = [], [], []
 
         def copy():
             dst[:size].copy_(src[:size])
             _sync(args.device)
 
+        def copy_one_thread():
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                copy()
+            finally:
+                torch.set_num_threads(threads)
+
         for i in range(args.warmup + args.iters):
             r = _timed(lambda: tx.read_blocking(peer, ids, ids, 60.0))
             c = _timed(copy)
+            c1 = _timed(copy_one_thread) if args.device == "cpu" else c
             if i >= args.warmup:
                 reads.append(r)
                 copies.append(c)
+                copies_1t.append(c1)
         gbps = size / statistics.median(reads) / 1e9
         memcpy = size / statistics.median(copies) / 1e9
+        memcpy_1t = size / statistics.median(copies_1t) / 1e9
         emit({"bench": "bandwidth", "device": args.device, "backend": args.backend, "size_bytes": size,
               f"{args.backend}_GBps": round(gbps, 3), "transfer_GBps": round(gbps, 3),
               "transfer_best_GBps": round(size / min(reads) / 1e9, 3), "memcpy_GBps": round(memcpy, 3),
-              "ratio_vs_memcpy": round(gbps / memcpy, 3), "iters": args.iters})
+              "ratio_vs_memcpy": round(gbps / memcpy, 3), "memcpy_1thread_GBps": round(memcpy_1t, 3),
+              "ratio_vs_memcpy_1thread": round(gbps / memcpy_1t, 3), "iters": args.iters})
 
 
 def _block_ids(num_blocks: int, pattern: str, capacity: int, seed: int) -> list[int]:
@@ -243,6 +255,7 @@ def main(argv=None) -> None:
     parser.add_argument("--layer-ms", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 4.0])
     parser.add_argument("--nixl-threads", type=int, default=0, help="NIXL UCX backend num_threads (0 = default)")
     parser.add_argument("--skip", default="", help="comma list of benches to skip: bandwidth,request,layerwise")
+    parser.add_argument("--ucx-log-copy", default=None, help="copy this process's UCX log here at the end")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
 
@@ -261,6 +274,8 @@ def main(argv=None) -> None:
         import torch
 
         emit({"bench": "env", "device": args.device, "backend": args.backend, "cpus": os.cpu_count(),
+              "torch_threads": torch.get_num_threads(),
+              "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
               "machine": platform.node(), "torch": torch.__version__, "nixl_threads": args.nixl_threads,
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None})
         if "bandwidth" not in skip:
@@ -269,7 +284,12 @@ def main(argv=None) -> None:
             bench_requests(side, args, emit)
         if "layerwise" not in skip and args.backend == "nixl":
             bench_layerwise(side, here, args, emit)
-        emit({"bench": "transports", **{k: v for k, v in side.tx["sweep"].transport_info().items() if k != "env"}})
+        info = side.tx["sweep"].transport_info()
+        emit({"bench": "transports", **{k: v for k, v in info.items() if k != "env"}})
+        if args.ucx_log_copy and info.get("log_file"):
+            import shutil
+
+            shutil.copy(info["log_file"], args.ucx_log_copy)
     finally:
         here.send(("close", None))
         here.recv()

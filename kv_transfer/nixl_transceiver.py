@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -63,6 +64,10 @@ class NixlTransceiver(KVTransceiver):
     def __init__(self, worker_id: str, kv_cache, *, metrics: TransferMetrics | None = None, num_threads: int = 0):
         super().__init__(worker_id, kv_cache, metrics)
         self.transports = UcxTransportLog()  # before the agent: UCX reads its log settings at load
+        if kv_cache.device.type == "cuda":
+            # UCX turns cuda_ipc GET (our READ) off when it finds no NVLink (one GPU, or PCIe only)
+            # and then emulates the READ over TCP at ~0.5 GB/s; GET over CUDA IPC works there too.
+            os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
         api = load_nixl()
         self._api = api
         from nixl._bindings import nixlRemoteDisconnectError

@@ -24,9 +24,10 @@ import threading
 log = logging.getLogger(__name__)
 
 _ENV_KEYS = ("UCX_TLS", "UCX_NET_DEVICES", "UCX_RNDV_THRESH", "UCX_MAX_RNDV_RAILS", "UCX_PROTO_INFO", "UCX_LOG_LEVEL",
-             "UCX_LOG_FILE", "UCX_MEMTYPE_CACHE")
+             "UCX_LOG_FILE", "UCX_MEMTYPE_CACHE", "UCX_CUDA_IPC_ENABLE_GET_ZCOPY")
 _TABLE_RE = re.compile(r"\|\s+\S.*\bcfg#\d+\s+\|")  # "| <agent> intra-node cfg#1 |" opens a table
-_OP_RE = re.compile(r"\|\s*remote memory (read|write) by \S+ (?:into|from) (\S+) memory")
+# "remote memory read by ucp_get*(multi) into host memory from host", "... into cuda/GPU0 from cuda/dev[1]"
+_OP_RE = re.compile(r"\|\s*remote memory (read|write) by \S+ ((?:into|from) \S+)(?: memory)? ((?:from|to) \S+)")
 _ROW_RE = re.compile(r"\|\s*(\d+\.\.\S+|\d+)\s*\|\s*([^|]+?)\s*\|\s*([^|]+?)\s*\|")
 _LANES_RE = re.compile(r"UCX\s+INFO\s+(.*cfg#\d+.*)$")
 _VERSION_RE = re.compile(r"UCX\s+INFO\s+Version (\S+)")
@@ -67,7 +68,7 @@ class UcxTransportLog:
         self._seen: set[str] = set()
         self.version: str | None = None
         self.lanes: list[str] = []
-        self.protocols: dict[str, list[str]] = {}  # "read with host memory" -> ["0..inf zero-copy cma/memory"]
+        self.protocols: dict[str, list[str]] = {}  # "read into host from host" -> ["0..inf zero-copy cma/memory"]
 
     @staticmethod
     def effective_env() -> dict[str, str]:
@@ -105,7 +106,7 @@ class UcxTransportLog:
                 self._current = None  # a new protocol table: only read/write tables are of interest
                 continue
             if m := _OP_RE.search(line):
-                self._current = f"{m.group(1)} with {m.group(2)} memory"
+                self._current = f"{m.group(1)} {m.group(2)} {m.group(3)}"  # e.g. "read into host from host"
                 continue
             if self._current is not None and (m := _ROW_RE.search(line)):
                 row = f"{m.group(1)} {m.group(2)} {m.group(3)}"
@@ -119,9 +120,10 @@ class UcxTransportLog:
     def report(self, peer: str) -> None:
         """Log what UCX selected since the last report (call after a first transfer with a peer)."""
         for item in self.refresh():
-            level = logging.WARNING if ("tcp" in item and ("read" in item or "write" in item)) else logging.INFO
-            suffix = " (KV moves over TCP: expect ~0.1-1 GB/s; check UCX_TLS / UCX_NET_DEVICES)" \
-                if level == logging.WARNING else ""
+            slow = ("read" in item or "write" in item) and ("tcp" in item or "emulation" in item)
+            level = logging.WARNING if slow else logging.INFO
+            suffix = " (KV moves over TCP / emulated RMA: expect ~0.1-1 GB/s; check UCX_TLS, UCX_NET_DEVICES, " \
+                "UCX_CUDA_IPC_ENABLE_GET_ZCOPY)" if slow else ""
             log.log(level, "UCX transport selected with %s: %s%s", peer, item, suffix)
 
     def summary(self) -> dict[str, object]:

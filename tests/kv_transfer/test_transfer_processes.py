@@ -67,6 +67,6 @@ def test_two_processes_byte_exact(prefill_process):
         assert result.num_bytes == len(REMOTE) * decode.layout.bytes_per_block_all_layers
         if backend == "nixl":  # UCX's choice of transport was captured and reported
             protocols = decode.transport_info()["protocols"]
-            assert protocols.get("read with host memory"), protocols
+            assert protocols.get("read into host from host"), protocols
     finally:
         decode.close()

@@ -127,7 +127,7 @@ def test_nixl_logs_the_selected_ucx_transports(pair, ray_cluster):
     info = ray_cluster.get(decode.transport_info.remote())
     assert info["env"]["UCX_NET_DEVICES"] == "lo"
     assert info["ucx_version"], "UCX's own log was not captured"
-    reads = info["protocols"].get("read with host memory", [])
+    reads = info["protocols"].get("read into host from host", [])
     assert reads, f"no READ protocol reported by UCX: {info}"
 
 

@@ -27,6 +27,9 @@ REST = """\
 [1.5] [vm:1:0]   | dec-1 intra-node cfg#2                                           |
 [1.5] [vm:1:0]   | remote memory write by ucp_put* from host memory to host |
 [1.5] [vm:1:0]   | 0..inf | multi-frag copy-in | tcp/lo |
+[1.55] [vm:1:0]   | dec-1 intra-node cfg#2                                           |
+[1.55] [vm:1:0]   | remote memory read by ucp_get*(multi) into cuda/GPU0 from cuda/dev[1] |
+[1.55] [vm:1:0]   | 0..inf | software emulation | tcp/lo                                  |
 [1.6] [vm:1:0]          ucp_ep.c:1 UCX  WARN  something odd
 [1.7] [vm:1:0]   | half a li"""
 
@@ -43,12 +46,15 @@ def test_parses_read_and_write_protocols_across_partial_writes(tmp_path, caplog)
         f.write(REST)
     with caplog.at_level(logging.INFO, logger="kv_transfer.ucx_transports"):
         ucx.report("prefill-1")
-    assert ucx.protocols == {"read with host memory": ["0..inf zero-copy cma/memory"],
-                             "write with host memory": ["0..inf multi-frag copy-in tcp/lo"]}
+    assert ucx.protocols == {"read into host from host": ["0..inf zero-copy cma/memory"],
+                             "write from host to host": ["0..inf multi-frag copy-in tcp/lo"],
+                             "read into cuda/GPU0 from cuda/dev[1]": ["0..inf software emulation tcp/lo"]}
     levels = {r.getMessage().split(": ", 1)[1]: r.levelname for r in caplog.records if "selected" in r.getMessage()}
-    assert levels["read with host memory: 0..inf zero-copy cma/memory"] == "INFO"
-    assert levels["write with host memory: 0..inf multi-frag copy-in tcp/lo (KV moves over TCP: expect ~0.1-1 GB/s; "
-                  "check UCX_TLS / UCX_NET_DEVICES)"] == "WARNING"
+    assert levels["read into host from host: 0..inf zero-copy cma/memory"] == "INFO"
+    assert levels["read into cuda/GPU0 from cuda/dev[1]: 0..inf software emulation tcp/lo (KV moves over TCP / emulated "
+                  "RMA: expect ~0.1-1 GB/s; check UCX_TLS, UCX_NET_DEVICES, UCX_CUDA_IPC_ENABLE_GET_ZCOPY)"] == "WARNING"
+    assert levels["write from host to host: 0..inf multi-frag copy-in tcp/lo (KV moves over TCP / emulated RMA: expect "
+                  "~0.1-1 GB/s; check UCX_TLS, UCX_NET_DEVICES, UCX_CUDA_IPC_ENABLE_GET_ZCOPY)"] == "WARNING"
     assert any("something odd" in r.getMessage() for r in caplog.records)
     assert ucx.refresh() == []  # nothing new; the half line is not parsed yet
     summary = ucx.summary()
