@@ -52,6 +52,7 @@ class Cluster:
         self.manager = None
         self.token_file: Path | None = None
         self.owns_ray = False
+        self.extra_apps: list[str] = []  # more endpoints over the same workers (Serve app names)
 
     @property
     def url(self) -> str:
@@ -119,9 +120,13 @@ class Cluster:
         raise TimeoutError(f"the cluster did not become ready within {timeout_s:.0f} s")
 
     def stop(self) -> None:
+        """Stop what this object started. Idempotent."""
         import ray
         from ray import serve
 
+        if getattr(self, "_stopped", False):
+            return
+        self._stopped = True
         if ray.is_initialized():
             if self.manager is not None:
                 try:
@@ -130,7 +135,8 @@ class Cluster:
                 except Exception as e:
                     log.warning("manager shutdown: %r", e)
             try:
-                serve.delete(self.app_name)
+                for app in [*self.extra_apps, self.app_name]:
+                    serve.delete(app)
                 if self.owns_ray:
                     serve.shutdown()
             except Exception as e:

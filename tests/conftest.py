@@ -66,10 +66,12 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def pdserve_cluster(ray_session, session_etcd, tmp_path_factory):
-    """pdserve_cluster(name, model_dir, **overrides) -> a started cluster.Launcher.Cluster (stopped
-    at session end, or earlier with .stop())."""
+    """pdserve_cluster(model_dir, prefix=None, **overrides) -> a started cluster.launcher.Cluster.
+    Whatever is still running is stopped when the test package ends; a module-scoped cluster
+    fixture should `yield` it and call .stop() itself, so that only one module's workers run at a
+    time on a small CI machine."""
     import uuid
 
     from cluster.config import load_config
@@ -118,6 +120,7 @@ def attach_ingress(cluster, prefix: str, **overrides):
         node[last] = value
     parse_config(raw)  # validate early
     serve.run(build_app({"config": raw}), name=f"{cluster.app_name}-{prefix}", route_prefix=f"/{prefix}")
+    cluster.extra_apps.append(f"{cluster.app_name}-{prefix}")
     base = cluster.url.rsplit("/", 1)[0] + f"/{prefix}"
     import httpx
     import time

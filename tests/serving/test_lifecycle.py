@@ -19,7 +19,9 @@ def model_dir(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def cluster(pdserve_cluster, model_dir):
-    return pdserve_cluster(model_dir, prefix="lifecycle")
+    c = pdserve_cluster(model_dir, prefix="lifecycle")
+    yield c
+    c.stop()
 
 
 def routed_workers(cluster) -> dict:

@@ -19,7 +19,9 @@ def model_dir(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def cluster(pdserve_cluster, model_dir):
-    return pdserve_cluster(model_dir, prefix="openai")
+    c = pdserve_cluster(model_dir, prefix="openai")
+    yield c
+    c.stop()
 
 
 @pytest.fixture(scope="module")

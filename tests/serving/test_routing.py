@@ -15,8 +15,10 @@ SYSTEM = "You are a helpful assistant. " * 12  # a long shared prefix: many full
 
 @pytest.fixture(scope="module")
 def cluster(pdserve_cluster, tiny_checkpoint):
-    return pdserve_cluster(tiny_checkpoint("qwen2"), prefix="routing", pools__decode__replicas=2,
+    c = pdserve_cluster(tiny_checkpoint("qwen2"), prefix="routing", pools__decode__replicas=2,
                            router__local_prefill_threshold_tokens=16)
+    yield c
+    c.stop()
 
 
 @pytest.fixture(scope="module")
@@ -89,4 +91,5 @@ def attach_ingress_unready(cluster):
     raw = config_as_dict(cluster.config)
     raw["router"]["min_prefill_workers"] = 3
     serve.run(build_app({"config": raw}), name=f"{cluster.app_name}-unready", route_prefix="/routing-unready")
+    cluster.extra_apps.append(f"{cluster.app_name}-unready")
     return cluster.url.rsplit("/", 1)[0] + "/routing-unready"
