@@ -41,7 +41,8 @@ def cluster(pdserve_cluster, model_dir):
     )
     # the endpoint is served under a route prefix here: tell the autoscaler where its metrics are
     ray.get(c.manager.set_endpoint_url.remote(c.url))
-    return c
+    yield c
+    c.stop()
 
 
 @pytest.fixture(scope="package")
