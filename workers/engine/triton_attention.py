@@ -1,12 +1,19 @@
 """The fast attention backend (CUDA; also runs on CPU tensors under TRITON_INTERPRET=1 for tests).
 
-Per step, every integer the GPU needs (token ids, positions, KV slots, query blocks, per-sequence
-lengths, block ids, logits rows) is packed on the host into one pinned int32 buffer and sent with
-ONE asynchronous copy into a device buffer of fixed layout. Regions sit at fixed offsets, so a
+Per step, every integer the GPU needs (token ids, positions, query blocks, per-sequence lengths,
+KV addresses, logits rows) is packed on the host into one pinned buffer and sent with ONE
+asynchronous copy into a device buffer of fixed layout. Regions sit at fixed offsets, so a
 captured CUDA graph that reads them stays valid: a replay only needs the buffer refilled.
 
-    [ids T | pos T | slot T | keep T | qb_seq Q | qb_start Q | q_start S | q_len S | ctx S | blk_start S | blocks B]
+    int32: [ids T | pos T | keep T | qb_seq Q | qb_start Q | q_start S | q_len S | ctx S | blk_start S]
+    int64: [slot_off T | block_off B]
      T = max tokens per step, Q = T + S query blocks, S = max sequences, B = S * blocks per sequence
+
+KV addresses are element offsets from an anchor tensor, computed on the host from each segment's
+address (kv_cache.py may hold several segments): block_off[j] is where block j of the step starts
+in layer 0's K; slot_off[t] where token t's K/V go (-1: a padding row, written nowhere). A kernel
+adds the layer's and V's fixed strides, so KV can live in any segment and nothing on the device
+needs rewriting when segments come and go.
 """
 
 from __future__ import annotations
@@ -57,38 +64,43 @@ class StepMetadata:
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
         self.T, self.S, self.Q = max_tokens, max_seqs, max_tokens + max_seqs
-        names = [("ids", self.T), ("pos", self.T), ("slot", self.T), ("keep", self.T),
-                 ("qb_seq", self.Q), ("qb_start", self.Q), ("q_start", self.S), ("q_len", self.S),
-                 ("ctx", self.S), ("blk_start", self.S)]
+        i32 = [("ids", self.T), ("pos", self.T), ("keep", self.T), ("qb_seq", self.Q), ("qb_start", self.Q),
+               ("q_start", self.S), ("q_len", self.S), ("ctx", self.S), ("blk_start", self.S)]
         self.offsets: dict[str, tuple[int, int]] = {}
         off = 0
-        for name, n in names:
+        for name, n in i32:
             self.offsets[name] = (off, n)
             off += n
-        self.blocks_off = off
-        self.size = off + max_blocks
+        off += off % 2  # int64 regions start 8-byte aligned
+        self.i64_off = off
+        self.offsets["slot_off"] = (off, 2 * self.T)
+        self.blocks_off = off + 2 * self.T
+        self.max_blocks = max_blocks
+        self.size = self.blocks_off + 2 * max_blocks
         pin = device.type == "cuda"
         self.host = torch.zeros(self.size, dtype=torch.int32, pin_memory=pin)
         self.np = self.host.numpy()
         self.dev = torch.zeros(self.size, dtype=torch.int32, device=device)
-        self.used = 0
+        self.dev_slot_off = self.dev[off:off + 2 * self.T].view(torch.int64)
+        self.dev_block_off = self.dev[self.blocks_off:].view(torch.int64)
 
     def host_view(self, name: str) -> np.ndarray:
         off, n = self.offsets[name]
         return self.np[off:off + n]
 
+    def host_i64(self, name: str) -> np.ndarray:
+        if name == "slot_off":
+            return self.np[self.i64_off:self.blocks_off].view(np.int64)
+        return self.np[self.blocks_off:].view(np.int64)
+
     def dev_view(self, name: str, n: int | None = None) -> torch.Tensor:
         off, cap = self.offsets[name]
         return self.dev[off:off + (cap if n is None else n)]
 
-    @property
-    def dev_blocks(self) -> torch.Tensor:
-        return self.dev[self.blocks_off:]
-
     def upload(self, num_blocks: int) -> None:
         """One host->device copy of everything written this step (non-blocking from pinned memory:
         the previous step's copy has finished, its results were read back)."""
-        n = self.blocks_off + num_blocks
+        n = self.blocks_off + 2 * num_blocks
         self.dev[:n].copy_(self.host[:n], non_blocking=True)
 
 
@@ -111,7 +123,7 @@ class TritonPagedAttention(AttentionBackend):
         blocks_per_seq = -(-max_model_len // self.bs)
         self.meta = StepMetadata(self.max_tokens, max_num_seqs, max_num_seqs * blocks_per_seq, device)
         self.anchor = torch.empty(1, dtype=layout.torch_dtype, device=device)  # lives as long as we do
-        self.seg_off = torch.zeros(MAX_SEGMENTS, dtype=torch.int64, device=device)
+        self.seg_off = np.zeros(MAX_SEGMENTS, dtype=np.int64)  # segment index -> element offset from anchor
         self._epoch = -1
         self.backend_id = id(self)
         _BACKENDS[self.backend_id] = self  # for the compiled op; weakly held: the engine owns us
@@ -121,20 +133,24 @@ class TritonPagedAttention(AttentionBackend):
 
     # -- per step --------------------------------------------------------------------------------
     def _sync_segments(self) -> None:
-        """Rewrite the segment offset table when segments changed (in place: graphs keep the pointer)."""
+        """Recompute the segments' offsets from the anchor when segments changed (host only)."""
         kv = self.kv_cache
         if kv.epoch == self._epoch:
             return
         if kv.segments and max(kv.segments) >= MAX_SEGMENTS:
             raise RuntimeError(f"segment index {max(kv.segments)} >= {MAX_SEGMENTS}: raise MAX_SEGMENTS")
+        if kv.device.type != "cuda" and kv.segments:
+            # CPU (the interpreter, in tests): anchor at the lowest segment, so every offset is >= 0;
+            # the interpreter's pointer arithmetic on negative offsets is unreliable. (On CUDA the
+            # anchor must stay fixed: captured graphs hold its address; offsets may be negative.)
+            self.anchor = min(kv.segments.values(), key=lambda t: t.data_ptr())
         esize = self.anchor.element_size()
-        table = torch.zeros(MAX_SEGMENTS, dtype=torch.int64)
+        self.seg_off[:] = 0
         for index, seg in kv.segments.items():
             delta = seg.data_ptr() - self.anchor.data_ptr()
             if delta % esize:
                 raise RuntimeError("KV segment is not element-aligned with the anchor tensor")
-            table[index] = delta // esize
-        self.seg_off.copy_(table)  # rare (resize): a synchronous copy is fine here
+            self.seg_off[index] = delta // esize
         self._epoch = kv.epoch
 
     def prepare(self, seqs: list[SeqSlice], input_ids: list[int], positions: list[int],
@@ -155,19 +171,20 @@ class TritonPagedAttention(AttentionBackend):
         ctx[:S] = [s.ctx_len for s in seqs]
         nblk = (ctx[:S] + (bs - 1)) // bs
         nb = int(nblk.sum())
-        if nb > m.size - m.blocks_off:
+        if nb > m.max_blocks:
             raise ValueError("step's block ids exceed the backend's capacity (max_model_len)")
         blk_start[:S] = np.cumsum(nblk) - nblk
-        blocks = m.np[m.blocks_off:m.blocks_off + nb]
-        blocks[:] = [b for s, k in zip(seqs, nblk.tolist()) for b in s.block_ids[:k]]
+        ids_ = np.fromiter((b for s, k in zip(seqs, nblk.tolist()) for b in s.block_ids[:k]), np.int64, nb)
+        block_off = m.host_i64("blocks")[:nb]
+        block_off[:] = self.seg_off[ids_ // self.bps] + (ids_ % self.bps) * self.block_elems
         q_start[S:] = np.arange(T, n_pad)
         q_len[S:], ctx[S:], blk_start[S:] = 1, 0, 0
         # per token
-        ids, pos, slot = m.host_view("ids")[:n_pad], m.host_view("pos")[:n_pad], m.host_view("slot")[:n_pad]
+        ids, pos, slot = m.host_view("ids")[:n_pad], m.host_view("pos")[:n_pad], m.host_i64("slot_off")[:n_pad]
         ids[:T] = input_ids
         pos[:T] = positions
         tok_seq = np.repeat(np.arange(S), q_len[:S])
-        slot[:T] = blocks[blk_start[tok_seq] + pos[:T] // bs] * bs + pos[:T] % bs
+        slot[:T] = block_off[blk_start[tok_seq] + pos[:T] // bs] + (pos[:T] % bs) * (self.H * self.D)
         ids[T:], pos[T:], slot[T:] = 0, 0, -1
         # query blocks: ceil(q_len / block_q) per sequence
         self.block_q = bq = 1 if int(q_len[:S].max(initial=1)) == 1 else max(1, 64 // _pow2(self.group))
@@ -208,8 +225,8 @@ class TritonPagedAttention(AttentionBackend):
         block_h, block_d = _pow2(self.H), _pow2(self.D)
         write_kv_kernel[(T,)](
             k, v, k.stride(1), k.stride(0), v.stride(1), v.stride(0),
-            self.anchor, self.seg_off, m.dev_view("slot"), layer_off, self.kv_off, self.bps,
-            BS=self.bs, H=self.H, D=self.D, BLOCK_H=block_h, BLOCK_D=block_d,
+            self.anchor, m.dev_slot_off, layer_off, self.kv_off,
+            H=self.H, D=self.D, BLOCK_H=block_h, BLOCK_D=block_d,
         )
         Hq, G = q.shape[0], self.group
         out = torch.empty((1, T, Hq, self.D), dtype=q.dtype, device=q.device)
@@ -217,12 +234,13 @@ class TritonPagedAttention(AttentionBackend):
         block_m = max(16, _pow2(self.block_q * G))
         paged_attention_kernel[(self.num_qblocks, self.H)](
             q, q.stride(1), q.stride(0), o, o.stride(0), o.stride(1),
-            self.anchor, self.seg_off, layer_off, self.kv_off, self.bps,
-            m.dev_blocks, m.dev_view("qb_seq"), m.dev_view("qb_start"), m.dev_view("q_start"),
+            self.anchor, layer_off, self.kv_off,
+            m.dev_block_off, m.dev_view("qb_seq"), m.dev_view("qb_start"), m.dev_view("q_start"),
             m.dev_view("q_len"), m.dev_view("ctx"), m.dev_view("blk_start"),
             float(scaling), int(sliding_window or 0),
             G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs,
-            BLOCK_Q=self.block_q, BLOCK_M=block_m, BLOCK_N=max(16, min(64, _pow2(self.bs) * 4)),
+            # decode: one long tile sweep per program (fewer dependent load rounds); prefill: 64
+            BLOCK_Q=self.block_q, BLOCK_M=block_m, BLOCK_N=128 if self.block_q == 1 else 64,
             USE_WINDOW=bool(sliding_window), INTERPRET=INTERPRET,
             # fp32 models: exact fp32 products (not tf32), so fp32 output matches the torch reference
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

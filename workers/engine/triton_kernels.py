@@ -1,26 +1,18 @@
 """Triton kernels of the paged attention: the KV cache write and one attention kernel for every
-step (prefill chunks, decodes, and mixes of both), over block ids that may live in any segment.
+step (prefill chunks, decodes, and mixes of both), over blocks that may live in any segment.
 
-Addressing. KV memory is several segment tensors (kv_cache.py, layout in kv_transfer/layout.py):
+Addressing (see triton_attention.py): KV memory is several segment tensors laid out as
+``segment[layer, kv, local_block, slot, kv_head, dim]``. The host gives every kernel element
+offsets from one anchor pointer: ``block_off`` (a block's layer-0 K start) and ``slot_off`` (a new
+token's layer-0 K slot). The element (layer, kv, slot n of a block, head h, d) is then at
 
-    segment[layer, kv, local_block, slot, kv_head, dim]
+    anchor + block_off + layer * layer_off_stride + kv * kv_off + n * H * D + h * D + d
 
-Kernels take one *anchor* pointer and a table ``seg_off[segment] = (segment.data_ptr() -
-anchor.data_ptr()) / element_size`` (int64, elements). The element (layer, kv, block b, slot,
-head, d) is then at
-
-    anchor + seg_off[b // bps] + layer_off + kv * kv_off + (b % bps) * block_elems
-           + slot * H * D + head * D + d
-
-so one launch reads blocks of any segment, and the table is rewritten in place when segments
-come and go (captured CUDA graphs keep pointing at the same table).
-
-Step metadata (int32, all on the device; see triton_attention.StepMetadata):
-    slot[t]          global KV slot (block_id * block_size + offset) of packed token t; -1 = padding
+Step metadata (int32, on the device):
     qb_seq[i]        sequence of query block i;  qb_start[i]: its first packed token
     seq_q_start[s], seq_q_len[s], seq_ctx_len[s], seq_blk_start[s]: packed tokens of sequence s are
                      [q_start, q_start + q_len), at context positions [ctx_len - q_len, ctx_len);
-                     its block ids are blocks[blk_start : blk_start + ceil(ctx_len / bs)]
+                     its blocks are block_off[blk_start : blk_start + ceil(ctx_len / BS)]
 """
 
 from __future__ import annotations
@@ -31,36 +23,32 @@ import triton.language as tl
 
 @triton.jit
 def write_kv_kernel(
-    K, V, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
-    anchor, seg_off, slot_mapping, layer_off, kv_off, bps,
-    BS: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    K, V, k_stride_t, k_stride_h, v_stride_t, v_stride_h, anchor, slot_off, layer_off, kv_off,
+    H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
-    slot = tl.load(slot_mapping + t).to(tl.int64)
-    if slot >= 0:
-        blk = slot // BS
-        base = tl.load(seg_off + blk // bps) + layer_off + (blk % bps) * (BS * H * D) + (slot % BS) * (H * D)
+    off = tl.load(slot_off + t)
+    if off >= 0:  # -1: a padding row
         h = tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
         m = (h[:, None] < H) & (d[None, :] < D)
         k = tl.load(K + t * k_stride_t + h[:, None] * k_stride_h + d[None, :], mask=m)
         v = tl.load(V + t * v_stride_t + h[:, None] * v_stride_h + d[None, :], mask=m)
-        dst = anchor + base + h[:, None] * D + d[None, :]
+        dst = anchor + (off + layer_off) + h[:, None] * D + d[None, :]
         tl.store(dst, k.to(anchor.dtype.element_ty), mask=m)
         tl.store(dst + kv_off, v.to(anchor.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _attend_tile(n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, seg_off, layer_off, kv_off, bps, blocks, blk_start,
+def _attend_tile(n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
                  kvh, scale, window, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
                  BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Keys [n0, n0 + BLOCK_N) of one sequence into the running (max, sum, output) of its rows."""
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < kv_hi
     d = tl.arange(0, BLOCK_D)
-    blk = tl.load(blocks + blk_start + n // BS, mask=n_ok, other=0).to(tl.int64)
-    base = (tl.load(seg_off + blk // bps, mask=n_ok, other=0) + layer_off
-            + (blk % bps) * (BS * HKV * D) + (n % BS) * (HKV * D) + kvh * D)
+    base = (tl.load(block_off + blk_start + n // BS, mask=n_ok, other=0) + layer_off
+            + (n % BS) * (HKV * D) + kvh * D)
     kv_mask = n_ok[:, None] & (d < D)[None, :]
     k = tl.load(anchor + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(anchor + kv_off + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
@@ -80,8 +68,8 @@ def _attend_tile(n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, seg_off, layer_off,
 @triton.jit
 def paged_attention_kernel(
     Q, q_stride_t, q_stride_h, O, o_stride_t, o_stride_h,
-    anchor, seg_off, layer_off, kv_off, bps,
-    blocks, qb_seq, qb_start, seq_q_start, seq_q_len, seq_ctx_len, seq_blk_start,
+    anchor, layer_off, kv_off,
+    block_off, qb_seq, qb_start, seq_q_start, seq_q_len, seq_ctx_len, seq_blk_start,
     scale, window,
     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
@@ -126,13 +114,13 @@ def paged_attention_kernel(
         n0 = kv_lo
         while n0 < kv_hi:
             m_i, l_i, acc = _attend_tile(
-                n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, seg_off, layer_off, kv_off, bps, blocks, blk_start,
+                n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
                 kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION)
             n0 += BLOCK_N
     else:  # a for loop: the compiler pipelines the K/V loads
         for n0 in range(kv_lo, kv_hi, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
-                n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, seg_off, layer_off, kv_off, bps, blocks, blk_start,
+                n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
                 kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION)
     out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
     tl.store(O + tok[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :],
