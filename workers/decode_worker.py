@@ -107,10 +107,14 @@ class DecodeWorkerImpl(WorkerBase):
             reservation = await self._reserve(req, prefill, deadline)
             await asyncio.wait_for(self.transceiver.ensure_peer(prefill_id, handle.kv_epoch, handle.compat_hash,
                                                                 lambda: prefill.peer_info.remote()), call_s)
+            # [0, n) already cached here | [n, len) to READ; n == len when every block is (a prompt
+            # of whole blocks we hold): the handle still brings the first token, nothing to read
             n = reservation.num_local_cached_blocks
-            budget_s = min(self.spec.transfer.deadline_s, min(deadline, handle.expires_at) - time.time())
-            await self.transceiver.read(prefill_id, handle.block_ids[n:], reservation.block_ids[n:], budget_s,
-                                        num_tokens=handle.num_tokens - n * self.engine.block_size, request_id=rid)
+            if n < len(handle.block_ids):
+                budget_s = min(self.spec.transfer.deadline_s, min(deadline, handle.expires_at) - time.time())
+                await self.transceiver.read(prefill_id, handle.block_ids[n:], reservation.block_ids[n:], budget_s,
+                                            num_tokens=handle.num_tokens - n * self.engine.block_size,
+                                            request_id=rid)
             released = True  # from here the prefill side frees its blocks whatever release() answers
             # raises LeaseExpiredError (what we read may be stale); no answer in time counts as that too
             await asyncio.wait_for(prefill.release.remote(rid), call_s)

@@ -79,7 +79,8 @@ def pinned_leases(actor) -> int:
 
 
 def counters(actor) -> dict:
-    return on_worker(actor, lambda w: dict(w.counters))
+    """The worker's WorkerCounters fields, transfer totals current (not as of the last poll)."""
+    return on_worker(actor, lambda w: {**w.counters, **w.transceiver.counters()})
 
 
 def pid_of(actor) -> int:
