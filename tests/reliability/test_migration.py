@@ -12,6 +12,7 @@ import time
 import openai
 import pytest
 import ray
+from ray import serve
 
 from tests.conftest import attach_ingress
 from tests.reliability.faults import (actor_of, assert_no_leaks, freeze, inflight, metric, pid_of, routing,
@@ -33,13 +34,16 @@ def model_dir(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def cluster(pdserve_cluster, model_dir):
-    return pdserve_cluster(model_dir, prefix="migration", pools__decode__replicas=3, router__overlap_weight=100)
+    c = pdserve_cluster(model_dir, prefix="migration", pools__decode__replicas=3, router__overlap_weight=100)
+    yield c
+    c.stop()  # frees the machine for the next module
 
 
 @pytest.fixture(scope="module")
 def no_migration_url(cluster):
     """A second endpoint over the same workers that allows no migration."""
-    return attach_ingress(cluster, "migration-none", limits__max_migrations=0, router__overlap_weight=100)
+    yield attach_ingress(cluster, "migration-none", limits__max_migrations=0, router__overlap_weight=100)
+    serve.delete(f"{cluster.app_name}-migration-none")
 
 
 def client_for(url):

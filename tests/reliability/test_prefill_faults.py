@@ -29,8 +29,10 @@ def model_dir(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def cluster(pdserve_cluster, model_dir):
-    return pdserve_cluster(model_dir, prefix="prefill-faults", pools__prefill__replicas=3,
-                           transfer__deadline_s=5, limits__prefill_timeout_s=PREFILL_TIMEOUT_S)
+    c = pdserve_cluster(model_dir, prefix="prefill-faults", pools__prefill__replicas=3,
+                        transfer__deadline_s=5, limits__prefill_timeout_s=PREFILL_TIMEOUT_S)
+    yield c
+    c.stop()  # frees the machine for the next module
 
 
 @pytest.fixture(scope="module")
