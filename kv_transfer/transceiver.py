@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from kv_transfer.descriptors import Run, check_num_tokens, pair_runs
-from kv_transfer.errors import (CompatMismatchError, StalePeerError, TransferError, UnknownPeerError)
+from kv_transfer.errors import (CompatMismatchError, DeadlineExceededError, StalePeerError, TransferError,
+                                UnknownPeerError)
 from kv_transfer.layout import KVLayout
 from kv_transfer.metrics import TransferMetrics
 from workers.protocol import KVSegmentInfo, PeerInfo
@@ -82,13 +83,26 @@ class KVTransceiver(ABC):
 
     # -- handshake -----------------------------------------------------------------------------
     def peer_info(self) -> PeerInfo:
-        with self._lock:
-            segments = tuple(info for info, _ in sorted(self._segments.values(), key=lambda it: it[0].index))
-            memory_kind = "VRAM" if self.kv_cache.device.type == "cuda" else "DRAM"
-            return PeerInfo(worker_id=self.worker_id, backend=self.backend, agent_name=self.agent_name,
-                            agent_metadata=self._connection_metadata(), memory_kind=memory_kind,
-                            segments=segments, layout=self.layout, compat_hash=self.compat_hash,
-                            kv_epoch=self.kv_cache.epoch, tcp_address=self._tcp_address())
+        """Our handshake. Its kv_epoch always describes exactly its segments: KVCache bumps the
+        epoch and tells listeners in separate steps, so we snapshot only when our registrations
+        match the cache's segment set and the epoch did not move meanwhile."""
+        memory_kind = "VRAM" if self.kv_cache.device.type == "cuda" else "DRAM"
+        for _ in range(1000):
+            epoch = self.kv_cache.epoch
+            with self._lock:
+                segments = tuple(info for info, _ in sorted(self._segments.values(), key=lambda it: it[0].index))
+                metadata = self._connection_metadata()
+            try:
+                cache_indices = set(list(self.kv_cache.segments))
+            except RuntimeError:  # resized while we looked
+                continue
+            if cache_indices == {s.index for s in segments} and self.kv_cache.epoch == epoch:
+                return PeerInfo(worker_id=self.worker_id, backend=self.backend, agent_name=self.agent_name,
+                                agent_metadata=metadata, memory_kind=memory_kind, segments=segments,
+                                layout=self.layout, compat_hash=self.compat_hash, kv_epoch=epoch,
+                                tcp_address=self._tcp_address())
+            time.sleep(0.001)
+        raise TransferError(f"{self.worker_id}: KV segments kept changing; no consistent handshake")
 
     def add_peer(self, info: PeerInfo) -> None:
         """Accept a peer's handshake (replacing an older one from the same worker)."""
@@ -165,6 +179,10 @@ class KVTransceiver(ABC):
         remote_block_ids, local_block_ids = list(remote_block_ids), list(local_block_ids)
         if not remote_block_ids:
             raise ValueError("read of zero blocks")
+        if deadline_s <= 0:
+            self.metrics.transfer_failed(DeadlineExceededError.kind)
+            raise DeadlineExceededError(f"read from {peer} has no time left (deadline_s={deadline_s:.3f})",
+                                        peer=peer, request_id=request_id)
         check_num_tokens(self.layout, len(remote_block_ids), num_tokens)
         with self._lock:
             info = self._peers.get(peer)

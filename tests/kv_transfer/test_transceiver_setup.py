@@ -68,6 +68,8 @@ def test_two_transceivers_in_one_process_keep_their_own_metrics():
         assert b.counters()["num_transfers"] == 1 and a.counters()["num_transfers"] == 0
         with pytest.raises(TransferError):
             b.read_blocking("nobody", [0], [0], 1.0)
+        with pytest.raises(DeadlineExceededError, match="no time left"):  # an expired budget fails fast
+            b.read_blocking("metrics-a", [0], [0], 0.0)
         assert 'pdserve_kv_transfer_failures_total{backend="tcp",error="unknown_peer",worker_id="metrics-b"} 1.0' in \
             generate_latest(registry).decode()
     finally:

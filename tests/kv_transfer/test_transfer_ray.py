@@ -83,6 +83,7 @@ def test_segment_added_after_handshake_needs_rehandshake(pair, ray_cluster):
         as_bytes(ray.get(prefill.blocks.remote(new_blocks + REMOTE[:2])))
 
 
+@pytest.mark.parametrize("pair", ["nixl"], indirect=True)  # the check runs before any backend call
 def test_compat_mismatch_names_the_field(pair, spawn_peer, ray_cluster):
     ray = ray_cluster
     prefill, _, backend = pair
