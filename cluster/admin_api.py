@@ -12,8 +12,12 @@
     DELETE /cluster/kv-quota/{id}            hand the worker back to the resizer
     GET    /metrics                          Prometheus: KV quota/use per worker, node budgets, pools
     GET    /openapi.json                     the spec
+    GET    /cluster/traffic                  the endpoint's latency/throughput samples and recent routing
+                                             decisions (cluster/endpoint_traffic.py)
+    GET    /dashboard                        the live dashboard page (public: it holds no data; its
+                                             data routes need the token; cluster/dashboard_page.py)
 
-Auth: EVERY path (the spec and unknown paths included) answers 401 without
+Auth: EVERY path but GET /dashboard (the spec and unknown paths included) answers 401 without
 ``Authorization: Bearer <server.admin_token>``; the check runs before routing, compares in
 constant time, and never logs the header. There is no Swagger UI (a browser could not send the
 header); fetch the spec with the token. Errors: ``{"error": {"message", "type", "code", "param"}}``
@@ -38,6 +42,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster import admin_models as m
 from cluster.admin_views import cluster_summary, drain_model, kv_model, metrics_text, worker_statuses
+from cluster.dashboard_page import DASHBOARD_PATH, dashboard_response, is_public
+from cluster.endpoint_traffic import EndpointTraffic, TrafficView
 from cluster.etcd_client import EtcdUnavailableError
 from cluster.manager import InvalidScaleError, UnknownWorkerError, WorkerStateConflict
 from workers.protocol import Role
@@ -78,7 +84,7 @@ class BearerTokenAuth:
         return dict(scope["headers"]).get(b"authorization", b"")
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not is_public(scope):
             given = self.presented(scope)
             if not hmac.compare_digest(given, self._expected):
                 message = ("missing bearer token: send 'Authorization: Bearer <token>' (server.admin_token / "
@@ -206,6 +212,17 @@ def create_app(manager, token: str) -> FastAPI:
     @app.delete("/cluster/kv-quota/{worker_id}", response_model=m.KVQuotaCleared, **deps)
     async def clear_kv_quota(worker_id: str):
         return m.KVQuotaCleared(worker_id=worker_id, had_override=await manager.clear_kv_quota(worker_id))
+
+    # -- the endpoint's traffic, and the live dashboard -----------------------------------------
+    traffic = EndpointTraffic(lambda: manager.endpoint_url)
+
+    @app.get("/cluster/traffic", response_model=TrafficView, **deps)
+    async def get_traffic():
+        return await traffic.view()
+
+    @app.get(DASHBOARD_PATH, include_in_schema=False)
+    async def dashboard():
+        return dashboard_response()
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(bearer)], responses=_JSON_ERRORS)
     async def metrics():
