@@ -11,7 +11,7 @@ host's processes (Ray finds "its" raylets by scanning processes; a `ray stop` on
 reach the other, nor anything outside the test). Filesystems are shared, as with an NFS home.
 Processes started through a host get UCX_NET_DEVICES = its veth and UCX_TLS = tcp (why: Host.env).
 
-Invariants: a host is an init process (`sleep infinity`, PID 1 of the host's PID namespace) that
+Invariants: a host is an init process (a reaper, PID 1 of the host's PID namespace) that
 every command joins with nsenter; `down()` ends the processes it started, then kills each init,
 which makes the kernel kill everything left in that PID namespace, then deletes both network
 namespaces, which removes the veth pair with them.
@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,10 +179,23 @@ def _ip(*args: str) -> None:
         raise NetnsUnavailableError(f"`ip {' '.join(args)}` failed: {done.stderr.strip()}")
 
 
+# PID 1 of a host: reaps every orphan (daemons such as raylet are reparented to it), as a real
+# init does; a non-reaping PID 1 would leave them as zombies that still look alive.
+_INIT_CODE = """
+import os, time
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        time.sleep(0.2)
+"""
+
+
 def _start_init(host: Host, timeout_s: float = 10.0) -> None:
     """The host's PID-1 process, in its network namespace, with its own PID namespace and /proc."""
     host.init = subprocess.Popen(
-        ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "sleep", "infinity"],
+        ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+         sys.executable, "-c", _INIT_CODE],
         start_new_session=True,
     )
     # `ip netns exec` execs unshare (same PID); unshare forks the namespace's PID 1.
@@ -189,7 +203,7 @@ def _start_init(host: Host, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         pids = children.read_text().split() if children.exists() else []
-        if pids and Path(f"/proc/{pids[0]}/cmdline").read_bytes().startswith(b"sleep"):
+        if pids and _INIT_CODE.encode() in Path(f"/proc/{pids[0]}/cmdline").read_bytes():
             host.init_pid = int(pids[0])
             return
         if host.init.poll() is not None:
