@@ -5,13 +5,14 @@ KV addresses, logits rows) is packed on the host into one pinned buffer and sent
 asynchronous copy into a device buffer of fixed layout. Regions sit at fixed offsets, so a
 captured CUDA graph that reads them stays valid: a replay only needs the buffer refilled.
 
-    int32: [ids T | pos T | keep T | qb_seq Q | qb_start Q | q_start S | q_len S | ctx S | blk_start S]
+    int32: [ids T | pos T | keep T | qb_seq Q | qb_start Q | q_start S | q_len S | ctx S | blk_start S | n_real 1]
     int64: [slot_off T | block_off B]
      T = max tokens per step, Q = T + S query blocks, S = max sequences, B = S * blocks per sequence
 
 KV addresses are element offsets from an anchor tensor, computed on the host from each segment's
 address (kv_cache.py may hold several segments): block_off[j] is where block j of the step starts
-in layer 0's K; slot_off[t] where token t's K/V go (-1: a padding row, written nowhere). A kernel
+in layer 0's K; slot_off[t] where token t's K/V go. Offsets may be negative (segments can lie
+below the anchor); rows t >= n_real are padding and write nothing. A kernel
 adds the layer's and V's fixed strides, so KV can live in any segment and nothing on the device
 needs rewriting when segments come and go.
 """
@@ -65,7 +66,7 @@ class StepMetadata:
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
         self.T, self.S, self.Q = max_tokens, max_seqs, max_tokens + max_seqs
         i32 = [("ids", self.T), ("pos", self.T), ("keep", self.T), ("qb_seq", self.Q), ("qb_start", self.Q),
-               ("q_start", self.S), ("q_len", self.S), ("ctx", self.S), ("blk_start", self.S)]
+               ("q_start", self.S), ("q_len", self.S), ("ctx", self.S), ("blk_start", self.S), ("n_real", 1)]
         self.offsets: dict[str, tuple[int, int]] = {}
         off = 0
         for name, n in i32:
@@ -139,11 +140,6 @@ class TritonPagedAttention(AttentionBackend):
             return
         if kv.segments and max(kv.segments) >= MAX_SEGMENTS:
             raise RuntimeError(f"segment index {max(kv.segments)} >= {MAX_SEGMENTS}: raise MAX_SEGMENTS")
-        if kv.device.type != "cuda" and kv.segments:
-            # CPU (the interpreter, in tests): anchor at the lowest segment, so every offset is >= 0;
-            # the interpreter's pointer arithmetic on negative offsets is unreliable. (On CUDA the
-            # anchor must stay fixed: captured graphs hold its address; offsets may be negative.)
-            self.anchor = min(kv.segments.values(), key=lambda t: t.data_ptr())
         esize = self.anchor.element_size()
         self.seg_off[:] = 0
         for index, seg in kv.segments.items():
@@ -185,7 +181,8 @@ class TritonPagedAttention(AttentionBackend):
         pos[:T] = positions
         tok_seq = np.repeat(np.arange(S), q_len[:S])
         slot[:T] = block_off[blk_start[tok_seq] + pos[:T] // bs] + (pos[:T] % bs) * (self.H * self.D)
-        ids[T:], pos[T:], slot[T:] = 0, 0, -1
+        ids[T:], pos[T:], slot[T:] = 0, 0, 0
+        m.host_view("n_real")[0] = T  # rows [T, n_pad) are padding: no KV write
         # query blocks: ceil(q_len / block_q) per sequence
         self.block_q = bq = 1 if int(q_len[:S].max(initial=1)) == 1 else max(1, 64 // _pow2(self.group))
         per_seq = (q_len + (bq - 1)) // bq
@@ -225,7 +222,7 @@ class TritonPagedAttention(AttentionBackend):
         block_h, block_d = _pow2(self.H), _pow2(self.D)
         write_kv_kernel[(T,)](
             k, v, k.stride(1), k.stride(0), v.stride(1), v.stride(0),
-            self.anchor, m.dev_slot_off, layer_off, self.kv_off,
+            self.anchor, m.dev_slot_off, m.dev_view("n_real"), layer_off, self.kv_off,
             H=self.H, D=self.D, BLOCK_H=block_h, BLOCK_D=block_d,
         )
         Hq, G = q.shape[0], self.group

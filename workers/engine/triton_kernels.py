@@ -23,12 +23,12 @@ import triton.language as tl
 
 @triton.jit
 def write_kv_kernel(
-    K, V, k_stride_t, k_stride_h, v_stride_t, v_stride_h, anchor, slot_off, layer_off, kv_off,
+    K, V, k_stride_t, k_stride_h, v_stride_t, v_stride_h, anchor, slot_off, n_real, layer_off, kv_off,
     H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
-    off = tl.load(slot_off + t)
-    if off >= 0:  # -1: a padding row
+    if t < tl.load(n_real):  # later rows pad a captured graph's batch: they write nothing
+        off = tl.load(slot_off + t)  # may be negative: segments can lie below the anchor
         h = tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
         m = (h[:, None] < H) & (d[None, :] < D)

@@ -54,12 +54,16 @@ def test_kernels_match_torch_reference(hq, hkv, dim, window):
         seg.copy_(caches[0].segments[i])
     ref = TorchPagedAttention(caches[0])
     fast = TritonPagedAttention(caches[1], hq, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64)
+    # anchor at the highest segment: the others sit at negative offsets (as on a GPU, where the
+    # anchor is allocated after the cache and segments come and go)
+    fast.anchor = max(caches[1].segments.values(), key=lambda t: t.data_ptr())
     # decodes, a fresh prefill, a chunk after cached context, a one-token chunk
     for shapes in ([(9, 1), (0, 7), (12, 6), (3, 1)], [(5, 1), (17, 1)], [(0, 19)]):
         seqs, ids, pos = random_step(rng, caches[0].num_blocks, bs, shapes)
         T = len(ids)
         ref.prepare(seqs, ids, pos, [T - 1])
         fast.prepare(seqs, ids, pos, [T - 1])
+        assert (fast.seg_off[:3] < 0).sum() == 2
         for layer in range(layers):
             q, k, v = torch.randn(1, hq, T, dim), torch.randn(1, hkv, T, dim), torch.randn(1, hkv, T, dim)
             want = ref.forward(layer, q, k, v, dim ** -0.5, window)
@@ -88,4 +92,26 @@ def test_engine_on_triton_backend_matches_generate(tiny_checkpoint):
     assert type(engine.runner.backend).__name__ == "TritonPagedAttention"
     got = run_all(engine, prompts, sampling=GREEDY)
     assert got == {f"r{i}": hf_greedy(model_dir, p, GREEDY.max_tokens) for i, p in enumerate(prompts)}
+    assert_all_blocks_free(engine)
+
+
+def test_padded_decode_steps_match_generate(tiny_checkpoint):
+    """The CUDA-graph path's inputs without the graph: decode steps padded to capture sizes run
+    eagerly over the same fixed buffers (what a replay reads) give generate's tokens."""
+    from workers.engine.cuda_graphs import DecodeGraphs
+
+    class EagerPadded(DecodeGraphs):
+        def run(self, seqs, input_ids, positions, logits_indices):
+            size = next(s for s in self.sizes if s >= len(seqs))
+            ids, pos, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices, pad_to=size)
+            assert ids.shape[1] == size
+            self.num_replays += 1
+            return self._forward(ids, pos).index_select(0, keep.long())
+
+    model_dir = tiny_checkpoint("llama")
+    engine = make_engine(model_dir, attention_backend="triton", max_num_seqs=5, blocks_per_segment=4)
+    engine.runner.graphs = EagerPadded(engine.runner.model, engine.runner.backend, [1, 2, 4, 5])
+    got = run_all(engine, PROMPTS)
+    assert engine.runner.graphs.num_replays > 0
+    assert got == {f"r{i}": hf_greedy(model_dir, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
     assert_all_blocks_free(engine)
