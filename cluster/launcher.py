@@ -93,6 +93,7 @@ class Cluster:
             self.owns_ray = True
         serve.run(build_app({"config": config_as_dict(c)}), name=self.app_name, route_prefix=self.route_prefix)
         self.manager = ray.get_actor("pdserve-manager", namespace=ray_namespace(c.cluster_name))
+        ray.get(self.manager.set_endpoint_url.remote(self.url))  # where the autoscaler reads latencies
         self._wait_ready(ready_timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:

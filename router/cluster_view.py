@@ -43,6 +43,10 @@ class WorkerEntry:
     last_ok_at: float = 0.0
     num_poll_failures: int = 0
     num_routed: int = 0  # requests this router sent it and that have not finished
+    # blocks of requests routed here since the last poll: the poll is up to poll_interval_s old,
+    # and a burst of requests must not all pick the same "idle" worker in the meantime
+    blocks_since_poll: int = 0
+    requests_since_poll: int = 0
     poll_task: asyncio.Task | None = None
 
     @property
@@ -52,8 +56,10 @@ class WorkerEntry:
     def load(self) -> WorkerLoad:
         s = self.state.load
         # add this router's own in-flight count, which is fresher than the last poll
-        return WorkerLoad(s.worker_id, s.role, s.num_running, s.num_waiting + max(0, self.num_routed - s.num_running),
-                          s.num_used_blocks, s.num_total_blocks, s.num_pinned_blocks, s.is_draining)
+        queued = max(s.num_waiting + self.requests_since_poll, s.num_waiting + self.num_routed - s.num_running)
+        return WorkerLoad(s.worker_id, s.role, s.num_running, queued,
+                          s.num_used_blocks + self.blocks_since_poll, s.num_total_blocks, s.num_pinned_blocks,
+                          s.is_draining)
 
 
 class ClusterView:
@@ -115,6 +121,11 @@ class ClusterView:
             others = sorted((s for s in plan.prefill.scores if s.worker_id != plan.prefill.worker_id),
                             key=lambda s: -s.score)
             ranked = (plan.prefill.worker_id, *(s.worker_id for s in others))
+        num_new_blocks = -(-len(prompt_token_ids) // self.block_size)
+        for chosen in (plan.decode, plan.prefill):
+            if chosen is not None and chosen.worker_id in self.workers:
+                self.workers[chosen.worker_id].blocks_since_poll += num_new_blocks
+                self.workers[chosen.worker_id].requests_since_poll += 1
         self.alarm.observe(hashes[0] if hashes else None, max(overlaps.values(), default=0))
         self.decisions.append({
             "at": time.time(), "decode": plan.decode.worker_id,
@@ -186,7 +197,7 @@ class ClusterView:
             self.index.apply_all(state.events)
         else:
             self.index.reset_worker(wid, state.cached_hashes or (), state.last_seq)
-        w.state, w.last_seq = state, state.last_seq
+        w.state, w.last_seq, w.blocks_since_poll, w.requests_since_poll = state, state.last_seq, 0, 0
         w.num_poll_failures, w.last_ok_at = 0, time.monotonic()
 
     # -- reporting -----------------------------------------------------------------------------

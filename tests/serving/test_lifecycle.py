@@ -3,6 +3,7 @@ join or leave etcd join or leave routing within the lease TTL, and a client that
 mid-stream leaves no KV block in use on any worker."""
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -49,14 +50,18 @@ def test_scale_to_two_plus_two_keeps_greedy_exact(cluster, model_dir):
     wait_for(lambda: sum(w["healthy"] for w in routed_workers(cluster).values()) == 4, 120, "4 routed workers")
     client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="x", max_retries=0, timeout=120)
     prompts = [f"request number {i} about KV blocks" for i in range(8)]
-    decodes = set()
-    for p in prompts:
-        r = client.completions.create(model="tiny-qwen3", prompt=p, max_tokens=10, temperature=0,
-                                      extra_body={"ignore_eos": True})
-        want = tok.decode(hf_greedy(model_dir, tok(p).input_ids, 10), skip_special_tokens=True)
-        assert r.choices[0].text == want
-        decodes.add(httpx.get(cluster.url + "/v1/routing/recent", timeout=30).json()["decisions"][-1]["decode"])
-    assert len(decodes) == 2, "load should spread over both decode workers"
+
+    def complete(p):
+        return client.completions.create(model="tiny-qwen3", prompt=p, max_tokens=10, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:  # concurrent: the router must spread them by load
+        got = list(pool.map(complete, prompts))
+    for p, text in zip(prompts, got):
+        assert text == tok.decode(hf_greedy(model_dir, tok(p).input_ids, 10), skip_special_tokens=True)
+    decisions = httpx.get(cluster.url + "/v1/routing/recent", timeout=30).json()["decisions"][-8:]
+    assert {d["decode"] for d in decisions} == {"decode-0", "decode-1"}, decisions
+    assert {d["prefill"] for d in decisions} == {"prefill-0", "prefill-1"}, decisions
 
 
 def test_membership_follows_etcd_within_ttl(cluster):
