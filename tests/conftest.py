@@ -12,6 +12,10 @@ os.environ.setdefault("UCX_NET_DEVICES", "lo")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# One intra-op thread (here and in subprocesses: Ray workers, benchmark smoke runs): the test models
+# are tiny, and on a busy 2-core box torch's OpenMP threads wait on each other at every op (a
+# 64x128 linear took 2.4 ms with 2 threads under load vs 7 us with 1, measured on this machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PDSERVE_TEST_CACHE", REPO / ".cache" / "test-models"))
