@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import PdserveConfig, load_config, parse_config
 from router import openai_format as fmt
@@ -39,8 +40,11 @@ app = FastAPI(title="pdserve OpenAI-compatible API", version="0.1.0")
 _ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
            429: {"model": ErrorResponse}, 500: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
            504: {"model": ErrorResponse}}
-# stream: true answers with server-sent events instead of the JSON body
-_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+# stream: true answers with server-sent events instead of the JSON body; the schema describes one
+# event: its data is a JSON chunk (or {"error": ...}), and the last one is [DONE]
+_SSE = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk, an error object, or [DONE]"}}}}}
 # what ends a request with a 503 (no byte streamed yet) or an SSE error event (streaming)
 _UNAVAILABLE = (NoWorkerAvailable, MigrationsExhausted, RequestFailedError)
 
@@ -68,6 +72,14 @@ async def _validation_error(request: Request, e: RequestValidationError):
     msg = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}"
                     for err in e.errors())
     return error_response(400, msg or "invalid request", "invalid_request_error", ".".join(loc) or None)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _starlette_error(request: Request, e: StarletteHTTPException):
+    # FastAPI's own errors (a body it cannot decode, an unknown path, a wrong method), OpenAI-shaped
+    type_ = "invalid_request_error" if e.status_code < 500 else "server_error"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return error_response(e.status_code, str(e.detail), type_, code=code, headers=getattr(e, "headers", None))
 
 
 @app.exception_handler(InvalidRequestError)

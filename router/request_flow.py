@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 WORKER_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
 _CHECK_INTERVAL_S = 0.25  # how often a wait for the next token re-checks the worker and the deadline
+# The router owns the request deadline (RequestTimedOut, then it cancels the worker's stream); the
+# worker's own deadline is this much later, a backstop for a router that went away.
+_WORKER_DEADLINE_GRACE_S = 2.0
 
 
 class MigrationsExhausted(RuntimeError):
@@ -62,6 +65,8 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
     migrations = 0
     deadline = time.monotonic() + limits.request_timeout_s
     while True:
+        if time.monotonic() >= deadline:
+            raise RequestTimedOut("the request did not finish by its deadline (limits.request_timeout_s)")
         plan, prefill_ranked = view.plan(prompt_token_ids + generated, cache_salt, frozenset(exclude))
         decode_id = plan.decode.worker_id
         # a resumed request: [prompt | generated so far] is its prompt, and it produces the rest
@@ -69,7 +74,7 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
                                         output_position_offset=sampling.output_position_offset + len(generated))
         attempt_id = request_id if not exclude else f"{request_id}#{len(exclude)}"
         req = GenerateRequest(attempt_id, tuple(prompt_token_ids + generated), remaining, cache_salt,
-                              prefill_ranked, deadline_s=max(0.001, deadline - time.monotonic()),
+                              prefill_ranked, deadline_s=deadline - time.monotonic() + _WORKER_DEADLINE_GRACE_S,
                               prefill_timeout_s=limits.prefill_timeout_s)
         if on_event:
             on_event("routed", plan)

@@ -1,0 +1,251 @@
+"""The OpenAI endpoint at its limits and under load.
+
+- Input limits from config (a second endpoint with tiny limits over the same workers): prompt
+  tokens and max_tokens (400), body size (413, with and without Content-Length), concurrent
+  requests (429 with Retry-After), the request deadline (504, or an error event once streaming;
+  the blocks it held are freed); every error body OpenAI-shaped.
+- 1,000 requests at concurrency 64, mixed streaming / not, completions / chat, prompt lengths and
+  max_tokens, some cancelled by the client: none lost, every other one complete, and afterwards no
+  KV block in use or pinned on any worker (the endpoint's and the management API's view), and no
+  request left in flight.
+- schemathesis from the endpoint's own OpenAPI spec: no 5xx, every response as the spec says.
+"""
+
+import asyncio
+import json
+import random
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from ray import serve
+from schemathesis.generation import GenerationMode
+from schemathesis.config import SchemathesisConfig
+
+from tests.conftest import attach_ingress
+from tests.reliability.faults import actor_of, assert_no_leaks, routing, slow_engine_steps, workers_of
+
+MODEL = "tiny-llama"
+LIMITS = dict(limits__max_prompt_tokens=48, limits__max_tokens=8, limits__max_body_bytes=4096,
+              limits__max_concurrent_requests=2, limits__retry_after_s=2, limits__request_timeout_s=6)
+WORDS = "the router picks a worker while KV blocks move from prefill to decode without serialization".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_checkpoint):
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def cluster(pdserve_cluster, model_dir):
+    c = pdserve_cluster(model_dir, prefix="endpoint-load", engine__max_num_seqs=64, engine__max_num_batched_tokens=256,
+                        engine__num_kv_blocks=512)
+    yield c
+    c.stop()  # frees the machine for the next module
+
+
+@pytest.fixture(scope="module")
+def limited_url(cluster):
+    yield attach_ingress(cluster, "endpoint-limited", **LIMITS)
+    serve.delete(f"{cluster.app_name}-endpoint-limited")
+
+
+def completion(prompt, **extra):
+    return {"model": MODEL, "prompt": prompt, "temperature": 0, **extra}
+
+
+def assert_openai_error(r: httpx.Response, status: int, type_: str, param=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    assert err["type"] == type_, err
+    if param is not None:
+        assert err["param"] == param, err
+
+
+def test_prompt_and_max_tokens_limits_are_400(limited_url):
+    with httpx.Client(base_url=limited_url, timeout=60) as http:
+        assert http.post("/v1/completions", json=completion("hi", max_tokens=8)).status_code == 200
+        assert_openai_error(http.post("/v1/completions", json=completion(" ".join(WORDS * 5), max_tokens=4)),
+                            400, "invalid_request_error", "prompt")
+        assert_openai_error(http.post("/v1/completions", json=completion("hi", max_tokens=9)),
+                            400, "invalid_request_error", "max_tokens")
+        assert_openai_error(http.post("/v1/completions", json=completion([1, 2, 10**6], max_tokens=2)),
+                            400, "invalid_request_error", "prompt")
+        json_type = {"content-type": "application/json"}
+        assert_openai_error(http.post("/v1/completions", content=b"{not json", headers=json_type),
+                            400, "invalid_request_error")
+
+
+def test_body_over_the_limit_is_413_with_or_without_content_length(limited_url):
+    big = json.dumps(completion("x" * 5000)).encode()
+    with httpx.Client(base_url=limited_url, timeout=60) as http:
+        json_type = {"content-type": "application/json"}
+        assert_openai_error(http.post("/v1/completions", content=big, headers=json_type), 413, "invalid_request_error")
+
+        def chunked():  # no Content-Length: counted as it arrives
+            for i in range(0, len(big), 1000):
+                yield big[i:i + 1000]
+
+        assert_openai_error(http.post("/v1/completions", content=chunked(), headers=json_type),
+                            413, "invalid_request_error")
+        small = json.dumps(completion("hi", max_tokens=2)).encode()
+        assert http.post("/v1/completions", content=iter([small[:10], small[10:]]),
+                         headers=json_type).status_code == 200
+
+
+async def test_over_max_concurrent_requests_is_429_with_retry_after(cluster, limited_url):
+    decode = actor_of(cluster, next(iter(workers_of(cluster.url, "decode"))))
+    slow_engine_steps(decode, 0.3)  # two streams stay open for a few seconds
+    try:
+        async with httpx.AsyncClient(base_url=limited_url, timeout=60) as http:
+            body = completion("hello", max_tokens=8, stream=True, ignore_eos=True)
+            async with http.stream("POST", "/v1/completions", json=body) as s1, \
+                    http.stream("POST", "/v1/completions", json=body) as s2:
+                assert (s1.status_code, s2.status_code) == (200, 200)
+                r = await http.post("/v1/completions", json=completion("hello", max_tokens=2))
+                assert_openai_error(r, 429, "rate_limit_exceeded")
+                assert r.headers["retry-after"] == "2"
+                for s in (s1, s2):
+                    assert "[DONE]" in "".join([line async for line in s.aiter_lines()])
+            assert (await http.post("/v1/completions", json=completion("hello", max_tokens=2))).status_code == 200
+    finally:
+        slow_engine_steps(decode, 0)
+
+
+async def test_a_request_past_its_deadline_ends_with_504_and_frees_its_blocks(cluster, limited_url):
+    decode = actor_of(cluster, next(iter(workers_of(cluster.url, "decode"))))
+    slow_engine_steps(decode, 1.0)  # 8 tokens take > 8 s; the deadline is 6 s
+    try:
+        async with httpx.AsyncClient(base_url=limited_url, timeout=60) as http:
+            body = completion("past the deadline", max_tokens=8, ignore_eos=True)
+
+            async def streamed():
+                async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                    return r.status_code, [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
+
+            plain, (status, events) = await asyncio.gather(http.post("/v1/completions", json=body), streamed())
+    finally:
+        slow_engine_steps(decode, 0)
+    assert_openai_error(plain, 504, "timeout_error")
+    assert status == 200 and events[-1] == "[DONE]", events
+    assert json.loads(events[-2])["error"]["code"] == "request_timeout", events
+    assert_no_leaks(cluster.url)
+
+
+# -- load ------------------------------------------------------------------------------------------
+async def one_request(http: httpx.AsyncClient, i: int, rng: random.Random) -> str:
+    """Returns "ok" or "cancelled"; raises AssertionError for anything else."""
+    max_tokens = rng.randint(1, 8)
+    text = " ".join(rng.choice(WORDS) for _ in range(rng.choice((2, 8, 30, 60))))
+    chat = rng.random() < 0.3
+    stream = rng.random() < 0.5
+    cancel = rng.random() < 0.1
+    if chat:
+        path, body = "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": text}]}
+    else:
+        path, body = "/v1/completions", {"model": MODEL, "prompt": text}
+    body.update(max_tokens=max_tokens, temperature=rng.choice((0, 0.8)), ignore_eos=True, stream=stream)
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+        async with http.stream("POST", path, json=body) as r:
+            assert r.status_code == 200, (i, r.status_code, await r.aread())
+            events = []
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if cancel and len(events) == 2:
+                        return "cancelled"  # leaves the stream open mid-way, then closes the connection
+        assert events[-1] == "[DONE]", (i, events[-3:])
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert not any("error" in c for c in chunks), (i, chunks)
+        usage = chunks[-1]["usage"]
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    else:
+        call = http.post(path, json=body)
+        if cancel:
+            try:
+                await asyncio.wait_for(call, timeout=rng.uniform(0.01, 0.5))
+            except asyncio.TimeoutError:
+                return "cancelled"
+            return "ok"  # it finished before the client gave up
+        r = await call
+        assert r.status_code == 200, (i, r.status_code, r.text)
+        usage, finish = r.json()["usage"], [r.json()["choices"][0]["finish_reason"]]
+    assert usage["completion_tokens"] == max_tokens and finish == ["length"], (i, usage, finish)
+    return "ok"
+
+
+async def test_a_thousand_requests_at_concurrency_64_lose_nothing_and_leak_nothing(cluster):
+    rng = random.Random(7)
+    seeds = [rng.random() for _ in range(1000)]
+    gate = asyncio.Semaphore(64)
+    limits = httpx.Limits(max_connections=128, max_keepalive_connections=64)
+
+    async def bounded(http, i):
+        async with gate:
+            return await one_request(http, i, random.Random(seeds[i]))
+
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=180, limits=limits) as http:
+        outcomes = await asyncio.gather(*(bounded(http, i) for i in range(1000)), return_exceptions=True)
+    failures = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
+    assert not failures, f"{len(failures)} requests failed, e.g. {failures[:3]}"
+    assert outcomes.count("ok") + outcomes.count("cancelled") == 1000
+    assert outcomes.count("cancelled") >= 20  # the client really cancelled some
+    assert_no_leaks(cluster.url, timeout_s=60)
+    assert routing(cluster.url)["inflight_requests"] == 0
+    admin = httpx.get(cluster.admin_url + "/cluster/workers", headers={"Authorization": "Bearer test-token"},
+                      timeout=60)
+    assert admin.status_code == 200, admin.text
+    for w in admin.json()["workers"]:
+        assert (w["kv"]["used_blocks"], w["kv"]["pinned_blocks"], w["load"]["num_inflight"]) == (0, 0, 0), w
+
+
+# -- schemathesis ----------------------------------------------------------------------------------
+# schemathesis' defaults, plus the configured limits' answers (400, 413) as acceptable ones
+FUZZ_CONFIG = SchemathesisConfig.from_dict({"checks": {
+    "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "413", "5xx"]},
+    "negative_data_rejection": {"expected-statuses": ["400", "401", "403", "404", "405", "406", "409", "413", "415",
+                                                      "422", "428", "429", "5xx"]},
+}})
+
+
+def test_the_endpoint_holds_its_openapi_spec_under_fuzzing(limited_url):
+    """Against the endpoint with small limits (every generation is short). Well-formed bodies get
+    the served model name and a max_tokens within the limit so that most reach the workers;
+    malformed ones keep what was drawn.
+    A well-formed body may still exceed a configured limit: 400 (prompt tokens, max_tokens) and 413
+    (body size) are accepted answers to it, and 413 is also a fine rejection of a malformed body
+    (FUZZ_CONFIG); some well-formed bodies of each generation route must be served."""
+    spec = httpx.get(limited_url + "/openapi.json", timeout=30).json()
+    ops = [r.ok() for r in schemathesis.openapi.from_dict(spec, config=FUZZ_CONFIG).get_all_operations()]
+    assert {op.path for op in ops} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready"}
+    failures, statuses = [], {}
+    for op in ops:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            if mode is GenerationMode.NEGATIVE and op.method.upper() == "GET":
+                continue  # no parameters to get wrong
+            seen = statuses.setdefault((op.path, mode.value), [])
+
+            # no shrinking: a failure is reported as found (shrinking one costs hundreds of requests)
+            @settings(max_examples=25 if op.method.upper() == "POST" else 3, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck), derandomize=True,
+                      phases=[Phase.explicit, Phase.generate])
+            @given(case=op.as_strategy(generation_mode=mode))
+            def run(case):
+                if mode is GenerationMode.POSITIVE and isinstance(case.body, dict) and "model" in case.body:
+                    case.body["model"] = MODEL
+                    for key in ("max_tokens", "max_completion_tokens"):  # within the limit, mostly
+                        if isinstance(case.body.get(key), int) and case.body[key] > 0:
+                            case.body[key] = 1 + case.body[key] % 8
+                seen.append(case.call_and_validate(base_url=limited_url).status_code)
+
+            try:
+                run()
+            except Exception as e:  # every operation's failures, reported together
+                failures.append(f"{op.method.upper()} {op.path} ({mode.value}): {type(e).__name__}: {str(e)[:800]}")
+    assert not failures, "\n\n".join(failures)
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        served = statuses[(path, "positive")]
+        assert served.count(200) >= 3, (path, served)  # the fuzz reached the workers
