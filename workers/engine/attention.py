@@ -92,9 +92,37 @@ class TorchPagedAttention(AttentionBackend):
             if len(rows):
                 self.writes.append((seg, rows.to(device), tok_slot[rows].to(device)))
         self._mask_cache: dict[tuple[int, int | None], torch.Tensor | None] = {}
+        self._plan_decode_batch(seqs, bs, device)
         ids = torch.tensor([input_ids], device=device)
         keep = torch.tensor(logits_indices if logits_indices is not None else [], dtype=torch.long, device=device)
         return ids, pos.to(device)[None], keep
+
+    def _plan_decode_batch(self, seqs, bs: int, device) -> None:
+        """One-token requests (decodes) attend in ONE padded SDPA call instead of one call each:
+        request j's keys are rows dec_rows[j, :ctx_j] of the gathered context, padded (masked)."""
+        dec = [i for i, s in enumerate(seqs) if s.q_len == 1]
+        self.dec = dec if len(dec) > 1 else []
+        if not self.dec:
+            return
+        ctx = torch.tensor([seqs[i].ctx_len for i in dec])
+        lo = torch.tensor([self.blk_off[i] * bs for i in dec])
+        width = int(ctx.max())
+        k_pos = torch.arange(width)
+        self.dec_valid = k_pos[None, :] < ctx[:, None]  # [n, width]
+        self.dec_rows = (lo[:, None] + torch.where(self.dec_valid, k_pos[None, :], 0)).to(device)
+        self.dec_ctx = ctx.to(device)
+        self.dec_q = torch.tensor([seqs[i].q_start for i in dec], device=device)
+        self.dec_valid = self.dec_valid.to(device)
+        self._dec_masks: dict[int | None, torch.Tensor] = {}
+
+    def _dec_mask(self, window: int | None) -> torch.Tensor:
+        if window not in self._dec_masks:
+            mask = self.dec_valid
+            if window is not None:  # the query sits at position ctx - 1
+                k_pos = torch.arange(mask.shape[1], device=mask.device)
+                mask = mask & ((self.dec_ctx[:, None] - 1 - k_pos[None, :]) < window)
+            self._dec_masks[window] = mask[:, None, None, :]  # [n, 1, 1, width]
+        return self._dec_masks[window]
 
     def _mask(self, i: int, window: int | None) -> torch.Tensor | None:
         key = (i, window)
@@ -135,8 +163,18 @@ class TorchPagedAttention(AttentionBackend):
         keys_all = self._gather(0, layer).view(-1, heads, dim).to(q.dtype)
         vals_all = self._gather(1, layer).view(-1, heads, dim).to(q.dtype)
         bs = kv.layout.block_size
-        outs = []
+        out = q.new_empty((q.shape[2], q.shape[1], q.shape[3]))  # [T, Hq, D]
+        if self.dec:
+            qs = q[0].index_select(1, self.dec_q).transpose(0, 1)[:, :, None]  # [n, Hq, 1, D]
+            keys = keys_all[self.dec_rows].transpose(1, 2)  # [n, Hkv, width, D]
+            vals = vals_all[self.dec_rows].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=self._dec_mask(sliding_window),
+                                               scale=scaling, enable_gqa=True)
+            out.index_copy_(0, self.dec_q, o[:, :, 0])
+        batched = set(self.dec)
         for i, s in enumerate(self.seqs):
+            if i in batched:
+                continue
             lo = self.blk_off[i] * bs
             keys = keys_all[lo:lo + s.ctx_len].transpose(0, 1)  # [Hkv, ctx, D]
             vals = vals_all[lo:lo + s.ctx_len].transpose(0, 1)
@@ -145,8 +183,8 @@ class TorchPagedAttention(AttentionBackend):
                 qs[None], keys[None], vals[None],
                 attn_mask=self._mask(i, sliding_window), scale=scaling, enable_gqa=True,
             )
-            outs.append(o[0].transpose(0, 1))  # [n, Hq, D]
-        return torch.cat(outs)[None]
+            out[s.q_start:s.q_start + s.q_len] = o[0].transpose(0, 1)  # [n, Hq, D]
+        return out[None]
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
