@@ -131,25 +131,31 @@ def serving_config(path: Path, decode_resource: str) -> Path:
 
 
 def complete_from_b(pair, deadline_s: float = 600) -> dict:
-    """Waits for the endpoint (from host B), then one greedy completion and the management API's
-    worker list; returns {"completion": ..., "workers": ...}."""
+    """From host B: waits until the cluster is ready (503 before), sends one greedy completion
+    (again on a 503: readiness can drop while workers are slow to answer under load), then reads
+    the management API's worker list. Returns {"completion": ..., "workers": ...}."""
     return run_python(pair.b, f"""
 import json, time, httpx
-base, admin = "http://{ADDRESS_A}:8000/v1", "http://{ADDRESS_A}:8001"
+base, admin = "http://{ADDRESS_A}:8000", "http://{ADDRESS_A}:8001"
 deadline = time.monotonic() + {deadline_s}
-while True:
-    try:
-        models = httpx.get(base + "/models", timeout=5)
-        if models.status_code == 200 and models.json()["data"]:
-            break
-    except httpx.HTTPError:
-        pass
+completion = None
+while completion is None:
     if time.monotonic() > deadline:
-        raise SystemExit("endpoint not ready within {deadline_s} s")
+        raise SystemExit("no completion within {deadline_s} s: " + last)
+    try:
+        ready = httpx.get(base + "/ready", timeout=5)
+        last = ready.text
+        if ready.status_code == 200:
+            model = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+            body = {{"model": model, "prompt": {PROMPT!r}, "max_tokens": 16, "temperature": 0, "logprobs": 1}}
+            answer = httpx.post(base + "/v1/completions", json=body, timeout=300)
+            last = answer.text
+            if answer.status_code != 503:
+                completion = answer.json()
+                break
+    except httpx.HTTPError as e:
+        last = repr(e)
     time.sleep(1)
-model = models.json()["data"][0]["id"]
-body = {{"model": model, "prompt": {PROMPT!r}, "max_tokens": 16, "temperature": 0, "logprobs": 1}}
-completion = httpx.post(base + "/completions", json=body, timeout=300).json()
 workers = httpx.get(admin + "/cluster/workers", headers={{"Authorization": "Bearer {ADMIN_TOKEN}"}}, timeout=30).json()
 print(json.dumps({{"completion": completion, "workers": workers}}))
 """, timeout_s=deadline_s + 120)
