@@ -1,0 +1,48 @@
+"""CI smoke run of benchmarks/serve.py: both modes (disaggregated, colocated) x both routing policies
+on the CPU with the tiny model, reduced to one small workload. It must print one well-formed JSON
+line per configuration, a summary line, and the plots. No timing is asserted: speed is read off
+the numbers, not tested."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+REQUIRED = ("mode", "routing", "rate", "goodput_rps", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "throughput_tok_s")
+NUM_REQUESTS = 6
+
+
+def test_serve_benchmark_smoke(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "serve.py"), "--smoke", "--workloads", "multi_turn",
+           "--num-requests", str(NUM_REQUESTS), "--plots", str(tmp_path / "plots"), "--run-dir", str(tmp_path / "run"),
+           "--cache-dir", str(tmp_path / "models")]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"benchmark failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    rows = [x for x in lines if "summary" not in x]
+    assert sorted((x["mode"], x["routing"]) for x in rows) == [
+        ("colocated", "kv_aware"), ("colocated", "round_robin"),
+        ("disaggregated", "kv_aware"), ("disaggregated", "round_robin")], r.stdout
+    for row in rows:
+        where = f"{row['mode']}/{row['routing']}"
+        missing = [k for k in REQUIRED if k not in row]
+        assert not missing, f"{where}: missing {missing}"
+        assert row["workload"] == "multi_turn" and row["device"] == "cpu"
+        assert row["num_requests"] == NUM_REQUESTS and row["num_failed"] == 0, (where, row.get("errors"))
+        for key in REQUIRED[2:]:
+            assert isinstance(row[key], (int, float)) and math.isfinite(row[key]) and row[key] >= 0, (where, key, row)
+        assert 0 < row["ttft_p50_s"] <= row["ttft_p99_s"] and row["itl_p50_s"] > 0, (where, row)
+        assert 0 < row["throughput_tok_s"] and 0 <= row["slo_attainment"] <= 1, (where, row)
+        # goodput counts only finished requests over the run's duration
+        assert row["goodput_rps"] <= 1.001 * row["num_ok"] / row["duration_s"], (where, row)  # (both rounded)
+        # later turns of a conversation repeat their previous turn's prompt: some cache hits
+        assert 0 < row["prefix_hit_rate"] < 1, (where, row)
+    (summary,) = [x for x in lines if "summary" in x]
+    assert summary["summary"] == "multi_turn" and set(summary["max_rate_at_90pct_slo"]) == {
+        "disaggregated/kv_aware", "disaggregated/round_robin", "colocated/kv_aware", "colocated/round_robin"}
+    (png,) = (tmp_path / "plots").glob("*.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
