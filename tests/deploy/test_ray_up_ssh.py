@@ -16,6 +16,8 @@ and the etcd binary (~/etcd/etcd -> /usr/bin/etcd), as nothing may be downloaded
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import json
 import os
 import shutil
@@ -89,6 +91,17 @@ def start_sshd(pair, tmp: Path) -> tuple[Path, Path]:
     return client_key, home
 
 
+def remove_ssh_control_dir(cluster_name: str) -> None:
+    """Ray's ssh multiplexing sockets live in /tmp/ray_ssh_<user hash>/<cluster hash> (as in
+    ray/autoscaler/_private/command_runner.py); they outlive `ray down`."""
+    user_dir = Path("/tmp") / f"ray_ssh_{hashlib.sha256(getpass.getuser().encode()).hexdigest()[:10]}"
+    shutil.rmtree(user_dir / hashlib.sha256(cluster_name.encode()).hexdigest()[:10], ignore_errors=True)
+    try:
+        user_dir.rmdir()  # only when no other cluster's sockets are left in it
+    except OSError:
+        pass
+
+
 @pytest.fixture
 def pair():
     require_tools()
@@ -122,6 +135,7 @@ def test_ray_up_local_yaml_brings_up_a_head_with_etcd(pair, tmp_path):
         assert json.loads(probe.stdout.strip().splitlines()[-1])["ok"]
     finally:
         down = pair.b.run([ray, "down", "-y", str(cluster)], env=RAY_ENV, timeout_s=300, check=False)
+        remove_ssh_control_dir(yaml.safe_load(cluster.read_text())["cluster_name"])
     assert down.returncode == 0, down.stderr[-3000:]
     raylets = pair.a.run(["pgrep", "-a", "-f", "raylet"], check=False)
     assert raylets.stdout.strip() == "", f"ray down left Ray running on the head: {raylets.stdout}"
