@@ -118,14 +118,17 @@ def test_ray_up_local_yaml_brings_up_a_head_with_etcd(pair, tmp_path):
     client_key, home = start_sshd(pair, tmp_path)
     cluster = head_config(tmp_path, client_key)
     ray = str(BIN / "ray")
+    # `ray up/exec/down` cache the resolved config in tempfile.gettempdir(): keep it in the test's.
+    (tmp_path / "tmp").mkdir()
+    env = {**RAY_ENV, "TMPDIR": str(tmp_path / "tmp")}
     # From the repository root, as the README says: file_mounts `~/pdserve: .` is the checkout.
-    up = pair.b.run([ray, "up", "-y", "--no-config-cache", str(cluster)], env=RAY_ENV, timeout_s=600, check=False)
+    up = pair.b.run([ray, "up", "-y", "--no-config-cache", str(cluster)], env=env, timeout_s=600, check=False)
     assert up.returncode == 0, f"ray up failed:\n{up.stdout[-4000:]}\n{up.stderr[-4000:]}"
     try:
         assert (home / "pdserve" / "pyproject.toml").read_bytes() == (REPO / "pyproject.toml").read_bytes()
         # The head's Ray answers, with no GPUs claimed (--num-gpus=0 on the head).
         check = "python -c 'import json, ray; ray.init(address=\"auto\"); print(json.dumps(ray.cluster_resources()))'"
-        done = pair.b.run([ray, "exec", str(cluster), check], env=RAY_ENV, timeout_s=300)
+        done = pair.b.run([ray, "exec", str(cluster), check], env=env, timeout_s=300)
         resources = json.loads(done.stdout.strip().splitlines()[-1])
         assert resources["CPU"] > 0 and "GPU" not in resources
         # The head commands started etcd and rendered the config with A's address; B reaches it.
@@ -134,7 +137,7 @@ def test_ray_up_local_yaml_brings_up_a_head_with_etcd(pair, tmp_path):
         probe = pair.b.run([sys.executable, str(HERE / "etcd_probe.py"), str(rendered), "put", "/pdserve/ssh-test", "ok", "30"], timeout_s=120)
         assert json.loads(probe.stdout.strip().splitlines()[-1])["ok"]
     finally:
-        down = pair.b.run([ray, "down", "-y", str(cluster)], env=RAY_ENV, timeout_s=300, check=False)
+        down = pair.b.run([ray, "down", "-y", str(cluster)], env=env, timeout_s=300, check=False)
         remove_ssh_control_dir(yaml.safe_load(cluster.read_text())["cluster_name"])
     assert down.returncode == 0, down.stderr[-3000:]
     raylets = pair.a.run(["pgrep", "-a", "-f", "raylet"], check=False)
