@@ -134,6 +134,7 @@ class ServerConfig(_Section):
         None, description=f"Management API token; or env {ADMIN_TOKEN_ENV}; `pdserve up` generates one if neither"
     )
     drain_timeout_s: float = Field(60, gt=0, description="How long a drained worker may finish in-flight requests")
+    worker_start_timeout_s: float = Field(900, gt=0, description="Loading a worker's model may take this long")
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "ServerConfig":

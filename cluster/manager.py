@@ -156,7 +156,7 @@ class ClusterManagerImpl:
 
     async def _await_start(self, w: ManagedWorker) -> None:
         try:
-            await w.actor.start.remote()
+            await asyncio.wait_for(w.actor.start.remote(), self.config.server.worker_start_timeout_s)
             if w.state == "starting":
                 w.state, w.ready_at = "ready", time.time()
                 log.info("worker %s is ready", w.worker_id)

@@ -53,14 +53,7 @@ class StreamOptions(BaseModel):
 class CompletionRequest(_Request):
     prompt: str | list[int] = Field(..., description="A string or a list of token ids")
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = Field(False, description="Not supported: must be false")
-
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
+    echo: Literal[False] = Field(False, description="Not supported: must be false")
 
 
 class ChatMessage(BaseModel):
