@@ -65,9 +65,12 @@ _CPU_ENGINE = {"engine.block_size": 8, "engine.num_kv_blocks": 512, "engine.bloc
                "engine.max_num_batched_tokens": 256, "engine.max_num_seqs": 32, "model.device": "cpu",
                "pools.prefill.num_cpus": 0.1, "pools.decode.num_cpus": 0.1}
 _CPU_WORKLOADS = {  # SLOs: TTFT 2 s, TPOT 100 ms (a 1-core worker decodes a step in ~10-40 ms)
-    "prefill_heavy": WorkloadPlan(WorkloadShape(prompt_tokens=384, output_tokens=8), (0.5, 1.0, 2.0), 2.0, 0.1),
+    "prefill_heavy": WorkloadPlan(WorkloadShape(prompt_tokens=384, output_tokens=8), (0.5, 1.0, 2.0, 3.0), 2.0,
+                                  0.1),
     "decode_heavy": WorkloadPlan(WorkloadShape(prompt_tokens=32, output_tokens=64), (1.0, 2.0, 4.0), 2.0, 0.1),
-    "multi_turn": WorkloadPlan(WorkloadShape(prompt_tokens=0, output_tokens=16, system_tokens=96, user_tokens=24,
+    # a conversation's own history outweighs the shared system prompt: a turn routed away from it
+    # re-prefills up to ~300 tokens instead of its ~80-token tail
+    "multi_turn": WorkloadPlan(WorkloadShape(prompt_tokens=0, output_tokens=16, system_tokens=64, user_tokens=64,
                                              num_turns=4), (1.0, 2.0, 4.0), 2.0, 0.1),
 }
 PROFILES = {
@@ -109,6 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs (default: os.cpu_count())")
     p.add_argument("--model", help="tiny | llama-1b-shape | a checkpoint dir (default: the profile's)")
     p.add_argument("--engine-compile", choices=["on", "off"], default="on", help="engine.compile_decode (cuda)")
+    p.add_argument("--token-range", help="LOW,HIGH: prompt token ids are drawn from [LOW, HIGH) (default: the "
+                                        "profile's; with --url, keep it inside the served model's vocabulary)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     p.add_argument("--plots", type=Path, help="write PNG plots here at the end")
@@ -125,6 +130,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def plan_from(args) -> tuple[Profile, dict[str, WorkloadPlan]]:
     prof = PROFILES[args.profile]
+    if args.token_range:
+        low, high = (int(x) for x in args.token_range.split(","))
+        prof = replace(prof, token_range=(low, high))
     names = args.workloads.split(",") if args.workloads else list(prof.workloads)
     plans = {}
     for name in names:

@@ -14,8 +14,11 @@ seed gives the same requests for every configuration compared.
 
 The assistant replies are synthetic (drawn with the seed, of the requested output length), not the
 model's outputs: the cache hit a turn can get is its previous turn's prompt, which is what routing
-decides. Arrivals go turn-major (all conversations' turn 0, then turn 1, ...), so consecutive
-turns of one conversation are ``num_conversations`` arrivals apart.
+decides. Arrivals go turn-major (every conversation's turn 0, then every turn 1, ...), each round
+in a new seeded order: consecutive turns of one conversation are about ``num_conversations``
+arrivals apart, and a round-robin router cannot keep a conversation on one worker by accident
+(with a fixed order and an even number of conversations, every turn would land on the worker
+of the first).
 """
 
 from __future__ import annotations
@@ -98,7 +101,9 @@ def _multi_turn(shape: WorkloadShape, arrivals: list[float], rng: random.Random,
     history = [list(system) for _ in range(num_conversations)]
     out: list[BenchRequest] = []
     for turn in range(shape.num_turns):
-        for conv in range(num_conversations):
+        order = list(range(num_conversations))
+        rng.shuffle(order)
+        for conv in order:
             if len(out) == num_requests:
                 return out
             history[conv] += _tokens(_length(shape.user_tokens, shape.jitter, rng), rng, token_range)
