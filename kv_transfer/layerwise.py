@@ -26,10 +26,11 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kv_transfer.descriptors import Run, pair_runs
-from kv_transfer.errors import DeadlineExceededError, TransferAbortedError, TransferError
+from kv_transfer.errors import DeadlineExceededError, TransferAbortedError, TransferError, TransportError
 from kv_transfer.transceiver import TransferResult
 from workers.protocol import LayerwiseTarget, PeerInfo
 
@@ -61,8 +62,10 @@ class LayerwiseSender:
         self._error: TransferError | None = None
         self._aborted = False
 
-    def layer_done(self, layer: int) -> None:
-        """Layer ``layer`` of every block of this request is computed: WRITE it. Non-blocking."""
+    def layer_done(self, layer: int, wait_written: Callable[[], None] | None = None) -> None:
+        """Layer ``layer`` of every block of this request is computed: WRITE it. Non-blocking.
+        ``wait_written`` (e.g. a CUDA event's synchronize) runs on the writer thread before the
+        WRITE is posted: the KV write of that layer may still be queued on a device stream."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.num_layers})")
         with self._cond:
@@ -70,7 +73,7 @@ class LayerwiseSender:
                 return
             self._queued.add(layer)
             self._in_flight += 1
-        self._writer.submit(self, layer)
+        self._writer.submit(self, layer, wait_written)
 
     def finish(self) -> TransferResult:
         """Wait until every layer is written (up to the deadline given at creation)."""
@@ -105,11 +108,17 @@ class LayerwiseSender:
             log.warning("could not tell %s that %s was aborted: %s", self._peer.worker_id, self.request_id, e)
 
     # -- called by the writer thread -----------------------------------------------------------
-    def _write_layer(self, layer: int) -> None:
+    def _write_layer(self, layer: int, wait_written: Callable[[], None] | None = None) -> None:
         try:
             with self._cond:
                 skip = self._aborted or self._error is not None
             if not skip:
+                if wait_written is not None:
+                    try:
+                        wait_written()
+                    except Exception as e:  # the device failed while writing the layer's KV
+                        raise TransportError(f"layer {layer} of {self.request_id} was not written locally: "
+                                             f"{type(e).__name__}: {e}", request_id=self.request_id) from e
                 local, remote = self._tx.descriptor_lists(self._peer, self._runs, layers=[layer])
                 notif = json.dumps({"pdkv": 1, "rid": self.request_id, "layer": layer}).encode()
                 handle, state = self._tx.post("WRITE", self._peer, local, remote, notif)
@@ -138,8 +147,8 @@ class LayerWriter:
         self._thread = threading.Thread(target=self._run, name=f"kv-layer-writer-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, sender: LayerwiseSender, layer: int) -> None:
-        self._queue.put((sender, layer))
+    def submit(self, sender: LayerwiseSender, layer: int, wait_written: Callable[[], None] | None = None) -> None:
+        self._queue.put((sender, layer, wait_written))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -147,8 +156,8 @@ class LayerWriter:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            sender, layer = item
-            sender._write_layer(layer)
+            sender, layer, wait_written = item
+            sender._write_layer(layer, wait_written)
 
 
 @dataclass
@@ -186,6 +195,13 @@ class LayerwiseReceiver:
     def expect(self, request_id: str) -> None:
         with self._lock:
             self._arrivals.setdefault(request_id, _Arrival())
+
+    def cancel(self, request_id: str, reason: str) -> None:
+        """End a wait on request_id now (it raises TransferAbortedError with ``reason``): the
+        caller learned by other means that the transfer failed (e.g. the sender's process died)."""
+        with self._lock:
+            if request_id in self._arrivals:
+                self._arrivals[request_id].aborted = reason
 
     def wait(self, request_id: str, num_layers: int, deadline_s: float) -> dict[int, float]:
         """Block until layers 0..num_layers-1 of request_id have arrived; returns {layer: unix

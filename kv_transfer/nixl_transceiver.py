@@ -266,6 +266,10 @@ class NixlTransceiver(KVTransceiver):
         prefill request goes out; early notifications are kept anyway)."""
         self._receiver.expect(request_id)
 
+    def cancel_layers(self, request_id: str, reason: str) -> None:
+        """Decode side: make a pending receive_layers(request_id) fail now (TransferAbortedError)."""
+        self._receiver.cancel(request_id, reason)
+
     def receive_layers_blocking(self, request_id: str, deadline_s: float, num_blocks: int = 0) -> TransferResult:
         """Decode side: wait until every layer of request_id has been written into our blocks."""
         start = time.perf_counter()

@@ -102,6 +102,9 @@ class PrefillRequest:
     sampling: SamplingParams
     cache_salt: str | None = None
     lease_ttl_s: float = 30.0
+    # layer-wise streaming: WRITE each layer into these decode-side blocks as it is computed; the
+    # reply's KVHandle then pins nothing (every WRITE completed before it was sent)
+    layerwise: "LayerwiseTarget | None" = None
 
 
 @dataclass(frozen=True)
@@ -270,3 +273,6 @@ class LayerwiseTarget:
     block_ids: tuple[int, ...]  # decode-side blocks, in prompt order (one per prefill-side block)
     kv_epoch: int  # decode's segment-set version: prefill re-handshakes when it knows an older one
     compat_hash: str
+    # block_ids[i] receives the prompt's block first_block_index + i: the decode side already
+    # holds blocks [0, first_block_index) of this prompt in its prefix cache
+    first_block_index: int = 0

@@ -16,13 +16,14 @@ from kv_transfer.config import TransferConfig
 from kv_transfer.lease import LeaseTable
 from workers.engine.config import EngineConfig, ModelConfig
 from workers.engine.engine import Engine
-from workers.protocol import KVHandle, PeerInfo, SamplingParams
+from workers.protocol import KVHandle, LayerwiseTarget, PeerInfo, SamplingParams
 
 
 class EnginePeer:
-    def __init__(self, model_dir: str, worker_id: str, backend: str = "nixl", blocks_per_segment: int = 16):
+    def __init__(self, model_dir: str, worker_id: str, backend: str = "nixl", blocks_per_segment: int = 16,
+                 max_num_batched_tokens: int = 64):
         cfg = EngineConfig(block_size=4, num_kv_blocks=128, blocks_per_segment=blocks_per_segment,
-                           max_num_batched_tokens=64, max_num_seqs=8)
+                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=8)
         self.engine = Engine(ModelConfig(device="cpu", dtype="float32"), cfg, model_dir, worker_id=worker_id)
         self.tx = make_transceiver(TransferConfig(backend=backend), self.engine.kv_cache, worker_id, host="127.0.0.1")
         self._expired: queue.Queue[str] = queue.Queue()
@@ -84,6 +85,41 @@ class EnginePeer:
         except BaseException:
             self.engine.abort(handle.request_id)
             raise
+
+    # -- layer-wise (decode role: reserve, receive, commit; prefill role: stream while computing) --
+    def reserve_layerwise(self, request_id: str, prompt: list[int], sampling: SamplingParams) -> LayerwiseTarget:
+        res = self.engine.reserve_import(request_id, prompt, sampling)
+        n = res.num_local_cached_blocks
+        self.tx.expect_layers(request_id)
+        return LayerwiseTarget(request_id, self.engine.worker_id, res.block_ids[n:], self.engine.kv_cache.epoch,
+                               self.tx.compat_hash, first_block_index=n)
+
+    def prefill_layerwise(self, request_id: str, prompt: list[int], sampling: SamplingParams,
+                          target: LayerwiseTarget, decode_info: PeerInfo) -> tuple[KVHandle, int]:
+        """Prefill with the engine's per-layer hook WRITing into the decode blocks; returns the
+        handle (nothing pinned: our blocks are freed after the last WRITE) and the number of
+        engine steps the prompt took (chunked prefill when > 1)."""
+        self.tx.ensure_peer_blocking(target.worker_id, target.kv_epoch, target.compat_hash, lambda: decode_info)
+        senders = []
+
+        def factory(block_ids):
+            senders.append(self.tx.layerwise_sender(target, block_ids[target.first_block_index:], 30.0))
+            return senders[-1].layer_done
+
+        self.engine.add_request(request_id, prompt, sampling, prefill_only=True, on_layer_done=factory)
+        steps = 0
+        while True:
+            out = self.engine.step()
+            steps += 1
+            if out.handles:
+                (handle,) = out.handles
+                senders[0].finish()
+                self.engine.release_handle(request_id)
+                return handle, steps
+
+    def receive_and_commit(self, handle: KVHandle, num_blocks: int) -> list[int]:
+        self.tx.receive_layers_blocking(handle.request_id, 30.0, num_blocks)
+        return self.commit_and_decode(handle)
 
     def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)

@@ -15,6 +15,7 @@ Token ranges of one request inside a step:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +37,36 @@ class SeqSlice:
     block_ids: tuple[int, ...]  # blocks covering [0, ctx_len)
 
 
+# on_layer_written(layer, wait_written): layer ``layer``'s K/V of the step are in the cache once
+# wait_written() returns (a no-op on CPU; on CUDA it waits for the write kernels queued so far).
+LayerCallback = Callable[[int, Callable[[], None]], None]
+
+
+def _nothing_to_wait_for() -> None:
+    pass
+
+
 class AttentionBackend(ABC):
     """Writes a step's K/V into the paged cache and computes attention. ``prepare`` runs once per
-    step (batch metadata on the device), ``forward`` once per layer."""
+    step (batch metadata on the device), ``forward`` once per layer.
+
+    ``on_layer_written`` (set by ModelRunner.execute for one eager step, never inside CUDA graphs)
+    is called by ``forward`` right after it queued the cache write of its layer."""
 
     def __init__(self, kv_cache: KVCache):
         self.kv_cache = kv_cache
+        self.on_layer_written: LayerCallback | None = None
+
+    def _layer_written(self, layer: int) -> None:
+        callback = self.on_layer_written
+        if callback is None:
+            return
+        if self.kv_cache.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()  # after the write kernels on the current stream
+            callback(layer, event.synchronize)
+        else:
+            callback(layer, _nothing_to_wait_for)
 
     @abstractmethod
     def prepare(self, seqs: list[SeqSlice], input_ids: list[int], positions: list[int],
@@ -160,6 +185,7 @@ class TorchPagedAttention(AttentionBackend):
             cache = kv.layer_view(seg, layer)  # [2, nb, bs, Hkv, D]
             cache[0].view(-1, heads, dim).index_copy_(0, slots, k_t.index_select(0, toks).to(cache.dtype))
             cache[1].view(-1, heads, dim).index_copy_(0, slots, v_t.index_select(0, toks).to(cache.dtype))
+        self._layer_written(layer)
         keys_all = self._gather(0, layer).view(-1, heads, dim).to(q.dtype)
         vals_all = self._gather(1, layer).view(-1, heads, dim).to(q.dtype)
         bs = kv.layout.block_size

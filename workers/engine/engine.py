@@ -6,6 +6,11 @@ Single-threaded: one owner calls every method (a worker's engine thread). Three 
     add_request(..., prefill_only=True)   prefill side: the step that finishes the prompt samples the
                                           first token and returns a KVHandle; blocks stay pinned
                                           until release_handle() (exactly one release per handle)
+    add_request(..., on_layer_done=f)     layer-wise export: f(block_ids) is called when the prompt's
+                                          last chunk is scheduled and returns hook(layer, wait_written),
+                                          called after that step wrote layer L of its KV. Earlier chunks
+                                          wrote every layer of their blocks, so after hook(L) layer L of
+                                          ALL block_ids is complete (once wait_written() returns)
     reserve_import(...) -> block ids      decode side: blocks for a prompt whose KV will arrive from
     commit_import(...)                    elsewhere; commit once the bytes are in, then it decodes here
 
@@ -24,6 +29,7 @@ from workers.engine.block_pool import BlockPool, NoFreeBlocks
 from workers.engine.config import EngineConfig, ModelConfig
 from workers.engine.detokenizer import Detokenizer
 from workers.engine.kv_cache import KVCache
+from workers.engine.layer_hooks import LayerHookFactory, LayerHooks, make_layer_hook
 from workers.engine.model_runner import ModelRunner
 from workers.engine.request import Request, RequestStatus
 from workers.engine.resizer import SegmentResizer
@@ -101,8 +107,12 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    cache_salt: str | None = None, prefill_only: bool = False) -> None:
+                    cache_salt: str | None = None, prefill_only: bool = False,
+                    on_layer_done: LayerHookFactory | None = None) -> None:
+        """on_layer_done: see the module docstring. It runs on the engine thread, inside the step,
+        and must not block; if it (or its hook) raises, the request finishes with an error."""
         req = self._new_request(request_id, prompt_token_ids, sampling, cache_salt, prefill_only)
+        req.layer_hook_factory = on_layer_done
         self.requests[request_id] = req
         self.scheduler.add(req)
 
@@ -157,6 +167,18 @@ class Engine:
         self.requests[request_id] = req
         return ImportReservation(request_id, tuple(req.block_ids), len(hits))
 
+    def detach_import(self, request_id: str) -> str:
+        """Keep a reservation's blocks but free its request id (for a retry under the same id):
+        a peer may still WRITE into the blocks, so they stay allocated until abort(returned key)."""
+        req = self.requests.get(request_id)
+        if req is None or req.status != RequestStatus.RESERVED:
+            raise KeyError(f"no reserved import for request {request_id!r}")
+        key = f"{request_id}/detached-{id(req):x}"
+        del self.requests[request_id]
+        req.request_id = key
+        self.requests[key] = req
+        return key
+
     def commit_import(self, request_id: str, first_token_id: int, first_logprob: float | None = None,
                       first_top_logprobs=None, num_cached_tokens: int | None = None) -> TokenDelta:
         """The reserved blocks now hold the prompt's KV: continue from the first sampled token."""
@@ -182,7 +204,7 @@ class Engine:
                                           error="request needs more KV blocks than this worker has"))
         if not batch.requests:
             return out
-        input_ids, positions, seqs, logits_idx, sampled = [], [], [], [], []
+        input_ids, positions, seqs, logits_idx, sampled, hooks = [], [], [], [], [], []
         for req, n in zip(batch.requests, batch.num_new_tokens):
             c = req.num_computed_tokens
             q_start = len(input_ids)
@@ -192,7 +214,10 @@ class Engine:
             if c + n == req.num_tokens:
                 logits_idx.append(q_start + n - 1)
                 sampled.append(req)
-        logits = self.runner.execute(input_ids, positions, seqs, logits_idx) if sampled else None
+                if req.layer_hook_factory is not None:
+                    hooks += make_layer_hook(req)
+        on_layer = LayerHooks(hooks) if hooks else None
+        logits = self.runner.execute(input_ids, positions, seqs, logits_idx, on_layer) if sampled else None
         if not sampled:
             self.runner.execute(input_ids, positions, seqs, [len(input_ids) - 1])
         for req, n in zip(batch.requests, batch.num_new_tokens):
@@ -203,7 +228,9 @@ class Engine:
             for i, req in enumerate(sampled):
                 lp = res.logprobs[i] if res.logprobs else None
                 top = res.top_logprobs[i] if res.top_logprobs else None
-                if req.prefill_only:
+                if req.layer_hook_error is not None:
+                    out.deltas.append(self._fail(req, req.layer_hook_error))
+                elif req.prefill_only:
                     out.handles.append(self._pin(req, res.token_ids[i], lp, top))
                 else:
                     out.deltas.append(self._append_token(req, res.token_ids[i], lp, top))
@@ -289,6 +316,13 @@ class Engine:
             num_cached_tokens=req.num_cached_tokens,
         )
 
+    def _fail(self, req: Request, error: str) -> TokenDelta:
+        self.requests.pop(req.request_id, None)
+        self.scheduler.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = FinishReason.ERROR
+        return self._delta(req, [], None, None, FinishReason.ERROR, error=error)
+
     def _append_token(self, req: Request, token_id: int, logprob, top) -> TokenDelta:
         req.output_token_ids.append(token_id)
         sp = req.sampling
@@ -321,3 +355,4 @@ class Engine:
             top_logprobs=(tuple(top),) if top else None, finish_reason=finish,
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens, error=error,
         )
+

@@ -40,6 +40,10 @@ class Request:
         self.hasher = BlockHasher(block_size, cache_salt)
         self.detok: Detokenizer | None = None
         self.num_emitted_tokens = 0
+        # layer-wise KV export: factory(block_ids) -> hook(layer, wait_written) | None, called once,
+        # for the step that completes the prompt; a hook that raised fails the request
+        self.layer_hook_factory = None
+        self.layer_hook_error: str | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

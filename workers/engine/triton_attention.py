@@ -225,6 +225,7 @@ class TritonPagedAttention(AttentionBackend):
             self.anchor, m.dev_slot_off, m.dev_view("n_real"), layer_off, self.kv_off,
             H=self.H, D=self.D, BLOCK_H=block_h, BLOCK_D=block_d,
         )
+        self._layer_written(layer)
         Hq, G = q.shape[0], self.group
         out = torch.empty((1, T, Hq, self.D), dtype=q.dtype, device=q.device)
         o = out[0]
