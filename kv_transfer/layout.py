@@ -23,26 +23,29 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-import torch
+# torch is imported only where a torch dtype is asked for: this module travels in every message
+# (workers/protocol.py), and the router and manager processes should not pay for importing torch.
 
 LAYOUT_NAME = "layer-kv-block-slot-head-dim/v1"
 PDSERVE_VERSION = "0.1.0"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    for name, value in _DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"unsupported KV dtype {dtype}; supported: {sorted(_DTYPES)}")
+def dtype_name(dtype) -> str:
+    """torch dtype -> its name here ("float32" | "bfloat16" | "float16")."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _ELEMENT_BYTES:
+        raise ValueError(f"unsupported KV dtype {dtype}; supported: {sorted(_ELEMENT_BYTES)}")
+    return name
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unsupported KV dtype {name!r}; supported: {sorted(_DTYPES)}") from None
+def torch_dtype(name: str):
+    if name not in _ELEMENT_BYTES:
+        raise ValueError(f"unsupported KV dtype {name!r}; supported: {sorted(_ELEMENT_BYTES)}")
+    import torch
+
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,12 @@ class KVLayout:
     version: str = PDSERVE_VERSION
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self):
         return torch_dtype(self.dtype)
 
     @property
     def element_bytes(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return _ELEMENT_BYTES[self.dtype]
 
     @property
     def block_bytes(self) -> int:

@@ -16,7 +16,6 @@ import time
 from cluster.config import EtcdConfig
 from kv_transfer.config import TransferConfig
 from workers.engine.config import EngineConfig, ModelConfig
-from workers.engine.engine import Engine
 from workers.engine_loop import EngineLoop
 from workers.model_files import resolve_model_path
 from workers.protocol import (Role, WorkerCounters, WorkerDrainingError, WorkerInfo, WorkerLoad,
@@ -48,7 +47,7 @@ class WorkerBase:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.spec = spec
         self.worker_id = spec.worker_id
-        self.engine: Engine | None = None
+        self.engine = None  # workers.engine.engine.Engine, made in start()
         self.loop: EngineLoop | None = None
         self.transceiver = None
         self.registration = None
@@ -62,6 +61,7 @@ class WorkerBase:
         """Load the model, open the transceiver, register in etcd. Returns what was registered."""
         from cluster.registration import WorkerRegistration
         from kv_transfer import make_transceiver
+        from workers.engine.engine import Engine  # torch + transformers: only in the worker process
 
         model_path = await asyncio.to_thread(resolve_model_path, self.spec.model.path)
         self.engine = await asyncio.to_thread(Engine, self.spec.model, self.spec.engine, model_path, self.worker_id)
