@@ -31,7 +31,7 @@ def plot(rows: list[dict], out_dir: Path, prefix: str) -> list[Path]:
         by_workload[row["workload"]].append(row)
     paths = []
     for workload, wrows in sorted(by_workload.items()):
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=80)
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=72)
         configs = sorted({(r["mode"], r["routing"]) for r in wrows})
         for config in configs:
             pts = sorted((r for r in wrows if (r["mode"], r["routing"]) == config), key=lambda r: r["rate"])
@@ -49,7 +49,7 @@ def plot(rows: list[dict], out_dir: Path, prefix: str) -> list[Path]:
         axes[1].axhline(slo["itl_slo_s"] * 1000, color="gray", linewidth=0.8, linestyle="--")
         axes[0].set(title=f"{workload}: TTFT", xlabel="rate (req/s)", ylabel="ms")
         axes[1].set(title=f"{workload}: inter-token latency", xlabel="rate (req/s)", ylabel="ms")
-        axes[2].set(title=f"{workload}: goodput (TTFT & TPOT within SLO)", xlabel="rate (req/s)", ylabel="req/s")
+        axes[2].set(title=f"{workload}: goodput", xlabel="rate (req/s)", ylabel="req/s within TTFT and TPOT SLOs")
         axes[0].set_yscale("log")
         axes[1].set_yscale("log")
         axes[2].plot([0, max(r["rate"] for r in wrows)], [0, max(r["rate"] for r in wrows)], color="lightgray",
