@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import ray
+from ray.exceptions import RayActorError
 
 from cluster.config import EtcdConfig
 from cluster.membership import MembershipWatcher
@@ -28,6 +29,8 @@ from workers.block_hash import block_hashes
 from workers.protocol import Role, WorkerCounters, WorkerInfo, WorkerLoad, WorkerState
 
 log = logging.getLogger(__name__)
+
+MAX_POLL_FAILURES = 3  # polls in a row without an answer before a live worker counts as unhealthy
 
 
 def ray_namespace(cluster_name: str) -> str:
@@ -49,9 +52,13 @@ class WorkerEntry:
     requests_since_poll: int = 0
     poll_task: asyncio.Task | None = None
 
+    is_dead: bool = False  # its actor is gone (a poll raised RayActorError)
+
     @property
     def is_healthy(self) -> bool:
-        return self.state is not None and self.num_poll_failures == 0
+        # A slow poll (a busy worker, a loaded machine) is not a dead worker: only a dead actor or
+        # several polls in a row without an answer take it out of routing and readiness.
+        return self.state is not None and not self.is_dead and self.num_poll_failures < MAX_POLL_FAILURES
 
     def load(self) -> WorkerLoad:
         s = self.state.load
@@ -187,6 +194,7 @@ class ClusterView:
             state: WorkerState = await asyncio.wait_for(w.actor.state.remote(w.last_seq), self.poll_timeout_s)
         except Exception as e:
             w.num_poll_failures += 1
+            w.is_dead = isinstance(e, RayActorError)
             if w.num_poll_failures in (1, 10):
                 log.warning("worker %s did not answer its poll: %r", w.info.worker_id, e)
             return
@@ -198,7 +206,7 @@ class ClusterView:
         else:
             self.index.reset_worker(wid, state.cached_hashes or (), state.last_seq)
         w.state, w.last_seq, w.blocks_since_poll, w.requests_since_poll = state, state.last_seq, 0, 0
-        w.num_poll_failures, w.last_ok_at = 0, time.monotonic()
+        w.num_poll_failures, w.last_ok_at, w.is_dead = 0, time.monotonic(), False
 
     # -- reporting -----------------------------------------------------------------------------
     def counters(self) -> dict[str, WorkerCounters]:
