@@ -16,7 +16,6 @@ The endpoint's histograms are per Serve replica; one replica (the default) is as
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import math
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from cluster.periodic import PeriodicLoop
 from cluster.autoscale_policy import AutoscalingConfig, MetricsSample, ReplicaBounds, ScaleDecision, decide
 from workers.protocol import Role
 
@@ -130,14 +130,17 @@ class AppliedDecision:
     changed: bool
 
 
-class Autoscaler:
+class Autoscaler(PeriodicLoop):
     """loads() -> the live workers' WorkerLoads; scraper: the endpoint's latencies (None: judge by
     queues and KV use only); current() -> replicas per role; apply(role, replicas) scales."""
+    loop_name = "pdserve-autoscaler"
+
 
     def __init__(self, config: AutoscalingConfig, bounds: Mapping[Role, ReplicaBounds],
                  loads: Callable[[], Awaitable[Sequence]], scraper: LatencyScraper | None,
                  current: Callable[[], Mapping[Role, int]], apply: Callable[[Role, int], Awaitable[object]],
                  clock: Callable[[], float] = time.time):
+        super().__init__(config.interval_s)
         self.config = config
         self.clock = clock
         self.bounds = bounds
@@ -150,9 +153,7 @@ class Autoscaler:
         self.window: collections.deque[MetricsSample] = collections.deque()
         self.last_change_at: float | None = None
         self.last_decision: AppliedDecision | None = None
-        self.last_error: str | None = None
         self.num_changes = 0
-        self._task: asyncio.Task | None = None
 
     async def collect(self, now: float) -> MetricsSample:
         ttft, itl = None, None
@@ -185,30 +186,6 @@ class Autoscaler:
             self.num_changes += 1
         self.last_decision = AppliedDecision(now, decision.prefill, decision.decode, decision.reason, decision.changed)
         return decision
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="pdserve-autoscaler")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.step()
-                self.last_error = None
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("autoscaler round failed: %s", self.last_error)
-            await asyncio.sleep(self.config.interval_s)
 
     def status(self) -> dict:
         last = self.window[-1] if self.window else None

@@ -18,12 +18,12 @@ Every kv_quota.interval_s, per node (workers grouped by the Ray node they run on
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+from cluster.periodic import PeriodicLoop
 from cluster.quota_policy import KVQuotaConfig, WorkerKVState, plan_quotas
 from cluster.worker_probe import WorkerProbe
 from workers.protocol import Role
@@ -96,9 +96,11 @@ def grow_grants(wants: Mapping[str, int], room_blocks: int, granularity: int) ->
 
 
 # -- the loop -----------------------------------------------------------------------------------
-class KVResizer:
+class KVResizer(PeriodicLoop):
     """workers() -> the ready workers with fresh probes; overrides() -> {worker_id: num_blocks};
     resize(worker_id, num_blocks) -> the worker's ResizeResult."""
+    loop_name = "pdserve-kv-resizer"
+
 
     def __init__(self, config: KVQuotaConfig, block_granularity: int,
                  workers: Callable[[], Awaitable[Sequence[QuotaWorker]]],
@@ -109,6 +111,7 @@ class KVResizer:
             raise ValueError(f"budget_fraction must be in (0, 1], got {budget_fraction}")
         if not 0 < low_percent <= high_percent <= 100:
             raise ValueError(f"need 0 < low_percent ({low_percent}) <= high_percent ({high_percent}) <= 100")
+        super().__init__(config.interval_s)
         self.config = config
         self.granularity = block_granularity
         self._workers, self._overrides, self._resize = workers, overrides, resize
@@ -116,9 +119,7 @@ class KVResizer:
         self.nodes: dict[str, NodePlan] = {}
         self._caps: dict[str, int | None] = {}
         self._last_preemptions: dict[str, int] = {}
-        self.last_error: str | None = None
         self.num_rounds = 0
-        self._task: asyncio.Task | None = None
 
     def planned_blocks(self, worker_id: str) -> int | None:
         for node in self.nodes.values():
@@ -191,30 +192,6 @@ class KVResizer:
         return WorkerKVState(worker_id=w.worker_id, role=w.role, quota_blocks=s.num_target_blocks, used_blocks=used,
                              pinned_blocks=min(s.num_pinned_blocks, used), cached_free_blocks=s.num_cached_free_blocks,
                              num_waiting=s.num_waiting, num_preemptions=max(0, preemptions))
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="pdserve-kv-resizer")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.step()
-                self.last_error = None
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("kv resizer round failed: %s", self.last_error)
-            await asyncio.sleep(self.config.interval_s)
 
     def status(self) -> dict:
         return {"enabled": True, "interval_s": self.config.interval_s, "num_rounds": self.num_rounds,
