@@ -3,7 +3,6 @@ management API: no 5xx, every response matches the spec (status, content type, b
 Scaling is fuzzed with invalid bodies only (valid ones would start workers); the worker routes
 get random ids, i.e. unknown workers."""
 
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation import GenerationMode

@@ -56,6 +56,7 @@ def test_import_reuses_local_prefix_cache(tiny_checkpoint):
     h = prefill(a, [prompt + [2, 3]])["r0"]
     res = b.reserve_import("r0", prompt + [2, 3], GREEDY)
     assert res.num_local_cached_blocks == 7  # only the 8th (partial) block needs to travel
+    assert len(res.block_ids) == len(h.block_ids) == 8
     b.abort("r0")
     a.release_handle("r0")
     assert_all_blocks_free(a)
