@@ -32,40 +32,10 @@ sys.path.insert(0, str(REPO))
 from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.protocol import SamplingParams  # noqa: E402
+from benchmarks.model_shapes import checkpoint  # noqa: E402
 
-# Random-weight model shapes (no tokenizer: token-id workloads). llama-1b-shape = Llama-3.2-1B.
-SHAPES = {
-    "llama-1b-shape": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                           head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
-                           max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5),
-    # ~110M parameters: a mid-size model that a 2-core CPU runs in minutes
-    "small-shape": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-                        head_dim=64, intermediate_size=2048, vocab_size=32000, tie_word_embeddings=True,
-                        max_position_embeddings=4096),
-}
-
-
-def build_model(name: str, cache: Path) -> str:
-    """Checkpoint directory for --model: a path, 'tiny' (the tests' tiny llama), or a random shape."""
-    if name == "tiny":
-        from tests.tiny_models import build_tiny_checkpoint
-
-        return str(build_tiny_checkpoint("llama", cache / "tiny-llama"))
-    if name not in SHAPES:
-        return name
-    out = cache / name
-    if not (out / "config.json").exists():
-        from transformers import AutoModelForCausalLM, LlamaConfig
-
-        cfg = LlamaConfig(**SHAPES[name], bos_token_id=1, eos_token_id=2, pad_token_id=0)
-        torch.manual_seed(0)
-        init_device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of 1B params is slow on CPU
-        with torch.device(init_device):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        model.generation_config.eos_token_id = None
-        model.save_pretrained(out)
-        del model
-    return str(out)
+# --model: 'tiny', a random-weight shape (llama-1b-shape = Llama-3.2-1B) or a checkpoint directory
+build_model = checkpoint
 
 
 def sync(device: str) -> None:

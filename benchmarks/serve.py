@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_clusters(args, prof: Profile, runner: Runner) -> None:
     import tempfile
 
-    from benchmarks.serve_model import checkpoint
+    from benchmarks.model_shapes import checkpoint
 
     model_dir = checkpoint(args.model or prof.model, args.cache_dir)
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1.0 if prof.device == "cuda" else 0.0)

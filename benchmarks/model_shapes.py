@@ -1,4 +1,4 @@
-"""Checkpoints the serving benchmark serves: the tests' tiny llama (CPU), or a random-weight model
+"""Checkpoints the benchmarks run: the tests' tiny llama (CPU), or a random-weight model
 of a real shape with a word-level tokenizer covering its whole vocabulary (token-id workloads need
 no real tokenizer, but the endpoint loads one and detokenizes whatever id the model samples).
 
@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Llama-3.2-1B's shape (the GPU target of issue 9)
+# Llama-3.2-1B's shape (the GPU targets)
 SHAPES = {
     "llama-1b-shape": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                            head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
                            max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5),
+    # ~110M parameters: a mid-size model that a 2-core CPU runs in minutes (engine benchmark)
+    "small-shape": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                        head_dim=64, intermediate_size=2048, vocab_size=32000, tie_word_embeddings=True,
+                        max_position_embeddings=4096),
     # ~10M parameters with the tiny models' 384-token vocabulary: enough compute per token on one
     # CPU core (prefill ~1 ms/token, decode ~10-20 ms/step) that prefill and decode interfere
     "cpu-small-shape": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
