@@ -4,7 +4,11 @@ the same bytes in the same run. Prints one JSON line per measurement.
     python benchmarks/transfer.py --device cpu --backend nixl
 
 bench=bandwidth   1 MiB..256 MiB, contiguous blocks of a 1-layer layout (2 descriptors per read):
-                  size_bytes, nixl_GBps (or tcp_GBps), transfer_GBps, memcpy_GBps, ratio_vs_memcpy
+                  size_bytes, nixl_GBps (or tcp_GBps), transfer_GBps, memcpy_GBps, ratio_vs_memcpy;
+                  on cuda also ipc_GBps (the transceiver's CUDA IPC path, transfer.cuda_ipc: on) and
+                  ipc_ratio_vs_memcpy; with --prefill-gpu != --decode-gpu, memcpy_peer_GBps (torch copy
+                  from the prefill GPU to the decode GPU in one process) and ipc_ratio_vs_memcpy_peer.
+                  Each path's bytes are checked once per size (weighted checksum on both sides).
 bench=request     per-request READ time for a Llama-3.2-1B-shaped KV (16 layers, 8 KV heads,
                   head_dim 64, block 16 tokens; fp32 on cpu, bf16 on cuda) at 512 and 2048
                   tokens, blocks contiguous or scattered (one run per block)
@@ -49,7 +53,7 @@ def _layouts(device: str, max_mib: int):
             "llama": KVLayout(**LLAMA_1B, dtype=kv_dtype, blocks_per_segment=256)}
 
 
-def _transceiver(backend: str, name: str, cache, nixl_threads: int):
+def _transceiver(backend: str, name: str, cache, nixl_threads: int, cuda_ipc: str = "off"):
     from prometheus_client import CollectorRegistry
 
     from kv_transfer.metrics import TransferMetrics
@@ -58,7 +62,7 @@ def _transceiver(backend: str, name: str, cache, nixl_threads: int):
     if backend == "nixl":
         from kv_transfer.nixl_transceiver import NixlTransceiver
 
-        return NixlTransceiver(name, cache, metrics=metrics, num_threads=nixl_threads)
+        return NixlTransceiver(name, cache, metrics=metrics, num_threads=nixl_threads, cuda_ipc=cuda_ipc)
     from kv_transfer.tcp_transceiver import TcpTransceiver
 
     return TcpTransceiver(name, cache, host="127.0.0.1", metrics=metrics)
@@ -72,17 +76,44 @@ class Side:
 
         from workers.engine.kv_cache import KVCache
 
+        self.device = _device(args, role)
+        if self.device.startswith("cuda"):
+            torch.cuda.set_device(self.device)
         self.layouts = _layouts(args.device, max(args.sizes_mib))
-        self.caches = {k: KVCache(lay, 1, device=args.device) for k, lay in self.layouts.items()}
-        gen = torch.Generator(device=args.device).manual_seed(1 if role == "prefill" else 2)
+        if args.device == "cuda" and args.backend == "nixl":
+            # the CUDA IPC reads get caches of their own: one process may map a peer allocation only
+            # once (cudaIpcOpenMemHandle), and UCX maps the NIXL caches' for its cuda_ipc GETs
+            self.layouts.update({f"{k}_ipc": lay for k, lay in list(self.layouts.items())})
+        self.caches = {k: KVCache(lay, 1, device=self.device) for k, lay in self.layouts.items()}
+        gen = torch.Generator(device=self.device).manual_seed(1 if role == "prefill" else 2)
         for cache in self.caches.values():
             for seg in cache.segments.values():
-                seg.copy_(torch.rand(seg.shape, generator=gen, device=args.device, dtype=torch.float32).to(seg.dtype))
-        self.tx = {k: _transceiver(args.backend, f"{role}-{k}", c, args.nixl_threads) for k, c in self.caches.items()}
+                seg.copy_(torch.rand(seg.shape, generator=gen, device=self.device, dtype=torch.float32).to(seg.dtype))
+        # decode on cuda: the *_ipc caches read with CUDA IPC (transfer.cuda_ipc: on), the others with NIXL
+        ipc_reader = role == "decode" and args.device == "cuda"
+        self.tx, self.ipc = {}, {}
+        for k, c in self.caches.items():
+            if k.endswith("_ipc") and ipc_reader:
+                self.ipc[k.removesuffix("_ipc")] = _transceiver("nixl", f"{role}-{k}", c, 0, cuda_ipc="on")
+            else:
+                self.tx[k] = _transceiver(args.backend, f"{role}-{k}", c, args.nixl_threads)
+
+    def checksum(self, key: str, ids: list[int]) -> float:
+        import torch
+
+        blocks = self.caches[key].read_blocks(ids).reshape(-1).float()
+        weights = torch.linspace(1.0, 2.0, blocks.numel(), device=blocks.device)
+        return float((blocks * weights).sum(dtype=torch.float64))
 
     def close(self):
-        for tx in self.tx.values():
+        for tx in list(self.tx.values()) + list(self.ipc.values()):
             tx.close()
+
+
+def _device(args, role: str) -> str:
+    if args.device != "cuda":
+        return args.device
+    return f"cuda:{args.prefill_gpu if role == 'prefill' else args.decode_gpu}"
 
 
 def _prefill_main(conn, args) -> None:
@@ -98,6 +129,8 @@ def _prefill_main(conn, args) -> None:
         if cmd == "add_peer":
             side.tx["llama"].add_peer(payload)
             conn.send(None)
+        elif cmd == "checksum":
+            conn.send(side.checksum(*payload))
         elif cmd == "compute":  # all layers, then answer: the decode side reads after this
             layer_ms, num_layers = payload
             for _ in range(num_layers):
@@ -126,21 +159,47 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def bench_bandwidth(side: Side, args, emit) -> None:
+def bench_bandwidth(side: Side, conn, args, emit) -> None:
     import torch
 
     tx, lay = side.tx["sweep"], side.layouts["sweep"]
+    txi = side.ipc.get("sweep")
     peer = "prefill-sweep"
     max_bytes = max(args.sizes_mib) * MIB
-    src = torch.rand(max_bytes // 4, device=args.device).view(torch.uint8)
+    src = torch.rand(max_bytes // 4, device=side.device).view(torch.uint8)
     dst = torch.zeros_like(src)
+    cross_gpu = args.device == "cuda" and args.prefill_gpu != args.decode_gpu
+    src_peer = torch.rand(max_bytes // 4, device=f"cuda:{args.prefill_gpu}").view(torch.uint8) if cross_gpu else None
     for size_mib in args.sizes_mib:
         size = size_mib * MIB
         ids = list(range(size // lay.bytes_per_block_all_layers))
-        reads, copies, copies_1t = [], [], []
+        reads, ipc_reads, copies, copies_1t, peer_copies = [], [], [], [], []
+        conn.send(("checksum", ("sweep", ids)))
+        want = conn.recv()
+        match = {}
+        for name, t, key in (("nixl", tx, "sweep"), ("ipc", txi, "sweep_ipc")):
+            if t is not None:
+                if key != "sweep":
+                    conn.send(("checksum", (key, ids)))
+                    want = conn.recv()
+                side.caches[key].segments[0].zero_()
+                try:
+                    t.read_blocking(f"prefill-{key}", ids, ids, 60.0)
+                except Exception as e:
+                    if t is tx:
+                        raise
+                    emit({"bench": "bandwidth", "size_bytes": size, "ipc_error": f"{type(e).__name__}: {e}"})
+                    side.ipc.pop("sweep").close()  # measure the rest without it
+                    continue
+                match[name] = side.checksum(key, ids) == want
+        txi = side.ipc.get("sweep")
 
         def copy():
             dst[:size].copy_(src[:size])
+            _sync(args.device)
+
+        def copy_peer():
+            dst[:size].copy_(src_peer[:size])
             _sync(args.device)
 
         def copy_one_thread():
@@ -153,20 +212,36 @@ def bench_bandwidth(side: Side, args, emit) -> None:
 
         for i in range(args.warmup + args.iters):
             r = _timed(lambda: tx.read_blocking(peer, ids, ids, 60.0))
+            ri = _timed(lambda: txi.read_blocking(f"{peer}_ipc", ids, ids, 60.0)) if txi is not None else None
             c = _timed(copy)
             c1 = _timed(copy_one_thread) if args.device == "cpu" else c
+            cp = _timed(copy_peer) if cross_gpu else None
             if i >= args.warmup:
                 reads.append(r)
+                ipc_reads.append(ri)
                 copies.append(c)
                 copies_1t.append(c1)
+                peer_copies.append(cp)
         gbps = size / statistics.median(reads) / 1e9
         memcpy = size / statistics.median(copies) / 1e9
         memcpy_1t = size / statistics.median(copies_1t) / 1e9
-        emit({"bench": "bandwidth", "device": args.device, "backend": args.backend, "size_bytes": size,
-              f"{args.backend}_GBps": round(gbps, 3), "transfer_GBps": round(gbps, 3),
-              "transfer_best_GBps": round(size / min(reads) / 1e9, 3), "memcpy_GBps": round(memcpy, 3),
-              "ratio_vs_memcpy": round(gbps / memcpy, 3), "memcpy_1thread_GBps": round(memcpy_1t, 3),
-              "ratio_vs_memcpy_1thread": round(gbps / memcpy_1t, 3), "iters": args.iters})
+        record = {"bench": "bandwidth", "device": args.device, "backend": args.backend, "size_bytes": size,
+                  f"{args.backend}_GBps": round(gbps, 3), "transfer_GBps": round(gbps, 3),
+                  "transfer_best_GBps": round(size / min(reads) / 1e9, 3), "memcpy_GBps": round(memcpy, 3),
+                  "ratio_vs_memcpy": round(gbps / memcpy, 3), "memcpy_1thread_GBps": round(memcpy_1t, 3),
+                  "ratio_vs_memcpy_1thread": round(gbps / memcpy_1t, 3), "iters": args.iters,
+                  f"{args.backend}_bytes_match": match.get("nixl")}
+        if txi is not None:
+            ipc = size / statistics.median(ipc_reads) / 1e9
+            record.update(ipc_GBps=round(ipc, 3), ipc_best_GBps=round(size / min(ipc_reads) / 1e9, 3),
+                          ipc_ratio_vs_memcpy=round(ipc / memcpy, 3), ipc_bytes_match=match.get("ipc"))
+        if cross_gpu:
+            peer_gbps = size / statistics.median(peer_copies) / 1e9
+            record.update(memcpy_peer_GBps=round(peer_gbps, 3), prefill_gpu=args.prefill_gpu, decode_gpu=args.decode_gpu,
+                          nixl_ratio_vs_memcpy_peer=round(gbps / peer_gbps, 3))
+            if txi is not None:
+                record["ipc_ratio_vs_memcpy_peer"] = round(record["ipc_GBps"] / peer_gbps, 3)
+        emit(record)
 
 
 def _block_ids(num_blocks: int, pattern: str, capacity: int, seed: int) -> list[int]:
@@ -175,35 +250,50 @@ def _block_ids(num_blocks: int, pattern: str, capacity: int, seed: int) -> list[
     return random.Random(seed).sample(range(capacity), num_blocks)  # ~one run per block
 
 
-def bench_requests(side: Side, args, emit) -> None:
+def bench_requests(side: Side, conn, args, emit) -> None:
     import torch
 
-    tx, lay = side.tx["llama"], side.layouts["llama"]
-    for tokens in (512, 2048):
+    lay = side.layouts["llama"]
+    paths = [(args.backend, side.tx["llama"], "llama")]
+    if "llama" in side.ipc:
+        paths.append(("ipc", side.ipc["llama"], "llama_ipc"))
+    for tokens, pattern, (path, tx, key) in [(t, p, x) for t in (512, 2048) for p in ("contiguous", "scattered")
+                                             for x in paths]:
         num_blocks = -(-tokens // lay.block_size)
         size = num_blocks * lay.bytes_per_block_all_layers
-        src = torch.rand(size // 4, device=args.device).view(torch.uint8)
+        src = torch.rand(size // 4, device=side.device).view(torch.uint8)
         dst = torch.zeros_like(src)
-        for pattern in ("contiguous", "scattered"):
-            remote = _block_ids(num_blocks, pattern, lay.blocks_per_segment, 3)
-            local = _block_ids(num_blocks, pattern, lay.blocks_per_segment, 4)
-            times, copies, descs = [], [], 0
-            for i in range(args.warmup + args.iters):
-                start = time.perf_counter()
-                result = tx.read_blocking("prefill-llama", remote, local, 60.0, num_tokens=tokens)
-                elapsed = time.perf_counter() - start
-                copy = _timed(lambda: (dst.copy_(src), _sync(args.device)))
-                if i >= args.warmup:
-                    times.append(elapsed)
-                    copies.append(copy)
-                    descs = result.num_descriptors
-            med = statistics.median(times)
-            emit({"bench": "request", "device": args.device, "backend": args.backend, "layout": lay.model_id,
-                  "dtype": lay.dtype, "tokens": tokens, "blocks": pattern, "size_bytes": size,
-                  "descriptors": descs, "transfer_ms": round(med * 1e3, 3),
-                  "transfer_p90_ms": round(sorted(times)[int(0.9 * (len(times) - 1))] * 1e3, 3),
-                  "transfer_GBps": round(size / med / 1e9, 3),
-                  "memcpy_ms": round(statistics.median(copies) * 1e3, 3)})
+        remote = _block_ids(num_blocks, pattern, lay.blocks_per_segment, 3)
+        local = _block_ids(num_blocks, pattern, lay.blocks_per_segment, 4)
+        conn.send(("checksum", (key, remote)))
+        want = conn.recv()
+        side.caches[key].segments[0].zero_()
+        try:
+            tx.read_blocking(f"prefill-{key}", remote, local, 60.0, num_tokens=tokens)
+        except Exception as e:
+            if path != "ipc":
+                raise
+            emit({"bench": "request", "path": path, "tokens": tokens, "blocks": pattern,
+                  "error": f"{type(e).__name__}: {e}"})
+            continue
+        bytes_match = side.checksum(key, local) == want
+        times, copies, descs = [], [], 0
+        for i in range(args.warmup + args.iters):
+            start = time.perf_counter()
+            result = tx.read_blocking(f"prefill-{key}", remote, local, 60.0, num_tokens=tokens)
+            elapsed = time.perf_counter() - start
+            copy = _timed(lambda: (dst.copy_(src), _sync(args.device)))
+            if i >= args.warmup:
+                times.append(elapsed)
+                copies.append(copy)
+                descs = result.num_descriptors
+        med = statistics.median(times)
+        emit({"bench": "request", "device": args.device, "backend": args.backend, "path": path, "layout": lay.model_id,
+              "dtype": lay.dtype, "tokens": tokens, "blocks": pattern, "size_bytes": size,
+              "descriptors": descs, "transfer_ms": round(med * 1e3, 3),
+              "transfer_p90_ms": round(sorted(times)[int(0.9 * (len(times) - 1))] * 1e3, 3),
+              "transfer_GBps": round(size / med / 1e9, 3),
+              "memcpy_ms": round(statistics.median(copies) * 1e3, 3), "bytes_match": bytes_match})
 
 
 def bench_layerwise(side: Side, conn, args, emit) -> None:
@@ -254,6 +344,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--layer-ms", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 4.0])
     parser.add_argument("--nixl-threads", type=int, default=0, help="NIXL UCX backend num_threads (0 = default)")
+    parser.add_argument("--prefill-gpu", type=int, default=0, help="cuda: the prefill process's GPU")
+    parser.add_argument("--decode-gpu", type=int, default=0, help="cuda: the decode process's GPU")
     parser.add_argument("--skip", default="", help="comma list of benches to skip: bandwidth,request,layerwise")
     parser.add_argument("--ucx-log-copy", default=None, help="copy this process's UCX log here at the end")
     args = parser.parse_args(argv)
@@ -270,22 +362,30 @@ def main(argv=None) -> None:
     side = Side("decode", args)
     try:
         for key, tx in side.tx.items():
-            tx.add_peer(infos[f"{key}"])
+            tx.add_peer(infos[key])
+        for key, tx in side.ipc.items():
+            tx.add_peer(infos[f"{key}_ipc"])
         import torch
 
         emit({"bench": "env", "device": args.device, "backend": args.backend, "cpus": os.cpu_count(),
               "torch_threads": torch.get_num_threads(),
               "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
               "machine": platform.node(), "torch": torch.__version__, "nixl_threads": args.nixl_threads,
-              "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None})
+              "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+              "prefill_gpu": args.prefill_gpu if args.device == "cuda" else None,
+              "decode_gpu": args.decode_gpu if args.device == "cuda" else None,
+              "peer_access": (torch.cuda.can_device_access_peer(args.decode_gpu, args.prefill_gpu)
+                              if args.device == "cuda" and args.prefill_gpu != args.decode_gpu else None)})
         if "bandwidth" not in skip:
-            bench_bandwidth(side, args, emit)
+            bench_bandwidth(side, here, args, emit)
         if "request" not in skip:
-            bench_requests(side, args, emit)
+            bench_requests(side, here, args, emit)
         if "layerwise" not in skip and args.backend == "nixl":
             bench_layerwise(side, here, args, emit)
         info = side.tx["sweep"].transport_info()
         emit({"bench": "transports", **{k: v for k, v in info.items() if k != "env"}})
+        for key, txi in side.ipc.items():
+            emit({"bench": "ipc_paths", "cache": f"{key}_ipc", "read_paths": txi.transport_info()["read_paths"]})
         if args.ucx_log_copy and info.get("log_file"):
             import shutil
 

@@ -28,7 +28,8 @@ def make_transceiver(config: "TransferConfig", kv_cache, worker_id: str, *, host
     if config.backend == "nixl":
         from kv_transfer.nixl_transceiver import NixlTransceiver
 
-        return NixlTransceiver(worker_id, kv_cache, metrics=metrics, num_threads=config.nixl_num_threads)
+        return NixlTransceiver(worker_id, kv_cache, metrics=metrics, num_threads=config.nixl_num_threads,
+                               cuda_ipc=config.cuda_ipc)
     if config.backend == "tcp":
         from kv_transfer.tcp_transceiver import TcpTransceiver
 

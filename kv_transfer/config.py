@@ -18,6 +18,13 @@ class TransferConfig(BaseModel):
     layerwise: bool = Field(False, description="prefill WRITEs each layer as soon as it is computed")
     # UCX worker threads inside the NIXL backend (0 = NIXL's default); see benchmarks/README.md.
     nixl_num_threads: int = Field(0, ge=0)
+    # Whole-request READs between VRAM caches of one node (nixl backend; see kv_transfer/cuda_ipc.py):
+    # auto: CUDA IPC (the peer's segments mapped here, device copies) when the peer is on this
+    #       node and its GPU is visible here, else NIXL; a peer whose handles cannot be opened is
+    #       read with NIXL, with a warning. Each peer's choice is logged once.
+    # on:   as auto, but a same-node VRAM peer that CUDA IPC cannot open is an error, never NIXL.
+    # off:  NIXL for every peer.
+    cuda_ipc: Literal["auto", "on", "off"] = "auto"
 
     @model_validator(mode="after")
     def _layerwise_needs_nixl(self) -> "TransferConfig":

@@ -38,6 +38,8 @@ def pair_runs(src_ids: Sequence[int], dst_ids: Sequence[int], src_bps: int, dst_
     """
     if len(src_ids) != len(dst_ids):
         raise ValueError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
+    if len(src_ids) > 32:  # vectorised: a request's thousands of ids cost microseconds, not a loop
+        return _pair_runs_np(np.asarray(src_ids, dtype=np.int64), np.asarray(dst_ids, dtype=np.int64), src_bps, dst_bps)
     runs: list[Run] = []
     for s, d in zip(src_ids, dst_ids):
         if s < 0 or d < 0:
@@ -50,6 +52,17 @@ def pair_runs(src_ids: Sequence[int], dst_ids: Sequence[int], src_bps: int, dst_
                 continue
         runs.append(Run(s, d, 1))
     return runs
+
+
+def _pair_runs_np(s: np.ndarray, d: np.ndarray, src_bps: int, dst_bps: int) -> list[Run]:
+    if (s < 0).any() or (d < 0).any():
+        i = int(np.flatnonzero((s < 0) | (d < 0))[0])
+        raise ValueError(f"negative block id in transfer ({s[i]} -> {d[i]})")
+    starts = np.ones(len(s), dtype=bool)  # a run starts at a gap on either side or at a segment start
+    starts[1:] = (s[1:] != s[:-1] + 1) | (d[1:] != d[:-1] + 1) | (s[1:] % src_bps == 0) | (d[1:] % dst_bps == 0)
+    first = np.flatnonzero(starts)
+    counts = np.diff(np.append(first, len(s)))
+    return [Run(a, b, c) for a, b, c in zip(s[first].tolist(), d[first].tolist(), counts.tolist())]
 
 
 class MissingSegmentError(LookupError):
@@ -88,6 +101,22 @@ def descriptor_array(
     out[:, 1] = np.broadcast_to((counts_np * layout.block_bytes).astype(np.uint64), offsets.shape).reshape(-1)
     out[:, 2] = np.broadcast_to(seg_dev, offsets.shape).reshape(-1)
     return out
+
+
+def segment_slices(layout: KVLayout, firsts: Sequence[int], counts: Sequence[int],
+                   layers: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(segment index, byte offset inside that segment, num_bytes) per row, rows in the order of
+    the module docstring: what descriptor_array addresses, for a reader that holds each segment as
+    a tensor (CUDA IPC) rather than as a base address."""
+    firsts_np = np.asarray(firsts, dtype=np.int64)
+    counts_np = np.asarray(counts, dtype=np.int64)
+    segs, locals_ = np.divmod(firsts_np, layout.blocks_per_segment)
+    layer_ids = np.arange(layout.num_layers) if layers is None else np.asarray(layers, dtype=np.int64)
+    lkv = (layer_ids[:, None] * 2 + np.arange(2)[None, :])[:, :, None]  # [layers, 2, 1]
+    offsets = (lkv * layout.blocks_per_segment + locals_[None, None, :]) * layout.block_bytes
+    shape = offsets.shape
+    return (np.broadcast_to(segs, shape).reshape(-1), offsets.reshape(-1),
+            np.broadcast_to(counts_np * layout.block_bytes, shape).reshape(-1))
 
 
 def split_rows(local: np.ndarray, remote: np.ndarray, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -196,12 +196,15 @@ class LayerwiseReceiver:
         with self._lock:
             self._arrivals.setdefault(request_id, _Arrival())
 
-    def cancel(self, request_id: str, reason: str) -> None:
+    def cancel(self, request_id: str, reason: str) -> bool:
         """End a wait on request_id now (it raises TransferAbortedError with ``reason``): the
-        caller learned by other means that the transfer failed (e.g. the sender's process died)."""
+        caller learned by other means that the transfer failed (e.g. the sender's process died).
+        False if nothing is expected or waited for under that id."""
         with self._lock:
-            if request_id in self._arrivals:
-                self._arrivals[request_id].aborted = reason
+            if request_id not in self._arrivals:
+                return False
+            self._arrivals[request_id].aborted = reason
+            return True
 
     def wait(self, request_id: str, num_layers: int, deadline_s: float) -> dict[int, float]:
         """Block until layers 0..num_layers-1 of request_id have arrived; returns {layer: unix

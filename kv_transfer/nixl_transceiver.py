@@ -9,6 +9,8 @@ segments straight into the decode worker's, no serialization, no copy through Py
   polled until DONE/ERR or the deadline. The agent runs in NIXL_THREAD_SYNC_STRICT mode because
   reads of different requests run on different threads.
 - Layer-wise streaming (layerwise.py) WRITEs with NIXL notifications through the same agent.
+- Whole-request READs between VRAM caches of one node go through CUDA IPC instead (cuda_ipc.py)
+  when transfer.cuda_ipc allows it; the path chosen for each peer, and why, is logged once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import uuid
 import numpy as np
 import torch
 
+from kv_transfer.cuda_ipc import CudaIpcReader, PathChoice, export_segment, select_path, visible_gpus
 from kv_transfer.descriptors import MissingSegmentError, Run, descriptor_array, split_rows
 from kv_transfer.errors import (BackendUnavailableError, CompatMismatchError, DeadlineExceededError, PeerGoneError,
                                 StalePeerError, TransferError, TransportError, UnknownPeerError)
@@ -31,7 +34,7 @@ from kv_transfer.layerwise import LayerWriter, LayerwiseReceiver, LayerwiseSende
 from kv_transfer.metrics import TransferMetrics
 from kv_transfer.transceiver import KVTransceiver, TransferResult
 from kv_transfer.ucx_transports import UcxTransportLog
-from workers.protocol import KVSegmentInfo, LayerwiseTarget, PeerInfo
+from workers.protocol import CudaIpcSegment, KVSegmentInfo, LayerwiseTarget, PeerInfo
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,16 @@ def _poll_sleep(num_polls: int) -> None:
 class NixlTransceiver(KVTransceiver):
     backend = "nixl"
 
-    def __init__(self, worker_id: str, kv_cache, *, metrics: TransferMetrics | None = None, num_threads: int = 0):
+    def __init__(self, worker_id: str, kv_cache, *, metrics: TransferMetrics | None = None, num_threads: int = 0,
+                 cuda_ipc: str = "auto"):
         super().__init__(worker_id, kv_cache, metrics)
+        if cuda_ipc not in ("off", "auto", "on"):
+            raise ValueError(f"transfer.cuda_ipc must be off | auto | on, not {cuda_ipc!r}")
+        self._cuda_ipc_mode = cuda_ipc
+        self._ipc = CudaIpcReader(kv_cache.device) if kv_cache.device.type == "cuda" else None
+        self._ipc_exports: dict[int, CudaIpcSegment] = {}
+        self._paths: dict[str, tuple[int, PathChoice]] = {}  # peer agent -> (epoch, path chosen)
+        self._logged_paths: dict[str, str] = {}  # peer worker -> path last logged
         self.transports = UcxTransportLog()  # before the agent: UCX reads its log settings at load
         if kv_cache.device.type == "cuda":
             # UCX turns cuda_ipc GET (our READ) off when it finds no NVLink (one GPU, or PCIe only)
@@ -97,6 +108,7 @@ class NixlTransceiver(KVTransceiver):
         self._receiver = LayerwiseReceiver(self)
         self._notif_sinks = [self._receiver]  # callables(agent_name, message bytes) -> bool (consumed)
         self._layer_writer: LayerWriter | None = None
+        self._cancelled: set[str] = set()  # receives the caller gave up on (cancel_layers)
         log.info("%s: NIXL agent %s, UCX backend params %s, plugin params %s, UCX env %s", worker_id,
                  self.agent_name, self._agent.get_backend_params("UCX"), self._agent.get_plugin_params("UCX"),
                  UcxTransportLog.effective_env())
@@ -105,8 +117,19 @@ class NixlTransceiver(KVTransceiver):
     # -- memory registration -------------------------------------------------------------------
     def _register_segment(self, info: KVSegmentInfo, tensor: torch.Tensor) -> None:
         self._registrations[info.index] = self._agent.register_memory(tensor)
+        if tensor.is_cuda:
+            try:
+                self._ipc_exports[info.index] = export_segment(info.index, tensor)
+            except Exception as e:  # readers then see the missing handle and decide (cuda_ipc: on/auto)
+                log.warning("%s: KV segment %d cannot be exported for CUDA IPC (%s: %s); same-node readers "
+                            "use NIXL (transfer.cuda_ipc: auto) or fail (on)", self.worker_id, info.index,
+                            type(e).__name__, e)
+
+    def _cuda_ipc_exports(self) -> tuple[CudaIpcSegment, ...]:
+        return tuple(self._ipc_exports[i] for i in sorted(self._ipc_exports))
 
     def _deregister_segment(self, info: KVSegmentInfo, tensor: torch.Tensor) -> None:
+        self._ipc_exports.pop(info.index, None)
         reg = self._registrations.pop(info.index, None)
         if reg is not None:
             self._agent.deregister_memory(reg)
@@ -127,6 +150,9 @@ class NixlTransceiver(KVTransceiver):
                                 peer=info.worker_id)
 
     def _disconnect_peer(self, info: PeerInfo) -> None:
+        self._paths.pop(info.agent_name, None)
+        if self._ipc is not None:
+            self._ipc.close(info.agent_name)
         try:
             self._agent.remove_remote_agent(info.agent_name)
         except Exception as e:  # already gone or never loaded: nothing left to drop
@@ -200,6 +226,16 @@ class NixlTransceiver(KVTransceiver):
         return TransportError(f"NIXL error with {peer.worker_id}: {type(e).__name__}: {e}", peer=peer.worker_id)
 
     def _read(self, peer: PeerInfo, runs: list[Run], deadline: float, request_id: str) -> int:
+        if self._ipc is not None and self._path(peer) == "cuda_ipc":
+            # device copies: done in microseconds to milliseconds, waited for without a deadline
+            bps = self.layout.blocks_per_segment
+            with self._lock:
+                wanted = {r.dst_first // bps for r in runs}
+                if not wanted <= self._segments.keys():
+                    raise ValueError(f"local block ids lie in segments {sorted(wanted - self._segments.keys())}, "
+                                     "which this cache does not have")
+                local_segments = {i: self._segments[i][1] for i in wanted}
+            return self._ipc.read(peer, runs, self.layout, local_segments)
         local, remote = self.descriptor_lists(peer, runs)
         if self._num_threads:
             local, remote = split_rows(local, remote, _THREAD_PIECE_BYTES)
@@ -211,14 +247,44 @@ class NixlTransceiver(KVTransceiver):
         self._report_transports(peer)
         return len(local)
 
+    def _path(self, peer: PeerInfo) -> str:
+        """cuda_ipc | nixl for READs from ``peer`` at its epoch (segments mapped on first use);
+        logged when first chosen for a peer and whenever it changes."""
+        with self._lock:
+            known = self._paths.get(peer.agent_name)
+        if known is not None and known[0] == peer.kv_epoch:
+            return known[1].path
+        choice = select_path(self._cuda_ipc_mode, self.kv_cache.device.type, self.host_id, peer, visible_gpus())
+        level = logging.INFO
+        if choice.path == "cuda_ipc" and not self._ipc.is_open(peer):
+            try:
+                self._ipc.open(peer)
+            except Exception as e:
+                problem = f"CUDA IPC could not map {peer.worker_id}'s KV segments ({type(e).__name__}: {e})"
+                if self._cuda_ipc_mode == "on":
+                    raise BackendUnavailableError(f"transfer.cuda_ipc is 'on' but {problem}; set transfer.cuda_ipc: "
+                                                  "auto (NIXL then) or off", peer=peer.worker_id) from e
+                choice, level = PathChoice("nixl", f"{problem}; transfer.cuda_ipc is auto: NIXL"), logging.WARNING
+        with self._lock:
+            self._paths[peer.agent_name] = (peer.kv_epoch, choice)
+            changed = self._logged_paths.get(peer.worker_id) != choice.path
+            self._logged_paths[peer.worker_id] = choice.path
+        if changed:
+            log.log(level, "%s: KV READs from %s (epoch %d) use %s: %s", self.worker_id, peer.worker_id,
+                    peer.kv_epoch, choice.path, choice.reason)
+        return choice.path
+
     def _report_transports(self, peer: PeerInfo) -> None:
         if peer.agent_name not in self._reported_peers:
             self._reported_peers.add(peer.agent_name)
             self.transports.report(peer.worker_id)
 
     def transport_info(self) -> dict[str, object]:
+        with self._lock:
+            paths = {name: {"epoch": epoch, "path": c.path, "reason": c.reason} for name, (epoch, c) in self._paths.items()}
         return {"backend": self.backend, "agent": self.agent_name, "nixl_backends": list(self._agent.backends),
-                "nixl_ucx_params": self._agent.get_backend_params("UCX"), **self.transports.summary()}
+                "nixl_ucx_params": self._agent.get_backend_params("UCX"), "cuda_ipc": self._cuda_ipc_mode,
+                "read_paths": paths, **self.transports.summary()}
 
     # -- notifications (layer-wise streaming) --------------------------------------------------
     def send_notification(self, peer: PeerInfo, message: dict) -> None:
@@ -267,8 +333,13 @@ class NixlTransceiver(KVTransceiver):
         self._receiver.expect(request_id)
 
     def cancel_layers(self, request_id: str, reason: str) -> None:
-        """Decode side: make a pending receive_layers(request_id) fail now (TransferAbortedError)."""
-        self._receiver.cancel(request_id, reason)
+        """Decode side: make a pending receive_layers(request_id) fail now (TransferAbortedError,
+        not counted as a failed transfer: the caller counts what made it give up)."""
+        with self._lock:
+            self._cancelled.add(request_id)
+        if not self._receiver.cancel(request_id, reason):  # nobody waits (any more)
+            with self._lock:
+                self._cancelled.discard(request_id)
 
     def receive_layers_blocking(self, request_id: str, deadline_s: float, num_blocks: int = 0) -> TransferResult:
         """Decode side: wait until every layer of request_id has been written into our blocks."""
@@ -276,8 +347,14 @@ class NixlTransceiver(KVTransceiver):
         try:
             arrived = self._receiver.wait(request_id, self.layout.num_layers, deadline_s)
         except TransferError as e:
-            self.metrics.transfer_failed(e.kind)
+            with self._lock:
+                cancelled = request_id in self._cancelled
+            if not cancelled:
+                self.metrics.transfer_failed(e.kind)
             raise
+        finally:
+            with self._lock:
+                self._cancelled.discard(request_id)
         seconds = time.perf_counter() - start
         num_bytes = num_blocks * self.layout.bytes_per_block_all_layers
         self.metrics.transfer_done(num_bytes, seconds, "layerwise_receive")
@@ -289,3 +366,5 @@ class NixlTransceiver(KVTransceiver):
     def _shutdown(self) -> None:
         if self._layer_writer is not None:
             self._layer_writer.close()
+        if self._ipc is not None:
+            self._ipc.close_all()

@@ -29,12 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kv_transfer.cuda_ipc import host_id
 from kv_transfer.descriptors import Run, check_num_tokens, pair_runs
 from kv_transfer.errors import (CompatMismatchError, DeadlineExceededError, StalePeerError, TransferError,
                                 UnknownPeerError)
 from kv_transfer.layout import KVLayout
 from kv_transfer.metrics import TransferMetrics
-from workers.protocol import KVSegmentInfo, PeerInfo
+from workers.protocol import CudaIpcSegment, KVSegmentInfo, PeerInfo
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class KVTransceiver(ABC):
         self._segments: dict[int, tuple[KVSegmentInfo, torch.Tensor]] = {}
         self._peers: dict[str, PeerInfo] = {}
         self._closed = False
+        self.host_id = host_id()
 
     def _attach(self) -> None:
         """Subclasses call this last in __init__: registers existing segments right away."""
@@ -92,6 +94,7 @@ class KVTransceiver(ABC):
             with self._lock:
                 segments = tuple(info for info, _ in sorted(self._segments.values(), key=lambda it: it[0].index))
                 metadata = self._connection_metadata()
+                exports = self._cuda_ipc_exports()
             try:
                 cache_indices = set(list(self.kv_cache.segments))
             except RuntimeError:  # resized while we looked
@@ -100,7 +103,7 @@ class KVTransceiver(ABC):
                 return PeerInfo(worker_id=self.worker_id, backend=self.backend, agent_name=self.agent_name,
                                 agent_metadata=metadata, memory_kind=memory_kind, segments=segments,
                                 layout=self.layout, compat_hash=self.compat_hash, kv_epoch=epoch,
-                                tcp_address=self._tcp_address())
+                                tcp_address=self._tcp_address(), host_id=self.host_id, cuda_ipc=exports)
             time.sleep(0.001)
         raise TransferError(f"{self.worker_id}: KV segments kept changing; no consistent handshake")
 
@@ -193,7 +196,7 @@ class KVTransceiver(ABC):
         runs = pair_runs(remote_block_ids, local_block_ids, info.layout.blocks_per_segment,
                          self.layout.blocks_per_segment)
         known = {s.index for s in info.segments}
-        unknown = sorted({b // info.layout.blocks_per_segment for b in remote_block_ids} - known)
+        unknown = sorted({r.src_first // info.layout.blocks_per_segment for r in runs} - known)  # runs stay in a segment
         if unknown:  # blocks of a segment added after our handshake: its memory is unknown to us
             self.metrics.transfer_failed(StalePeerError.kind)
             raise StalePeerError(f"blocks of {peer} lie in segments {unknown}, unknown at its epoch "
@@ -254,6 +257,10 @@ class KVTransceiver(ABC):
 
     def _tcp_address(self) -> str:
         return ""
+
+    def _cuda_ipc_exports(self) -> tuple[CudaIpcSegment, ...]:
+        """VRAM segments exported for same-node readers (caller holds the lock)."""
+        return ()
 
     @abstractmethod
     def _connect_peer(self, info: PeerInfo) -> None: ...

@@ -11,6 +11,13 @@
                        engine.commit_import(first token)             decode continues here
                      every failure frees the blocks on both sides and tries the next candidate;
                      when all fail, prefill locally (counted as a fallback, logged)
+      layer-wise     (transfer.layerwise) per candidate:
+                       reservation = engine.reserve_import(...)      blocks allocated here first
+                       expect_layers; prefill.prefill(... LayerwiseTarget)  it WRITEs each layer
+                       receive_layers + the prefill's reply (first token; nothing pinned there)
+                       engine.commit_import(first token)
+                     on failure our blocks are freed only once the prefill worker confirmed that no
+                     WRITE is in flight (abort_layerwise) or died (layerwise.py's ownership rule)
       then stream TokenDeltas (coalesced per step) until finished.
 
 Every wait is bounded: the prefill by req.prefill_timeout_s, each call to the prefill worker
@@ -26,10 +33,12 @@ import logging
 import time
 
 import ray
+from ray.exceptions import RayActorError
 
+from kv_transfer.errors import DeadlineExceededError, PeerGoneError, StalePeerError
 from workers.engine.block_pool import NoFreeBlocks
-from workers.protocol import (FinishReason, GenerateRequest, InvalidRequestError, KVHandle, PrefillRequest,
-                              RequestFailedError, Role, TokenDelta)
+from workers.protocol import (FinishReason, GenerateRequest, InvalidRequestError, KVHandle, LayerwiseTarget,
+                              PrefillRequest, RequestFailedError, Role, TokenDelta)
 from workers.worker_base import WorkerBase
 
 log = logging.getLogger(__name__)
@@ -37,6 +46,10 @@ log = logging.getLogger(__name__)
 
 class DecodeWorkerImpl(WorkerBase):
     role = Role.DECODE
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._background: set[asyncio.Task] = set()  # layer-wise aborts still waiting to free blocks
 
     async def generate(self, req: GenerateRequest):
         """Async generator of TokenDeltas (a Ray streaming method). Cancelling it aborts the
@@ -89,8 +102,13 @@ class DecodeWorkerImpl(WorkerBase):
         return None
 
     async def _remote_prefill(self, req: GenerateRequest, prefill_id: str, deadline: float) -> TokenDelta:
-        rid, prompt = req.request_id, list(req.prompt_token_ids)
         prefill = ray.get_actor(prefill_id, namespace=self.namespace)
+        if self.spec.transfer.layerwise:
+            return await self._remote_prefill_layerwise(req, prefill_id, prefill, deadline)
+        return await self._remote_prefill_read(req, prefill_id, prefill, deadline)
+
+    async def _remote_prefill_read(self, req: GenerateRequest, prefill_id: str, prefill, deadline: float) -> TokenDelta:
+        rid = req.request_id
         ttl = self.spec.transfer.lease_ttl_s
         preq = PrefillRequest(rid, req.prompt_token_ids, req.sampling, req.cache_salt, ttl)
         ref = prefill.prefill.remote(preq)
@@ -111,10 +129,7 @@ class DecodeWorkerImpl(WorkerBase):
             # of whole blocks we hold): the handle still brings the first token, nothing to read
             n = reservation.num_local_cached_blocks
             if n < len(handle.block_ids):
-                budget_s = min(self.spec.transfer.deadline_s, min(deadline, handle.expires_at) - time.time())
-                await self.transceiver.read(prefill_id, handle.block_ids[n:], reservation.block_ids[n:], budget_s,
-                                            num_tokens=handle.num_tokens - n * self.engine.block_size,
-                                            request_id=rid)
+                await self._read(prefill_id, prefill, handle, reservation, deadline)
             released = True  # from here the prefill side frees its blocks whatever release() answers
             # raises LeaseExpiredError (what we read may be stale); no answer in time counts as that too
             await asyncio.wait_for(prefill.release.remote(rid), call_s)
@@ -127,8 +142,92 @@ class DecodeWorkerImpl(WorkerBase):
         return await self.loop.call(lambda e: e.commit_import(
             rid, handle.first_token_id, handle.first_logprob, handle.first_top_logprobs, handle.num_cached_tokens))
 
+    async def _read(self, prefill_id: str, prefill, handle: KVHandle, reservation, deadline: float) -> None:
+        """READ the handle's blocks we lack. A StalePeerError (the prefill side added a segment
+        after our handshake) is answered with one fresh handshake and one more READ."""
+        n = reservation.num_local_cached_blocks
+        tx = self.transceiver
+        for attempt in range(2):
+            budget_s = min(self.spec.transfer.deadline_s, min(deadline, handle.expires_at) - time.time())
+            try:
+                await tx.read(prefill_id, handle.block_ids[n:], reservation.block_ids[n:], budget_s,
+                              num_tokens=handle.num_tokens - n * self.engine.block_size, request_id=handle.request_id)
+                return
+            except StalePeerError as e:
+                if attempt:
+                    raise
+                log.info("%s: %s; handshaking with %s again", handle.request_id, e, prefill_id)
+                tx.remove_peer(prefill_id)
+                await asyncio.wait_for(tx.ensure_peer(prefill_id, handle.kv_epoch, handle.compat_hash,
+                                                      lambda: prefill.peer_info.remote()), self.spec.transfer.deadline_s)
+
+    async def _remote_prefill_layerwise(self, req: GenerateRequest, prefill_id: str, prefill,
+                                        deadline: float) -> TokenDelta:
+        rid, tx = req.request_id, self.transceiver
+        reservation = await self._reserve(req, None, deadline)
+        n = reservation.num_local_cached_blocks
+        if n == len(reservation.block_ids):  # every block is cached here: nothing to stream
+            await self.loop.call(lambda e: e.abort(rid))
+            return await self._remote_prefill_read(req, prefill_id, prefill, deadline)
+        target = LayerwiseTarget(rid, self.worker_id, reservation.block_ids[n:], self.engine.kv_cache.epoch,
+                                 tx.compat_hash, first_block_index=n)
+        tx.expect_layers(rid)
+        wait_s = max(0.001, min(req.prefill_timeout_s, deadline - time.time()))
+        preq = PrefillRequest(rid, req.prompt_token_ids, req.sampling, req.cache_salt, self.spec.transfer.lease_ttl_s,
+                              layerwise=target)
+        prefilled = asyncio.ensure_future(_result_of(prefill.prefill.remote(preq)))
+        received = asyncio.ensure_future(tx.receive_layers(rid, wait_s, len(target.block_ids)))
+        try:
+            # the receive's own deadline (named missing layers) fires first; the margin covers the reply
+            await asyncio.wait({prefilled, received}, timeout=wait_s + 1.0, return_when=asyncio.FIRST_EXCEPTION)
+            for part in (prefilled, received):  # the first failure (a dead prefill worker first)
+                if part.done() and part.exception() is not None:
+                    raise part.exception()
+            if not (prefilled.done() and received.done()):
+                raise DeadlineExceededError(f"{rid}: layer-wise prefill on {prefill_id} not done within {wait_s:.1f} s",
+                                            request_id=rid, peer=prefill_id)
+            received.result()
+            handle: KVHandle = prefilled.result()
+        except BaseException as e:
+            tx.cancel_layers(rid, f"the transfer failed ({type(e).__name__})")
+            for part in (prefilled, received):
+                part.add_done_callback(_ignore_result)
+            await self._abandon_layerwise(rid, prefill_id, prefill)
+            if isinstance(e, RayActorError):
+                tx.metrics.transfer_failed(PeerGoneError.kind)
+                raise PeerGoneError(f"prefill worker {prefill_id} died during the layer-wise transfer of {rid}",
+                                    request_id=rid, peer=prefill_id) from e
+            raise
+        return await self.loop.call(lambda e: e.commit_import(
+            rid, handle.first_token_id, handle.first_logprob, handle.first_top_logprobs, handle.num_cached_tokens))
+
+    async def _abandon_layerwise(self, rid: str, prefill_id: str, prefill) -> None:
+        """Our reserved blocks may still receive a WRITE: keep them (under another key, so the
+        request id is free for a retry) until the prefill worker confirms its sender stopped, or
+        is gone; wait for that up to transfer.deadline_s here, then let it finish in the background."""
+        key = await self.loop.call(lambda e: e.detach_import(rid))
+        confirmed = prefill.abort_layerwise.remote(rid)
+
+        async def free_when_safe():
+            try:
+                await confirmed
+            except RayActorError:
+                pass  # the prefill worker is gone: nothing can WRITE any more
+            except Exception as e:  # answered, but not cleanly: its sender's abort() returned anyway
+                log.warning("%s: abort_layerwise on %s answered %s: %s", rid, prefill_id, type(e).__name__, e)
+            await self.loop.call(lambda e: e.abort(key))
+
+        task = asyncio.ensure_future(free_when_safe())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.spec.transfer.deadline_s)
+        except asyncio.TimeoutError:
+            log.warning("%s: %s has not confirmed that its layer-wise sender stopped; %s's blocks stay reserved "
+                        "until it does or dies", rid, prefill_id, self.worker_id)
+
     async def _reserve(self, req: GenerateRequest, prefill, deadline: float):
-        """Blocks for the import; while none are free, wait (renewing the remote lease)."""
+        """Blocks for the import; while none are free, wait (renewing the remote lease, if any)."""
         rid, prompt = req.request_id, list(req.prompt_token_ids)
         renew_every = self.spec.transfer.lease_ttl_s / 3
         last_renew = time.monotonic()
@@ -138,7 +237,7 @@ class DecodeWorkerImpl(WorkerBase):
             except NoFreeBlocks:
                 if time.time() >= deadline:
                     raise RequestFailedError(f"{rid}: no free KV blocks on {self.worker_id} before the deadline")
-                if time.monotonic() - last_renew > renew_every:
+                if prefill is not None and time.monotonic() - last_renew > renew_every:
                     await asyncio.wait_for(prefill.renew.remote(rid), self.spec.transfer.deadline_s)
                     last_renew = time.monotonic()
                 await asyncio.sleep(0.01)
@@ -146,6 +245,15 @@ class DecodeWorkerImpl(WorkerBase):
     @property
     def namespace(self) -> str:
         return f"pdserve-{self.spec.cluster_name}"  # router.cluster_view.ray_namespace
+
+
+async def _result_of(ref):
+    return await ref
+
+
+def _ignore_result(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: no "exception was never retrieved" noise
 
 
 def _release_quietly(prefill, request_id: str) -> None:

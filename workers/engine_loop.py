@@ -18,10 +18,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from workers.engine.engine import Engine
 from workers.protocol import FinishReason, KVEvent, KVHandle, RequestFailedError, TokenDelta
+
+if TYPE_CHECKING:
+    from workers.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,6 +84,12 @@ class EngineLoop:
 
     def drop_handle(self, request_id: str) -> None:
         self._handles.pop(request_id, None)
+
+    def fail_handle(self, request_id: str, exc: BaseException) -> None:
+        """Make the awaited handle of request_id raise exc (no-op if nobody waits for one)."""
+        fut = self._handles.pop(request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
 
     def events_since(self, seq: int) -> tuple[list[KVEvent], bool]:
         """KV events with seq > ``seq``; the flag is False when some were already dropped from

@@ -8,6 +8,13 @@ Block ownership: from ``prefill`` returning a KVHandle until exactly one of
 A release that arrives while the prefill is still running (the decode side gave up waiting and
 its cancel has not landed yet) marks the request abandoned: its handle is freed the moment it is
 made, never pinned.
+
+Layer-wise (the PrefillRequest carries a LayerwiseTarget): the decode worker reserved its blocks
+first. We handshake with it if needed, and the engine calls the request's layer hook during the
+step that completes the prompt: each layer is WRITten into the decode blocks as soon as it is
+computed. After the last WRITE completed (sender.finish) our blocks are freed here and the handle
+goes back pinning nothing. On any failure the sender is aborted (no WRITE in flight once
+abort_layerwise / the failed prefill returns), and only then may the decode side free its blocks.
 """
 
 from __future__ import annotations
@@ -15,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
+import time
 
 import ray
 
+from kv_transfer.errors import TransferAbortedError
 from kv_transfer.lease import LeaseTable
-from workers.protocol import KVHandle, PrefillRequest, RequestFailedError, Role
+from workers.protocol import InvalidRequestError, KVHandle, PrefillRequest, RequestFailedError, Role
 from workers.worker_base import WorkerBase, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -32,6 +42,11 @@ class PrefillWorkerImpl(WorkerBase):
         super().__init__(spec)
         self.leases: LeaseTable | None = None
         self.abandoned: set[str] = set()  # released while still prefilling (see the module doc)
+        # layer-wise: senders by request id (made on the engine thread) and requests whose
+        # transfer was aborted before their sender existed; both under _lw_lock
+        self._lw_lock = threading.Lock()
+        self._senders: dict = {}
+        self._lw_aborted: set[str] = set()
 
     async def start(self):
         info = await super().start()
@@ -42,6 +57,8 @@ class PrefillWorkerImpl(WorkerBase):
     async def prefill(self, req: PrefillRequest) -> KVHandle:
         """Run the prompt's prefill; return its handle with the blocks pinned under a lease."""
         self.check_accepting()
+        if req.layerwise is not None:
+            return await self._prefill_layerwise(req)
         rid = req.request_id
         self.inflight.add(rid)
         handle_future = self.loop.expect_handle(rid)
@@ -74,6 +91,81 @@ class PrefillWorkerImpl(WorkerBase):
             return
         self.leases.release(request_id)
         await self.loop.call(lambda e: e.release_handle(request_id))
+
+    # -- layer-wise -----------------------------------------------------------------------------
+    async def _prefill_layerwise(self, req: PrefillRequest) -> KVHandle:
+        rid, target = req.request_id, req.layerwise
+        num_blocks = -(-len(req.prompt_token_ids) // self.engine.block_size)
+        if target.first_block_index < 0 or target.first_block_index + len(target.block_ids) != num_blocks:
+            raise InvalidRequestError(f"{rid}: the layer-wise target has blocks [{target.first_block_index}, "
+                                      f"+{len(target.block_ids)}) of a {num_blocks}-block prompt")
+        self.inflight.add(rid)
+        handle_future = self.loop.expect_handle(rid)
+        try:
+            decode = ray.get_actor(target.worker_id, namespace=f"pdserve-{self.spec.cluster_name}")
+            await asyncio.wait_for(self.transceiver.ensure_peer(target.worker_id, target.kv_epoch, target.compat_hash,
+                                                                lambda: decode.peer_info.remote()),
+                                   self.spec.transfer.deadline_s)
+            factory = self._sender_factory(req)
+            await self.loop.call(lambda e: e.add_request(rid, list(req.prompt_token_ids), req.sampling,
+                                                         req.cache_salt, prefill_only=True, on_layer_done=factory))
+            handle: KVHandle = await handle_future
+            with self._lw_lock:
+                sender = self._senders.get(rid)
+            if sender is None:
+                raise TransferAbortedError(f"{rid}: layer-wise transfer aborted before it started", request_id=rid)
+            await asyncio.to_thread(sender.finish)  # every layer's WRITE completed (or it raises)
+            await self.loop.call(lambda e: e.release_handle(rid))
+            return dataclasses.replace(handle, lease_ttl_s=0.0, expires_at=time.time())
+        except BaseException:
+            self.loop.drop_handle(rid)
+            await asyncio.shield(self._stop_layerwise(rid, "the prefill failed"))
+            raise
+        finally:
+            self.inflight.discard(rid)
+            with self._lw_lock:
+                self._senders.pop(rid, None)
+                self._lw_aborted.discard(rid)
+
+    def _sender_factory(self, req: PrefillRequest):
+        """The engine's on_layer_done for this request (runs on the engine thread)."""
+        rid, target, deadline_s = req.request_id, req.layerwise, self.spec.transfer.deadline_s
+
+        def factory(block_ids: tuple[int, ...]):
+            with self._lw_lock:
+                if rid in self._lw_aborted:
+                    return None
+                sender = self.transceiver.layerwise_sender(target, block_ids[target.first_block_index:], deadline_s)
+                self._senders[rid] = sender
+            return sender.layer_done
+
+        return factory
+
+    async def abort_layerwise(self, request_id: str, reason: str = "aborted by the decode worker") -> None:
+        """The decode side gives up on a layer-wise transfer. Returns once no WRITE of it can land
+        in the decode worker's blocks any more (it may free them then)."""
+        with self._lw_lock:
+            if request_id in self.inflight:
+                self._lw_aborted.add(request_id)
+        # the pending prefill() (if it still waits for its handle) fails and cleans up too
+        self.loop.fail_handle(request_id, TransferAbortedError(f"{request_id}: {reason}", request_id=request_id))
+        await self._stop_layerwise(request_id, reason)
+
+    async def _stop_layerwise(self, request_id: str, reason: str) -> None:
+        """Idempotent: no new sender (flag), no WRITE in flight (the sender aborted, which also
+        tells the decode side), then our blocks are freed."""
+        with self._lw_lock:
+            if request_id in self.inflight:
+                self._lw_aborted.add(request_id)
+
+        def sender_of(engine):  # between steps: a step that makes the sender has finished
+            with self._lw_lock:
+                return self._senders.get(request_id)
+
+        sender = await self.loop.call(sender_of)
+        if sender is not None:
+            await asyncio.to_thread(sender.abort, reason)
+        await self.loop.call(lambda e: e.abort(request_id))
 
     def _on_lease_expired(self, request_id: str) -> None:
         log.warning("KV handle %s expired before release: freeing its blocks", request_id)

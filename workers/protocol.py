@@ -246,6 +246,24 @@ class KVSegmentInfo:
 
 
 @dataclass(frozen=True)
+class CudaIpcSegment:
+    """A VRAM KV segment exported for CUDA IPC to readers on the same node: the fields of torch's
+    ``UntypedStorage._share_cuda_()`` (legacy cudaIpcMemHandle of the allocation, torch's IPC ref
+    counter and an event the reader waits on before the first use) plus where the segment sits."""
+
+    index: int
+    gpu_uuid: str  # the GPU holding it (ordinals differ between processes; UUIDs do not)
+    storage_handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    tensor_offset: int  # elements from the storage's start to the segment tensor
+
+
+@dataclass(frozen=True)
 class PeerInfo:
     """Transceiver handshake: what a peer needs to READ (or WRITE) this worker's KV blocks.
     Valid for one ``kv_epoch``: a KVHandle with a newer epoch means fetch a fresh PeerInfo."""
@@ -260,6 +278,8 @@ class PeerInfo:
     compat_hash: str
     kv_epoch: int
     tcp_address: str = ""  # tcp: "host:port" of the block server; empty for nixl
+    host_id: str = ""  # the node (hostname + boot id): CUDA IPC only between equal host ids
+    cuda_ipc: tuple[CudaIpcSegment, ...] = ()  # VRAM segments exported for same-node readers
 
 
 @dataclass(frozen=True)
