@@ -135,15 +135,14 @@ class Cluster:
                     ray.kill(self.manager)
                 except Exception as e:
                     log.warning("manager shutdown: %r", e)
-            try:
-                for app in [*self.extra_apps, self.app_name]:
-                    serve.delete(app)
-                if self.owns_ray:
-                    serve.shutdown()
-            except Exception as e:
-                log.warning("serve shutdown: %r", e)
             if self.owns_ray:
-                ray.shutdown()
+                ray.shutdown()  # our own Ray: its processes, Serve's included, all go with it
+            else:
+                try:
+                    for app in [*self.extra_apps, self.app_name]:
+                        serve.delete(app)
+                except Exception as e:
+                    log.warning("serve app removal: %r", e)
         if self.etcd is not None:
             self.etcd.stop()
 
@@ -216,7 +215,7 @@ def _spawn_detached(config: PdserveConfig, rdir: Path, config_args: list[str]) -
     return 1
 
 
-def down(cluster_name: str, timeout_s: float = 60) -> int:
+def down(cluster_name: str, timeout_s: float = 120) -> int:
     pid_file = run_dir(cluster_name) / "pid"
     if not pid_file.exists():
         print(f"no running cluster {cluster_name!r} started by `pdserve up --detach` here", file=sys.stderr)
