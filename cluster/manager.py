@@ -26,6 +26,7 @@ import ray
 
 from cluster.config import PdserveConfig
 from router.cluster_view import ray_namespace
+from workers.gpu_visibility import NOSET_ENV as NOSET_CUDA_ENV
 from workers.protocol import Role
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,10 @@ class ClusterManagerImpl:
         # back to the OS every time (glibc's dynamic threshold otherwise moves segments onto the
         # heap after the first free; benchmarks/kv_quota_memory.py measures both)
         env = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)} if pool.num_gpus == 0 else {}
+        if pool.num_gpus > 0 and c.transfer.backend == "nixl" and c.transfer.cuda_ipc != "off":
+            # every GPU of the node visible, the assigned one first (workers/gpu_visibility.py):
+            # CUDA IPC READs then reach a peer on another GPU instead of going through NIXL
+            env[NOSET_CUDA_ENV] = "1"
         actor = cls.options(name=worker_id, namespace=self.namespace, num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
                             resources=dict(pool.resources) or None, max_concurrency=1000,
                             runtime_env={"env_vars": env} if env else None).remote(spec)

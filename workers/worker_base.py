@@ -17,6 +17,7 @@ from cluster.config import EtcdConfig
 from kv_transfer.config import TransferConfig
 from workers.engine.config import EngineConfig, ModelConfig
 from workers.engine_loop import EngineLoop
+from workers.gpu_visibility import show_node_gpus_assigned_first
 from workers.model_files import resolve_model_path
 from workers.protocol import (Role, WorkerCounters, WorkerDrainingError, WorkerInfo, WorkerLoad,
                               WorkerState)
@@ -47,6 +48,7 @@ class WorkerBase:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.spec = spec
         self.worker_id = spec.worker_id
+        self.visible_gpus = show_node_gpus_assigned_first()  # before anything starts CUDA here
         self.engine = None  # workers.engine.engine.Engine, made in start()
         self.loop: EngineLoop | None = None
         self.transceiver = None
