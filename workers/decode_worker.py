@@ -59,15 +59,20 @@ class DecodeWorkerImpl(WorkerBase):
         deadline = req.arrival_time + req.deadline_s
         stream = self.loop.open_stream(rid)
         self.inflight.add(rid)
+        t0 = time.perf_counter()
         try:
             first = await self._start(req, deadline)
             if first is not None:
+                self.hops.add("first_delta", time.perf_counter() - t0)
                 yield first
                 if first.finished:
                     return
             while True:
                 delta = await asyncio.wait_for(stream.get(), timeout=max(0.001, deadline - time.time()))
                 merged = _merge([delta] + _drain(stream))
+                if first is None:
+                    first = merged
+                    self.hops.add("first_delta", time.perf_counter() - t0)
                 yield merged
                 if merged.finished:
                     self.counters["num_requests_finished"] += 1
@@ -84,7 +89,8 @@ class DecodeWorkerImpl(WorkerBase):
         """Get the request going; returns the first delta when it came from a remote prefill."""
         rid, prompt = req.request_id, list(req.prompt_token_ids)
         if req.prefill_candidates:
-            cached = await self.loop.call(lambda e: e.num_cached_prompt_tokens(prompt, req.cache_salt))
+            with self.hops.time("cache_lookup"):
+                cached = await self.loop.call(lambda e: e.num_cached_prompt_tokens(prompt, req.cache_salt))
             if len(prompt) - cached >= self.spec.local_prefill_threshold_tokens:
                 for attempt, prefill_id in enumerate(req.prefill_candidates[: self.spec.max_prefill_attempts]):
                     if attempt:
@@ -98,7 +104,8 @@ class DecodeWorkerImpl(WorkerBase):
                 self.counters["num_prefill_fallbacks"] += 1
                 log.warning("%s: every prefill attempt failed; prefilling locally", rid)
         self.counters["num_local_prefills"] += 1
-        await self.loop.call(lambda e: e.add_request(rid, prompt, req.sampling, req.cache_salt))
+        with self.hops.time("local_add"):
+            await self.loop.call(lambda e: e.add_request(rid, prompt, req.sampling, req.cache_salt))
         return None
 
     async def _remote_prefill(self, req: GenerateRequest, prefill_id: str, deadline: float) -> TokenDelta:
@@ -111,10 +118,12 @@ class DecodeWorkerImpl(WorkerBase):
         rid = req.request_id
         ttl = self.spec.transfer.lease_ttl_s
         preq = PrefillRequest(rid, req.prompt_token_ids, req.sampling, req.cache_salt, ttl)
+        t_sent = time.perf_counter()
         ref = prefill.prefill.remote(preq)
         try:
             wait_s = min(req.prefill_timeout_s, deadline - time.time())
             handle: KVHandle = await asyncio.wait_for(ref, timeout=max(0.001, wait_s))
+            self.hops.add("prefill_call", time.perf_counter() - t_sent)
         except BaseException:
             ray.cancel(ref)  # the prefill side aborts; a handle made in the meantime expires with its lease
             _release_quietly(prefill, rid)
@@ -122,25 +131,30 @@ class DecodeWorkerImpl(WorkerBase):
         reservation, released = None, False
         call_s = self.spec.transfer.deadline_s  # any one call to the prefill worker around the READ
         try:
-            reservation = await self._reserve(req, prefill, deadline)
-            await asyncio.wait_for(self.transceiver.ensure_peer(prefill_id, handle.kv_epoch, handle.compat_hash,
-                                                                lambda: prefill.peer_info.remote()), call_s)
+            with self.hops.time("reserve"):
+                reservation = await self._reserve(req, prefill, deadline)
+            with self.hops.time("handshake"):
+                await asyncio.wait_for(self.transceiver.ensure_peer(prefill_id, handle.kv_epoch, handle.compat_hash,
+                                                                    lambda: prefill.peer_info.remote()), call_s)
             # [0, n) already cached here | [n, len) to READ; n == len when every block is (a prompt
             # of whole blocks we hold): the handle still brings the first token, nothing to read
             n = reservation.num_local_cached_blocks
             if n < len(handle.block_ids):
-                await self._read(prefill_id, prefill, handle, reservation, deadline)
+                with self.hops.time("read"):
+                    await self._read(prefill_id, prefill, handle, reservation, deadline)
             released = True  # from here the prefill side frees its blocks whatever release() answers
             # raises LeaseExpiredError (what we read may be stale); no answer in time counts as that too
-            await asyncio.wait_for(prefill.release.remote(rid), call_s)
+            with self.hops.time("release"):
+                await asyncio.wait_for(prefill.release.remote(rid), call_s)
         except BaseException:
             if reservation is not None:
                 await asyncio.shield(self.loop.call(lambda e: e.abort(rid)))
             if not released:
                 _release_quietly(prefill, rid)
             raise
-        return await self.loop.call(lambda e: e.commit_import(
-            rid, handle.first_token_id, handle.first_logprob, handle.first_top_logprobs, handle.num_cached_tokens))
+        with self.hops.time("commit"):
+            return await self.loop.call(lambda e: e.commit_import(
+                rid, handle.first_token_id, handle.first_logprob, handle.first_top_logprobs, handle.num_cached_tokens))
 
     async def _read(self, prefill_id: str, prefill, handle: KVHandle, reservation, deadline: float) -> None:
         """READ the handle's blocks we lack. A StalePeerError (the prefill side added a segment

@@ -62,10 +62,13 @@ class PrefillWorkerImpl(WorkerBase):
         rid = req.request_id
         self.inflight.add(rid)
         handle_future = self.loop.expect_handle(rid)
+        t0 = time.perf_counter()
         try:
             await self.loop.call(lambda e: e.add_request(rid, list(req.prompt_token_ids), req.sampling,
                                                          req.cache_salt, prefill_only=True))
+            self.hops.add("add_request", time.perf_counter() - t0)
             handle: KVHandle = await handle_future
+            self.hops.add("prefill", time.perf_counter() - t0)
             if rid in self.abandoned:
                 raise RequestFailedError(f"{rid}: released by its reader before the prefill finished")
             expires_at = self.leases.pin(rid, handle.block_ids, req.lease_ttl_s)
@@ -90,7 +93,8 @@ class PrefillWorkerImpl(WorkerBase):
             self.abandoned.add(request_id)
             return
         self.leases.release(request_id)
-        await self.loop.call(lambda e: e.release_handle(request_id))
+        with self.hops.time("release_handle"):
+            await self.loop.call(lambda e: e.release_handle(request_id))
 
     # -- layer-wise -----------------------------------------------------------------------------
     async def _prefill_layerwise(self, req: PrefillRequest) -> KVHandle:

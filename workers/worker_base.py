@@ -8,6 +8,8 @@ engine thread (EngineLoop). Heavy set-up (loading the model) happens in ``start`
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -40,6 +42,31 @@ class WorkerSpec:
     max_prefill_attempts: int = 2
 
 
+class HopTimer:
+    """Recent durations of named steps of a request's path (the latency floor's parts): the last
+    ``window`` of each, in seconds. Diagnostic only: nothing routes or decides on them."""
+
+    def __init__(self, window: int = 1000):
+        self._times: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=window))
+
+    def add(self, name: str, seconds: float) -> None:
+        self._times[name].append(seconds)
+
+    @contextlib.contextmanager
+    def time(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._times[name].append(time.perf_counter() - t0)
+
+    def snapshot(self, clear: bool = False) -> dict[str, tuple[float, ...]]:
+        out = {name: tuple(d) for name, d in self._times.items()}
+        if clear:
+            self._times.clear()
+        return out
+
+
 class WorkerBase:
     role: Role
 
@@ -56,6 +83,7 @@ class WorkerBase:
         self.is_draining = False
         self.inflight: set[str] = set()
         self.counters = dataclasses.asdict(WorkerCounters())
+        self.hops = HopTimer()
         self.started_at = time.time()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -138,6 +166,10 @@ class WorkerBase:
 
     async def stats(self):
         return await self.loop.call(lambda e: e.stats())
+
+    async def hop_times(self, clear: bool = False) -> dict[str, tuple[float, ...]]:
+        """Recent durations (s) of each named step of this worker's request path (HopTimer)."""
+        return self.hops.snapshot(clear)
 
     async def num_inflight(self) -> int:
         return len(self.inflight)
