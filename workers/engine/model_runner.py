@@ -13,7 +13,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from workers.engine.attention import PAGED_ATTN, AttentionBackend, LayerCallback, SeqSlice, TorchPagedAttention
+from workers.engine.attention import (PAGED_ATTN, AttentionBackend, LayerCallback, SeqSlice, TokenFill,
+                                      TorchPagedAttention)
 from workers.engine.config import EngineConfig, ModelConfig
 from workers.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from workers.engine.kv_cache import KVCache
@@ -154,13 +155,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice],
-                logits_indices: list[int], on_layer_written: LayerCallback | None = None) -> torch.Tensor:
-        """One packed forward pass; returns fp32 logits [len(logits_indices), vocab].
-        ``on_layer_written`` is called after each layer's KV write (see AttentionBackend); such a
-        step runs eagerly, never as a CUDA graph replay (a replay runs no Python per layer)."""
+                logits_indices: list[int], on_layer_written: LayerCallback | None = None,
+                fill: TokenFill | None = None) -> torch.Tensor:
+        """One packed forward pass, queued: returns fp32 logits [len(logits_indices), vocab] on the
+        device without waiting for them. ``on_layer_written`` is called after each layer's KV
+        write (see AttentionBackend); such a step runs eagerly, never as a CUDA graph replay (a
+        replay runs no Python per layer). ``fill``: input tokens only the device knows yet."""
         if self.graphs is not None and on_layer_written is None and self.graphs.fits(seqs):
-            return self.graphs.run(seqs, input_ids, positions, logits_indices)
+            return self.graphs.run(seqs, input_ids, positions, logits_indices, fill)
         ids, pos, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices)
+        if fill is not None:
+            fill.apply(ids)
         self.backend.on_layer_written = on_layer_written
         try:
             out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep,

@@ -37,6 +37,12 @@ class Request:
         self.num_cached_tokens = 0  # prefix-cache hit at first admission (reported to clients)
         self.num_hashed_blocks = 0  # block_ids[:num_hashed_blocks] are published in the prefix cache
         self.num_preemptions = 0
+        # async scheduling: tokens sampled by a launched step that the host has not read yet (the
+        # KV of [0, num_computed_tokens) may include the first of them, fed from the device);
+        # 0 or 1 between steps. pending_row: the newest such token's row in that step's sample.
+        self.num_pending = 0
+        self.pending_row = 0
+        self.retired = False  # its pending token is its last (length): already out of the scheduler
         self.hasher = BlockHasher(block_size, cache_salt)
         self.detok: Detokenizer | None = None
         self.num_emitted_tokens = 0
@@ -61,6 +67,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        """Tokens of the sequence including those only the device knows yet."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:

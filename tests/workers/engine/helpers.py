@@ -19,10 +19,12 @@ PROMPTS = [
     [7] * 13,
 ]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+ASYNC_SCHEDULING = False  # the mode make_engine() uses by default (set per test session mode by conftest.py)
 
 
 def make_engine(model_dir: str, dtype: str = "float32", worker_id: str = "engine", **engine_kwargs) -> Engine:
-    cfg = dict(block_size=4, num_kv_blocks=128, blocks_per_segment=16, max_num_batched_tokens=64, max_num_seqs=8)
+    cfg = dict(block_size=4, num_kv_blocks=128, blocks_per_segment=16, max_num_batched_tokens=64, max_num_seqs=8,
+               async_scheduling=ASYNC_SCHEDULING)
     cfg.update(engine_kwargs)
     return Engine(ModelConfig(device="cpu", dtype=dtype), EngineConfig(**cfg), model_dir, worker_id=worker_id)
 
@@ -33,7 +35,10 @@ def run_all(engine: Engine, prompts, sampling=GREEDY, prefix="r", **add_kwargs) 
     for i, p in enumerate(prompts):
         engine.add_request(f"{prefix}{i}", p, sampling, **add_kwargs)
         out[f"{prefix}{i}"] = []
+    overlapped = engine.num_overlapped_steps
     drain(engine, out)
+    if engine.async_scheduling and not add_kwargs.get("prefill_only"):
+        assert engine.num_overlapped_steps > overlapped, "async scheduling on, but no step was left in flight"
     return out
 
 
