@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 
 from kv_transfer.layout import KVLayout, dtype_name
-from workers.engine.attention import SeqSlice, TokenFill
+from workers.engine.attention import TokenFill
 from workers.engine.block_pool import BlockPool, NoFreeBlocks
 from workers.engine.config import EngineConfig, ModelConfig
 from workers.engine.detokenizer import Detokenizer
@@ -38,10 +38,11 @@ from workers.engine.kv_cache import KVCache
 from workers.engine.launched_step import LaunchedStep, LaunchedSteps
 from workers.engine.layer_hooks import LayerHookFactory, LayerHooks, make_layer_hook
 from workers.engine.model_runner import ModelRunner
-from workers.engine.request import Request, RequestStatus
+from workers.engine.request import Request, RequestStatus, check_new_request
 from workers.engine.resizer import SegmentResizer
 from workers.engine.sampler import Sampler
 from workers.engine.scheduler import Scheduler
+from workers.engine.step_inputs import StepInputs
 from workers.protocol import FinishReason, InvalidRequestError, KVEvent, KVHandle, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class Engine:
         self._in_flight: LaunchedStep | None = None  # launched by the last step(), not yet resolved
         self._launched = LaunchedSteps()
         self.num_overlapped_steps = 0  # steps left in flight by step() (async scheduling)
+        self.num_dropped_tokens = 0  # sampled for requests that had stopped or were aborted meanwhile
         self.requests: dict[str, Request] = {}
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.hf_config.get_text_config().vocab_size
@@ -249,33 +251,17 @@ class Engine:
 
     def _launch(self, batch, prev: LaunchedStep | None) -> LaunchedStep:
         """Stage the batch, queue its forward pass and sampling; no host sync."""
-        input_ids, positions, seqs, logits_idx, sampled, hooks = [], [], [], [], [], []
-        fill_rows, fill_index = [], []
-        for req, n in zip(batch.requests, batch.num_new_tokens):
-            c = req.num_computed_tokens
-            known = req.num_tokens
-            q_start = len(input_ids)
-            # [c, known) ids on the host | [known, c + n) the pending token, read on the device
-            input_ids += req.token_ids(c, min(c + n, known))
-            if c + n > known:
-                fill_rows.append(len(input_ids))
-                fill_index.append(req.pending_row)
-                input_ids.append(0)
-            positions += range(c, c + n)
-            seqs.append(SeqSlice(q_start, n, c + n, tuple(req.block_ids)))
-            if c + n == req.num_tokens_with_pending:
-                logits_idx.append(q_start + n - 1)
-                sampled.append(req)
-                if req.layer_hook_factory is not None:
-                    hooks += make_layer_hook(req)
+        inputs = StepInputs.pack(batch.requests, batch.num_new_tokens)
+        sampled = inputs.sampled
+        hooks = [h for req in sampled if req.layer_hook_factory is not None for h in make_layer_hook(req)]
         fill = None
-        if fill_rows:
+        if inputs.fill_rows:
             if prev is None:
                 raise RuntimeError("internal: a pending token without a step in flight")
-            fill = TokenFill(tuple(fill_rows), tuple(fill_index), prev.sample.token_ids)
+            fill = TokenFill(tuple(inputs.fill_rows), tuple(inputs.fill_index), prev.sample.token_ids)
         on_layer = LayerHooks(hooks) if hooks else None
-        logits = self.runner.execute(input_ids, positions, seqs, logits_idx or [len(input_ids) - 1],
-                                     on_layer, fill)
+        logits = self.runner.execute(inputs.input_ids, inputs.positions, inputs.seqs,
+                                     inputs.logits_indices or [len(inputs.input_ids) - 1], on_layer, fill)
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
             self._publish_blocks(req)
@@ -300,7 +286,8 @@ class Engine:
         for i, req in enumerate(step.sampled):
             req.num_pending -= 1
             if req.status == RequestStatus.FINISHED:
-                continue  # aborted, or stopped by its previous token: this slot's token is dropped
+                self.num_dropped_tokens += 1  # aborted, or stopped by its previous token: dropped
+                continue
             lp = res.logprobs[i] if res.logprobs else None
             top = res.top_logprobs[i] if res.top_logprobs else None
             if req.layer_hook_error is not None:
@@ -363,24 +350,9 @@ class Engine:
     def _new_request(self, request_id, prompt_token_ids, sampling, cache_salt, prefill_only) -> Request:
         if request_id in self.requests:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
-        if not isinstance(sampling, SamplingParams):
-            raise InvalidRequestError("sampling must be a SamplingParams")
-        sampling.validate()
-        if sampling.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop strings need a tokenizer; this model has none (use stop_token_ids)", "stop")
-        prompt = list(prompt_token_ids)
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in prompt):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt")
-        if len(prompt) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt)} tokens; this model's context is {self.max_model_len} tokens "
-                f"(prompt + at least 1 generated token)", "prompt")
-        if -(-(len(prompt) + 1) // self.block_size) > self.kv_cache.num_blocks:
-            raise InvalidRequestError(
-                f"the prompt needs more KV blocks than this worker has ({self.kv_cache.num_blocks} x "
-                f"{self.block_size} tokens)", "prompt")
+        prompt = check_new_request(prompt_token_ids, sampling, has_tokenizer=self.tokenizer is not None,
+                                   vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                                   block_size=self.block_size, num_blocks=self.kv_cache.num_blocks)
         return Request(request_id, prompt, sampling, self.block_size, cache_salt, prefill_only)
 
     def _num_held_blocks(self) -> int:
