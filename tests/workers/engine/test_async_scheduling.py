@@ -22,9 +22,9 @@ def reference(model_dir):
     return run_all(make_engine(model_dir, async_scheduling=False), PROMPTS)
 
 
-def collect(engine, requests: dict[str, tuple[list[int], SamplingParams]]):
-    """Submit all, step to the end; per request: (tokens, finish reason, error, number of deltas)."""
-    got = {rid: [[], None, None, 0] for rid in requests}
+def collect(engine, requests: dict[str, tuple[list[int], SamplingParams]], with_logprobs: bool = False):
+    """Submit all, step to the end; per request: (tokens, finish reason, error[, logprobs, top logprobs])."""
+    got = {rid: [[], None, None, 0, [], []] for rid in requests}
     for rid, (prompt, sp) in requests.items():
         engine.add_request(rid, prompt, sp)
     steps = 0
@@ -36,8 +36,12 @@ def collect(engine, requests: dict[str, tuple[list[int], SamplingParams]]):
             assert entry[1] is None, f"delta for {d.request_id} after it finished"
             entry[0] += d.token_ids
             entry[3] += 1
+            entry[4] += d.logprobs or []
+            entry[5] += d.top_logprobs or []
             if d.finished:
                 entry[1], entry[2] = d.finish_reason, d.error
+    if with_logprobs:
+        return {rid: (*v[:3], v[4], v[5]) for rid, v in got.items()}
     return {rid: tuple(v[:3]) for rid, v in got.items()}
 
 
