@@ -14,6 +14,9 @@ Checks:
                rule (where sequences diverge, each side's token is in the other's top-5); then the
                same engine (compiled CUDA graphs) with async scheduling == synchronous, token for
                token: greedy with mixed max_tokens, and seeded top-k/top-p sampling with logprobs
+  fused        engine.fuse_projections (q|k|v, gate|up in one GEMM each) on tiny fp32 models with
+               compiled CUDA graphs: token-identical to generate
+  bf16-1b-fused  the bf16-1b checks again with fuse_projections
   sampler      the batched device sampler == the per-request reference sampler on CUDA (seeded
                temperature/top-k/top-p/greedy mixes, logprobs; vocab 257 and 128256)
   async        tiny llama/mistral/qwen2/qwen3 fp32 on CUDA (CUDA graphs): async scheduling ==
@@ -243,11 +246,24 @@ def check_async() -> dict:
     return {"families": list(FAMILIES), "cases": 4, "overlapped_steps": overlapped}
 
 
-def check_bf16_1b() -> dict:
+def check_fused() -> dict:
+    """fuse_projections on CUDA: tiny fp32 models token-identical to generate (graphs, async)."""
+    bad = []
+    for family in FAMILIES:
+        d = str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
+        ref = {f"r{i}": hf_generate(d, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
+        if run_all(make(d, fuse_projections=True, compile_decode=True), PROMPTS) != ref:
+            bad.append(family)
+    if bad:
+        raise AssertionError(f"fused projections not token-identical to generate: {bad}")
+    return {"families": list(FAMILIES)}
+
+
+def check_bf16_1b(fuse: bool = False) -> dict:
     d = build_model("llama-1b-shape", CACHE)
     e = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
                EngineConfig(block_size=16, num_kv_blocks=256, blocks_per_segment=64, max_num_batched_tokens=512,
-                            max_num_seqs=8, max_model_len=1024), d)
+                            max_num_seqs=8, max_model_len=1024, fuse_projections=fuse), d)
     g = torch.Generator().manual_seed(5)
     prompts = torch.randint(10, 128000, (4, 60), generator=g).tolist()
     sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, top_logprobs=5)
@@ -304,9 +320,10 @@ def main() -> int:
         print(json.dumps({"error": "no CUDA device: run this on a GPU machine"}))
         return 2
     checks = {"kernels": check_kernels, "sampler": check_sampler, "fp32-exact": check_fp32_exact,
-              "graphs": check_graphs, "split": check_split, "async": check_async, "bf16-1b": check_bf16_1b}
+              "graphs": check_graphs, "split": check_split, "async": check_async, "fused": check_fused,
+              "bf16-1b": check_bf16_1b, "bf16-1b-fused": lambda: check_bf16_1b(fuse=True)}
     if args.skip_1b:
-        del checks["bf16-1b"]
+        del checks["bf16-1b"], checks["bf16-1b-fused"]
     results, failed = {}, []
     for name, fn in checks.items():
         try:

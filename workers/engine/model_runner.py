@@ -17,6 +17,7 @@ from workers.engine.attention import (PAGED_ATTN, AttentionBackend, LayerCallbac
                                       TorchPagedAttention)
 from workers.engine.config import EngineConfig, ModelConfig
 from workers.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from workers.engine.fused_projections import fuse_projections
 from workers.engine.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,12 @@ class ModelRunner:
         ).to(self.device).eval()
         if not type(self.model).is_backend_compatible():
             raise UnsupportedModelError(f"{model_cls_name} does not use transformers' attention interface")
+        if engine_config.fuse_projections:
+            num_fused = fuse_projections(self.model)
+            if num_fused == 0:
+                raise UnsupportedModelError(f"fuse_projections: {model_cls_name} has no q/k/v or gate/up Linear "
+                                            f"groups to fuse; set engine.fuse_projections: false")
+            log.info("fused %d projection groups (q|k|v, gate|up)", num_fused)
         self.tokenizer = load_tokenizer(model_path)
         self.model_id = model_identity(self.hf_config)
         text_config = self.hf_config.get_text_config()
