@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.engine import build_model  # noqa: E402
 from kv_transfer.layout import KVLayout  # noqa: E402
 from tests.tiny_models import FAMILIES, build_tiny_checkpoint  # noqa: E402
-from tests.workers.engine.helpers import GREEDY, PROMPTS, drain, run_all  # noqa: E402
+from tests.workers.engine.helpers import GREEDY, PROMPTS, collect, drain, run_all  # noqa: E402
 from workers.engine.attention import SeqSlice, TorchPagedAttention  # noqa: E402
 from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
@@ -179,7 +179,7 @@ def check_split() -> dict:
 
 
 def check_sampler() -> dict:
-    from tests.workers.engine.test_sampler_batched import check_same
+    from tests.workers.engine.sampler_reference import check_same
 
     cuda = torch.device("cuda")
     rows = check_same(cuda, vocab=257, trials=120) + check_same(cuda, vocab=128256, trials=30, seed=1)
@@ -201,8 +201,6 @@ def differing(a: dict, b: dict, lp_tol: float) -> list[str]:
 
 
 def check_async() -> dict:
-    from tests.workers.engine.test_async_scheduling import collect
-
     mismatches, overlapped = [], 0
     for family in FAMILIES:
         d = str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
@@ -295,8 +293,6 @@ def check_bf16_async(e: Engine, prompts: list[list[int]]) -> dict:
     logprobs). Length finishes only: the batch of every step is then the same in both modes (a
     stop token would leave one extra slot in an async step, and bf16 GEMMs of another padded
     batch size may round differently)."""
-    from tests.workers.engine.test_async_scheduling import collect
-
     reqs = {}
     for i, p in enumerate(prompts):
         reqs[f"g{i}"] = (p, SamplingParams(max_tokens=8 + 9 * i, temperature=0, ignore_eos=True))

@@ -54,6 +54,30 @@ def drain(engine: Engine, out: dict[str, list[int]], max_steps: int = 10_000) ->
     raise AssertionError("engine did not finish")
 
 
+def collect(engine, requests: dict[str, tuple[list[int], SamplingParams]], with_logprobs: bool = False):
+    """Submit all, step to the end; per request: (tokens, finish reason, error[, logprobs, top logprobs]).
+    Fails if a request gets a delta after its final one."""
+    got = {rid: [[], None, None, 0, [], []] for rid in requests}
+    for rid, (prompt, sp) in requests.items():
+        engine.add_request(rid, prompt, sp)
+    steps = 0
+    while engine.has_work():
+        steps += 1
+        assert steps < 1000
+        for d in engine.step().deltas:
+            entry = got[d.request_id]
+            assert entry[1] is None, f"delta for {d.request_id} after it finished"
+            entry[0] += d.token_ids
+            entry[3] += 1
+            entry[4] += d.logprobs or []
+            entry[5] += d.top_logprobs or []
+            if d.finished:
+                entry[1], entry[2] = d.finish_reason, d.error
+    if with_logprobs:
+        return {rid: (*v[:3], v[4], v[5]) for rid, v in got.items()}
+    return {rid: tuple(v[:3]) for rid, v in got.items()}
+
+
 @functools.lru_cache(maxsize=None)
 def hf_model(model_dir: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM

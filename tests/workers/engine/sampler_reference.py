@@ -9,6 +9,7 @@ worker, or all by one engine.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -80,3 +81,39 @@ class ReferenceSampler:
         # Gumbel-max via exponential noise: argmax(p / E), E ~ Exp(1), same law as multinomial
         noise = torch.empty_like(probs).exponential_(generator=gen)
         return (probs / noise).argmax()
+
+
+def random_params(rng: random.Random, seeded_only: bool = True) -> SamplingParams:
+    kind = rng.choice(["greedy", "temp", "top_k", "top_p", "both", "top_k1"])
+    seed = rng.randrange(10**6) if (seeded_only or rng.random() < 0.5) else None
+    lp = rng.random() < 0.3
+    return SamplingParams(
+        temperature=0.0 if kind == "greedy" else rng.choice([0.3, 0.7, 1.0, 1.5, 2.0]),
+        top_k={"top_k": rng.choice([2, 5, 50]), "both": 7, "top_k1": 1}.get(kind, 0),
+        top_p={"top_p": rng.choice([0.5, 0.9, 0.99]), "both": 0.8}.get(kind, 1.0),
+        seed=seed, logprobs=lp, top_logprobs=rng.choice([0, 3]) if lp else 0,
+        output_position_offset=rng.choice([0, 0, 5]),
+    )
+
+
+def check_same(device: torch.device, vocab: int, trials: int, seed: int = 0) -> int:
+    """Returns how many rows were compared; raises AssertionError on the first difference."""
+    rng = random.Random(seed)
+    from workers.engine.sampler import Sampler
+
+    new, ref = Sampler(device), ReferenceSampler(device)
+    compared = 0
+    for trial in range(trials):
+        n = rng.choice([1, 2, 5, 8])
+        params = [random_params(rng) for _ in range(n)]
+        positions = [rng.randrange(40) for _ in range(n)]
+        g = torch.Generator().manual_seed(trial)
+        logits = (torch.randn(n, vocab, generator=g) * rng.choice([1.0, 4.0])).to(device)
+        if trial % 3 == 0:  # ties: repeated values, and equal maxima
+            logits[:, : vocab // 4] = logits[:, :1]
+        got, want = new(logits, params, positions), ref(logits, params, positions)
+        assert got.token_ids == want.token_ids, (trial, params, got.token_ids, want.token_ids)
+        assert got.logprobs == want.logprobs, trial
+        assert got.top_logprobs == want.top_logprobs, trial
+        compared += n
+    return compared

@@ -4,7 +4,7 @@ sampling, KV events, capacity limits; every block back in the pool at the end.""
 
 import pytest
 
-from tests.workers.engine.helpers import GREEDY, PROMPTS, assert_all_blocks_free, make_engine, run_all
+from tests.workers.engine.helpers import GREEDY, PROMPTS, assert_all_blocks_free, collect, make_engine, run_all
 from workers.engine.launched_step import LaunchedStep, LaunchedSteps
 from workers.engine.device_transfer import DeviceMark
 from workers.engine.request import Request
@@ -20,29 +20,6 @@ def model_dir(tiny_checkpoint):
 def reference(model_dir):
     """Greedy outputs of PROMPTS (12 tokens each) on a synchronous engine."""
     return run_all(make_engine(model_dir, async_scheduling=False), PROMPTS)
-
-
-def collect(engine, requests: dict[str, tuple[list[int], SamplingParams]], with_logprobs: bool = False):
-    """Submit all, step to the end; per request: (tokens, finish reason, error[, logprobs, top logprobs])."""
-    got = {rid: [[], None, None, 0, [], []] for rid in requests}
-    for rid, (prompt, sp) in requests.items():
-        engine.add_request(rid, prompt, sp)
-    steps = 0
-    while engine.has_work():
-        steps += 1
-        assert steps < 1000
-        for d in engine.step().deltas:
-            entry = got[d.request_id]
-            assert entry[1] is None, f"delta for {d.request_id} after it finished"
-            entry[0] += d.token_ids
-            entry[3] += 1
-            entry[4] += d.logprobs or []
-            entry[5] += d.top_logprobs or []
-            if d.finished:
-                entry[1], entry[2] = d.finish_reason, d.error
-    if with_logprobs:
-        return {rid: (*v[:3], v[4], v[5]) for rid, v in got.items()}
-    return {rid: tuple(v[:3]) for rid, v in got.items()}
 
 
 def both(model_dir, requests, **engine_kwargs):
