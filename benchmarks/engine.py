@@ -10,6 +10,12 @@ Prints one JSON line per workload: workload, engine_tok_s, hf_tok_s, ratio (engi
 and step times in ms where they apply. On CUDA it also measures the HBM copy bandwidth and the
 weights' bytes, i.e. the batch-1 decode floor.
 
+The engine runs each workload twice on the same engine (same prompts, prefix cache emptied
+before each run): synchronous scheduling (engine_tok_s, engine_step_ms, ratio) and async
+scheduling (async_engine_tok_s, async_engine_step_ms, async_ratio; async_speedup = async / sync),
+and async_tokens_match says whether both produced the same tokens. --scheduling sync|async
+runs one of them only (the other's fields are then absent).
+
     .venv/bin/python benchmarks/engine.py --smoke                       # tiny sizes, CPU, < 60 s
     python3 benchmarks/engine.py --device cuda --model llama-1b-shape   # the GPU targets
 """
@@ -48,16 +54,39 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(10, vocab - 10, (n, length), generator=g).tolist()
 
 
-def run_engine(engine: Engine, batch: list[list[int]], out_len: int, tag: str) -> tuple[float, int]:
-    """Submit all, step to completion; returns (seconds, output tokens)."""
+def run_engine(engine: Engine, batch: list[list[int]], out_len: int, tag: str) -> tuple[float, int, list]:
+    """Submit all, step to completion; returns (seconds, output tokens, each request's tokens)."""
     sp = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+    out = {f"{tag}-{i}": [] for i in range(len(batch))}
     t0 = time.perf_counter()
     for i, p in enumerate(batch):
         engine.add_request(f"{tag}-{i}", p, sp)
     n = 0
     while engine.has_work():
-        n += sum(len(d.token_ids) for d in engine.step().deltas)
-    return time.perf_counter() - t0, n
+        for d in engine.step().deltas:
+            out[d.request_id] += d.token_ids
+            n += len(d.token_ids)
+    return time.perf_counter() - t0, n, list(out.values())
+
+
+def modes(args) -> list[tuple[str, bool]]:
+    """(field prefix, async_scheduling) for each scheduling mode measured."""
+    return [("" if m == "sync" else "async_", m == "async") for m in args.scheduling.split(",")]
+
+
+def each_mode(engine: Engine, args, fn) -> dict:
+    """Run fn() -> (row fields, tokens) under each scheduling mode on the same engine, prefix
+    cache emptied first (same work in both); fields are prefixed per mode."""
+    row, tokens = {}, {}
+    for prefix, is_async in modes(args):
+        engine.async_scheduling = is_async
+        engine.pool.reset_cache()
+        fields, tokens[is_async] = fn()
+        row.update({prefix + k: v for k, v in fields.items()})
+    if len(tokens) == 2:
+        row["async_tokens_match"] = tokens[True] == tokens[False]
+    engine.async_scheduling = modes(args)[-1][1]
+    return row
 
 
 class StepClock:
@@ -97,16 +126,23 @@ def ratio(a: float, b: float) -> float:
 
 def bench_decode_b1(engine, hf, args, vocab) -> dict:
     p_len, steps = args.b1_prompt, args.b1_steps
-    run_engine(engine, prompts(1, p_len, vocab, 1), steps, "warm-b1")
-    engine.add_request("b1", prompts(1, p_len, vocab, 2)[0],
-                       SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
-    engine.step()  # prefill + first token
-    times = []
-    while engine.has_work():
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    step_ms = statistics.median(times) * 1e3
+
+    def measure():
+        run_engine(engine, prompts(1, p_len, vocab, 1), steps, "warm-b1")
+        engine.pool.reset_cache()
+        engine.add_request("b1", prompts(1, p_len, vocab, 2)[0],
+                           SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
+        tokens = [t for d in engine.step().deltas for t in d.token_ids]  # prefill (+ 1st token if sync)
+        times = []
+        while engine.has_work():
+            t0 = time.perf_counter()
+            for d in engine.step().deltas:
+                tokens += d.token_ids
+            times.append(time.perf_counter() - t0)
+        step_ms = statistics.median(times) * 1e3
+        return dict(engine_step_ms=round(step_ms, 3), engine_tok_s=round(1e3 / step_ms, 1)), tokens
+
+    row = each_mode(engine, args, measure)
     batch = prompts(1, p_len, vocab, 3)
     hf_generate(hf, batch, steps + 1, args.device)  # warm-up (and any compilation)
     hf_ms = float("inf")
@@ -114,8 +150,8 @@ def bench_decode_b1(engine, hf, args, vocab) -> dict:
         clock = StepClock(args.device)
         hf_generate(hf, batch, steps + 1, args.device, clock)
         hf_ms = min(hf_ms, clock.step_ms())
-    row = dict(workload="decode_b1", prompt_len=p_len, steps=steps, engine_step_ms=round(step_ms, 3),
-               hf_step_ms=round(hf_ms, 3), engine_tok_s=round(1e3 / step_ms, 1), hf_tok_s=round(1e3 / hf_ms, 1))
+    row = dict(workload="decode_b1", prompt_len=p_len, steps=steps, **row, hf_step_ms=round(hf_ms, 3),
+               hf_tok_s=round(1e3 / hf_ms, 1))
     if args.device == "cuda":
         row.update(gpu_floor(engine))
     return row
@@ -154,24 +190,33 @@ def gpu_floor(engine) -> dict:
 
 def bench_batch(engine, hf, args, vocab) -> dict:
     n, p_len, out_len = args.batch, args.batch_prompt, args.batch_out
-    run_engine(engine, prompts(n, p_len, vocab, 10), out_len, "warm-batch")
-    secs, toks = run_engine(engine, prompts(n, p_len, vocab, 11), out_len, "batch")
+
+    def measure():
+        run_engine(engine, prompts(n, p_len, vocab, 10), out_len, "warm-batch")
+        engine.pool.reset_cache()
+        secs, toks, tokens = run_engine(engine, prompts(n, p_len, vocab, 11), out_len, "batch")
+        return dict(engine_tok_s=round(toks / secs, 1), engine_s=round(secs, 3)), tokens
+
+    row = each_mode(engine, args, measure)
     batch = prompts(n, p_len, vocab, 12)
     hf_generate(hf, batch, out_len, args.device)
     hf_secs = min(hf_generate(hf, batch, out_len, args.device) for _ in range(args.repeats))
-    return dict(workload=f"batch{n}", requests=n, prompt_len=p_len, output_len=out_len,
-                engine_tok_s=round(toks / secs, 1), hf_tok_s=round(n * out_len / hf_secs, 1),
-                engine_s=round(secs, 3), hf_s=round(hf_secs, 3))
+    return dict(workload=f"batch{n}", requests=n, prompt_len=p_len, output_len=out_len, **row,
+                hf_tok_s=round(n * out_len / hf_secs, 1), hf_s=round(hf_secs, 3))
 
 
 def bench_many(engine, hf, args, vocab) -> dict:
     from transformers import GenerationConfig
 
     n, p_len, out_len = args.num_requests, args.many_prompt, args.many_out
-    run_engine(engine, prompts(min(n, 8), p_len, vocab, 20), out_len, "warm-many")
-    secs, toks = run_engine(engine, prompts(n, p_len, vocab, 21), out_len, "many")
-    row = dict(workload="many", requests=n, prompt_len=p_len, output_len=out_len,
-               engine_tok_s=round(toks / secs, 1), engine_s=round(secs, 3))
+
+    def measure():
+        run_engine(engine, prompts(min(n, 8), p_len, vocab, 20), out_len, "warm-many")
+        engine.pool.reset_cache()
+        secs, toks, tokens = run_engine(engine, prompts(n, p_len, vocab, 21), out_len, "many")
+        return dict(engine_tok_s=round(toks / secs, 1), engine_s=round(secs, 3)), tokens
+
+    row = dict(workload="many", requests=n, prompt_len=p_len, output_len=out_len, **each_mode(engine, args, measure))
     gc = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
     batch = prompts(n, p_len, vocab, 22)
     try:  # not under inference_mode: generate_batch resets its own static tensors in place
@@ -203,6 +248,10 @@ def main(argv=None) -> int:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--no-compile", action="store_true", help="CUDA graphs of the eager model (no torch.compile)")
     ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"))
+    ap.add_argument("--fuse-projections", action="store_true",
+                    help="engine.fuse_projections: one GEMM for q/k/v and one for gate/up per layer")
+    ap.add_argument("--scheduling", default="sync,async", choices=["sync,async", "sync", "async"],
+                    help="engine scheduling modes to measure, each on the same engine and prompts")
     args = ap.parse_args(argv)
     if args.smoke:
         args.device, args.model = "cpu", "tiny"
@@ -226,7 +275,7 @@ def main(argv=None) -> int:
     ecfg = EngineConfig(block_size=bs, num_kv_blocks=blocks, blocks_per_segment=max(16, blocks // 8),
                         max_num_batched_tokens=256 if small else (16384 if args.device == "cuda" else 1024),
                         max_num_seqs=max_seqs, max_model_len=max_len, attention_backend=args.attention_backend,
-                        compile_decode=not args.no_compile)
+                        compile_decode=not args.no_compile, fuse_projections=args.fuse_projections)
     t0 = time.perf_counter()
     engine = Engine(ModelConfig(device=args.device, dtype=dtype), ecfg, model_dir)
     init_s = time.perf_counter() - t0
@@ -236,13 +285,17 @@ def main(argv=None) -> int:
                   attention_backend=type(engine.runner.backend).__name__,
                   cuda_graphs=engine.runner.graphs is not None,
                   compile_decode=ecfg.compile_decode and engine.runner.graphs is not None,
+                  fuse_projections=ecfg.fuse_projections,
                   engine_init_s=round(init_s, 2))
     if args.device == "cuda":
         common["card"] = torch.cuda.get_device_name()
     benches = {"decode_b1": bench_decode_b1, "batch": bench_batch, "many": bench_many}
     for name in args.workloads.split(","):
         row = benches[name](engine, hf, args, vocab)
-        row["ratio"] = ratio(row["engine_tok_s"], row["hf_tok_s"])
+        for prefix, _ in modes(args):
+            row[prefix + "ratio"] = ratio(row[prefix + "engine_tok_s"], row["hf_tok_s"])
+        if "engine_tok_s" in row and "async_engine_tok_s" in row:
+            row["async_speedup"] = ratio(row["async_engine_tok_s"], row["engine_tok_s"])
         print(json.dumps({**row, **common}), flush=True)
     return 0
 

@@ -11,7 +11,18 @@ Checks:
   graphs       decode through CUDA graphs == the same engine without graphs, token for token
   split        prefill on engine A, copy the blocks to engine B, decode on B == colocated
   bf16-1b      Llama-3.2-1B-shaped random model, bf16: greedy output close to generate by vLLM's
-               rule (where sequences diverge, each side's token is in the other's top-5)
+               rule (where sequences diverge, each side's token is in the other's top-5); then the
+               same engine (compiled CUDA graphs) with async scheduling == synchronous, token for
+               token: greedy with mixed max_tokens, and seeded top-k/top-p sampling with logprobs
+  fused        engine.fuse_projections (q|k|v, gate|up in one GEMM each) on tiny fp32 models with
+               compiled CUDA graphs: token-identical to generate
+  bf16-1b-fused  the bf16-1b checks again with fuse_projections
+  sampler      the batched device sampler == the per-request reference sampler on CUDA (seeded
+               temperature/top-k/top-p/greedy mixes, logprobs; vocab 257 and 128256)
+  async        tiny llama/mistral/qwen2/qwen3 fp32 on CUDA (CUDA graphs): async scheduling ==
+               synchronous, token for token (whole and chunked prefill, preemption, stop tokens at
+               different steps, an abort while a step is in flight, seeded sampling), every block
+               back in the pool, and steps really left in flight
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.engine import build_model  # noqa: E402
 from kv_transfer.layout import KVLayout  # noqa: E402
 from tests.tiny_models import FAMILIES, build_tiny_checkpoint  # noqa: E402
-from tests.workers.engine.helpers import GREEDY, PROMPTS, drain, run_all  # noqa: E402
+from tests.workers.engine.helpers import GREEDY, PROMPTS, collect, drain, run_all  # noqa: E402
 from workers.engine.attention import SeqSlice, TorchPagedAttention  # noqa: E402
 from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
@@ -167,11 +178,90 @@ def check_split() -> dict:
     return {"requests": len(out)}
 
 
-def check_bf16_1b() -> dict:
+def check_sampler() -> dict:
+    from tests.workers.engine.sampler_reference import check_same
+
+    cuda = torch.device("cuda")
+    rows = check_same(cuda, vocab=257, trials=120) + check_same(cuda, vocab=128256, trials=30, seed=1)
+    return {"rows_compared": rows}
+
+
+def differing(a: dict, b: dict, lp_tol: float) -> list[str]:
+    """Requests whose (tokens, finish, error) differ, or whose logprobs differ by more than lp_tol
+    (a stop token's dropped slot changes a later step's batch, and fp32 kernels of another batch
+    shape may round differently in the last bits: tokens must still be identical)."""
+    bad = []
+    for k in a:
+        (*head_a, lp_a, top_a), (*head_b, lp_b, top_b) = a[k], b[k]
+        same_lp = len(lp_a) == len(lp_b) and all(abs(x - y) <= lp_tol for x, y in zip(lp_a, lp_b))
+        same_top = [[t for t, _ in s] for s in top_a] == [[t for t, _ in s] for s in top_b]
+        if head_a != head_b or not same_lp or not same_top:
+            bad.append(k)
+    return bad
+
+
+def check_async() -> dict:
+    mismatches, overlapped = [], 0
+    for family in FAMILIES:
+        d = str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
+        base = run_all(make(d, async_scheduling=False), PROMPTS)
+        reqs = {}
+        for i, p in enumerate(PROMPTS):
+            reqs[f"len{i}"] = (p, SamplingParams(max_tokens=1 + 3 * i, temperature=0, ignore_eos=True))
+            reqs[f"stop{i}"] = (p, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(base[f"r{i}"][2 * i],)))
+            reqs[f"seed{i}"] = (p, SamplingParams(max_tokens=9, temperature=1.2, top_k=[0, 5][i % 2],
+                                                 top_p=[1.0, 0.9][i % 2], seed=100 + i, ignore_eos=True, logprobs=True))
+        for label, kw in [("whole", {}), ("chunked-5", dict(max_num_batched_tokens=16, max_num_seqs=16)),
+                          ("preempt", dict(num_kv_blocks=24, blocks_per_segment=4, max_num_seqs=16))]:
+            kw = {"max_num_seqs": 16, **kw}
+            sync_e, async_e = make(d, async_scheduling=False, **kw), make(d, async_scheduling=True, **kw)
+            bad = differing(collect(sync_e, reqs, True), collect(async_e, reqs, True), lp_tol=1e-4)
+            if bad:
+                mismatches.append(f"{family}/{label}: {bad}")
+            for e in (sync_e, async_e):
+                st = e.stats()
+                if st.num_used_blocks or st.num_free_blocks != st.num_target_blocks:
+                    mismatches.append(f"{family}/{label}: blocks leaked ({st})")
+            if async_e.num_overlapped_steps == 0 or async_e.runner.graphs.num_replays == 0:
+                mismatches.append(f"{family}/{label}: nothing overlapped or no graph replay")
+            overlapped += async_e.num_overlapped_steps
+        # abort while a step is in flight: the others are unchanged, nothing leaks
+        e = make(d, async_scheduling=True)
+        out = {f"r{i}": [] for i in range(len(PROMPTS))}
+        for i, p in enumerate(PROMPTS):
+            e.add_request(f"r{i}", p, GREEDY)
+        for _ in range(4):
+            for delta in e.step().deltas:
+                out[delta.request_id] += delta.token_ids
+        e.abort("r1")
+        drain(e, out)
+        if {k: v for k, v in out.items() if k != "r1"} != {k: v for k, v in base.items() if k != "r1"}:
+            mismatches.append(f"{family}/abort: others changed")
+        if e.stats().num_used_blocks:
+            mismatches.append(f"{family}/abort: blocks leaked")
+    if mismatches:
+        raise AssertionError(f"async scheduling differs from synchronous: {mismatches}")
+    return {"families": list(FAMILIES), "cases": 4, "overlapped_steps": overlapped}
+
+
+def check_fused() -> dict:
+    """fuse_projections on CUDA: tiny fp32 models token-identical to generate (graphs, async)."""
+    bad = []
+    for family in FAMILIES:
+        d = str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
+        ref = {f"r{i}": hf_generate(d, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
+        if run_all(make(d, fuse_projections=True, compile_decode=True), PROMPTS) != ref:
+            bad.append(family)
+    if bad:
+        raise AssertionError(f"fused projections not token-identical to generate: {bad}")
+    return {"families": list(FAMILIES)}
+
+
+def check_bf16_1b(fuse: bool = False) -> dict:
     d = build_model("llama-1b-shape", CACHE)
     e = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
                EngineConfig(block_size=16, num_kv_blocks=256, blocks_per_segment=64, max_num_batched_tokens=512,
-                            max_num_seqs=8, max_model_len=1024), d)
+                            max_num_seqs=8, max_model_len=1024, fuse_projections=fuse), d)
     g = torch.Generator().manual_seed(5)
     prompts = torch.randint(10, 128000, (4, 60), generator=g).tolist()
     sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, top_logprobs=5)
@@ -183,6 +273,7 @@ def check_bf16_1b() -> dict:
         for delta in e.step().deltas:
             got[delta.request_id][0].extend(delta.token_ids)
             got[delta.request_id][1].extend([[t for t, _ in step] for step in delta.top_logprobs])
+    async_checks = check_bf16_async(e, prompts)
     exact = 0
     del e
     torch.cuda.empty_cache()
@@ -194,7 +285,27 @@ def check_bf16_1b() -> dict:
                 if x not in their_top[j][:5] or y not in our_top[j][:5]:
                     raise AssertionError(f"prompt {i} diverged at {j}: {x} vs {y}, outside each other's top-5")
                 break
-    return {"prompts": len(prompts), "identical": exact}
+    return {"prompts": len(prompts), "identical": exact, **async_checks}
+
+
+def check_bf16_async(e: Engine, prompts: list[list[int]]) -> dict:
+    """The same compiled-graph engine, async vs synchronous scheduling: identical tokens (and
+    logprobs). Length finishes only: the batch of every step is then the same in both modes (a
+    stop token would leave one extra slot in an async step, and bf16 GEMMs of another padded
+    batch size may round differently)."""
+    reqs = {}
+    for i, p in enumerate(prompts):
+        reqs[f"g{i}"] = (p, SamplingParams(max_tokens=8 + 9 * i, temperature=0, ignore_eos=True))
+        reqs[f"s{i}"] = (p[::-1], SamplingParams(max_tokens=20, temperature=0.9, top_k=50 * (i % 2), top_p=0.95,
+                                                seed=7 + i, ignore_eos=True, logprobs=True, top_logprobs=2))
+    got = {}
+    for mode in (False, True):
+        e.async_scheduling = mode
+        e.pool.reset_cache()
+        got[mode] = collect(e, reqs, with_logprobs=True)
+    if got[True] != got[False]:
+        raise AssertionError(f"bf16 async != sync for {[k for k in reqs if got[True][k] != got[False][k]]}")
+    return {"async_equal_requests": len(reqs), "overlapped_steps": e.num_overlapped_steps}
 
 
 def main() -> int:
@@ -204,10 +315,11 @@ def main() -> int:
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device: run this on a GPU machine"}))
         return 2
-    checks = {"kernels": check_kernels, "fp32-exact": check_fp32_exact, "graphs": check_graphs,
-              "split": check_split, "bf16-1b": check_bf16_1b}
+    checks = {"kernels": check_kernels, "sampler": check_sampler, "fp32-exact": check_fp32_exact,
+              "graphs": check_graphs, "split": check_split, "async": check_async, "fused": check_fused,
+              "bf16-1b": check_bf16_1b, "bf16-1b-fused": lambda: check_bf16_1b(fuse=True)}
     if args.skip_1b:
-        del checks["bf16-1b"]
+        del checks["bf16-1b"], checks["bf16-1b-fused"]
     results, failed = {}, []
     for name, fn in checks.items():
         try:

@@ -1,6 +1,8 @@
 """Where a decode step's GPU time goes: replays the engine's captured decode graph for a few batch
 sizes under torch.profiler and prints the kernels by total time, plus the engine's wall-clock step
-next to the bare graph replay (the difference is host work). CUDA only.
+next to the bare graph replay (the difference is host work not hidden behind the GPU), with
+synchronous scheduling (engine_step_ms) and with async scheduling (async_engine_step_ms, the
+host work of step n+1 overlapping the GPU's step n). CUDA only.
 
     python3 benchmarks/profile_decode.py --model llama-1b-shape --batch-sizes 1,32
 """
@@ -51,24 +53,32 @@ def main() -> int:
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"))
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--fuse-projections", action="store_true", help="engine.fuse_projections (q|k|v, gate|up)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     model_dir = build_model(args.model, Path(args.cache_dir))
     engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
                     EngineConfig(block_size=16, num_kv_blocks=max(sizes) * 24 + 64, blocks_per_segment=256,
                                  max_num_batched_tokens=4096, max_num_seqs=max(sizes), max_model_len=1024,
-                                 compile_decode=not args.no_compile), model_dir)
+                                 compile_decode=not args.no_compile, fuse_projections=args.fuse_projections),
+                    model_dir)
     graphs = engine.runner.graphs
     for n in sizes:
-        sp = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+        sp = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
         for i, p in enumerate(prompts(n, 128, engine.vocab_size, n)):
             engine.add_request(f"p{n}-{i}", p, sp)
         engine.step()  # prefill
-        times = []
-        for _ in range(50):
-            t0 = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - t0)
+        step_ms = {}
+        for mode in (False, True):
+            engine.async_scheduling = mode
+            for _ in range(3):  # settle into the mode (async: the pipeline fills)
+                engine.step()
+            times = []
+            for _ in range(50):
+                t0 = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - t0)
+            step_ms[mode] = round(statistics.median(times) * 1e3, 3)
         size = next(s for s in graphs.sizes if s >= n)
         graph = graphs.graphs[size][0]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -81,8 +91,8 @@ def main() -> int:
         if len(table) < 3:  # the profiler did not see inside the graph: profile the same code eagerly
             ids, pos, _ = engine.runner.backend.prepare([], [], [], None, pad_to=size)
             table = kernel_table(_Eager(lambda: graphs.forward(ids, pos)))
-        print(json.dumps({"batch": n, "graph_size": size, "engine_step_ms": round(statistics.median(times) * 1e3, 3),
-                          "graph_replay_ms": round(start.elapsed_time(end) / 50, 3),
+        print(json.dumps({"batch": n, "graph_size": size, "engine_step_ms": step_ms[False],
+                          "async_engine_step_ms": step_ms[True], "graph_replay_ms": round(start.elapsed_time(end) / 50, 3),
                           "kernels_us": [(name, round(us, 1)) for name, us in table]}))
         while engine.has_work():
             engine.step()

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-REQUIRED = ("workload", "engine_tok_s", "hf_tok_s", "ratio", "device")
+REQUIRED = ("workload", "engine_tok_s", "hf_tok_s", "ratio", "device",
+            "async_engine_tok_s", "async_ratio", "async_speedup", "async_tokens_match")
 
 
 def test_engine_benchmark_smoke(tmp_path):
@@ -24,6 +25,7 @@ def test_engine_benchmark_smoke(tmp_path):
         assert not missing, f"{row['workload']}: missing {missing}"
         assert row["device"] == "cpu"
         assert "hf_error" not in row, row["hf_error"]
-        for key in ("engine_tok_s", "hf_tok_s", "ratio"):
+        for key in ("engine_tok_s", "hf_tok_s", "ratio", "async_engine_tok_s", "async_ratio", "async_speedup"):
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]) and row[key] > 0, (key, row)
-    assert rows[0]["engine_step_ms"] > 0 and rows[0]["hf_step_ms"] > 0
+        assert row["async_tokens_match"] is True, row  # sync and async scheduling: same tokens
+    assert rows[0]["engine_step_ms"] > 0 and rows[0]["hf_step_ms"] > 0 and rows[0]["async_engine_step_ms"] > 0

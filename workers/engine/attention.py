@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from workers.engine.device_transfer import upload
 from workers.engine.kv_cache import KVCache
 
 PAGED_ATTN = "pdserve_paged"
@@ -35,6 +36,23 @@ class SeqSlice:
     q_len: int  # tokens computed this step
     ctx_len: int  # tokens of context after this step (cached + new)
     block_ids: tuple[int, ...]  # blocks covering [0, ctx_len)
+
+
+@dataclass(frozen=True)
+class TokenFill:
+    """Input tokens that so far exist only on the device (async scheduling: the previous step
+    sampled them and the host has not read them back). The step stages a placeholder at each of
+    ``rows`` (indices into its packed tokens); ``apply`` overwrites them with ``source[index[j]]``,
+    queued on the stream after the step's upload and before its forward pass: no host sync."""
+
+    rows: tuple[int, ...]
+    index: tuple[int, ...]
+    source: torch.Tensor  # [n] int64 on the device: the previous step's sampled token ids
+
+    def apply(self, ids: torch.Tensor) -> None:
+        """ids: the step's device token ids [1, T] (the backend's input buffer), written in place."""
+        idx = upload([self.rows, self.index], torch.int64, ids.device)
+        ids[0].index_copy_(0, idx[0], self.source.index_select(0, idx[1]).to(ids.dtype))
 
 
 # on_layer_written(layer, wait_written): layer ``layer``'s K/V of the step are in the cache once

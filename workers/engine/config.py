@@ -30,6 +30,17 @@ class EngineConfig(BaseModel):
     cuda_graphs: bool = Field(True, description="Capture decode steps as CUDA graphs (CUDA only)")
     compile_decode: bool = Field(True, description="torch.compile the decode step before capturing its CUDA "
                                                    "graphs: fuses norms, RoPE and activations (CUDA only)")
+    fuse_projections: bool = Field(
+        False, description="Load-time module surgery: one GEMM for q/k/v and one for gate/up per layer "
+                           "(workers/engine/fused_projections.py). Off by default until measured on a GPU.")
+    async_scheduling: bool | Literal["auto"] = Field(
+        "auto", description="Overlap the host's work for step n+1 (scheduling, staging) with the GPU running "
+                            "step n: step n+1 is launched with its new input tokens read on the device from "
+                            "step n's samples, then step n's tokens are read back; token deltas come one "
+                            "step() later. 'auto' = on for CUDA (the host work then hides behind the GPU), "
+                            "off on the CPU (a CPU step runs to completion when launched: nothing to "
+                            "overlap). Token-identical to the synchronous path in every engine test; see "
+                            "Engine.step for the steps that are always resolved at once.")
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

@@ -3,9 +3,10 @@
 A decode-only step of n sequences runs the graph captured for the smallest size >= n; the extra
 rows are empty sequences (no context, KV writes skipped) whose logits are ignored. Every input a
 graph reads lives in the attention backend's fixed device buffers (token ids, positions, slots,
-lengths, block ids) and is refilled by ONE host->device copy before the replay; the KV segment
-table is rewritten in place on resize. So a replay issues no host sync; the step's only sync is
-reading the sampled token ids back.
+lengths, block ids) and is refilled by ONE host->device copy before the replay (plus, with async
+scheduling, a device-side copy of the previous step's sampled tokens into the token-id rows); the
+KV segment table is rewritten in place on resize. So a replay issues no host sync; the step's only
+sync is reading the sampled token ids back.
 
 Graphs share one memory pool and are captured largest first, so smaller graphs reuse the
 largest one's intermediate memory; replays never overlap (one engine thread).
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from workers.engine.attention import SeqSlice
+from workers.engine.attention import SeqSlice, TokenFill
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,22 @@ class DecodeGraphs:
         return 0 < len(seqs) <= self.max_batch and all(s.q_len == 1 for s in seqs)
 
     def run(self, seqs: list[SeqSlice], input_ids: list[int], positions: list[int],
-            logits_indices: list[int]) -> torch.Tensor:
-        """fp32 logits [len(logits_indices), vocab] (rows of the graph's static output)."""
+            logits_indices: list[int], fill: TokenFill | None = None) -> torch.Tensor:
+        """fp32 logits [len(logits_indices), vocab] (rows of the graph's static output, valid until
+        the next replay: consume them in stream order before that). ``fill`` writes device-only
+        input tokens into the graph's static input buffer after the upload, before the replay."""
         size = next(s for s in self.sizes if s >= len(seqs))
-        _, _, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices, pad_to=size)
-        graph, logits = self.graphs[size]
-        graph.replay()
+        ids, pos, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices, pad_to=size)
+        if fill is not None:
+            fill.apply(ids)
+        logits = self._replay(size, ids, pos)
         self.num_replays += 1
         if logits_indices == list(range(len(seqs))):
             return logits[: len(seqs)]
         return logits.index_select(0, keep)
+
+    def _replay(self, size: int, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Run the graph of ``size`` over its static inputs (ids/pos are those buffers' views)."""
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits

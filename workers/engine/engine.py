@@ -15,6 +15,11 @@ Single-threaded: one owner calls every method (a worker's engine thread). Three 
     commit_import(...)                    elsewhere; commit once the bytes are in, then it decodes here
 
 The engine never moves KV between processes; kv_transfer/ does, addressing blocks by id.
+
+Async scheduling (EngineConfig.async_scheduling): step() launches step n+1 before it reads step
+n's sampled tokens back, so the host's work overlaps the GPU's; a request's newest token may be
+*pending* (sampled on the device, unknown to the host) while its next step is already queued.
+Outputs then come one step() later; has_work() stays true while a step is in flight.
 """
 
 from __future__ import annotations
@@ -24,17 +29,20 @@ import time
 from dataclasses import dataclass
 
 from kv_transfer.layout import KVLayout, dtype_name
-from workers.engine.attention import SeqSlice
+from workers.engine.attention import TokenFill
 from workers.engine.block_pool import BlockPool, NoFreeBlocks
 from workers.engine.config import EngineConfig, ModelConfig
 from workers.engine.detokenizer import Detokenizer
+from workers.engine.device_transfer import DeviceMark
 from workers.engine.kv_cache import KVCache
+from workers.engine.launched_step import LaunchedStep, LaunchedSteps
 from workers.engine.layer_hooks import LayerHookFactory, LayerHooks, make_layer_hook
 from workers.engine.model_runner import ModelRunner
-from workers.engine.request import Request, RequestStatus
+from workers.engine.request import Request, RequestStatus, check_new_request
 from workers.engine.resizer import SegmentResizer
 from workers.engine.sampler import Sampler
 from workers.engine.scheduler import Scheduler
+from workers.engine.step_inputs import StepInputs
 from workers.protocol import FinishReason, InvalidRequestError, KVEvent, KVHandle, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -99,8 +107,17 @@ class Engine:
         self.resizer = SegmentResizer(self.kv_cache, self.pool)
         self.scheduler = Scheduler(engine_config, self.pool, self.block_size)
         self.scheduler.blocks_held_elsewhere = self._num_held_blocks
+        # blocks freed while a queued step may still write them are remembered (see reserve_import)
+        self.scheduler.on_free = lambda req: self._launched.released(req, req.block_ids)
         self.runner.bind_kv_cache(self.kv_cache, engine_config.attention_backend)
         self.sampler = Sampler(self.runner.device)
+        # may be changed between steps (benchmarks compare both on one engine)
+        self.async_scheduling = (self.runner.device.type == "cuda" if engine_config.async_scheduling == "auto"
+                                 else bool(engine_config.async_scheduling))
+        self._in_flight: LaunchedStep | None = None  # launched by the last step(), not yet resolved
+        self._launched = LaunchedSteps()
+        self.num_overlapped_steps = 0  # steps left in flight by step() (async scheduling)
+        self.num_dropped_tokens = 0  # sampled for requests that had stopped or were aborted meanwhile
         self.requests: dict[str, Request] = {}
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.hf_config.get_text_config().vocab_size
@@ -124,13 +141,13 @@ class Engine:
         if req.status in (RequestStatus.PINNED, RequestStatus.RESERVED):
             self.scheduler.free_blocks(req)
         else:
-            self.scheduler.remove(req)
+            self.scheduler.remove(req)  # a token it has pending is dropped when its step is resolved
         req.status = RequestStatus.FINISHED
         req.finish_reason = FinishReason.ABORT
         return True
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        return bool(self.scheduler.running or self.scheduler.waiting or self._in_flight)
 
     # -- disaggregation split points -----------------------------------------------------------
     def release_handle(self, request_id: str) -> bool:
@@ -161,6 +178,7 @@ class Engine:
             raise NoFreeBlocks(f"{need} blocks needed for an import, {self.pool.num_free} free")
         self.pool.touch(hits)
         req.block_ids = hits + self.pool.allocate(need)
+        self._launched.wait_for_blocks(req.block_ids)  # a peer writes them outside the device's order
         req.num_hashed_blocks = len(hits)
         req.num_cached_tokens = len(hits) * self.block_size
         req.status = RequestStatus.RESERVED
@@ -194,53 +212,115 @@ class Engine:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> StepOutput:
+        """Schedule and launch one step, and return the outputs of the step(s) resolved meanwhile.
+
+        Synchronous: the step is launched and resolved (tokens read back) before returning.
+        Async scheduling: the step stays in flight; the next call schedules and launches the
+        following one first (a pending token is fed to it on the device) and only then resolves
+        this one. Deterministic exceptions, resolved before returning so their outputs come from
+        this very call: a step that samples a prefill-only request (its KV handle is read by
+        peers at once) or runs layer hooks (layer-wise export). Requests that finish by length
+        leave the scheduler before the next step is scheduled (their last token is known to be
+        last before it is read); a request that stops on a token or string still takes a slot
+        in the step launched before that token is read: that slot's token is dropped and its
+        blocks are freed when the stop is seen."""
         out = StepOutput([], [])
-        self.resizer.reap()
+        prev, self._in_flight = self._in_flight, None
+        self.resizer.reap(before_free=self._launched.wait_all)  # a queued step may still write a segment
+        if prev is not None:
+            self._retire_length_finished(prev)
         batch = self.scheduler.schedule()
+        launched = self._launch(batch, prev) if batch.requests else None
+        if prev is not None:
+            self._resolve(prev, out)
         for req in batch.capacity_exhausted:
+            if req.status == RequestStatus.FINISHED:
+                continue  # its pending token (just read) finished it
             self.requests.pop(req.request_id, None)
+            self.scheduler.free_blocks(req)
             req.status = RequestStatus.FINISHED
             out.deltas.append(self._delta(req, [], None, None, FinishReason.LENGTH,
                                           error="request needs more KV blocks than this worker has"))
-        if not batch.requests:
-            return out
-        input_ids, positions, seqs, logits_idx, sampled, hooks = [], [], [], [], [], []
-        for req, n in zip(batch.requests, batch.num_new_tokens):
-            c = req.num_computed_tokens
-            q_start = len(input_ids)
-            input_ids += req.token_ids(c, c + n)
-            positions += range(c, c + n)
-            seqs.append(SeqSlice(q_start, n, c + n, tuple(req.block_ids)))
-            if c + n == req.num_tokens:
-                logits_idx.append(q_start + n - 1)
-                sampled.append(req)
-                if req.layer_hook_factory is not None:
-                    hooks += make_layer_hook(req)
+        if launched is not None and launched.sample is not None:
+            if self.async_scheduling and not launched.resolve_now:
+                self._in_flight = launched
+                self.num_overlapped_steps += 1
+            else:
+                self._resolve(launched, out)
+        return out
+
+    def _launch(self, batch, prev: LaunchedStep | None) -> LaunchedStep:
+        """Stage the batch, queue its forward pass and sampling; no host sync."""
+        inputs = StepInputs.pack(batch.requests, batch.num_new_tokens)
+        sampled = inputs.sampled
+        hooks = [h for req in sampled if req.layer_hook_factory is not None for h in make_layer_hook(req)]
+        fill = None
+        if inputs.fill_rows:
+            if prev is None:
+                raise RuntimeError("internal: a pending token without a step in flight")
+            fill = TokenFill(tuple(inputs.fill_rows), tuple(inputs.fill_index), prev.sample.token_ids)
         on_layer = LayerHooks(hooks) if hooks else None
-        logits = self.runner.execute(input_ids, positions, seqs, logits_idx, on_layer) if sampled else None
-        if not sampled:
-            self.runner.execute(input_ids, positions, seqs, [len(input_ids) - 1])
+        logits = self.runner.execute(inputs.input_ids, inputs.positions, inputs.seqs,
+                                     inputs.logits_indices or [len(inputs.input_ids) - 1], on_layer, fill)
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
             self._publish_blocks(req)
         if sampled:
-            res = self.sampler(logits, [r.sampling for r in sampled], [len(r.output_token_ids) for r in sampled])
-            for i, req in enumerate(sampled):
-                lp = res.logprobs[i] if res.logprobs else None
-                top = res.top_logprobs[i] if res.top_logprobs else None
-                if req.layer_hook_error is not None:
-                    out.deltas.append(self._fail(req, req.layer_hook_error))
-                elif req.prefill_only:
-                    out.handles.append(self._pin(req, res.token_ids[i], lp, top))
-                else:
-                    out.deltas.append(self._append_token(req, res.token_ids[i], lp, top))
-        return out
+            # the output index of the token sampled now counts a pending one (seeded sampling)
+            sample = self.sampler.sample(logits, [r.sampling for r in sampled],
+                                         [len(r.output_token_ids) + r.num_pending for r in sampled])
+            step = LaunchedStep(set(batch.requests), sampled, sample, sample.mark,
+                                resolve_now=bool(hooks) or any(r.prefill_only for r in sampled))
+        else:
+            step = LaunchedStep(set(batch.requests), [], None, DeviceMark(self.runner.device))
+        for i, req in enumerate(sampled):
+            req.num_pending += 1
+            req.pending_row = i
+        self._launched.add(step)
+        return step
+
+    def _resolve(self, step: LaunchedStep, out: StepOutput) -> None:
+        """Read the step's tokens back (the step's one device->host sync) and apply them."""
+        res = step.sample.result()
+        self._launched.synced(step)
+        for i, req in enumerate(step.sampled):
+            req.num_pending -= 1
+            if req.status == RequestStatus.FINISHED:
+                self.num_dropped_tokens += 1  # aborted, or stopped by its previous token: dropped
+                continue
+            lp = res.logprobs[i] if res.logprobs else None
+            top = res.top_logprobs[i] if res.top_logprobs else None
+            if req.layer_hook_error is not None:
+                out.deltas.append(self._fail(req, req.layer_hook_error))
+            elif req.prefill_only:
+                out.handles.append(self._pin(req, res.token_ids[i], lp, top))
+            else:
+                delta = self._append_token(req, res.token_ids[i], lp, top)
+                out.deltas.append(delta)
+                if req.retired and delta.finish_reason is None:
+                    raise RuntimeError(f"internal: {req.request_id} was retired but did not finish")
+                if delta.finish_reason is None:
+                    self._publish_blocks(req)  # blocks completed by the token just read
+
+    def _retire_length_finished(self, prev: LaunchedStep) -> None:
+        """Requests whose pending token is their last by length (max_tokens, context) leave the
+        scheduler now, exactly when the synchronous path would drop them: they take no slot in
+        the next step and their blocks are free for it (the device runs it after prev, in order).
+        Their token is emitted when prev is resolved."""
+        for req in prev.sampled:
+            if req.status == RequestStatus.FINISHED or req.num_pending != 1 or req.prefill_only:
+                continue
+            if len(req.output_token_ids) + 1 >= req.sampling.max_tokens or req.num_tokens + 1 >= self.max_model_len:
+                self._publish_blocks(req)
+                self.scheduler.remove(req)
+                req.retired = True
 
     # -- KV quota ------------------------------------------------------------------------------
     def resize(self, num_blocks: int):
         """Set the KV quota (rounded up to whole segments). Growing is immediate; shrinking evicts
-        free cached blocks, never touches a block in use, and finishes as in-use blocks free up."""
-        return self.resizer.resize(num_blocks)
+        free cached blocks, never touches a block in use, and finishes as in-use blocks free up.
+        Queued steps are waited for before a segment's memory goes (they may still write it)."""
+        return self.resizer.resize(num_blocks, before_free=self._launched.wait_all)
 
     # -- observability -------------------------------------------------------------------------
     def take_kv_events(self) -> list[KVEvent]:
@@ -270,24 +350,9 @@ class Engine:
     def _new_request(self, request_id, prompt_token_ids, sampling, cache_salt, prefill_only) -> Request:
         if request_id in self.requests:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
-        if not isinstance(sampling, SamplingParams):
-            raise InvalidRequestError("sampling must be a SamplingParams")
-        sampling.validate()
-        if sampling.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop strings need a tokenizer; this model has none (use stop_token_ids)", "stop")
-        prompt = list(prompt_token_ids)
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in prompt):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt")
-        if len(prompt) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt)} tokens; this model's context is {self.max_model_len} tokens "
-                f"(prompt + at least 1 generated token)", "prompt")
-        if -(-(len(prompt) + 1) // self.block_size) > self.kv_cache.num_blocks:
-            raise InvalidRequestError(
-                f"the prompt needs more KV blocks than this worker has ({self.kv_cache.num_blocks} x "
-                f"{self.block_size} tokens)", "prompt")
+        prompt = check_new_request(prompt_token_ids, sampling, has_tokenizer=self.tokenizer is not None,
+                                   vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                                   block_size=self.block_size, num_blocks=self.kv_cache.num_blocks)
         return Request(request_id, prompt, sampling, self.block_size, cache_salt, prefill_only)
 
     def _num_held_blocks(self) -> int:
@@ -295,8 +360,10 @@ class Engine:
                    if r.status in (RequestStatus.PINNED, RequestStatus.RESERVED))
 
     def _publish_blocks(self, req: Request) -> None:
-        """Put the request's newly completed full blocks into the prefix cache."""
-        full = req.num_computed_tokens // self.block_size
+        """Put the request's newly completed full blocks into the prefix cache: those whose KV is
+        computed (queued) AND whose token ids are known (a pending token's id is not: its block
+        is published once the token is read, so the hash chain is always the real one)."""
+        full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
         if full <= req.num_hashed_blocks:
             return
         hashes = req.block_hashes()

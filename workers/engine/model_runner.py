@@ -13,9 +13,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from workers.engine.attention import PAGED_ATTN, AttentionBackend, LayerCallback, SeqSlice, TorchPagedAttention
+from workers.engine.attention import (PAGED_ATTN, AttentionBackend, LayerCallback, SeqSlice, TokenFill,
+                                      TorchPagedAttention)
 from workers.engine.config import EngineConfig, ModelConfig
 from workers.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from workers.engine.fused_projections import fuse_projections
 from workers.engine.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,12 @@ class ModelRunner:
         ).to(self.device).eval()
         if not type(self.model).is_backend_compatible():
             raise UnsupportedModelError(f"{model_cls_name} does not use transformers' attention interface")
+        if engine_config.fuse_projections:
+            num_fused = fuse_projections(self.model)
+            if num_fused == 0:
+                raise UnsupportedModelError(f"fuse_projections: {model_cls_name} has no q/k/v or gate/up Linear "
+                                            f"groups to fuse; set engine.fuse_projections: false")
+            log.info("fused %d projection groups (q|k|v, gate|up)", num_fused)
         self.tokenizer = load_tokenizer(model_path)
         self.model_id = model_identity(self.hf_config)
         text_config = self.hf_config.get_text_config()
@@ -154,13 +162,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice],
-                logits_indices: list[int], on_layer_written: LayerCallback | None = None) -> torch.Tensor:
-        """One packed forward pass; returns fp32 logits [len(logits_indices), vocab].
-        ``on_layer_written`` is called after each layer's KV write (see AttentionBackend); such a
-        step runs eagerly, never as a CUDA graph replay (a replay runs no Python per layer)."""
+                logits_indices: list[int], on_layer_written: LayerCallback | None = None,
+                fill: TokenFill | None = None) -> torch.Tensor:
+        """One packed forward pass, queued: returns fp32 logits [len(logits_indices), vocab] on the
+        device without waiting for them. ``on_layer_written`` is called after each layer's KV
+        write (see AttentionBackend); such a step runs eagerly, never as a CUDA graph replay (a
+        replay runs no Python per layer). ``fill``: input tokens only the device knows yet."""
         if self.graphs is not None and on_layer_written is None and self.graphs.fits(seqs):
-            return self.graphs.run(seqs, input_ids, positions, logits_indices)
+            return self.graphs.run(seqs, input_ids, positions, logits_indices, fill)
         ids, pos, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices)
+        if fill is not None:
+            fill.apply(ids)
         self.backend.on_layer_written = on_layer_written
         try:
             out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep,

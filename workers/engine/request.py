@@ -7,7 +7,7 @@ from enum import Enum
 
 from workers.block_hash import BlockHasher
 from workers.engine.detokenizer import Detokenizer
-from workers.protocol import FinishReason, SamplingParams
+from workers.protocol import FinishReason, InvalidRequestError, SamplingParams
 
 
 class RequestStatus(str, Enum):
@@ -37,6 +37,12 @@ class Request:
         self.num_cached_tokens = 0  # prefix-cache hit at first admission (reported to clients)
         self.num_hashed_blocks = 0  # block_ids[:num_hashed_blocks] are published in the prefix cache
         self.num_preemptions = 0
+        # async scheduling: tokens sampled by a launched step that the host has not read yet (the
+        # KV of [0, num_computed_tokens) may include the first of them, fed from the device);
+        # 0 or 1 between steps. pending_row: the newest such token's row in that step's sample.
+        self.num_pending = 0
+        self.pending_row = 0
+        self.retired = False  # its pending token is its last (length): already out of the scheduler
         self.hasher = BlockHasher(block_size, cache_salt)
         self.detok: Detokenizer | None = None
         self.num_emitted_tokens = 0
@@ -63,6 +69,11 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_tokens_with_pending(self) -> int:
+        """Tokens of the sequence including those only the device knows yet."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
@@ -74,3 +85,26 @@ class Request:
 
     def block_hashes(self) -> list[int]:
         return self.hasher.extend(self.all_token_ids)
+
+
+def check_new_request(prompt_token_ids, sampling, *, has_tokenizer: bool, vocab_size: int, max_model_len: int,
+                      block_size: int, num_blocks: int) -> list[int]:
+    """A new request's prompt as a list, or InvalidRequestError saying what is wrong with it."""
+    if not isinstance(sampling, SamplingParams):
+        raise InvalidRequestError("sampling must be a SamplingParams")
+    sampling.validate()
+    if sampling.stop and not has_tokenizer:
+        raise InvalidRequestError("stop strings need a tokenizer; this model has none (use stop_token_ids)", "stop")
+    prompt = list(prompt_token_ids)
+    if not prompt:
+        raise InvalidRequestError("the prompt is empty", "prompt")
+    if any(not isinstance(t, int) or t < 0 or t >= vocab_size for t in prompt):
+        raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size})", "prompt")
+    if len(prompt) >= max_model_len:
+        raise InvalidRequestError(
+            f"the prompt has {len(prompt)} tokens; this model's context is {max_model_len} tokens "
+            f"(prompt + at least 1 generated token)", "prompt")
+    if -(-(len(prompt) + 1) // block_size) > num_blocks:
+        raise InvalidRequestError(
+            f"the prompt needs more KV blocks than this worker has ({num_blocks} x {block_size} tokens)", "prompt")
+    return prompt

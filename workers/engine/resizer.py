@@ -40,7 +40,7 @@ class SegmentResizer:
     def target_blocks(self) -> int:
         return (len(self.kv_cache.segments) - len(self.retiring)) * self.bps
 
-    def resize(self, num_blocks: int) -> ResizeResult:
+    def resize(self, num_blocks: int, before_free=None) -> ResizeResult:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         want = -(-num_blocks // self.bps)
@@ -62,14 +62,18 @@ class SegmentResizer:
             for index in sorted(active, key=lambda i: (in_use(i), -i))[: len(active) - want]:
                 self.retiring.add(index)
                 self.pool.retire_blocks(list(self.kv_cache.block_ids_of(index)))
-        self.reap()
+        self.reap(before_free)
         return self.result()
 
-    def reap(self) -> None:
-        """Return the memory of retiring segments whose blocks are all free."""
+    def reap(self, before_free=None) -> None:
+        """Return the memory of retiring segments whose blocks are all free. before_free() is
+        called once before the first segment goes (the engine waits there for queued steps)."""
         for index in sorted(self.retiring):
             ids = list(self.kv_cache.block_ids_of(index))
             if all(self.pool.is_retired(b) for b in ids):
+                if before_free is not None:
+                    before_free()
+                    before_free = None
                 self.pool.drop_blocks(ids)
                 self.kv_cache.remove_segment(index)
                 self.retiring.discard(index)

@@ -40,6 +40,7 @@ class Scheduler:
         self.num_prompt_tokens_queried = 0
         self.num_prompt_tokens_hit = 0
         self.blocks_held_elsewhere = lambda: 0  # pinned/reserved blocks, set by the engine
+        self.on_free = lambda req: None  # called with a request right before its blocks are freed
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -58,6 +59,7 @@ class Scheduler:
         self.free_blocks(req)
 
     def free_blocks(self, req: Request) -> None:
+        self.on_free(req)
         self.pool.free(reversed(req.block_ids))  # tail first: head blocks stay cached longest
         req.block_ids = []
 
@@ -68,7 +70,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            # a pending token (async scheduling) is computed like a known one: its id is fed on the device
+            n = min(req.num_tokens_with_pending - req.num_computed_tokens, budget)
             while not self._grow(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 if victim is req and i == 0 and self.blocks_held_elsewhere() == 0:
@@ -100,6 +103,10 @@ class Scheduler:
 
     def _admit(self, req: Request, budget: int) -> int:
         """Give a waiting request its prefix hit and the blocks for its next chunk; 0 if not now."""
+        if req.num_pending:
+            # preempted while its last sampled token was still on the device: it is re-admitted once
+            # that token is read back (the next step), so a recompute never needs a device-only token
+            return 0
         bs = self.block_size
         hits: list[int] = []
         if self.config.enable_prefix_caching:

@@ -78,12 +78,28 @@ class StepMetadata:
         self.blocks_off = off + 2 * self.T
         self.max_blocks = max_blocks
         self.size = self.blocks_off + 2 * max_blocks
+        # Two pinned staging buffers, used in turn: with async scheduling the host stages step n+1
+        # while step n's upload may still be queued behind step n-1 on the GPU, so the buffer
+        # being written must not be the one that upload reads (an event guards each reuse).
         pin = device.type == "cuda"
-        self.host = torch.zeros(self.size, dtype=torch.int32, pin_memory=pin)
+        self._hosts = [torch.zeros(self.size, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._uploaded: list = [None, None]  # per buffer: event recorded after its last upload
+        self._turn = 0
+        self.host = self._hosts[0]
         self.np = self.host.numpy()
         self.dev = torch.zeros(self.size, dtype=torch.int32, device=device)
         self.dev_slot_off = self.dev[off:off + 2 * self.T].view(torch.int64)
         self.dev_block_off = self.dev[self.blocks_off:].view(torch.int64)
+
+    def begin(self) -> None:
+        """Switch to the other staging buffer before writing a step; waits (normally not at all)
+        until the upload that last read it has run."""
+        self._turn ^= 1
+        event = self._uploaded[self._turn]
+        if event is not None and not event.query():
+            event.synchronize()
+        self.host = self._hosts[self._turn]
+        self.np = self.host.numpy()
 
     def host_view(self, name: str) -> np.ndarray:
         off, n = self.offsets[name]
@@ -99,10 +115,14 @@ class StepMetadata:
         return self.dev[off:off + (cap if n is None else n)]
 
     def upload(self, num_blocks: int) -> None:
-        """One host->device copy of everything written this step (non-blocking from pinned memory:
-        the previous step's copy has finished, its results were read back)."""
+        """One host->device copy of everything written this step (non-blocking from pinned memory;
+        the device buffer is overwritten in stream order, after the previous step's kernels)."""
         n = self.blocks_off + 2 * num_blocks
         self.dev[:n].copy_(self.host[:n], non_blocking=True)
+        if self.dev.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._uploaded[self._turn] = event
 
 
 class TritonPagedAttention(AttentionBackend):
@@ -155,6 +175,7 @@ class TritonPagedAttention(AttentionBackend):
         pad_to: decode-only graph steps, padded with empty one-token sequences up to this many."""
         self._sync_segments()
         m, bs = self.meta, self.bs
+        m.begin()
         T, S = len(input_ids), len(seqs)
         n_pad = T if pad_to is None else pad_to
         S_pad = S if pad_to is None else S + (pad_to - T)

@@ -19,10 +19,12 @@ PROMPTS = [
     [7] * 13,
 ]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+ASYNC_SCHEDULING = False  # the mode make_engine() uses by default (set per test session mode by conftest.py)
 
 
 def make_engine(model_dir: str, dtype: str = "float32", worker_id: str = "engine", **engine_kwargs) -> Engine:
-    cfg = dict(block_size=4, num_kv_blocks=128, blocks_per_segment=16, max_num_batched_tokens=64, max_num_seqs=8)
+    cfg = dict(block_size=4, num_kv_blocks=128, blocks_per_segment=16, max_num_batched_tokens=64, max_num_seqs=8,
+               async_scheduling=ASYNC_SCHEDULING)
     cfg.update(engine_kwargs)
     return Engine(ModelConfig(device="cpu", dtype=dtype), EngineConfig(**cfg), model_dir, worker_id=worker_id)
 
@@ -33,7 +35,10 @@ def run_all(engine: Engine, prompts, sampling=GREEDY, prefix="r", **add_kwargs) 
     for i, p in enumerate(prompts):
         engine.add_request(f"{prefix}{i}", p, sampling, **add_kwargs)
         out[f"{prefix}{i}"] = []
+    overlapped = engine.num_overlapped_steps
     drain(engine, out)
+    if engine.async_scheduling and not add_kwargs.get("prefill_only"):
+        assert engine.num_overlapped_steps > overlapped, "async scheduling on, but no step was left in flight"
     return out
 
 
@@ -47,6 +52,30 @@ def drain(engine: Engine, out: dict[str, list[int]], max_steps: int = 10_000) ->
             if d.finished:
                 finished.append(d)
     raise AssertionError("engine did not finish")
+
+
+def collect(engine, requests: dict[str, tuple[list[int], SamplingParams]], with_logprobs: bool = False):
+    """Submit all, step to the end; per request: (tokens, finish reason, error[, logprobs, top logprobs]).
+    Fails if a request gets a delta after its final one."""
+    got = {rid: [[], None, None, 0, [], []] for rid in requests}
+    for rid, (prompt, sp) in requests.items():
+        engine.add_request(rid, prompt, sp)
+    steps = 0
+    while engine.has_work():
+        steps += 1
+        assert steps < 1000
+        for d in engine.step().deltas:
+            entry = got[d.request_id]
+            assert entry[1] is None, f"delta for {d.request_id} after it finished"
+            entry[0] += d.token_ids
+            entry[3] += 1
+            entry[4] += d.logprobs or []
+            entry[5] += d.top_logprobs or []
+            if d.finished:
+                entry[1], entry[2] = d.finish_reason, d.error
+    if with_logprobs:
+        return {rid: (*v[:3], v[4], v[5]) for rid, v in got.items()}
+    return {rid: tuple(v[:3]) for rid, v in got.items()}
 
 
 @functools.lru_cache(maxsize=None)

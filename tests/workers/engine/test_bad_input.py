@@ -10,7 +10,7 @@ from workers.protocol import InvalidRequestError, SamplingParams
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
+def engine(tiny_checkpoint, scheduling):
     return make_engine(tiny_checkpoint("llama"), num_kv_blocks=32, blocks_per_segment=16)
 
 

@@ -16,7 +16,7 @@ def model_dir(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
+def engine(model_dir, scheduling):
     return make_engine(model_dir)
 
 

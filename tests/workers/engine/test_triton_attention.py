@@ -11,12 +11,12 @@ REPO = Path(__file__).resolve().parents[3]
 CASES = Path(__file__).with_name("triton_interpret_cases.py")
 
 
-def test_triton_kernels_under_the_interpreter():
+def test_triton_kernels_under_the_interpreter(scheduling):
     try:
         import triton  # noqa: F401
     except ImportError:
         raise AssertionError("triton is not installed: pip install -e '.[test]' (it pins triton for these checks)")
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", PDSERVE_TEST_SCHEDULING=scheduling)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"interpreted kernel checks failed:\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"

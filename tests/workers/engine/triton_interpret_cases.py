@@ -4,7 +4,8 @@ blocks spread across several segments; and the engine on the Triton backend toke
 transformers' generate.
 
 Not collected by the suite directly: test_triton_attention.py runs this file in a fresh process
-with TRITON_INTERPRET=1, which must be set before triton is first imported."""
+with TRITON_INTERPRET=1, which must be set before triton is first imported, and with its own
+scheduling mode (conftest.py): the engine cases run with sync and with async scheduling."""
 
 import os
 import random
@@ -97,21 +98,20 @@ def test_engine_on_triton_backend_matches_generate(tiny_checkpoint):
 
 def test_padded_decode_steps_match_generate(tiny_checkpoint):
     """The CUDA-graph path's inputs without the graph: decode steps padded to capture sizes run
-    eagerly over the same fixed buffers (what a replay reads) give generate's tokens."""
+    eagerly over the same fixed buffers (what a replay reads) give generate's tokens. With async
+    scheduling the new tokens reach those buffers on the device only (TokenFill)."""
     from workers.engine.cuda_graphs import DecodeGraphs
 
     class EagerPadded(DecodeGraphs):
-        def run(self, seqs, input_ids, positions, logits_indices):
-            size = next(s for s in self.sizes if s >= len(seqs))
-            ids, pos, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices, pad_to=size)
+        def _replay(self, size, ids, pos):
             assert ids.shape[1] == size
-            self.num_replays += 1
-            return self._forward(ids, pos).index_select(0, keep.long())
+            return self._forward(ids, pos)
 
     model_dir = tiny_checkpoint("llama")
     engine = make_engine(model_dir, attention_backend="triton", max_num_seqs=5, blocks_per_segment=4)
     engine.runner.graphs = EagerPadded(engine.runner.model, engine.runner.backend, [1, 2, 4, 5])
     got = run_all(engine, PROMPTS)
     assert engine.runner.graphs.num_replays > 0
+    assert (engine.num_overlapped_steps > 0) == engine.async_scheduling
     assert got == {f"r{i}": hf_greedy(model_dir, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
     assert_all_blocks_free(engine)

@@ -1,0 +1,119 @@
+"""The engine's sampler as it was before sampling was batched on the device: one request at a
+time, kept as the reference the batched sampler must reproduce token for token (tests and
+benchmarks/gpu_check.py). Greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+
+Seeded requests draw their randomness from (seed, output position), so the same seed gives the
+same tokens whether the first token was sampled by a prefill worker and the rest by a decode
+worker, or all by one engine.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from workers.protocol import SamplingParams
+
+
+@dataclass
+class ReferenceResult:
+    token_ids: list[int]
+    logprobs: list[float] | None  # of the chosen tokens (None if no request asked)
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+class ReferenceSampler:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._unseeded = torch.Generator(device=device)
+        self._unseeded.seed()
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> ReferenceResult:
+        """logits [n, vocab]; positions[i] = index of the token being sampled in request i's output."""
+        logits = logits.float()
+        n = logits.shape[0]
+        greedy = [p.is_greedy for p in params]
+        if all(greedy):  # the common case: one argmax on the device, no index upload
+            chosen = logits.argmax(dim=-1)
+        else:
+            chosen = torch.empty(n, dtype=torch.long, device=logits.device)
+        if any(greedy) and not all(greedy):
+            idx = torch.tensor([i for i, g in enumerate(greedy) if g], device=logits.device)
+            chosen[idx] = logits[idx].argmax(dim=-1)
+        for i, p in enumerate(params):
+            if not greedy[i]:
+                chosen[i] = self._sample_one(logits[i], p, positions[i])
+        want_lp = any(p.logprobs or p.top_logprobs for p in params)
+        token_ids = chosen.tolist()  # the step's one device->host sync for tokens
+        if not want_lp:
+            return ReferenceResult(token_ids, None, None)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen_lp = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+        k = max(p.top_logprobs for p in params)
+        tops = None
+        if k:
+            vals, ids = logprobs.topk(k, dim=-1)
+            vals, ids = vals.tolist(), ids.tolist()
+            tops = [list(zip(ids[i][: p.top_logprobs], vals[i][: p.top_logprobs])) for i, p in enumerate(params)]
+        return ReferenceResult(token_ids, chosen_lp, tops)
+
+    def _sample_one(self, logits: torch.Tensor, p: SamplingParams, position: int) -> torch.Tensor:
+        logits = logits / p.temperature
+        if p.top_k > 0 and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            cum = sorted_probs.cumsum(-1)
+            # keep the smallest prefix whose mass reaches top_p (always the first token)
+            drop = (cum - sorted_probs) >= p.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            probs = probs / probs.sum()
+        if p.seed is not None:
+            gen = torch.Generator(device=logits.device)
+            gen.manual_seed((p.seed * 1_000_003 + p.output_position_offset + position) % (2**63))
+        else:
+            gen = self._unseeded
+        # Gumbel-max via exponential noise: argmax(p / E), E ~ Exp(1), same law as multinomial
+        noise = torch.empty_like(probs).exponential_(generator=gen)
+        return (probs / noise).argmax()
+
+
+def random_params(rng: random.Random, seeded_only: bool = True) -> SamplingParams:
+    kind = rng.choice(["greedy", "temp", "top_k", "top_p", "both", "top_k1"])
+    seed = rng.randrange(10**6) if (seeded_only or rng.random() < 0.5) else None
+    lp = rng.random() < 0.3
+    return SamplingParams(
+        temperature=0.0 if kind == "greedy" else rng.choice([0.3, 0.7, 1.0, 1.5, 2.0]),
+        top_k={"top_k": rng.choice([2, 5, 50]), "both": 7, "top_k1": 1}.get(kind, 0),
+        top_p={"top_p": rng.choice([0.5, 0.9, 0.99]), "both": 0.8}.get(kind, 1.0),
+        seed=seed, logprobs=lp, top_logprobs=rng.choice([0, 3]) if lp else 0,
+        output_position_offset=rng.choice([0, 0, 5]),
+    )
+
+
+def check_same(device: torch.device, vocab: int, trials: int, seed: int = 0) -> int:
+    """Returns how many rows were compared; raises AssertionError on the first difference."""
+    rng = random.Random(seed)
+    from workers.engine.sampler import Sampler
+
+    new, ref = Sampler(device), ReferenceSampler(device)
+    compared = 0
+    for trial in range(trials):
+        n = rng.choice([1, 2, 5, 8])
+        params = [random_params(rng) for _ in range(n)]
+        positions = [rng.randrange(40) for _ in range(n)]
+        g = torch.Generator().manual_seed(trial)
+        logits = (torch.randn(n, vocab, generator=g) * rng.choice([1.0, 4.0])).to(device)
+        if trial % 3 == 0:  # ties: repeated values, and equal maxima
+            logits[:, : vocab // 4] = logits[:, :1]
+        got, want = new(logits, params, positions), ref(logits, params, positions)
+        assert got.token_ids == want.token_ids, (trial, params, got.token_ids, want.token_ids)
+        assert got.logprobs == want.logprobs, trial
+        assert got.top_logprobs == want.top_logprobs, trial
+        compared += n
+    return compared

@@ -1,0 +1,45 @@
+"""The packed inputs of one step: every scheduled token of every request in one row.
+
+    request i:  tokens [c, c + n) of its sequence, c = num_computed_tokens, n = scheduled now
+                [c, known) ids the host knows | [known, c + n) a pending token (async scheduling):
+                a placeholder here, its id copied in on the device (TokenFill) from the step that
+                sampled it
+    sampled:    requests whose chunk reaches the end of their sequence (pending token included):
+                their last packed token's logits are sampled
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workers.engine.attention import SeqSlice
+from workers.engine.request import Request
+
+
+@dataclass
+class StepInputs:
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    seqs: list[SeqSlice] = field(default_factory=list)
+    logits_indices: list[int] = field(default_factory=list)  # packed rows to sample, one per sampled request
+    sampled: list[Request] = field(default_factory=list)
+    fill_rows: list[int] = field(default_factory=list)  # packed rows holding a pending token's placeholder
+    fill_index: list[int] = field(default_factory=list)  # ... its row in the in-flight step's sample
+
+    @classmethod
+    def pack(cls, requests: list[Request], num_new_tokens: list[int]) -> "StepInputs":
+        s = cls()
+        for req, n in zip(requests, num_new_tokens):
+            c, known = req.num_computed_tokens, req.num_tokens
+            q_start = len(s.input_ids)
+            s.input_ids += req.token_ids(c, min(c + n, known))
+            if c + n > known:  # at most one pending token, always the newest
+                s.fill_rows.append(len(s.input_ids))
+                s.fill_index.append(req.pending_row)
+                s.input_ids.append(0)
+            s.positions += range(c, c + n)
+            s.seqs.append(SeqSlice(q_start, n, c + n, tuple(req.block_ids)))
+            if c + n == req.num_tokens_with_pending:
+                s.logits_indices.append(q_start + n - 1)
+                s.sampled.append(req)
+        return s
