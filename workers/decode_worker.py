@@ -7,7 +7,9 @@
                        handle = prefill.prefill(...)                 blocks pinned there
                        reservation = engine.reserve_import(...)      blocks allocated here
                        transceiver.read(remote blocks -> our blocks) ONE READ, deadline
-                       prefill.release(...)                          raises if the lease expired
+                       prefill.release(...)                          raises if the lease expired;
+                                       awaited only when the READ did not provably finish inside
+                                       the lease (_lease_held_through), else confirmed off the path
                        engine.commit_import(first token)             decode continues here
                      every failure frees the blocks on both sides and tries the next candidate;
                      when all fail, prefill locally (counted as a fallback, logged)
@@ -35,7 +37,7 @@ import time
 import ray
 from ray.exceptions import RayActorError
 
-from kv_transfer.errors import DeadlineExceededError, PeerGoneError, StalePeerError
+from kv_transfer.errors import DeadlineExceededError, LeaseExpiredError, PeerGoneError, StalePeerError
 from workers.engine.block_pool import NoFreeBlocks
 from workers.protocol import (FinishReason, GenerateRequest, InvalidRequestError, KVHandle, LayerwiseTarget,
                               PrefillRequest, RequestFailedError, Role, TokenDelta)
@@ -49,7 +51,8 @@ class DecodeWorkerImpl(WorkerBase):
 
     def __init__(self, spec):
         super().__init__(spec)
-        self._background: set[asyncio.Task] = set()  # layer-wise aborts still waiting to free blocks
+        self._background: set[asyncio.Task] = set()  # layer-wise aborts, releases still being confirmed
+        self._prefill_actors: dict[str, object] = {}  # prefill worker id -> its actor handle
 
     async def generate(self, req: GenerateRequest):
         """Async generator of TokenDeltas (a Ray streaming method). Cancelling it aborts the
@@ -109,27 +112,47 @@ class DecodeWorkerImpl(WorkerBase):
         return None
 
     async def _remote_prefill(self, req: GenerateRequest, prefill_id: str, deadline: float) -> TokenDelta:
-        prefill = ray.get_actor(prefill_id, namespace=self.namespace)
-        if self.spec.transfer.layerwise:
-            return await self._remote_prefill_layerwise(req, prefill_id, prefill, deadline)
-        return await self._remote_prefill_read(req, prefill_id, prefill, deadline)
+        prefill = self._prefill_actor(prefill_id)
+        try:
+            if self.spec.transfer.layerwise:
+                return await self._remote_prefill_layerwise(req, prefill_id, prefill, deadline)
+            return await self._remote_prefill_read(req, prefill_id, prefill, deadline)
+        except BaseException:
+            # the next request looks the name up again (a worker started anew under it)
+            self._prefill_actors.pop(prefill_id, None)
+            raise
+
+    def _prefill_actor(self, prefill_id: str):
+        """The actor handle of a prefill worker, looked up once: ray.get_actor is a blocking GCS
+        round trip, on this event loop, on every request's critical path otherwise."""
+        actor = self._prefill_actors.get(prefill_id)
+        if actor is None:
+            if len(self._prefill_actors) >= _MAX_CACHED_ACTORS:
+                self._prefill_actors.clear()  # workers come and go: forget the long gone ones
+            actor = self._prefill_actors[prefill_id] = ray.get_actor(prefill_id, namespace=self.namespace)
+        return actor
 
     async def _remote_prefill_read(self, req: GenerateRequest, prefill_id: str, prefill, deadline: float) -> TokenDelta:
         rid = req.request_id
         ttl = self.spec.transfer.lease_ttl_s
         preq = PrefillRequest(rid, req.prompt_token_ids, req.sampling, req.cache_salt, ttl)
-        t_sent = time.perf_counter()
+        t_sent = time.monotonic()  # before the prefill worker can pin anything (see _lease_held_through)
         ref = prefill.prefill.remote(preq)
         try:
             wait_s = min(req.prefill_timeout_s, deadline - time.time())
             handle: KVHandle = await asyncio.wait_for(ref, timeout=max(0.001, wait_s))
-            self.hops.add("prefill_call", time.perf_counter() - t_sent)
+            self.hops.add("prefill_call", time.monotonic() - t_sent)
         except BaseException:
             ray.cancel(ref)  # the prefill side aborts; a handle made in the meantime expires with its lease
             _release_quietly(prefill, rid)
             raise
-        reservation, released = None, False
+        reservation, released, release_later = None, False, False
         call_s = self.spec.transfer.deadline_s  # any one call to the prefill worker around the READ
+
+        def commit(e):
+            return e.commit_import(rid, handle.first_token_id, handle.first_logprob, handle.first_top_logprobs,
+                                   handle.num_cached_tokens)
+
         try:
             with self.hops.time("reserve"):
                 reservation = await self._reserve(req, prefill, deadline)
@@ -143,18 +166,46 @@ class DecodeWorkerImpl(WorkerBase):
                 with self.hops.time("read"):
                     await self._read(prefill_id, prefill, handle, reservation, deadline)
             released = True  # from here the prefill side frees its blocks whatever release() answers
-            # raises LeaseExpiredError (what we read may be stale); no answer in time counts as that too
-            with self.hops.time("release"):
-                await asyncio.wait_for(prefill.release.remote(rid), call_s)
+            # what we read is known good when the READ provably ended inside the lease: then commit
+            # first and send the release (a Ray call, ~1 ms of this loop) once the first token left
+            release_later = _lease_held_through(t_sent, time.monotonic(), ttl)
+            if not release_later:
+                # raises LeaseExpiredError (what we read may be stale); no answer in time counts as that too
+                with self.hops.time("release"):
+                    await asyncio.wait_for(prefill.release.remote(rid), call_s)
         except BaseException:
             if reservation is not None:
                 await asyncio.shield(self.loop.call(lambda e: e.abort(rid)))
             if not released:
                 _release_quietly(prefill, rid)
             raise
-        with self.hops.time("commit"):
-            return await self.loop.call(lambda e: e.commit_import(
-                rid, handle.first_token_id, handle.first_logprob, handle.first_top_logprobs, handle.num_cached_tokens))
+        t_commit = time.perf_counter()
+        try:
+            first = await self.loop.call(commit)
+        finally:
+            if release_later:  # whatever the commit did: the prefill side must free its blocks
+                self._release_in_background(rid, prefill_id, prefill)
+        self.hops.add("commit", time.perf_counter() - t_commit)
+        return first
+
+    def _release_in_background(self, rid: str, prefill_id: str, prefill) -> None:
+        """Release a handle whose READ provably finished inside its lease: the answer no longer
+        decides anything, so nobody waits for it; a LeaseExpiredError means the proof's premise
+        broke, so say it loudly. Never raises (the prefill side frees by lease if this is lost)."""
+        call_s = self.spec.transfer.deadline_s
+
+        async def confirm():
+            try:
+                await asyncio.wait_for(prefill.release.remote(rid), call_s)
+            except LeaseExpiredError as e:
+                log.error("%s: %s expired the lease of a handle whose READ finished well inside its TTL (%s); "
+                          "the monotonic clocks of the two workers disagree", rid, prefill_id, e)
+            except Exception as e:  # the blocks are freed there anyway: by this release or by the lease
+                log.warning("%s: release on %s not confirmed (%s: %s)", rid, prefill_id, type(e).__name__, e)
+
+        task = asyncio.ensure_future(confirm())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _read(self, prefill_id: str, prefill, handle: KVHandle, reservation, deadline: float) -> None:
         """READ the handle's blocks we lack. A StalePeerError (the prefill side added a segment
@@ -259,6 +310,21 @@ class DecodeWorkerImpl(WorkerBase):
     @property
     def namespace(self) -> str:
         return f"pdserve-{self.spec.cluster_name}"  # router.cluster_view.ray_namespace
+
+
+_MAX_CACHED_ACTORS = 1024
+
+
+def _lease_held_through(t_sent: float, t_read_done: float, ttl_s: float) -> bool:
+    """True when the handle's lease provably outlived the READ, so release()'s answer
+    (LeaseExpiredError or not) is known before it arrives.
+
+    The prefill worker pins the blocks after it received the prefill call, so after t_sent, and
+    its LeaseTable frees them no earlier than ttl_s after that on its monotonic clock (renew() only
+    moves that later). Both times here are this worker's monotonic clock: no wall-clock skew
+    between hosts enters, only the rate difference of two monotonic clocks (NTP slews at most
+    500 ppm), which half the TTL covers many times over. Past that bound, ask release() and wait."""
+    return t_read_done - t_sent < ttl_s / 2
 
 
 async def _result_of(ref):
