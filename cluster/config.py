@@ -135,6 +135,9 @@ class ServerConfig(_Section):
     )
     drain_timeout_s: float = Field(60, gt=0, description="How long a drained worker may finish in-flight requests")
     worker_start_timeout_s: float = Field(900, gt=0, description="Loading a worker's model may take this long")
+    replace_dead_workers: bool = Field(True, description="Start a new worker in place of one whose Ray actor died "
+                                                         "(cluster/pool_keeper.py)")
+    health_check_interval_s: float = Field(2.0, gt=0, description="How often the manager pings its workers")
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "ServerConfig":

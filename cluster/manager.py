@@ -94,6 +94,7 @@ class ClusterManagerImpl:
         self.registered_at: dict[str, float] = {}  # worker id -> when this manager saw it register
         self.autoscaler = None
         self.kv_resizer = None
+        self.pool_keeper = None
         # the OpenAI endpoint's Prometheus metrics (the autoscaler's latencies); set_endpoint_url
         # overrides it when the app is served under another route prefix
         self.endpoint_url = f"http://{config.server.host}:{config.server.port}"
@@ -275,7 +276,7 @@ class ClusterManagerImpl:
         return self._get(worker_id).actor
 
     async def shutdown(self) -> None:
-        for loop in (self.autoscaler, self.kv_resizer):
+        for loop in (self.pool_keeper, self.autoscaler, self.kv_resizer):
             if loop is not None:
                 await loop.stop()
         if self.admin is not None:
@@ -365,6 +366,25 @@ class ClusterManagerImpl:
 
         await delete_worker_key(self.config.etcd, self.config.cluster_name, w.role, w.worker_id)
 
+    async def _on_worker_death(self, death) -> None:
+        """Forget a worker whose actor died; start another in its place unless it was draining
+        (on its way out) or the pool already has its desired size (the pool was scaled down)."""
+        w = self.workers.get(death.worker_id)
+        if w is None or w.state not in ("ready", "draining"):  # being stopped or removed on purpose
+            return
+        was_draining = w.state == "draining"  # its drain task sees the death and records it
+        self.workers.pop(death.worker_id)
+        w.state, w.error = "failed", death.error
+        try:
+            await self._delete_registration(w)
+        except Exception as e:  # etcd away: its lease expires on its own (no keepalive from a dead actor)
+            log.warning("could not delete the registration of dead worker %s: %r", w.worker_id, e)
+        await self._forget(death.worker_id)
+        if not was_draining and len(self.pool_workers(death.role)) < self.desired[death.role]:
+            new = self._spawn(death.role)
+            self.pool_keeper.num_replaced += 1
+            log.warning("worker %s died; started %s in its place", death.worker_id, new.worker_id)
+
     def _on_membership(self, change) -> None:
         worker_id = change.name.split("/", 1)[-1]
         if change.kind == "put":
@@ -377,6 +397,12 @@ class ClusterManagerImpl:
         from cluster.kv_resizer import KVResizer, QuotaWorker
 
         c = self.config
+        if c.server.replace_dead_workers:
+            from cluster.pool_keeper import PoolKeeper
+
+            self.pool_keeper = PoolKeeper(c.server.health_check_interval_s, lambda: list(self.workers.values()),
+                                          self._on_worker_death)
+            self.pool_keeper.start()
         if c.autoscaling.enabled:
             async def loads():
                 return [p.load for _, p in await self.probe_all() if p.ok]

@@ -95,6 +95,9 @@ def pdserve_cluster(ray_session, session_etcd, tmp_path_factory):
             "engine.max_num_batched_tokens": 128, "engine.max_num_seqs": 16,
             "pools.prefill.num_cpus": 0.1, "pools.decode.num_cpus": 0.1,
             "router.local_prefill_threshold_tokens": 0,
+            # tests that kill workers inspect what the death left behind (routing, leases, leaks):
+            # no replacement joins under them; tests/reliability/test_pool_keeper.py turns it on
+            "server.replace_dead_workers": False,
         }
         base.update({k.replace("__", "."): v for k, v in overrides.items()})
         cluster = Cluster(load_config(None, base), say=lambda m: None, app_name=name, route_prefix=f"/{prefix or name}")
