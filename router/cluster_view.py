@@ -2,9 +2,10 @@
 and which prefixes it caches (polled worker state feeding the global PrefixIndex), and the
 routing decision for a request.
 
-Membership comes from etcd only; a worker that is registered but does not answer its poll is
-left out of routing until it answers again. While etcd is unreachable the last known
-membership stays in force (MembershipWatcher keeps it).
+Membership comes from etcd; a worker that is registered but does not answer its poll is left
+out of routing until it answers again, and one whose registration lapsed while it still answers
+stays for up to a lease TTL while it registers again (_sync_membership). While etcd is
+unreachable the last known membership stays in force (MembershipWatcher keeps it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ from workers.protocol import Role, WorkerCounters, WorkerInfo, WorkerLoad, Worke
 log = logging.getLogger(__name__)
 
 MAX_POLL_FAILURES = 3  # polls in a row without an answer before a live worker counts as unhealthy
+# A worker whose registration vanished (lease expired: its keepalive starved on a loaded machine,
+# or etcd was slow) while it still answers polls stays routable this long after its last answer,
+# and at most one lease TTL after it left etcd: it notices the lost lease at its next refresh
+# (TTL/3) and registers again. A dead actor (RayActorError) or a hung one (no answer) is not kept.
+LAPSED_ANSWER_WITHIN_S = 1.0
 
 
 def ray_namespace(cluster_name: str) -> str:
@@ -53,6 +59,7 @@ class WorkerEntry:
     poll_task: asyncio.Task | None = None
 
     is_dead: bool = False  # its actor is gone (a poll raised RayActorError)
+    left_etcd_at: float | None = None  # monotonic time its registration was first seen missing
 
     @property
     def is_healthy(self) -> bool:
@@ -79,6 +86,7 @@ class ClusterView:
         self.poll_interval_s = poll_interval_s
         self.poll_timeout_s = poll_timeout_s
         self.watcher = MembershipWatcher(etcd, cluster_name)
+        self.lapse_grace_s = float(etcd.lease_ttl_s)
         self.index = PrefixIndex(config.index_max_blocks_per_worker, config.index_max_workers)
         self.workers: dict[str, WorkerEntry] = {}
         self.round_robin = RoundRobin()
@@ -103,14 +111,16 @@ class ClusterView:
 
     # -- readiness -----------------------------------------------------------------------------
     def is_ready(self) -> tuple[bool, str]:
+        # the workers in this view: registered ones, plus lapsed ones still answering (_sync_membership)
+        healthy = {r: sum(1 for w in self.workers.values() if w.info.role == r and w.is_healthy) for r in Role}
+        if (any(healthy.values()) and healthy[Role.DECODE] >= self.config.min_decode_workers
+                and healthy[Role.PREFILL] >= self.config.min_prefill_workers):
+            return True, "ready"
         ready, reason = self.watcher.is_ready(self.config.min_prefill_workers, self.config.min_decode_workers)
         if not ready:
             return False, reason
-        healthy = {r: sum(1 for w in self.workers.values() if w.info.role == r and w.is_healthy) for r in Role}
-        if healthy[Role.DECODE] < self.config.min_decode_workers or healthy[Role.PREFILL] < self.config.min_prefill_workers:
-            return False, (f"waiting for workers to answer: {healthy[Role.PREFILL]}/{self.config.min_prefill_workers} "
-                           f"prefill, {healthy[Role.DECODE]}/{self.config.min_decode_workers} decode")
-        return True, "ready"
+        return False, (f"waiting for workers to answer: {healthy[Role.PREFILL]}/{self.config.min_prefill_workers} "
+                       f"prefill, {healthy[Role.DECODE]}/{self.config.min_decode_workers} decode")
 
     # -- routing -------------------------------------------------------------------------------
     def plan(self, prompt_token_ids: list[int], cache_salt: str | None,
@@ -171,8 +181,11 @@ class ClusterView:
 
     def _sync_membership(self) -> None:
         members = {m.worker_id: m for m in self.watcher.members()}
+        now = time.monotonic()
         for wid in list(self.workers):
             if wid not in members:
+                if self._lapsed_but_answering(self.workers[wid], now):
+                    continue
                 log.info("worker %s left the cluster", wid)
                 gone = self.workers.pop(wid)
                 if gone.poll_task is not None:
@@ -187,7 +200,21 @@ class ClusterView:
                 log.info("worker %s (%s) joined the cluster", wid, info.role.value)
                 self.workers[wid] = WorkerEntry(info, actor)
             else:
-                self.workers[wid].info = info
+                w = self.workers[wid]
+                if w.left_etcd_at is not None:
+                    log.info("worker %s registered again %.1f s after its registration lapsed", wid,
+                             now - w.left_etcd_at)
+                w.info, w.left_etcd_at = info, None
+
+    def _lapsed_but_answering(self, w: WorkerEntry, now: float) -> bool:
+        """Keep a worker whose registration lapsed while it answers polls (LAPSED_ANSWER_WITHIN_S)."""
+        if w.left_etcd_at is None:
+            w.left_etcd_at = now
+            if not w.is_dead and now - w.last_ok_at < LAPSED_ANSWER_WITHIN_S:
+                log.warning("worker %s: its etcd registration lapsed but it answers polls; keeping it routable "
+                            "for up to %.0f s while it registers again", w.info.worker_id, self.lapse_grace_s)
+        return (not w.is_dead and now - w.last_ok_at < LAPSED_ANSWER_WITHIN_S
+                and now - w.left_etcd_at < self.lapse_grace_s)
 
     async def _poll(self, w: WorkerEntry) -> None:
         try:

@@ -126,3 +126,38 @@ def test_serving_survives_an_etcd_outage_and_everything_resyncs(cluster, etcd):
     ray.get(cluster.manager.scale.remote("decode", 2))
     wait_for(lambda: len([w for w in workers_of(url, "decode").values() if w["healthy"]]) == 2, 180,
              "a decode worker started after the outage to enter routing")
+
+
+async def revoke_leases(endpoint: str, lease_ids: list[int]) -> None:
+    host, port = endpoint.rsplit(":", 1)
+    async with aetcd.Client(host=host, port=int(port), timeout=5) as client:
+        for lease_id in lease_ids:
+            await client.revoke_lease(lease_id)
+
+
+def test_lapsed_registrations_of_answering_workers_lose_no_request(cluster, etcd):
+    """Every worker's lease is revoked at once under traffic (what a keepalive starved on a loaded
+    machine looks like): their keys vanish until each worker's next refresh (TTL/3) registers it
+    again. Workers that still answer the router's polls stay routable meanwhile: no request fails."""
+    url = cluster.url
+    actors = {wid: actor_of(cluster, wid) for wid in workers_of(url)}
+    registrations = {wid: on_worker(a, lambda w: w.registration.num_registrations) for wid, a in actors.items()}
+    leases = [on_worker(a, lambda w: w.registration.lease_id) for a in actors.values()]
+    traffic = Traffic(url)
+    try:
+        wait_for(lambda: sum(e is None for _, _, e in traffic.results) >= 5, 120, "traffic to flow")
+        revoked_at = time.time()
+        asyncio.run(revoke_leases(etcd.endpoint, leases))
+
+        def registered_again():
+            return all(on_worker(a, lambda w: w.registration.num_registrations) > registrations[wid]
+                       for wid, a in actors.items())
+
+        wait_for(registered_again, 30, "every worker to register again")
+        time.sleep(1)
+    finally:
+        traffic.stop()
+    failures = [r for r in traffic.results if r[2] is not None]
+    assert not failures, f"{len(failures)} of {len(traffic.results)} requests failed: {failures[:3]}"
+    assert [r for r in traffic.results if r[0] > revoked_at], "no request ran after the revocation"
+    assert asyncio.run(registered_ids(etcd.endpoint, cluster.config.cluster_name)) == set(actors)
