@@ -382,7 +382,6 @@ class ClusterManagerImpl:
         await self._forget(death.worker_id)
         if not was_draining and len(self.pool_workers(death.role)) < self.desired[death.role]:
             new = self._spawn(death.role)
-            self.pool_keeper.num_replaced += 1
             log.warning("worker %s died; started %s in its place", death.worker_id, new.worker_id)
 
     def _on_membership(self, change) -> None:

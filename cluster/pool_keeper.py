@@ -43,7 +43,7 @@ async def find_dead(workers: list, ping_timeout_s: float = PING_TIMEOUT_S) -> li
         except ActorDiedError as e:
             return Death(w.worker_id, w.role, f"{type(e).__name__}: {str(e)[:300]}")
         except Exception:  # timeout, transiently unavailable: not known dead
-            return None
+            pass
         return None
 
     found = await asyncio.gather(*(check(w) for w in workers))
@@ -57,7 +57,6 @@ class PoolKeeper(PeriodicLoop):
         super().__init__(interval_s)
         self.workers = workers
         self.on_death = on_death
-        self.num_replaced = 0
 
     async def step(self) -> None:
         watched = [w for w in self.workers() if w.state in ("ready", "draining")]

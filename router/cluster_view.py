@@ -208,13 +208,13 @@ class ClusterView:
 
     def _lapsed_but_answering(self, w: WorkerEntry, now: float) -> bool:
         """Keep a worker whose registration lapsed while it answers polls (LAPSED_ANSWER_WITHIN_S)."""
+        answering = not w.is_dead and now - w.last_ok_at < LAPSED_ANSWER_WITHIN_S
         if w.left_etcd_at is None:
             w.left_etcd_at = now
-            if not w.is_dead and now - w.last_ok_at < LAPSED_ANSWER_WITHIN_S:
+            if answering:
                 log.warning("worker %s: its etcd registration lapsed but it answers polls; keeping it routable "
                             "for up to %.0f s while it registers again", w.info.worker_id, self.lapse_grace_s)
-        return (not w.is_dead and now - w.last_ok_at < LAPSED_ANSWER_WITHIN_S
-                and now - w.left_etcd_at < self.lapse_grace_s)
+        return answering and now - w.left_etcd_at < self.lapse_grace_s
 
     async def _poll(self, w: WorkerEntry) -> None:
         try:

@@ -84,7 +84,7 @@ class WorkerBase:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # this process is this worker's (an actor's own)
         self.spec = spec
         self.worker_id = spec.worker_id
-        self.visible_gpus = show_node_gpus_assigned_first()  # before anything starts CUDA here
+        show_node_gpus_assigned_first()  # before anything starts CUDA here
         self.engine = None  # workers.engine.engine.Engine, made in start()
         self.loop: EngineLoop | None = None
         self.transceiver = None
