@@ -89,7 +89,7 @@ def worker_hops(client: httpx.Client, url: str, namespace: str) -> dict[str, flo
 
 
 def measure(env: BenchEnv, mode: str, base: dict, args) -> dict:
-    bench = start_cluster(env, mode, ("kv_aware",), base, 1, 1, 0.0)
+    bench = start_cluster(env, mode, ("kv_aware",), base, 1, 1, args.gpus_per_worker)
     try:
         url = bench.urls["kv_aware"]
         namespace = f"pdserve-{bench.cluster.config.cluster_name}"
@@ -98,7 +98,7 @@ def measure(env: BenchEnv, mode: str, base: dict, args) -> dict:
             model = client.get(url + "/v1/models").json()["data"][0]["id"]
 
             def body():
-                return {"model": model, "prompt": [rng.randrange(10, 370) for _ in range(args.prompt_tokens)],
+                return {"model": model, "prompt": [rng.randrange(10, args.max_token_id) for _ in range(args.prompt_tokens)],
                         "max_tokens": args.max_tokens, "stream": True, "ignore_eos": True,
                         "cache_salt": uuid.uuid4().hex}
 
@@ -134,11 +134,23 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--label", default="", help="copied into every line (e.g. before / after)")
+    ap.add_argument("--gpus-per-worker", type=float, default=None, help="default: 0 on cpu, 0.5 on cuda (one GPU)")
     args = ap.parse_args()
     model = checkpoint(args.model, REPO / ".cache" / "bench-models")
     base = {"model.path": model, "model.device": args.device, "engine.block_size": 8, "engine.num_kv_blocks": 512,
             "engine.blocks_per_segment": 64, "pools.prefill.num_cpus": 0.1, "pools.decode.num_cpus": 0.1}
-    env = BenchEnv(Path(tempfile.mkdtemp(prefix="latency-floor-")), num_cpus=args.num_cpus).start()
+    args.max_token_id, num_gpus = 370, 0  # inside the tiny model's 384-token vocabulary
+    if args.device == "cuda":  # the GPU serving benchmark's engine settings (benchmarks/serve.py --profile gpu)
+        import torch
+
+        num_gpus = torch.cuda.device_count()
+        base.update({"engine.block_size": 16, "engine.num_kv_blocks": 4096, "engine.blocks_per_segment": 256,
+                     "engine.max_num_batched_tokens": 2048, "engine.max_num_seqs": 64,
+                     "limits.max_prompt_tokens": 8192, "pools.prefill.num_cpus": 1, "pools.decode.num_cpus": 1})
+        args.max_token_id = 128000
+    if args.gpus_per_worker is None:
+        args.gpus_per_worker = 0.5 if args.device == "cuda" else 0.0
+    env = BenchEnv(Path(tempfile.mkdtemp(prefix="latency-floor-")), num_cpus=args.num_cpus, num_gpus=num_gpus).start()
     try:
         for rnd in range(args.rounds):
             for mode in args.modes.split(","):

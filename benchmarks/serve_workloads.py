@@ -8,9 +8,11 @@ seed gives the same requests for every configuration compared.
     decode_heavy    short prompts, long outputs
     multi_turn      chat conversations under one shared system prompt; turn k's prompt is turn
                     k-1's prompt + a (synthetic) assistant reply + a new user message, so each
-                    turn's prompt starts with the previous turn's whole prompt:
+                    turn's prompt starts with the previous turn's whole prompt; ``context_tokens``
+                    gives every conversation its own long context first (a document, a codebase
+                    excerpt: chat over a long input), which a turn routed away from it re-prefills:
 
-        turn k: [system | u0 a0 | u1 a1 | ... | u(k-1) a(k-1) | uk]      (max_tokens = len(a))
+        turn k: [system | context | u0 a0 | u1 a1 | ... | u(k-1) a(k-1) | uk]   (max_tokens = len(a))
 
 The assistant replies are synthetic (drawn with the seed, of the requested output length), not the
 model's outputs: the cache hit a turn can get is its previous turn's prompt, which is what routing
@@ -38,6 +40,7 @@ class WorkloadShape:
     jitter: float = 0.25
     # multi_turn only
     system_tokens: int = 0
+    context_tokens: int = 0  # per conversation, after the system prompt (+-jitter)
     user_tokens: int = 0
     num_turns: int = 1
 
@@ -98,7 +101,8 @@ def _multi_turn(shape: WorkloadShape, arrivals: list[float], rng: random.Random,
     num_requests = len(arrivals)
     num_conversations = -(-num_requests // shape.num_turns)
     system = _tokens(shape.system_tokens, rng, token_range)
-    history = [list(system) for _ in range(num_conversations)]
+    history = [system + (_tokens(_length(shape.context_tokens, shape.jitter, rng), rng, token_range)
+                         if shape.context_tokens else []) for _ in range(num_conversations)]
     out: list[BenchRequest] = []
     for turn in range(shape.num_turns):
         order = list(range(num_conversations))

@@ -53,6 +53,22 @@ def test_each_turn_extends_the_previous_turn_of_its_conversation():
     assert [r.conversation for r in reqs[:4]] != [r.conversation for r in reqs[4:8]]
 
 
+def test_each_conversation_has_its_own_long_context_after_the_system_prompt():
+    shape = WorkloadShape(prompt_tokens=0, output_tokens=4, system_tokens=16, context_tokens=200, user_tokens=4,
+                          num_turns=2)
+    reqs = build_workload("multi_turn", shape, 8, 1.0, seed=5, token_range=TOKENS)
+    first = [r for r in reqs if r.turn == 0]
+    assert len(first) == 4 and len({r.prompt_token_ids[:16] for r in first}) == 1  # one system prompt
+    contexts = {r.prompt_token_ids[16:166] for r in first}
+    assert len(contexts) == 4  # a context of its own per conversation
+    for r in first:
+        assert 150 + 16 + 3 <= len(r.prompt_token_ids) <= 250 + 16 + 5  # system + context (+-25 %) + user
+    for r in reqs:
+        if r.turn == 1:
+            prev = next(p for p in first if p.conversation == r.conversation)
+            assert r.prompt_token_ids[:len(prev.prompt_token_ids)] == prev.prompt_token_ids
+
+
 def result(i, ttft, tpot, n=5, ok=True, sent=0.0):
     e2e = ttft + tpot * (n - 1)
     return RequestResult(i, sent, sent_s=sent, ok=ok, ttft_s=ttft, e2e_s=e2e, finished_s=sent + e2e,
@@ -73,6 +89,13 @@ def test_goodput_needs_both_targets_and_success():
     assert s["throughput_tok_s"] == pytest.approx(4 * 5 / duration, abs=0.01)
     assert s["prefix_hit_rate"] == pytest.approx(0.25)
     assert s["ttft_p50_s"] == pytest.approx(0.15) and s["itl_p50_s"] == pytest.approx(0.015)
+    # the stricter reading: every gap of the stream within the ITL target (a stall the TPOT averages away)
+    assert s["slo_attainment_itl"] == pytest.approx(2 / 5)
+    stall = result(5, 0.1, 0.01, n=21, sent=3.6)
+    stall.itl_s[7] = 0.1  # one 100 ms stall among 20 gaps: TPOT 14.5 ms meets 30 ms, the stream does not
+    s2 = summarize(rs + [stall], ttft_slo_s=0.3, itl_slo_s=0.03)
+    assert s2["slo_attainment"] == pytest.approx(3 / 6) and s2["slo_attainment_itl"] == pytest.approx(2 / 6, abs=1e-4)
+    assert s2["goodput_itl_rps"] < s2["goodput_rps"]
     with pytest.raises(ValueError):
         summarize(rs, 0, 1)
 
@@ -83,6 +106,8 @@ def test_percentile_and_max_rate():
             {"rate": 4, "slo_attainment": 0.5}]
     assert max_rate_at_attainment(rows) == 2 and max_rate_at_attainment(rows, 0.99) == 1
     assert max_rate_at_attainment(rows[2:]) is None
+    rows = [dict(r, slo_attainment_itl=a) for r, a in zip(rows, (0.95, 0.5, 0.1))]
+    assert max_rate_at_attainment(rows, key="slo_attainment_itl") == 1
 
 
 def test_colocated_has_the_same_workers_and_no_prefill_pool():

@@ -30,6 +30,10 @@ class EngineConfig(BaseModel):
     cuda_graphs: bool = Field(True, description="Capture decode steps as CUDA graphs (CUDA only)")
     compile_decode: bool = Field(True, description="torch.compile the decode step before capturing its CUDA "
                                                    "graphs: fuses norms, RoPE and activations (CUDA only)")
+    compile_prefill: bool = Field(
+        False, description="torch.compile the steps that are not decode-graph replays (prefill chunks, "
+                           "mixed steps) with a symbolic token count: fuses norms, RoPE and activations "
+                           "as compile_decode does for decode (CUDA only; compiled once at start-up)")
     fuse_projections: bool = Field(
         False, description="Load-time module surgery: one GEMM for q/k/v and one for gate/up per layer "
                            "(workers/engine/fused_projections.py). Off by default: on an H100 it took the Llama-1B "

@@ -127,6 +127,14 @@ class ModelRunner:
         self.engine_config = engine_config
         self.backend: AttentionBackend | None = None
         self.graphs: DecodeGraphs | None = None
+        self._general = self._forward
+        if engine_config.compile_prefill and self.device.type == "cuda":
+            self._general = torch.compile(self._forward, dynamic=True)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep,
+                         pdserve_backend=self.backend)
+        return out.logits[0].float()
 
     def _eos_ids(self, model_path: str) -> frozenset[int]:
         ids: set[int] = set()
@@ -173,10 +181,10 @@ class ModelRunner:
         ids, pos, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices)
         if fill is not None:
             fill.apply(ids)
-        self.backend.on_layer_written = on_layer_written
+        if on_layer_written is None:
+            return self._general(ids, pos, keep)
+        self.backend.on_layer_written = on_layer_written  # per-layer Python: always eager
         try:
-            out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep,
-                             pdserve_backend=self.backend)
+            return self._forward(ids, pos, keep)
         finally:
             self.backend.on_layer_written = None
-        return out.logits[0].float()

@@ -1,0 +1,130 @@
+"""Where a prefill's time goes: the engine's prefill of long prompts (eager, and with
+``engine.compile_prefill``) next to transformers' own forward (sdpa, no cache) of the same tokens
+on the same weights, plus the prefill step's kernels by time. CUDA only; one JSON line per case.
+
+    python3 benchmarks/profile_prefill.py --model llama-1b-shape --prompt-len 2048
+
+Fields: ``step_ms`` (median wall time of one engine step that prefills one prompt, sampling
+included), ``gpu_ms`` (the same step's kernel time under the profiler), ``hf_forward_ms``
+(transformers' forward, last-token logits only), ``ratio`` = hf_forward_ms / step_ms, and
+``flops_ms`` (the linear layers' FLOPs at the measured bf16 GEMM rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.engine import build_model, prompts  # noqa: E402
+from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
+from workers.engine.engine import Engine  # noqa: E402
+from workers.protocol import SamplingParams  # noqa: E402
+
+
+def cuda_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def kernels(fn, top: int) -> tuple[float, list]:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    per: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA":
+            per[ev.name[:60]] += ev.device_time_total
+    total = sum(per.values())
+    return total / 1e3, [(k, round(v, 1)) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def gemm_tflops() -> float:
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_ms(lambda: a @ a, 20)
+    return 2 * 4096 ** 3 / (ms / 1e3) / 1e12
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-1b-shape")
+    ap.add_argument("--prompt-len", type=int, default=2048)
+    ap.add_argument("--num-prompts", type=int, default=12)
+    ap.add_argument("--cases", default="eager,compiled")
+    ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"))
+    args = ap.parse_args()
+    model_dir = build_model(args.model, Path(args.cache_dir))
+    n, L = args.num_prompts, args.prompt_len
+    tflops = gemm_tflops()
+    hf_ms = None
+    for case in args.cases.split(","):
+        t0 = time.perf_counter()
+        engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
+                        EngineConfig(block_size=16, num_kv_blocks=(n + 2) * (L // 16 + 2), blocks_per_segment=256,
+                                     max_num_batched_tokens=L, max_num_seqs=64, max_model_len=L + 64,
+                                     compile_prefill=case == "compiled"), model_dir)
+        init_s = time.perf_counter() - t0
+        sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        batch = prompts(n + 3, L, engine.vocab_size, 7)
+
+        def one(i: int) -> None:
+            engine.add_request(f"{case}-{i}", batch[i], sp)
+            while engine.has_work():
+                engine.step()
+            torch.cuda.synchronize()
+
+        t1 = time.perf_counter()
+        one(n)  # first use: Triton / torch.compile
+        first_s = time.perf_counter() - t1
+        times = []
+        for i in range(n):
+            t1 = time.perf_counter()
+            one(i)
+            times.append(time.perf_counter() - t1)
+        step_ms = statistics.median(times) * 1e3
+        gpu_ms, table = kernels(lambda: one(n + 1), 14)
+        if hf_ms is None:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                      attn_implementation="sdpa").cuda().eval()
+            ids = torch.tensor([batch[0]], device="cuda")
+            with torch.inference_mode():
+                hf(input_ids=ids, use_cache=False, logits_to_keep=1)
+                hf_ms = cuda_ms(lambda: hf(input_ids=ids, use_cache=False, logits_to_keep=1), 10)
+            cfg = hf.config
+            inter, hdim = cfg.intermediate_size, cfg.hidden_size
+            kvd = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or hdim // cfg.num_attention_heads)
+            per_layer = hdim * (2 * hdim + 2 * kvd) + 3 * hdim * inter
+            flops = 2 * L * per_layer * cfg.num_hidden_layers
+            del hf
+            torch.cuda.empty_cache()
+        print(json.dumps({"case": case, "prompt_len": L, "init_s": round(init_s, 1), "first_prefill_s": round(first_s, 2),
+                          "step_ms": round(step_ms, 2), "gpu_ms": round(gpu_ms, 2), "hf_forward_ms": round(hf_ms, 2),
+                          "ratio": round(hf_ms / step_ms, 3), "gemm_tflops": round(tflops, 1),
+                          "flops_ms": round(flops / (tflops * 1e12) * 1e3, 2), "kernels_us": table}), flush=True)
+        del engine
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
