@@ -44,9 +44,13 @@ class Cluster:
     """A running pdserve cluster started by this process."""
 
     def __init__(self, config: PdserveConfig, ray_address: str | None = None, say=print,
-                 app_name: str = "pdserve", route_prefix: str = "/"):
+                 app_name: str = "pdserve", route_prefix: str = "/", wait_for_app_removal: bool = True):
+        """wait_for_app_removal: stop() returns only once Serve has removed this cluster's apps
+        (their replicas each wait out a graceful shutdown, ~3 s); False hands that wait to the Serve
+        controller (apps and route prefixes that are never reused, as in the test suite)."""
         self.config, self.ray_address, self.say = config, ray_address, say
         self.app_name, self.route_prefix = app_name, route_prefix
+        self.wait_for_app_removal = wait_for_app_removal
         self.rdir = run_dir(config.cluster_name)
         self.etcd = None
         self.manager = None
@@ -123,7 +127,6 @@ class Cluster:
     def stop(self) -> None:
         """Stop what this object started. Idempotent."""
         import ray
-        from ray import serve
 
         if getattr(self, "_stopped", False):
             return
@@ -139,12 +142,27 @@ class Cluster:
                 ray.shutdown()  # our own Ray: its processes, Serve's included, all go with it
             else:
                 try:
-                    for app in [*self.extra_apps, self.app_name]:
-                        serve.delete(app)
+                    self._delete_apps()
                 except Exception as e:
                     log.warning("serve app removal: %r", e)
         if self.etcd is not None:
             self.etcd.stop()
+
+    def _delete_apps(self, timeout_s: float = 60) -> None:
+        """Every app of this cluster at once: Serve stops their replicas in parallel, not one
+        graceful shutdown after another."""
+        from ray import serve
+
+        apps = [*self.extra_apps, self.app_name]
+        for app in apps:
+            serve.delete(app, _blocking=False)
+        if not self.wait_for_app_removal:
+            return
+        deadline = time.monotonic() + timeout_s
+        while set(apps) & set(serve.status().applications):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Serve did not remove {apps} within {timeout_s:.0f} s")
+            time.sleep(0.1)
 
 
 def config_as_dict(c: PdserveConfig) -> dict:

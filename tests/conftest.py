@@ -100,7 +100,10 @@ def pdserve_cluster(ray_session, session_etcd, tmp_path_factory):
             "server.replace_dead_workers": False,
         }
         base.update({k.replace("__", "."): v for k, v in overrides.items()})
-        cluster = Cluster(load_config(None, base), say=lambda m: None, app_name=name, route_prefix=f"/{prefix or name}")
+        # app names and route prefixes are never reused here: stop() need not wait for Serve to
+        # finish removing the apps (~3 s of graceful replica shutdown per app, per module)
+        cluster = Cluster(load_config(None, base), say=lambda m: None, app_name=name, route_prefix=f"/{prefix or name}",
+                          wait_for_app_removal=False)
         started.append(cluster)
         cluster.start(ready_timeout_s=300)
         return cluster

@@ -48,7 +48,7 @@ def cluster(pdserve_cluster, model_dir):
 @pytest.fixture(scope="module")
 def limited_url(cluster):
     yield attach_ingress(cluster, "endpoint-limited", **LIMITS)
-    serve.delete(f"{cluster.app_name}-endpoint-limited")
+    serve.delete(f"{cluster.app_name}-endpoint-limited", _blocking=False)  # cluster.stop() follows
 
 
 def completion(prompt, **extra):

@@ -43,7 +43,7 @@ def cluster(pdserve_cluster, model_dir):
 def no_migration_url(cluster):
     """A second endpoint over the same workers that allows no migration."""
     yield attach_ingress(cluster, "migration-none", limits__max_migrations=0, router__overlap_weight=100)
-    serve.delete(f"{cluster.app_name}-migration-none")
+    serve.delete(f"{cluster.app_name}-migration-none", _blocking=False)  # cluster.stop() follows
 
 
 def client_for(url):
