@@ -218,12 +218,20 @@ def bench_many(engine, hf, args, vocab) -> dict:
 
     row = dict(workload="many", requests=n, prompt_len=p_len, output_len=out_len, **each_mode(engine, args, measure))
     gc = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = {}
+    if args.smoke:
+        # generate_batch sizes its paged cache and a max_batch_tokens^2 attention mask from free
+        # memory when not told (8192 batch tokens: ~20 s of filling static tensors on the CPU, for
+        # 4 requests of 40 tokens): the smoke run tells it what the workload needs
+        from transformers import ContinuousBatchingConfig
+
+        cb["continuous_batching_config"] = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=256)
     batch = prompts(n, p_len, vocab, 22)
     try:  # not under inference_mode: generate_batch resets its own static tensors in place
-        hf.generate_batch(prompts(min(n, 8), p_len, vocab, 23), generation_config=gc)  # warm-up
+        hf.generate_batch(prompts(min(n, 8), p_len, vocab, 23), generation_config=gc, **cb)  # warm-up
         sync(args.device)
         t0 = time.perf_counter()
-        out = hf.generate_batch(batch, generation_config=gc)
+        out = hf.generate_batch(batch, generation_config=gc, **cb)
         sync(args.device)
         hf_secs = time.perf_counter() - t0
         hf_toks = sum(len(o.generated_tokens) for o in out.values())
