@@ -139,5 +139,5 @@ def attach_ingress(cluster, prefix: str, **overrides):
     while httpx.get(base + "/ready", timeout=10).status_code != 200:
         if time.monotonic() > deadline:
             raise TimeoutError(f"ingress {prefix} not ready")
-        time.sleep(0.5)
+        time.sleep(0.2)
     return base
