@@ -11,6 +11,13 @@ from workers.engine.request import Request
 from workers.protocol import FinishReason, KVEventKind, SamplingParams
 
 
+@pytest.fixture(scope="module", autouse=True)
+def scheduling():
+    """Every test here builds its engines in an explicit mode, sync next to async: run once, not
+    once per suite-wide mode (conftest.py's `scheduling`, overridden here, would run each twice)."""
+    return "explicit"
+
+
 @pytest.fixture(scope="module")
 def model_dir(tiny_checkpoint):
     return tiny_checkpoint("llama")
