@@ -92,7 +92,7 @@ PROFILES = {
     }, num_requests=96, engine={"engine.block_size": 16, "engine.num_kv_blocks": 8192,
                                 "engine.blocks_per_segment": 256, "engine.max_num_batched_tokens": 2048,
                                 "engine.max_num_seqs": 64, "model.device": "cuda", "pools.prefill.num_cpus": 1,
-                                "pools.decode.num_cpus": 1, "limits.max_prompt_tokens": 16384},
+                                "pools.decode.num_cpus": 1, "limits.max_prompt_tokens": 32768},
         token_range=(10, 128000)),
 }
 
@@ -116,6 +116,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus-per-worker", type=float, default=None, help="pools.*.num_gpus (default: 0 on cpu, 1 on cuda)")
     p.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs (default: os.cpu_count())")
     p.add_argument("--model", help="tiny | llama-1b-shape | a checkpoint dir (default: the profile's)")
+    p.add_argument("--overlap-weight", type=float, help="router.overlap_weight of the kv_aware policy (default: "
+                                                         "the router's, 1.0 as Dynamo's)")
+    p.add_argument("--context-tokens", type=int, help="multi_turn: each conversation's own context (tokens)")
+    p.add_argument("--num-kv-blocks", type=int, help="engine.num_kv_blocks per worker (default: the profile's)")
     p.add_argument("--engine-compile", choices=["on", "off"], default="on", help="engine.compile_decode (cuda)")
     p.add_argument("--token-range", help="LOW,HIGH: prompt token ids are drawn from [LOW, HIGH) (default: the "
                                         "profile's; with --url, keep it inside the served model's vocabulary)")
@@ -150,6 +154,8 @@ def plan_from(args) -> tuple[Profile, dict[str, WorkloadPlan]]:
             plan = replace(plan, ttft_slo_s=args.ttft_slo)
         if args.itl_slo:
             plan = replace(plan, itl_slo_s=args.itl_slo)
+        if args.context_tokens is not None and name == "multi_turn":
+            plan = replace(plan, shape=replace(plan.shape, context_tokens=args.context_tokens))
         plans[name] = plan
     return prof, plans
 
@@ -161,6 +167,8 @@ class Runner:
         self.num_requests = args.num_requests or prof.num_requests
         self.base = {"device": prof.device, "num_prefill": args.prefill, "num_decode": args.decode,
                      "seed": args.seed, "num_requests": self.num_requests}
+        if args.overlap_weight is not None:
+            self.base["overlap_weight"] = args.overlap_weight
 
     def emit(self, row: dict) -> None:
         line = json.dumps(row)
@@ -188,7 +196,9 @@ class Runner:
                 reqs = build_workload(name, plan.shape, self.num_requests, rate, self.args.seed, self.prof.token_range)
                 for routing, url in urls.items():
                     results = await run_load(url, model, reqs, salt=f"{mode}-{routing}-{name}-{rate}-{uuid.uuid4().hex}")
-                    row = {"mode": mode, "routing": routing, "workload": name, "rate": rate, **self.base,
+                    shape = {"prompt_tokens": plan.shape.prompt_tokens, "output_tokens": plan.shape.output_tokens,
+                             **({"context_tokens": plan.shape.context_tokens} if plan.shape.context_tokens else {})}
+                    row = {"mode": mode, "routing": routing, "workload": name, "rate": rate, **self.base, **shape,
                            **summarize(results, plan.ttft_slo_s, plan.itl_slo_s)}
                     self.rows.append(row)
                     self.emit(row)
@@ -262,6 +272,10 @@ def run_clusters(args, prof: Profile, runner: Runner) -> None:
         if num_gpus == 0:
             raise SystemExit("--profile gpu needs a CUDA device (torch.cuda.device_count() is 0)")
     base = {"model.path": model_dir, **prof.engine}
+    if args.overlap_weight is not None:
+        base["router.overlap_weight"] = args.overlap_weight
+    if args.num_kv_blocks:
+        base["engine.num_kv_blocks"] = args.num_kv_blocks
     if prof.device == "cuda":
         base["engine.compile_decode"] = args.engine_compile == "on"
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="pdserve-bench-"))

@@ -52,7 +52,7 @@ def plot(rows: list[dict], out_dir: Path, prefix: str) -> list[Path]:
         axes[1].axhline(slo["itl_slo_s"] * 1000, color="gray", linewidth=0.8, linestyle="--")
         axes[0].set(title=f"{workload}: TTFT", xlabel="rate (req/s)", ylabel="ms")
         axes[1].set(title=f"{workload}: inter-token latency", xlabel="rate (req/s)", ylabel="ms")
-        axes[2].set(title=f"{workload}: goodput", xlabel="rate (req/s)", ylabel="req/s within the TTFT and TPOT (x: every ITL) SLOs")
+        axes[2].set(title=f"{workload}: goodput", xlabel="rate (req/s)", ylabel="req/s in SLO (o: TPOT, x: every ITL)")
         axes[0].set_yscale("log")
         axes[1].set_yscale("log")
         axes[2].plot([0, max(r["rate"] for r in wrows)], [0, max(r["rate"] for r in wrows)], color="lightgray",

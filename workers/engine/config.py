@@ -33,7 +33,8 @@ class EngineConfig(BaseModel):
     compile_prefill: bool = Field(
         False, description="torch.compile the steps that are not decode-graph replays (prefill chunks, "
                            "mixed steps) with a symbolic token count: fuses norms, RoPE and activations "
-                           "as compile_decode does for decode (CUDA only; compiled once at start-up)")
+                           "as compile_decode does for decode (CUDA only). Opt-in: compiled lazily, so the first "
+                           "prefill waits for the compiler (~30 s on an H100)")
     fuse_projections: bool = Field(
         False, description="Load-time module surgery: one GEMM for q/k/v and one for gate/up per layer "
                            "(workers/engine/fused_projections.py). Off by default: on an H100 it took the Llama-1B "
