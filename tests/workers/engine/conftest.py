@@ -3,7 +3,8 @@ before the previous one's tokens are read back). make_engine() builds engines in
 unless a test asks for one explicitly.
 
 Under TRITON_INTERPRET=1 (triton_interpret_cases.py, run in a subprocess by
-test_triton_attention.py) the mode comes from PDSERVE_TEST_SCHEDULING: the parent passes its own."""
+test_triton_attention.py) the modes come from PDSERVE_TEST_SCHEDULING (comma-separated): the parent
+passes both, and one interpreter process runs the cases in each."""
 
 import os
 
@@ -11,7 +12,7 @@ import pytest
 
 from tests.workers.engine import helpers
 
-MODES = [os.environ.get("PDSERVE_TEST_SCHEDULING", "sync")] if os.environ.get("TRITON_INTERPRET") == "1" \
+MODES = os.environ.get("PDSERVE_TEST_SCHEDULING", "sync").split(",") if os.environ.get("TRITON_INTERPRET") == "1" \
     else ["sync", "async"]
 
 

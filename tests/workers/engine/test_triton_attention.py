@@ -7,8 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[3]
 CASES = Path(__file__).with_name("triton_interpret_cases.py")
+CASE_NAMES = ("test_kernels_match_torch_reference", "test_padded_decode_rows_write_nothing",
+              "test_engine_on_triton_backend_matches_generate", "test_padded_decode_steps_match_generate")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def scheduling():
+    """Both modes in one interpreter process (conftest.py reads them from PDSERVE_TEST_SCHEDULING):
+    its start-up (torch, triton, pytest, ~6 s) is paid once, not once per suite-wide mode."""
+    return "sync,async"
 
 
 def test_triton_kernels_under_the_interpreter(scheduling):
@@ -17,7 +28,11 @@ def test_triton_kernels_under_the_interpreter(scheduling):
     except ImportError:
         raise AssertionError("triton is not installed: pip install -e '.[test]' (it pins triton for these checks)")
     env = dict(os.environ, TRITON_INTERPRET="1", PDSERVE_TEST_SCHEDULING=scheduling)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
+    r = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(CASES)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"interpreted kernel checks failed:\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"
     assert " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-2000:]
+    for mode in scheduling.split(","):  # every case ran in each mode
+        ran = {line.split("::", 1)[1].split("[", 1)[0] for line in r.stdout.splitlines()
+               if "::" in line and f"[{mode}" in line and "PASSED" in line}
+        assert ran >= set(CASE_NAMES), (mode, ran, r.stdout[-3000:])
