@@ -37,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.serve_client import model_id, run_load  # noqa: E402
-from benchmarks.serve_clusters import MODES, ROUTINGS, BenchEnv, start_cluster  # noqa: E402
+from benchmarks.serve_clusters import ALL_ROUTINGS, MODES, ROUTINGS, BenchEnv, start_cluster  # noqa: E402
 from benchmarks.serve_stats import max_rate_at_attainment, summarize  # noqa: E402
 from benchmarks.serve_workloads import WORKLOADS, WorkloadShape, build_workload  # noqa: E402
 
@@ -103,9 +103,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     p.add_argument("--url", help="benchmark this running endpoint instead of starting clusters")
     p.add_argument("--mode-label", choices=MODES, help="with --url: what the endpoint is")
-    p.add_argument("--routing-label", choices=ROUTINGS, help="with --url: its router.policy")
+    p.add_argument("--routing-label", choices=ALL_ROUTINGS, help="with --url: its router.policy")
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--routings", default=",".join(ROUTINGS))
+    p.add_argument("--routings", default=",".join(ROUTINGS), help=f"comma list of {','.join(ALL_ROUTINGS)}; the "
+                                                                "first is the cluster's own ingress")
     p.add_argument("--workloads", help=f"comma list of {','.join(WORKLOADS)} (default: the profile's)")
     p.add_argument("--rates", help="comma list of request rates (req/s), for every workload")
     p.add_argument("--num-requests", type=int, help="requests per run")
@@ -132,6 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.profile = "smoke"
+    bad = [r for r in args.routings.split(",") if r not in ALL_ROUTINGS]
+    if bad:
+        p.error(f"--routings: unknown {bad}; policies are {ALL_ROUTINGS}")
     if args.url and not (args.mode_label and args.routing_label):
         p.error("--url needs --mode-label and --routing-label (what the endpoint is)")
     return args
@@ -232,9 +236,11 @@ def _ratios(rows: list[dict]) -> dict:
             if d is not None and c is not None:
                 out[label][str(rate)] = round(d / c, 3) if c else None
         for mode in MODES:
-            kv, rr = get(mode, "kv_aware", rate, "ttft_p50_s"), get(mode, "round_robin", rate, "ttft_p50_s")
-            if kv and rr:
-                out["ttft_p50_rr_over_kv"][f"{mode}@{rate}"] = round(rr / kv, 3)
+            rr = get(mode, "round_robin", rate, "ttft_p50_s")
+            for policy, label in (("kv_aware", "ttft_p50_rr_over_kv"), ("cache_aware", "ttft_p50_rr_over_cache_aware")):
+                p50 = get(mode, policy, rate, "ttft_p50_s")
+                if p50 and rr:
+                    out.setdefault(label, {})[f"{mode}@{rate}"] = round(rr / p50, 3)
     return out
 
 

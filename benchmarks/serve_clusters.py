@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 
 MODES = ("disaggregated", "colocated")
-ROUTINGS = ("kv_aware", "round_robin")
+ROUTINGS = ("kv_aware", "round_robin")  # compared by default
+ALL_ROUTINGS = (*ROUTINGS, "cache_aware")  # every router.policy (--routings)
 
 
 def free_port() -> int:

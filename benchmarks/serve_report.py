@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 _STYLE = {("disaggregated", "kv_aware"): ("tab:blue", "-"), ("disaggregated", "round_robin"): ("tab:blue", ":"),
-          ("colocated", "kv_aware"): ("tab:orange", "-"), ("colocated", "round_robin"): ("tab:orange", ":")}
+          ("colocated", "kv_aware"): ("tab:orange", "-"), ("colocated", "round_robin"): ("tab:orange", ":"),
+          ("disaggregated", "cache_aware"): ("tab:blue", "--"), ("colocated", "cache_aware"): ("tab:orange", "--")}
 
 
 def plot(rows: list[dict], out_dir: Path, prefix: str) -> list[Path]:

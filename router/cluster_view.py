@@ -148,7 +148,7 @@ class ClusterView:
             "at": time.time(), "decode": plan.decode.worker_id,
             "prefill": plan.prefill.worker_id if plan.prefill else None, "reason": plan.reason,
             "prompt_tokens": len(prompt_token_ids), "uncached_tokens": plan.num_uncached_tokens,
-            "decode_overlap_blocks": plan.decode.overlap_blocks,
+            "decode_overlap_blocks": plan.decode.overlap_blocks, "decode_reason": plan.decode.reason,
         })
         return plan, ranked
 

@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 class RouterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    policy: Literal["kv_aware", "round_robin"] = "kv_aware"
+    policy: Literal["kv_aware", "cache_aware", "round_robin"] = Field(
+        "kv_aware", description="kv_aware: Dynamo's cost (decode) and TensorRT-LLM's score (prefill); cache_aware: "
+                                "the SGLang router's rule (router/policy.py); round_robin: load-blind baseline")
     overlap_weight: float = Field(1.0, ge=0, description="cost = overlap_weight * new_prefill_blocks + active_decode_blocks")
     local_prefill_threshold_tokens: int = Field(
         32, ge=0, description="Decode prefills locally when the uncached prompt part is below this"
@@ -20,6 +22,13 @@ class RouterConfig(BaseModel):
     temperature: float = Field(
         0.0, ge=0, description="Decode choice: 0 = lowest cost; > 0 = softmax sampling over min-max normalised costs"
     )
+    cache_threshold: float = Field(
+        0.5, ge=0, le=1, description="cache_aware: follow the longest cached prefix when it covers at least this "
+                                     "fraction of the prompt")
+    balance_abs_threshold: int = Field(
+        8, ge=0, description="cache_aware: loads (running + waiting requests) are imbalanced when max - min exceeds "
+                             "this and max > balance_rel_threshold * min; then the least loaded worker wins")
+    balance_rel_threshold: float = Field(1.5, ge=1, description="cache_aware: see balance_abs_threshold")
     prefill_queue_weight: float = Field(
         0.25, ge=0, description="Prefill score = matched_blocks - prefill_queue_weight * queued_requests, highest wins"
     )

@@ -9,6 +9,19 @@ Prefill choice (TensorRT-LLM's form), highest score wins:
 
     score(w) = overlap(w) - prefill_queue_weight * (w.num_running + w.num_waiting)
 
+Cache-aware choice (the SGLang router's form), both roles; load = running + waiting requests:
+
+    imbalanced (max_load - min_load > balance_abs_threshold and max_load > balance_rel_threshold * min_load)
+        -> the least loaded worker                                            (reason "balance")
+    else, if the longest cached prefix covers >= cache_threshold of the prompt
+        -> the worker holding it                                               (reason "cache_hit")
+    else -> the least loaded worker (then the most free KV blocks)             (reason "least_loaded")
+
+Dynamo's cost prices a prefill block like a resident block of a running request, so with long
+contexts one more running conversation on the prefix holder outweighs re-prefilling the whole
+prompt elsewhere; the cache-aware form counts load in requests and keeps a conversation where
+its prefix is until the loads really diverge.
+
 Ties break deterministically: fewer queued requests, then the smaller worker id. Draining workers are
 never chosen. Each choice returns a RoutingDecision (chosen id, every candidate's score, the reason)
 so the endpoint can count decisions and show recent ones.
@@ -40,7 +53,8 @@ class NoWorkerAvailable(RuntimeError):
 @dataclass(frozen=True)
 class WorkerScore:
     worker_id: str
-    score: float  # decode: a cost (lower wins); prefill: a score (higher wins); round-robin: 0
+    score: float  # kv_aware decode: a cost (lower wins); prefill: a score (higher wins); cache_aware: the
+    # matched fraction of the prompt; round-robin: 0
     overlap_blocks: int
     num_queued: int  # running + waiting requests
 
@@ -49,7 +63,7 @@ class WorkerScore:
 class RoutingDecision:
     role: Role
     worker_id: str
-    reason: str  # lowest_cost | softmax_sample | highest_score | round_robin
+    reason: str  # lowest_cost | softmax_sample | highest_score | cache_hit | balance | least_loaded | round_robin
     num_request_blocks: int
     overlap_blocks: int  # the chosen worker's matched prefix blocks
     scores: tuple[WorkerScore, ...]  # every eligible candidate, by worker id
@@ -115,6 +129,30 @@ def choose_prefill(num_request_blocks: int, candidates: Sequence[WorkerLoad], ov
     return _decision(Role.PREFILL, chosen, "highest_score", num_request_blocks, scores, num_draining)
 
 
+def choose_cache_aware(role: Role, num_request_blocks: int, candidates: Sequence[WorkerLoad],
+                       overlaps: Mapping[str, int], *, cache_threshold: float = 0.5, balance_abs_threshold: int = 8,
+                       balance_rel_threshold: float = 1.5) -> RoutingDecision:
+    """The SGLang router's rule (module docstring): balance when loads diverge, else follow the
+    longest cached prefix if it covers enough of the prompt, else the least loaded worker."""
+    if not 0 <= cache_threshold <= 1 or balance_abs_threshold < 0 or balance_rel_threshold < 1:
+        raise ValueError("need 0 <= cache_threshold <= 1, balance_abs_threshold >= 0, balance_rel_threshold >= 1")
+    eligible, num_draining = _eligible(role, candidates)
+    scores, free = [], {}
+    for w in eligible:
+        overlap = _overlap(overlaps, w.worker_id, num_request_blocks)
+        scores.append(WorkerScore(w.worker_id, overlap / num_request_blocks if num_request_blocks else 0.0, overlap,
+                                  w.num_running + w.num_waiting))
+        free[w.worker_id] = w.num_total_blocks - w.num_used_blocks
+    loads = [s.num_queued for s in scores]
+    least = min(scores, key=lambda s: (s.num_queued, -free[s.worker_id], s.worker_id))
+    if max(loads) - min(loads) > balance_abs_threshold and max(loads) > balance_rel_threshold * min(loads):
+        return _decision(role, least, "balance", num_request_blocks, scores, num_draining)
+    best = min(scores, key=lambda s: (-s.overlap_blocks, s.num_queued, s.worker_id))
+    if best.overlap_blocks > 0 and best.score >= cache_threshold:
+        return _decision(role, best, "cache_hit", num_request_blocks, scores, num_draining)
+    return _decision(role, least, "least_loaded", num_request_blocks, scores, num_draining)
+
+
 class RoundRobin:
     """Cycles through eligible workers in id order, per role; for comparison with kv_aware.
 
@@ -157,6 +195,8 @@ def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Seque
         if round_robin is None:
             raise ValueError("policy round_robin needs a RoundRobin instance (it keeps the cycle)")
         decode = round_robin.choose(Role.DECODE, decode_candidates, request_blocks, overlaps)
+    elif config.policy == "cache_aware":
+        decode = choose_cache_aware(Role.DECODE, request_blocks, decode_candidates, overlaps, **_cache_aware_args(config))
     else:
         decode = choose_decode(request_blocks, decode_candidates, overlaps, overlap_weight=config.overlap_weight,
                                temperature=config.temperature, rng=rng)
@@ -169,12 +209,21 @@ def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Seque
         return RoutePlan(decode, None, num_uncached, "no_prefill_worker")
     if config.policy == "round_robin":
         prefill = round_robin.choose(Role.PREFILL, prefill_candidates, request_blocks, overlaps)
+    elif config.policy == "cache_aware":
+        prefill = choose_cache_aware(Role.PREFILL, request_blocks, prefill_candidates, overlaps,
+                                     **_cache_aware_args(config))
     else:
         prefill = choose_prefill(request_blocks, prefill_candidates, overlaps, queue_weight=config.prefill_queue_weight)
     return RoutePlan(decode, prefill, num_uncached, "disaggregated")
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _cache_aware_args(config: RouterConfig) -> dict:
+    return {"cache_threshold": config.cache_threshold, "balance_abs_threshold": config.balance_abs_threshold,
+            "balance_rel_threshold": config.balance_rel_threshold}
+
+
+
 def _eligible(role: Role, candidates: Sequence[WorkerLoad]) -> tuple[list[WorkerLoad], int]:
     """Non-draining candidates sorted by id; raises on a wrong role or a duplicate id."""
     seen: set[str] = set()

@@ -8,8 +8,8 @@ import pytest
 
 from router.config import RouterConfig
 from router.overlap_alarm import ZeroOverlapAlarm
-from router.policy import (NoWorkerAvailable, RoundRobin, choose_decode, choose_prefill, num_blocks, plan_route,
-                           should_prefill_locally)
+from router.policy import (NoWorkerAvailable, RoundRobin, choose_cache_aware, choose_decode, choose_prefill,
+                           num_blocks, plan_route, should_prefill_locally)
 from workers.protocol import Role, WorkerLoad
 
 
@@ -134,6 +134,53 @@ def test_plan_route_round_robin():
     assert all(p.decode.reason == "round_robin" for p in plans)
     with pytest.raises(ValueError, match="RoundRobin"):
         plan_route(64, 16, decodes, prefills, {}, cfg)
+
+
+def test_cache_aware_keeps_a_long_context_where_its_prefix_is():
+    # A 452-block turn of a long conversation; worker a holds 440 of its blocks and runs one more
+    # long conversation (its resident KV: 900 blocks) than b (450). Dynamo's cost moves the turn
+    # away from its cache (a: 12 + 900 = 912 > b: 452 + 450 = 902); the cache-aware rule, which
+    # counts load in requests (2 vs 1: not imbalanced), keeps it on a.
+    workers = [decode("a", used=900, running=2), decode("b", used=450, running=1)]
+    assert choose_decode(452, workers, {"a": 440}).worker_id == "b"
+    d = choose_cache_aware(Role.DECODE, 452, workers, {"a": 440})
+    assert (d.worker_id, d.reason, d.overlap_blocks) == ("a", "cache_hit", 440)
+    assert {s.worker_id: round(s.score, 3) for s in d.scores} == {"a": round(440 / 452, 3), "b": 0.0}
+
+
+def test_cache_aware_balances_when_loads_diverge_and_spreads_new_prefixes():
+    busy = [decode("a", running=12, waiting=3), decode("b", running=2)]
+    # 15 vs 2 requests: max - min = 13 > 8 and 15 > 1.5 * 2 -> balance, whatever the cache says
+    d = choose_cache_aware(Role.DECODE, 10, busy, {"a": 10})
+    assert (d.worker_id, d.reason) == ("b", "balance")
+    # the same loads under looser thresholds: the prefix holder again
+    d = choose_cache_aware(Role.DECODE, 10, busy, {"a": 10}, balance_abs_threshold=20)
+    assert (d.worker_id, d.reason) == ("a", "cache_hit")
+    # a match below cache_threshold is no reason to go there: least loaded, then most free blocks
+    workers = [decode("a", running=1), decode("b", used=100, running=1), decode("c", used=10, running=1)]
+    d = choose_cache_aware(Role.DECODE, 10, workers, {"b": 4})
+    assert (d.worker_id, d.reason) == ("a", "least_loaded")
+    d = choose_cache_aware(Role.DECODE, 10, workers, {"b": 5})
+    assert (d.worker_id, d.reason) == ("b", "cache_hit")
+    # draining workers are never chosen, even holding the whole prefix
+    d = choose_cache_aware(Role.DECODE, 10, [decode("a", draining=True), decode("b")], {"a": 10})
+    assert d.worker_id == "b" and d.num_draining_skipped == 1
+    with pytest.raises(ValueError):
+        choose_cache_aware(Role.DECODE, 10, workers, {}, cache_threshold=1.5)
+    with pytest.raises(ValueError):
+        choose_cache_aware(Role.DECODE, 10, workers, {}, balance_rel_threshold=0.5)
+
+
+def test_plan_route_cache_aware_picks_both_roles_by_the_same_rule():
+    cfg = RouterConfig(policy="cache_aware", local_prefill_threshold_tokens=0)
+    decodes = [decode("d1", used=400, running=1), decode("d2")]
+    prefills = [prefill("p1", running=3), prefill("p2")]
+    plan = plan_route(160, 16, decodes, prefills, {"d1": 8, "p1": 9}, cfg)  # 10 blocks
+    assert (plan.decode.worker_id, plan.decode.reason) == ("d1", "cache_hit")
+    assert (plan.prefill.worker_id, plan.prefill.reason) == ("p1", "cache_hit")
+    assert plan.num_uncached_tokens == 160 - 8 * 16 and plan.reason == "disaggregated"
+    with pytest.raises(ValueError):
+        RouterConfig(policy="cache_aware", cache_threshold=2)
 
 
 # -- zero-overlap alarm ----------------------------------------------------------------------------

@@ -59,6 +59,14 @@ def test_round_robin_does_not_follow_the_prefix(cluster, rr_url):
     assert r2.usage.prompt_tokens_details.cached_tokens < r1.usage.prompt_tokens
 
 
+def test_cache_aware_policy_follows_the_prefix(cluster):
+    url = attach_ingress(cluster, "routing-ca", router__policy="cache_aware")
+    model = cluster.config.model.served_model_name
+    (r1, d1), (r2, d2) = conversation(url, model, "Rome")
+    assert d2["decode"] == d1["decode"] and d2["decode_reason"] == "cache_hit"
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens - 8
+
+
 def test_cache_salt_keeps_tenants_apart(cluster):
     model = cluster.config.model.served_model_name
     msgs = [{"role": "system", "content": "Tenant secret preamble. " * 10}, {"role": "user", "content": "hi"}]
