@@ -24,7 +24,10 @@ def cluster(pdserve_cluster, tiny_checkpoint):
                         pools__decode__max_replicas=2)
     # served under a route prefix here: tell the manager where the endpoint is (GET /cluster/traffic)
     ray.get(c.manager.set_endpoint_url.remote(c.url))
-    return c
+    yield c
+    # stopped when this package ends: pdserve_cluster's own clean-up runs only when the whole
+    # suite does, and an idle cluster's workers keep using CPU meanwhile
+    c.stop()
 
 
 @pytest.fixture(scope="package")
