@@ -9,7 +9,6 @@ import os
 import pytest
 
 import tests.kv_transfer.peer as peer_module
-from tests.kv_transfer.actor_env import actor_runtime_env
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
@@ -43,7 +42,7 @@ class _Spawner:
     def __call__(self, worker_id: str, backend: str = "nixl", env: dict | None = None, **kwargs):
         env_vars = {"UCX_NET_DEVICES": "lo", **(env or {})}
         cls = self.ray.remote(peer_module.KVPeer).options(num_cpus=0, max_concurrency=4,
-                                                           runtime_env=actor_runtime_env(env_vars))
+                                                           runtime_env={"env_vars": env_vars})
         actor = cls.remote(worker_id, backend, **kwargs)
         self.ray.get(actor.pid.remote())  # constructed (raises here if the transceiver failed)
         self.actors.append(actor)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 import tests.kv_transfer.engine_peer as engine_peer_module
-from tests.kv_transfer.actor_env import actor_runtime_env
 from kv_transfer.errors import LeaseExpiredError
 from tests.workers.engine.helpers import GREEDY, PROMPTS, make_engine, run_all
 
@@ -29,7 +28,7 @@ def engine_pair(ray_cluster, tiny_checkpoint):
         if family not in pairs:
             model_dir = tiny_checkpoint(family)
             cls = ray.remote(engine_peer_module.EnginePeer).options(
-                num_cpus=0, runtime_env=actor_runtime_env({"UCX_NET_DEVICES": "lo", "OMP_NUM_THREADS": "1"}))
+                num_cpus=0, runtime_env={"env_vars": {"UCX_NET_DEVICES": "lo", "OMP_NUM_THREADS": "1"}})
             a = cls.remote(model_dir, f"A-{family}")
             b = cls.remote(model_dir, f"B-{family}", blocks_per_segment=8)
             actors.extend([a, b])

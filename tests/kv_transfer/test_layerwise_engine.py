@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 
 import tests.kv_transfer.engine_peer as engine_peer_module
-from tests.kv_transfer.actor_env import actor_runtime_env
 from tests.kv_transfer.test_engine_transfer import assert_all_free
 from tests.workers.engine.helpers import GREEDY, PROMPTS, assert_all_blocks_free, make_engine, run_all
 
@@ -82,7 +81,7 @@ def layerwise_pair(ray_cluster, model_dir):
     ray = ray_cluster
     ray.cloudpickle.register_pickle_by_value(engine_peer_module)
     cls = ray.remote(engine_peer_module.EnginePeer).options(
-        num_cpus=0, runtime_env=actor_runtime_env({"UCX_NET_DEVICES": "lo", "OMP_NUM_THREADS": "1"}))
+        num_cpus=0, runtime_env={"env_vars": {"UCX_NET_DEVICES": "lo", "OMP_NUM_THREADS": "1"}})
     a = cls.remote(model_dir, "A-layerwise", max_num_batched_tokens=8)
     b = cls.remote(model_dir, "B-layerwise", blocks_per_segment=8)
     yield a, b
