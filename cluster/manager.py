@@ -139,17 +139,15 @@ class ClusterManagerImpl:
             if worker_id not in self.workers:
                 break
         c = self.config
-        pool = self._pool(role)
-        # CPU workers: a fixed malloc mmap threshold, so a KV segment freed by a quota shrink goes
-        # back to the OS every time (glibc's dynamic threshold otherwise moves segments onto the
-        # heap after the first free; benchmarks/kv_quota_memory.py measures both). The worker sets
-        # it itself (mallopt): no env var, so Ray may start it in an idle worker process
         spec = WorkerSpec(worker_id=worker_id, role=role, cluster_name=c.cluster_name, model=c.model, engine=c.engine,
                           transfer=c.transfer, etcd=c.etcd,
-                          local_prefill_threshold_tokens=c.router.local_prefill_threshold_tokens,
-                          malloc_mmap_threshold_bytes=(1 << 20) if pool.num_gpus == 0 else None)
+                          local_prefill_threshold_tokens=c.router.local_prefill_threshold_tokens)
+        pool = self._pool(role)
         cls = PrefillWorker if role == Role.PREFILL else DecodeWorker
-        env = {}
+        # CPU workers: a fixed malloc mmap threshold, so a KV segment freed by a quota shrink goes
+        # back to the OS every time (glibc's dynamic threshold otherwise moves segments onto the
+        # heap after the first free; benchmarks/kv_quota_memory.py measures both)
+        env = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)} if pool.num_gpus == 0 else {}
         if pool.num_gpus > 0 and c.transfer.backend == "nixl" and c.transfer.cuda_ipc != "off":
             # every GPU of the node visible, the assigned one first (workers/gpu_visibility.py):
             # CUDA IPC READs then reach a peer on another GPU instead of going through NIXL

@@ -48,31 +48,6 @@ class WorkerSpec:
     etcd: EtcdConfig
     local_prefill_threshold_tokens: int = 32
     max_prefill_attempts: int = 2
-    # CPU workers: allocations of at least this many bytes get their own mmap and go back to the OS
-    # when freed (a KV segment dropped by a quota shrink); None = glibc's dynamic threshold
-    malloc_mmap_threshold_bytes: int | None = None
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-
-
-def set_malloc_mmap_threshold(num_bytes: int) -> None:
-    """A fixed glibc mmap threshold for this process, as MALLOC_MMAP_THRESHOLD_ in the environment
-    would set at start-up: mallopt(M_MMAP_THRESHOLD) also turns off glibc's dynamic threshold,
-    which would otherwise rise after the first free of a large block and put later KV segments
-    on the heap, where a freed one is not returned (benchmarks/kv_quota_memory.py measures both).
-    Set here rather than through the actor's runtime_env: an actor with env vars of its own
-    cannot take one of Ray's already started worker processes, and each start paid for a new one."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
-        raise RuntimeError("malloc_mmap_threshold_bytes needs glibc's mallopt (not found in this C library); "
-                           "run the worker on glibc or leave the threshold unset")
-    if mallopt(M_MMAP_THRESHOLD, ctypes.c_int(num_bytes)) != 1:
-        raise RuntimeError(f"mallopt(M_MMAP_THRESHOLD, {num_bytes}) failed")
 
 
 class HopTimer:
@@ -107,8 +82,6 @@ class WorkerBase:
         logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # this process is this worker's (an actor's own)
-        if spec.malloc_mmap_threshold_bytes is not None:  # before start() allocates the KV cache
-            set_malloc_mmap_threshold(spec.malloc_mmap_threshold_bytes)
         self.spec = spec
         self.worker_id = spec.worker_id
         show_node_gpus_assigned_first()  # before anything starts CUDA here
