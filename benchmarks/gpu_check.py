@@ -17,6 +17,8 @@ Checks:
   fused        engine.fuse_projections (q|k|v, gate|up in one GEMM each) on tiny fp32 models with
                compiled CUDA graphs: token-identical to generate
   bf16-1b-fused  the bf16-1b checks again with fuse_projections
+  compiled-prefill  engine.compile_prefill (torch.compile of prefill and mixed steps, symbolic token
+               count) on tiny fp32 models, whole and 5-token chunked prefill: token-identical to generate
   sampler      the batched device sampler == the per-request reference sampler on CUDA (seeded
                temperature/top-k/top-p/greedy mixes, logprobs; vocab 257 and 128256)
   async        tiny llama/mistral/qwen2/qwen3 fp32 on CUDA (CUDA graphs): async scheduling ==
@@ -257,6 +259,21 @@ def check_fused() -> dict:
     return {"families": list(FAMILIES)}
 
 
+def check_compiled_prefill() -> dict:
+    """compile_prefill on CUDA: tiny fp32 models token-identical to generate, whole prompts and
+    5-token chunks (steps of many sizes, with and without logits rows)."""
+    bad = []
+    for family in FAMILIES:
+        d = str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
+        ref = {f"r{i}": hf_generate(d, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
+        for label, kw in (("whole", {}), ("chunked-5", dict(max_num_batched_tokens=5, max_num_seqs=5))):
+            if run_all(make(d, compile_prefill=True, **kw), PROMPTS) != ref:
+                bad.append(f"{family}/{label}")
+    if bad:
+        raise AssertionError(f"compiled prefill not token-identical to generate: {bad}")
+    return {"families": list(FAMILIES), "cases": 2}
+
+
 def check_bf16_1b(fuse: bool = False) -> dict:
     d = build_model("llama-1b-shape", CACHE)
     e = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
@@ -311,15 +328,23 @@ def check_bf16_async(e: Engine, prompts: list[list[int]]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-1b", action="store_true")
+    ap.add_argument("--only", help="comma list of checks to run (default: all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device: run this on a GPU machine"}))
         return 2
     checks = {"kernels": check_kernels, "sampler": check_sampler, "fp32-exact": check_fp32_exact,
               "graphs": check_graphs, "split": check_split, "async": check_async, "fused": check_fused,
+              "compiled-prefill": check_compiled_prefill,
               "bf16-1b": check_bf16_1b, "bf16-1b-fused": lambda: check_bf16_1b(fuse=True)}
     if args.skip_1b:
         del checks["bf16-1b"], checks["bf16-1b-fused"]
+    if args.only:
+        unknown = set(args.only.split(",")) - set(checks)
+        if unknown:
+            print(json.dumps({"error": f"unknown checks {sorted(unknown)}; checks are {sorted(checks)}"}))
+            return 2
+        checks = {k: v for k, v in checks.items() if k in args.only.split(",")}
     results, failed = {}, []
     for name, fn in checks.items():
         try:
