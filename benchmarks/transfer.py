@@ -53,7 +53,7 @@ def _layouts(device: str, max_mib: int):
             "llama": KVLayout(**LLAMA_1B, dtype=kv_dtype, blocks_per_segment=256)}
 
 
-def _transceiver(backend: str, name: str, cache, nixl_threads: int, cuda_ipc: str = "off"):
+def _transceiver(backend: str, name: str, cache, nixl_threads: int, cuda_ipc: str = "off", progress_delay_us: int = 100):
     from prometheus_client import CollectorRegistry
 
     from kv_transfer.metrics import TransferMetrics
@@ -62,7 +62,8 @@ def _transceiver(backend: str, name: str, cache, nixl_threads: int, cuda_ipc: st
     if backend == "nixl":
         from kv_transfer.nixl_transceiver import NixlTransceiver
 
-        return NixlTransceiver(name, cache, metrics=metrics, num_threads=nixl_threads, cuda_ipc=cuda_ipc)
+        return NixlTransceiver(name, cache, metrics=metrics, num_threads=nixl_threads, cuda_ipc=cuda_ipc,
+                               progress_delay_us=progress_delay_us)
     from kv_transfer.tcp_transceiver import TcpTransceiver
 
     return TcpTransceiver(name, cache, host="127.0.0.1", metrics=metrics)
@@ -96,7 +97,8 @@ class Side:
             if k.endswith("_ipc") and ipc_reader:
                 self.ipc[k.removesuffix("_ipc")] = _transceiver("nixl", f"{role}-{k}", c, 0, cuda_ipc="on")
             else:
-                self.tx[k] = _transceiver(args.backend, f"{role}-{k}", c, args.nixl_threads)
+                self.tx[k] = _transceiver(args.backend, f"{role}-{k}", c, args.nixl_threads,
+                                          progress_delay_us=args.progress_delay_us)
 
     def checksum(self, key: str, ids: list[int]) -> float:
         import torch
@@ -344,6 +346,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--layer-ms", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 4.0])
     parser.add_argument("--nixl-threads", type=int, default=0, help="NIXL UCX backend num_threads (0 = default)")
+    parser.add_argument("--progress-delay-us", type=int, default=100, help="transfer.nixl_progress_delay_us")
     parser.add_argument("--prefill-gpu", type=int, default=0, help="cuda: the prefill process's GPU")
     parser.add_argument("--decode-gpu", type=int, default=0, help="cuda: the decode process's GPU")
     parser.add_argument("--skip", default="", help="comma list of benches to skip: bandwidth,request,layerwise")
@@ -370,7 +373,7 @@ def main(argv=None) -> None:
         emit({"bench": "env", "device": args.device, "backend": args.backend, "cpus": os.cpu_count(),
               "torch_threads": torch.get_num_threads(),
               "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-              "machine": platform.node(), "torch": torch.__version__, "nixl_threads": args.nixl_threads,
+              "machine": platform.node(), "torch": torch.__version__, "nixl_threads": args.nixl_threads, "progress_delay_us": args.progress_delay_us,
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
               "prefill_gpu": args.prefill_gpu if args.device == "cuda" else None,
               "decode_gpu": args.decode_gpu if args.device == "cuda" else None,

@@ -25,6 +25,11 @@ class TransferConfig(BaseModel):
     # on:   as auto, but a same-node VRAM peer that CUDA IPC cannot open is an error, never NIXL.
     # off:  NIXL for every peer.
     cuda_ipc: Literal["auto", "on", "off"] = "auto"
+    # NIXL's progress thread sleeps this long between rounds. nixl's Python agent would start it
+    # with no delay: a busy loop that keeps one core at 100 % in every idle worker. One-sided
+    # transports (shared memory, CMA, RDMA, CUDA IPC) need no progress on the side being read;
+    # over TCP a round of the peer's protocol waits up to this long for it.
+    nixl_progress_delay_us: int = Field(100, ge=0, le=100_000)
 
     @model_validator(mode="after")
     def _layerwise_needs_nixl(self) -> "TransferConfig":

@@ -52,6 +52,28 @@ def load_nixl():
     return _api
 
 
+_AGENT_CONFIG_LOCK = threading.Lock()
+
+
+def start_agent(api, name: str, config, progress_delay_us: int):
+    """``api.nixl_agent(name, config)`` with its progress thread sleeping ``progress_delay_us``
+    between rounds. nixl's Python agent fills the native config itself and sets the delay to 0
+    (a busy loop: one core at 100 % in an idle worker), with no parameter for it; so, while the
+    agent is made, the native config type it builds ignores that 0 and takes ours."""
+    native = api.nixlBind.nixlAgentConfig
+
+    class _DelayedProgress(native):
+        def __setattr__(self, key, value):
+            super().__setattr__(key, progress_delay_us if key == "pthrDelay" else value)
+
+    with _AGENT_CONFIG_LOCK:
+        api.nixlBind.nixlAgentConfig = _DelayedProgress
+        try:
+            return api.nixl_agent(name, config)
+        finally:
+            api.nixlBind.nixlAgentConfig = native
+
+
 def _poll_sleep(num_polls: int) -> None:
     """Back off from spinning to 1 ms: completions of small reads come in microseconds, and
     spinning on a 2-core host starves the progress thread doing the copy."""
@@ -65,7 +87,7 @@ class NixlTransceiver(KVTransceiver):
     backend = "nixl"
 
     def __init__(self, worker_id: str, kv_cache, *, metrics: TransferMetrics | None = None, num_threads: int = 0,
-                 cuda_ipc: str = "auto"):
+                 cuda_ipc: str = "auto", progress_delay_us: int = 100):
         super().__init__(worker_id, kv_cache, metrics)
         if cuda_ipc not in ("off", "auto", "on"):
             raise ValueError(f"transfer.cuda_ipc must be off | auto | on, not {cuda_ipc!r}")
@@ -93,7 +115,7 @@ class NixlTransceiver(KVTransceiver):
         self._num_threads = num_threads
         ucx_params = {"num_threads": str(num_threads), "split_batch_size": str(num_threads)} if num_threads else {}
         try:
-            self._agent = api.nixl_agent(self.agent_name, config)
+            self._agent = start_agent(api, self.agent_name, config, progress_delay_us)
             if "UCX" in self._agent.get_plugin_list():
                 self._agent.create_backend("UCX", ucx_params)
         except Exception as e:
