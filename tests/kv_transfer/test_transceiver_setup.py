@@ -76,3 +76,42 @@ def test_two_transceivers_in_one_process_keep_their_own_metrics():
         a.close()
         b.close()
     assert caches[0]._listeners == [] and caches[1]._listeners == []
+
+
+def _thread_cpu_s() -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of this process, from /proc (Linux)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def test_nixl_progress_thread_sleeps_between_rounds():
+    """nixl's Python agent hard-codes a busy progress loop; start_agent must get our delay into the
+    native agent (if nixl stops building its config the way start_agent expects, this fails)."""
+    import time
+
+    from kv_transfer.nixl_transceiver import load_nixl, start_agent
+
+    api = load_nixl()
+    threads = {}
+    for delay in (0, 100):
+        before = set(_thread_cpu_s())
+        config = api.nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"])
+        agent = start_agent(api, f"progress-probe-{delay}", config, delay)
+        threads[delay] = (agent, set(_thread_cpu_s()) - before)
+        assert threads[delay][1], "the NIXL agent started no progress thread"
+    start = _thread_cpu_s()
+    time.sleep(2.0)
+    end = _thread_cpu_s()
+    used = {delay: sum(end.get(t, 0.0) - start.get(t, 0.0) for t in tids) for delay, (_, tids) in threads.items()}
+    # the busy loop takes whatever CPU it gets (a whole core when idle); 100 us sleeps take ~2 %
+    assert used[0] > 0.2 and used[100] < 0.25 * used[0], used
