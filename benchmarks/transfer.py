@@ -53,7 +53,8 @@ def _layouts(device: str, max_mib: int):
             "llama": KVLayout(**LLAMA_1B, dtype=kv_dtype, blocks_per_segment=256)}
 
 
-def _transceiver(backend: str, name: str, cache, nixl_threads: int, cuda_ipc: str = "off", progress_delay_us: int = 100):
+def _transceiver(backend: str, name: str, cache, nixl_threads: int, cuda_ipc: str = "off",
+                 progress_delay_us: int = 100):
     from prometheus_client import CollectorRegistry
 
     from kv_transfer.metrics import TransferMetrics
@@ -373,7 +374,8 @@ def main(argv=None) -> None:
         emit({"bench": "env", "device": args.device, "backend": args.backend, "cpus": os.cpu_count(),
               "torch_threads": torch.get_num_threads(),
               "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-              "machine": platform.node(), "torch": torch.__version__, "nixl_threads": args.nixl_threads, "progress_delay_us": args.progress_delay_us,
+              "machine": platform.node(), "torch": torch.__version__, "nixl_threads": args.nixl_threads,
+              "progress_delay_us": args.progress_delay_us,
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
               "prefill_gpu": args.prefill_gpu if args.device == "cuda" else None,
               "decode_gpu": args.decode_gpu if args.device == "cuda" else None,
