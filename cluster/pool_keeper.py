@@ -6,7 +6,9 @@ a worker that is merely slow or frozen (SIGSTOP, a long GC) times out here and i
 its etcd lease decides whether routing skips it (router/cluster_view.py), and it may come back.
 A dead worker is forgotten (its etcd keys cleared, so routing drops it at once instead of after
 its lease TTL) and, unless it was draining or its pool is already at its desired size, a new
-worker is started in its place.
+worker is started in its place. A dead decode worker's pending READs will never come: the
+prefill workers free the KV handles pinned for it at once (``release_reader``), not when their
+leases expire.
 
 Workers that fail to *start* are not replaced here: a bad model path or an OOM at load would
 fail the same way again. Scaling the pool (REST or the autoscaler) retries them explicitly.
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from ray.exceptions import ActorDiedError
 
 from cluster.periodic import PeriodicLoop
+from workers.protocol import Role
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +66,18 @@ class PoolKeeper(PeriodicLoop):
         for death in await find_dead(watched):
             log.warning("worker %s died (%s)", death.worker_id, death.error)
             await self.on_death(death)
+            if death.role is Role.DECODE:
+                await release_reader([w for w in watched if w.role is Role.PREFILL], death.worker_id)
+
+
+async def release_reader(prefill_workers: list, reader_id: str, timeout_s: float = PING_TIMEOUT_S) -> int:
+    """Ask every prefill worker to free the handles pinned for ``reader_id``; returns how many
+    were freed. A prefill worker that does not answer keeps them until their leases expire."""
+    async def one(w):
+        try:
+            return await asyncio.wait_for(w.actor.release_reader.remote(reader_id), timeout_s)
+        except Exception as e:  # dead or slow too: its leases still bound what it holds
+            log.warning("could not free %s's handles on %s: %r", reader_id, w.worker_id, e)
+            return 0
+
+    return sum(await asyncio.gather(*(one(w) for w in prefill_workers)))

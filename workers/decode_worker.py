@@ -135,7 +135,7 @@ class DecodeWorkerImpl(WorkerBase):
     async def _remote_prefill_read(self, req: GenerateRequest, prefill_id: str, prefill, deadline: float) -> TokenDelta:
         rid = req.request_id
         ttl = self.spec.transfer.lease_ttl_s
-        preq = PrefillRequest(rid, req.prompt_token_ids, req.sampling, req.cache_salt, ttl)
+        preq = PrefillRequest(rid, req.prompt_token_ids, req.sampling, req.cache_salt, ttl, reader_id=self.worker_id)
         t_sent = time.monotonic()  # before the prefill worker can pin anything (see _lease_held_through)
         ref = prefill.prefill.remote(preq)
         try:

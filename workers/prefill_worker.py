@@ -20,6 +20,7 @@ abort_layerwise / the failed prefill returns), and only then may the decode side
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import threading
@@ -27,7 +28,7 @@ import time
 
 import ray
 
-from kv_transfer.errors import TransferAbortedError
+from kv_transfer.errors import LeaseExpiredError, TransferAbortedError, UnknownLeaseError
 from kv_transfer.lease import LeaseTable
 from workers.protocol import InvalidRequestError, KVHandle, PrefillRequest, RequestFailedError, Role
 from workers.worker_base import WorkerBase, WorkerSpec
@@ -42,6 +43,8 @@ class PrefillWorkerImpl(WorkerBase):
         super().__init__(spec)
         self.leases: LeaseTable | None = None
         self.abandoned: set[str] = set()  # released while still prefilling (see the module doc)
+        self.readers: dict[str, str] = {}  # pinned request id -> the decode worker that reads it
+        self.dead_readers: collections.deque[str] = collections.deque(maxlen=64)
         # layer-wise: senders by request id (made on the engine thread) and requests whose
         # transfer was aborted before their sender existed; both under _lw_lock
         self._lw_lock = threading.Lock()
@@ -71,7 +74,11 @@ class PrefillWorkerImpl(WorkerBase):
             self.hops.add("prefill", time.perf_counter() - t0)
             if rid in self.abandoned:
                 raise RequestFailedError(f"{rid}: released by its reader before the prefill finished")
+            if req.reader_id is not None and req.reader_id in self.dead_readers:
+                raise RequestFailedError(f"{rid}: its reader {req.reader_id} died before the prefill finished")
             expires_at = self.leases.pin(rid, handle.block_ids, req.lease_ttl_s)
+            if req.reader_id is not None:
+                self.readers[rid] = req.reader_id
             return dataclasses.replace(handle, lease_ttl_s=req.lease_ttl_s, expires_at=expires_at)
         except BaseException:
             # cancelled (the decode side gave up) or failed: nothing may stay pinned
@@ -92,6 +99,7 @@ class PrefillWorkerImpl(WorkerBase):
         if request_id in self.inflight and not self.leases.is_pinned(request_id):
             self.abandoned.add(request_id)
             return
+        self.readers.pop(request_id, None)
         self.leases.release(request_id)
         with self.hops.time("release_handle"):
             await self.loop.call(lambda e: e.release_handle(request_id))
@@ -171,7 +179,23 @@ class PrefillWorkerImpl(WorkerBase):
             await asyncio.to_thread(sender.abort, reason)
         await self.loop.call(lambda e: e.abort(request_id))
 
+    async def release_reader(self, reader_id: str) -> int:
+        """``reader_id`` (a decode worker) died: free every handle pinned for it now, not when its
+        lease expires, and refuse to pin for it later. Returns how many handles were freed."""
+        self.dead_readers.append(reader_id)
+        freed = 0
+        for rid in [rid for rid, reader in list(self.readers.items()) if reader == reader_id]:
+            try:
+                await self.release(rid)
+                freed += 1
+            except (LeaseExpiredError, UnknownLeaseError):  # expired meanwhile: already freed
+                self.readers.pop(rid, None)
+        if freed:
+            log.warning("freed %d KV handle(s) pinned for %s, which died", freed, reader_id)
+        return freed
+
     def _on_lease_expired(self, request_id: str) -> None:
+        self.readers.pop(request_id, None)
         log.warning("KV handle %s expired before release: freeing its blocks", request_id)
         self.counters["num_leases_expired"] += 1
         asyncio.run_coroutine_threadsafe(self.loop.call(lambda e: e.release_handle(request_id)), self.loop._loop)

@@ -105,6 +105,9 @@ class PrefillRequest:
     # layer-wise streaming: WRITE each layer into these decode-side blocks as it is computed; the
     # reply's KVHandle then pins nothing (every WRITE completed before it was sent)
     layerwise: "LayerwiseTarget | None" = None
+    # the decode worker that will READ the blocks: if it dies, the cluster manager frees what is
+    # pinned for it at once (PrefillWorker.release_reader) instead of at lease expiry
+    reader_id: str | None = None
 
 
 @dataclass(frozen=True)

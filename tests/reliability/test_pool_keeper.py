@@ -43,6 +43,38 @@ def test_a_dead_decode_worker_is_replaced_and_serving_goes_on(cluster):
     assert_no_leaks(cluster.url)
 
 
+def test_handles_pinned_for_a_dead_decode_worker_are_freed_at_once(cluster):
+    """A decode worker that dies between a remote prefill and its READ leaves the prefill worker's
+    blocks pinned; the pool keeper frees them when it sees the death, long before the lease ends."""
+    import time
+
+    from workers.protocol import PrefillRequest, SamplingParams
+
+    (prefill_id,) = workers_of(cluster.url, "prefill")
+    (reader,) = workers_of(cluster.url, "decode")
+    prefill = actor_of(cluster, prefill_id)
+    req = PrefillRequest("orphaned-1", tuple(range(10, 74)), SamplingParams(max_tokens=4, ignore_eos=True), None,
+                         lease_ttl_s=120.0, reader_id=reader)
+    handle = ray.get(prefill.prefill.remote(req))
+    assert len(handle.block_ids) > 0
+
+    def pinned():
+        return workers_of(cluster.url, "prefill")[prefill_id]["pinned_blocks"]
+
+    wait_for(lambda: pinned() == len(handle.block_ids), 10, "the handle's blocks pinned on the prefill worker")
+    killed_at = time.monotonic()
+    ray.kill(actor_of(cluster, reader))
+    wait_for(lambda: pinned() == 0, 30, "the dead reader's pinned blocks freed")
+    assert time.monotonic() - killed_at < 60  # the lease (120 s) did not do it
+    # a prefill for the dead reader that finishes later is refused, and pins nothing
+    with pytest.raises(ray.exceptions.RayTaskError, match="died before the prefill finished"):
+        ray.get(prefill.prefill.remote(PrefillRequest("orphaned-2", tuple(range(80, 120)), req.sampling, None,
+                                                      lease_ttl_s=120.0, reader_id=reader)))
+    wait_for(lambda: workers_of(cluster.url, "decode") and reader not in workers_of(cluster.url, "decode"), 120,
+             "the dead decode worker replaced")
+    assert_no_leaks(cluster.url)
+
+
 def test_a_frozen_worker_is_not_replaced(cluster):
     """Only a dead actor counts: a worker that stops answering for longer than a ping's timeout
     (SIGSTOP here; a long GC pause in life) keeps its place and rejoins routing when it runs."""
