@@ -140,14 +140,14 @@ def main() -> None:
     base = {"model.path": model, "model.device": args.device, "engine.block_size": 8, "engine.num_kv_blocks": 512,
             "engine.blocks_per_segment": 64, "pools.prefill.num_cpus": 0.1, "pools.decode.num_cpus": 0.1}
     args.max_token_id, num_gpus = 370, 0  # inside the tiny model's 384-token vocabulary
-    if args.device == "cuda":  # the GPU serving benchmark's engine settings (benchmarks/serve.py --profile gpu)
+    if args.device == "cuda":  # the GPU serving benchmark's settings (benchmarks/serve.py --profile gpu)
         import torch
 
+        from benchmarks.serve import PROFILES
+
         num_gpus = torch.cuda.device_count()
-        base.update({"engine.block_size": 16, "engine.num_kv_blocks": 4096, "engine.blocks_per_segment": 256,
-                     "engine.max_num_batched_tokens": 2048, "engine.max_num_seqs": 64,
-                     "limits.max_prompt_tokens": 8192, "pools.prefill.num_cpus": 1, "pools.decode.num_cpus": 1})
-        args.max_token_id = 128000
+        base.update(PROFILES["gpu"].engine)
+        args.max_token_id = PROFILES["gpu"].token_range[1]
     if args.gpus_per_worker is None:
         args.gpus_per_worker = 0.5 if args.device == "cuda" else 0.0
     env = BenchEnv(Path(tempfile.mkdtemp(prefix="latency-floor-")), num_cpus=args.num_cpus, num_gpus=num_gpus).start()

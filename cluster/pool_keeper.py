@@ -34,7 +34,7 @@ PING_TIMEOUT_S = 5.0
 @dataclass(frozen=True)
 class Death:
     worker_id: str
-    role: object  # workers.protocol.Role
+    role: Role
     error: str
 
 

@@ -154,10 +154,11 @@ class OpenAIIngress:
         from workers.model_files import resolve_model_path, served_model_name
 
         logging.basicConfig(level=logging.INFO)
+        from workers.worker_base import GIL_SWITCH_INTERVAL_S
+
         # this replica's process runs Serve's request loop and our user-code loop on two threads
-        # (plus Ray's callbacks): each hand-off of a delta waits for the GIL, up to the switch
-        # interval (CPython default 5 ms) while the other thread runs Python; 0.5 ms bounds it
-        sys.setswitchinterval(0.0005)
+        # (plus Ray's callbacks): each hand-off of a delta waits for the GIL, as in a worker
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.config = config
         model_path = resolve_model_path(self.config.model.path)
         self.model_name = served_model_name(model_path, self.config.model.served_model_name)

@@ -223,7 +223,6 @@ def _cache_aware_args(config: RouterConfig) -> dict:
             "balance_rel_threshold": config.balance_rel_threshold}
 
 
-
 def _eligible(role: Role, candidates: Sequence[WorkerLoad]) -> tuple[list[WorkerLoad], int]:
     """Non-draining candidates sorted by id; raises on a wrong role or a duplicate id."""
     seen: set[str] = set()
