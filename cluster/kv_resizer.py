@@ -2,11 +2,12 @@
 
 Every kv_quota.interval_s, per node (workers grouped by the Ray node they run on):
 
-    budget      kv_quota.node_kv_budget_bytes, else budget_fraction of the node's memory (device
-                memory on CUDA, RAM on CPU), in blocks of this model's layout
-    pressure    node memory use (psutil, read on that node) over high_percent: the planned
-                workers' allocation is capped at what brings the node back under it; the cap
-                holds until use falls under low_percent (hysteresis: no shrink-grow-shrink cycle)
+    budget      kv_quota.node_kv_budget_bytes, else kv_quota.budget_fraction of the node's memory
+                (device memory on CUDA, RAM on CPU), in blocks of this model's layout
+    pressure    node memory use (psutil, read on that node) over kv_quota.memory_high_percent: the
+                planned workers' allocation is capped at what brings the node back under it; the
+                cap holds until use falls under kv_quota.memory_low_percent (hysteresis: no
+                shrink-grow-shrink cycle)
     fixed       workers with a manual override (PUT /cluster/kv-quota/{id}) and draining workers
                 are not planned; their allocation is taken off the budget first. Overrides are
                 sticky: the loop re-applies one whenever the worker's quota differs (restart,
@@ -29,10 +30,6 @@ from cluster.worker_probe import WorkerProbe
 from workers.protocol import Role
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BUDGET_FRACTION = 0.3  # of the node's memory, when node_kv_budget_bytes is not set
-HIGH_MEMORY_PERCENT = 90.0
-LOW_MEMORY_PERCENT = 80.0
 
 
 @dataclass(frozen=True)
@@ -60,12 +57,12 @@ class NodePlan:
 
 
 # -- pure parts ---------------------------------------------------------------------------------
-def node_budget_bytes(config: KVQuotaConfig, probe: WorkerProbe, budget_fraction: float) -> int:
+def node_budget_bytes(config: KVQuotaConfig, probe: WorkerProbe) -> int:
     if config.node_kv_budget_bytes is not None:
         return config.node_kv_budget_bytes
     p = probe.process
     total = p.device_memory_total_bytes if p.device == "cuda" and p.device_memory_total_bytes else p.node_memory_total_bytes
-    return int(total * budget_fraction)
+    return int(total * config.budget_fraction)
 
 
 def pressure_cap(memory_percent: float, node_memory_total_bytes: int, block_bytes: int, allocated_blocks: int,
@@ -105,17 +102,11 @@ class KVResizer(PeriodicLoop):
     def __init__(self, config: KVQuotaConfig, block_granularity: int,
                  workers: Callable[[], Awaitable[Sequence[QuotaWorker]]],
                  overrides: Callable[[], Awaitable[Mapping[str, int]]],
-                 resize: Callable[[str, int], Awaitable[object]], *, budget_fraction: float = DEFAULT_BUDGET_FRACTION,
-                 high_percent: float = HIGH_MEMORY_PERCENT, low_percent: float = LOW_MEMORY_PERCENT):
-        if not 0 < budget_fraction <= 1:
-            raise ValueError(f"budget_fraction must be in (0, 1], got {budget_fraction}")
-        if not 0 < low_percent <= high_percent <= 100:
-            raise ValueError(f"need 0 < low_percent ({low_percent}) <= high_percent ({high_percent}) <= 100")
-        super().__init__(config.interval_s)
+                 resize: Callable[[str, int], Awaitable[object]]):
+        super().__init__(config.interval_s)  # config's thresholds are validated by KVQuotaConfig
         self.config = config
         self.granularity = block_granularity
         self._workers, self._overrides, self._resize = workers, overrides, resize
-        self.budget_fraction, self.high_percent, self.low_percent = budget_fraction, high_percent, low_percent
         self.nodes: dict[str, NodePlan] = {}
         self._caps: dict[str, int | None] = {}
         self._last_preemptions: dict[str, int] = {}
@@ -144,7 +135,7 @@ class KVResizer(PeriodicLoop):
         g = self.granularity
         first = members[0].probe
         block_bytes = first.block_bytes
-        budget = node_budget_bytes(self.config, first, self.budget_fraction) // block_bytes
+        budget = node_budget_bytes(self.config, first) // block_bytes
         fixed = [w for w in members if w.worker_id in overrides or w.is_draining]
         planned = [w for w in members if not (w.worker_id in overrides or w.is_draining)]
         # sticky overrides: put back any quota that drifted from its override
@@ -161,7 +152,7 @@ class KVResizer(PeriodicLoop):
         allocated = sum(w.probe.stats.num_total_blocks for w in planned)
         process = first.process
         cap = pressure_cap(process.node_memory_percent, process.node_memory_total_bytes, block_bytes, allocated,
-                           self._caps.get(node_id), self.high_percent, self.low_percent)
+                           self._caps.get(node_id), self.config.memory_high_percent, self.config.memory_low_percent)
         self._caps[node_id] = cap
         effective = max(0, budget - fixed_blocks) if cap is None else max(0, min(budget - fixed_blocks, cap))
         states = [self._kv_state(w) for w in planned]

@@ -31,7 +31,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from workers.protocol import Role
 
@@ -48,6 +48,20 @@ class KVQuotaConfig(BaseModel):
     demand_waiting_weight: float = Field(1.0, ge=0, description="Demand per waiting request")
     demand_preemption_weight: float = Field(4.0, ge=0, description="Demand per preemption since the last round")
     demand_usage_weight: float = Field(2.0, ge=0, description="Demand per unit of used / quota")
+    # the node's budget and memory-pressure thresholds, applied by the resizer loop (cluster/kv_resizer.py)
+    budget_fraction: float = Field(0.3, gt=0, le=1, description="KV budget as a share of the node's memory (device "
+                                   "memory on CUDA, RAM on CPU) when node_kv_budget_bytes is not set")
+    memory_high_percent: float = Field(90.0, gt=0, le=100, description="Node memory use (%) above which the planned "
+                                       "workers' KV is capped to bring the node back under it")
+    memory_low_percent: float = Field(80.0, gt=0, le=100, description="The cap holds until node memory use (%) falls "
+                                      "under this (hysteresis: no shrink-grow-shrink cycle)")
+
+    @model_validator(mode="after")
+    def _memory_thresholds(self) -> "KVQuotaConfig":
+        if self.memory_low_percent > self.memory_high_percent:
+            raise ValueError(f"memory_low_percent ({self.memory_low_percent}) must be <= memory_high_percent "
+                             f"({self.memory_high_percent})")
+        return self
 
 
 @dataclass(frozen=True)

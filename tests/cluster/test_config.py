@@ -48,6 +48,8 @@ def test_defaults_match_the_plan():
     assert (c.server.host, c.server.port, c.server.admin_port, c.server.admin_token) == ("127.0.0.1", 8000, 8001, None)
     assert c.limits.max_concurrent_requests == 256
     assert not c.autoscaling.enabled and not c.kv_quota.enabled
+    q = c.kv_quota
+    assert (q.budget_fraction, q.memory_high_percent, q.memory_low_percent) == (0.3, 90.0, 80.0)
 
 
 def test_yaml_round_trip(tmp_path):
@@ -122,6 +124,8 @@ def test_admin_token_from_env_only_when_unset(tmp_path, monkeypatch):
         ("transfer: {backend: rdma}\n", "transfer.backend: Input should be 'nixl' or 'tcp'"),
         ("engine: {block_size: 0}\n", "engine.block_size: Input should be greater than or equal to 1"),
         ("cluster_name: a/b\n", "cluster_name: cluster_name 'a/b' must be 1-63 characters"),
+        ("kv_quota: {budget_fraction: 0}\n", "kv_quota.budget_fraction: Input should be greater than 0"),
+        ("kv_quota: {memory_low_percent: 95}\n", "kv_quota: memory_low_percent (95.0) must be <= memory_high_percent (90.0)"),
     ],
 )
 def test_errors_name_the_key(tmp_path, yaml_text, expected):

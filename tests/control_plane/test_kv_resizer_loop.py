@@ -4,6 +4,7 @@ segments; blocks in use stay until freed): budget per node, shrink before grow, 
 draining workers left alone, memory pressure."""
 
 import pytest
+from pydantic import ValidationError
 
 from cluster.kv_resizer import KVResizer, QuotaWorker, grow_grants, node_budget_bytes, pressure_cap
 from cluster.quota_policy import KVQuotaConfig
@@ -66,9 +67,11 @@ class Node:
         self.calls.append((wid, w.target, -(-n // BPS) * BPS))
         return w.resize(n)
 
-    def resizer(self, budget_blocks, **kw):
-        cfg = KVQuotaConfig(enabled=True, node_kv_budget_bytes=budget_blocks * BLOCK_BYTES, min_blocks_per_worker=BPS)
-        return KVResizer(cfg, BPS, self.list, self.get_overrides, self.resize, **kw)
+    def resizer(self, budget_blocks, **config):
+        """config: other KVQuotaConfig fields (budget_blocks None: the node's budget_fraction)."""
+        budget = {} if budget_blocks is None else {"node_kv_budget_bytes": budget_blocks * BLOCK_BYTES}
+        cfg = KVQuotaConfig(enabled=True, min_blocks_per_worker=BPS, **budget, **config)
+        return KVResizer(cfg, BPS, self.list, self.get_overrides, self.resize)
 
 
 def test_pressure_cap_takes_back_the_excess_and_holds_until_use_falls_low():
@@ -90,10 +93,10 @@ def test_grow_grants_fit_the_room_in_whole_segments():
 
 def test_node_budget_from_config_or_a_fraction_of_the_node():
     probe = WorkerProbe("w", 0.0, process=process(total=10 * GIB))
-    assert node_budget_bytes(KVQuotaConfig(node_kv_budget_bytes=12345), probe, 0.3) == 12345
-    assert node_budget_bytes(KVQuotaConfig(), probe, 0.3) == int(10 * GIB * 0.3)
+    assert node_budget_bytes(KVQuotaConfig(node_kv_budget_bytes=12345), probe) == 12345
+    assert node_budget_bytes(KVQuotaConfig(), probe) == int(10 * GIB * 0.3)  # the default fraction
     gpu = WorkerProbe("w", 0.0, process=process(total=10 * GIB, device="cuda", device_total=80 * GIB))
-    assert node_budget_bytes(KVQuotaConfig(), gpu, 0.5) == 40 * GIB  # device memory on CUDA
+    assert node_budget_bytes(KVQuotaConfig(budget_fraction=0.5), gpu) == 40 * GIB  # device memory on CUDA
 
 
 async def test_rounds_keep_the_node_in_budget_and_give_the_busy_decode_more():
@@ -185,7 +188,34 @@ async def test_workers_that_do_not_answer_are_skipped():
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValidationError, match="budget_fraction"):
         Node().resizer(10, budget_fraction=0)
-    with pytest.raises(ValueError):
-        Node().resizer(10, low_percent=95, high_percent=90)
+    with pytest.raises(ValidationError, match="memory_low_percent"):
+        Node().resizer(10, memory_low_percent=95, memory_high_percent=90)
+    with pytest.raises(ValidationError, match="memory_high_percent"):
+        Node().resizer(10, memory_high_percent=101)
+
+
+async def test_the_memory_thresholds_from_the_config_decide_when_the_node_is_under_pressure():
+    def at_85_percent(**config):
+        w = Worker("decode-0", Role.DECODE, 512, used=64)
+        w.percent = 85.0
+        r = Node(w).resizer(1024, **config)
+        return w, r
+
+    w, r = at_85_percent()  # defaults: 85 % is under memory_high_percent (90): no cap, no shrink
+    plans = await r.step()
+    assert plans["n1"].pressure_cap_blocks is None and w.target >= 512  # (it may grow into the budget)
+    w, r = at_85_percent(memory_high_percent=84.0, memory_low_percent=70.0)
+    plans = await r.step()
+    assert plans["n1"].pressure_cap_blocks is not None and w.target < 512  # capped and shrunk at once
+
+
+async def test_the_budget_fraction_from_the_config_sets_the_node_budget():
+    # 16 GiB node, blocks of 1000 bytes: no node_kv_budget_bytes, so the fraction decides
+    budgets = {}
+    for fraction in (0.3, 0.1):
+        config = {} if fraction == 0.3 else {"budget_fraction": fraction}
+        plans = await Node(Worker("decode-0", Role.DECODE, 256)).resizer(None, **config).step()
+        budgets[fraction] = plans["n1"].budget_blocks
+    assert budgets == {0.3: int(16 * GIB * 0.3) // BLOCK_BYTES, 0.1: int(16 * GIB * 0.1) // BLOCK_BYTES}
