@@ -2,84 +2,37 @@
 
 Every interval_s:
     sample   queue depths and KV use per pool  (the workers, probed by the manager)
-             TTFT and ITL p90 over the interval (the endpoint's Prometheus histograms, scraped
-                                                 over HTTP: bucket counts now minus last time)
+             TTFT and ITL p90 over the interval (the endpoint's Prometheus histograms, read from
+                                                 every Serve replica of the endpoint: each
+                                                 replica's bucket counts now minus its own last
+                                                 time, summed; cluster/endpoint_counts.py)
     decide   over a window of recent samples, with cooldown and hysteresis (the pure policy)
     apply    through the manager's scale(), the same path as POST /cluster/pools/{role}/scale
 
 The latency p90 is interpolated inside the histogram bucket where it falls, as Prometheus'
 histogram_quantile does; with no request finishing a first token in the interval it is None
-(the policy then judges by queues and KV use only). A failed scrape is never silent: it leaves
+(the policy then judges by queues and KV use only). A failed read is never silent: it leaves
 the latencies None, and the error shows in the status (GET /cluster) and in the log.
-The endpoint's histograms are per Serve replica; one replica (the default) is assumed.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-import httpx
-
-from cluster.periodic import PeriodicLoop
 from cluster.autoscale_policy import AutoscalingConfig, MetricsSample, ReplicaBounds, ScaleDecision, decide
+from cluster.endpoint_counts import EndpointCounts, IntervalCounter, histogram_quantile
+from cluster.ingress_replicas import IngressReplicas
+from cluster.periodic import PeriodicLoop
 from workers.protocol import Role
 
 log = logging.getLogger(__name__)
 
-TTFT_HISTOGRAM = "pdserve_ttft_seconds"
-ITL_HISTOGRAM = "pdserve_itl_seconds"
-
 
 # -- pure parts ---------------------------------------------------------------------------------
-def parse_histogram(text: str, name: str) -> dict[float, float]:
-    """Cumulative bucket counts {upper bound: count} of histogram ``name`` in Prometheus text
-    (summed over label sets). Empty if the histogram is absent."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    buckets: dict[float, float] = collections.defaultdict(float)
-    for family in text_string_to_metric_families(text):
-        if family.name != name:
-            continue
-        for s in family.samples:
-            if s.name == f"{name}_bucket":
-                buckets[float(s.labels["le"])] += s.value
-    return dict(buckets)
-
-
-def bucket_delta(now: Mapping[float, float], before: Mapping[float, float] | None) -> dict[float, float]:
-    """Observations between two scrapes, per bucket. A count that went down means the endpoint
-    restarted (counters reset): then everything counted now is new."""
-    if not before or any(now.get(le, 0.0) < before.get(le, 0.0) for le in now):
-        return dict(now)
-    return {le: now[le] - before.get(le, 0.0) for le in now}
-
-
-def histogram_quantile(q: float, cumulative: Mapping[float, float]) -> float | None:
-    """The q-quantile of cumulative buckets, linearly interpolated in its bucket (lower bound of
-    the first bucket: 0). None without observations; the highest finite bound if it falls in +Inf."""
-    if not 0 <= q <= 1:
-        raise ValueError(f"q must be in [0, 1], got {q}")
-    bounds = sorted(cumulative)
-    if not bounds or cumulative[bounds[-1]] <= 0:
-        return None
-    total = cumulative[bounds[-1]]
-    rank = q * total
-    lower, below = 0.0, 0.0
-    for le in bounds:
-        count = cumulative[le]
-        if count >= rank and count > below:
-            if math.isinf(le):
-                return lower
-            return lower + (le - lower) * (rank - below) / (count - below)
-        lower, below = (le if not math.isinf(le) else lower), count
-    return lower
-
-
 def pool_sample(at: float, loads: Sequence, ttft_p90_s: float | None, itl_p90_s: float | None) -> MetricsSample:
     """A MetricsSample from the workers' WorkerLoads (draining workers included: they still hold
     KV and run requests)."""
@@ -97,27 +50,28 @@ def pool_sample(at: float, loads: Sequence, ttft_p90_s: float | None, itl_p90_s:
 
 
 # -- the endpoint's latency histograms ----------------------------------------------------------
+@dataclass(frozen=True)
+class LatencyWindow:
+    """The endpoint's latencies over the time since the previous read, all replicas together."""
+
+    ttft_p90_s: float | None  # None: no first token in the window
+    itl_p90_s: float | None
+    num_first_tokens: int  # requests whose first token came in the window
+    num_replicas: int  # replicas of the endpoint that answered
+
+
 class LatencyScraper:
-    """p90 of TTFT and ITL over the time since the previous scrape."""
+    """p90 of TTFT and ITL over the time since the previous read, over every replica."""
 
-    def __init__(self, metrics_url: str, timeout_s: float = 5.0):
-        self.metrics_url = metrics_url
-        self.timeout_s = timeout_s
-        self._last: dict[str, dict[float, float]] = {}
+    def __init__(self, replicas: IngressReplicas):
+        self.replicas = replicas
+        self._counter = IntervalCounter()
 
-    async def p90(self) -> tuple[float | None, float | None]:
-        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
-            r = await client.get(self.metrics_url)
-        if r.status_code != 200:
-            raise RuntimeError(f"GET {self.metrics_url} answered {r.status_code}")
-        out = []
-        for name in (TTFT_HISTOGRAM, ITL_HISTOGRAM):
-            now = parse_histogram(r.text, name)
-            if not now:
-                raise RuntimeError(f"{self.metrics_url} has no histogram {name}")
-            out.append(histogram_quantile(0.9, bucket_delta(now, self._last.get(name))))
-            self._last[name] = now
-        return out[0], out[1]
+    async def window(self) -> LatencyWindow:
+        snapshots = await self.replicas.snapshots()
+        counts = self._counter.advance({s.replica_id: EndpointCounts.parse(s.metrics_text) for s in snapshots})
+        return LatencyWindow(histogram_quantile(0.9, counts.ttft), histogram_quantile(0.9, counts.itl),
+                             counts.num_first_tokens, len(snapshots))
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -147,6 +101,7 @@ class Autoscaler(PeriodicLoop):
         self.scraper = scraper
         self._loads, self._current, self._apply = loads, current, apply
         self.last_scrape_error: str | None = None
+        self.last_window: LatencyWindow | None = None
         # long enough for the longer of the two windows, plus slack for irregular sampling
         keep_s = max(config.scale_up_window_s, config.scale_down_window_s) + 2 * config.interval_s
         self._keep_s = keep_s
@@ -159,9 +114,11 @@ class Autoscaler(PeriodicLoop):
         ttft, itl = None, None
         if self.scraper is not None:
             try:
-                ttft, itl = await self.scraper.p90()
+                self.last_window = await self.scraper.window()
+                ttft, itl = self.last_window.ttft_p90_s, self.last_window.itl_p90_s
                 self.last_scrape_error = None
             except Exception as e:
+                self.last_window = None
                 if self.last_scrape_error is None:
                     log.warning("autoscaler: no latencies from the endpoint (%s: %s); judging by queues and KV use",
                                 type(e).__name__, e)
@@ -193,5 +150,7 @@ class Autoscaler(PeriodicLoop):
                 "last_sample": asdict(last) if last else None,
                 "last_decision": asdict(self.last_decision) if self.last_decision else None,
                 "last_change_at": self.last_change_at, "num_changes": self.num_changes, "last_error": self.last_error,
-                "metrics_url": self.scraper.metrics_url if self.scraper else None,
+                "endpoint_url": self.scraper.replicas.endpoint_url() if self.scraper else None,
+                "endpoint_app": self.scraper.replicas.app_name if self.scraper else None,
+                "last_window": asdict(self.last_window) if self.last_window else None,
                 "last_scrape_error": self.last_scrape_error}

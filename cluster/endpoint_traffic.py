@@ -1,18 +1,19 @@
 """What the OpenAI endpoint sees, for the management API's GET /cluster/traffic (and so for the live
 dashboard): latency and throughput samples over time, and the router's recent routing decisions.
 
-The manager scrapes the endpoint (``manager.endpoint_url``: /metrics and /v1/routing/recent)
-when a caller asks, at most once per ``min_interval_s`` however many dashboards poll; each scrape
-after the first adds one sample of the interval since the previous one:
+The manager reads every replica of the endpoint (``manager.endpoint_url``; cluster/ingress_replicas.py)
+when a caller asks, at most once per ``min_interval_s`` however many dashboards poll; each read
+after the first adds one sample of the interval since the previous one, all replicas together
+(each replica's counts minus its own previous ones, summed; cluster/endpoint_counts.py):
 
-    ttft/itl p50, p90   from the endpoint's histograms, bucket counts now minus last time,
-                        interpolated in their bucket (cluster/autoscaler.py: histogram_quantile)
-    requests_per_s      finished requests (any status) / interval
+    ttft/itl p50, p90   from the endpoint's histograms, interpolated in their bucket
+    num_requests        finished requests (any status) in the interval; requests_per_s = / interval
     tokens_per_s        completion tokens / interval
-    queue_depth         requests in flight at the endpoint at the scrape
+    queue_depth         requests in flight at the endpoint at the read
 
-A scrape that fails never fails the view: ``ok`` is false and ``error`` says why, the samples
-already taken stay. The history is bounded (``max_samples``).
+Routing decisions are every replica's, merged by time. A read that fails never fails the view:
+``ok`` is false and ``error`` says why, the samples already taken stay. The history is bounded
+(``max_samples``).
 """
 
 from __future__ import annotations
@@ -22,13 +23,10 @@ import collections
 import time
 from collections.abc import Callable
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.autoscaler import ITL_HISTOGRAM, TTFT_HISTOGRAM, bucket_delta, histogram_quantile, parse_histogram
-
-_COUNTERS = {"requests": "pdserve_requests", "tokens": "pdserve_completion_tokens"}
-_QUEUE_GAUGE = "pdserve_queue_depth"
+from cluster.endpoint_counts import EndpointCounts, IntervalCounter, histogram_quantile
+from cluster.ingress_replicas import IngressReplicas
 
 
 class TrafficSample(BaseModel):
@@ -38,6 +36,7 @@ class TrafficSample(BaseModel):
     ttft_p90_s: float | None
     itl_p50_s: float | None
     itl_p90_s: float | None
+    num_requests: int = Field(description="Requests finished in the interval (any status), over every replica")
     requests_per_s: float
     tokens_per_s: float
     queue_depth: float
@@ -64,27 +63,20 @@ class TrafficView(BaseModel):
     decisions: list[RoutingDecisionView] = Field(description="The endpoint's recent routing decisions, oldest first")
     zero_overlap_alarm: bool | None = None
     inflight_requests: int | None = None
-
-
-def _counter_total(text: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name in (name, name.removesuffix("_total")):
-            total += sum(s.value for s in family.samples if s.name in (name, f"{name}_total"))
-    return total
+    num_replicas: int | None = Field(None, description="Replicas of the endpoint read (their counts are summed)")
 
 
 class EndpointTraffic:
     def __init__(self, endpoint_url: Callable[[], str], min_interval_s: float = 0.9, max_samples: int = 300,
                  max_decisions: int = 50, timeout_s: float = 5.0):
         self._url = endpoint_url
-        self.min_interval_s, self.timeout_s, self.max_decisions = min_interval_s, timeout_s, max_decisions
+        self.replicas = IngressReplicas(endpoint_url, timeout_s)
+        self.min_interval_s, self.max_decisions = min_interval_s, max_decisions
         self.samples: collections.deque[TrafficSample] = collections.deque(maxlen=max_samples)
         self._lock = asyncio.Lock()
-        self._last: dict | None = None  # the previous scrape's cumulative values
-        self._last_at = 0.0  # monotonic
+        self._counter = IntervalCounter()
+        self._last_read: tuple[str, float] | None = None  # (url, monotonic time) of the last successful read
+        self._last_at = 0.0  # monotonic time of the last attempt
         self._view: TrafficView | None = None
 
     async def view(self) -> TrafficView:
@@ -96,40 +88,31 @@ class EndpointTraffic:
     async def _scrape(self) -> TrafficView:
         url = self._url().rstrip("/")
         now, mono = time.time(), time.monotonic()
+        self._last_at = mono
         try:
-            async with httpx.AsyncClient(timeout=self.timeout_s) as client:
-                metrics, recent = await asyncio.gather(client.get(f"{url}/metrics"),
-                                                       client.get(f"{url}/v1/routing/recent"))
-            for r in (metrics, recent):
-                if r.status_code != 200:
-                    raise RuntimeError(f"GET {r.request.url} answered {r.status_code}")
-            routing = recent.json()
-            current = {"ttft": parse_histogram(metrics.text, TTFT_HISTOGRAM),
-                       "itl": parse_histogram(metrics.text, ITL_HISTOGRAM),
-                       **{k: _counter_total(metrics.text, name) for k, name in _COUNTERS.items()},
-                       "queue": _counter_total(metrics.text, _QUEUE_GAUGE)}
+            snapshots = await self.replicas.snapshots()
+            counts = {s.replica_id: EndpointCounts.parse(s.metrics_text) for s in snapshots}
         except Exception as e:  # the view says it, and keeps what it had
-            self._last_at = mono
             return TrafficView(endpoint_url=url, ok=False, error=f"{type(e).__name__}: {e}", scraped_at=now,
                                samples=list(self.samples), decisions=self._view.decisions if self._view else [])
-        if self._last is not None and mono > self._last["mono"]:
-            self.samples.append(self._sample(current, self._last, now, mono - self._last["mono"]))
-        self._last = {**current, "mono": mono}
-        self._last_at = mono
+        if self._last_read is None or self._last_read[0] != url:  # the first read of an endpoint: a baseline
+            self._counter = IntervalCounter()
+            self._counter.advance(counts)
+        else:
+            interval_s = max(mono - self._last_read[1], 1e-6)  # (monotonic: never negative)
+            self.samples.append(self._sample(self._counter.advance(counts), now, interval_s))
+        self._last_read = (url, mono)
+        decisions = sorted((d for s in snapshots for d in s.decisions), key=lambda d: d.get("at", 0.0))
         return TrafficView(
             endpoint_url=url, ok=True, scraped_at=now, samples=list(self.samples),
-            decisions=[RoutingDecisionView(**d) for d in list(routing.get("decisions", ()))[-self.max_decisions:]],
-            zero_overlap_alarm=routing.get("zero_overlap_alarm"), inflight_requests=routing.get("inflight_requests"))
+            decisions=[RoutingDecisionView(**d) for d in decisions[-self.max_decisions:]],
+            zero_overlap_alarm=any(s.zero_overlap_alarm for s in snapshots),
+            inflight_requests=sum(s.num_inflight for s in snapshots), num_replicas=len(snapshots))
 
     @staticmethod
-    def _sample(now: dict, before: dict, at: float, interval_s: float) -> TrafficSample:
-        ttft, itl = bucket_delta(now["ttft"], before["ttft"]), bucket_delta(now["itl"], before["itl"])
-
-        def rate(key: str) -> float:
-            delta = now[key] - before[key]
-            return (delta if delta >= 0 else now[key]) / interval_s  # a reset endpoint counts from zero
-
-        return TrafficSample(at=at, interval_s=round(interval_s, 3), ttft_p50_s=histogram_quantile(0.5, ttft),
-                             ttft_p90_s=histogram_quantile(0.9, ttft), itl_p50_s=histogram_quantile(0.5, itl),
-                             itl_p90_s=histogram_quantile(0.9, itl), requests_per_s=rate("requests"),
-                             tokens_per_s=rate("tokens"), queue_depth=now["queue"])
+    def _sample(c: EndpointCounts, at: float, interval_s: float) -> TrafficSample:
+        return TrafficSample(at=at, interval_s=round(interval_s, 3), ttft_p50_s=histogram_quantile(0.5, c.ttft),
+                             ttft_p90_s=histogram_quantile(0.9, c.ttft), itl_p50_s=histogram_quantile(0.5, c.itl),
+                             itl_p90_s=histogram_quantile(0.9, c.itl), num_requests=round(c.num_requests),
+                             requests_per_s=c.num_requests / interval_s,
+                             tokens_per_s=c.num_completion_tokens / interval_s, queue_depth=c.queue_depth)

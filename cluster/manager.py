@@ -7,10 +7,11 @@ model is loaded, and the router routes to what etcd lists. The manager's own rec
 pools says which actors it started and in what state they are.
 
 Everything runs on the actor's event loop: the management API (cluster/admin_server.py), the
-autoscaler and KV resizer loops when enabled, and a membership watch of etcd (for the API's
-"registered" and lease views). Worker state a caller sees is probed fresh from the workers
-(cluster/worker_probe.py). Drains are operations with a status (``drains``); KV quota overrides
-live in etcd (ControlState) so they outlive the manager, and win over the resizer's plan.
+pool keeper, autoscaler and KV resizer loops when enabled (cluster/control_loops.py), and a
+membership watch of etcd (for the API's "registered" and lease views). Worker state a caller sees
+is probed fresh from the workers (cluster/worker_probe.py). Drains are operations with a status
+(``drains``); drain flags and KV quota overrides live in etcd (cluster/worker_records.py) so they
+outlive the manager, and overrides win over the resizer's plan.
 """
 
 from __future__ import annotations
@@ -90,12 +91,12 @@ class ClusterManagerImpl:
         self.desired = {role: self._pool(role).replicas for role in Role}
         self.drains: collections.OrderedDict[str, DrainStatus] = collections.OrderedDict()
         self.membership = None  # MembershipWatcher
-        self.control = None  # ControlState
+        self.records = None  # WorkerRecords: drain flags, KV overrides, registrations in etcd
         self.registered_at: dict[str, float] = {}  # worker id -> when this manager saw it register
         self.autoscaler = None
         self.kv_resizer = None
         self.pool_keeper = None
-        # the OpenAI endpoint's Prometheus metrics (the autoscaler's latencies); set_endpoint_url
+        # the OpenAI endpoint (the autoscaler's latencies, the traffic view); set_endpoint_url
         # overrides it when the app is served under another route prefix
         self.endpoint_url = f"http://{config.server.host}:{config.server.port}"
 
@@ -106,11 +107,12 @@ class ClusterManagerImpl:
             return
         self._started = True
         from cluster.admin_server import start_admin_server
-        from cluster.control_state import ControlState
+        from cluster.control_loops import start_control_loops
         from cluster.membership import MembershipWatcher
+        from cluster.worker_records import WorkerRecords
 
         c = self.config
-        self.control = ControlState(c.etcd, c.cluster_name)
+        self.records = WorkerRecords(c.etcd, c.cluster_name)
         self.membership = MembershipWatcher(c.etcd, c.cluster_name)
         self.membership.add_listener(self._on_membership)
         await self.membership.start()
@@ -123,7 +125,7 @@ class ClusterManagerImpl:
         for role in Role:
             for _ in range(self._pool(role).replicas):
                 self._spawn(role)
-        self._start_loops()
+        self.pool_keeper, self.autoscaler, self.kv_resizer = start_control_loops(self)
 
     def _pool(self, role: Role):
         return getattr(self.config.pools, role.value)
@@ -166,7 +168,7 @@ class ClusterManagerImpl:
             if w.state == "starting":
                 w.state, w.ready_at = "ready", time.time()
                 log.info("worker %s is ready", w.worker_id)
-                await self._apply_kv_override(w)
+                await self.records.apply_kv_override(w.worker_id, w.actor)
         except Exception as e:
             w.state, w.error = "failed", f"{type(e).__name__}: {e}"
             log.error("worker %s failed to start: %s", w.worker_id, w.error)
@@ -217,7 +219,7 @@ class ClusterManagerImpl:
         # the status leaves "draining" only once the worker is really gone
         outcome, error = "failed", None
         try:
-            await self._set_drain_flag(w.worker_id)
+            await self.records.set_drain_flag(w.worker_id)
             finished = await w.actor.drain.remote(status.timeout_s)
             outcome = "drained" if finished else "timed_out"
         except Exception as e:
@@ -226,7 +228,7 @@ class ClusterManagerImpl:
         finally:
             if self.workers.get(w.worker_id) is w:
                 await self._stop(w)
-            await self._forget(w.worker_id)
+            await self.records.forget(w.worker_id)
             if status.state == "draining":
                 status.state, status.error = outcome, error
             status.finished_at = status.finished_at or time.time()
@@ -248,8 +250,8 @@ class ClusterManagerImpl:
         if drain is not None and drain.state == "draining":
             drain.state, drain.finished_at = "removed", time.time()
         await self._stop(w, graceful=False)
-        await self._delete_registration(w)
-        await self._forget(worker_id)
+        await self.records.delete_registration(w.role, w.worker_id)
+        await self.records.forget(worker_id)
         return w
 
     async def _stop(self, w: ManagedWorker, graceful: bool = True) -> None:
@@ -285,19 +287,17 @@ class ClusterManagerImpl:
         await asyncio.gather(*(self._stop(w) for w in list(self.workers.values())), return_exceptions=True)
         if self.membership is not None:
             await self.membership.stop()
-        if self.control is not None:
-            await self.control.close()
+        if self.records is not None:
+            await self.records.close()
 
     # -- what the management API and the control loops use ------------------------------------
     def get_worker(self, worker_id: str) -> ManagedWorker:
         return self._get(worker_id)
 
     async def set_endpoint_url(self, url: str) -> None:
-        """Where the OpenAI endpoint answers (e.g. with a route prefix); the autoscaler scrapes
-        <url>/metrics."""
+        """Where the OpenAI endpoint answers (e.g. with a route prefix): the autoscaler and the
+        traffic view find its Serve app there and read every replica (cluster/ingress_replicas.py)."""
         self.endpoint_url = url.rstrip("/")
-        if self.autoscaler is not None and self.autoscaler.scraper is not None:
-            self.autoscaler.scraper.metrics_url = f"{self.endpoint_url}/metrics"
 
     async def probe(self, w: ManagedWorker):
         from cluster.worker_probe import WorkerProbe, probe_worker
@@ -313,12 +313,10 @@ class ClusterManagerImpl:
 
     async def leases(self, ws: list[ManagedWorker]) -> dict[str, dict]:
         """Registration leases in etcd by worker id (raises EtcdUnavailableError)."""
-        from cluster.worker_keys import read_leases
-
-        return await read_leases(self.config.etcd, self.config.cluster_name, [(w.role, w.worker_id) for w in ws])
+        return await self.records.leases([(w.role, w.worker_id) for w in ws])
 
     async def kv_overrides(self) -> dict[str, int]:
-        return await self.control.list_kv_quotas()
+        return await self.records.kv_overrides()
 
     async def set_kv_quota(self, worker_id: str, num_blocks: int):
         """Manual KV quota: recorded in etcd first (so it sticks: the resizer leaves the worker
@@ -326,47 +324,19 @@ class ClusterManagerImpl:
         w = self._get(worker_id)
         if w.state not in ("ready", "draining"):
             raise WorkerStateConflict(f"worker {worker_id} is {w.state}; its KV quota can be set once it is ready")
-        await self.control.set_kv_quota(worker_id, num_blocks)
+        await self.records.set_kv_override(worker_id, num_blocks)
         return await w.actor.resize.remote(num_blocks)
 
     async def clear_kv_quota(self, worker_id: str) -> bool:
         """Hand the worker's quota back to the resizer. True if there was an override."""
         self._get(worker_id)
-        return await self.control.clear_kv_quota(worker_id)
+        return await self.records.clear_kv_override(worker_id)
 
-    async def _resize(self, worker_id: str, num_blocks: int):
+    async def resize_worker_kv(self, worker_id: str, num_blocks: int):
+        """The KV resizer's resize (a worker's ResizeResult)."""
         return await self._get(worker_id).actor.resize.remote(num_blocks)
 
-    async def _apply_kv_override(self, w: ManagedWorker) -> None:
-        try:
-            num_blocks = await self.control.get_kv_quota(w.worker_id)
-            if num_blocks is not None:
-                log.info("worker %s: applying its KV quota override (%d blocks)", w.worker_id, num_blocks)
-                await w.actor.resize.remote(num_blocks)
-        except Exception as e:
-            log.warning("worker %s: could not apply its KV quota override: %r", w.worker_id, e)
-
-    async def _set_drain_flag(self, worker_id: str) -> None:
-        try:
-            await self.control.set_drain(worker_id, reason="drain requested through the management API")
-        except Exception as e:  # the drain itself does not need etcd: go on, but say so
-            log.warning("drain of %s: could not write its etcd drain flag: %r", worker_id, e)
-
-    async def _forget(self, worker_id: str) -> None:
-        """A worker removed on purpose: drop its etcd drain flag and KV quota override."""
-        for clear in (self.control.clear_drain, self.control.clear_kv_quota):
-            try:
-                await clear(worker_id)
-            except Exception as e:
-                log.warning("could not clear etcd state of removed worker %s: %r", worker_id, e)
-
-    async def _delete_registration(self, w: ManagedWorker) -> None:
-        """After a kill: its key goes now, not when the lease expires, so routing stops at once."""
-        from cluster.worker_keys import delete_worker_key
-
-        await delete_worker_key(self.config.etcd, self.config.cluster_name, w.role, w.worker_id)
-
-    async def _on_worker_death(self, death) -> None:
+    async def on_worker_death(self, death) -> None:
         """Forget a worker whose actor died; start another in its place unless it was draining
         (on its way out) or the pool already has its desired size (the pool was scaled down)."""
         w = self.workers.get(death.worker_id)
@@ -376,10 +346,10 @@ class ClusterManagerImpl:
         self.workers.pop(death.worker_id)
         w.state, w.error = "failed", death.error
         try:
-            await self._delete_registration(w)
+            await self.records.delete_registration(w.role, w.worker_id)
         except Exception as e:  # etcd away: its lease expires on its own (no keepalive from a dead actor)
             log.warning("could not delete the registration of dead worker %s: %r", w.worker_id, e)
-        await self._forget(death.worker_id)
+        await self.records.forget(death.worker_id)
         if not was_draining and len(self.pool_workers(death.role)) < self.desired[death.role]:
             new = self._spawn(death.role)
             log.warning("worker %s died; started %s in its place", death.worker_id, new.worker_id)
@@ -390,33 +360,6 @@ class ClusterManagerImpl:
             self.registered_at.setdefault(worker_id, time.time())
         else:
             self.registered_at.pop(worker_id, None)
-
-    def _start_loops(self) -> None:
-        from cluster.autoscaler import Autoscaler, LatencyScraper
-        from cluster.kv_resizer import KVResizer, QuotaWorker
-
-        c = self.config
-        if c.server.replace_dead_workers:
-            from cluster.pool_keeper import PoolKeeper
-
-            self.pool_keeper = PoolKeeper(c.server.health_check_interval_s, lambda: list(self.workers.values()),
-                                          self._on_worker_death)
-            self.pool_keeper.start()
-        if c.autoscaling.enabled:
-            async def loads():
-                return [p.load for _, p in await self.probe_all() if p.ok]
-
-            self.autoscaler = Autoscaler(
-                c.autoscaling, {r: self._pool(r) for r in Role}, loads, LatencyScraper(f"{self.endpoint_url}/metrics"),
-                current=lambda: {r: len(self.pool_workers(r)) for r in Role}, apply=self.scale)
-            self.autoscaler.start()
-        if c.kv_quota.enabled:
-            async def quota_workers():
-                return [QuotaWorker(w.worker_id, w.role, p, w.state == "draining") for w, p in await self.probe_all()]
-
-            self.kv_resizer = KVResizer(c.kv_quota, c.engine.blocks_per_segment, quota_workers, self.kv_overrides,
-                                        self._resize)
-            self.kv_resizer.start()
 
     def _background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

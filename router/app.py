@@ -20,7 +20,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import generate_latest
+from prometheus_client import Info, generate_latest
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,7 +33,7 @@ from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse,
 from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
 from router.request_parsing import chat_prompt, completion_prompt, sampling_params
-from workers.protocol import InvalidRequestError, RequestFailedError
+from workers.protocol import IngressSnapshot, InvalidRequestError, RequestFailedError
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,12 @@ class OpenAIIngress:
         self.num_inflight = 0
         self.created = int(time.time())
         self.metrics = EndpointMetrics(lambda: self.view)
+        # GET /metrics answers for whichever replica Serve picks: it says which app and replica, so
+        # the manager can find the app and ask every replica (snapshot(); cluster/ingress_replicas.py)
+        self.replica_id = serve.get_replica_context().replica_id
+        Info("pdserve_endpoint", "The Serve app and replica whose counts this scrape shows",
+             registry=self.metrics.registry).info({"app": self.replica_id.deployment_id.app_name,
+                                                   "replica": self.replica_id.unique_id})
         self.vocab_size = text_config.vocab_size
         app.state.max_body_bytes = self.config.limits.max_body_bytes  # read by BodyLimit
 
@@ -203,6 +209,14 @@ class OpenAIIngress:
         await self._view()
         return PlainTextResponse(generate_latest(self.metrics.registry).decode(),
                                  media_type="text/plain; version=0.0.4")
+
+    async def snapshot(self) -> IngressSnapshot:
+        """This replica's own counts and routing (not an HTTP route: the manager broadcasts it)."""
+        view = await self._view()
+        return IngressSnapshot(replica_id=self.replica_id.unique_id,
+                               metrics_text=generate_latest(self.metrics.registry).decode(),
+                               decisions=tuple(view.decisions), zero_overlap_alarm=view.alarm.is_alarmed,
+                               num_inflight=self.num_inflight)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:

@@ -299,3 +299,16 @@ class LayerwiseTarget:
     # block_ids[i] receives the prompt's block first_block_index + i: the decode side already
     # holds blocks [0, first_block_index) of this prompt in its prefix cache
     first_block_index: int = 0
+
+
+@dataclass(frozen=True)
+class IngressSnapshot:
+    """One OpenAI endpoint replica -> the cluster manager (Serve ``broadcast`` to every replica):
+    what this replica alone counted and routed. Serve sends each GET /metrics to one replica, so
+    the manager asks them all and sums (cluster/ingress_replicas.py, cluster/endpoint_counts.py)."""
+
+    replica_id: str  # Serve's replica id: a restarted replica gets a new one
+    metrics_text: str  # this replica's Prometheus exposition (what its GET /metrics answers)
+    decisions: tuple[dict, ...]  # its recent routing decisions, oldest first (GET /v1/routing/recent)
+    zero_overlap_alarm: bool
+    num_inflight: int  # requests in flight at this replica

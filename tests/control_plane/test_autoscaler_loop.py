@@ -7,8 +7,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from cluster.autoscale_policy import AutoscalingConfig, PoolBounds
-from cluster.autoscaler import (ITL_HISTOGRAM, TTFT_HISTOGRAM, Autoscaler, bucket_delta, histogram_quantile,
-                                parse_histogram, pool_sample)
+from cluster.autoscaler import Autoscaler, pool_sample
+from cluster.endpoint_counts import ITL_HISTOGRAM, TTFT_HISTOGRAM, bucket_delta, histogram_quantile, parse_histogram
 from workers.protocol import Role, WorkerLoad
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

@@ -174,7 +174,8 @@ def test_autoscaler_samples_the_live_cluster(cluster, admin, oai):
     finally:
         done.set()
         t.join()
-    assert 0 < a["last_sample"]["ttft_p90_s"] < 120 and a["metrics_url"] == cluster.url + "/metrics"
+    assert 0 < a["last_sample"]["ttft_p90_s"] < 120 and a["endpoint_url"] == cluster.url
+    assert a["endpoint_app"] == cluster.app_name and a["last_window"]["num_replicas"] == 1
     assert a["last_error"] is None and a["last_scrape_error"] is None, a
     assert "hold" in a["last_decision"]["reason"] and a["num_changes"] == 0
 
