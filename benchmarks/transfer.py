@@ -351,6 +351,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prefill-gpu", type=int, default=0, help="cuda: the prefill process's GPU")
     parser.add_argument("--decode-gpu", type=int, default=0, help="cuda: the decode process's GPU")
     parser.add_argument("--skip", default="", help="comma list of benches to skip: bandwidth,request,layerwise")
+    parser.add_argument("--profile-ipc", action="store_true", help="cuda: profile one CUDA IPC read of the largest size")
     parser.add_argument("--ucx-log-copy", default=None, help="copy this process's UCX log here at the end")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -383,6 +384,10 @@ def main(argv=None) -> None:
                               if args.device == "cuda" and args.prefill_gpu != args.decode_gpu else None)})
         if "bandwidth" not in skip:
             bench_bandwidth(side, here, args, emit)
+        if args.profile_ipc and "sweep" in side.ipc:
+            from benchmarks.transfer_ipc_profile import profile_ipc_read
+
+            profile_ipc_read(side, args, emit)
         if "request" not in skip:
             bench_requests(side, here, args, emit)
         if "layerwise" not in skip and args.backend == "nixl":

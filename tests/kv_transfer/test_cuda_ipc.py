@@ -119,8 +119,9 @@ def random_cache(lay: KVLayout, num_segments: int, seed: int) -> KVCache:
     return cache
 
 
-@pytest.mark.parametrize("max_slice_copies", [10_000, 0], ids=["one-copy-per-slice", "gather-scatter"])
-def test_copy_runs_moves_exactly_the_blocks(max_slice_copies):
+@pytest.mark.parametrize("max_slice_copies,max_strided_runs", [(10_000, 0), (0, 10_000), (0, 0)],
+                         ids=["one-copy-per-slice", "strided-per-run", "gather-scatter"])
+def test_copy_runs_moves_exactly_the_blocks(max_slice_copies, max_strided_runs):
     """Scattered ids, runs cut at both sides' (different) segment boundaries: destination block i
     holds source block i's bytes (all layers, K and V) and no other block is written."""
     src_lay, dst_lay = layout(4), layout(3)
@@ -129,21 +130,23 @@ def test_copy_runs_moves_exactly_the_blocks(max_slice_copies):
     local = [0, 1, 2, 3, 8, 11, 5, 6]
     runs = pair_runs(remote, local, 4, 3)
     num = copy_runs({i: flat_bytes(t) for i, t in src.segments.items()},
-                    {i: flat_bytes(t) for i, t in dst.segments.items()}, src_lay, dst_lay, runs, max_slice_copies)
+                    {i: flat_bytes(t) for i, t in dst.segments.items()}, src_lay, dst_lay, runs, max_slice_copies,
+                    max_strided_runs)
     assert num == src_lay.num_layers * 2 * len(runs)
     assert dst.read_blocks(local).equal(src.read_blocks(remote))
     others = [b for b in range(dst.num_blocks) if b not in local]
     assert not dst.read_blocks(others).any()
 
 
-def test_copy_runs_bfloat16_whole_blocks():
+@pytest.mark.parametrize("max_strided_runs", [10_000, 0], ids=["strided-per-run", "gather-scatter"])
+def test_copy_runs_bfloat16_whole_blocks(max_strided_runs):
     """bf16 blocks of an odd number of 2-byte words per block row still copy whole (byte rows)."""
     lay = dataclasses.replace(layout(4), dtype="bfloat16", head_dim=3, num_kv_heads=1, block_size=1)  # 6-byte blocks
     assert lay.block_bytes % 8
     src, dst = random_cache(lay, 2, 3), KVCache(lay, 2)
     runs = pair_runs([5, 2, 7], [0, 6, 3], 4, 4)
     copy_runs({i: flat_bytes(t) for i, t in src.segments.items()}, {i: flat_bytes(t) for i, t in dst.segments.items()},
-              lay, lay, runs, max_slice_copies=0)
+              lay, lay, runs, max_slice_copies=0, max_strided_runs=max_strided_runs)
     assert dst.read_blocks([0, 6, 3]).equal(src.read_blocks([5, 2, 7]))
 
 
