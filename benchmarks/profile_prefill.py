@@ -70,6 +70,8 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=12)
     ap.add_argument("--cases", default="eager,compiled")
     ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"))
+    ap.add_argument("--tiles", default="", help="eager case only: comma list of prefill attention tiles "
+                    "ROWSxBLOCK_NxWARPS[xSTAGES] to time after it (one JSON line each), e.g. 64x64x4,128x64x8x3")
     args = ap.parse_args()
     model_dir = build_model(args.model, Path(args.cache_dir))
     n, L = args.num_prompts, args.prompt_len
@@ -123,7 +125,55 @@ def main() -> int:
                           "flops_ms": round(flops / (tflops * 1e12) * 1e3, 2), "kernels_us": table}), flush=True)
         del engine
         torch.cuda.empty_cache()
+    if args.tiles:
+        sweep_tiles(model_dir, L, args.tiles.split(","))
     return 0
+
+
+def sweep_tiles(model_dir, L: int, specs: list[str]) -> None:
+    """Time the eager prefill step and its attention kernel under each tile, on one prompt
+    prefilled again and again (prefix caching off); layer 0's attention output is compared with
+    the first spec's (the same math in another order: bf16 rounding apart)."""
+    engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
+                    EngineConfig(block_size=16, num_kv_blocks=2 * (L // 16 + 2), blocks_per_segment=256,
+                                 max_num_batched_tokens=L, max_num_seqs=64, max_model_len=L + 64,
+                                 enable_prefix_caching=False), model_dir)
+    sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    prompt = prompts(1, L, engine.vocab_size, 11)[0]
+    be = engine.runner.backend
+    orig, seen = be._forward, {}
+
+    def record(layer, q, k, v, scaling, window):
+        out = orig(layer, q, k, v, scaling, window)
+        if layer == 0:
+            seen["out"] = out.float().clone()
+        return out
+
+    def one() -> None:
+        engine.add_request(f"tile-{time.perf_counter_ns()}", prompt, sp)
+        while engine.has_work():
+            engine.step()
+        torch.cuda.synchronize()
+
+    be._forward = record
+    ref = None
+    for spec in specs:
+        parts = [int(x) for x in spec.split("x")]
+        be.prefill_rows, be.prefill_block_n, be.prefill_warps = parts[:3]
+        be.prefill_stages = parts[3] if len(parts) > 3 else None
+        try:
+            one()  # compiles this variant
+            step_ms = cuda_ms(one, 6)
+            _, table = kernels(one, 40)
+        except Exception as e:  # a tile the kernel cannot take (shared memory): say so, go on
+            print(json.dumps({"tile": spec, "error": f"{type(e).__name__}: {str(e)[:200]}"}), flush=True)
+            continue
+        attn_us = sum(us for name, us in table if "paged_attention" in name)
+        ref = seen["out"] if ref is None else ref
+        err = float((seen["out"] - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+        print(json.dumps({"tile": spec, "step_ms": round(step_ms, 2), "attention_us": round(attn_us, 1),
+                          "max_rel_diff_vs_first": round(err, 5)}), flush=True)
+    be._forward = orig
 
 
 if __name__ == "__main__":

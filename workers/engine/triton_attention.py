@@ -148,6 +148,9 @@ class TritonPagedAttention(AttentionBackend):
         self._epoch = -1
         self.backend_id = id(self)
         _BACKENDS[self.backend_id] = self  # for the compiled op; weakly held: the engine owns us
+        # prefill tiles: rows (query tokens x the group's heads) and keys per program, warps, stages
+        # (None: Triton's default). Tunable per instance (benchmarks/profile_prefill.py --tiles).
+        self.prefill_rows, self.prefill_block_n, self.prefill_warps, self.prefill_stages = 64, 64, 4, None
         self.block_q = 1
         self.num_qblocks = 0
         self.num_tokens = 0
@@ -205,7 +208,7 @@ class TritonPagedAttention(AttentionBackend):
         ids[T:], pos[T:], slot[T:] = 0, 0, 0
         m.host_view("n_real")[0] = T  # rows [T, n_pad) are padding: no KV write
         # query blocks: ceil(q_len / block_q) per sequence
-        self.block_q = bq = 1 if int(q_len[:S].max(initial=1)) == 1 else max(1, 64 // _pow2(self.group))
+        self.block_q = bq = 1 if int(q_len[:S].max(initial=1)) == 1 else max(1, self.prefill_rows // _pow2(self.group))
         per_seq = (q_len + (bq - 1)) // bq
         nq = int(per_seq.sum())
         qb_seq = np.repeat(np.arange(S_pad), per_seq)
@@ -251,6 +254,10 @@ class TritonPagedAttention(AttentionBackend):
         out = torch.empty((1, T, Hq, self.D), dtype=q.dtype, device=q.device)
         o = out[0]
         block_m = max(16, _pow2(self.block_q * G))
+        decode = self.block_q == 1
+        launch = {} if decode else {"num_warps": self.prefill_warps}
+        if not decode and self.prefill_stages is not None:
+            launch["num_stages"] = self.prefill_stages
         paged_attention_kernel[(self.num_qblocks, self.H)](
             q, q.stride(1), q.stride(0), o, o.stride(0), o.stride(1),
             self.anchor, layer_off, self.kv_off,
@@ -259,9 +266,9 @@ class TritonPagedAttention(AttentionBackend):
             float(scaling), int(sliding_window or 0),
             G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs,
             # decode: one long tile sweep per program (fewer dependent load rounds); prefill: 64
-            BLOCK_Q=self.block_q, BLOCK_M=block_m, BLOCK_N=128 if self.block_q == 1 else 64,
+            BLOCK_Q=self.block_q, BLOCK_M=block_m, BLOCK_N=128 if decode else self.prefill_block_n,
             USE_WINDOW=bool(sliding_window), INTERPRET=INTERPRET,
             # fp32 models: exact fp32 products (not tf32), so fp32 output matches the torch reference
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch,
         )
         return out
