@@ -42,7 +42,7 @@ def test_defaults_match_the_plan():
     assert (c.engine.block_size, c.engine.num_kv_blocks, c.engine.max_num_batched_tokens) == (16, 512, 512)
     for pool in (c.pools.prefill, c.pools.decode):
         assert (pool.replicas, pool.min_replicas, pool.max_replicas, pool.num_cpus, pool.num_gpus) == (1, 1, 4, 0.25, 0)
-    assert (c.router.policy, c.router.local_prefill_threshold_tokens) == ("kv_aware", 32)
+    assert (c.router.policy, c.router.local_prefill_threshold_tokens) == ("cache_aware", 32)
     assert (c.etcd.endpoints, c.etcd.lease_ttl_s, c.etcd.use_tls) == ([], 10, False)
     assert (c.transfer.backend, c.transfer.lease_ttl_s) == ("nixl", 30)
     assert (c.server.host, c.server.port, c.server.admin_port, c.server.admin_token) == ("127.0.0.1", 8000, 8001, None)

@@ -106,7 +106,7 @@ def test_should_prefill_locally():
 
 
 def test_plan_route_uses_the_decode_workers_own_overlap():
-    cfg = RouterConfig(local_prefill_threshold_tokens=32)
+    cfg = RouterConfig(policy="kv_aware", local_prefill_threshold_tokens=32)
     decodes = [decode("d1"), decode("d2", used=1)]
     prefills = [prefill("p1"), prefill("p2")]
     # 100-token prompt (7 blocks of 16). d2 holds 5 blocks: cost 1*2+1 = 3 < 7 -> d2; 100-80 = 20 uncached < 32

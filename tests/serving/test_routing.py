@@ -44,9 +44,10 @@ def conversation(url, model, topic, salt=None):
 
 
 def test_second_turn_goes_to_the_prefix_holder(cluster):
+    """The default policy (cache_aware) sends turn 2 where turn 1's KV is."""
     model = cluster.config.model.served_model_name
     (r1, d1), (r2, d2) = conversation(cluster.url, model, "Paris")
-    assert d2["decode"] == d1["decode"]
+    assert d2["decode"] == d1["decode"] and d2["decode_reason"] == "cache_hit"
     assert d2["decode_overlap_blocks"] > 0
     assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens - 8
 
@@ -59,11 +60,11 @@ def test_round_robin_does_not_follow_the_prefix(cluster, rr_url):
     assert r2.usage.prompt_tokens_details.cached_tokens < r1.usage.prompt_tokens
 
 
-def test_cache_aware_policy_follows_the_prefix(cluster):
-    url = attach_ingress(cluster, "routing-ca", router__policy="cache_aware")
+def test_kv_aware_policy_follows_the_prefix(cluster):
+    url = attach_ingress(cluster, "routing-kv", router__policy="kv_aware")
     model = cluster.config.model.served_model_name
     (r1, d1), (r2, d2) = conversation(url, model, "Rome")
-    assert d2["decode"] == d1["decode"] and d2["decode_reason"] == "cache_hit"
+    assert d2["decode"] == d1["decode"] and d2["decode_reason"] == "lowest_cost"
     assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens - 8
 
 
