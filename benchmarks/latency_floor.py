@@ -15,6 +15,9 @@ worker-side step of the request path (``hop_times`` of every worker; ms):
     decode.local_add        add_request of a local prefill
     prefill.add_request     the prefill engine accepted the prompt (engine-thread round trip)
     prefill.prefill         prefill() entered -> handle ready (engine queue + the model's prefill)
+    <role>.engine.handle_step      the engine step that finished a prefill (wall, on the engine thread)
+    <role>.engine.handle_delivery  that step's end -> its handle resolved on the worker's event loop
+    <role>.engine.delta_delivery   a step's end -> its token deltas on the worker's event loop
 
 Every request has its own cache_salt: no request reuses another's prefix cache.
 """

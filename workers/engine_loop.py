@@ -34,8 +34,9 @@ class EngineDeadError(RuntimeError):
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, event_log_size: int = 10_000):
+    def __init__(self, engine: Engine, event_log_size: int = 10_000, hops=None):
         self.engine = engine
+        self.hops = hops  # a worker's HopTimer (or None): where a prefill's time goes on this side
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -104,10 +105,14 @@ class EngineLoop:
             while not self._stop.is_set():
                 self._drain_commands(block=not self.engine.has_work())
                 if self.engine.has_work():
+                    t0 = time.perf_counter()
                     out = self.engine.step()
+                    done = time.perf_counter()
                     self.num_steps += 1
                     self.last_step_at = time.monotonic()
-                    self._dispatch(out.deltas, out.handles)
+                    if out.handles and self.hops is not None:
+                        self.hops.add("engine.handle_step", done - t0)  # the step that finished a prefill
+                    self._dispatch(out.deltas, out.handles, done)
                 self._events.extend(self.engine.take_kv_events())
         except BaseException as e:  # the engine is broken: fail every waiter loudly
             log.exception("engine thread died")
@@ -131,13 +136,15 @@ class EngineLoop:
             except queue.Empty:
                 return
 
-    def _dispatch(self, deltas: list[TokenDelta], handles: list[KVHandle]) -> None:
+    def _dispatch(self, deltas: list[TokenDelta], handles: list[KVHandle], done: float) -> None:
         if deltas:
-            self._loop.call_soon_threadsafe(self._deliver, deltas)
+            self._loop.call_soon_threadsafe(self._deliver, deltas, done)
         for h in handles:
-            self._loop.call_soon_threadsafe(self._deliver_handle, h)
+            self._loop.call_soon_threadsafe(self._deliver_handle, h, done)
 
-    def _deliver(self, deltas: list[TokenDelta]) -> None:
+    def _deliver(self, deltas: list[TokenDelta], done: float = 0.0) -> None:
+        if self.hops is not None and done:
+            self.hops.add("engine.delta_delivery", time.perf_counter() - done)  # engine thread -> event loop
         for d in deltas:
             q = self._streams.get(d.request_id)
             if q is not None:
@@ -148,7 +155,9 @@ class EngineLoop:
                     fut.set_exception(RequestFailedError(
                         f"prefill of {d.request_id} ended without a KV handle: {d.error or d.finish_reason.value}"))
 
-    def _deliver_handle(self, handle: KVHandle) -> None:
+    def _deliver_handle(self, handle: KVHandle, done: float = 0.0) -> None:
+        if self.hops is not None and done:
+            self.hops.add("engine.handle_delivery", time.perf_counter() - done)
         fut = self._handles.pop(handle.request_id, None)
         if fut is not None and not fut.done():
             fut.set_result(handle)

@@ -104,7 +104,7 @@ class WorkerBase:
 
         model_path = await asyncio.to_thread(resolve_model_path, self.spec.model.path)
         self.engine = await asyncio.to_thread(Engine, self.spec.model, self.spec.engine, model_path, self.worker_id)
-        self.loop = EngineLoop(self.engine)
+        self.loop = EngineLoop(self.engine, hops=self.hops)
         self.loop.start()
         self.transceiver = make_transceiver(self.spec.transfer, self.engine.kv_cache, self.worker_id)
         info = self.info()
