@@ -68,7 +68,8 @@ def main() -> int:
     ap.add_argument("--model", default="llama-1b-shape")
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--num-prompts", type=int, default=12)
-    ap.add_argument("--cases", default="eager,compiled")
+    ap.add_argument("--cases", default="eager,compiled", help="eager | compiled | loop (eager, driven as a worker "
+                    "drives it: EngineLoop thread, asyncio on the main thread, the workers' GIL switch interval)")
     ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"))
     ap.add_argument("--tiles", default="", help="eager case only: comma list of prefill attention tiles "
                     "ROWSxBLOCK_NxWARPS[xSTAGES] to time after it (one JSON line each), e.g. 64x64x4,128x64x8x3")
@@ -78,6 +79,9 @@ def main() -> int:
     tflops = gemm_tflops()
     hf_ms = None
     for case in args.cases.split(","):
+        if case == "loop":
+            print(json.dumps(in_worker_loop(model_dir, n, L)), flush=True)
+            continue
         t0 = time.perf_counter()
         engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
                         EngineConfig(block_size=16, num_kv_blocks=(n + 2) * (L // 16 + 2), blocks_per_segment=256,
@@ -128,6 +132,50 @@ def main() -> int:
     if args.tiles:
         sweep_tiles(model_dir, L, args.tiles.split(","))
     return 0
+
+
+def in_worker_loop(model_dir, n: int, L: int) -> dict:
+    """Prefill-only requests through EngineLoop as a prefill worker runs them (the engine on its
+    thread, asyncio on this one, sys.setswitchinterval as in the workers), one at a time: the
+    prefill hop (add_request -> handle) next to the step that made the handle."""
+    import asyncio
+
+    from workers.engine_loop import EngineLoop
+    from workers.worker_base import GIL_SWITCH_INTERVAL_S, HopTimer
+
+    engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
+                    EngineConfig(block_size=16, num_kv_blocks=(n + 2) * (L // 16 + 2), blocks_per_segment=256,
+                                 max_num_batched_tokens=L, max_num_seqs=64, max_model_len=L + 64), model_dir)
+    sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    batch = prompts(n + 2, L, engine.vocab_size, 13)
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    hops = HopTimer()
+
+    async def run() -> list[float]:
+        loop = EngineLoop(engine, hops=hops)
+        loop.start()
+        times = []
+        try:
+            for i, prompt in enumerate(batch):
+                rid = f"loop-{i}"
+                fut = loop.expect_handle(rid)
+                t0 = time.perf_counter()
+                await loop.call(lambda e, rid=rid, prompt=prompt: e.add_request(rid, prompt, sp, prefill_only=True))
+                await fut
+                times.append(time.perf_counter() - t0)
+                await loop.call(lambda e, rid=rid: e.release_handle(rid))
+        finally:
+            loop.stop()
+        return times[2:]  # the first two: warm-up
+
+    try:
+        times = asyncio.run(run())
+    finally:
+        sys.setswitchinterval(before)
+    snap = hops.snapshot()
+    med = {k: round(statistics.median(v[2:] or v) * 1e3, 2) for k, v in snap.items()}
+    return {"case": "loop", "prompt_len": L, "prefill_hop_ms": round(statistics.median(times) * 1e3, 2), "hops_ms": med}
 
 
 def sweep_tiles(model_dir, L: int, specs: list[str]) -> None:
