@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-
 from kv_transfer.layout import KVLayout, dtype_name
 from workers.engine.attention import TokenFill
 from workers.engine.block_pool import BlockPool, NoFreeBlocks
@@ -38,6 +36,7 @@ from workers.engine.kv_cache import KVCache
 from workers.engine.launched_step import LaunchedStep, LaunchedSteps
 from workers.engine.layer_hooks import LayerHookFactory, LayerHooks, make_layer_hook
 from workers.engine.model_runner import ModelRunner
+from workers.engine.outputs import EngineStats, ImportReservation, StepOutput
 from workers.engine.request import Request, RequestStatus, check_new_request
 from workers.engine.resizer import SegmentResizer
 from workers.engine.sampler import Sampler
@@ -48,38 +47,6 @@ from workers.protocol import FinishReason, InvalidRequestError, KVEvent, KVHandl
 log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngineStats", "ImportReservation", "NoFreeBlocks", "StepOutput"]
-
-
-@dataclass(frozen=True)
-class ImportReservation:
-    request_id: str
-    block_ids: tuple[int, ...]  # every block of the prompt, in order
-    num_local_cached_blocks: int  # block_ids[:n] already hold this prompt's KV here: don't fetch them
-
-
-@dataclass
-class StepOutput:
-    deltas: list[TokenDelta]
-    handles: list[KVHandle]
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_pinned: int
-    num_reserved: int
-    num_used_blocks: int
-    num_free_blocks: int
-    num_cached_free_blocks: int
-    num_total_blocks: int
-    num_target_blocks: int
-    num_pinned_blocks: int
-    num_preemptions: int
-    num_evictions: int
-    prompt_tokens_queried: int
-    prompt_tokens_hit: int
-    kv_bytes: int
 
 
 class Engine:
