@@ -138,7 +138,19 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--label", default="", help="copied into every line (e.g. before / after)")
     ap.add_argument("--gpus-per-worker", type=float, default=None, help="default: 0 on cpu, 0.5 on cuda (one GPU)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the cluster, repeatable (VALUE parsed as JSON when it parses), e.g. "
+                         "transfer.nixl_progress_delay_us=1000 or transfer.backend=tcp")
     args = ap.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            ap.error(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     model = checkpoint(args.model, REPO / ".cache" / "bench-models")
     base = {"model.path": model, "model.device": args.device, "engine.block_size": 8, "engine.num_kv_blocks": 512,
             "engine.blocks_per_segment": 64, "pools.prefill.num_cpus": 0.1, "pools.decode.num_cpus": 0.1}
@@ -151,6 +163,7 @@ def main() -> None:
         num_gpus = torch.cuda.device_count()
         base.update(PROFILES["gpu"].engine)
         args.max_token_id = PROFILES["gpu"].token_range[1]
+    base.update(overrides)  # last: they win over the profile's settings
     if args.gpus_per_worker is None:
         args.gpus_per_worker = 0.5 if args.device == "cuda" else 0.0
     env = BenchEnv(Path(tempfile.mkdtemp(prefix="latency-floor-")), num_cpus=args.num_cpus, num_gpus=num_gpus).start()
@@ -158,7 +171,8 @@ def main() -> None:
         for rnd in range(args.rounds):
             for mode in args.modes.split(","):
                 line = measure(env, mode, base, args)
-                print(json.dumps({"bench": "latency_floor", "label": args.label, "round": rnd, **line}), flush=True)
+                print(json.dumps({"bench": "latency_floor", "label": args.label, "round": rnd, "overrides": overrides,
+                                  **line}), flush=True)
     finally:
         env.stop()
 
