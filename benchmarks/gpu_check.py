@@ -5,7 +5,8 @@ machine (CI has none): exits non-zero, naming the failed checks, if any check fa
 
 Checks:
   kernels      Triton backend vs the torch reference backend, bf16, random data, blocks in 3 segments,
-               mixed prefill/decode steps, GQA, sliding window: relative error, identical cache writes
+               mixed prefill/decode steps, GQA, sliding window, split_diagonal off and on: relative
+               error, identical cache writes
   fp32-exact   tiny llama/mistral/qwen2/qwen3 in fp32 on CUDA, token-identical to transformers'
                generate on CUDA: whole and chunked prefill, prefix-cache hits, preemption
   graphs       decode through CUDA graphs == the same engine without graphs, token for token
@@ -95,7 +96,7 @@ def check_kernels() -> dict:
         free = list(range(a.num_blocks))
         rng.shuffle(free)
         seqs, ids, pos, t = [], [], [], 0
-        for cached, new in [(40, 1), (0, 70), (33, 20), (100, 1), (5, 1)]:
+        for cached, new in [(40, 1), (0, 70), (33, 20), (100, 1), (5, 1), (300, 1)]:
             ctx = cached + new
             seqs.append(SeqSlice(t, new, ctx, tuple(free.pop() for _ in range(-(-ctx // 16)))))
             ids += [1] * new
@@ -108,10 +109,12 @@ def check_kernels() -> dict:
             k = torch.randn(1, hkv, t, dim, device="cuda", dtype=torch.bfloat16)
             v = torch.randn(1, hkv, t, dim, device="cuda", dtype=torch.bfloat16)
             want = ref.forward(layer, q.float(), k, v, dim ** -0.5, window).float()
-            got = fast.forward(layer, q, k, v, dim ** -0.5, window).float()
-            if not torch.isfinite(got).all():
-                raise AssertionError("non-finite attention output")
-            worst = max(worst, ((got - want).norm() / want.norm()).item())
+            for split in (False, True):  # split_diagonal: unmasked tiles below the diagonal
+                fast.split_diagonal = split
+                got = fast.forward(layer, q, k, v, dim ** -0.5, window).float()
+                if not torch.isfinite(got).all():
+                    raise AssertionError(f"non-finite attention output (split_diagonal={split})")
+                worst = max(worst, ((got - want).norm() / want.norm()).item())
         for i in a.segments:
             if not torch.equal(a.segments[i], b.segments[i]):
                 raise AssertionError("cache writes differ from the reference")

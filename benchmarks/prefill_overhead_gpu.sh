@@ -22,3 +22,9 @@ timeout 200 python3 $floor --label default > "$out/floor_default.jsonl" 2> "$out
 timeout 200 python3 $floor --label nixl-delay-2ms --set transfer.nixl_progress_delay_us=2000 \
   > "$out/floor_delay.jsonl" 2> "$out/floor_delay.err"
 for f in loop floor_default floor_delay; do grep -h '^{' "$out/$f.jsonl" | cut -c1-900; done
+# 4. the prefill attention kernel with the diagonal split (split_diagonal, off by default until
+#    this shows it faster; gpu_check.py --only kernels first)
+timeout 120 python3 benchmarks/gpu_check.py --only kernels > "$out/check_kernels.jsonl" 2> "$out/check_kernels.err"
+timeout 200 python3 benchmarks/profile_prefill.py --cases eager --num-prompts 4 --tiles 64x64x4,64x64x4s,128x128x8x2s \
+  > "$out/split.jsonl" 2> "$out/split.err"
+grep -h '^{' "$out/check_kernels.jsonl" "$out/split.jsonl" | cut -c1-600

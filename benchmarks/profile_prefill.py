@@ -72,7 +72,8 @@ def main() -> int:
                     "drives it: EngineLoop thread, asyncio on the main thread, the workers' GIL switch interval)")
     ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"))
     ap.add_argument("--tiles", default="", help="eager case only: comma list of prefill attention tiles "
-                    "ROWSxBLOCK_NxWARPS[xSTAGES] to time after it (one JSON line each), e.g. 64x64x4,128x64x8x3")
+                    "ROWSxBLOCK_NxWARPS[xSTAGES][s] to time after it (one JSON line each; a trailing s: split_diagonal on), "
+                    "e.g. 64x64x4,64x64x4s,128x64x8x3")
     args = ap.parse_args()
     model_dir = build_model(args.model, Path(args.cache_dir))
     n, L = args.num_prompts, args.prompt_len
@@ -206,7 +207,8 @@ def sweep_tiles(model_dir, L: int, specs: list[str]) -> None:
     be._forward = record
     ref = None
     for spec in specs:
-        parts = [int(x) for x in spec.split("x")]
+        be.split_diagonal = spec.endswith("s")
+        parts = [int(x) for x in spec.removesuffix("s").split("x")]
         be.prefill_rows, be.prefill_block_n, be.prefill_warps = parts[:3]
         be.prefill_stages = parts[3] if len(parts) > 3 else None
         try:

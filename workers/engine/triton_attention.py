@@ -151,6 +151,10 @@ class TritonPagedAttention(AttentionBackend):
         # prefill tiles: rows (query tokens x the group's heads) and keys per program, warps, stages
         # (None: Triton's default). Tunable per instance (benchmarks/profile_prefill.py --tiles).
         self.prefill_rows, self.prefill_block_n, self.prefill_warps, self.prefill_stages = 64, 64, 4, None
+        self.decode_block_n = 128  # decode: one long tile sweep per program (fewer dependent load rounds)
+        # tiles below the causal diagonal without masks (FlashAttention's split): checked under the
+        # Triton interpreter, not yet timed or run on a GPU, so off until it is
+        self.split_diagonal = False
         self.block_q = 1
         self.num_qblocks = 0
         self.num_tokens = 0
@@ -265,9 +269,8 @@ class TritonPagedAttention(AttentionBackend):
             m.dev_view("q_len"), m.dev_view("ctx"), m.dev_view("blk_start"),
             float(scaling), int(sliding_window or 0),
             G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs,
-            # decode: one long tile sweep per program (fewer dependent load rounds); prefill: 64
-            BLOCK_Q=self.block_q, BLOCK_M=block_m, BLOCK_N=128 if decode else self.prefill_block_n,
-            USE_WINDOW=bool(sliding_window), INTERPRET=INTERPRET,
+            BLOCK_Q=self.block_q, BLOCK_M=block_m, BLOCK_N=self.decode_block_n if decode else self.prefill_block_n,
+            USE_WINDOW=bool(sliding_window), INTERPRET=INTERPRET, SPLIT_DIAGONAL=self.split_diagonal,
             # fp32 models: exact fp32 products (not tf32), so fp32 output matches the torch reference
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch,
         )

@@ -42,24 +42,34 @@ def write_kv_kernel(
 @triton.jit
 def _attend_tile(n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
                  kvh, scale, window, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Keys [n0, n0 + BLOCK_N) of one sequence into the running (max, sum, output) of its rows."""
+                 BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """Keys [n0, n0 + BLOCK_N) of one sequence into the running (max, sum, output) of its rows.
+    ``scale`` is in log2 units (softmax scale * log2 e: exp2 below). MASKED=False: every row sees
+    every key of the tile (the caller checked), so no causal/length masks are built."""
     n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = n < kv_hi
     d = tl.arange(0, BLOCK_D)
-    base = (tl.load(block_off + blk_start + n // BS, mask=n_ok, other=0) + layer_off
-            + (n % BS) * (HKV * D) + kvh * D)
-    kv_mask = n_ok[:, None] & (d < D)[None, :]
-    k = tl.load(anchor + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(anchor + kv_off + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    if MASKED:
+        n_ok = n < kv_hi
+        base = (tl.load(block_off + blk_start + n // BS, mask=n_ok, other=0) + layer_off
+                + (n % BS) * (HKV * D) + kvh * D)
+        kv_mask = n_ok[:, None] & (d < D)[None, :]
+        k = tl.load(anchor + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(anchor + kv_off + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    else:
+        base = tl.load(block_off + blk_start + n // BS) + layer_off + (n % BS) * (HKV * D) + kvh * D
+        d_mask = (d < D)[None, :]
+        k = tl.load(anchor + base[:, None] + d[None, :], mask=d_mask, other=0.0)
+        v = tl.load(anchor + kv_off + base[:, None] + d[None, :], mask=d_mask, other=0.0)
     scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
-    visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
-    if USE_WINDOW:
-        visible = visible & ((q_pos[:, None] - n[None, :]) < window)
-    scores = tl.where(visible, scores, float("-inf"))
+    if MASKED:
+        visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        if USE_WINDOW:
+            visible = visible & ((q_pos[:, None] - n[None, :]) < window)
+        scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
-    p = tl.exp(scores - m_new[:, None])
-    alpha = tl.exp(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -73,7 +83,7 @@ def paged_attention_kernel(
     scale, window,
     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_DIAGONAL: tl.constexpr = False,
 ):
     """One program = one query block (up to BLOCK_Q tokens of one sequence) x one KV head, with the
     G query heads of that KV head stacked as rows: row r is token r // G, query head kvh * G + r % G.
@@ -110,18 +120,34 @@ def paged_attention_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows stay NaN-free
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    scale = scale * 1.4426950408889634  # log2 e: the tiles use exp2
+    # SPLIT_DIAGONAL: [kv_lo, full_hi) are tiles every row of this block sees whole (wholly at or
+    # before the first row's position; no window), so they skip the masks; [full_hi, kv_hi): the
+    # diagonal, masked. Off: every tile masked (the path measured on GPUs so far)
+    full_hi = kv_lo
+    if SPLIT_DIAGONAL and not USE_WINDOW:
+        full_hi = tl.maximum(((first_pos + (t0 - q_start) + 1) // BLOCK_N) * BLOCK_N, kv_lo)
     if INTERPRET:  # the interpreter cannot take tensor bounds in range() (numpy >= 2 scalars)
         n0 = kv_lo
+        while n0 < full_hi:
+            m_i, l_i, acc = _attend_tile(
+                n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION, False)
+            n0 += BLOCK_N
         while n0 < kv_hi:
             m_i, l_i, acc = _attend_tile(
                 n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
-                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION)
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION, True)
             n0 += BLOCK_N
-    else:  # a for loop: the compiler pipelines the K/V loads
-        for n0 in range(kv_lo, kv_hi, BLOCK_N):
+    else:  # for loops: the compiler pipelines the K/V loads
+        for n0 in range(kv_lo, full_hi, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
-                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION)
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION, False)
+        for n0 in range(full_hi, kv_hi, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION, True)
     out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
     tl.store(O + tok[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

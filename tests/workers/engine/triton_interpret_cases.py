@@ -58,8 +58,15 @@ def test_kernels_match_torch_reference(hq, hkv, dim, window):
     # anchor at the highest segment: the others sit at negative offsets (as on a GPU, where the
     # anchor is allocated after the cache and segments come and go)
     fast.anchor = max(caches[1].segments.values(), key=lambda t: t.data_ptr())
-    # decodes, a fresh prefill, a chunk after cached context, a one-token chunk
-    for shapes in ([(9, 1), (0, 7), (12, 6), (3, 1)], [(5, 1), (17, 1)], [(0, 19)]):
+    # decodes, a fresh prefill, a chunk after cached context, a one-token chunk; then with 16-key
+    # tiles, contexts long enough that tiles wholly before a query block's first row (the kernel's
+    # unmasked loop with split_diagonal) come before the masked diagonal ones, both ways
+    long = [[(40, 1), (33, 6)], [(0, 50)], [(21, 30), (2, 1)]]
+    steps = [(64, False, [(9, 1), (0, 7), (12, 6), (3, 1)]), (64, False, [(5, 1), (17, 1)]), (64, False, [(0, 19)])]
+    steps += [(16, split, shapes) for split in (True, False) for shapes in long]
+    for block_n, split, shapes in steps:
+        fast.prefill_block_n, fast.decode_block_n = block_n, (128 if block_n == 64 else block_n)
+        fast.split_diagonal = split
         seqs, ids, pos = random_step(rng, caches[0].num_blocks, bs, shapes)
         T = len(ids)
         ref.prepare(seqs, ids, pos, [T - 1])
