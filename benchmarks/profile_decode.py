@@ -14,7 +14,6 @@ import json
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.cuda_kernels import kernel_times  # noqa: E402
 from benchmarks.engine import build_model, prompts  # noqa: E402
 from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
@@ -29,17 +29,7 @@ from workers.protocol import SamplingParams  # noqa: E402
 
 
 def kernel_table(graph, replays: int = 20, top: int = 12) -> list[tuple[str, float]]:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            graph.replay()
-        torch.cuda.synchronize()
-    per_kernel: dict[str, float] = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type.name == "CUDA":
-            per_kernel[ev.name[:70]] += ev.device_time_total / replays
-    return sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    return kernel_times(graph.replay, replays, top)[1]
 
 
 class _Eager:

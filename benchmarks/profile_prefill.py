@@ -17,7 +17,6 @@ import json
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.cuda_kernels import kernel_times  # noqa: E402
 from benchmarks.engine import build_model, prompts  # noqa: E402
 from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
@@ -43,18 +43,9 @@ def cuda_ms(fn, reps: int) -> float:
 
 
 def kernels(fn, top: int) -> tuple[float, list]:
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    per: dict[str, float] = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type.name == "CUDA":
-            per[ev.name[:60]] += ev.device_time_total
-    total = sum(per.values())
-    return total / 1e3, [(k, round(v, 1)) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]]
+    """(ms of kernels in one call of fn, the top kernels [(name, us)])."""
+    total_us, table = kernel_times(fn, 1, top, 60)
+    return total_us / 1e3, [(k, round(v, 1)) for k, v in table]
 
 
 def gemm_tflops() -> float:
