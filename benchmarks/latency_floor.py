@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 
 from benchmarks.model_shapes import checkpoint  # noqa: E402
-from benchmarks.serve_clusters import MODES, BenchEnv, start_cluster  # noqa: E402
+from benchmarks.serve_clusters import MODES, BenchEnv, config_overrides, start_cluster  # noqa: E402
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -142,15 +142,10 @@ def main() -> None:
                     help="a config override for the cluster, repeatable (VALUE parsed as JSON when it parses), e.g. "
                          "transfer.nixl_progress_delay_us=1000 or transfer.backend=tcp")
     args = ap.parse_args()
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            ap.error(f"--set wants KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    try:
+        overrides = config_overrides(args.set)
+    except ValueError as e:
+        ap.error(str(e))
     model = checkpoint(args.model, REPO / ".cache" / "bench-models")
     base = {"model.path": model, "model.device": args.device, "engine.block_size": 8, "engine.num_kv_blocks": 512,
             "engine.blocks_per_segment": 64, "pools.prefill.num_cpus": 0.1, "pools.decode.num_cpus": 0.1}

@@ -37,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.serve_client import model_id, run_load  # noqa: E402
-from benchmarks.serve_clusters import ALL_ROUTINGS, MODES, ROUTINGS, BenchEnv, start_cluster  # noqa: E402
+from benchmarks.serve_clusters import ALL_ROUTINGS, MODES, ROUTINGS, BenchEnv, config_overrides, start_cluster  # noqa: E402
 from benchmarks.serve_stats import max_rate_at_attainment, summarize  # noqa: E402
 from benchmarks.serve_workloads import WORKLOADS, WorkloadShape, build_workload  # noqa: E402
 
@@ -119,6 +119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="tiny | llama-1b-shape | a checkpoint dir (default: the profile's)")
     p.add_argument("--overlap-weight", type=float, help="router.overlap_weight of the kv_aware policy (default: "
                                                          "the router's, 1.0 as Dynamo's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for the clusters, repeatable (e.g. router.prefill_queue_threshold=2); "
+                        "echoed in every row")
     p.add_argument("--context-tokens", type=int, help="multi_turn: each conversation's own context (tokens)")
     p.add_argument("--num-kv-blocks", type=int, help="engine.num_kv_blocks per worker (default: the profile's)")
     p.add_argument("--engine-compile", choices=["on", "off"], default="on", help="engine.compile_decode (cuda)")
@@ -136,6 +139,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [r for r in args.routings.split(",") if r not in ALL_ROUTINGS]
     if bad:
         p.error(f"--routings: unknown {bad}; policies are {ALL_ROUTINGS}")
+    try:
+        config_overrides(args.set)
+    except ValueError as e:
+        p.error(str(e))
+    if args.url and args.set:
+        p.error("--set configures the clusters this script starts, not a running one (--url)")
     if args.url and not (args.mode_label and args.routing_label):
         p.error("--url needs --mode-label and --routing-label (what the endpoint is)")
     return args
@@ -173,6 +182,8 @@ class Runner:
                      "seed": args.seed, "num_requests": self.num_requests}
         if args.overlap_weight is not None:
             self.base["overlap_weight"] = args.overlap_weight
+        if args.set:
+            self.base["overrides"] = config_overrides(args.set)
 
     def emit(self, row: dict) -> None:
         line = json.dumps(row)
@@ -284,6 +295,7 @@ def run_clusters(args, prof: Profile, runner: Runner) -> None:
         base["engine.num_kv_blocks"] = args.num_kv_blocks
     if prof.device == "cuda":
         base["engine.compile_decode"] = args.engine_compile == "on"
+    base.update(config_overrides(args.set))  # last: they win
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="pdserve-bench-"))
     env = BenchEnv(run_dir, num_cpus=args.num_cpus or os.cpu_count() or 2, num_gpus=num_gpus).start()
     routings = tuple(args.routings.split(","))

@@ -156,3 +156,20 @@ def _attach_ingress(cluster, app: str, patch: dict, timeout_s: float = 300) -> s
         if time.monotonic() > deadline:
             raise TimeoutError(f"endpoint {url} not ready within {timeout_s:.0f} s")
         time.sleep(0.5)
+
+
+def config_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` arguments -> {dotted key: value}; VALUE is parsed as JSON when it
+    parses (numbers, true/false, lists), else kept as a string. Raises ValueError on a bad item."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

@@ -19,6 +19,9 @@ class RouterConfig(BaseModel):
     local_prefill_threshold_tokens: int = Field(
         32, ge=0, description="Decode prefills locally when the uncached prompt part is below this"
     )
+    prefill_queue_threshold: int = Field(
+        0, ge=0, description="Decode prefills locally when every prefill worker has at least this many requests "
+                             "queued (Dynamo's conditional disaggregation on queue length); 0 = never")
     min_prefill_workers: int = Field(1, ge=0, description="Readiness gate: 503 until this many prefill workers registered")
     min_decode_workers: int = Field(1, ge=1, description="Readiness gate: 503 until this many decode workers registered")
     temperature: float = Field(

@@ -27,7 +27,9 @@ never chosen. Each choice returns a RoutingDecision (chosen id, every candidate'
 so the endpoint can count decisions and show recent ones.
 
 Conditional disaggregation: the chosen decode worker prefills locally when the prompt tokens
-missing from *its own* cache are below a threshold; otherwise a prefill worker is chosen.
+missing from *its own* cache are below a threshold, when no prefill worker is eligible, or (with
+prefill_queue_threshold > 0) when every prefill worker already has that many requests queued;
+otherwise a prefill worker is chosen.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class RoutePlan:
     decode: RoutingDecision
     prefill: RoutingDecision | None
     num_uncached_tokens: int  # prompt tokens missing from the decode worker's cache
-    reason: str  # disaggregated | uncached_below_threshold | no_prefill_worker
+    reason: str  # disaggregated | uncached_below_threshold | no_prefill_worker | prefill_queue_full
 
     @property
     def prefill_locally(self) -> bool:
@@ -207,6 +209,8 @@ def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Seque
         return RoutePlan(decode, None, num_uncached, "uncached_below_threshold")
     if not any(not w.is_draining for w in prefill_candidates):
         return RoutePlan(decode, None, num_uncached, "no_prefill_worker")
+    if prefill_queue_full(prefill_candidates, config.prefill_queue_threshold):
+        return RoutePlan(decode, None, num_uncached, "prefill_queue_full")
     if config.policy == "round_robin":
         prefill = round_robin.choose(Role.PREFILL, prefill_candidates, request_blocks, overlaps)
     elif config.policy == "cache_aware":
@@ -215,6 +219,15 @@ def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Seque
     else:
         prefill = choose_prefill(request_blocks, prefill_candidates, overlaps, queue_weight=config.prefill_queue_weight)
     return RoutePlan(decode, prefill, num_uncached, "disaggregated")
+
+
+def prefill_queue_full(prefill_candidates: Sequence[WorkerLoad], threshold: int) -> bool:
+    """Every eligible prefill worker has at least ``threshold`` requests queued (0: never full).
+    A prefill would wait behind them while the decode worker could start it now."""
+    if threshold <= 0:
+        return False
+    eligible = [w for w in prefill_candidates if not w.is_draining]
+    return bool(eligible) and all(w.num_waiting >= threshold for w in eligible)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

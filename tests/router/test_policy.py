@@ -171,6 +171,29 @@ def test_cache_aware_balances_when_loads_diverge_and_spreads_new_prefixes():
         choose_cache_aware(Role.DECODE, 10, workers, {}, balance_rel_threshold=0.5)
 
 
+@pytest.mark.parametrize("policy", ["cache_aware", "kv_aware", "round_robin"])
+def test_plan_route_prefills_locally_when_every_prefill_queue_is_full(policy):
+    """prefill_queue_threshold: a long prompt stays on its decode worker only when every eligible
+    prefill worker has that many requests queued; draining workers do not count; 0 turns it off."""
+    decodes = [decode("d1")]
+    rr = RoundRobin()
+
+    def plan(threshold, prefills):
+        cfg = RouterConfig(policy=policy, local_prefill_threshold_tokens=0, prefill_queue_threshold=threshold)
+        return plan_route(160, 16, decodes, prefills, {}, cfg, round_robin=rr)
+
+    busy = [prefill("p1", running=1, waiting=3), prefill("p2", waiting=2)]
+    p = plan(2, busy)
+    assert (p.prefill, p.reason, p.num_uncached_tokens) == (None, "prefill_queue_full", 160) and p.prefill_locally
+    assert plan(3, busy).reason == "disaggregated"  # p2 has room
+    assert plan(0, busy).reason == "disaggregated"  # off
+    # a draining worker with room is no room: the others decide
+    p = plan(2, [prefill("p1", waiting=2), prefill("p2", draining=True)])
+    assert p.reason == "prefill_queue_full"
+    with pytest.raises(ValueError):
+        RouterConfig(prefill_queue_threshold=-1)
+
+
 def test_plan_route_cache_aware_picks_both_roles_by_the_same_rule():
     cfg = RouterConfig(policy="cache_aware", local_prefill_threshold_tokens=0)
     decodes = [decode("d1", used=400, running=1), decode("d2")]

@@ -102,3 +102,34 @@ def attach_ingress_unready(cluster):
     serve.run(build_app({"config": raw}), name=f"{cluster.app_name}-unready", route_prefix="/routing-unready")
     cluster.extra_apps.append(f"{cluster.app_name}-unready")
     return cluster.url.rsplit("/", 1)[0] + "/routing-unready"
+
+
+def test_full_prefill_queues_keep_prompts_on_their_decode_worker(cluster):
+    """router.prefill_queue_threshold: 1 on a second endpoint. A burst of long prompts: the first is
+    sent to the one prefill worker; while the router counts it queued there, the next ones are
+    prefilled by their decode workers (reason prefill_queue_full); every request completes, and the
+    decode workers' local prefills grow by at least as many."""
+    import concurrent.futures
+
+    from tests.reliability.faults import actor_of, assert_no_leaks, counters, workers_of
+
+    url = attach_ingress(cluster, "routing-pq", router__prefill_queue_threshold=1)
+    model = cluster.config.model.served_model_name
+    decodes = [actor_of(cluster, wid) for wid in workers_of(url, "decode")]
+    before = sum(counters(a)["num_local_prefills"] for a in decodes)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+    def one(i):
+        prompt = f"Request {i} of a burst. " + "Tell me a long story about the sea. " * 8
+        return client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0,
+                                         extra_body={"ignore_eos": True, "cache_salt": f"burst-{i}"})
+
+    n = 8
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(one, range(n)))
+    assert all(r.usage.completion_tokens == 4 for r in results)
+    reasons = [d["reason"] for d in httpx.get(url + "/v1/routing/recent", timeout=30).json()["decisions"][-n:]]
+    assert "disaggregated" in reasons and "prefill_queue_full" in reasons, reasons
+    after = sum(counters(a)["num_local_prefills"] for a in decodes)
+    assert after - before >= reasons.count("prefill_queue_full"), (before, after, reasons)
+    assert_no_leaks(url)
