@@ -19,7 +19,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import Info, generate_latest
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,6 +33,7 @@ from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse,
 from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
 from router.request_parsing import chat_prompt, completion_prompt, sampling_params
+from router.http_errors import BodyLimit, HTTPError, error_response
 from workers.protocol import IngressSnapshot, InvalidRequestError, RequestFailedError
 
 log = logging.getLogger(__name__)
@@ -48,17 +49,6 @@ _SSE = {"text/event-stream": {"schema": {
     "properties": {"data": {"type": "string", "description": "a JSON chunk, an error object, or [DONE]"}}}}}
 # what ends a request with a 503 (no byte streamed yet) or an SSE error event (streaming)
 _UNAVAILABLE = (NoWorkerAvailable, MigrationsExhausted, RequestFailedError)
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
-        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
-
-
-def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 @app.exception_handler(HTTPError)
@@ -93,53 +83,6 @@ async def _invalid(request: Request, e: InvalidRequestError):
 async def _internal(request: Request, e: Exception):
     log.exception("%s %s failed", request.method, request.url.path)
     return error_response(500, f"internal error: {type(e).__name__}", "server_error", code="internal_error")
-
-
-class BodyLimit:
-    """413 for a request body over limits.max_body_bytes (app.state.max_body_bytes), judged on
-    Content-Length and on the bytes that actually arrive (a chunked body has no Content-Length).
-    The body is read here, up to the limit, then handed on."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        limit = getattr(scope.get("app").state, "max_body_bytes", None) if scope["type"] == "http" else None
-        if limit is None:
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._too_large(limit, scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left: let the app see it
-                chunks = None
-                first = message
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                return await self._too_large(limit, scope, receive, send)
-            if not message.get("more_body", False):
-                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-                break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return first
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    async def _too_large(limit, scope, receive, send):
-        response = error_response(413, f"the request body is larger than this server's limit of {limit} bytes "
-                                       "(limits.max_body_bytes)", "invalid_request_error", code="body_too_large")
-        await response(scope, receive, send)
 
 
 app.add_middleware(BodyLimit)

@@ -1,0 +1,64 @@
+"""The endpoint's HTTP edges: OpenAI-shaped error bodies (HTTPError, error_response) and the
+request body limit (BodyLimit, a plain ASGI middleware: 413 before the body is parsed)."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
+
+
+def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """413 for a request body over limits.max_body_bytes (app.state.max_body_bytes), judged on
+    Content-Length and on the bytes that actually arrive (a chunked body has no Content-Length).
+    The body is read here, up to the limit, then handed on."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        limit = getattr(scope.get("app").state, "max_body_bytes", None) if scope["type"] == "http" else None
+        if limit is None:
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._too_large(limit, scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                chunks = None
+                first = message
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self._too_large(limit, scope, receive, send)
+            if not message.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _too_large(limit, scope, receive, send):
+        response = error_response(413, f"the request body is larger than this server's limit of {limit} bytes "
+                                       "(limits.max_body_bytes)", "invalid_request_error", code="body_too_large")
+        await response(scope, receive, send)
