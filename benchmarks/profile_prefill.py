@@ -48,6 +48,13 @@ def kernels(fn, top: int) -> tuple[float, list]:
     return total_us / 1e3, [(k, round(v, 1)) for k, v in table]
 
 
+def prefill_engine(model_dir, L: int, num_prompts: int, **config) -> Engine:
+    """A bf16 CUDA engine that prefills an L-token prompt in one step, with KV for num_prompts of them."""
+    return Engine(ModelConfig(device="cuda", dtype="bfloat16"),
+                  EngineConfig(block_size=16, num_kv_blocks=num_prompts * (L // 16 + 2), blocks_per_segment=256,
+                               max_num_batched_tokens=L, max_num_seqs=64, max_model_len=L + 64, **config), model_dir)
+
+
 def gemm_tflops() -> float:
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     ms = cuda_ms(lambda: a @ a, 20)
@@ -75,10 +82,7 @@ def main() -> int:
             print(json.dumps(in_worker_loop(model_dir, n, L)), flush=True)
             continue
         t0 = time.perf_counter()
-        engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
-                        EngineConfig(block_size=16, num_kv_blocks=(n + 2) * (L // 16 + 2), blocks_per_segment=256,
-                                     max_num_batched_tokens=L, max_num_seqs=64, max_model_len=L + 64,
-                                     compile_prefill=case == "compiled"), model_dir)
+        engine = prefill_engine(model_dir, L, n + 2, compile_prefill=case == "compiled")
         init_s = time.perf_counter() - t0
         sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
         batch = prompts(n + 3, L, engine.vocab_size, 7)
@@ -135,9 +139,7 @@ def in_worker_loop(model_dir, n: int, L: int) -> dict:
     from workers.engine_loop import EngineLoop
     from workers.worker_base import GIL_SWITCH_INTERVAL_S, HopTimer
 
-    engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
-                    EngineConfig(block_size=16, num_kv_blocks=(n + 2) * (L // 16 + 2), blocks_per_segment=256,
-                                 max_num_batched_tokens=L, max_num_seqs=64, max_model_len=L + 64), model_dir)
+    engine = prefill_engine(model_dir, L, n + 2)
     sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     batch = prompts(n + 2, L, engine.vocab_size, 13)
     before = sys.getswitchinterval()
@@ -174,10 +176,7 @@ def sweep_tiles(model_dir, L: int, specs: list[str]) -> None:
     """Time the eager prefill step and its attention kernel under each tile, on one prompt
     prefilled again and again (prefix caching off); layer 0's attention output is compared with
     the first spec's (the same math in another order: bf16 rounding apart)."""
-    engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
-                    EngineConfig(block_size=16, num_kv_blocks=2 * (L // 16 + 2), blocks_per_segment=256,
-                                 max_num_batched_tokens=L, max_num_seqs=64, max_model_len=L + 64,
-                                 enable_prefix_caching=False), model_dir)
+    engine = prefill_engine(model_dir, L, 2, enable_prefix_caching=False)
     sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     prompt = prompts(1, L, engine.vocab_size, 11)[0]
     be = engine.runner.backend

@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         p.error(f"--routings: unknown {bad}; policies are {ALL_ROUTINGS}")
     try:
-        config_overrides(args.set)
+        args.overrides = config_overrides(args.set)
     except ValueError as e:
         p.error(str(e))
     if args.url and args.set:
@@ -183,7 +183,7 @@ class Runner:
         if args.overlap_weight is not None:
             self.base["overlap_weight"] = args.overlap_weight
         if args.set:
-            self.base["overrides"] = config_overrides(args.set)
+            self.base["overrides"] = args.overrides
 
     def emit(self, row: dict) -> None:
         line = json.dumps(row)
@@ -295,7 +295,7 @@ def run_clusters(args, prof: Profile, runner: Runner) -> None:
         base["engine.num_kv_blocks"] = args.num_kv_blocks
     if prof.device == "cuda":
         base["engine.compile_decode"] = args.engine_compile == "on"
-    base.update(config_overrides(args.set))  # last: they win
+    base.update(args.overrides)  # last: they win
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="pdserve-bench-"))
     env = BenchEnv(run_dir, num_cpus=args.num_cpus or os.cpu_count() or 2, num_gpus=num_gpus).start()
     routings = tuple(args.routings.split(","))

@@ -142,8 +142,8 @@ class EngineLoop:
         for h in handles:
             self._loop.call_soon_threadsafe(self._deliver_handle, h, done)
 
-    def _deliver(self, deltas: list[TokenDelta], done: float = 0.0) -> None:
-        if self.hops is not None and done:
+    def _deliver(self, deltas: list[TokenDelta], done: float) -> None:
+        if self.hops is not None:
             self.hops.add("engine.delta_delivery", time.perf_counter() - done)  # engine thread -> event loop
         for d in deltas:
             q = self._streams.get(d.request_id)
@@ -155,8 +155,8 @@ class EngineLoop:
                     fut.set_exception(RequestFailedError(
                         f"prefill of {d.request_id} ended without a KV handle: {d.error or d.finish_reason.value}"))
 
-    def _deliver_handle(self, handle: KVHandle, done: float = 0.0) -> None:
-        if self.hops is not None and done:
+    def _deliver_handle(self, handle: KVHandle, done: float) -> None:
+        if self.hops is not None:
             self.hops.add("engine.handle_delivery", time.perf_counter() - done)
         fut = self._handles.pop(handle.request_id, None)
         if fut is not None and not fut.done():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+
 from kv_transfer.layout import KVLayout, dtype_name
 from workers.engine.attention import TokenFill
 from workers.engine.block_pool import BlockPool, NoFreeBlocks
