@@ -257,7 +257,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="CUDA graphs of the eager model (no torch.compile)")
     ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"))
     ap.add_argument("--fuse-projections", action="store_true",
-                    help="engine.fuse_projections: one GEMM for q/k/v and one for gate/up per layer")
+                    help="engine.fuse_projections: true (default: auto, on for CUDA)")
+    ap.add_argument("--gemv", action="store_true", help="engine.gemv on (Triton GEMV where it times faster)")
     ap.add_argument("--scheduling", default="sync,async", choices=["sync,async", "sync", "async"],
                     help="engine scheduling modes to measure, each on the same engine and prompts")
     args = ap.parse_args(argv)
@@ -283,7 +284,8 @@ def main(argv=None) -> int:
     ecfg = EngineConfig(block_size=bs, num_kv_blocks=blocks, blocks_per_segment=max(16, blocks // 8),
                         max_num_batched_tokens=256 if small else (16384 if args.device == "cuda" else 1024),
                         max_num_seqs=max_seqs, max_model_len=max_len, attention_backend=args.attention_backend,
-                        compile_decode=not args.no_compile, fuse_projections=args.fuse_projections)
+                        compile_decode=not args.no_compile, fuse_projections=args.fuse_projections or "auto",
+                        gemv=args.gemv)
     t0 = time.perf_counter()
     engine = Engine(ModelConfig(device=args.device, dtype=dtype), ecfg, model_dir)
     init_s = time.perf_counter() - t0
@@ -293,7 +295,8 @@ def main(argv=None) -> int:
                   attention_backend=type(engine.runner.backend).__name__,
                   cuda_graphs=engine.runner.graphs is not None,
                   compile_decode=ecfg.compile_decode and engine.runner.graphs is not None,
-                  fuse_projections=ecfg.fuse_projections,
+                  fuse_projections=engine.runner.fused_groups > 0,
+                  gemv=[f"{r['shape'][0]}x{r['shape'][1]}:{r['kernel']}" for r in engine.runner.gemv_choices],
                   engine_init_s=round(init_s, 2))
     if args.device == "cuda":
         common["card"] = torch.cuda.get_device_name()

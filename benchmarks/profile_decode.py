@@ -43,14 +43,16 @@ def main() -> int:
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"))
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--fuse-projections", action="store_true", help="engine.fuse_projections (q|k|v, gate|up)")
+    ap.add_argument("--fuse-projections", action="store_true", help="engine.fuse_projections: true (default: auto, on for CUDA)")
+    ap.add_argument("--gemv", action="store_true", help="engine.gemv on (Triton GEMV where it times faster)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     model_dir = build_model(args.model, Path(args.cache_dir))
     engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
                     EngineConfig(block_size=16, num_kv_blocks=max(sizes) * 24 + 64, blocks_per_segment=256,
                                  max_num_batched_tokens=4096, max_num_seqs=max(sizes), max_model_len=1024,
-                                 compile_decode=not args.no_compile, fuse_projections=args.fuse_projections),
+                                 compile_decode=not args.no_compile, fuse_projections=args.fuse_projections or "auto",
+                                 gemv=args.gemv),
                     model_dir)
     graphs = engine.runner.graphs
     for n in sizes:

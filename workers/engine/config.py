@@ -35,11 +35,19 @@ class EngineConfig(BaseModel):
                            "mixed steps) with a symbolic token count: fuses norms, RoPE and activations "
                            "as compile_decode does for decode (CUDA only). Opt-in: compiled lazily, so the first "
                            "prefill waits for the compiler (~30 s on an H100)")
-    fuse_projections: bool = Field(
-        False, description="Load-time module surgery: one GEMM for q/k/v and one for gate/up per layer "
-                           "(workers/engine/fused_projections.py). Off by default: on an H100 it took the Llama-1B "
-                           "batch-1 decode graph from 1.63 to 1.44 ms and matched unfused tokens on the tiny "
-                           "fp32 models, but the bf16 1B check has not run yet (benchmarks/README.md).")
+    fuse_projections: bool | Literal["auto"] = Field(
+        "auto", description="Load-time module surgery: one GEMM for q/k/v and one for gate/up per layer "
+                            "(workers/engine/fused_projections.py). 'auto' = on for CUDA (an H100 batch-1 "
+                            "decode graph of the Llama-1B shape 1.63 -> 1.44 ms; gpu_check's bf16-1b-fused and "
+                            "fused checks pass there), off on the CPU; a model with no such groups then runs "
+                            "unfused (true: an error).")
+    gemv: bool = Field(
+        False, description="Batch-1 decode projections: time cuBLAS against a Triton GEMV on each weight shape "
+                           "at load and keep the faster in the decode CUDA graphs (workers/engine/gemv.py; CUDA "
+                           "with cuda_graphs only). Opt-in: on an H100 it won 2-11 % per projection in isolation "
+                           "but left the Llama-1B batch-1 graph at 1.40 ms (cuBLAS 1.39), and one "
+                           "benchmarks/engine.py run with it hit an illegal memory access not reproduced since "
+                           "(benchmarks/README.md).")
     async_scheduling: bool | Literal["auto"] = Field(
         "auto", description="Overlap the host's work for step n+1 (scheduling, staging) with the GPU running "
                             "step n: step n+1 is launched with its new input tokens read on the device from "

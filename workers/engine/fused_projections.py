@@ -16,8 +16,9 @@ raises instead of reading a stale result.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from workers.engine.gemv import linear
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -32,6 +33,7 @@ class FusedLinear(nn.Module):
         self.bias = nn.Parameter(torch.cat([m.bias.data for m in linears]), requires_grad=False) if has_bias else None
         self.splits = [m.out_features for m in linears]
         self.last: torch.Tensor | None = None  # the fused output of the current call, until its last member read it
+        self.gemv_cfg = None  # set by gemv.choose(): the batch-1 kernel of this weight (None = F.linear)
 
 
 class FusedSlice(nn.Module):
@@ -48,7 +50,7 @@ class FusedSlice(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.group
         if self.index == 0:
-            group.last = F.linear(x, group.weight, group.bias)
+            group.last = linear(x, group.weight, group.bias, group.gemv_cfg)
         elif group.last is None:
             raise RuntimeError("fused projection called before its group's first member (the model's forward "
                                "changed its call order); set engine.fuse_projections: false")

@@ -110,12 +110,14 @@ class ModelRunner:
         ).to(self.device).eval()
         if not type(self.model).is_backend_compatible():
             raise UnsupportedModelError(f"{model_cls_name} does not use transformers' attention interface")
-        if engine_config.fuse_projections:
-            num_fused = fuse_projections(self.model)
-            if num_fused == 0:
+        fuse = engine_config.fuse_projections
+        self.fused_groups = 0
+        if fuse is True or (fuse == "auto" and self.device.type == "cuda"):
+            self.fused_groups = fuse_projections(self.model)
+            if self.fused_groups == 0 and fuse is True:
                 raise UnsupportedModelError(f"fuse_projections: {model_cls_name} has no q/k/v or gate/up Linear "
                                             f"groups to fuse; set engine.fuse_projections: false")
-            log.info("fused %d projection groups (q|k|v, gate|up)", num_fused)
+            log.info("fused %d projection groups (q|k|v, gate|up)", self.fused_groups)
         self.tokenizer = load_tokenizer(model_path)
         self.model_id = model_identity(self.hf_config)
         text_config = self.hf_config.get_text_config()
@@ -127,6 +129,7 @@ class ModelRunner:
         self.engine_config = engine_config
         self.backend: AttentionBackend | None = None
         self.graphs: DecodeGraphs | None = None
+        self.gemv_choices: list[dict] = []  # gemv.choose()'s table, when it ran
         self._general = self._forward
         if engine_config.compile_prefill and self.device.type == "cuda":
             self._general = torch.compile(self._forward, dynamic=True)
@@ -165,6 +168,10 @@ class ModelRunner:
             kv_cache, text_config.num_attention_heads, cfg.max_num_batched_tokens, cfg.max_num_seqs,
             self.max_model_len)
         if self.device.type == "cuda" and cfg.cuda_graphs:
+            if cfg.gemv:
+                from workers.engine import gemv
+
+                self.gemv_choices = gemv.choose(self.model)
             self.graphs = DecodeGraphs(self.model, self.backend, capture_sizes(cfg.max_num_seqs), cfg.compile_decode)
             self.graphs.capture()
 

@@ -122,3 +122,58 @@ def test_padded_decode_steps_match_generate(tiny_checkpoint):
     assert (engine.num_overlapped_steps > 0) == engine.async_scheduling
     assert got == {f"r{i}": hf_greedy(model_dir, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
     assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("cfg", [(8, 512, 4), (16, 256, 4), (4, 1024, 4), (32, 256, 8), (16, 32, 4)])
+def test_gemv_matches_linear(cfg):
+    """The batch-1 GEMV op (workers/engine/gemv.py) == F.linear on odd shapes (rows and columns not
+    multiples of the tile), with and without bias; inputs of more than one row keep F.linear."""
+    from workers.engine import gemv
+
+    gemv._register_op()
+    gen = torch.Generator().manual_seed(1)
+    for n, k in ((37, 300), (130, 1030), (5, 7)):
+        w, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+        x = torch.randn(1, 1, k, generator=gen)
+        for bias in (None, b):
+            got = gemv.linear(x, w, bias, cfg)
+            assert got.shape == (1, 1, n)
+            torch.testing.assert_close(got, torch.nn.functional.linear(x, w, bias), rtol=1e-4, atol=1e-4)
+    two = torch.randn(1, 2, 300, generator=gen)  # two rows: F.linear, the GEMV op is not called
+    w = torch.randn(37, 300, generator=gen)
+    assert torch.equal(gemv.linear(two, w, None, cfg), torch.nn.functional.linear(two, w))
+
+
+def test_engine_with_gemv_projections_matches_generate(tiny_checkpoint):
+    """Every projection of a tiny Llama (the fused q|k|v and gate|up groups, the plain o, down and
+    lm_head Linears) switched to the GEMV, as gemv.choose() switches them on a GPU: batch-1 decode
+    steps run it and the tokens are generate's."""
+    from workers.engine import gemv
+
+    gemv._register_op()
+    model_dir = tiny_checkpoint("llama")
+    engine = make_engine(model_dir, attention_backend="triton", fuse_projections=True, blocks_per_segment=4)
+    layers = gemv.projections(engine.runner.model)
+    kinds = {type(m).__name__ for m in layers}
+    assert kinds == {"FusedLinear", "Linear"}, kinds
+    for m in layers:
+        if type(m) is torch.nn.Linear:
+            m.__class__ = gemv.GemvLinear
+        m.gemv_cfg = (128, 128, 4)  # large tiles: few programs for the interpreter to run
+    calls = []
+    real = torch.ops.pdserve.gemv
+
+    class Counting:  # counts the op's calls without changing them
+        def __call__(self, *a):
+            calls.append(a[1].shape)
+            return real(*a)
+
+    torch.ops.pdserve.gemv = Counting()
+    try:
+        prompt = PROMPTS[0]
+        got = run_all(engine, [prompt], sampling=GREEDY)
+    finally:
+        torch.ops.pdserve.gemv = real
+    assert got == {"r0": hf_greedy(model_dir, prompt, GREEDY.max_tokens)}
+    assert len(calls) >= len(layers) * (GREEDY.max_tokens - 1)  # every decode step, every layer
+    assert_all_blocks_free(engine)
