@@ -29,7 +29,8 @@ def make_transceiver(config: "TransferConfig", kv_cache, worker_id: str, *, host
         from kv_transfer.nixl_transceiver import NixlTransceiver
 
         return NixlTransceiver(worker_id, kv_cache, metrics=metrics, num_threads=config.nixl_num_threads,
-                               cuda_ipc=config.cuda_ipc, progress_delay_us=config.nixl_progress_delay_us)
+                               cuda_ipc=config.cuda_ipc,
+                               progress_delay_us=config.progress_delay_us(kv_cache.device.type))
     if config.backend == "tcp":
         from kv_transfer.tcp_transceiver import TcpTransceiver
 

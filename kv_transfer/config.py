@@ -29,7 +29,17 @@ class TransferConfig(BaseModel):
     # with no delay: a busy loop that keeps one core at 100 % in every idle worker. One-sided
     # transports (shared memory, CMA, RDMA, CUDA IPC) need no progress on the side being read;
     # over TCP a round of the peer's protocol waits up to this long for it.
-    nixl_progress_delay_us: int = Field(100, ge=0, le=100_000)
+    # None (auto): 2000 when the KV cache is on a GPU, 100 otherwise. On an H100 the thread's UCX
+    # CUDA transports poll the driver beside the engine's kernel launches: a 2048-token prefill
+    # step inside a prefill worker took 27.6 ms at 100 us and 21.6 ms at 2000 us (TTFT p50 46.6 ->
+    # 40.8 ms; benchmarks/README.md "Latency floor"). Same-node GPU READs go through CUDA IPC and
+    # waits poll NIXL themselves, so the longer sleep delays neither.
+    nixl_progress_delay_us: int | None = Field(None, ge=0, le=100_000)
+
+    def progress_delay_us(self, device_type: str) -> int:
+        if self.nixl_progress_delay_us is not None:
+            return self.nixl_progress_delay_us
+        return 2000 if device_type == "cuda" else 100
 
     @model_validator(mode="after")
     def _layerwise_needs_nixl(self) -> "TransferConfig":
