@@ -1,7 +1,9 @@
 """Where one CUDA IPC READ of benchmarks/transfer.py's sweep spends its time (``--profile-ipc``):
-the whole read_blocking next to its pieces (CudaIpcReader.read, copy_runs + synchronize, the same
-copies issued by hand on the mapped tensors, a local copy of the same bytes), then the functions
-with the most own time under cProfile. A diagnostic: it reaches into the transceiver's internals.
+the whole read_blocking (ids as lists, and as int64 arrays) next to its pieces (CudaIpcReader.read,
+copy_runs + synchronize, the same copies issued by hand on the mapped tensors, a local copy of the
+same bytes, the planning alone), then the functions with the most own time under cProfile. A
+diagnostic: it reaches into the transceiver's internals. benchmarks/read_host_cost.py times the
+host-side part on any machine.
 """
 
 from __future__ import annotations
@@ -18,18 +20,20 @@ def profile_ipc_read(side, args, emit) -> None:
     by hand on the mapped tensors, and a local copy of the same bytes."""
     import torch
 
-    from kv_transfer.cuda_ipc import copy_runs, flat_bytes
-    from kv_transfer.descriptors import pair_runs
+    import numpy as np
+
+    from kv_transfer.cuda_ipc import copy_runs
+    from kv_transfer.descriptors import block_id_array, plan_runs
 
     txi, lay = side.ipc["sweep"], side.layouts["sweep"]
     ids = list(range(max(args.sizes_mib) * MIB // lay.bytes_per_block_all_layers))
+    ids_np = np.asarray(ids, dtype=np.int64)
     peer = txi._peers["prefill-sweep_ipc"]
-    runs = pair_runs(ids, ids, lay.blocks_per_segment, lay.blocks_per_segment)
-    local = {i: seg for i, (_, seg) in txi._segments.items()}
-    _, remote, _ = txi._ipc._opened[peer.agent_name]
-    dst = {i: flat_bytes(t) for i, t in local.items()}
-    stream = txi._ipc._stream(torch.device(side.device))
-    half = remote[0].numel() // 2
+    runs = plan_runs(ids, ids, lay.blocks_per_segment, lay.blocks_per_segment)
+    mapped = txi._ipc._opened[peer.agent_name]
+    remote, dst = mapped.segments, txi._ipc._local  # views made at open / when our segment was added
+    stream = mapped.streams[-1]
+    half = remote[0].flat.numel() // 2
 
     def copies():
         with torch.cuda.stream(stream):
@@ -38,20 +42,22 @@ def profile_ipc_read(side, args, emit) -> None:
 
     def by_hand():
         with torch.cuda.stream(stream):
-            dst[0][:half].copy_(remote[0][:half], non_blocking=True)
-            dst[0][half:].copy_(remote[0][half:], non_blocking=True)
+            dst[0].flat[:half].copy_(remote[0].flat[:half], non_blocking=True)
+            dst[0].flat[half:].copy_(remote[0].flat[half:], non_blocking=True)
         stream.synchronize()
 
     def local_copy():
         with torch.cuda.stream(stream):
-            dst[0].copy_(side.caches["sweep"].segments[0].view(-1).view(torch.uint8), non_blocking=True)
+            dst[0].flat.copy_(side.caches["sweep"].segments[0].view(-1).view(torch.uint8), non_blocking=True)
         stream.synchronize()
 
     cases = {"read_blocking": lambda: txi.read_blocking("prefill-sweep_ipc", ids, ids, 60.0),
-             "reader_read": lambda: txi._ipc.read(peer, runs, lay, local),
+             "read_blocking_int64_ids": lambda: txi.read_blocking("prefill-sweep_ipc", ids_np, ids_np, 60.0),
+             "reader_read": lambda: txi._ipc.read(peer, runs, lay),
              "copy_runs_sync": copies, "by_hand": by_hand, "local_copy": local_copy,
              "empty_sync": lambda: stream.synchronize(),
-             "pair_runs_alone": lambda: pair_runs(ids, ids, lay.blocks_per_segment, lay.blocks_per_segment),
+             "plan_runs_alone": lambda: plan_runs(ids, ids, lay.blocks_per_segment, lay.blocks_per_segment),
+             "ids_to_numpy_x2": lambda: (block_id_array(ids), block_id_array(ids)),
              "python_loop_10k": lambda: sum(range(10_000))}
     out = {}
     for name, fn in cases.items():

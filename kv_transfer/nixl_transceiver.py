@@ -22,12 +22,13 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from kv_transfer.cuda_ipc import CudaIpcReader, PathChoice, export_segment, select_path, visible_gpus
-from kv_transfer.descriptors import MissingSegmentError, Run, descriptor_array, split_rows
+from kv_transfer.descriptors import MissingSegmentError, Run, RunTable, SegmentTable, descriptor_rows, split_rows
 from kv_transfer.errors import (BackendUnavailableError, CompatMismatchError, DeadlineExceededError, PeerGoneError,
                                 StalePeerError, TransferError, TransportError, UnknownPeerError)
 from kv_transfer.layerwise import LayerWriter, LayerwiseReceiver, LayerwiseSender
@@ -95,6 +96,7 @@ class NixlTransceiver(KVTransceiver):
         self._ipc = CudaIpcReader(kv_cache.device) if kv_cache.device.type == "cuda" else None
         self._ipc_exports: dict[int, CudaIpcSegment] = {}
         self._paths: dict[str, tuple[int, PathChoice]] = {}  # peer agent -> (epoch, path chosen)
+        self._peer_tables: dict[str, tuple[PeerInfo, SegmentTable]] = {}  # peer agent -> its segment addresses
         self._logged_paths: dict[str, str] = {}  # peer worker -> path last logged
         self.transports = UcxTransportLog()  # before the agent: UCX reads its log settings at load
         if kv_cache.device.type == "cuda":
@@ -139,6 +141,8 @@ class NixlTransceiver(KVTransceiver):
     # -- memory registration -------------------------------------------------------------------
     def _register_segment(self, info: KVSegmentInfo, tensor: torch.Tensor) -> None:
         self._registrations[info.index] = self._agent.register_memory(tensor)
+        if self._ipc is not None:
+            self._ipc.add_local(info.index, tensor, self.layout)
         if tensor.is_cuda:
             try:
                 self._ipc_exports[info.index] = export_segment(info.index, tensor)
@@ -152,6 +156,8 @@ class NixlTransceiver(KVTransceiver):
 
     def _deregister_segment(self, info: KVSegmentInfo, tensor: torch.Tensor) -> None:
         self._ipc_exports.pop(info.index, None)
+        if self._ipc is not None:
+            self._ipc.remove_local(info.index)
         reg = self._registrations.pop(info.index, None)
         if reg is not None:
             self._agent.deregister_memory(reg)
@@ -173,6 +179,7 @@ class NixlTransceiver(KVTransceiver):
 
     def _disconnect_peer(self, info: PeerInfo) -> None:
         self._paths.pop(info.agent_name, None)
+        self._peer_tables.pop(info.agent_name, None)
         if self._ipc is not None:
             self._ipc.close(info.agent_name)
         try:
@@ -181,19 +188,20 @@ class NixlTransceiver(KVTransceiver):
             log.debug("remove_remote_agent(%s): %s", info.agent_name, e)
 
     # -- descriptors ---------------------------------------------------------------------------
-    def descriptor_lists(self, peer: PeerInfo, runs: list[Run], layers=None) -> tuple[np.ndarray, np.ndarray]:
-        """(local Nx3, remote Nx3) rows for the runs; StalePeerError if the peer's segment is unknown."""
-        local_bases, local_devs = self._local_segment_maps()
+    def descriptor_lists(self, peer: PeerInfo, runs: Sequence[Run], layers=None) -> tuple[np.ndarray, np.ndarray]:
+        """(local Nx3, remote Nx3) rows for the runs (a RunTable, or a list of Run);
+        StalePeerError if the peer's segment is unknown."""
+        runs = RunTable.of(runs)
         try:
-            local = descriptor_array(self.layout, local_bases, local_devs, [r.dst_first for r in runs],
-                                     [r.count for r in runs], layers)
+            local = descriptor_rows(self.layout, self._local_table, runs.dst_first, runs.count, layers)
         except MissingSegmentError as e:
             raise ValueError(f"local block ids lie in segment {e.segment}, which this cache does not have") from None
-        remote_bases = {s.index: s.base_address for s in peer.segments}
-        remote_devs = {s.index: s.device_id for s in peer.segments}
+        cached = self._peer_tables.get(peer.agent_name)
+        if cached is None or cached[0] is not peer:  # a PeerInfo is immutable: one table per handshake
+            cached = self._peer_tables[peer.agent_name] = (peer, SegmentTable(
+                {s.index: s.base_address for s in peer.segments}, {s.index: s.device_id for s in peer.segments}))
         try:
-            remote = descriptor_array(peer.layout, remote_bases, remote_devs, [r.src_first for r in runs],
-                                      [r.count for r in runs], layers)
+            remote = descriptor_rows(peer.layout, cached[1], runs.src_first, runs.count, layers)
         except MissingSegmentError as e:
             raise StalePeerError(f"block ids of {peer.worker_id} lie in segment {e.segment}, unknown at epoch "
                                  f"{peer.kv_epoch}: re-handshake", peer=peer.worker_id) from None
@@ -247,17 +255,10 @@ class NixlTransceiver(KVTransceiver):
             return PeerGoneError(f"{peer.worker_id} ({peer.agent_name}) disconnected: {e}", peer=peer.worker_id)
         return TransportError(f"NIXL error with {peer.worker_id}: {type(e).__name__}: {e}", peer=peer.worker_id)
 
-    def _read(self, peer: PeerInfo, runs: list[Run], deadline: float, request_id: str) -> int:
+    def _read(self, peer: PeerInfo, runs: RunTable, deadline: float, request_id: str) -> int:
         if self._ipc is not None and self._path(peer) == "cuda_ipc":
             # device copies: done in microseconds to milliseconds, waited for without a deadline
-            bps = self.layout.blocks_per_segment
-            with self._lock:
-                wanted = {r.dst_first // bps for r in runs}
-                if not wanted <= self._segments.keys():
-                    raise ValueError(f"local block ids lie in segments {sorted(wanted - self._segments.keys())}, "
-                                     "which this cache does not have")
-                local_segments = {i: self._segments[i][1] for i in wanted}
-            return self._ipc.read(peer, runs, self.layout, local_segments)
+            return self._ipc.read(peer, runs, self.layout)
         local, remote = self.descriptor_lists(peer, runs)
         if self._num_threads:
             local, remote = split_rows(local, remote, _THREAD_PIECE_BYTES)

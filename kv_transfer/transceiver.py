@@ -27,10 +27,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kv_transfer.cuda_ipc import host_id
-from kv_transfer.descriptors import Run, check_num_tokens, pair_runs
+from kv_transfer.descriptors import (RunTable, SegmentTable, block_id_array, check_num_tokens, missing_segments,
+                                     plan_runs, segment_mask)
 from kv_transfer.errors import (CompatMismatchError, DeadlineExceededError, StalePeerError, TransferError,
                                 UnknownPeerError)
 from kv_transfer.layout import KVLayout
@@ -60,6 +62,8 @@ class KVTransceiver(ABC):
         self._lock = threading.RLock()
         self._segments: dict[int, tuple[KVSegmentInfo, torch.Tensor]] = {}
         self._peers: dict[str, PeerInfo] = {}
+        self._peer_segments: dict[str, np.ndarray] = {}  # worker -> segment_mask of its PeerInfo
+        self._local_table = SegmentTable({}, {})  # our segments' addresses, replaced on every change
         self._closed = False
         self.host_id = host_id()
 
@@ -77,10 +81,12 @@ class KVTransceiver(ABC):
         with self._lock:
             self._register_segment(info, tensor)
             self._segments[index] = (info, tensor)
+            self._local_table = self._segment_table()
 
     def on_segment_removed(self, index: int) -> None:
         with self._lock:
             info, tensor = self._segments.pop(index)
+            self._local_table = self._segment_table()
             self._deregister_segment(info, tensor)
 
     # -- handshake -----------------------------------------------------------------------------
@@ -123,12 +129,14 @@ class KVTransceiver(ABC):
                 self._disconnect_peer(old)
             self._connect_peer(info)
             self._peers[info.worker_id] = info
+            self._peer_segments[info.worker_id] = segment_mask(s.index for s in info.segments)
         log.info("%s: handshake with %s (%s, epoch %d, %d segments)", self.worker_id, info.worker_id,
                  info.agent_name, info.kv_epoch, len(info.segments))
 
     def remove_peer(self, worker_id: str) -> None:
         with self._lock:
             info = self._peers.pop(worker_id, None)
+            self._peer_segments.pop(worker_id, None)
             if info is not None:
                 self._disconnect_peer(info)
 
@@ -178,25 +186,26 @@ class KVTransceiver(ABC):
 
     def read_blocking(self, peer: str, remote_block_ids: Sequence[int], local_block_ids: Sequence[int],
                       deadline_s: float, *, num_tokens: int | None = None, request_id: str = "") -> TransferResult:
-        """Copy remote block i -> local block i (all layers, K and V) as one backend request."""
-        remote_block_ids, local_block_ids = list(remote_block_ids), list(local_block_ids)
-        if not remote_block_ids:
+        """Copy remote block i -> local block i (all layers, K and V) as one backend request.
+        The ids may be lists, tuples, ranges or integer numpy arrays; they are converted once
+        (descriptors.block_id_array) and the rest of the planning is a fixed number of numpy calls."""
+        remote_ids, local_ids = block_id_array(remote_block_ids), block_id_array(local_block_ids)
+        if len(remote_ids) == 0:
             raise ValueError("read of zero blocks")
         if deadline_s <= 0:
             self.metrics.transfer_failed(DeadlineExceededError.kind)
             raise DeadlineExceededError(f"read from {peer} has no time left (deadline_s={deadline_s:.3f})",
                                         peer=peer, request_id=request_id)
-        check_num_tokens(self.layout, len(remote_block_ids), num_tokens)
+        check_num_tokens(self.layout, len(remote_ids), num_tokens)
         with self._lock:
             info = self._peers.get(peer)
+            known = self._peer_segments.get(peer)
         if info is None:
             self.metrics.transfer_failed(UnknownPeerError.kind)
             raise UnknownPeerError(f"no handshake with {peer!r}: ensure_peer/add_peer first", peer=peer,
                                    request_id=request_id)
-        runs = pair_runs(remote_block_ids, local_block_ids, info.layout.blocks_per_segment,
-                         self.layout.blocks_per_segment)
-        known = {s.index for s in info.segments}
-        unknown = sorted({r.src_first // info.layout.blocks_per_segment for r in runs} - known)  # runs stay in a segment
+        runs = plan_runs(remote_ids, local_ids, info.layout.blocks_per_segment, self.layout.blocks_per_segment)
+        unknown = missing_segments(runs.src_first // info.layout.blocks_per_segment, known)  # runs stay in a segment
         if unknown:  # blocks of a segment added after our handshake: its memory is unknown to us
             self.metrics.transfer_failed(StalePeerError.kind)
             raise StalePeerError(f"blocks of {peer} lie in segments {unknown}, unknown at its epoch "
@@ -209,7 +218,7 @@ class KVTransceiver(ABC):
             self.metrics.transfer_failed(e.kind)
             raise
         seconds = time.perf_counter() - start
-        num_bytes = len(remote_block_ids) * self.layout.bytes_per_block_all_layers
+        num_bytes = len(remote_ids) * self.layout.bytes_per_block_all_layers
         self.metrics.transfer_done(num_bytes, seconds, "read")
         return TransferResult(num_bytes, seconds, num_descs)
 
@@ -233,6 +242,7 @@ class KVTransceiver(ABC):
             for info in list(self._peers.values()):
                 self._disconnect_peer(info)
             self._peers.clear()
+            self._peer_segments.clear()
             for index in list(self._segments):
                 info, tensor = self._segments.pop(index)
                 self._deregister_segment(info, tensor)
@@ -241,10 +251,10 @@ class KVTransceiver(ABC):
     # -- what a backend provides ---------------------------------------------------------------
     agent_name: str = ""
 
-    def _local_segment_maps(self) -> tuple[dict[int, int], dict[int, int]]:
-        with self._lock:
-            return ({i: s.base_address for i, (s, _) in self._segments.items()},
-                    {i: s.device_id for i, (s, _) in self._segments.items()})
+    def _segment_table(self) -> SegmentTable:
+        """Our segments' addresses (caller holds the lock)."""
+        return SegmentTable({i: s.base_address for i, (s, _) in self._segments.items()},
+                            {i: s.device_id for i, (s, _) in self._segments.items()})
 
     @abstractmethod
     def _register_segment(self, info: KVSegmentInfo, tensor: torch.Tensor) -> None: ...
@@ -269,7 +279,7 @@ class KVTransceiver(ABC):
     def _disconnect_peer(self, info: PeerInfo) -> None: ...
 
     @abstractmethod
-    def _read(self, peer: PeerInfo, runs: list[Run], deadline: float, request_id: str) -> int:
+    def _read(self, peer: PeerInfo, runs: RunTable, deadline: float, request_id: str) -> int:
         """Move the runs (deadline is time.monotonic()); return descriptors per side."""
 
     def _shutdown(self) -> None:

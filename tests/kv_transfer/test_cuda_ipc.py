@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from kv_transfer.config import TransferConfig
-from kv_transfer.cuda_ipc import PathChoice, copy_runs, flat_bytes, host_id, select_path
-from kv_transfer.descriptors import descriptor_array, pair_runs, segment_slices
+from kv_transfer.cuda_ipc import CudaIpcReader, PathChoice, SegmentViews, copy_runs, host_id, select_path
+from kv_transfer.descriptors import descriptor_array, plan_runs, segment_slices
 from kv_transfer.errors import BackendUnavailableError
 from kv_transfer.layout import KVLayout
 from workers.engine.kv_cache import KVCache
@@ -111,6 +111,10 @@ def test_segment_slices_are_descriptor_rows_relative_to_their_segment(runs, bps,
     assert (nbytes == rows[:, 1].astype(np.int64)).all()
 
 
+def views(cache: KVCache) -> dict[int, SegmentViews]:
+    return {i: SegmentViews.of(t, cache.layout) for i, t in cache.segments.items()}
+
+
 def random_cache(lay: KVLayout, num_segments: int, seed: int) -> KVCache:
     cache = KVCache(lay, num_segments)
     gen = torch.Generator().manual_seed(seed)
@@ -128,10 +132,8 @@ def test_copy_runs_moves_exactly_the_blocks(max_slice_copies, max_strided_runs):
     src, dst = random_cache(src_lay, 3, 1), KVCache(dst_lay, 4)
     remote = [1, 2, 3, 4, 9, 10, 0, 7]
     local = [0, 1, 2, 3, 8, 11, 5, 6]
-    runs = pair_runs(remote, local, 4, 3)
-    num = copy_runs({i: flat_bytes(t) for i, t in src.segments.items()},
-                    {i: flat_bytes(t) for i, t in dst.segments.items()}, src_lay, dst_lay, runs, max_slice_copies,
-                    max_strided_runs)
+    runs = plan_runs(remote, local, 4, 3)
+    num = copy_runs(views(src), views(dst), src_lay, dst_lay, runs, max_slice_copies, max_strided_runs)
     assert num == src_lay.num_layers * 2 * len(runs)
     assert dst.read_blocks(local).equal(src.read_blocks(remote))
     others = [b for b in range(dst.num_blocks) if b not in local]
@@ -144,24 +146,93 @@ def test_copy_runs_bfloat16_whole_blocks(max_strided_runs):
     lay = dataclasses.replace(layout(4), dtype="bfloat16", head_dim=3, num_kv_heads=1, block_size=1)  # 6-byte blocks
     assert lay.block_bytes % 8
     src, dst = random_cache(lay, 2, 3), KVCache(lay, 2)
-    runs = pair_runs([5, 2, 7], [0, 6, 3], 4, 4)
-    copy_runs({i: flat_bytes(t) for i, t in src.segments.items()}, {i: flat_bytes(t) for i, t in dst.segments.items()},
-              lay, lay, runs, max_slice_copies=0, max_strided_runs=max_strided_runs)
+    runs = plan_runs([5, 2, 7], [0, 6, 3], 4, 4)
+    copy_runs(views(src), views(dst), lay, lay, runs, max_slice_copies=0, max_strided_runs=max_strided_runs)
     assert dst.read_blocks([0, 6, 3]).equal(src.read_blocks([5, 2, 7]))
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=1, max_size=30,
-                unique_by=(lambda t: t[0], lambda t: t[1])),
-       st.sampled_from([2, 3, 8]), st.sampled_from([4, 5, 16]))
-def test_vectorised_pairing_equals_the_loop(pairs, src_bps, dst_bps):
-    """pair_runs switches to numpy above 32 ids (a READ's per-call cost at 16 MiB matters)."""
-    from kv_transfer.descriptors import _pair_runs_np
+@pytest.mark.parametrize("src_segs,dst_segs", [((2,), (1,)), ((0, 3), (2,)), ((1,), (0, 2, 3)),
+                                               ((0, 1, 2, 3, 4, 5), (0, 1, 2, 3, 4, 5))],
+                         ids=["one-pair", "sources-to-one", "one-to-destinations", "staging-36-pairs"])
+def test_gather_scatter_over_segment_pairs(src_segs, dst_segs):
+    """Scattered blocks (every run one block): per segment pair when there are few pairs, through a
+    staging buffer when that takes fewer calls (2 * 36 pairs > 6 sources + 2 * 6 destinations)."""
+    src_lay, dst_lay = layout(8), layout(7)
+    src, dst = random_cache(src_lay, 6, 11), KVCache(dst_lay, 6)
+    per_pair = min(3, 7 // max(len(src_segs), len(dst_segs)))
+    used_src, used_dst = dict.fromkeys(src_segs, 0), dict.fromkeys(dst_segs, 0)
+    remote, local = [], []
+    for s, d in [(s, d) for s in src_segs for d in dst_segs for _ in range(per_pair)]:
+        remote.append(s * 8 + 7 - used_src[s])  # descending inside a segment: never a run
+        local.append(d * 7 + used_dst[d])
+        used_src[s] += 1
+        used_dst[d] += 1
+    order = np.random.default_rng(3).permutation(len(remote))
+    remote, local = [remote[i] for i in order], [local[i] for i in order]
+    runs = plan_runs(remote, local, 8, 7)
+    copy_runs(views(src), views(dst), src_lay, dst_lay, runs, max_slice_copies=0, max_strided_runs=0)
+    assert dst.read_blocks(local).equal(src.read_blocks(remote))
+    others = [b for b in range(dst.num_blocks) if b not in local]
+    assert not dst.read_blocks(others).any()
 
-    src, dst = [p[0] for p in pairs], [p[1] for p in pairs]
-    assert _pair_runs_np(np.array(src), np.array(dst), src_bps, dst_bps) == pair_runs(src, dst, src_bps, dst_bps)
-    long_src, long_dst = list(range(100, 160)), list(range(7, 67))  # 60 ids: the numpy path
-    runs = pair_runs(long_src, long_dst, 16, 20)
-    cuts = sorted({b for b in range(101, 160) if b % 16 == 0} | {b + 93 for b in range(8, 67) if b % 20 == 0})
-    assert [r.src_first for r in runs] == [100] + cuts
-    assert [(r.src_first + i, r.dst_first + i) for r in runs for i in range(r.count)] == list(zip(long_src, long_dst))
+
+def test_gather_path_copies_pairs_that_are_one_run_and_pairs_that_are_not():
+    """More runs than strided copies allow: contiguous stretches over segment boundaries (a pair
+    that is one run: one strided copy) next to scattered blocks sharing a pair (gather + scatter)."""
+    src_lay, dst_lay = layout(8), layout(7)
+    src, dst = random_cache(src_lay, 6, 13), KVCache(dst_lay, 6)
+    remote = list(range(2, 30)) + [47, 40, 45]
+    local = list(range(5, 33)) + [41, 36, 39]
+    runs = plan_runs(remote, local, 8, 7)
+    assert len(runs) > 2
+    copy_runs(views(src), views(dst), src_lay, dst_lay, runs, max_slice_copies=0, max_strided_runs=2)
+    assert dst.read_blocks(local).equal(src.read_blocks(remote))
+    others = [b for b in range(dst.num_blocks) if b not in local]
+    assert not dst.read_blocks(others).any()
+
+
+def reader_with(src: KVCache, dst: KVCache, epoch: int = 2) -> tuple[CudaIpcReader, PeerInfo]:
+    """A reader on CPU tensors: ``src``'s segments adopted as a peer's at ``epoch``, ``dst``'s as ours."""
+    info = dataclasses.replace(peer(), layout=src.layout, compat_hash=src.layout.compat_hash(), kv_epoch=epoch)
+    reader = CudaIpcReader(torch.device("cpu"))
+    reader.adopt(info, src.segments)
+    for i, t in dst.segments.items():
+        reader.add_local(i, t, dst.layout)
+    return reader, info
+
+
+@pytest.mark.parametrize("pattern", ["contiguous", "scattered"])
+def test_reader_reads_the_blocks_with_views_made_before_the_read(pattern):
+    """CudaIpcReader.read on CPU tensors: the same views, plan and copy choice as on a GPU (one
+    strided copy per run for contiguous ids, gather/scatter for scattered ones)."""
+    src_lay, dst_lay = layout(16), layout(12)
+    src, dst = random_cache(src_lay, 3, 5), KVCache(dst_lay, 4)
+    rng = np.random.default_rng(7)
+    if pattern == "contiguous":
+        remote, local = list(range(5, 35)), list(range(12, 42))
+    else:
+        remote = rng.choice(48, 30, replace=False).tolist()
+        local = rng.choice(48, 30, replace=False).tolist()
+    reader, info = reader_with(src, dst)
+    runs = plan_runs(remote, local, 16, 12)
+    assert (len(runs) <= 16) == (pattern == "contiguous")
+    assert reader.read(info, runs, dst_lay) == 2 * src_lay.num_layers * len(runs)
+    assert dst.read_blocks(local).equal(src.read_blocks(remote))
+    others = [b for b in range(dst.num_blocks) if b not in local]
+    assert not dst.read_blocks(others).any()
+
+
+def test_reader_refuses_another_epoch_and_segments_it_does_not_hold():
+    src, dst = random_cache(layout(4), 2, 9), KVCache(layout(4), 2)
+    reader, info = reader_with(src, dst, epoch=2)
+    runs = plan_runs([0, 1], [4, 5], 4, 4)
+    with pytest.raises(RuntimeError, match="mapped at epoch 2, not at epoch 3"):
+        reader.read(dataclasses.replace(info, kv_epoch=3), runs, dst.layout)
+    reader.remove_local(1)  # our segment 1 is gone: its views with it
+    with pytest.raises(ValueError, match=r"segments \[1\], which this cache does not have"):
+        reader.read(info, runs, dst.layout)
+    assert not dst.read_blocks([4, 5]).any()  # refused before any copy
+    reader.close(info.agent_name)
+    assert not reader.is_open(info)
+    with pytest.raises(RuntimeError, match="not mapped"):
+        reader.read(info, plan_runs([0], [0], 4, 4), dst.layout)
