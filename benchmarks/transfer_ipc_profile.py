@@ -22,7 +22,7 @@ def profile_ipc_read(side, args, emit) -> None:
 
     import numpy as np
 
-    from kv_transfer.cuda_ipc import copy_runs
+    from kv_transfer.block_copy import copy_runs
     from kv_transfer.descriptors import block_id_array, plan_runs
 
     txi, lay = side.ipc["sweep"], side.layouts["sweep"]

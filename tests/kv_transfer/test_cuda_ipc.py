@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from kv_transfer.config import TransferConfig
-from kv_transfer.cuda_ipc import CudaIpcReader, PathChoice, SegmentViews, copy_runs, host_id, select_path
+from kv_transfer.block_copy import SegmentViews, copy_runs
+from kv_transfer.cuda_ipc import CudaIpcReader, PathChoice, host_id, select_path
 from kv_transfer.descriptors import descriptor_array, plan_runs, segment_slices
 from kv_transfer.errors import BackendUnavailableError
 from kv_transfer.layout import KVLayout
