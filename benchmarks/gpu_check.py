@@ -18,6 +18,9 @@ Checks:
   fused        engine.fuse_projections (q|k|v, gate|up in one GEMM each) on tiny fp32 models with
                compiled CUDA graphs: token-identical to generate
   bf16-1b-fused  the bf16-1b checks again with fuse_projections
+  gemv         engine.gemv (opt-in): tiny fp32 models with every projection on the Triton GEMV,
+               eager batch-1 decode steps: token-identical to generate
+  bf16-1b-gemv   the bf16-1b checks with fuse_projections + engine.gemv (gemv.choose() at load)
   compiled-prefill  engine.compile_prefill (torch.compile of prefill and mixed steps, symbolic token
                count) on tiny fp32 models, whole and 5-token chunked prefill: token-identical to generate
   sampler      the batched device sampler == the per-request reference sampler on CUDA (seeded
@@ -262,6 +265,30 @@ def check_fused() -> dict:
     return {"families": list(FAMILIES)}
 
 
+def check_gemv() -> dict:
+    """engine.gemv (opt-in) on CUDA: tiny fp32 models, fused projections, every projection forced
+    onto the GEMV, prompts one at a time (batch-1 decode, eager): token-identical to generate."""
+    from workers.engine import gemv
+
+    bad, layers = [], 0
+    for family in FAMILIES:
+        d = str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
+        ref = {f"r{i}": hf_generate(d, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
+        e = make(d, fuse_projections=True, cuda_graphs=False)  # eager: the forced choice below applies
+        for m in gemv.projections(e.runner.model):  # every layer on the GEMV, not only where it times faster
+            if type(m) is torch.nn.Linear:
+                m.__class__ = gemv.GemvLinear
+            m.gemv_cfg = gemv.CONFIGS[0]
+            layers += 1
+        gemv._register_op()
+        for i, p in enumerate(PROMPTS):  # one at a time: every decode step is batch 1
+            if run_all(e, [p])["r0"] != ref[f"r{i}"]:
+                bad.append(f"{family}/r{i}")
+    if bad:
+        raise AssertionError(f"GEMV projections not token-identical to generate: {bad}")
+    return {"families": list(FAMILIES), "layers_on_gemv": layers}
+
+
 def check_compiled_prefill() -> dict:
     """compile_prefill on CUDA: tiny fp32 models token-identical to generate, whole prompts and
     5-token chunks (steps of many sizes, with and without logits rows)."""
@@ -277,11 +304,11 @@ def check_compiled_prefill() -> dict:
     return {"families": list(FAMILIES), "cases": 2}
 
 
-def check_bf16_1b(fuse: bool = False) -> dict:
+def check_bf16_1b(fuse: bool = False, use_gemv: bool = False) -> dict:
     d = build_model("llama-1b-shape", CACHE)
     e = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
                EngineConfig(block_size=16, num_kv_blocks=256, blocks_per_segment=64, max_num_batched_tokens=512,
-                            max_num_seqs=8, max_model_len=1024, fuse_projections=fuse), d)
+                            max_num_seqs=8, max_model_len=1024, fuse_projections=fuse, gemv=use_gemv), d)
     g = torch.Generator().manual_seed(5)
     prompts = torch.randint(10, 128000, (4, 60), generator=g).tolist()
     sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, top_logprobs=5)
@@ -339,9 +366,10 @@ def main() -> int:
     checks = {"kernels": check_kernels, "sampler": check_sampler, "fp32-exact": check_fp32_exact,
               "graphs": check_graphs, "split": check_split, "async": check_async, "fused": check_fused,
               "compiled-prefill": check_compiled_prefill,
-              "bf16-1b": check_bf16_1b, "bf16-1b-fused": lambda: check_bf16_1b(fuse=True)}
+              "gemv": check_gemv, "bf16-1b": check_bf16_1b, "bf16-1b-fused": lambda: check_bf16_1b(fuse=True),
+              "bf16-1b-gemv": lambda: check_bf16_1b(fuse=True, use_gemv=True)}
     if args.skip_1b:
-        del checks["bf16-1b"], checks["bf16-1b-fused"]
+        del checks["bf16-1b"], checks["bf16-1b-fused"], checks["bf16-1b-gemv"]
     if args.only:
         unknown = set(args.only.split(",")) - set(checks)
         if unknown:
