@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -131,8 +132,14 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.gemv_choices: list[dict] = []  # gemv.choose()'s table, when it ran
         self._general = self._forward
-        if engine_config.compile_prefill and self.device.type == "cuda":
+        self.compiled_general = engine_config.compile_prefill and self.device.type == "cuda"
+        if self.compiled_general:
             self._general = torch.compile(self._forward, dynamic=True)
+        # Steps through a compiled general path are padded to >= 2 tokens and >= 2 logits rows:
+        # torch.compile specialises sizes 0 and 1 even with dynamic=True, so a 1-token step or a
+        # chunk without logits would otherwise recompile (~30 s) in the middle of serving. Set in
+        # bind_kv_cache (needs a backend that pads: Triton).
+        self.pad_general = False
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep,
@@ -174,6 +181,25 @@ class ModelRunner:
                 self.gemv_choices = gemv.choose(self.model)
             self.graphs = DecodeGraphs(self.model, self.backend, capture_sizes(cfg.max_num_seqs), cfg.compile_decode)
             self.graphs.capture()
+        if self.compiled_general and min(cfg.max_num_seqs, self.backend.max_tokens) >= 2:
+            self.pad_general = True
+            self.warm_up_general()
+
+    @torch.inference_mode()
+    def warm_up_general(self) -> float:
+        """Run the general (prefill / mixed) step on all-padding inputs (they write no KV and read
+        none), at two token counts: with compile_prefill the compiler runs here, at start-up, not
+        at the first request; the second count reuses the first's symbolic graph. Seconds taken."""
+        t0 = time.perf_counter()
+        cap = min(self.engine_config.max_num_seqs, self.backend.max_tokens)
+        for size in sorted({min(16, cap), min(48, cap)}):
+            ids, pos, keep = self.backend.prepare([], [], [], [0, 1], pad_to=size)
+            self._general(ids, pos, keep)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        took = time.perf_counter() - t0
+        log.info("general step warmed up (compile_prefill) in %.1f s", took)
+        return took
 
     @torch.inference_mode()
     def execute(self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice],
@@ -185,13 +211,17 @@ class ModelRunner:
         replay runs no Python per layer). ``fill``: input tokens only the device knows yet."""
         if self.graphs is not None and on_layer_written is None and self.graphs.fits(seqs):
             return self.graphs.run(seqs, input_ids, positions, logits_indices, fill)
-        ids, pos, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices)
+        n_logits, pad_to = len(logits_indices), None
+        if self.pad_general:  # extra rows: token 0's logits again, then cut off; a padding sequence
+            logits_indices = [*logits_indices, *[0] * (2 - n_logits)]
+            pad_to = 2 if len(input_ids) < 2 else None
+        ids, pos, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices, pad_to=pad_to)
         if fill is not None:
             fill.apply(ids)
         if on_layer_written is None:
-            return self._general(ids, pos, keep)
+            return self._general(ids, pos, keep)[:n_logits]
         self.backend.on_layer_written = on_layer_written  # per-layer Python: always eager
         try:
-            return self._forward(ids, pos, keep)
+            return self._forward(ids, pos, keep)[:n_logits]
         finally:
             self.backend.on_layer_written = None

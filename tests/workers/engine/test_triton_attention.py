@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[3]
 CASES = Path(__file__).with_name("triton_interpret_cases.py")
 CASE_NAMES = ("test_kernels_match_torch_reference", "test_padded_decode_rows_write_nothing",
               "test_engine_on_triton_backend_matches_generate", "test_padded_decode_steps_match_generate",
-              "test_gemv_matches_linear", "test_engine_with_gemv_projections_matches_generate")
+              "test_gemv_matches_linear", "test_engine_with_gemv_projections_matches_generate",
+              "test_padded_general_steps_match_generate")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -177,3 +177,42 @@ def test_engine_with_gemv_projections_matches_generate(tiny_checkpoint):
     assert got == {"r0": hf_greedy(model_dir, prompt, GREEDY.max_tokens)}
     assert len(calls) >= len(layers) * (GREEDY.max_tokens - 1)  # every decode step, every layer
     assert_all_blocks_free(engine)
+
+
+def test_padded_general_steps_match_generate(tiny_checkpoint):
+    """What compile_prefill runs (ModelRunner.pad_general, here without the compiler): steps padded
+    to >= 2 tokens and >= 2 logits rows give generate's tokens, for a 1-token prompt and for
+    chunked prompts whose middle chunks want no logits; the start-up warm-up on all-padding steps
+    writes no KV and leaves every block free."""
+    model_dir = tiny_checkpoint("llama")
+    engine = make_engine(model_dir, attention_backend="triton", max_num_batched_tokens=8, max_num_seqs=4,
+                         blocks_per_segment=4)
+    runner = engine.runner
+    before = {i: seg.clone() for i, seg in engine.kv_cache.segments.items()}
+    runner.warm_up_general()
+    assert all(torch.equal(before[i], seg) for i, seg in engine.kv_cache.segments.items())
+    assert_all_blocks_free(engine)
+    runner.pad_general = True
+    calls = []
+    real = runner.backend.prepare
+
+    def spy(seqs, input_ids, positions, logits_indices=None, pad_to=None):
+        calls.append((len(input_ids), pad_to, len(logits_indices or [])))
+        return real(seqs, input_ids, positions, logits_indices, pad_to=pad_to)
+
+    runner.backend.prepare = spy
+    execute, shapes = runner.execute, []
+
+    def checked(input_ids, positions, seqs, logits_indices, *a, **kw):
+        out = execute(input_ids, positions, seqs, logits_indices, *a, **kw)
+        shapes.append((out.shape[0], len(logits_indices)))
+        return out
+
+    runner.execute = checked
+    prompts = [PROMPTS[0][:1], PROMPTS[2]]  # one token; 30 tokens in 8-token chunks (it ends last, alone)
+    got = run_all(engine, prompts, sampling=GREEDY)
+    assert got == {f"r{i}": hf_greedy(model_dir, p, GREEDY.max_tokens) for i, p in enumerate(prompts)}
+    assert all(n_logits >= 2 for _, _, n_logits in calls)
+    assert any(pad_to == 2 for _, pad_to, _ in calls)  # a 1-token step ran padded
+    assert shapes and all(rows == wanted for rows, wanted in shapes)  # padding rows never reach the sampler
+    assert_all_blocks_free(engine)
