@@ -10,10 +10,8 @@
 #      poll the driver from another thread while the engine launches kernels)
 set -uo pipefail
 out=${OUT:-/tmp/prefill-overhead}
-mkdir -p "$out" /tmp/site
-tar xJf .devbundle/site.tar.xz -C /tmp/site || exit 1
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled UCX_NET_DEVICES=lo \
-  NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+mkdir -p "$out"
+. benchmarks/device_env.sh
 timeout 200 python3 benchmarks/profile_prefill.py --cases loop,eager --num-prompts 8 \
   > "$out/loop.jsonl" 2> "$out/loop.err"
 floor="benchmarks/latency_floor.py --device cuda --model llama-1b-shape --prompt-tokens 2048 --max-tokens 16

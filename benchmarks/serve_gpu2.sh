@@ -6,10 +6,8 @@
 # under $OUT; a summary of goodput (TTFT + TPOT mean, and every-gap ITL) per configuration last.
 set -uo pipefail
 out=${OUT:-/tmp/serve-gpu2}
-mkdir -p "$out" /tmp/site
-tar xJf .devbundle/site.tar.xz -C /tmp/site || exit 1
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled UCX_NET_DEVICES=lo \
-  NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+mkdir -p "$out"
+. benchmarks/device_env.sh
 common="--profile gpu --workloads prefill_heavy --num-cpus 32 --gpus-per-worker 1"
 t0=$SECONDS
 timeout 330 python3 benchmarks/serve.py $common --rates 24,32,48 --out "$out/ph.jsonl" > "$out/ph.log" 2>&1
