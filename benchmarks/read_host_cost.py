@@ -75,7 +75,7 @@ def _pair(lay_name: str):
         for i, t in dst.segments.items():
             reader.add_local(i, t, lay)
     else:  # the reader before: mapped segments as flat bytes, no-op stream stand-ins
-        from kv_transfer.block_copy import flat_bytes
+        from kv_transfer.cuda_ipc import flat_bytes  # where the older trees keep it
 
         reader._opened[info.agent_name] = (info.kv_epoch, {i: flat_bytes(t) for i, t in src.segments.items()}, ())
         reader._stream = lambda device: _NoStream()
