@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kv_transfer.descriptors import Run, pair_runs
+from kv_transfer.descriptors import RunTable, plan_runs
 from kv_transfer.errors import DeadlineExceededError, TransferAbortedError, TransferError, TransportError
 from kv_transfer.transceiver import TransferResult
 from workers.protocol import LayerwiseTarget, PeerInfo
@@ -48,10 +48,11 @@ class LayerwiseSender:
         self.request_id = target.request_id
         self.num_layers = tx.layout.num_layers
         self._tx, self._peer, self._writer = tx, peer, tx.layer_writer()
-        runs = pair_runs(list(src_block_ids), list(target.block_ids), tx.layout.blocks_per_segment,
+        runs = plan_runs(src_block_ids, target.block_ids, tx.layout.blocks_per_segment,
                          peer.layout.blocks_per_segment)
-        # for a WRITE the local side is the source: descriptor_lists puts dst_first on the local side
-        self._runs = [Run(r.dst_first, r.src_first, r.count) for r in runs]
+        # for a WRITE the local side is the source: descriptor_lists puts dst_first on the local side.
+        # Built once as a RunTable, so each layer's descriptor_lists reuses its arrays.
+        self._runs = RunTable(runs.dst_first, runs.src_first, runs.count, runs.dst_ids, runs.src_ids)
         self._deadline = time.monotonic() + deadline_s
         self._start = time.perf_counter()
         self._num_bytes = len(src_block_ids) * tx.layout.bytes_per_block_all_layers
