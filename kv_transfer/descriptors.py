@@ -231,22 +231,6 @@ def descriptor_rows(layout: KVLayout, table: SegmentTable, firsts: Sequence[int]
     return out.reshape(-1, 3)
 
 
-def segment_slices(layout: KVLayout, firsts: Sequence[int], counts: Sequence[int],
-                   layers: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(segment index, byte offset inside that segment, num_bytes) per row, rows in the order of
-    the module docstring: what descriptor_array addresses, for a reader that holds each segment as
-    a tensor (CUDA IPC) rather than as a base address."""
-    firsts_np = np.asarray(firsts, dtype=np.int64)
-    counts_np = np.asarray(counts, dtype=np.int64)
-    segs, locals_ = np.divmod(firsts_np, layout.blocks_per_segment)
-    layer_ids = np.arange(layout.num_layers) if layers is None else np.asarray(layers, dtype=np.int64)
-    lkv = (layer_ids[:, None] * 2 + np.arange(2)[None, :])[:, :, None]  # [layers, 2, 1]
-    offsets = (lkv * layout.blocks_per_segment + locals_[None, None, :]) * layout.block_bytes
-    shape = offsets.shape
-    return (np.broadcast_to(segs, shape).reshape(-1), offsets.reshape(-1),
-            np.broadcast_to(counts_np * layout.block_bytes, shape).reshape(-1))
-
-
 def split_rows(local: np.ndarray, remote: np.ndarray, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     """Cut paired rows longer than max_bytes into max_bytes pieces (same cuts on both sides), so a
     multi-threaded backend has enough descriptors to spread one large run over its threads."""

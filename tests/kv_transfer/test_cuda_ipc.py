@@ -10,14 +10,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from kv_transfer.config import TransferConfig
 from kv_transfer.block_copy import SegmentViews, copy_runs
 from kv_transfer.cuda_ipc import CudaIpcReader, PathChoice, host_id, select_path
-from kv_transfer.descriptors import descriptor_array, plan_runs, segment_slices
+from kv_transfer.descriptors import plan_runs
 from kv_transfer.errors import BackendUnavailableError
 from kv_transfer.layout import KVLayout
 from workers.engine.kv_cache import KVCache
@@ -95,21 +93,6 @@ def test_host_id_is_stable_and_names_this_host():
     import socket
 
     assert host_id() == host_id() and host_id().startswith(socket.gethostname() + ":")
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 11), st.integers(1, 3)), min_size=1, max_size=5),
-       st.sampled_from([2, 3, 4]), st.booleans())
-def test_segment_slices_are_descriptor_rows_relative_to_their_segment(runs, bps, some_layers):
-    lay = layout(bps)
-    firsts = [f for f, _ in runs]
-    counts = [min(c, bps - f % bps) for f, c in runs]  # a run never crosses a segment
-    layers = [2, 0] if some_layers else None
-    bases = {s: 10_000 * (s + 1) for s in range(12)}
-    rows = descriptor_array(lay, bases, {s: 0 for s in bases}, firsts, counts, layers)
-    segs, offsets, nbytes = segment_slices(lay, firsts, counts, layers)
-    assert (np.array([bases[int(s)] for s in segs]) + offsets == rows[:, 0].astype(np.int64)).all()
-    assert (nbytes == rows[:, 1].astype(np.int64)).all()
 
 
 def views(cache: KVCache) -> dict[int, SegmentViews]:
