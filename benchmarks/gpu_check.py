@@ -276,9 +276,7 @@ def check_gemv() -> dict:
         ref = {f"r{i}": hf_generate(d, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
         e = make(d, fuse_projections=True, cuda_graphs=False)  # eager: the forced choice below applies
         for m in gemv.projections(e.runner.model):  # every layer on the GEMV, not only where it times faster
-            if type(m) is torch.nn.Linear:
-                m.__class__ = gemv.GemvLinear
-            m.gemv_cfg = gemv.CONFIGS[0]
+            gemv.use(m, gemv.CONFIGS[0])
             layers += 1
         gemv._register_op()
         for i, p in enumerate(PROMPTS):  # one at a time: every decode step is batch 1

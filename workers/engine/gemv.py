@@ -80,6 +80,13 @@ def _register_op() -> None:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def use(layer: nn.Module, cfg: Config | None) -> None:
+    """Switch one projection (a Linear, GemvLinear or FusedLinear) to ``cfg`` (None: F.linear)."""
+    if type(layer) is nn.Linear:
+        layer.__class__ = GemvLinear
+    layer.gemv_cfg = cfg
+
+
 def projections(model: nn.Module) -> list[nn.Module]:
     """The model's GEMV-able layers: plain Linears (incl. an untied or tied lm_head) and fused groups."""
     from workers.engine.fused_projections import FusedLinear
@@ -140,9 +147,7 @@ def choose(model: nn.Module) -> list[dict]:
         times = time_shape(layers)
         best = min(times, key=times.get)
         for m in layers:
-            if type(m) is nn.Linear:
-                m.__class__ = GemvLinear
-            m.gemv_cfg = best
+            use(m, best)
         rows.append({"shape": list(shape), "layers": len(layers), "bias": has_bias, "kernel": _name(best),
                      "us": round(times[best], 2), "cublas_us": round(times[None], 2),
                      "fused": isinstance(layers[0], FusedLinear)})

@@ -157,9 +157,7 @@ def test_engine_with_gemv_projections_matches_generate(tiny_checkpoint):
     kinds = {type(m).__name__ for m in layers}
     assert kinds == {"FusedLinear", "Linear"}, kinds
     for m in layers:
-        if type(m) is torch.nn.Linear:
-            m.__class__ = gemv.GemvLinear
-        m.gemv_cfg = (128, 128, 4)  # large tiles: few programs for the interpreter to run
+        gemv.use(m, (128, 128, 4))  # large tiles: few programs for the interpreter to run
     calls = []
     real = torch.ops.pdserve.gemv
 
