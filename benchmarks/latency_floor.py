@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 
 from benchmarks.model_shapes import checkpoint  # noqa: E402
-from benchmarks.serve_clusters import MODES, BenchEnv, config_overrides, start_cluster  # noqa: E402
+from benchmarks.serve_clusters import MODES, BenchEnv, config_override, start_cluster  # noqa: E402
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -138,14 +138,11 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--label", default="", help="copied into every line (e.g. before / after)")
     ap.add_argument("--gpus-per-worker", type=float, default=None, help="default: 0 on cpu, 0.5 on cuda (one GPU)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--set", action="append", default=[], type=config_override, metavar="KEY=VALUE",
                     help="a config override for the cluster, repeatable (VALUE parsed as JSON when it parses), e.g. "
                          "transfer.nixl_progress_delay_us=1000 or transfer.backend=tcp")
     args = ap.parse_args()
-    try:
-        overrides = config_overrides(args.set)
-    except ValueError as e:
-        ap.error(str(e))
+    overrides = dict(args.set)
     model = checkpoint(args.model, REPO / ".cache" / "bench-models")
     base = {"model.path": model, "model.device": args.device, "engine.block_size": 8, "engine.num_kv_blocks": 512,
             "engine.blocks_per_segment": 64, "pools.prefill.num_cpus": 0.1, "pools.decode.num_cpus": 0.1}

@@ -37,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.serve_client import model_id, run_load  # noqa: E402
-from benchmarks.serve_clusters import ALL_ROUTINGS, MODES, ROUTINGS, BenchEnv, config_overrides, start_cluster  # noqa: E402
+from benchmarks.serve_clusters import ALL_ROUTINGS, MODES, ROUTINGS, BenchEnv, config_override, start_cluster  # noqa: E402
 from benchmarks.serve_stats import max_rate_at_attainment, summarize  # noqa: E402
 from benchmarks.serve_workloads import WORKLOADS, WorkloadShape, build_workload  # noqa: E402
 
@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="tiny | llama-1b-shape | a checkpoint dir (default: the profile's)")
     p.add_argument("--overlap-weight", type=float, help="router.overlap_weight of the kv_aware policy (default: "
                                                          "the router's, 1.0 as Dynamo's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", default=[], type=config_override, metavar="KEY=VALUE",
                    help="a config override for the clusters, repeatable (e.g. router.prefill_queue_threshold=2); "
                         "echoed in every row")
     p.add_argument("--context-tokens", type=int, help="multi_turn: each conversation's own context (tokens)")
@@ -139,10 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [r for r in args.routings.split(",") if r not in ALL_ROUTINGS]
     if bad:
         p.error(f"--routings: unknown {bad}; policies are {ALL_ROUTINGS}")
-    try:
-        args.overrides = config_overrides(args.set)
-    except ValueError as e:
-        p.error(str(e))
+    args.overrides = dict(args.set)
     if args.url and args.set:
         p.error("--set configures the clusters this script starts, not a running one (--url)")
     if args.url and not (args.mode_label and args.routing_label):

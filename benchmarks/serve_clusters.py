@@ -158,18 +158,16 @@ def _attach_ingress(cluster, app: str, patch: dict, timeout_s: float = 300) -> s
         time.sleep(0.5)
 
 
-def config_overrides(items: list[str]) -> dict:
-    """``--set KEY=VALUE`` arguments -> {dotted key: value}; VALUE is parsed as JSON when it
-    parses (numbers, true/false, lists), else kept as a string. Raises ValueError on a bad item."""
+def config_override(item: str) -> tuple[str, object]:
+    """One ``--set KEY=VALUE`` argument (an argparse ``type``) -> (dotted key, value); VALUE is
+    parsed as JSON when it parses (numbers, true/false, lists), else kept as a string."""
+    import argparse
     import json
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set wants KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set wants KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
