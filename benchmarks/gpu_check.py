@@ -289,17 +289,28 @@ def check_gemv() -> dict:
 
 def check_compiled_prefill() -> dict:
     """compile_prefill on CUDA: tiny fp32 models token-identical to generate, whole prompts and
-    5-token chunks (steps of many sizes, with and without logits rows)."""
-    bad = []
+    5-token chunks (steps of many sizes, with and without logits rows), and nothing compiled after
+    the start-up warm-up (torch._dynamo's unique-graph count unchanged while serving: a recompile
+    mid-serving would stall every request for ~30 s)."""
+    from torch._dynamo.utils import counters
+
+    bad, warmups = [], []
     for family in FAMILIES:
         d = str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
         ref = {f"r{i}": hf_generate(d, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
         for label, kw in (("whole", {}), ("chunked-5", dict(max_num_batched_tokens=5, max_num_seqs=5))):
-            if run_all(make(d, compile_prefill=True, **kw), PROMPTS) != ref:
+            e = make(d, compile_prefill=True, **kw)
+            warmups.append(round(e.runner.general_warmup_s or -1, 2))
+            graphs = counters["stats"]["unique_graphs"]
+            # a 1-token prompt too: the smallest step a compiled general path can see
+            if run_all(e, PROMPTS) != ref or not run_all(e, [[7]], prefix="one")["one0"]:
                 bad.append(f"{family}/{label}")
+            if counters["stats"]["unique_graphs"] != graphs:
+                bad.append(f"{family}/{label}: {counters['stats']['unique_graphs'] - graphs} graphs compiled "
+                           "after the warm-up")
     if bad:
-        raise AssertionError(f"compiled prefill not token-identical to generate: {bad}")
-    return {"families": list(FAMILIES), "cases": 2}
+        raise AssertionError(f"compiled prefill not token-identical to generate / recompiled: {bad}")
+    return {"families": list(FAMILIES), "cases": 2, "warmup_s": warmups}
 
 
 def check_bf16_1b(fuse: bool = False, use_gemv: bool = False) -> dict:

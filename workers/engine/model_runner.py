@@ -140,6 +140,7 @@ class ModelRunner:
         # chunk without logits would otherwise recompile (~30 s) in the middle of serving. Set in
         # bind_kv_cache (needs a backend that pads: Triton).
         self.pad_general = False
+        self.general_warmup_s: float | None = None  # warm_up_general()'s seconds, once it ran
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep,
@@ -183,7 +184,7 @@ class ModelRunner:
             self.graphs.capture()
         if self.compiled_general and min(cfg.max_num_seqs, self.backend.max_tokens) >= 2:
             self.pad_general = True
-            self.warm_up_general()
+            self.general_warmup_s = self.warm_up_general()
 
     @torch.inference_mode()
     def warm_up_general(self) -> float:
