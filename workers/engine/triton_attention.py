@@ -31,7 +31,8 @@ from workers.engine.kv_cache import KVCache
 try:
     import triton
 
-    from workers.engine.triton_kernels import paged_attention_kernel, write_kv_kernel
+    from workers.engine.triton_kernels import (decode_combine_kernel, paged_attention_kernel, paged_decode_kernel,
+                                               write_kv_kernel)
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(
         "attention_backend 'triton' needs the triton package (pip install triton; it ships with CUDA "
@@ -39,6 +40,9 @@ except ImportError as e:  # pragma: no cover - depends on the install
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_SEGMENTS = 4096  # capacity of the segment offset table
+MAX_DECODE_SPLITS = 32  # split-KV decode: most splits per (sequence, KV head); bounds the merge's registers
+DECODE_KERNELS = ("split", "general")
+DECODE_COMBINES = ("last", "kernel")
 
 
 _BACKENDS: "weakref.WeakValueDictionary[int, TritonPagedAttention]" = weakref.WeakValueDictionary()
@@ -159,9 +163,54 @@ class TritonPagedAttention(AttentionBackend):
         # tiles below the causal diagonal without masks (FlashAttention's split): gpu_check.py's
         # kernels check on an H100 (both ways, relative error 1.9e-3) and 6-17 % faster there
         self.split_diagonal = True
+        # decode-only steps (every sequence one new token): "split" runs paged_decode_kernel (the
+        # context split over several programs per (sequence, KV head) when sequences x KV heads
+        # leave SMs idle; this step's K/V written and attended in the same launch); "general" runs
+        # write_kv_kernel + paged_attention_kernel as every other step does. The knobs are read at
+        # each step (a captured graph keeps the launches it was captured with): swept by
+        # benchmarks/profile_decode.py --decode-variants
+        self.decode_kernel = "split"
+        self.decode_splits: int | None = None  # None: ~decode_programs programs, 1 to 16 splits
+        self.decode_programs = (torch.cuda.get_device_properties(device).multi_processor_count
+                                if device.type == "cuda" else 8)
+        self.decode_split_block_n = 64  # keys per tile; a split covers whole tiles
+        self.decode_warps = 4
+        self.decode_combine = "last"  # merge the splits in the last program to finish, or "kernel": a second launch
+        self.decode_fuse_write = True  # False: write_kv_kernel writes the new K/V first
         self.block_q = 1
         self.num_qblocks = 0
         self.num_tokens = 0
+        self.step_splits = 1
+        self._retired_scratch: list[tuple[torch.Tensor, ...]] = []
+        self._scratch: tuple[torch.Tensor, ...] = ()
+        self._ensure_scratch(max(n * self.H * self.splits_for(n) for n in range(1, max_num_seqs + 1)))
+
+    # -- split-KV decode ---------------------------------------------------------------------------
+    def splits_for(self, num_seqs: int) -> int:
+        """Splits per (sequence, KV head) of a decode step of ``num_seqs`` (padded) sequences."""
+        if self.decode_splits is not None:
+            n = int(self.decode_splits)
+            if not 1 <= n <= MAX_DECODE_SPLITS:
+                raise ValueError(f"decode_splits={n}: want 1..{MAX_DECODE_SPLITS}")
+            return n
+        return max(1, min(16, self.decode_programs // max(1, num_seqs * self.H)))
+
+    def _ensure_scratch(self, rows: int) -> None:
+        """Partial (max, sum, output) rows of split decode steps and per-(sequence, KV head)
+        arrival counters (zero between launches). Grows only outside graph capture (prepare runs
+        before it); buffers it replaces stay alive, so graphs captured with them still replay."""
+        if self._scratch and self._scratch[0].shape[0] >= rows:
+            return
+        device = self.anchor.device
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split decode scratch must grow before graph capture (call prepare first)")
+        if self._scratch:
+            self._retired_scratch.append(self._scratch)
+        rows = max(rows, 1)
+        f32 = dict(dtype=torch.float32, device=device)
+        self._scratch = (torch.empty(rows, self.group, **f32), torch.empty(rows, self.group, **f32),
+                         torch.empty(rows, self.group, self.D, **f32),
+                         torch.zeros(rows, dtype=torch.int32, device=device))
 
     # -- per step --------------------------------------------------------------------------------
     def _sync_segments(self) -> None:
@@ -217,6 +266,14 @@ class TritonPagedAttention(AttentionBackend):
         m.host_view("n_real")[0] = T  # rows [T, n_pad) are padding: no KV write
         # query blocks: ceil(q_len / block_q) per sequence
         self.block_q = bq = 1 if int(q_len[:S].max(initial=1)) == 1 else max(1, self.prefill_rows // _pow2(self.group))
+        if self.decode_kernel not in DECODE_KERNELS or self.decode_combine not in DECODE_COMBINES:
+            raise ValueError(f"decode_kernel {self.decode_kernel!r} / decode_combine {self.decode_combine!r}: "
+                             f"want one of {DECODE_KERNELS} / {DECODE_COMBINES}")
+        if bq == 1 and self.decode_kernel == "split":  # its program s reads token row s
+            if not np.array_equal(q_start[:S], np.arange(S)):
+                raise ValueError("a decode step's sequences must be packed in order, one token each")
+            self.step_splits = self.splits_for(S_pad)
+            self._ensure_scratch(S_pad * self.H * self.step_splits)
         per_seq = (q_len + (bq - 1)) // bq
         nq = int(per_seq.sum())
         qb_seq = np.repeat(np.arange(S_pad), per_seq)
@@ -252,17 +309,27 @@ class TritonPagedAttention(AttentionBackend):
             v = v.contiguous()
         layer_off = layer * self.layer_stride
         block_h, block_d = _pow2(self.H), _pow2(self.D)
-        write_kv_kernel[(T,)](
-            k, v, k.stride(1), k.stride(0), v.stride(1), v.stride(0),
-            self.anchor, m.dev_slot_off, m.dev_view("n_real"), layer_off, self.kv_off,
-            H=self.H, D=self.D, BLOCK_H=block_h, BLOCK_D=block_d,
-        )
-        self._layer_written(layer)
+        decode = self.block_q == 1
+        split = decode and self.decode_kernel == "split"
+        fused_write = split and self.decode_fuse_write
+        if not fused_write:
+            write_kv_kernel[(T,)](
+                k, v, k.stride(1), k.stride(0), v.stride(1), v.stride(0),
+                self.anchor, m.dev_slot_off, m.dev_view("n_real"), layer_off, self.kv_off,
+                H=self.H, D=self.D, BLOCK_H=block_h, BLOCK_D=block_d,
+            )
+            self._layer_written(layer)
         Hq, G = q.shape[0], self.group
         out = torch.empty((1, T, Hq, self.D), dtype=q.dtype, device=q.device)
         o = out[0]
+        # fp32 models: exact fp32 products (not tf32), so fp32 output matches the torch reference
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        if split:
+            self._decode(layer_off, q, k, v, o, scaling, sliding_window, precision)
+            if fused_write:
+                self._layer_written(layer)
+            return out
         block_m = max(16, _pow2(self.block_q * G))
-        decode = self.block_q == 1
         launch = {} if decode else {"num_warps": self.prefill_warps}
         if not decode and self.prefill_stages is not None:
             launch["num_stages"] = self.prefill_stages
@@ -275,7 +342,28 @@ class TritonPagedAttention(AttentionBackend):
             G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs,
             BLOCK_Q=self.block_q, BLOCK_M=block_m, BLOCK_N=self.decode_block_n if decode else self.prefill_block_n,
             USE_WINDOW=bool(sliding_window), INTERPRET=INTERPRET, SPLIT_DIAGONAL=self.split_diagonal,
-            # fp32 models: exact fp32 products (not tf32), so fp32 output matches the torch reference
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch,
+            DOT_PRECISION=precision, **launch,
         )
         return out
+
+    def _decode(self, layer_off, q, k, v, o, scaling, sliding_window, precision) -> None:
+        """Split-KV attention of a decode-only step (q, k, v [H, T, D]; o [T, Hq, D])."""
+        m, G, splits = self.meta, self.group, self.step_splits
+        part_m, part_l, part_acc, arrivals = self._scratch
+        combine_last = self.decode_combine == "last"
+        block_g, block_s, block_d = _pow2(G), _pow2(splits), _pow2(self.D)
+        paged_decode_kernel[(self.num_qblocks, self.H, splits)](
+            q, q.stride(1), q.stride(0), k, k.stride(1), k.stride(0), v, v.stride(1), v.stride(0),
+            o, o.stride(0), o.stride(1), self.anchor, layer_off, self.kv_off, m.dev_block_off,
+            m.dev_view("ctx"), m.dev_view("blk_start"), m.dev_slot_off, m.dev_view("n_real"),
+            part_m, part_l, part_acc, arrivals, float(scaling), int(sliding_window or 0),
+            G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs, BLOCK_M=max(16, block_g),
+            BLOCK_N=self.decode_split_block_n, SPLITS=splits, BLOCK_S=block_s, BLOCK_G=block_g,
+            USE_WINDOW=bool(sliding_window), WRITE_KV=self.decode_fuse_write, COMBINE_LAST=combine_last,
+            INTERPRET=INTERPRET, DOT_PRECISION=precision, num_warps=self.decode_warps,
+        )
+        if splits > 1 and not combine_last:
+            decode_combine_kernel[(self.num_qblocks, self.H)](
+                part_m, part_l, part_acc, o, o.stride(0), o.stride(1), SPLITS=splits, G=G, HKV=self.H, D=self.D,
+                BLOCK_S=block_s, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=self.decode_warps,
+            )

@@ -1,5 +1,6 @@
 """Triton kernels of the paged attention: the KV cache write and one attention kernel for every
-step (prefill chunks, decodes, and mixes of both), over blocks that may live in any segment.
+step (prefill chunks, decodes, and mixes of both), over blocks that may live in any segment; and
+a split-KV kernel for decode-only steps that also writes the step's K/V (paged_decode_kernel).
 
 Addressing (see triton_attention.py): KV memory is several segment tensors laid out as
 ``segment[layer, kv, local_block, slot, kv_head, dim]``. The host gives every kernel element
@@ -151,6 +152,130 @@ def paged_attention_kernel(
     out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
     tl.store(O + tok[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# Decode-only steps (every sequence has one new token; token row s is sequence s): split-KV.
+# Program (s, kvh, j) attends the G query heads of KV head kvh of sequence s to split j of its
+# cached keys; the new key (position ctx - 1) is this step's k/v, attended from registers by the
+# last split, which also writes it to the cache. So nothing in the launch reads that slot:
+#
+#   cached keys [lo, ctx - 1): split j gets [lo + j * chunk, lo + (j + 1) * chunk), chunk a multiple
+#   of BLOCK_N (one tile per split for contexts up to SPLITS * BLOCK_N) | key ctx - 1: split SPLITS - 1
+#
+# SPLITS > 1: each split stores its partial (max, sum, unnormalised output) per query head; they
+# are merged by the last program of the (sequence, KV head) to arrive (COMBINE_LAST: an arrival
+# counter, reset by that program for the next launch) or by decode_combine_kernel.
+@triton.jit
+def _combine_splits(part_m, part_l, part_acc, row0, O, o_off, o_stride_h, SPLITS: tl.constexpr,
+                    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """O[head kvh * G + g] = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) l_j over the partials of
+    rows [row0, row0 + SPLITS) (M = max_j m_j; m in log2 units). Loads skip L1 (.cg): other
+    programs wrote these rows during this launch, and L1 is not coherent."""
+    j = tl.arange(0, BLOCK_S)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    jg_ok = (j < SPLITS)[:, None] & (g < G)[None, :]
+    jg = (row0 + j)[:, None] * G + g[None, :]
+    m = tl.load(part_m + jg, mask=jg_ok, other=-1.0e30, cache_modifier=".cg")
+    l = tl.load(part_l + jg, mask=jg_ok, other=0.0, cache_modifier=".cg")
+    acc = tl.load(part_acc + jg[:, :, None] * D + d[None, None, :],
+                  mask=jg_ok[:, :, None] & (d < D)[None, None, :], other=0.0, cache_modifier=".cg")
+    w = tl.exp2(m - tl.max(m, 0)[None, :])  # empty splits: m = -1e30, l = 0, acc = 0 -> weight 0
+    out = tl.sum(w[:, :, None] * acc, 0) / tl.maximum(tl.sum(w * l, 0), 1.0e-30)[:, None]
+    tl.store(O + o_off + g[:, None] * o_stride_h + d[None, :], out.to(O.dtype.element_ty),
+             mask=(g < G)[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def paged_decode_kernel(
+    Q, q_stride_t, q_stride_h, K, k_stride_t, k_stride_h, V, v_stride_t, v_stride_h,
+    O, o_stride_t, o_stride_h, anchor, layer_off, kv_off, block_off, seq_ctx_len, seq_blk_start,
+    slot_off, n_real, part_m, part_l, part_acc, arrivals, scale, window,
+    G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr, USE_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, COMBINE_LAST: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    j = tl.program_id(2)
+    # one round of independent loads: lengths, this token's q/k/v (row s), the new slot
+    ctx = tl.load(seq_ctx_len + s)
+    blk_start = tl.load(seq_blk_start + s)
+    r = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    row_ok = r < G
+    d_ok = d < D
+    q = tl.load(Q + s * q_stride_t + (kvh * G + r)[:, None] * q_stride_h + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # the cache's values (what later steps read), attended in q's precision like cached keys
+    k_new = tl.load(K + s * k_stride_t + kvh * k_stride_h + d, mask=d_ok, other=0.0).to(anchor.dtype.element_ty)
+    v_new = tl.load(V + s * v_stride_t + kvh * v_stride_h + d, mask=d_ok, other=0.0).to(anchor.dtype.element_ty)
+    last = j == SPLITS - 1
+    if WRITE_KV:  # rows s >= n_real pad a captured graph's batch: they write nothing
+        write = last & (s < tl.load(n_real))
+        dst = anchor + tl.load(slot_off + s, mask=write, other=0) + layer_off + kvh * D + d
+        tl.store(dst, k_new, mask=d_ok & write)
+        tl.store(dst + kv_off, v_new, mask=d_ok & write)
+
+    scale = scale * 1.4426950408889634  # log2 e: exp2 below
+    hi = tl.maximum(ctx - 1, 0)  # cached keys [lo, hi); padding rows (ctx 0) have none
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx - window, 0)
+    chunk = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
+    n_lo = lo + j * chunk
+    n_hi = tl.minimum(n_lo + chunk, hi)
+    has_new = last & (ctx > 0)
+    s_new = tl.sum(q.to(tl.float32) * k_new.to(q.dtype).to(tl.float32)[None, :], 1) * scale
+    zero = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.where(has_new, s_new, -1.0e30)  # finite: empty splits and padding rows stay NaN-free
+    l_i = tl.where(has_new, 1.0, 0.0) + tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.where(has_new, zero + v_new.to(tl.float32)[None, :], zero)
+    q_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + (ctx - 1)
+    if INTERPRET:  # the interpreter cannot take tensor bounds in range()
+        n0 = n_lo
+        while n0 < n_hi:
+            m_i, l_i, acc = _attend_tile(
+                n0, n_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, False, DOT_PRECISION, True)
+            n0 += BLOCK_N
+    else:
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                n0, n_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, False, DOT_PRECISION, True)
+
+    o_off = s * o_stride_t + kvh * G * o_stride_h
+    if SPLITS == 1:
+        out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
+        tl.store(O + o_off + r[:, None] * o_stride_h + d[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        row0 = (s * HKV + kvh) * SPLITS  # partial rows of this (sequence, KV head), one per split
+        mine = (row0 + j) * G + r
+        tl.store(part_m + mine, m_i, mask=row_ok)
+        tl.store(part_l + mine, l_i, mask=row_ok)
+        tl.store(part_acc + mine[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+        if COMBINE_LAST:
+            tl.debug_barrier()  # all threads' partial stores precede the release below
+            count = tl.atomic_add(arrivals + s * HKV + kvh, 1, sem="acq_rel", scope="gpu")
+            if count == SPLITS - 1:  # the others have released their partials: merge, reset
+                tl.store(arrivals + s * HKV + kvh, 0)
+                _combine_splits(part_m, part_l, part_acc, row0, O, o_off, o_stride_h, SPLITS, G, D,
+                                BLOCK_S, BLOCK_G, BLOCK_D)
+
+
+@triton.jit
+def decode_combine_kernel(part_m, part_l, part_acc, O, o_stride_t, o_stride_h, SPLITS: tl.constexpr,
+                          G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """paged_decode_kernel's merge as its own launch (grid: sequences x KV heads)."""
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    _combine_splits(part_m, part_l, part_acc, (s * HKV + kvh) * SPLITS, O, s * o_stride_t + kvh * G * o_stride_h,
+                    o_stride_h, SPLITS, G, D, BLOCK_S, BLOCK_G, BLOCK_D)
 
 
 # Batch-1 projections (workers/engine/gemv.py): y = W x + b, one program per BLOCK_N rows of W.

@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 CASES = Path(__file__).with_name("triton_interpret_cases.py")
+DECODE_CASES = Path(__file__).with_name("triton_decode_cases.py")
 CASE_NAMES = ("test_kernels_match_torch_reference", "test_padded_decode_rows_write_nothing",
               "test_engine_on_triton_backend_matches_generate", "test_padded_decode_steps_match_generate",
               "test_gemv_matches_linear", "test_engine_with_gemv_projections_matches_generate",
@@ -24,16 +25,30 @@ def scheduling():
     return "sync,async"
 
 
-def test_triton_kernels_under_the_interpreter(scheduling):
+def _interpret(cases: Path, scheduling: str) -> subprocess.CompletedProcess:
     try:
         import triton  # noqa: F401
     except ImportError:
         raise AssertionError("triton is not installed: pip install -e '.[test]' (it pins triton for these checks)")
     env = dict(os.environ, TRITON_INTERPRET="1", PDSERVE_TEST_SCHEDULING=scheduling)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(CASES)],
+    r = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(cases)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"interpreted kernel checks failed:\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"
     assert " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-2000:]
+    return r
+
+
+def test_split_decode_kernel_under_the_interpreter():
+    """Kernel-only cases: no engine, so one scheduling mode (triton_interpret_cases.py's engine
+    cases run the split decode path in both modes: it is the default for decode steps)."""
+    r = _interpret(DECODE_CASES, "sync")
+    ran = {line.split("::", 1)[1].split("[", 1)[0] for line in r.stdout.splitlines() if "PASSED" in line}
+    assert ran >= {"test_split_decode_matches_reference", "test_split_decode_auto_splits_bf16",
+                   "test_split_decode_padded_rows", "test_split_decode_settings_are_checked"}, r.stdout[-3000:]
+
+
+def test_triton_kernels_under_the_interpreter(scheduling):
+    r = _interpret(CASES, scheduling)
     for mode in scheduling.split(","):  # every case ran in each mode
         ran = {line.split("::", 1)[1].split("[", 1)[0] for line in r.stdout.splitlines()
                if "::" in line and f"[{mode}" in line and "PASSED" in line}

@@ -1,0 +1,153 @@
+"""The split-KV decode kernel (TritonPagedAttention.decode_kernel == "split"), run on the CPU by
+Triton's interpreter: decode-only steps give the torch reference's output and the same cache
+writes as the general path (write_kv_kernel + paged_attention_kernel), for contexts on both sides
+of block and split boundaries, GQA groups, a sliding window, padded graph rows, both merges.
+
+Not collected directly: test_triton_attention.py runs it with TRITON_INTERPRET=1 (see
+triton_interpret_cases.py)."""
+
+import os
+import random
+
+import pytest
+import torch
+
+from kv_transfer.layout import KVLayout
+from workers.engine.attention import TorchPagedAttention
+from workers.engine.kv_cache import KVCache
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("run this file with TRITON_INTERPRET=1 (tests/workers/engine/test_triton_attention.py does)")
+from tests.workers.engine.triton_interpret_cases import random_step  # noqa: E402
+from workers.engine.triton_attention import TritonPagedAttention  # noqa: E402
+
+BS = 16
+# (cached, new) per sequence: contexts 1, 15, 16, 17, 129 and 1030 tokens
+CONTEXTS = [(0, 1), (14, 1), (15, 1), (16, 1), (128, 1), (1029, 1)]
+# (splits, merge, fused write, keys per tile): with 16-key tiles and 4 splits the 129-token context
+# fills every split and the 1030-token one runs 17 tiles per split; 3 splits leave the merge's
+# padded split lane empty; None: the auto count (decode_programs 8 -> 1 to 4 splits here)
+VARIANTS = [(1, "last", True, 16), (4, "last", True, 16), (3, "kernel", False, 16), (None, "last", True, 64),
+            (4, "kernel", True, 64)]
+
+
+def backends(hq, hkv, dim, dtype):
+    """Torch reference, general-path and split-path backends over three identical caches."""
+    layout = KVLayout("m", 2, hkv, dim, BS, dtype, 32)
+    caches = [KVCache(layout, 3) for _ in range(3)]
+    for i, seg in caches[0].segments.items():
+        seg.normal_()
+        for c in caches[1:]:
+            c.segments[i].copy_(seg)
+    ref = TorchPagedAttention(caches[0])
+    general, split = (TritonPagedAttention(c, hq, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=1088)
+                      for c in caches[1:])
+    general.decode_kernel = "general"
+    for fast in (general, split):  # other segments at negative offsets, as on a GPU
+        fast.anchor = max(fast.kv_cache.segments.values(), key=lambda t: t.data_ptr())
+    return caches, ref, general, split
+
+
+@pytest.fixture
+def bf16_dot(monkeypatch):
+    """Triton 3.6's interpreter multiplies bf16 dot operands as their raw uint16 storage; this
+    widens them to fp32 first (what the GPU's bf16 MMA computes, fp32 accumulation), for the test."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    real = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def wide(x):
+            if x.dtype.scalar == interpreter.tl.bfloat16:
+                data = interpreter._convert_float(x.data, x.dtype.scalar, interpreter.tl.float32, None)
+                return interpreter.TensorHandle(data.view(np.float32), interpreter.tl.float32)
+            return x
+
+        return real(self, wide(a), wide(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+def same_cache(a: KVCache, b: KVCache) -> bool:
+    return all(torch.equal(a.segments[i], b.segments[i]) for i in a.segments)
+
+
+@pytest.mark.parametrize("hq,hkv,dim,window", [(8, 2, 16, None), (6, 2, 24, None), (4, 4, 16, 40), (2, 1, 32, 5)],
+                         ids=["gqa4", "gqa3-d24", "mha-window40", "gqa2-window5"])
+def test_split_decode_matches_reference(hq, hkv, dim, window):
+    torch.manual_seed(hq * 10 + dim)
+    rng = random.Random(dim)
+    caches, ref, _, split = backends(hq, hkv, dim, "float32")  # ref's writes == write_kv_kernel's
+    for splits, merge, fused, block_n in VARIANTS:
+        split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
+        split.decode_split_block_n = block_n
+        shapes = CONTEXTS[:]
+        rng.shuffle(shapes)
+        seqs, ids, pos = random_step(rng, caches[0].num_blocks, BS, shapes)
+        for b in (ref, split):
+            b.prepare(seqs, ids, pos, list(range(len(ids))))
+        assert split.step_splits == (splits or 1), split.step_splits  # auto: 8 programs // (6 x hkv) -> 1
+        for layer in range(2):
+            q, k, v = torch.randn(1, hq, 6, dim), torch.randn(1, hkv, 6, dim), torch.randn(1, hkv, 6, dim)
+            want = ref.forward(layer, q, k, v, dim ** -0.5, window)
+            got = split.forward(layer, q, k, v, dim ** -0.5, window)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{splits, merge}: {m}")
+        assert same_cache(caches[0], caches[2]), "cache writes differ"
+        assert not split._scratch[3].any(), "arrival counters not reset"
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_split_decode_auto_splits_bf16(batch, bf16_dot):
+    """Llama-3.2-1B's attention shape (32 query heads, 8 KV heads, head_dim 64) in bf16 with the automatic
+    split count of a 132-SM GPU (16 splits at batch 1, 8 at 2, 3 at 5): output close to the fp32
+    reference (as the general path's), cache writes bit-identical to the general path's."""
+    torch.manual_seed(batch)
+    rng = random.Random(batch)
+    caches, ref, general, split = backends(32, 8, 64, "bfloat16")
+    split.decode_programs = 132
+    shapes = [CONTEXTS[i] for i in rng.sample(range(len(CONTEXTS)), batch)]
+    seqs, ids, pos = random_step(rng, caches[0].num_blocks, BS, shapes)
+    for b in (ref, general, split):
+        b.prepare(seqs, ids, pos, list(range(batch)))
+    assert split.step_splits == {1: 16, 2: 8, 5: 3}[batch]
+    for layer in range(2):
+        q = torch.randn(1, 32, batch, 64).bfloat16()
+        k, v = torch.randn(1, 8, batch, 64).bfloat16(), torch.randn(1, 8, batch, 64).bfloat16()
+        want = ref.forward(layer, q.float(), k, v, 0.125, None)
+        for fast in (general, split):
+            got = fast.forward(layer, q, k, v, 0.125, None).float()
+            assert ((got - want).norm() / want.norm()).item() < 1e-2, fast.decode_kernel
+    assert same_cache(caches[1], caches[2]), "cache writes differ from the general path's"
+
+
+@pytest.mark.parametrize("merge", ["last", "kernel"])
+def test_split_decode_padded_rows(merge):
+    """A captured graph's step: 3 sequences padded to 5 rows. Real rows match the reference,
+    padding rows are zero and write nothing; the scratch grown for the step stays in use."""
+    torch.manual_seed(3)
+    rng = random.Random(3)
+    caches, ref, _, split = backends(8, 2, 16, "float32")
+    split.decode_splits, split.decode_combine, split.decode_split_block_n = 4, merge, 16
+    seqs, ids, pos = random_step(rng, caches[0].num_blocks, BS, [(16, 1), (0, 1), (200, 1)])
+    ref.prepare(seqs, ids, pos, [0, 1, 2])
+    dev_ids, _, _ = split.prepare(seqs, ids, pos, [0, 1, 2], pad_to=5)
+    assert dev_ids.shape == (1, 5) and split.num_qblocks == 5 and split.step_splits == 4
+    q, k, v = torch.randn(1, 8, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    want = ref.forward(1, q[:, :, :3], k[:, :, :3], v[:, :, :3], 0.25, None)
+    got = split.forward(1, q, k, v, 0.25, None)
+    torch.testing.assert_close(got[:, :3], want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got[:, 3:], torch.zeros_like(got[:, 3:]))
+    assert same_cache(caches[0], caches[2]), "padding rows wrote KV"
+    assert not split._scratch[3].any()
+
+
+def test_split_decode_settings_are_checked():
+    _, _, _, split = backends(4, 2, 16, "float32")
+    seqs, ids, pos = random_step(random.Random(0), 8, BS, [(3, 1)])
+    for attr, value in [("decode_kernel", "flash"), ("decode_combine", "tree"), ("decode_splits", 0)]:
+        old = getattr(split, attr)
+        setattr(split, attr, value)
+        with pytest.raises(ValueError, match=attr):
+            split.prepare(seqs, ids, pos, [0])
+        setattr(split, attr, old)
