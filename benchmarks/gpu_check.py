@@ -6,7 +6,9 @@ machine (CI has none): exits non-zero, naming the failed checks, if any check fa
 Checks:
   kernels      Triton backend vs the torch reference backend, bf16, random data, blocks in 3 segments,
                mixed prefill/decode steps, GQA, sliding window, split_diagonal off and on: relative
-               error, identical cache writes
+               error, identical cache writes; decode-only steps on the split-KV kernel
+               (benchmarks/split_decode_check.py): split counts, merges, fused write, repeatability,
+               CUDA-graph replay of padded steps
   fp32-exact   tiny llama/mistral/qwen2/qwen3 in fp32 on CUDA, token-identical to transformers'
                generate on CUDA: whole and chunked prefill, prefix-cache hits, preemption
   graphs       decode through CUDA graphs == the same engine without graphs, token for token
@@ -123,7 +125,9 @@ def check_kernels() -> dict:
                 raise AssertionError("cache writes differ from the reference")
     if worst > 1e-2:
         raise AssertionError(f"relative error {worst:.2e} > 1e-2")
-    return {"max_rel_err": round(worst, 5)}
+    from benchmarks.split_decode_check import check_split_decode
+
+    return {"max_rel_err": round(worst, 5), **check_split_decode()}
 
 
 def check_fp32_exact() -> dict:

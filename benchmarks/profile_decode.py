@@ -4,7 +4,13 @@ next to the bare graph replay (the difference is host work not hidden behind the
 synchronous scheduling (engine_step_ms) and with async scheduling (async_engine_step_ms, the
 host work of step n+1 overlapping the GPU's step n). CUDA only.
 
+--decode-variants: then, per batch size, one JSON line per setting of the decode attention
+(TritonPagedAttention's decode_* knobs; the graphs are recaptured for each) with the bare graph
+replay and the attention kernels' time; "default" sweeps DEFAULT_VARIANTS, today's path first.
+
     python3 benchmarks/profile_decode.py --model llama-1b-shape --batch-sizes 1,32
+    python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 --decode-variants default
+    python3 benchmarks/profile_decode.py --batch-sizes 1 --decode-variants "kernel=general;kernel=split,splits=8"
 """
 
 from __future__ import annotations
@@ -28,8 +34,72 @@ from workers.engine.engine import Engine  # noqa: E402
 from workers.protocol import SamplingParams  # noqa: E402
 
 
+# short name -> TritonPagedAttention attribute
+KNOBS = {"kernel": "decode_kernel", "splits": "decode_splits", "block_n": "decode_split_block_n",
+         "warps": "decode_warps", "combine": "decode_combine", "fuse_write": "decode_fuse_write"}
+# split: auto split count (16 at batch 1 with 8 KV heads on 132 SMs), 64-key tiles, 4 warps,
+# merged by the last program, K/V written in the same launch; each line changes one knob
+DEFAULT_VARIANTS = ("kernel=general;kernel=split;kernel=split,combine=kernel;kernel=split,fuse_write=0;"
+                    "kernel=split,splits=1;kernel=split,splits=4;kernel=split,splits=8;kernel=split,block_n=16;"
+                    "kernel=split,block_n=32;kernel=split,block_n=128;kernel=split,warps=2;kernel=split,warps=8")
+ATTENTION_KERNELS = ("paged_attention_kernel", "paged_decode_kernel", "decode_combine_kernel", "write_kv_kernel")
+
+
+def parse_variant(spec: str) -> dict[str, object]:
+    """'kernel=split,splits=8' -> {'decode_kernel': 'split', 'decode_splits': 8}."""
+    out: dict[str, object] = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in KNOBS or not value:
+            raise SystemExit(f"decode variant {spec!r}: want key=value with key in {sorted(KNOBS)}")
+        if key == "fuse_write":
+            out[KNOBS[key]] = value not in ("0", "false", "False")
+        else:
+            out[KNOBS[key]] = int(value) if value.isdigit() else value
+    return out
+
+
 def kernel_table(graph, replays: int = 20, top: int = 12) -> list[tuple[str, float]]:
     return kernel_times(graph.replay, replays, top)[1]
+
+
+def replay_ms(graph, n: int = 50) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / n, 4)
+
+
+def sweep_variants(engine: Engine, batch: int, size: int, specs: list[str]) -> None:
+    """Per spec: set the knobs, recapture the decode graphs, run real decode steps (the graph's
+    metadata is then a real step's), time the bare replay and profile the attention kernels."""
+    backend, graphs = engine.runner.backend, engine.runner.graphs
+    defaults = {attr: getattr(backend, attr) for attr in KNOBS.values()}
+    engine.async_scheduling = False
+    for spec in specs:
+        for attr, value in {**defaults, **parse_variant(spec)}.items():
+            setattr(backend, attr, value)
+        engine.step()  # the in-flight work settles before the graphs are replaced
+        graphs.capture()
+        for _ in range(3):
+            engine.step()
+        graph = graphs.graphs[size][0]
+        replay_ms(graph, 10)
+        ms = replay_ms(graph)
+        table = kernel_times(graph.replay, 20, 200)[1]
+        attention = {name: round(us, 1) for name, us in table if name.startswith(ATTENTION_KERNELS)}
+        context = int(backend.meta.host_view("ctx")[0])
+        splits = backend.step_splits if backend.decode_kernel == "split" else None
+        print(json.dumps({"batch": batch, "graph_size": size, "variant": spec, "splits": splits,
+                          "context": context, "graph_replay_ms": ms,
+                          "attention_us": round(sum(attention.values()), 1), "attention_kernels_us": attention}),
+              flush=True)
+    for attr, value in defaults.items():
+        setattr(backend, attr, value)
+    graphs.capture()
 
 
 class _Eager:
@@ -45,21 +115,32 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--fuse-projections", action="store_true", help="engine.fuse_projections: true (default: auto, on for CUDA)")
     ap.add_argument("--gemv", action="store_true", help="engine.gemv on (Triton GEMV where it times faster)")
+    ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (the decode context grows from here)")
+    ap.add_argument("--decode-variants", default="",
+                    help="';'-separated decode attention settings, each 'key=value,...' with keys "
+                         f"{sorted(KNOBS)}; or 'default' (DEFAULT_VARIANTS)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
+    spec = DEFAULT_VARIANTS if args.decode_variants == "default" else args.decode_variants
+    variants = [v for v in spec.split(";") if v]
+    for v in variants:
+        parse_variant(v)  # fail before building anything
     model_dir = build_model(args.model, Path(args.cache_dir))
+    blocks_per_seq = max(24, -(-(args.prompt_len + 210) // 16))
     engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
-                    EngineConfig(block_size=16, num_kv_blocks=max(sizes) * 24 + 64, blocks_per_segment=256,
-                                 max_num_batched_tokens=4096, max_num_seqs=max(sizes), max_model_len=1024,
+                    EngineConfig(block_size=16, num_kv_blocks=max(sizes) * blocks_per_seq + 64,
+                                 blocks_per_segment=256, max_num_batched_tokens=4096, max_num_seqs=max(sizes),
+                                 max_model_len=max(1024, 16 * blocks_per_seq),
                                  compile_decode=not args.no_compile, fuse_projections=args.fuse_projections or "auto",
                                  gemv=args.gemv),
                     model_dir)
     graphs = engine.runner.graphs
     for n in sizes:
         sp = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
-        for i, p in enumerate(prompts(n, 128, engine.vocab_size, n)):
+        for i, p in enumerate(prompts(n, args.prompt_len, engine.vocab_size, n)):
             engine.add_request(f"p{n}-{i}", p, sp)
-        engine.step()  # prefill
+        for _ in range(-(-n * args.prompt_len // 4096)):  # prefill (chunks of max_num_batched_tokens)
+            engine.step()
         step_ms = {}
         for mode in (False, True):
             engine.async_scheduling = mode
@@ -73,19 +154,16 @@ def main() -> int:
             step_ms[mode] = round(statistics.median(times) * 1e3, 3)
         size = next(s for s in graphs.sizes if s >= n)
         graph = graphs.graphs[size][0]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(50):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
+        graph_ms = replay_ms(graph)
         table = kernel_table(graph)
         if len(table) < 3:  # the profiler did not see inside the graph: profile the same code eagerly
             ids, pos, _ = engine.runner.backend.prepare([], [], [], None, pad_to=size)
             table = kernel_table(_Eager(lambda: graphs.forward(ids, pos)))
         print(json.dumps({"batch": n, "graph_size": size, "engine_step_ms": step_ms[False],
-                          "async_engine_step_ms": step_ms[True], "graph_replay_ms": round(start.elapsed_time(end) / 50, 3),
-                          "kernels_us": [(name, round(us, 1)) for name, us in table]}))
+                          "async_engine_step_ms": step_ms[True], "graph_replay_ms": round(graph_ms, 3),
+                          "kernels_us": [(name, round(us, 1)) for name, us in table]}), flush=True)
+        if variants:
+            sweep_variants(engine, n, size, variants)
         while engine.has_work():
             engine.step()
     return 0
