@@ -92,7 +92,7 @@ def sweep_variants(engine: Engine, batch: int, size: int, specs: list[str]) -> N
         table = kernel_times(graph.replay, 20, 200)[1]
         attention = {name: round(us, 1) for name, us in table if name.startswith(ATTENTION_KERNELS)}
         context = int(backend.meta.host_view("ctx")[0])
-        splits = backend.step_splits if backend.decode_kernel == "split" else None
+        splits = backend.step_decode.splits if backend.step_decode is not None else None
         print(json.dumps({"batch": batch, "graph_size": size, "variant": spec, "splits": splits,
                           "context": context, "graph_replay_ms": ms,
                           "attention_us": round(sum(attention.values()), 1), "attention_kernels_us": attention}),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,6 +59,16 @@ def _paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backe
 @_paged_attention_op.register_fake
 def _(q, k, v, backend_id, layer, scaling, window):
     return q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
+
+
+class DecodeLaunch(NamedTuple):
+    """A split decode step's settings, fixed by prepare() (knobs changed later wait for the next step)."""
+
+    splits: int
+    merge_last: bool
+    fuse_write: bool
+    block_n: int
+    warps: int
 
 
 def _pow2(n: int) -> int:
@@ -181,6 +192,7 @@ class TritonPagedAttention(AttentionBackend):
         self.num_qblocks = 0
         self.num_tokens = 0
         self.step_splits = 1
+        self.step_decode: DecodeLaunch | None = None  # set: this step runs paged_decode_kernel so
         self._retired_scratch: list[tuple[torch.Tensor, ...]] = []
         self._scratch: tuple[torch.Tensor, ...] = ()
         self._ensure_scratch(max(n * self.H * self.splits_for(n) for n in range(1, max_num_seqs + 1)))
@@ -269,11 +281,15 @@ class TritonPagedAttention(AttentionBackend):
         if self.decode_kernel not in DECODE_KERNELS or self.decode_combine not in DECODE_COMBINES:
             raise ValueError(f"decode_kernel {self.decode_kernel!r} / decode_combine {self.decode_combine!r}: "
                              f"want one of {DECODE_KERNELS} / {DECODE_COMBINES}")
+        self.step_decode = None
         if bq == 1 and self.decode_kernel == "split":  # its program s reads token row s
             if not np.array_equal(q_start[:S], np.arange(S)):
                 raise ValueError("a decode step's sequences must be packed in order, one token each")
             self.step_splits = self.splits_for(S_pad)
             self._ensure_scratch(S_pad * self.H * self.step_splits)
+            self.step_decode = DecodeLaunch(self.step_splits, self.decode_combine == "last",
+                                            bool(self.decode_fuse_write), int(self.decode_split_block_n),
+                                            int(self.decode_warps))
         per_seq = (q_len + (bq - 1)) // bq
         nq = int(per_seq.sum())
         qb_seq = np.repeat(np.arange(S_pad), per_seq)
@@ -309,9 +325,8 @@ class TritonPagedAttention(AttentionBackend):
             v = v.contiguous()
         layer_off = layer * self.layer_stride
         block_h, block_d = _pow2(self.H), _pow2(self.D)
-        decode = self.block_q == 1
-        split = decode and self.decode_kernel == "split"
-        fused_write = split and self.decode_fuse_write
+        decode, split = self.block_q == 1, self.step_decode
+        fused_write = split is not None and split.fuse_write
         if not fused_write:
             write_kv_kernel[(T,)](
                 k, v, k.stride(1), k.stride(0), v.stride(1), v.stride(0),
@@ -324,8 +339,8 @@ class TritonPagedAttention(AttentionBackend):
         o = out[0]
         # fp32 models: exact fp32 products (not tf32), so fp32 output matches the torch reference
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        if split:
-            self._decode(layer_off, q, k, v, o, scaling, sliding_window, precision)
+        if split is not None:
+            self._decode(split, layer_off, q, k, v, o, scaling, sliding_window, precision)
             if fused_write:
                 self._layer_written(layer)
             return out
@@ -346,11 +361,10 @@ class TritonPagedAttention(AttentionBackend):
         )
         return out
 
-    def _decode(self, layer_off, q, k, v, o, scaling, sliding_window, precision) -> None:
+    def _decode(self, launch: DecodeLaunch, layer_off, q, k, v, o, scaling, sliding_window, precision) -> None:
         """Split-KV attention of a decode-only step (q, k, v [H, T, D]; o [T, Hq, D])."""
-        m, G, splits = self.meta, self.group, self.step_splits
+        m, G, splits = self.meta, self.group, launch.splits
         part_m, part_l, part_acc, arrivals = self._scratch
-        combine_last = self.decode_combine == "last"
         block_g, block_s, block_d = _pow2(G), _pow2(splits), _pow2(self.D)
         paged_decode_kernel[(self.num_qblocks, self.H, splits)](
             q, q.stride(1), q.stride(0), k, k.stride(1), k.stride(0), v, v.stride(1), v.stride(0),
@@ -358,12 +372,12 @@ class TritonPagedAttention(AttentionBackend):
             m.dev_view("ctx"), m.dev_view("blk_start"), m.dev_slot_off, m.dev_view("n_real"),
             part_m, part_l, part_acc, arrivals, float(scaling), int(sliding_window or 0),
             G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs, BLOCK_M=max(16, block_g),
-            BLOCK_N=self.decode_split_block_n, SPLITS=splits, BLOCK_S=block_s, BLOCK_G=block_g,
-            USE_WINDOW=bool(sliding_window), WRITE_KV=self.decode_fuse_write, COMBINE_LAST=combine_last,
-            INTERPRET=INTERPRET, DOT_PRECISION=precision, num_warps=self.decode_warps,
+            BLOCK_N=launch.block_n, SPLITS=splits, BLOCK_S=block_s, BLOCK_G=block_g,
+            USE_WINDOW=bool(sliding_window), WRITE_KV=launch.fuse_write, COMBINE_LAST=launch.merge_last,
+            INTERPRET=INTERPRET, DOT_PRECISION=precision, num_warps=launch.warps,
         )
-        if splits > 1 and not combine_last:
+        if splits > 1 and not launch.merge_last:
             decode_combine_kernel[(self.num_qblocks, self.H)](
                 part_m, part_l, part_acc, o, o.stride(0), o.stride(1), SPLITS=splits, G=G, HKV=self.H, D=self.D,
-                BLOCK_S=block_s, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=self.decode_warps,
+                BLOCK_S=block_s, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=launch.warps,
             )
