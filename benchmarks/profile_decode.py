@@ -36,12 +36,14 @@ from workers.protocol import SamplingParams  # noqa: E402
 
 # short name -> TritonPagedAttention attribute
 KNOBS = {"kernel": "decode_kernel", "splits": "decode_splits", "block_n": "decode_split_block_n",
-         "warps": "decode_warps", "combine": "decode_combine", "fuse_write": "decode_fuse_write"}
+         "warps": "decode_warps", "stages": "decode_stages", "combine": "decode_combine",
+         "fuse_write": "decode_fuse_write"}
 # split: auto split count (16 at batch 1 with 8 KV heads on 132 SMs), 64-key tiles, 4 warps,
 # merged by the last program, K/V written in the same launch; each line changes one knob
 DEFAULT_VARIANTS = ("kernel=general;kernel=split;kernel=split,combine=kernel;kernel=split,fuse_write=0;"
                     "kernel=split,splits=1;kernel=split,splits=4;kernel=split,splits=8;kernel=split,block_n=16;"
-                    "kernel=split,block_n=32;kernel=split,block_n=128;kernel=split,warps=2;kernel=split,warps=8")
+                    "kernel=split,block_n=32;kernel=split,block_n=128;kernel=split,warps=2;kernel=split,warps=8;"
+                    "kernel=split,stages=1;kernel=split,stages=2")
 ATTENTION_KERNELS = ("paged_attention_kernel", "paged_decode_kernel", "decode_combine_kernel", "write_kv_kernel")
 
 
@@ -74,11 +76,13 @@ def replay_ms(graph, n: int = 50) -> float:
 
 
 def sweep_variants(engine: Engine, batch: int, size: int, specs: list[str]) -> None:
-    """Per spec: set the knobs, recapture the decode graphs, run real decode steps (the graph's
-    metadata is then a real step's), time the bare replay and profile the attention kernels."""
+    """Per spec: set the knobs, recapture the decode graph of ``size`` (only that one: fewer
+    kernel compiles), run real decode steps (the graph's metadata is then a real step's), time the
+    bare replay and profile the attention kernels. Then every graph is recaptured as it was."""
     backend, graphs = engine.runner.backend, engine.runner.graphs
     defaults = {attr: getattr(backend, attr) for attr in KNOBS.values()}
     engine.async_scheduling = False
+    all_sizes, graphs.sizes = graphs.sizes, [size]
     for spec in specs:
         for attr, value in {**defaults, **parse_variant(spec)}.items():
             setattr(backend, attr, value)
@@ -99,6 +103,8 @@ def sweep_variants(engine: Engine, batch: int, size: int, specs: list[str]) -> N
               flush=True)
     for attr, value in defaults.items():
         setattr(backend, attr, value)
+    engine.step()
+    graphs.sizes = all_sizes
     graphs.capture()
 
 
@@ -126,7 +132,7 @@ def main() -> int:
     for v in variants:
         parse_variant(v)  # fail before building anything
     model_dir = build_model(args.model, Path(args.cache_dir))
-    blocks_per_seq = max(24, -(-(args.prompt_len + 210) // 16))
+    blocks_per_seq = max(24, -(-(args.prompt_len + 210 + 5 * len(variants)) // 16))
     engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
                     EngineConfig(block_size=16, num_kv_blocks=max(sizes) * blocks_per_seq + 64,
                                  blocks_per_segment=256, max_num_batched_tokens=4096, max_num_seqs=max(sizes),
@@ -136,7 +142,7 @@ def main() -> int:
                     model_dir)
     graphs = engine.runner.graphs
     for n in sizes:
-        sp = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        sp = SamplingParams(max_tokens=200 + 5 * len(variants), temperature=0, ignore_eos=True)
         for i, p in enumerate(prompts(n, args.prompt_len, engine.vocab_size, n)):
             engine.add_request(f"p{n}-{i}", p, sp)
         for _ in range(-(-n * args.prompt_len // 4096)):  # prefill (chunks of max_num_batched_tokens)

@@ -69,6 +69,7 @@ class DecodeLaunch(NamedTuple):
     fuse_write: bool
     block_n: int
     warps: int
+    stages: int | None
 
 
 def _pow2(n: int) -> int:
@@ -186,6 +187,7 @@ class TritonPagedAttention(AttentionBackend):
                                 if device.type == "cuda" else 8)
         self.decode_split_block_n = 64  # keys per tile; a split covers whole tiles
         self.decode_warps = 4
+        self.decode_stages: int | None = None  # software pipelining depth (None: Triton's default)
         self.decode_combine = "last"  # merge the splits in the last program to finish, or "kernel": a second launch
         self.decode_fuse_write = True  # False: write_kv_kernel writes the new K/V first
         self.block_q = 1
@@ -289,7 +291,7 @@ class TritonPagedAttention(AttentionBackend):
             self._ensure_scratch(S_pad * self.H * self.step_splits)
             self.step_decode = DecodeLaunch(self.step_splits, self.decode_combine == "last",
                                             bool(self.decode_fuse_write), int(self.decode_split_block_n),
-                                            int(self.decode_warps))
+                                            int(self.decode_warps), self.decode_stages)
         per_seq = (q_len + (bq - 1)) // bq
         nq = int(per_seq.sum())
         qb_seq = np.repeat(np.arange(S_pad), per_seq)
@@ -366,6 +368,7 @@ class TritonPagedAttention(AttentionBackend):
         m, G, splits = self.meta, self.group, launch.splits
         part_m, part_l, part_acc, arrivals = self._scratch
         block_g, block_s, block_d = _pow2(G), _pow2(splits), _pow2(self.D)
+        stages = {} if launch.stages is None else {"num_stages": int(launch.stages)}
         paged_decode_kernel[(self.num_qblocks, self.H, splits)](
             q, q.stride(1), q.stride(0), k, k.stride(1), k.stride(0), v, v.stride(1), v.stride(0),
             o, o.stride(0), o.stride(1), self.anchor, layer_off, self.kv_off, m.dev_block_off,
@@ -374,7 +377,7 @@ class TritonPagedAttention(AttentionBackend):
             G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs, BLOCK_M=max(16, block_g),
             BLOCK_N=launch.block_n, SPLITS=splits, BLOCK_S=block_s, BLOCK_G=block_g,
             USE_WINDOW=bool(sliding_window), WRITE_KV=launch.fuse_write, COMBINE_LAST=launch.merge_last,
-            INTERPRET=INTERPRET, DOT_PRECISION=precision, num_warps=launch.warps,
+            INTERPRET=INTERPRET, DOT_PRECISION=precision, num_warps=launch.warps, **stages,
         )
         if splits > 1 and not launch.merge_last:
             decode_combine_kernel[(self.num_qblocks, self.H)](
