@@ -7,7 +7,8 @@ notifications).
     reader, once per (peer agent, kv_epoch)    CudaIpcReader.open(peer): every segment mapped here
     reader, per KV segment of its own          CudaIpcReader.add_local() / remove_local()
     reader, per READ                           CudaIpcReader.read(): copy_runs on the reader's stream,
-                                               synchronized before it returns
+                                               synchronized before it returns; or issue() for several
+                                               READs in flight, then synchronize() once
 
 Which path a peer gets is select_path() (pure; the transceiver logs the choice once per peer):
 transfer.cuda_ipc = off | auto | on (kv_transfer/config.py). CUDA IPC needs the same node (equal
@@ -36,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_transfer.block_copy import SegmentViews, copy_runs
-from kv_transfer.descriptors import RunTable, missing_segments, segment_mask
+from kv_transfer.block_copy import SegmentSet, SegmentViews, copy_runs
+from kv_transfer.descriptors import RunTable, missing_segments
 from kv_transfer.errors import BackendUnavailableError
 from kv_transfer.layout import KVLayout
 from workers.protocol import CudaIpcSegment, PeerInfo
@@ -122,26 +123,50 @@ def select_path(mode: str, local_device_type: str, local_host_id: str, peer: Pee
 class _Mapped:
     """One peer agent's segments as this reader holds them, valid for ``epoch`` only."""
     epoch: int
-    segments: dict[int, SegmentViews]
+    layout: KVLayout  # the peer's
+    segments: SegmentSet
     streams: tuple[torch.cuda.Stream, ...]  # the other GPUs' first, ours last; () for CPU tensors
+    stream_ids: tuple[tuple[int, int, int], ...]  # each stream as (stream_id, device_index, device_type)
+
+
+def _enter_streams(stream_ids: tuple[tuple[int, int, int], ...]) -> tuple[int, list]:
+    """Make each stream current on its device (ours last, so ours is the current device after);
+    returns what _exit_streams needs to put the previous state back. torch.cuda.stream() does the
+    same through Python that costs several microseconds a READ; these are the C calls it makes
+    (torch._C._cuda_setStream also makes the stream's device current)."""
+    device = torch._C._cuda_getDevice()
+    previous = [torch._C._cuda_getCurrentStream(dev) for _, dev, _ in stream_ids]
+    for sid, dev, kind in stream_ids:
+        torch._C._cuda_setStream(stream_id=sid, device_index=dev, device_type=kind)
+    return device, previous
+
+
+def _exit_streams(state: tuple[int, list]) -> None:
+    device, previous = state
+    for sid, dev, kind in reversed(previous):
+        torch._C._cuda_setStream(stream_id=sid, device_index=dev, device_type=kind)
+    if torch._C._cuda_getDevice() != device:
+        torch._C._cuda_setDevice(device)
 
 
 class CudaIpcReader:
     """The peers' segments mapped into this process, per peer agent and epoch, and our own
     segments' views. Every view and stream a READ needs is made before the READ (open,
-    add_local): a READ costs O(runs) torch calls plus a fixed number of numpy calls.
+    add_local); a READ takes no lock and, for one run of blocks, makes one copy launch.
+
+        read(peer, runs, layout)      copies issued on the reader's streams, waited for
+        issue(peer, runs, layout)     copies issued, not waited for (several READs in flight) ...
+        synchronize(peer)             ... until this returns: every READ issued from ``peer`` is done
 
     On a CPU ``device`` (tests, benchmarks/read_host_cost.py) the same code copies between CPU
     tensors handed to ``adopt``, synchronously, with no streams."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # serialises changes; READs read the immutable snapshots
         self._opened: dict[str, _Mapped] = {}  # peer agent -> its segments at one epoch
         self._streams: dict[int, torch.cuda.Stream] = {}
-        # ours, replaced (never mutated) on every change so a READ reads them without the lock
-        self._local: dict[int, SegmentViews] = {}
-        self._local_mask = segment_mask(())
+        self._ours = SegmentSet({})  # replaced whole on every change: a READ reads one snapshot, no lock
 
     def open(self, peer: PeerInfo) -> None:
         """Map every segment of ``peer`` (at its epoch). Raises what CUDA/torch raise."""
@@ -162,39 +187,37 @@ class CudaIpcReader:
     def adopt(self, peer: PeerInfo, segments: Mapping[int, torch.Tensor]) -> None:
         """Hold ``segments`` (index -> tensor in peer.layout's segment shape, already in this
         process) as ``peer``'s at its epoch: their views, and the streams READs from them use."""
-        views = {i: SegmentViews.of(t, peer.layout) for i, t in segments.items()}
+        views = SegmentSet({i: SegmentViews.of(t, peer.layout) for i, t in segments.items()})
         streams: tuple[torch.cuda.Stream, ...] = ()
         if any(t.is_cuda for t in segments.values()):
             ours = torch.device("cuda", self._local_index())
             others = sorted({t.device for t in segments.values()} - {ours}, key=lambda d: d.index)
             streams = tuple(self._stream(d) for d in [*others, ours])  # ours last: the current device
+        ids = tuple((s.stream_id, s.device_index, s.device_type) for s in streams)
         with self._lock:
-            self._opened[peer.agent_name] = _Mapped(peer.kv_epoch, views, streams)
+            self._opened = {**self._opened, peer.agent_name: _Mapped(peer.kv_epoch, peer.layout, views, streams, ids)}
 
     def is_open(self, peer: PeerInfo) -> bool:
-        with self._lock:
-            entry = self._opened.get(peer.agent_name)
-            return entry is not None and entry.epoch == peer.kv_epoch
+        entry = self._opened.get(peer.agent_name)
+        return entry is not None and entry.epoch == peer.kv_epoch
 
     def close(self, agent_name: str) -> None:
         with self._lock:
-            self._opened.pop(agent_name, None)
+            self._opened = {k: v for k, v in self._opened.items() if k != agent_name}
 
     def close_all(self) -> None:
         with self._lock:
-            self._opened.clear()
+            self._opened = {}
 
     # -- our segments (the transceiver forwards the KV cache's segment events) -----------------
     def add_local(self, index: int, tensor: torch.Tensor, layout: KVLayout) -> None:
         with self._lock:
-            self._local = {**self._local, index: SegmentViews.of(tensor, layout)}
-            self._local_mask = segment_mask(self._local)
+            self._ours = SegmentSet({**self._ours, index: SegmentViews.of(tensor, layout)})
 
     def remove_local(self, index: int) -> None:
         """Drops our views of the segment, so its memory goes back when the cache drops it."""
         with self._lock:
-            self._local = {i: v for i, v in self._local.items() if i != index}
-            self._local_mask = segment_mask(self._local)
+            self._ours = SegmentSet({i: v for i, v in self._ours.items() if i != index})
 
     def _local_index(self) -> int:
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
@@ -209,31 +232,45 @@ class CudaIpcReader:
         """Copy the runs from the peer's mapped segments into ours; returns once the bytes are in
         place. Returns the number of slices (the IPC counterpart of descriptors). The caller has
         checked that every source block lies in a segment of the peer's epoch (all mapped here)."""
-        with self._lock:
-            mapped = self._opened.get(peer.agent_name)
-            local, local_mask = self._local, self._local_mask
+        mapped = self._mapped(peer)
+        num = self._issue(mapped, runs, local_layout)
+        for s in mapped.streams:
+            s.synchronize()
+        return num
+
+    def issue(self, peer: PeerInfo, runs: RunTable, local_layout: KVLayout) -> int:
+        """``read`` without the wait: the copies are queued on the reader's streams behind every
+        READ issued before, and the bytes are in place once ``synchronize(peer)`` returns (on CPU
+        tensors, already when this returns). The caller keeps the blocks of both sides pinned
+        until then. Errors are raised before any copy is queued, as in ``read``."""
+        return self._issue(self._mapped(peer), runs, local_layout)
+
+    def synchronize(self, peer: PeerInfo) -> None:
+        """Wait for every copy issued from ``peer``'s segments (its streams are shared with every
+        peer mapped on the same GPUs: this waits for their READs too)."""
+        for s in self._mapped(peer).streams:
+            s.synchronize()
+
+    def _mapped(self, peer: PeerInfo) -> _Mapped:
+        mapped = self._opened.get(peer.agent_name)  # one dict lookup in a snapshot: no lock needed
         if mapped is None or mapped.epoch != peer.kv_epoch:
             at = "not mapped" if mapped is None else f"mapped at epoch {mapped.epoch}"
             raise RuntimeError(f"{peer.worker_id}'s segments are {at}, not at epoch {peer.kv_epoch}")
-        missing = missing_segments(runs.dst_first // local_layout.blocks_per_segment, local_mask)
+        return mapped
+
+    def _issue(self, mapped: _Mapped, runs: RunTable, local_layout: KVLayout) -> int:
+        ours = self._ours
+        if len(runs.dst_first) == 1:  # one run (contiguous ids): its one segment, without numpy
+            seg = runs.dst_first[0].item() // local_layout.blocks_per_segment
+            missing = [] if seg in ours else [seg]
+        else:
+            missing = missing_segments(runs.dst_first // local_layout.blocks_per_segment, ours.mask)
         if missing:
             raise ValueError(f"local block ids lie in segments {missing}, which this cache does not have")
-        streams = mapped.streams
-        if not streams:  # CPU tensors: the copies are done when copy_runs returns
-            return copy_runs(mapped.segments, local, peer.layout, local_layout, runs)
-        if len(streams) == 1:  # the usual case: every segment mapped on our GPU
-            with torch.cuda.stream(streams[0]):
-                num = copy_runs(mapped.segments, local, peer.layout, local_layout, runs)
-            streams[0].synchronize()
-            return num
-        contexts = [torch.cuda.stream(s) for s in streams]
-        for c in contexts:
-            c.__enter__()
+        if not mapped.streams:  # CPU tensors: the copies are done when copy_runs returns
+            return copy_runs(mapped.segments, ours, mapped.layout, local_layout, runs)
+        state = _enter_streams(mapped.stream_ids)
         try:
-            num = copy_runs(mapped.segments, local, peer.layout, local_layout, runs)
+            return copy_runs(mapped.segments, ours, mapped.layout, local_layout, runs)
         finally:
-            for c in reversed(contexts):
-                c.__exit__(None, None, None)
-        for s in streams:
-            s.synchronize()
-        return num
+            _exit_streams(state)

@@ -116,6 +116,13 @@ def plan_runs(src_ids, dst_ids, src_bps: int, dst_bps: int) -> RunTable:
         raise ValueError(f"{n} source blocks but {len(d)} destination blocks")
     if n == 0:
         return RunTable(s, d, np.zeros(0, dtype=np.int64), s, d)
+    s_first, s_last, d_first, d_last = s[0].item(), s[-1].item(), d[0].item(), d[-1].item()
+    if (s_last - s_first == n - 1 and d_last - d_first == n - 1 and s_first >= 0 and d_first >= 0
+            and s_first // src_bps == s_last // src_bps and d_first // dst_bps == d_last // dst_bps):
+        # the ends fit one run inside one segment per side (contiguous ids: a READ's usual case);
+        # it is one iff the source ids step by one and every pair keeps the same offset
+        if n == 1 or ((s[1:] - s[:-1]) == 1).all() and ((d - s) == d_first - s_first).all():
+            return RunTable(s[:1], d[:1], np.array([n], dtype=np.int64), s, d)
     if s.min() < 0 or d.min() < 0:
         i = int(np.flatnonzero((s < 0) | (d < 0))[0])
         raise ValueError(f"negative block id in transfer ({s[i]} -> {d[i]})")

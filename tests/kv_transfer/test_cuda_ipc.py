@@ -6,14 +6,16 @@ benchmarks/transfer.py --device cuda (bench=bandwidth ipc_GBps)."""
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kv_transfer.config import TransferConfig
-from kv_transfer.block_copy import SegmentViews, copy_runs
+from kv_transfer.block_copy import SegmentSet, SegmentViews, copy_runs
 from kv_transfer.cuda_ipc import CudaIpcReader, PathChoice, host_id, select_path
 from kv_transfer.descriptors import plan_runs
 from kv_transfer.errors import BackendUnavailableError
@@ -117,7 +119,7 @@ def test_copy_runs_moves_exactly_the_blocks(max_slice_copies, max_strided_runs):
     remote = [1, 2, 3, 4, 9, 10, 0, 7]
     local = [0, 1, 2, 3, 8, 11, 5, 6]
     runs = plan_runs(remote, local, 4, 3)
-    num = copy_runs(views(src), views(dst), src_lay, dst_lay, runs, max_slice_copies, max_strided_runs)
+    num = copy_runs(views(src), views(dst), src_lay, dst_lay, runs, max_slice_copies, max_strided_runs, kernel=False)
     assert num == src_lay.num_layers * 2 * len(runs)
     assert dst.read_blocks(local).equal(src.read_blocks(remote))
     others = [b for b in range(dst.num_blocks) if b not in local]
@@ -131,7 +133,8 @@ def test_copy_runs_bfloat16_whole_blocks(max_strided_runs):
     assert lay.block_bytes % 8
     src, dst = random_cache(lay, 2, 3), KVCache(lay, 2)
     runs = plan_runs([5, 2, 7], [0, 6, 3], 4, 4)
-    copy_runs(views(src), views(dst), lay, lay, runs, max_slice_copies=0, max_strided_runs=max_strided_runs)
+    copy_runs(views(src), views(dst), lay, lay, runs, max_slice_copies=0, max_strided_runs=max_strided_runs,
+              kernel=False)
     assert dst.read_blocks([0, 6, 3]).equal(src.read_blocks([5, 2, 7]))
 
 
@@ -154,7 +157,7 @@ def test_gather_scatter_over_segment_pairs(src_segs, dst_segs):
     order = np.random.default_rng(3).permutation(len(remote))
     remote, local = [remote[i] for i in order], [local[i] for i in order]
     runs = plan_runs(remote, local, 8, 7)
-    copy_runs(views(src), views(dst), src_lay, dst_lay, runs, max_slice_copies=0, max_strided_runs=0)
+    copy_runs(views(src), views(dst), src_lay, dst_lay, runs, max_slice_copies=0, max_strided_runs=0, kernel=False)
     assert dst.read_blocks(local).equal(src.read_blocks(remote))
     others = [b for b in range(dst.num_blocks) if b not in local]
     assert not dst.read_blocks(others).any()
@@ -169,7 +172,7 @@ def test_gather_path_copies_pairs_that_are_one_run_and_pairs_that_are_not():
     local = list(range(5, 33)) + [41, 36, 39]
     runs = plan_runs(remote, local, 8, 7)
     assert len(runs) > 2
-    copy_runs(views(src), views(dst), src_lay, dst_lay, runs, max_slice_copies=0, max_strided_runs=2)
+    copy_runs(views(src), views(dst), src_lay, dst_lay, runs, max_slice_copies=0, max_strided_runs=2, kernel=False)
     assert dst.read_blocks(local).equal(src.read_blocks(remote))
     others = [b for b in range(dst.num_blocks) if b not in local]
     assert not dst.read_blocks(others).any()
@@ -220,3 +223,112 @@ def test_reader_refuses_another_epoch_and_segments_it_does_not_hold():
     assert not reader.is_open(info)
     with pytest.raises(RuntimeError, match="not mapped"):
         reader.read(info, plan_runs([0], [0], 4, 4), dst.layout)
+
+
+class LaunchCount(TorchDispatchMode):
+    """Counts the torch ops that would launch work on a GPU (every non-view aten op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def check_copy(src: KVCache, dst: KVCache, remote: list[int], local: list[int], **kwargs) -> list[str]:
+    """copy_runs of remote -> local with ``kwargs``: byte-exact, no other block written; returns the ops."""
+    runs = plan_runs(remote, local, src.layout.blocks_per_segment, dst.layout.blocks_per_segment)
+    with LaunchCount() as count:
+        copy_runs(views(src), views(dst), src.layout, dst.layout, runs, **kwargs)
+    assert dst.read_blocks(local).equal(src.read_blocks(remote))
+    others = [b for b in range(dst.num_blocks) if b not in set(local)]
+    assert not others or not dst.read_blocks(others).any()
+    return count.ops
+
+
+@pytest.mark.parametrize("num_layers", [1, 16])
+def test_one_run_is_one_copy_for_every_layer_k_and_v(num_layers):
+    """Contiguous ids (one run) move with one strided copy whatever the layers: the sweep's
+    1-layer layout (2 slices) and Llama's 16 layers (32 slices) alike."""
+    lay = dataclasses.replace(layout(40), num_layers=num_layers)
+    src, dst = random_cache(lay, 1, 21), KVCache(lay, 1)
+    assert check_copy(src, dst, list(range(3, 33)), list(range(9, 39))) == ["aten.copy_.default"]
+    whole = KVCache(lay, 1)  # a whole segment: one copy too (torch makes it a memcpy on a GPU)
+    assert check_copy(src, whole, list(range(40)), list(range(40))) == ["aten.copy_.default"]
+
+
+@pytest.mark.parametrize("contiguous_side", ["source", "destination"])
+def test_scattered_ids_with_one_side_a_range_take_one_call(contiguous_side):
+    """Many runs in one segment pair where one side's blocks are one range (a prefix-cached
+    source read into freshly allocated blocks, or the reverse): one gather straight into the
+    destination range, or one scatter straight from the source range; no gather buffer."""
+    lay = layout(32)
+    src, dst = random_cache(lay, 1, 23), KVCache(lay, 1)
+    scattered = random.Random(5).sample(range(32), 20)
+    remote, local = (list(range(6, 26)), scattered) if contiguous_side == "source" else (scattered, list(range(6, 26)))
+    ops = check_copy(src, dst, remote, local, max_strided_runs=0, kernel=False)
+    want = "aten.index_copy_.default" if contiguous_side == "source" else "aten.index_select.out"
+    assert ops == [want]
+
+
+def test_scattered_ids_on_both_sides_gather_then_scatter():
+    lay = layout(32)
+    src, dst = random_cache(lay, 1, 25), KVCache(lay, 1)
+    remote, local = random.Random(6).sample(range(32), 20), random.Random(7).sample(range(32), 20)
+    assert check_copy(src, dst, remote, local, max_strided_runs=0, kernel=False) == \
+        ["aten.index_select.default", "aten.index_copy_.default"]
+
+
+def test_segment_pairs_with_one_side_a_range_take_one_call_each():
+    """Over several segment pairs: a pair whose destination blocks are one range is one gather
+    into it, one whose source blocks are one range one scatter from it, one that is a run on
+    both sides one strided copy, and a scattered pair a gather + a scatter."""
+    src_lay, dst_lay = layout(8), layout(8)
+    src, dst = random_cache(src_lay, 4, 27), KVCache(dst_lay, 4)
+    pairs = [([7, 2, 5], [0, 1, 2]),         # segment 0 -> 0: destination a range
+             ([8, 9, 10], [14, 9, 12]),      # 1 -> 1: source a range
+             ([16, 17], [28, 29]),           # 2 -> 3: a run on both sides
+             ([31, 27, 29], [20, 23, 18])]   # 3 -> 2: scattered on both
+    remote = [b for r, _ in pairs for b in r]
+    local = [b for _, l in pairs for b in l]
+    ops = check_copy(src, dst, remote, local, max_strided_runs=0, kernel=False)
+    assert sorted(ops) == sorted(["aten.index_select.out", "aten.index_copy_.default", "aten.copy_.default",
+                                  "aten.index_select.default", "aten.index_copy_.default"])
+
+
+def test_segment_set_addresses_every_segment_from_its_anchor():
+    cache = random_cache(layout(4), 3, 29)
+    cache.remove_segment(1)
+    segs = SegmentSet(views(cache))
+    assert segs.mask.tolist() == [True, False, True] and 1 not in segs and len(segs) == 2
+    size = segs.anchor.element_size()
+    for i in (0, 2):
+        assert segs.anchor.data_ptr() + int(segs.base_words[i]) * size == segs[i].rows.data_ptr()
+    assert segs.device == torch.device("cpu") and SegmentSet.of(segs) is segs
+
+
+def test_the_block_table_kernel_needs_triton_on_a_gpu_or_its_interpreter():
+    lay = layout(8)
+    src, dst = random_cache(lay, 1, 31), KVCache(lay, 1)
+    runs = plan_runs([5, 1, 3], [0, 4, 2], 8, 8)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        copy_runs(views(src), views(dst), lay, lay, runs, kernel=True)
+    assert not dst.read_blocks([0, 4, 2]).any()  # refused before any copy
+
+
+def test_issued_reads_are_in_place_after_synchronize():
+    """issue() several READs (different requests' blocks), then synchronize() once: every READ's
+    blocks arrived; on CPU tensors issue() already copied them, the same calls run on a GPU."""
+    src, dst = random_cache(layout(16), 2, 33), KVCache(layout(16), 2)
+    reader, info = reader_with(src, dst)
+    requests = [(list(range(0, 6)), list(range(20, 26))), ([30, 3, 17], [1, 2, 9]), ([7], [31])]
+    for remote, local in requests:
+        assert reader.issue(info, plan_runs(remote, local, 16, 16), dst.layout) > 0
+    reader.synchronize(info)
+    for remote, local in requests:
+        assert dst.read_blocks(local).equal(src.read_blocks(remote))
+    with pytest.raises(RuntimeError, match="not at epoch 3"):
+        reader.synchronize(dataclasses.replace(info, kv_epoch=3))

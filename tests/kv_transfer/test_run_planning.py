@@ -102,3 +102,30 @@ def test_missing_segments_names_each_missing_one_once():
     assert missing_segments(np.array([1, 9, 0, 1, 9]), mask) == [1, 9]
     assert missing_segments(np.array([], dtype=np.int64), segment_mask([])) == []
     assert missing_segments(np.array([0]), segment_mask([])) == [0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 100), st.integers(0, 100), st.integers(2, 40), st.sampled_from([16, 64, 256]),
+       st.sampled_from(["swap", "duplicate", "shift_dst", "none"]), st.data())
+def test_near_contiguous_ids_match_the_loop(src_start, dst_start, n, bps, mutation, data):
+    """Ids whose ends look like one run (the one-run shortcut's precondition) but whose inside is
+    not: two ids swapped, one repeated, one destination id moved; the shortcut must not take them."""
+    src, dst = list(range(src_start, src_start + n)), list(range(dst_start, dst_start + n))
+    i = data.draw(st.integers(1, n - 2)) if n > 2 else 0
+    if mutation == "swap" and n > 2:
+        src[i], src[i + 1] = src[i + 1], src[i]
+    elif mutation == "duplicate" and n > 2:
+        src[i] = src[i + 1]
+        dst[i] = dst[i + 1]
+    elif mutation == "shift_dst" and n > 2:
+        dst[i] += 1000
+    check(src, dst, bps, bps)
+
+
+def test_one_run_shortcut_keeps_segment_boundaries_and_sign_checks():
+    assert plan_runs(list(range(60, 70)), list(range(0, 10)), 64, 64).count.tolist() == [4, 6]  # 64 starts a segment
+    assert plan_runs(list(range(0, 10)), list(range(60, 70)), 64, 64).count.tolist() == [4, 6]
+    table = plan_runs(np.arange(5, 37), np.arange(100, 132), 64, 256)
+    assert table.runs() == [Run(5, 100, 32)] and table.src_ids.tolist() == list(range(5, 37))
+    with pytest.raises(ValueError, match="negative block id"):
+        plan_runs([-2, -1, 0], [0, 1, 2], 4, 4)
