@@ -12,6 +12,8 @@ bench=bandwidth   1 MiB..256 MiB, contiguous blocks of a 1-layer layout (2 descr
 bench=request     per-request READ time for a Llama-3.2-1B-shaped KV (16 layers, 8 KV heads,
                   head_dim 64, block 16 tokens; fp32 on cpu, bf16 on cuda) at 512 and 2048
                   tokens, blocks contiguous or scattered (one run per block)
+bench=pipelined   (cuda, --pipelined N) N CUDA IPC READs in flight vs N torch copies of the same bytes,
+                  each side issued back to back and synchronized once (benchmarks/transfer_pipelined.py)
 bench=layerwise   (nixl) time until all KV is on the decode side, prefill computing each layer for
                   layer_ms (a sleep: on a GPU, compute and copies run on different engines):
                   whole-request READ after the last layer vs layer-wise WRITEs as layers finish
@@ -35,6 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if os.environ.get("PDSERVE_KV_TRANSFER_TREE"):  # another kv_transfer (a before/after comparison)
+    sys.path.insert(0, os.environ["PDSERVE_KV_TRANSFER_TREE"])
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 MIB = 1 << 20
@@ -313,6 +317,7 @@ def main(argv=None) -> None:
     parser.add_argument("--decode-gpu", type=int, default=0, help="cuda: the decode process's GPU")
     parser.add_argument("--skip", default="", help="comma list of benches to skip: bandwidth,request,layerwise")
     parser.add_argument("--profile-ipc", action="store_true", help="cuda: profile one CUDA IPC read of the largest size")
+    parser.add_argument("--pipelined", type=int, default=0, help="cuda: also N READs in flight vs N copies (0: off)")
     parser.add_argument("--ucx-log-copy", default=None, help="copy this process's UCX log here at the end")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -337,6 +342,7 @@ def main(argv=None) -> None:
               "torch_threads": torch.get_num_threads(),
               "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
               "machine": platform.node(), "torch": torch.__version__, "nixl_threads": args.nixl_threads,
+              "kv_transfer": str(Path(sys.modules["kv_transfer"].__file__).parent),
               "progress_delay_us": args.progress_delay_us,
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
               "prefill_gpu": args.prefill_gpu if args.device == "cuda" else None,
@@ -345,6 +351,10 @@ def main(argv=None) -> None:
                               if args.device == "cuda" and args.prefill_gpu != args.decode_gpu else None)})
         if "bandwidth" not in skip:
             bench_bandwidth(side, here, args, emit)
+        if args.pipelined and "sweep" in side.ipc:
+            from benchmarks.transfer_pipelined import bench_pipelined
+
+            bench_pipelined(side, here, args, emit)
         if args.profile_ipc and "sweep" in side.ipc:
             from benchmarks.transfer_ipc_profile import profile_ipc_read
 

@@ -1,49 +1,118 @@
 #!/usr/bin/env bash
-# The GPU half of the KV-transfer benchmarks (issue 8), as run in one call on a 2-GPU machine
-# (nvidia-h100-x2): CUDA IPC vs NIXL vs torch copies, same GPU across processes and GPU0 -> GPU1,
-# then layer-wise vs whole-request TTFT with the real engine. Writes JSON lines under $OUT and
-# prints a short summary last. Needs nixl + pydantic on PYTHONPATH (a slim site-packages tar:
-# benchmarks/README.md says how it was made) at .kvipc/site.tar.xz.
+# The GPU half of the KV-transfer benchmarks (issue 8), one call on a 2-GPU machine (nvidia-h100-x2),
+# ~4-6 minutes: CUDA IPC READs vs torch copies of the same bytes, same GPU across processes and
+# GPU0 -> GPU1 (benchmarks/transfer.py --device cuda):
+#   selfcheck         the reader's stream switch and every copy path on the GPU, bytes checked
+#   same_gpu          sync sweep 1-256 MiB (bench=bandwidth), per-request READs (bench=request),
+#   cross_gpu           N=8 READs in flight vs 8 copies (bench=pipelined), --profile-ipc pieces
+#   before_same_gpu   the sync sweep again with .kvbefore/kv_transfer (the code before this change,
+#   before_cross_gpu    `git archive <rev> kv_transfer | tar x -C .kvbefore`), when it was carried
+# Carry [".devbundle", ".kvbefore"]. Writes JSON lines and stderr.log under $OUT; prints each failed
+# step's stderr tail as it goes, and a summary last.
 set -uo pipefail
 out=${OUT:-/tmp/kv-gpu-out}
-mkdir -p "$out" /tmp/site
-tar xJf .kvipc/site.tar.xz -C /tmp/site || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 UCX_NET_DEVICES=lo
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+mkdir -p "$out"
+. benchmarks/device_env.sh
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+steps=()
+step() {  # step NAME TIMEOUT_S CMD...: stdout -> $out/NAME.jsonl, stderr appended to $out/stderr.log
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "=== $name: $*" >> "$out/stderr.log"
+  timeout "$limit" "$@" > "$out/$name.jsonl" 2> "$out/$name.err"
+  rc=$?
+  cat "$out/$name.err" >> "$out/stderr.log"
+  steps+=("{\"step\":\"$name\",\"rc\":$rc,\"s\":$((SECONDS - start))}")
+  if [ "$rc" -ne 0 ]; then
+    echo "=== $name FAILED rc=$rc after $((SECONDS - start)) s (124: timed out); stderr tail:"
+    tail -n 20 "$out/$name.err"
+  fi
+  rm -f "$out/$name.err"
+}
 { nvidia-smi topo -m; python3 -c "
 import torch
 n = torch.cuda.device_count()
 print('gpus', n, [torch.cuda.get_device_name(i) for i in range(n)], 'torch', torch.__version__)
 print('peer access', {(a, b): torch.cuda.can_device_access_peer(a, b) for a in range(n) for b in range(n) if a != b})"
-} > "$out/topo.txt" 2>&1
+} >> "$out/stderr.log" 2>&1
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
-timeout 110 python3 benchmarks/transfer.py --device cuda --prefill-gpu 0 --decode-gpu 0 --skip layerwise \
-  > "$out/same_gpu.jsonl" 2> "$out/same_gpu.err"
-if [ "$ngpu" -ge 2 ]; then
-  timeout 110 python3 benchmarks/transfer.py --device cuda --prefill-gpu 0 --decode-gpu 1 --skip layerwise \
-    > "$out/cross_gpu.jsonl" 2> "$out/cross_gpu.err"
-fi
-timeout 120 python3 benchmarks/layerwise.py --device cuda --dtype bfloat16 --model small-shape \
-  --tokens 2048,8192 --chunk 2048 --iters 5 --cache /tmp/bench-models \
-  > "$out/layerwise_gpu.jsonl" 2> "$out/layerwise_gpu.err"
-python3 - "$out" <<'PY'
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-for name in ("same_gpu", "cross_gpu", "layerwise_gpu"):
-    path = out / f"{name}.jsonl"
-    if not path.exists():
-        continue
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.startswith("{")]
-    keep = []
-    for r in rows:
-        if r.get("bench") == "bandwidth":
-            keep.append({k: r.get(k) for k in ("size_bytes", "nixl_GBps", "ipc_GBps", "memcpy_GBps", "memcpy_peer_GBps",
-                                                "ipc_ratio_vs_memcpy", "ipc_ratio_vs_memcpy_peer", "ipc_bytes_match",
-                                                "ipc_error") if r.get(k) is not None})
-        elif r.get("bench") == "request":
-            keep.append({k: r.get(k) for k in ("path", "tokens", "blocks", "transfer_ms", "bytes_match", "error")
-                         if r.get(k) is not None})
-        elif r.get("bench") in ("layerwise_ttft", "ipc_paths"):
-            keep.append(r)
-    print(json.dumps({name: keep}, separators=(",", ":")))
+bench=(python3 benchmarks/transfer.py --device cuda --prefill-gpu 0)
+
+step selfcheck 120 python3 - <<'PY'
+import json, random, traceback
+import torch
+from kv_transfer import cuda_ipc
+from kv_transfer.block_copy import SegmentSet, SegmentViews, copy_runs
+from kv_transfer.descriptors import plan_runs
+from kv_transfer.layout import KVLayout
+from workers.engine.kv_cache import KVCache
+
+def emit(check, ok, **kw):
+    print(json.dumps({"check": check, "ok": bool(ok), **kw}), flush=True)
+
+def guarded(check, fn, **kw):
+    try:
+        fn()
+    except Exception as e:
+        emit(check, False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-600:], **kw)
+
+def stream_switch():  # the reader's C-level stream switch puts back the current device and streams
+    n = torch.cuda.device_count()
+    ours = torch.cuda.Stream(0)
+    for first in range(n):
+        torch.cuda.set_device(first)
+        before = (torch.cuda.current_device(), [torch.cuda.current_stream(d) for d in range(n)])
+        state = cuda_ipc._enter_streams(((ours.stream_id, ours.device_index, ours.device_type),))
+        inside = (torch.cuda.current_device(), torch.cuda.current_stream(0))
+        cuda_ipc._exit_streams(state)
+        after = (torch.cuda.current_device(), [torch.cuda.current_stream(d) for d in range(n)])
+        emit("stream_switch", before == after and inside == (0, ours), from_device=first)
+    torch.cuda.set_device(0)
+
+def views(cache):
+    return SegmentSet({i: SegmentViews.of(t, cache.layout) for i, t in cache.segments.items()})
+
+def copy_paths(name, heads, head_dim, block_size):
+    base = dict(model_id="m", num_layers=4, num_kv_heads=heads, head_dim=head_dim, block_size=block_size,
+                dtype="bfloat16")
+    sl, dl = KVLayout(**base, blocks_per_segment=16), KVLayout(**base, blocks_per_segment=12)
+    src, dst = KVCache(sl, 4, device="cuda:0"), KVCache(dl, 4, device="cuda:0")
+    for t in src.segments.values():
+        t.copy_(torch.randn(t.shape, device="cuda:0"))
+    sample = lambda cap, k, seed: random.Random(seed).sample(range(cap), k)
+    cases = {"scattered_4_segments": (sample(64, 40, 1), sample(48, 40, 2), {}),
+             "scattered_torch": (sample(64, 40, 1), sample(48, 40, 2), dict(kernel=False)),
+             "contiguous_over_segments": (list(range(5, 45)), list(range(3, 43)), {}),
+             "contiguous_over_segments_torch": (list(range(5, 45)), list(range(3, 43)), dict(kernel=False)),
+             "one_run": (list(range(2, 12)), list(range(1, 11)), {}),
+             "source_range_into_scattered": (list(range(16, 28)), sample(12, 12, 3), dict(kernel=False, max_strided_runs=0)),
+             "scattered_into_range": (sample(16, 12, 4), list(range(12, 24)), dict(kernel=False, max_strided_runs=0))}
+    for case, (remote, local, kwargs) in cases.items():
+        for seg in dst.segments.values():
+            seg.zero_()
+        copy_runs(views(src), views(dst), sl, dl, plan_runs(remote, local, 16, 12), **kwargs)
+        torch.cuda.synchronize()
+        others = [b for b in range(dst.num_blocks) if b not in set(local)]
+        ok = torch.equal(dst.read_blocks(local), src.read_blocks(remote)) and not dst.read_blocks(others).any()
+        emit("copy_path", ok, blocks=name, case=case)
+
+guarded("stream_switch", stream_switch)
+guarded("copy_path", lambda: copy_paths("16KiB", 8, 64, 16), blocks="16KiB")
+guarded("copy_path", lambda: copy_paths("6B", 1, 3, 1), blocks="6B")
 PY
+step same_gpu 170 "${bench[@]}" --decode-gpu 0 --skip layerwise --pipelined 8 --profile-ipc
+if [ "$ngpu" -ge 2 ]; then
+  step cross_gpu 170 "${bench[@]}" --decode-gpu 1 --skip layerwise --pipelined 8 --profile-ipc
+fi
+if [ -d .kvbefore/kv_transfer ]; then
+  step before_same_gpu 100 env PDSERVE_KV_TRANSFER_TREE="$PWD/.kvbefore" "${bench[@]}" --decode-gpu 0 \
+    --skip request,layerwise
+  if [ "$ngpu" -ge 2 ]; then
+    step before_cross_gpu 100 env PDSERVE_KV_TRANSFER_TREE="$PWD/.kvbefore" "${bench[@]}" --decode-gpu 1 \
+      --skip request,layerwise
+  fi
+else
+  steps+=('{"step":"before","skipped":"no .kvbefore/kv_transfer carried"}')
+fi
+printf '%s\n' "${steps[@]}" > "$out/steps.jsonl"
+python3 benchmarks/transfer_gpu_summary.py "$out" | tee "$out/summary.json"

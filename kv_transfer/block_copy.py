@@ -304,8 +304,18 @@ def _table_copy(src: SegmentSet, dst: SegmentSet, s_bps: int, d_bps: int, runs: 
                                    ALIGN=per_16_bytes if aligned else 1)
 
 
+def warm_up(segments: SegmentSet) -> None:
+    """Compile the block-table kernel for these segments' block size, so that no READ pays for
+    it (a second or so; triton's disk cache makes later processes quicker): a launch of zero
+    blocks, which copies nothing. Where the kernel would not run (no triton, CPU): nothing."""
+    if len(segments) and _kernel_fits(segments, segments) is None:
+        bps = next(iter(segments.values())).by_block.shape[0]
+        empty = np.zeros(0, dtype=np.int64)
+        _table_copy(segments, segments, bps, bps, RunTable(empty, empty, empty, empty, empty))
+
+
 if triton is not None:
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])  # one compiled kernel whatever the number of blocks
     def _copy_blocks_kernel(src, dst, table, n, s_row, d_row, WORDS: tl.constexpr, BLOCK: tl.constexpr,
                             ALIGN: tl.constexpr):
         """Program (b, r): WORDS words from src + table[b] + r * s_row to dst + table[n + b] + r * d_row.

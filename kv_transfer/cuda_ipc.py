@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_transfer.block_copy import SegmentSet, SegmentViews, copy_runs
+from kv_transfer.block_copy import SegmentSet, SegmentViews, copy_runs, warm_up
 from kv_transfer.descriptors import RunTable, missing_segments
 from kv_transfer.errors import BackendUnavailableError
 from kv_transfer.layout import KVLayout
@@ -212,7 +212,14 @@ class CudaIpcReader:
     # -- our segments (the transceiver forwards the KV cache's segment events) -----------------
     def add_local(self, index: int, tensor: torch.Tensor, layout: KVLayout) -> None:
         with self._lock:
+            first = not len(self._ours)
             self._ours = SegmentSet({**self._ours, index: SegmentViews.of(tensor, layout)})
+            ours = self._ours
+        if first and tensor.is_cuda:  # at start-up, not in the first READ that needs the kernel
+            try:
+                warm_up(ours)
+            except Exception as e:  # the first such READ compiles it instead (and raises if it cannot)
+                log.warning("block-table copy kernel did not compile at start-up: %s: %s", type(e).__name__, e)
 
     def remove_local(self, index: int) -> None:
         """Drops our views of the segment, so its memory goes back when the cache drops it."""

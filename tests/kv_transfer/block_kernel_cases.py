@@ -106,3 +106,13 @@ def test_the_reader_takes_the_kernel_and_waits_for_it(launches):
     reader.synchronize(info)
     check(src, dst, remote + [5, 6, 7], local + [8, 9, 10])
     assert len(launches) == 1
+
+
+def test_warm_up_launches_nothing_that_copies(launches):
+    """warm_up compiles the kernel with a launch of zero blocks: no block changes."""
+    lay = KVLayout(**LAYOUT, blocks_per_segment=8)
+    cache = random_cache(lay, 2, 6)
+    before = {i: t.clone() for i, t in cache.segments.items()}
+    block_copy.warm_up(views(cache))
+    assert launches == [(0, 2 * lay.num_layers)]
+    assert all(torch.equal(before[i], t) for i, t in cache.segments.items())

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).with_name("block_kernel_cases.py")
 CASE_NAMES = {"test_scattered_ids_over_many_segments_in_one_launch",
               "test_contiguous_ids_over_segment_boundaries_in_one_launch",
-              "test_the_reader_takes_the_kernel_and_waits_for_it"}
+              "test_the_reader_takes_the_kernel_and_waits_for_it", "test_warm_up_launches_nothing_that_copies"}
 
 
 def test_block_table_kernel_under_the_interpreter():

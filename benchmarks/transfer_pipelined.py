@@ -1,0 +1,100 @@
+"""benchmarks/transfer.py's pipelined bench (``--pipelined N``, cuda): N CUDA IPC READs in flight
+against N torch copies of the same bytes, both issued back to back on the reader's stream and
+synchronized once, in the same run, per size of the bandwidth sweep.
+
+    issue     per READ: plan_runs(ids as lists) + CudaIpcReader.issue (segment checks, the
+              copy launch); then one CudaIpcReader.synchronize. The transceiver's read_blocking
+              waits per READ and so cannot overlap: this is the reader's API, below it (no
+              metrics, no handshake lookups).
+    threads   N threads each calling the transceiver's read_blocking at once (what a decode
+              worker with N requests in asyncio.to_thread does): wall time until all N returned
+    memcpy    N ``copy_`` of the same byte count between two of this process's tensors, on the
+              reader's stream, one synchronize (with --prefill-gpu != --decode-gpu also
+              ``memcpy_peer``: the N copies from the prefill GPU)
+
+READ i reads the i-th range of ``size`` bytes of the sweep cache (wrapping round the segment),
+so back-to-back READs are different requests' blocks. GB/s = N * size / median wall time.
+Every range's bytes are checked once per size (weighted checksum on both sides).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+MIB = 1 << 20
+
+
+def bench_pipelined(side, conn, args, emit) -> None:
+    import torch
+
+    from kv_transfer.descriptors import plan_runs
+
+    txi, lay = side.ipc.get("sweep"), side.layouts["sweep"]
+    if txi is None or not hasattr(txi._ipc, "issue"):
+        emit({"bench": "pipelined", "error": "no CUDA IPC reader with issue() in this tree"})
+        return
+    key, depth = "sweep_ipc", args.pipelined
+    peer_name = f"prefill-{key}"
+    peer = txi._peers[peer_name]
+    reader = txi._ipc
+    stream = reader._mapped(peer).streams[-1]  # ours: every segment is mapped on the decode GPU
+    bps = lay.blocks_per_segment
+    cross_gpu = args.prefill_gpu != args.decode_gpu
+    max_bytes = max(args.sizes_mib) * MIB
+    src = torch.rand(max_bytes // 4, device=side.device).view(torch.uint8)
+    dst = torch.zeros_like(src)
+    src_peer = torch.rand(max_bytes // 4, device=f"cuda:{args.prefill_gpu}").view(torch.uint8) if cross_gpu else None
+    pool = ThreadPoolExecutor(depth)
+    try:
+        for size_mib in args.sizes_mib:
+            size = size_mib * MIB
+            num_blocks = size // lay.bytes_per_block_all_layers
+            starts = [(i * num_blocks) % (bps - num_blocks + 1) for i in range(depth)]
+            ranges = [list(range(s, s + num_blocks)) for s in starts]
+
+            def issue():
+                for ids in ranges:
+                    reader.issue(peer, plan_runs(ids, ids, bps, bps), lay)
+                reader.synchronize(peer)
+
+            def threads():
+                for f in [pool.submit(txi.read_blocking, peer_name, ids, ids, 60.0) for ids in ranges]:
+                    f.result()
+
+            def copies(source):
+                def run():
+                    with torch.cuda.stream(stream):
+                        for _ in range(depth):
+                            dst[:size].copy_(source[:size], non_blocking=True)
+                    stream.synchronize()
+                return run
+
+            side.caches[key].segments[0].zero_()
+            issue()
+            match = True
+            for ids in {tuple(r): r for r in ranges}.values():
+                conn.send(("checksum", (key, ids)))
+                match &= side.checksum(key, ids) == conn.recv()
+            cases = {"ipc_issue": issue, "ipc_threads": threads, "memcpy": copies(src)}
+            if cross_gpu:
+                cases["memcpy_peer"] = copies(src_peer)
+            times: dict[str, list[float]] = {name: [] for name in cases}
+            for i in range(args.warmup + args.iters):
+                for name, fn in cases.items():  # interleaved: every case sees the same machine load
+                    start = time.perf_counter()
+                    fn()
+                    if i >= args.warmup:
+                        times[name].append(time.perf_counter() - start)
+            gbps = {name: round(depth * size / statistics.median(t) / 1e9, 3) for name, t in times.items()}
+            record = {"bench": "pipelined", "size_bytes": size, "depth": depth, "bytes_match": match,
+                      **{f"{name}_GBps": v for name, v in gbps.items()},
+                      "ipc_issue_ratio_vs_memcpy": round(gbps["ipc_issue"] / gbps["memcpy"], 3),
+                      "ipc_threads_ratio_vs_memcpy": round(gbps["ipc_threads"] / gbps["memcpy"], 3)}
+            if cross_gpu:
+                record["ipc_issue_ratio_vs_memcpy_peer"] = round(gbps["ipc_issue"] / gbps["memcpy_peer"], 3)
+                record["ipc_threads_ratio_vs_memcpy_peer"] = round(gbps["ipc_threads"] / gbps["memcpy_peer"], 3)
+            emit(record)
+    finally:
+        pool.shutdown()
