@@ -184,7 +184,7 @@ class TritonPagedAttention(AttentionBackend):
         self.decode_kernel = "split"
         self.decode_splits: int | None = None  # None: ~decode_programs programs, 1 to 16 splits
         self.decode_programs = (torch.cuda.get_device_properties(device).multi_processor_count
-                                if device.type == "cuda" else 8)
+                                if device.type == "cuda" else 4)
         self.decode_split_block_n = 64  # keys per tile; a split covers whole tiles
         self.decode_warps = 4
         self.decode_stages: int | None = None  # software pipelining depth (None: Triton's default)

@@ -26,7 +26,7 @@ BS = 16
 CONTEXTS = [(0, 1), (14, 1), (15, 1), (16, 1), (128, 1), (1029, 1)]
 # (splits, merge, fused write, keys per tile): with 16-key tiles and 4 splits the 129-token context
 # fills every split and the 1030-token one runs 17 tiles per split; 3 splits leave the merge's
-# padded split lane empty; None: the auto count (decode_programs 8 -> 1 to 4 splits here)
+# padded split lane empty; None: the auto count (decode_programs 4 on a CPU: 1 split for 6 sequences)
 VARIANTS = [(1, "last", True, 16), (4, "last", True, 16), (3, "kernel", False, 16), (None, "last", True, 64),
             (4, "kernel", True, 64)]
 
@@ -87,7 +87,7 @@ def test_split_decode_matches_reference(hq, hkv, dim, window):
         seqs, ids, pos = random_step(rng, caches[0].num_blocks, BS, shapes)
         for b in (ref, split):
             b.prepare(seqs, ids, pos, list(range(len(ids))))
-        assert split.step_splits == (splits or 1), split.step_splits  # auto: 8 programs // (6 x hkv) -> 1
+        assert split.step_splits == (splits or 1), split.step_splits  # auto: 4 programs // (6 x hkv) -> 1
         for layer in range(2):
             q, k, v = torch.randn(1, hq, 6, dim), torch.randn(1, hkv, 6, dim), torch.randn(1, hkv, 6, dim)
             want = ref.forward(layer, q, k, v, dim ** -0.5, window)
