@@ -152,6 +152,23 @@ def _prefill_main(conn, args) -> None:
             conn.send(None)
 
 
+class _ChildPipe:
+    """The decode side's end of the pipe to the prefill process: a recv that fails at once when
+    that process has died (its traceback is on stderr) instead of waiting for ever."""
+
+    def __init__(self, conn, child):
+        self.conn, self.child = conn, child
+
+    def send(self, message) -> None:
+        self.conn.send(message)
+
+    def recv(self):
+        while not self.conn.poll(1.0):
+            if not self.child.is_alive():
+                raise RuntimeError(f"the prefill process exited (code {self.child.exitcode}); see its traceback above")
+        return self.conn.recv()
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -329,6 +346,7 @@ def main(argv=None) -> None:
     here, there = ctx.Pipe()
     child = ctx.Process(target=_prefill_main, args=(there, args), daemon=True)
     child.start()
+    here = _ChildPipe(here, child)
     infos = here.recv()
     side = Side("decode", args)
     try:
@@ -374,8 +392,9 @@ def main(argv=None) -> None:
 
             shutil.copy(info["log_file"], args.ucx_log_copy)
     finally:
-        here.send(("close", None))
-        here.recv()
+        if child.is_alive():  # (a dead one: the error that brought us here says why)
+            here.send(("close", None))
+            here.recv()
         child.join(timeout=30)
         side.close()
 

@@ -33,9 +33,11 @@ def _ratio(row: dict, cross: bool, prefix: str = "ipc") -> float | None:
 
 def summarize(out: Path) -> dict:
     checks = _rows(out / "selfcheck.jsonl")
-    summary: dict = {"selfcheck": {"passed": sum(r["ok"] for r in checks),
+    steps = _rows(out / "steps.jsonl")
+    summary: dict = {"all_steps_ok": all(s.get("rc", 0) == 0 for s in steps),
+                     "selfcheck": {"passed": sum(r["ok"] for r in checks),
                                    "failed": [r for r in checks if not r["ok"]]},
-                     "steps": _rows(out / "steps.jsonl")}
+                     "steps": steps}
     for placement, cross in (("same_gpu", False), ("cross_gpu", True)):
         rows = _rows(out / f"{placement}.jsonl")
         before = {r["size_bytes"]: r for r in _rows(out / f"before_{placement}.jsonl") if r.get("bench") == "bandwidth"}
