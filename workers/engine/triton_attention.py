@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from workers.engine.attention import AttentionBackend, SeqSlice
+from workers.engine.cuda_graphs import capture_sizes
 from workers.engine.kv_cache import KVCache
 
 try:
@@ -182,6 +183,7 @@ class TritonPagedAttention(AttentionBackend):
         # each step (a captured graph keeps the launches it was captured with): swept by
         # benchmarks/profile_decode.py --decode-variants
         self.decode_kernel = "split"
+        self._graph_sizes = capture_sizes(max_num_seqs)
         self.decode_splits: int | None = None  # None: ~decode_programs programs, 1 to 16 splits
         self.decode_programs = (torch.cuda.get_device_properties(device).multi_processor_count
                                 if device.type == "cuda" else 4)
@@ -207,7 +209,12 @@ class TritonPagedAttention(AttentionBackend):
             if not 1 <= n <= MAX_DECODE_SPLITS:
                 raise ValueError(f"decode_splits={n}: want 1..{MAX_DECODE_SPLITS}")
             return n
-        return max(1, min(16, self.decode_programs // max(1, num_seqs * self.H)))
+        # counted at the decode graph's padded size, not the step's own: an eager step and a graph
+        # replay of the same sequences then split, and so round, alike (bf16 tokens identical with
+        # and without graphs: gpu_check's graphs check failed on an H100 when eager steps of 3-7
+        # sequences split by their own count)
+        bucket = next((b for b in self._graph_sizes if b >= num_seqs), num_seqs)
+        return max(1, min(16, self.decode_programs // max(1, bucket * self.H)))
 
     def _ensure_scratch(self, rows: int) -> None:
         """Partial (max, sum, output) rows of split decode steps and per-(sequence, KV head)
