@@ -33,7 +33,7 @@ def _backends(hq, hkv, dim):
             c.segments[i].copy_(seg)
     ref = TorchPagedAttention(caches[0])
     general, split = (TritonPagedAttention(c, hq, 512, 16, 2048) for c in caches[1:])
-    general.decode_kernel = "general"
+    general.decode_kernel, split.decode_kernel = "general", "split"
     return caches, ref, general, split
 
 

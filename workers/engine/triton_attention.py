@@ -181,8 +181,11 @@ class TritonPagedAttention(AttentionBackend):
         # leave SMs idle; this step's K/V written and attended in the same launch); "general" runs
         # write_kv_kernel + paged_attention_kernel as every other step does. The knobs are read at
         # each step (a captured graph keeps the launches it was captured with): swept by
-        # benchmarks/profile_decode.py --decode-variants
-        self.decode_kernel = "split"
+        # benchmarks/profile_decode.py --decode-variants. "general" by default: on an H100 "split"
+        # took the batch-1 graph 1.450 -> 1.379 ms, but gpu_check's graphs check failed with it (bf16
+        # tiny qwen3: the same eager engine run twice, the second time with prefix-cache hits, gave
+        # different tokens at any split count, 1 included; "general" identical), cause not found yet
+        self.decode_kernel = "general"
         self._graph_sizes = capture_sizes(max_num_seqs)
         self.decode_splits: int | None = None  # None: ~decode_programs programs, 1 to 16 splits
         self.decode_programs = (torch.cuda.get_device_properties(device).multi_processor_count

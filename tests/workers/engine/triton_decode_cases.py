@@ -42,7 +42,7 @@ def backends(hq, hkv, dim, dtype):
     ref = TorchPagedAttention(caches[0])
     general, split = (TritonPagedAttention(c, hq, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=1088)
                       for c in caches[1:])
-    general.decode_kernel = "general"
+    general.decode_kernel, split.decode_kernel = "general", "split"
     for fast in (general, split):  # other segments at negative offsets, as on a GPU
         fast.anchor = max(fast.kv_cache.segments.values(), key=lambda t: t.data_ptr())
     return caches, ref, general, split
