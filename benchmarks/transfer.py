@@ -373,12 +373,12 @@ def main(argv=None) -> None:
             from benchmarks.transfer_pipelined import bench_pipelined
 
             bench_pipelined(side, here, args, emit)
-        if args.profile_ipc and "sweep" in side.ipc:
+        if "request" not in skip:
+            bench_requests(side, here, args, emit)
+        if args.profile_ipc and "sweep" in side.ipc:  # last: a diagnostic, after the measurements
             from benchmarks.transfer_ipc_profile import profile_ipc_read
 
             profile_ipc_read(side, args, emit)
-        if "request" not in skip:
-            bench_requests(side, here, args, emit)
         if "layerwise" not in skip and args.backend == "nixl":
             from benchmarks.transfer_layerwise import bench_layerwise
 

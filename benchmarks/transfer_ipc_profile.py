@@ -120,6 +120,7 @@ def _copy_paths(side, emit) -> None:
 
     txi, lay = side.ipc["llama"], side.layouts["llama"]
     reader = txi._ipc
+    txi.read_blocking("prefill-llama_ipc", [0], [0], 60.0)  # maps the peer (a first READ opens it)
     mapped = reader._mapped(txi._peers["prefill-llama_ipc"])
     remote, ours, stream = mapped.segments, reader._ours, mapped.streams[-1]
     bps, n = lay.blocks_per_segment, 128
