@@ -62,10 +62,10 @@ CACHE = Path(tempfile.gettempdir()) / "pdserve-gpu-check"
 
 
 def make(model_dir, dtype="float32", **kw) -> Engine:
-    # compile_decode off by default here: each engine would compile its own model (the 'graphs'
-    # and 'bf16-1b' checks run with it on)
+    # compile_decode and compile_prefill off by default here: each engine would compile its own
+    # model (the 'graphs', 'bf16-1b' and 'compiled-prefill' checks turn them on)
     cfg = dict(block_size=4, num_kv_blocks=128, blocks_per_segment=16, max_num_batched_tokens=64, max_num_seqs=8,
-               compile_decode=False)
+               compile_decode=False, compile_prefill=False)
     cfg.update(kw)
     return Engine(ModelConfig(device="cuda", dtype=dtype), EngineConfig(**cfg), model_dir)
 
