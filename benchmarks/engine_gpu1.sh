@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 8 on one GPU (nvidia-h100-x1), carrying .devbundle (../shared/DEVICE.md); each part is one
+# call of < 10 min. JSON lines under $OUT; a summary last.
+#   decode:  correctness (Triton kernels incl. the split-KV decode path, decode graphs, fused bf16
+#            1B), the decode graphs per decode-attention variant (profile_decode), engine.py
+#            decode_b1 + batch32 vs transformers generate with the current defaults
+#   prefill: compile_prefill: token-identical + nothing compiled after the start-up warm-up, the
+#            2048-token prefill step eager vs compiled, and the latency floor with it on vs off;
+#            decode graphs == eager again; per-request KV READs on one GPU
+#   usage: benchmarks/engine_gpu1.sh decode|prefill
+set -uo pipefail
+part=${1:?decode or prefill}
+out=${OUT:-/tmp/engine-gpu1}
+mkdir -p "$out"
+. benchmarks/device_env.sh
+t0=$SECONDS
+ran=()
+step() {  # name, timeout, command...: stdout -> $out/name.jsonl, stderr -> $out/name.err
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" "$@" > "$out/$name.jsonl" 2> "$out/$name.err"
+  echo "$name rc=$? t=$((SECONDS - t0))"
+  ran+=("$name")
+}
+floor="benchmarks/latency_floor.py --device cuda --model llama-1b-shape --prompt-tokens 2048 --max-tokens 16
+  --requests 20 --warmup 4 --num-cpus 16"
+case $part in
+  decode)
+    step check 170 python3 benchmarks/gpu_check.py --only kernels,graphs,bf16-1b-fused
+    step profile_decode 200 python3 benchmarks/profile_decode.py --batch-sizes 1,32 --decode-variants default
+    step engine 150 python3 benchmarks/engine.py --device cuda --model llama-1b-shape --workloads decode_b1,batch \
+      --scheduling async
+    ;;
+  prefill)
+    step check_compiled 170 python3 benchmarks/gpu_check.py --only graphs,compiled-prefill
+    step prefill 80 python3 benchmarks/profile_prefill.py --cases eager,compiled --num-prompts 8
+    step floor_eager 110 python3 $floor --modes disaggregated --label eager
+    # TORCH_LOGS=recompiles: a recompile inside a worker while serving shows in its log (.err)
+    TORCH_LOGS=recompiles step floor_compiled 140 python3 $floor --modes disaggregated --label compiled \
+      --set engine.compile_prefill=true
+    echo "recompiles while serving: $(grep -c Recompiling "$out/floor_compiled.err")"
+    # the KV READ per request (same GPU) + where its time goes (transfer_gpu.sh has the 2-GPU half)
+    step transfer_requests 60 python3 benchmarks/transfer.py --device cuda --prefill-gpu 0 --decode-gpu 0 \
+      --skip bandwidth,layerwise --profile-ipc
+    ;;
+esac
+for f in "${ran[@]}"; do
+  echo "== $f"
+  grep -h '^{' "$out/$f.jsonl" | cut -c1-1500
+  grep -q '^{' "$out/$f.jsonl" || tail -5 "$out/$f.err"
+done
