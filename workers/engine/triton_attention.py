@@ -199,7 +199,8 @@ class TritonPagedAttention(AttentionBackend):
         self.num_qblocks = 0
         self.num_tokens = 0
         self.step_splits = 1
-        self.step_decode: DecodeLaunch | None = None  # set: this step runs paged_decode_kernel so
+        self.step_decode: DecodeLaunch | None = None  # set: this step runs paged_decode_kernel
+        self.num_split_steps = 0  # steps prepared with step_decode set (tests check the path ran)
         self._retired_scratch: list[tuple[torch.Tensor, ...]] = []
         self._scratch: tuple[torch.Tensor, ...] = ()
         self._ensure_scratch(max(n * self.H * self.splits_for(n) for n in range(1, max_num_seqs + 1)))
@@ -302,6 +303,7 @@ class TritonPagedAttention(AttentionBackend):
             self.step_decode = DecodeLaunch(self.step_splits, self.decode_combine == "last",
                                             bool(self.decode_fuse_write), int(self.decode_split_block_n),
                                             int(self.decode_warps), self.decode_stages)
+            self.num_split_steps += 1
         per_seq = (q_len + (bq - 1)) // bq
         nq = int(per_seq.sum())
         qb_seq = np.repeat(np.arange(S_pad), per_seq)
