@@ -196,6 +196,8 @@ def run_logprobs(engine, prompts, max_tokens: int) -> dict:
     return {rid: (v[0], v[3]) for rid, v in got.items()}  # tokens, logprob of each
 
 
+@pytest.mark.xfail(strict=True, reason="known: the opt-in split decode path is not invariant to how a step is "
+                   "composed (H100 and interpreter); decode_kernel stays 'general' by default until this passes")
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_engine_split_decode_same_twice_with_prefix_hits(mode, tiny_checkpoint, bf16_dot):
     """bf16 tiny qwen3, the split path: the same prompts run twice on one engine give bit-identical
