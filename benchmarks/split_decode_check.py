@@ -1,19 +1,34 @@
 """GPU check of the split-KV decode kernel (TritonPagedAttention.decode_kernel == "split"), run by
-gpu_check.py's `kernels` check: bf16 decode-only steps against the torch reference (relative
-error) and the general path (identical cache writes), for several split counts, both merges,
-the fused K/V write on and off; repeated launches bit-identical (the in-kernel merge's arrival
-counter must order every split's partial before the merge reads it); and one decode step
-captured in a CUDA graph at 8 padded rows, replayed over other steps' metadata."""
+gpu_check.py's `kernels` check (or alone: python3 benchmarks/split_decode_check.py):
+
+- bf16 decode-only steps against the torch reference (relative error) and the general path
+  (identical cache writes), for several split counts, both merges, the fused K/V write on and
+  off; repeated launches bit-identical (the in-kernel merge's arrival counter must order every
+  split's partial before the merge reads it); one decode step captured in a CUDA graph at 8
+  padded rows, replayed over other steps' metadata;
+- a decode row's output bit-identical in any step: split counts, both merges, padded, beside a
+  prefill chunk and a one-token prompt chunk (compiled variants of the kernel must round alike);
+- the engine on the split path (tiny qwen3): bf16, the same eager engine twice (the second run
+  with prefix-cache hits) bit-identical in tokens and logprobs; compiled CUDA graphs (and
+  uncompiled ones) token-identical to eager; fp32 token-identical to generate. The general
+  path's eager-twice result is reported beside it as the baseline.
+
+Every engine case runs; failures are listed together (and printed as one JSON line) at the end."""
 
 from __future__ import annotations
 
+import json
 import random
+import sys
+from pathlib import Path
 
 import torch
 
-from kv_transfer.layout import KVLayout
-from workers.engine.attention import SeqSlice, TorchPagedAttention
-from workers.engine.kv_cache import KVCache
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kv_transfer.layout import KVLayout  # noqa: E402
+from workers.engine.attention import SeqSlice, TorchPagedAttention  # noqa: E402
+from workers.engine.kv_cache import KVCache  # noqa: E402
 
 CONTEXTS = [1, 15, 16, 17, 129, 1030]
 # (splits (None: auto), merge, fused write, keys per tile)
@@ -85,8 +100,9 @@ def check_split_decode() -> dict:
                 if split._scratch[3].any():
                     raise AssertionError("split decode arrival counters not reset")
     graph_err = max(_check_graph(1, (1, 1, 1)), _check_graph(8, (1, 5, 8, 2)))
-    return {"split_decode_max_rel_err": round(worst, 5), "split_decode_launches": launches,
-            "split_decode_graph_max_rel_err": round(graph_err, 5)}
+    kernel = {"split_decode_max_rel_err": round(worst, 5), "split_decode_launches": launches,
+              "split_decode_graph_max_rel_err": round(graph_err, 5), **_check_any_step()}
+    return {**kernel, **check_split_engine()}
 
 
 def _check_graph(size: int, batches: tuple[int, ...]) -> float:
@@ -121,3 +137,104 @@ def _check_graph(size: int, batches: tuple[int, ...]) -> float:
         if not _same(caches[0], caches[2]):
             raise AssertionError("split decode graph replay: cache writes differ")
     return worst
+
+
+def _check_any_step() -> dict:
+    """Three decode rows (contexts 2048, 129, 17; Llama-1B heads, bf16) in decode-only steps at
+    several split counts and merges, padded to 8 rows, and beside a prefill chunk and a one-token
+    prompt chunk: each row's output bit-identical across all of them."""
+    caches, ref, _, split = _backends(32, 8, 64)
+    rng = random.Random(17)
+    free = list(range(caches[0].num_blocks))
+    rng.shuffle(free)
+    shapes = {"d2048": (2047, 1, False), "d129": (128, 1, False), "d17": (16, 1, False),
+              "chunk": (20, 9, False), "prompt1": (4, 1, True)}
+    blocks = {n: tuple(free.pop() for _ in range(-(-(c + k) // 16))) for n, (c, k, _) in shapes.items()}
+    rows = {n: [torch.randn(h, 64, device="cuda", dtype=torch.bfloat16) for h in (32, 8, 8)] for n in shapes}
+
+    def run(backend, order, pad_to=None):
+        seqs, pos, names = [], [], []
+        for n in order:
+            cached, new, prompt = shapes[n]
+            seqs.append(SeqSlice(len(names), new, cached + new, blocks[n], prompt))
+            pos += list(range(cached, cached + new))
+            names += [n] * new
+        backend.prepare(seqs, [1] * len(names), pos, list(range(len(names))), pad_to=pad_to)
+        names += [names[0]] * ((pad_to or len(names)) - len(names))
+        q, k, v = (torch.stack([rows[n][i] for n in names], 1)[None] for i in range(3))
+        out = backend.forward(0, q.float() if backend is ref else q, k, v, 0.125, None)[0]
+        return {n: out[names.index(n)].clone() for n in dict.fromkeys(names)}
+
+    decodes = ["d2048", "d129", "d17"]
+    seen = []
+    for splits, merge, fused in [(1, "last", True), (16, "last", True), (5, "kernel", False), (None, "last", True)]:
+        split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
+        seen.append(run(split, decodes))
+    seen.append(run(split, decodes[::-1], pad_to=8))
+    mixed = ["chunk", "d2048", "prompt1", "d17", "d129"]
+    seen.append(run(split, mixed))
+    want = run(ref, mixed)
+    torch.cuda.synchronize()
+    for n in decodes:
+        if not all(torch.equal(got[n], seen[0][n]) for got in seen[1:]):
+            raise AssertionError(f"split decode row {n}: output bits depend on the step (splits/padding/mixed)")
+    err = max(_rel(seen[-1][n], want[n].float()) for n in want)
+    if err > 1e-2 or not _same(caches[0], caches[2]):
+        raise AssertionError(f"split decode beside prefill chunks: relative error {err:.2e} or cache writes differ")
+    return {"split_decode_any_step_rel_err": round(err, 5)}
+
+
+def check_split_engine() -> dict:
+    """The engine on the split path (see the module docstring); raises listing every failure."""
+    from benchmarks.gpu_check import CACHE, hf_generate, make
+    from tests.tiny_models import build_tiny_checkpoint
+    from tests.workers.engine.helpers import PROMPTS, collect, run_all
+    from workers.engine import triton_attention
+    from workers.protocol import SamplingParams
+
+    d = str(build_tiny_checkpoint("qwen3", CACHE / "tiny-qwen3"))
+    prompts = PROMPTS + [list(range(200, 260)), [3] * 41, list(range(70, 75))]  # gpu_check's graphs prompts
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=True)
+    reqs = {f"r{i}": (p, sp) for i, p in enumerate(prompts)}
+    out, failed = {}, []
+
+    def differ(a, b, tokens_only=False):
+        return [k for k in a if (a[k][0] != b[k][0] if tokens_only else a[k] != b[k])]
+
+    saved = triton_attention.DEFAULT_DECODE_KERNEL
+    try:
+        for kernel in ("general", "split"):  # general: the baseline for eager-twice
+            triton_attention.DEFAULT_DECODE_KERNEL = kernel  # before the engines capture their graphs
+            eager = make(d, dtype="bfloat16", cuda_graphs=False)
+            first, second = collect(eager, reqs, with_logprobs=True), collect(eager, reqs, with_logprobs=True)
+            out[f"{kernel}_eager_twice_differ"] = differ(first, second)
+            if kernel == "general":
+                continue
+            if out["split_eager_twice_differ"]:
+                failed.append("eager twice (prefix hits) not bit-identical")
+            if eager.runner.backend.num_split_steps == 0:
+                failed.append("the split path never ran")
+            for compiled in (False, True):
+                graphs = make(d, dtype="bfloat16", compile_decode=compiled)
+                got = collect(graphs, reqs, with_logprobs=True)
+                name = f"split_graphs{'_compiled' if compiled else ''}"
+                out[f"{name}_tokens_differ"] = differ(first, got, tokens_only=True)
+                out[f"{name}_logprobs_differ"] = differ(first, got)
+                if out[f"{name}_tokens_differ"] or graphs.runner.graphs.num_replays == 0:
+                    failed.append(f"{name} tokens != eager (or no replay)")
+            fp32 = make(d, cuda_graphs=False)
+            want = {f"r{i}": hf_generate(d, p, 12) for i, p in enumerate(prompts)}
+            got = [run_all(fp32, prompts), run_all(fp32, prompts, prefix="r")]
+            out["split_fp32_vs_generate_differ"] = sorted({k for g in got for k in want if g[k] != want[k]})
+            if out["split_fp32_vs_generate_differ"]:
+                failed.append("fp32 != generate")
+    finally:
+        triton_attention.DEFAULT_DECODE_KERNEL = saved
+    print(json.dumps({"split_engine": out, "failed": failed}), flush=True)
+    if failed:
+        raise AssertionError(f"split decode engine: {failed}; {json.dumps(out)}")
+    return {"split_engine_cases": len(out)}
+
+
+if __name__ == "__main__":
+    print(json.dumps({"split_decode_check": check_split_decode(), "card": torch.cuda.get_device_name()}))

@@ -36,6 +36,10 @@ class SeqSlice:
     q_len: int  # tokens computed this step
     ctx_len: int  # tokens of context after this step (cached + new)
     block_ids: tuple[int, ...]  # blocks covering [0, ctx_len)
+    # the chunk starts inside the prompt. A one-token prompt chunk (a prefix-cache hit's remainder,
+    # the recompute of a wholly cached prompt) is attended as prefill, not as a decode: a backend
+    # with a decode kernel of its own (triton "split") computes a position alike in every run
+    prompt: bool = False
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ class DecodeGraphs:
         log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.sizes, time.perf_counter() - t0)
 
     def fits(self, seqs: list[SeqSlice]) -> bool:
-        return 0 < len(seqs) <= self.max_batch and all(s.q_len == 1 for s in seqs)
+        # decodes only: a one-token prompt chunk runs eagerly, attended as prefill (SeqSlice.prompt)
+        return 0 < len(seqs) <= self.max_batch and all(s.q_len == 1 and not s.prompt for s in seqs)
 
     def run(self, seqs: list[SeqSlice], input_ids: list[int], positions: list[int],
             logits_indices: list[int], fill: TokenFill | None = None) -> torch.Tensor:

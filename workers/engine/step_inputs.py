@@ -38,7 +38,7 @@ class StepInputs:
                 s.fill_index.append(req.pending_row)
                 s.input_ids.append(0)
             s.positions += range(c, c + n)
-            s.seqs.append(SeqSlice(q_start, n, c + n, tuple(req.block_ids)))
+            s.seqs.append(SeqSlice(q_start, n, c + n, tuple(req.block_ids), c < req.num_prompt_tokens))
             if c + n == req.num_tokens_with_pending:
                 s.logits_indices.append(q_start + n - 1)
                 s.sampled.append(req)

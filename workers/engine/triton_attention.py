@@ -1,20 +1,12 @@
 """The fast attention backend (CUDA; also runs on CPU tensors under TRITON_INTERPRET=1 for tests).
 
-Per step, every integer the GPU needs (token ids, positions, query blocks, per-sequence lengths,
-KV addresses, logits rows) is packed on the host into one pinned buffer and sent with ONE
-asynchronous copy into a device buffer of fixed layout. Regions sit at fixed offsets, so a
-captured CUDA graph that reads them stays valid: a replay only needs the buffer refilled.
-
-    int32: [ids T | pos T | keep T | qb_seq Q | qb_start Q | q_start S | q_len S | ctx S | blk_start S | n_real 1]
-    int64: [slot_off T | block_off B]
-     T = max tokens per step, Q = T + S query blocks, S = max sequences, B = S * blocks per sequence
-
-KV addresses are element offsets from an anchor tensor, computed on the host from each segment's
-address (kv_cache.py may hold several segments): block_off[j] is where block j of the step starts
-in layer 0's K; slot_off[t] where token t's K/V go. Offsets may be negative (segments can lie
-below the anchor); rows t >= n_real are padding and write nothing. A kernel
-adds the layer's and V's fixed strides, so KV can live in any segment and nothing on the device
-needs rewriting when segments come and go.
+Per step, every integer the GPU needs is packed on the host and sent with one asynchronous copy
+(step_metadata.py has the layout). KV addresses are element offsets from an anchor tensor,
+computed on the host from each segment's address (kv_cache.py may hold several segments):
+block_off[j] is where block j of the step starts in layer 0's K; slot_off[t] where token t's K/V
+go. Offsets may be negative (segments can lie below the anchor). A kernel adds the layer's and V's
+fixed strides, so KV can live in any segment and nothing on the device needs rewriting when
+segments come and go.
 """
 
 from __future__ import annotations
@@ -29,6 +21,7 @@ import torch
 from workers.engine.attention import AttentionBackend, SeqSlice
 from workers.engine.cuda_graphs import capture_sizes
 from workers.engine.kv_cache import KVCache
+from workers.engine.step_metadata import StepMetadata
 
 try:
     import triton
@@ -44,6 +37,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_SEGMENTS = 4096  # capacity of the segment offset table
 MAX_DECODE_SPLITS = 32  # split-KV decode: most splits per (sequence, KV head); bounds the merge's registers
 DECODE_KERNELS = ("split", "general")
+DEFAULT_DECODE_KERNEL = "general"  # a new backend's decode_kernel (see __init__); checks set it before engines capture
 DECODE_COMBINES = ("last", "kernel")
 
 
@@ -63,9 +57,12 @@ def _(q, k, v, backend_id, layer, scaling, window):
 
 
 class DecodeLaunch(NamedTuple):
-    """A split decode step's settings, fixed by prepare() (knobs changed later wait for the next step)."""
+    """A step's paged_decode_kernel launch, fixed by prepare() (knobs changed later wait for the next step)."""
 
+    rows: int  # decode rows (programs along the grid's first axis)
+    all_decode: bool  # every row of the step is one (row i = sequence i = token i); else dec_seq maps them
     splits: int
+    chunks: int
     merge_last: bool
     fuse_write: bool
     block_n: int
@@ -75,71 +72,6 @@ class DecodeLaunch(NamedTuple):
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
-
-
-class StepMetadata:
-    """Host staging + device copy of a step's integers (layout in the module docstring)."""
-
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
-        self.T, self.S, self.Q = max_tokens, max_seqs, max_tokens + max_seqs
-        i32 = [("ids", self.T), ("pos", self.T), ("keep", self.T), ("qb_seq", self.Q), ("qb_start", self.Q),
-               ("q_start", self.S), ("q_len", self.S), ("ctx", self.S), ("blk_start", self.S), ("n_real", 1)]
-        self.offsets: dict[str, tuple[int, int]] = {}
-        off = 0
-        for name, n in i32:
-            self.offsets[name] = (off, n)
-            off += n
-        off += off % 2  # int64 regions start 8-byte aligned
-        self.i64_off = off
-        self.offsets["slot_off"] = (off, 2 * self.T)
-        self.blocks_off = off + 2 * self.T
-        self.max_blocks = max_blocks
-        self.size = self.blocks_off + 2 * max_blocks
-        # Two pinned staging buffers, used in turn: with async scheduling the host stages step n+1
-        # while step n's upload may still be queued behind step n-1 on the GPU, so the buffer
-        # being written must not be the one that upload reads (an event guards each reuse).
-        pin = device.type == "cuda"
-        self._hosts = [torch.zeros(self.size, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
-        self._uploaded: list = [None, None]  # per buffer: event recorded after its last upload
-        self._turn = 0
-        self.host = self._hosts[0]
-        self.np = self.host.numpy()
-        self.dev = torch.zeros(self.size, dtype=torch.int32, device=device)
-        self.dev_slot_off = self.dev[off:off + 2 * self.T].view(torch.int64)
-        self.dev_block_off = self.dev[self.blocks_off:].view(torch.int64)
-
-    def begin(self) -> None:
-        """Switch to the other staging buffer before writing a step; waits (normally not at all)
-        until the upload that last read it has run."""
-        self._turn ^= 1
-        event = self._uploaded[self._turn]
-        if event is not None and not event.query():
-            event.synchronize()
-        self.host = self._hosts[self._turn]
-        self.np = self.host.numpy()
-
-    def host_view(self, name: str) -> np.ndarray:
-        off, n = self.offsets[name]
-        return self.np[off:off + n]
-
-    def host_i64(self, name: str) -> np.ndarray:
-        if name == "slot_off":
-            return self.np[self.i64_off:self.blocks_off].view(np.int64)
-        return self.np[self.blocks_off:].view(np.int64)
-
-    def dev_view(self, name: str, n: int | None = None) -> torch.Tensor:
-        off, cap = self.offsets[name]
-        return self.dev[off:off + (cap if n is None else n)]
-
-    def upload(self, num_blocks: int) -> None:
-        """One host->device copy of everything written this step (non-blocking from pinned memory;
-        the device buffer is overwritten in stream order, after the previous step's kernels)."""
-        n = self.blocks_off + 2 * num_blocks
-        self.dev[:n].copy_(self.host[:n], non_blocking=True)
-        if self.dev.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-            self._uploaded[self._turn] = event
 
 
 class TritonPagedAttention(AttentionBackend):
@@ -176,21 +108,29 @@ class TritonPagedAttention(AttentionBackend):
         # tiles below the causal diagonal without masks (FlashAttention's split): gpu_check.py's
         # kernels check on an H100 (both ways, relative error 1.9e-3) and 6-17 % faster there
         self.split_diagonal = True
-        # decode-only steps (every sequence one new token): "split" runs paged_decode_kernel (the
-        # context split over several programs per (sequence, KV head) when sequences x KV heads
-        # leave SMs idle; this step's K/V written and attended in the same launch); "general" runs
-        # write_kv_kernel + paged_attention_kernel as every other step does. The knobs are read at
-        # each step (a captured graph keeps the launches it was captured with): swept by
-        # benchmarks/profile_decode.py --decode-variants. "general" by default: on an H100 "split"
-        # took the batch-1 graph 1.450 -> 1.379 ms, but gpu_check's graphs check failed with it (bf16
-        # tiny qwen3: the same eager engine run twice, the second time with prefix-cache hits, gave
-        # different tokens at any split count, 1 included; "general" identical), cause not found yet
-        self.decode_kernel = "general"
+        # decode rows (one new token that is not a prompt token, SeqSlice.prompt): "split" attends
+        # them with paged_decode_kernel in every step, decode-only or beside prefill chunks (the
+        # context cut into chunks by its length alone, spread over several programs per (row, KV
+        # head) when rows x KV heads leave SMs idle; in decode-only steps this step's K/V written in
+        # the same launch); "general": paged_attention_kernel, as every other row. One kernel per
+        # kind of row, whatever the step's composition, so a sequence's tokens do not depend on
+        # what it was batched with (the general path has that property; with "split" chosen per
+        # step, decodes beside prefill chunks took the general kernel and the others the split
+        # one, whose bits differ: the same bf16 engine run twice, prefix hits the second time,
+        # gave other tokens on an H100). The knobs are read at each step (a captured graph keeps
+        # the launches it was captured with): swept by benchmarks/profile_decode.py
+        # --decode-variants. "general" by default until gpu_check's kernels check (it runs
+        # benchmarks/split_decode_check.py's engine checks) passes with "split" on a GPU
+        self.decode_kernel = DEFAULT_DECODE_KERNEL
         self._graph_sizes = capture_sizes(max_num_seqs)
         self.decode_splits: int | None = None  # None: ~decode_programs programs, 1 to 16 splits
+        # most chunks a decode row's context is cut into (their bounds depend on it and the length
+        # only): splits beyond it would idle. A constant, not a per-step choice: the chunking fixes
+        # the output's bits
+        self.decode_chunks = 16
         self.decode_programs = (torch.cuda.get_device_properties(device).multi_processor_count
                                 if device.type == "cuda" else 4)
-        self.decode_split_block_n = 64  # keys per tile; a split covers whole tiles
+        self.decode_split_block_n = 64  # keys per tile; a chunk covers whole tiles
         self.decode_warps = 4
         self.decode_stages: int | None = None  # software pipelining depth (None: Triton's default)
         self.decode_combine = "last"  # merge the splits in the last program to finish, or "kernel": a second launch
@@ -203,27 +143,32 @@ class TritonPagedAttention(AttentionBackend):
         self.num_split_steps = 0  # steps prepared with step_decode set (tests check the path ran)
         self._retired_scratch: list[tuple[torch.Tensor, ...]] = []
         self._scratch: tuple[torch.Tensor, ...] = ()
-        self._ensure_scratch(max(n * self.H * self.splits_for(n) for n in range(1, max_num_seqs + 1)))
+        self._ensure_scratch(max_num_seqs * self.H * self._chunks())
 
     # -- split-KV decode ---------------------------------------------------------------------------
-    def splits_for(self, num_seqs: int) -> int:
-        """Splits per (sequence, KV head) of a decode step of ``num_seqs`` (padded) sequences."""
+    def _chunks(self) -> int:
+        n = int(self.decode_chunks)
+        if not 1 <= n <= MAX_DECODE_SPLITS:
+            raise ValueError(f"decode_chunks={n}: want 1..{MAX_DECODE_SPLITS}")
+        return n
+
+    def splits_for(self, num_rows: int) -> int:
+        """Programs per (decode row, KV head) of a step of ``num_rows`` (padded) decode rows. Only
+        speed depends on it: the chunks, and so the output's bits, do not."""
         if self.decode_splits is not None:
             n = int(self.decode_splits)
             if not 1 <= n <= MAX_DECODE_SPLITS:
                 raise ValueError(f"decode_splits={n}: want 1..{MAX_DECODE_SPLITS}")
-            return n
-        # counted at the decode graph's padded size, not the step's own: an eager step and a graph
-        # replay of the same sequences then split, and so round, alike (bf16 tokens identical with
-        # and without graphs: gpu_check's graphs check failed on an H100 when eager steps of 3-7
-        # sequences split by their own count)
-        bucket = next((b for b in self._graph_sizes if b >= num_seqs), num_seqs)
-        return max(1, min(16, self.decode_programs // max(1, bucket * self.H)))
+            return min(n, self._chunks())
+        # counted at the decode graph's padded size: a step and its graph replay launch alike
+        bucket = next((b for b in self._graph_sizes if b >= num_rows), num_rows)
+        return max(1, min(16, self._chunks(), self.decode_programs // max(1, bucket * self.H)))
 
     def _ensure_scratch(self, rows: int) -> None:
-        """Partial (max, sum, output) rows of split decode steps and per-(sequence, KV head)
-        arrival counters (zero between launches). Grows only outside graph capture (prepare runs
-        before it); buffers it replaces stay alive, so graphs captured with them still replay."""
+        """Partial (max, sum, output) rows, one per chunk of each (decode row, KV head); arrival
+        counters per (decode row, KV head), zero between launches. Grows only outside graph capture
+        (prepare runs before it); buffers it replaces stay alive, so graphs captured with them
+        still replay."""
         if self._scratch and self._scratch[0].shape[0] >= rows:
             return
         device = self.anchor.device
@@ -235,7 +180,7 @@ class TritonPagedAttention(AttentionBackend):
         f32 = dict(dtype=torch.float32, device=device)
         self._scratch = (torch.empty(rows, self.group, **f32), torch.empty(rows, self.group, **f32),
                          torch.empty(rows, self.group, self.D, **f32),
-                         torch.zeros(rows, dtype=torch.int32, device=device))
+                         torch.zeros(rows, dtype=torch.int32, device=device))  # (rows >= counters)
 
     # -- per step --------------------------------------------------------------------------------
     def _sync_segments(self) -> None:
@@ -289,22 +234,36 @@ class TritonPagedAttention(AttentionBackend):
         slot[:T] = block_off[blk_start[tok_seq] + pos[:T] // bs] + (pos[:T] % bs) * (self.H * self.D)
         ids[T:], pos[T:], slot[T:] = 0, 0, 0
         m.host_view("n_real")[0] = T  # rows [T, n_pad) are padding: no KV write
-        # query blocks: ceil(q_len / block_q) per sequence
-        self.block_q = bq = 1 if int(q_len[:S].max(initial=1)) == 1 else max(1, self.prefill_rows // _pow2(self.group))
         if self.decode_kernel not in DECODE_KERNELS or self.decode_combine not in DECODE_COMBINES:
             raise ValueError(f"decode_kernel {self.decode_kernel!r} / decode_combine {self.decode_combine!r}: "
                              f"want one of {DECODE_KERNELS} / {DECODE_COMBINES}")
+        # decode rows (split): one token, not a prompt token; padding rows too when every real row
+        # is one (a decode-only graph step). The general kernel takes every other sequence.
+        is_dec = np.zeros(S_pad, dtype=bool)
         self.step_decode = None
-        if bq == 1 and self.decode_kernel == "split":  # its program s reads token row s
-            if not np.array_equal(q_start[:S], np.arange(S)):
-                raise ValueError("a decode step's sequences must be packed in order, one token each")
-            self.step_splits = self.splits_for(S_pad)
-            self._ensure_scratch(S_pad * self.H * self.step_splits)
-            self.step_decode = DecodeLaunch(self.step_splits, self.decode_combine == "last",
-                                            bool(self.decode_fuse_write), int(self.decode_split_block_n),
-                                            int(self.decode_warps), self.decode_stages)
-            self.num_split_steps += 1
-        per_seq = (q_len + (bq - 1)) // bq
+        if self.decode_kernel == "split":
+            is_dec[:S] = q_len[:S] == 1
+            is_dec[:S] &= ~np.fromiter((s.prompt for s in seqs), bool, S)
+            all_dec = bool(is_dec[:S].all())
+            is_dec[S:] = all_dec
+            n_dec = int(is_dec.sum())
+            if n_dec:
+                if all_dec and not np.array_equal(q_start[:S_pad], np.arange(S_pad)):
+                    raise ValueError("a decode step's sequences must be packed in order, one token each")
+                m.host_view("dec_seq")[:n_dec] = np.flatnonzero(is_dec)
+                chunks = self._chunks()
+                self.step_splits = self.splits_for(n_dec)
+                self._ensure_scratch(n_dec * self.H * chunks)
+                self.step_decode = DecodeLaunch(n_dec, all_dec, self.step_splits, chunks,
+                                                self.decode_combine == "last", all_dec and bool(self.decode_fuse_write),
+                                                int(self.decode_split_block_n), int(self.decode_warps),
+                                                self.decode_stages)
+                self.num_split_steps += 1
+        # query blocks of the general kernel: ceil(q_len / block_q) per other sequence
+        rest = ~is_dec
+        self.block_q = bq = (1 if int(q_len[rest].max(initial=1)) == 1
+                             else max(1, self.prefill_rows // _pow2(self.group)))
+        per_seq = np.where(rest, (q_len + (bq - 1)) // bq, 0)
         nq = int(per_seq.sum())
         qb_seq = np.repeat(np.arange(S_pad), per_seq)
         first_qb = np.cumsum(per_seq) - per_seq
@@ -340,7 +299,7 @@ class TritonPagedAttention(AttentionBackend):
         layer_off = layer * self.layer_stride
         block_h, block_d = _pow2(self.H), _pow2(self.D)
         decode, split = self.block_q == 1, self.step_decode
-        fused_write = split is not None and split.fuse_write
+        fused_write = split is not None and split.fuse_write  # decode-only steps: the split kernel writes
         if not fused_write:
             write_kv_kernel[(T,)](
                 k, v, k.stride(1), k.stride(0), v.stride(1), v.stride(0),
@@ -357,6 +316,7 @@ class TritonPagedAttention(AttentionBackend):
             self._decode(split, layer_off, q, k, v, o, scaling, sliding_window, precision)
             if fused_write:
                 self._layer_written(layer)
+        if not self.num_qblocks:
             return out
         block_m = max(16, _pow2(self.block_q * G))
         launch = {} if decode else {"num_warps": self.prefill_warps}
@@ -376,23 +336,27 @@ class TritonPagedAttention(AttentionBackend):
         return out
 
     def _decode(self, launch: DecodeLaunch, layer_off, q, k, v, o, scaling, sliding_window, precision) -> None:
-        """Split-KV attention of a decode-only step (q, k, v [H, T, D]; o [T, Hq, D])."""
+        """Split-KV attention of the step's decode rows (q, k, v [H, T, D]; o [T, Hq, D])."""
         m, G, splits = self.meta, self.group, launch.splits
         part_m, part_l, part_acc, arrivals = self._scratch
-        block_g, block_s, block_d = _pow2(G), _pow2(splits), _pow2(self.D)
+        block_g, block_c, block_d = _pow2(G), _pow2(launch.chunks), _pow2(self.D)
         stages = {} if launch.stages is None else {"num_stages": int(launch.stages)}
-        paged_decode_kernel[(self.num_qblocks, self.H, splits)](
+        window = int(sliding_window or 0)
+        paged_decode_kernel[(launch.rows, self.H, splits)](
             q, q.stride(1), q.stride(0), k, k.stride(1), k.stride(0), v, v.stride(1), v.stride(0),
             o, o.stride(0), o.stride(1), self.anchor, layer_off, self.kv_off, m.dev_block_off,
-            m.dev_view("ctx"), m.dev_view("blk_start"), m.dev_slot_off, m.dev_view("n_real"),
-            part_m, part_l, part_acc, arrivals, float(scaling), int(sliding_window or 0),
+            m.dev_view("dec_seq"), m.dev_view("q_start"), m.dev_view("ctx"), m.dev_view("blk_start"),
+            m.dev_slot_off, m.dev_view("n_real"), part_m, part_l, part_acc, arrivals, float(scaling), window,
             G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs, BLOCK_M=max(16, block_g),
-            BLOCK_N=launch.block_n, SPLITS=splits, BLOCK_S=block_s, BLOCK_G=block_g,
+            BLOCK_N=launch.block_n, SPLITS=splits, CHUNKS=launch.chunks, BLOCK_C=block_c, BLOCK_G=block_g,
             USE_WINDOW=bool(sliding_window), WRITE_KV=launch.fuse_write, COMBINE_LAST=launch.merge_last,
-            INTERPRET=INTERPRET, DOT_PRECISION=precision, num_warps=launch.warps, **stages,
+            ALL_DECODE=launch.all_decode, INTERPRET=INTERPRET, DOT_PRECISION=precision, num_warps=launch.warps,
+            **stages,
         )
         if splits > 1 and not launch.merge_last:
-            decode_combine_kernel[(self.num_qblocks, self.H)](
-                part_m, part_l, part_acc, o, o.stride(0), o.stride(1), SPLITS=splits, G=G, HKV=self.H, D=self.D,
-                BLOCK_S=block_s, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=launch.warps,
+            decode_combine_kernel[(launch.rows, self.H)](
+                part_m, part_l, part_acc, o, o.stride(0), o.stride(1), m.dev_view("dec_seq"), m.dev_view("q_start"),
+                m.dev_view("ctx"), window, G=G, HKV=self.H, D=self.D, BLOCK_N=launch.block_n, CHUNKS=launch.chunks,
+                BLOCK_C=block_c, BLOCK_G=block_g, BLOCK_D=block_d, USE_WINDOW=bool(sliding_window),
+                ALL_DECODE=launch.all_decode, num_warps=launch.warps,
             )

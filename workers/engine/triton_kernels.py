@@ -154,34 +154,103 @@ def paged_attention_kernel(
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-# Decode-only steps (every sequence has one new token; token row s is sequence s): split-KV.
-# Program (s, kvh, j) attends the G query heads of KV head kvh of sequence s to split j of its
-# cached keys; the new key (position ctx - 1) is this step's k/v, attended from registers by the
-# last split, which also writes it to the cache. So nothing in the launch reads that slot:
+# Decode rows (one new token that is not a prompt token: SeqSlice.prompt), in decode-only steps
+# and beside prefill chunks alike: split-KV. A row's keys [lo, ctx) (lo: the window's start, else
+# 0; ctx - 1 is this step's token) are cut into at most CHUNKS chunks whose bounds depend on ctx
+# alone, each with its own online softmax:
 #
-#   cached keys [lo, ctx - 1): split j gets [lo + j * chunk, lo + (j + 1) * chunk), chunk a multiple
-#   of BLOCK_N (one tile per split for contexts up to SPLITS * BLOCK_N) | key ctx - 1: split SPLITS - 1
+#   chunk = ceil(ceil((ctx - lo) / CHUNKS) / BLOCK_N) * BLOCK_N keys
+#   chunk c: [lo + c * chunk, min(lo + (c + 1) * chunk, ctx)),  c < n_chunks = ceil((ctx - lo) / chunk)
 #
-# SPLITS > 1: each split stores its partial (max, sum, unnormalised output) per query head; they
-# are merged by the last program of the (sequence, KV head) to arrive (COMBINE_LAST: an arrival
-# counter, reset by that program for the next launch) or by decode_combine_kernel.
+# One chunk: its result is the output. More: each stores its partial (max, sum, unnormalised
+# output) per query head, and one fixed formula merges the n_chunks partials (the last program of
+# the (row, KV head) to arrive: COMBINE_LAST, an arrival counter it resets; or
+# decode_combine_kernel). The SPLITS programs of a (row, KV head) only share the chunks out
+# (program j: chunks [j * PER, (j + 1) * PER)), so the output's bits depend on the row's own q/k/v
+# and cache, never on the split count or on the step's other rows: a sequence decodes bit-alike in
+# any batch, eager or padded, decode-only or beside prefill chunks.
+# The new key (position ctx - 1) is this step's k/v from registers, scored by the same dot as the
+# cached keys; its slot is never read (WRITE_KV: the last program writes it during this launch).
 @triton.jit
-def _combine_splits(part_m, part_l, part_acc, row0, O, o_off, o_stride_h, SPLITS: tl.constexpr,
-                    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-    """O[head kvh * G + g] = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) l_j over the partials of
-    rows [row0, row0 + SPLITS) (M = max_j m_j; m in log2 units). Loads skip L1 (.cg): other
+def _decode_chunking(ctx, window, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """(lo, keys per chunk, number of chunks) of a decode row with ``ctx`` keys (0 for padding rows)."""
+    lo = ctx * 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx - window, 0)
+    n_keys = tl.maximum(ctx - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(n_keys, CHUNKS), BLOCK_N) * BLOCK_N
+    return lo, chunk, tl.cdiv(n_keys, tl.maximum(chunk, 1))
+
+
+@triton.jit
+def _decode_tile(n0, n_end, new_pos, q, k_new, v_new, m_i, l_i, acc, anchor, layer_off, kv_off, block_off,
+                 blk_start, kvh, scale, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Keys [n0, min(n0 + BLOCK_N, n_end)) of a decode row into its running (max, sum, output);
+    key ``new_pos`` from registers (k_new/v_new, in the cache's dtype), the others from the cache."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    n_ok = n < n_end
+    is_new = n == new_pos
+    cached = n_ok & (n != new_pos)
+    base = (tl.load(block_off + blk_start + n // BS, mask=cached, other=0) + layer_off
+            + (n % BS) * (HKV * D) + kvh * D)
+    kv_mask = cached[:, None] & (d < D)[None, :]
+    k = tl.load(anchor + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(anchor + kv_off + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    k = tl.where(is_new[:, None], k_new[None, :], k)
+    v = tl.where(is_new[:, None], v_new[None, :], v)
+    scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
+    scores = tl.where(n_ok[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    p = tl.exp2(scores - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_chunk(n_lo, n_hi, new_pos, q, k_new, v_new, anchor, layer_off, kv_off, block_off, blk_start, kvh,
+                  scale, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """(max, sum, unnormalised output) of keys [n_lo, n_hi), from a fresh state (max in log2 units)."""
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: NaN-free
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if INTERPRET:  # the interpreter cannot take tensor bounds in range()
+        n0 = n_lo
+        while n0 < n_hi:
+            m_i, l_i, acc = _decode_tile(n0, n_hi, new_pos, q, k_new, v_new, m_i, l_i, acc, anchor, layer_off,
+                                         kv_off, block_off, blk_start, kvh, scale, HKV, D, BLOCK_D, BS, BLOCK_N,
+                                         DOT_PRECISION)
+            n0 += BLOCK_N
+    else:
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            m_i, l_i, acc = _decode_tile(n0, n_hi, new_pos, q, k_new, v_new, m_i, l_i, acc, anchor, layer_off,
+                                         kv_off, block_off, blk_start, kvh, scale, HKV, D, BLOCK_D, BS, BLOCK_N,
+                                         DOT_PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _combine_chunks(part_m, part_l, part_acc, row0, n_chunks, O, o_off, o_stride_h, G: tl.constexpr,
+                    D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """O[head kvh * G + g] = sum_c 2^(m_c - M) acc_c / sum_c 2^(m_c - M) l_c over the partials of
+    rows [row0, row0 + n_chunks) (M = max_c m_c; m in log2 units); lanes past n_chunks are masked
+    (zero weight), so the formula's bits do not depend on CHUNKS. Loads skip L1 (.cg): other
     programs wrote these rows during this launch, and L1 is not coherent."""
-    j = tl.arange(0, BLOCK_S)
+    c = tl.arange(0, BLOCK_C)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    jg_ok = (j < SPLITS)[:, None] & (g < G)[None, :]
-    jg = (row0 + j)[:, None] * G + g[None, :]
-    m = tl.load(part_m + jg, mask=jg_ok, other=-1.0e30, cache_modifier=".cg")
-    l = tl.load(part_l + jg, mask=jg_ok, other=0.0, cache_modifier=".cg")
-    acc = tl.load(part_acc + jg[:, :, None] * D + d[None, None, :],
-                  mask=jg_ok[:, :, None] & (d < D)[None, None, :], other=0.0, cache_modifier=".cg")
-    w = tl.exp2(m - tl.max(m, 0)[None, :])  # empty splits: m = -1e30, l = 0, acc = 0 -> weight 0
+    cg_ok = (c < n_chunks)[:, None] & (g < G)[None, :]
+    cg = (row0 + c)[:, None] * G + g[None, :]
+    m = tl.load(part_m + cg, mask=cg_ok, other=-1.0e30, cache_modifier=".cg")
+    l = tl.load(part_l + cg, mask=cg_ok, other=0.0, cache_modifier=".cg")
+    acc = tl.load(part_acc + cg[:, :, None] * D + d[None, None, :],
+                  mask=cg_ok[:, :, None] & (d < D)[None, None, :], other=0.0, cache_modifier=".cg")
+    w = tl.exp2(m - tl.max(m, 0)[None, :])  # masked lanes: m = -1e30, l = 0, acc = 0 -> weight 0
     out = tl.sum(w[:, :, None] * acc, 0) / tl.maximum(tl.sum(w * l, 0), 1.0e-30)[:, None]
     tl.store(O + o_off + g[:, None] * o_stride_h + d[None, :], out.to(O.dtype.element_ty),
              mask=(g < G)[:, None] & (d < D)[None, :])
@@ -190,92 +259,99 @@ def _combine_splits(part_m, part_l, part_acc, row0, O, o_off, o_stride_h, SPLITS
 @triton.jit
 def paged_decode_kernel(
     Q, q_stride_t, q_stride_h, K, k_stride_t, k_stride_h, V, v_stride_t, v_stride_h,
-    O, o_stride_t, o_stride_h, anchor, layer_off, kv_off, block_off, seq_ctx_len, seq_blk_start,
-    slot_off, n_real, part_m, part_l, part_acc, arrivals, scale, window,
+    O, o_stride_t, o_stride_h, anchor, layer_off, kv_off, block_off, dec_seq, seq_q_start, seq_ctx_len,
+    seq_blk_start, slot_off, n_real, part_m, part_l, part_acc, arrivals, scale, window,
     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_G: tl.constexpr, USE_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, COMBINE_LAST: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CHUNKS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, USE_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr,
+    COMBINE_LAST: tl.constexpr, ALL_DECODE: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    s = tl.program_id(0)
+    """Program (i, kvh, j): decode row i (ALL_DECODE: sequence i, token i; else sequence
+    dec_seq[i], token seq_q_start[s]), the G query heads of KV head kvh, chunks [j * PER, (j+1) * PER)."""
+    i = tl.program_id(0)
     kvh = tl.program_id(1)
     j = tl.program_id(2)
-    # one round of independent loads: lengths, this token's q/k/v (row s), the new slot
+    if ALL_DECODE:  # a decode-only step: one round of independent loads
+        s = i
+        t = i
+    else:
+        s = tl.load(dec_seq + i)
+        t = tl.load(seq_q_start + s)
     ctx = tl.load(seq_ctx_len + s)
     blk_start = tl.load(seq_blk_start + s)
     r = tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     row_ok = r < G
     d_ok = d < D
-    q = tl.load(Q + s * q_stride_t + (kvh * G + r)[:, None] * q_stride_h + d[None, :],
+    q = tl.load(Q + t * q_stride_t + (kvh * G + r)[:, None] * q_stride_h + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # the cache's values (what later steps read), attended in q's precision like cached keys
-    k_new = tl.load(K + s * k_stride_t + kvh * k_stride_h + d, mask=d_ok, other=0.0).to(anchor.dtype.element_ty)
-    v_new = tl.load(V + s * v_stride_t + kvh * v_stride_h + d, mask=d_ok, other=0.0).to(anchor.dtype.element_ty)
-    last = j == SPLITS - 1
-    if WRITE_KV:  # rows s >= n_real pad a captured graph's batch: they write nothing
-        write = last & (s < tl.load(n_real))
-        dst = anchor + tl.load(slot_off + s, mask=write, other=0) + layer_off + kvh * D + d
+    k_new = tl.load(K + t * k_stride_t + kvh * k_stride_h + d, mask=d_ok, other=0.0).to(anchor.dtype.element_ty)
+    v_new = tl.load(V + t * v_stride_t + kvh * v_stride_h + d, mask=d_ok, other=0.0).to(anchor.dtype.element_ty)
+    if WRITE_KV:  # rows t >= n_real pad a captured graph's batch: they write nothing
+        write = (j == SPLITS - 1) & (t < tl.load(n_real))
+        dst = anchor + tl.load(slot_off + t, mask=write, other=0) + layer_off + kvh * D + d
         tl.store(dst, k_new, mask=d_ok & write)
         tl.store(dst + kv_off, v_new, mask=d_ok & write)
 
     scale = scale * 1.4426950408889634  # log2 e: exp2 below
-    hi = tl.maximum(ctx - 1, 0)  # cached keys [lo, hi); padding rows (ctx 0) have none
-    lo = 0
-    if USE_WINDOW:
-        lo = tl.maximum(ctx - window, 0)
-    chunk = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
-    n_lo = lo + j * chunk
-    n_hi = tl.minimum(n_lo + chunk, hi)
-    has_new = last & (ctx > 0)
-    s_new = tl.sum(q.to(tl.float32) * k_new.to(q.dtype).to(tl.float32)[None, :], 1) * scale
-    zero = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.where(has_new, s_new, -1.0e30)  # finite: empty splits and padding rows stay NaN-free
-    l_i = tl.where(has_new, 1.0, 0.0) + tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.where(has_new, zero + v_new.to(tl.float32)[None, :], zero)
-    q_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + (ctx - 1)
-    if INTERPRET:  # the interpreter cannot take tensor bounds in range()
-        n0 = n_lo
-        while n0 < n_hi:
-            m_i, l_i, acc = _attend_tile(
-                n0, n_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
-                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, False, DOT_PRECISION, True)
-            n0 += BLOCK_N
-    else:
-        for n0 in range(n_lo, n_hi, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(
-                n0, n_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
-                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, False, DOT_PRECISION, True)
-
-    o_off = s * o_stride_t + kvh * G * o_stride_h
-    if SPLITS == 1:
-        out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
-        tl.store(O + o_off + r[:, None] * o_stride_h + d[None, :], out.to(O.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
-    else:
-        row0 = (s * HKV + kvh) * SPLITS  # partial rows of this (sequence, KV head), one per split
-        mine = (row0 + j) * G + r
-        tl.store(part_m + mine, m_i, mask=row_ok)
-        tl.store(part_l + mine, l_i, mask=row_ok)
-        tl.store(part_acc + mine[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
-        if COMBINE_LAST:
-            tl.debug_barrier()  # all threads' partial stores precede the release below
-            count = tl.atomic_add(arrivals + s * HKV + kvh, 1, sem="acq_rel", scope="gpu")
-            if count == SPLITS - 1:  # the others have released their partials: merge, reset
-                tl.store(arrivals + s * HKV + kvh, 0)
-                _combine_splits(part_m, part_l, part_acc, row0, O, o_off, o_stride_h, SPLITS, G, D,
-                                BLOCK_S, BLOCK_G, BLOCK_D)
+    lo, chunk, n_chunks = _decode_chunking(ctx, window, CHUNKS, BLOCK_N, USE_WINDOW)
+    per = (CHUNKS + SPLITS - 1) // SPLITS
+    c = j * per
+    c_hi = tl.minimum(c + per, n_chunks)
+    o_off = t * o_stride_t + kvh * G * o_stride_h
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    row0 = (i * HKV + kvh) * CHUNKS  # partial rows of this (row, KV head), one per chunk
+    while c < c_hi:  # (a while loop compiles and interprets alike; chunks are few)
+        n_lo = lo + c * chunk
+        m_i, l_i, acc = _decode_chunk(n_lo, tl.minimum(n_lo + chunk, ctx), ctx - 1, q, k_new, v_new, anchor,
+                                      layer_off, kv_off, block_off, blk_start, kvh, scale, HKV, D, BLOCK_D, BS,
+                                      BLOCK_M, BLOCK_N, INTERPRET, DOT_PRECISION)
+        if n_chunks == 1:
+            out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
+            tl.store(O + o_off + r[:, None] * o_stride_h + d[None, :], out.to(O.dtype.element_ty), mask=o_mask)
+        else:
+            mine = (row0 + c) * G + r
+            tl.store(part_m + mine, m_i, mask=row_ok)
+            tl.store(part_l + mine, l_i, mask=row_ok)
+            tl.store(part_acc + mine[:, None] * D + d[None, :], acc, mask=o_mask)
+        c += 1
+    if (n_chunks == 0) & (j == 0):  # a padding row (no context): zeros
+        tl.store(O + o_off + r[:, None] * o_stride_h + d[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32).to(O.dtype.element_ty), mask=o_mask)
+    if SPLITS == 1:  # this program wrote every partial
+        if n_chunks > 1:
+            tl.debug_barrier()  # all threads' partial stores precede the loads
+            _combine_chunks(part_m, part_l, part_acc, row0, n_chunks, O, o_off, o_stride_h, G, D, BLOCK_C,
+                            BLOCK_G, BLOCK_D)
+    elif COMBINE_LAST:
+        tl.debug_barrier()  # all threads' partial stores precede the release below
+        count = tl.atomic_add(arrivals + i * HKV + kvh, 1, sem="acq_rel", scope="gpu")
+        if count == SPLITS - 1:  # the others have released their partials: merge, reset
+            tl.store(arrivals + i * HKV + kvh, 0)
+            if n_chunks > 1:
+                _combine_chunks(part_m, part_l, part_acc, row0, n_chunks, O, o_off, o_stride_h, G, D, BLOCK_C,
+                                BLOCK_G, BLOCK_D)
 
 
 @triton.jit
-def decode_combine_kernel(part_m, part_l, part_acc, O, o_stride_t, o_stride_h, SPLITS: tl.constexpr,
-                          G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """paged_decode_kernel's merge as its own launch (grid: sequences x KV heads)."""
-    s = tl.program_id(0)
+def decode_combine_kernel(part_m, part_l, part_acc, O, o_stride_t, o_stride_h, dec_seq, seq_q_start, seq_ctx_len,
+                          window, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                          CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+                          BLOCK_D: tl.constexpr, USE_WINDOW: tl.constexpr, ALL_DECODE: tl.constexpr):
+    """paged_decode_kernel's merge as its own launch (grid: decode rows x KV heads)."""
+    i = tl.program_id(0)
     kvh = tl.program_id(1)
-    _combine_splits(part_m, part_l, part_acc, (s * HKV + kvh) * SPLITS, O, s * o_stride_t + kvh * G * o_stride_h,
-                    o_stride_h, SPLITS, G, D, BLOCK_S, BLOCK_G, BLOCK_D)
+    if ALL_DECODE:
+        s = i
+        t = i
+    else:
+        s = tl.load(dec_seq + i)
+        t = tl.load(seq_q_start + s)
+    _, _, n_chunks = _decode_chunking(tl.load(seq_ctx_len + s), window, CHUNKS, BLOCK_N, USE_WINDOW)
+    if n_chunks > 1:
+        _combine_chunks(part_m, part_l, part_acc, (i * HKV + kvh) * CHUNKS, n_chunks, O,
+                        t * o_stride_t + kvh * G * o_stride_h, o_stride_h, G, D, BLOCK_C, BLOCK_G, BLOCK_D)
 
 
 # Batch-1 projections (workers/engine/gemv.py): y = W x + b, one program per BLOCK_N rows of W.

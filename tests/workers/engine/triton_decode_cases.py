@@ -1,7 +1,9 @@
 """The split-KV decode kernel (TritonPagedAttention.decode_kernel == "split"), run on the CPU by
-Triton's interpreter: decode-only steps give the torch reference's output and the same cache
-writes as the general path (write_kv_kernel + paged_attention_kernel), for contexts on both sides
-of block and split boundaries, GQA groups, a sliding window, padded graph rows, both merges.
+Triton's interpreter: decode rows give the torch reference's output and the same cache writes as
+the general path (write_kv_kernel + paged_attention_kernel), for contexts on both sides of block
+and chunk boundaries, GQA groups, a sliding window, padded graph rows, both merges; a decode row's
+bits do not depend on its step (split count, padding, prefill chunks beside it); and the engine on
+the split path: generate's tokens (fp32), the same bits when run twice with prefix hits (bf16).
 
 Not collected directly: test_triton_attention.py runs it with TRITON_INTERPRET=1 (see
 triton_interpret_cases.py)."""
@@ -13,8 +15,8 @@ import pytest
 import torch
 
 from kv_transfer.layout import KVLayout
-from tests.workers.engine.helpers import GREEDY, PROMPTS, assert_all_blocks_free, collect, hf_greedy, make_engine, run_all
-from workers.engine.attention import TorchPagedAttention
+from tests.workers.engine.helpers import PROMPTS, assert_all_blocks_free, collect, hf_greedy, make_engine, run_all
+from workers.engine.attention import SeqSlice, TorchPagedAttention
 from workers.engine.kv_cache import KVCache
 from workers.protocol import SamplingParams
 
@@ -26,14 +28,14 @@ from workers.engine.triton_attention import TritonPagedAttention  # noqa: E402
 BS = 16
 # (cached, new) per sequence: contexts 1, 15, 16, 17, 129 and 1030 tokens
 CONTEXTS = [(0, 1), (14, 1), (15, 1), (16, 1), (128, 1), (1029, 1)]
-# (splits, merge, fused write, keys per tile): with 16-key tiles and 4 splits the 129-token context
-# fills every split and the 1030-token one runs 17 tiles per split; 3 splits leave the merge's
-# padded split lane empty; None: the auto count (decode_programs 4 on a CPU: 1 split for 6 sequences)
+# (splits, merge, fused write, keys per tile): with 16-key tiles (16 chunks of a row at most) the
+# 129-token context takes 9 one-tile chunks and the 1030-token one 16 of 5 tiles; 3 splits share
+# 16 chunks unevenly; None: the auto count (decode_programs 4 on a CPU: 1 split for 6 sequences)
 VARIANTS = [(1, "last", True, 16), (4, "last", True, 16), (3, "kernel", False, 16), (None, "last", True, 64),
             (4, "kernel", True, 64)]
 
 
-def backends(hq, hkv, dim, dtype):
+def backends(hq, hkv, dim, dtype, max_tokens=16):
     """Torch reference, general-path and split-path backends over three identical caches."""
     layout = KVLayout("m", 2, hkv, dim, BS, dtype, 32)
     caches = [KVCache(layout, 3) for _ in range(3)]
@@ -42,8 +44,8 @@ def backends(hq, hkv, dim, dtype):
         for c in caches[1:]:
             c.segments[i].copy_(seg)
     ref = TorchPagedAttention(caches[0])
-    general, split = (TritonPagedAttention(c, hq, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=1088)
-                      for c in caches[1:])
+    general, split = (TritonPagedAttention(c, hq, max_num_batched_tokens=max_tokens, max_num_seqs=8,
+                                           max_model_len=1088) for c in caches[1:])
     general.decode_kernel, split.decode_kernel = "general", "split"
     for fast in (general, split):  # other segments at negative offsets, as on a GPU
         fast.anchor = max(fast.kv_cache.segments.values(), key=lambda t: t.data_ptr())
@@ -124,24 +126,63 @@ def test_split_decode_auto_splits_bf16(batch, bf16_dot):
     assert same_cache(caches[1], caches[2]), "cache writes differ from the general path's"
 
 
-def test_eager_and_padded_steps_split_alike():
-    """An eager decode step of 5 sequences and the same step padded to its graph size (8) take the
-    same automatic split count (132 programs // (8 x 2 KV heads) = 8; by its own count the eager
-    step would take 13), so their outputs are bit-identical. On an H100 eager steps split by their
-    own count, rounded differently, and bf16 tokens with and without CUDA graphs diverged."""
-    torch.manual_seed(11)
-    rng = random.Random(11)
-    caches, _, _, split = backends(8, 2, 16, "float32")
-    split.decode_programs, split.decode_split_block_n = 132, 16
-    seqs, ids, pos = random_step(rng, caches[0].num_blocks, BS, [(200, 1), (37, 1), (600, 1), (5, 1), (300, 1)])
-    q, k, v = torch.randn(1, 8, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
-    split.prepare(seqs, ids, pos, list(range(5)))
-    assert split.step_splits == 8
-    eager = split.forward(0, q[:, :, :5], k[:, :, :5], v[:, :, :5], 0.25, None)
-    split.prepare(seqs, ids, pos, list(range(5)), pad_to=8)
-    assert split.step_splits == 8
-    padded = split.forward(0, q, k, v, 0.25, None)
-    assert torch.equal(padded[:, :5], eager)
+# decode rows (ctx 1030, 129, 17) and, for mixed steps, a 9-token prefill chunk after 20 cached
+# tokens and a one-token prompt chunk (a prefix-cache hit's remainder)
+DECODES = [("d1030", 1029, 1, False), ("d129", 128, 1, False), ("d17", 16, 1, False)]
+OTHERS = [("chunk", 20, 9, False), ("prompt1", 4, 1, True)]
+
+
+def fixed_step(rows, blocks, bs):
+    """SeqSlices of ``rows`` (name, cached, new, prompt) packed in order over each name's fixed blocks."""
+    seqs, pos, t = [], [], 0
+    for name, cached, new, prompt in rows:
+        seqs.append(SeqSlice(t, new, cached + new, blocks[name], prompt))
+        pos += list(range(cached, cached + new))
+        t += new
+    return seqs, [1] * t, pos
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_rows_bit_identical_in_any_step(window):
+    """A decode row's output has the same bits whatever its step: any split count, either merge,
+    fused write or not, padded to a graph size, decode-only or beside a prefill chunk and a
+    one-token prompt chunk (the general kernel takes those two: their outputs and every cache
+    write match the reference). The engine relies on it: with the kernel chosen per step, a
+    sequence's tokens changed with what it was batched with (same engine twice, prefix hits)."""
+    torch.manual_seed(5)
+    caches, ref, _, split = backends(8, 2, 16, "float32", max_tokens=32)
+    split.decode_split_block_n = 16
+    free = list(range(caches[0].num_blocks))
+    random.Random(5).shuffle(free)
+    blocks = {name: tuple(free.pop() for _ in range(-(-(c + n) // BS))) for name, c, n, _ in DECODES + OTHERS}
+    rows = {name: (torch.randn(8, 16), torch.randn(2, 16), torch.randn(2, 16)) for name, *_ in DECODES + OTHERS}
+
+    def run(backend, order, pad_to=None):
+        seqs, ids, pos = fixed_step(order, blocks, BS)
+        backend.prepare(seqs, ids, pos, list(range(len(ids))), pad_to=pad_to)
+        names = [name for name, _, new, _ in order for _ in range(new)]
+        names += [names[0]] * ((pad_to or len(names)) - len(names))  # padding rows: any values
+        q, k, v = (torch.stack([rows[n][i] for n in names], 1)[None] for i in range(3))
+        out = backend.forward(0, q, k, v, 0.25, window)[0]
+        return {n: out[names.index(n)] for n in dict.fromkeys(names)}
+
+    seen = []
+    for splits, merge, fused in [(1, "last", True), (4, "last", True), (16, "kernel", False), (3, "kernel", True)]:
+        split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
+        seen.append(run(split, DECODES))
+        assert split.step_decode.all_decode and split.step_splits == splits
+    split.decode_splits, split.decode_programs = None, 132
+    seen.append(run(split, DECODES[1:] + DECODES[:1], pad_to=8))
+    mixed = [OTHERS[0], DECODES[0], OTHERS[1], DECODES[2], DECODES[1]]
+    seen.append(run(split, mixed))
+    assert not split.step_decode.all_decode and split.step_decode.rows == 3
+    want = run(ref, mixed)
+    for name, *_ in DECODES:
+        assert all(torch.equal(got[name], seen[0][name]) for got in seen[1:]), name
+    for name in want:
+        torch.testing.assert_close(seen[-1][name], want[name], rtol=1e-4, atol=1e-4)
+    assert same_cache(caches[0], caches[2]), "cache writes differ"
+    assert not split._scratch[3].any()
 
 
 @pytest.mark.parametrize("merge", ["last", "kernel"])
@@ -155,7 +196,7 @@ def test_split_decode_padded_rows(merge):
     seqs, ids, pos = random_step(rng, caches[0].num_blocks, BS, [(16, 1), (0, 1), (200, 1)])
     ref.prepare(seqs, ids, pos, [0, 1, 2])
     dev_ids, _, _ = split.prepare(seqs, ids, pos, [0, 1, 2], pad_to=5)
-    assert dev_ids.shape == (1, 5) and split.num_qblocks == 5 and split.step_splits == 4
+    assert dev_ids.shape == (1, 5) and split.step_decode.rows == 5 and split.step_splits == 4
     q, k, v = torch.randn(1, 8, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
     want = ref.forward(1, q[:, :, :3], k[:, :, :3], v[:, :, :3], 0.25, None)
     got = split.forward(1, q, k, v, 0.25, None)
@@ -196,20 +237,31 @@ def run_logprobs(engine, prompts, max_tokens: int) -> dict:
     return {rid: (v[0], v[3]) for rid, v in got.items()}  # tokens, logprob of each
 
 
-@pytest.mark.xfail(strict=True, reason="known: the opt-in split decode path is not invariant to how a step is "
-                   "composed (H100 and interpreter); decode_kernel stays 'general' by default until this passes")
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_engine_split_decode_same_twice_with_prefix_hits(mode, tiny_checkpoint, bf16_dot):
-    """bf16 tiny qwen3, the split path: the same prompts run twice on one engine give bit-identical
-    tokens and logprobs, as the general path does. A sequence's attention must not depend on how
+    """bf16 tiny qwen3, the split path: the same prompts run twice on one engine, and once with
+    decode steps padded as CUDA graph replays run them, give bit-identical tokens and logprobs, as
+    the general path does. A sequence's attention must not depend on how
     its step was composed (decode-only or with prefill chunks, how many sequences): on an H100 the
     tokens of this run differed (the model's bf16 logits tie often, so any last-bit change shows)."""
-    engine = split_engine(tiny_checkpoint("qwen3"), "bfloat16", mode)
-    first = run_logprobs(engine, ENGINE_PROMPTS, 6)
-    second = run_logprobs(engine, ENGINE_PROMPTS, 6)
+    from workers.engine.cuda_graphs import DecodeGraphs
+
+    class EagerPadded(DecodeGraphs):  # what a graph replay runs (padded fixed buffers), eagerly
+        def _replay(self, size, ids, pos):
+            return self._forward(ids, pos)
+
+    model_dir = tiny_checkpoint("qwen3")
+    engine = split_engine(model_dir, "bfloat16", mode)
+    first = run_logprobs(engine, ENGINE_PROMPTS, 4)
+    second = run_logprobs(engine, ENGINE_PROMPTS, 4)
     assert engine.runner.backend.num_split_steps > 0
     assert [k for k in first if first[k] != second[k]] == []
     assert_all_blocks_free(engine)
+    padded = split_engine(model_dir, "bfloat16", mode)  # decode-only steps as graph replays would run
+    padded.runner.graphs = EagerPadded(padded.runner.model, padded.runner.backend, [1, 2, 4, 8])
+    got = run_logprobs(padded, ENGINE_PROMPTS, 4)
+    assert padded.runner.graphs.num_replays > 0
+    assert [k for k in first if first[k] != got[k]] == []
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -217,8 +269,9 @@ def test_engine_split_decode_matches_generate(mode, tiny_checkpoint):
     """fp32 tiny qwen3 on the split path: generate's tokens, the first time and again with prefix hits."""
     model_dir = tiny_checkpoint("qwen3")
     engine = split_engine(model_dir, "float32", mode)
-    want = {f"r{i}": hf_greedy(model_dir, p, GREEDY.max_tokens) for i, p in enumerate(ENGINE_PROMPTS)}
-    assert run_all(engine, ENGINE_PROMPTS) == want
-    again = run_all(engine, ENGINE_PROMPTS, prefix="again")
+    sampling = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    want = {f"r{i}": hf_greedy(model_dir, p, sampling.max_tokens) for i, p in enumerate(ENGINE_PROMPTS)}
+    assert run_all(engine, ENGINE_PROMPTS, sampling=sampling) == want
+    again = run_all(engine, ENGINE_PROMPTS, sampling=sampling, prefix="again")
     assert {k.replace("again", "r"): v for k, v in again.items()} == want
     assert_all_blocks_free(engine)
