@@ -41,6 +41,18 @@ def write_kv_kernel(
 
 
 @triton.jit
+def _softmax_update(scores, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One tile's (log2-unit) scores and values into the running (max, sum, unnormalised output):
+    the online-softmax step shared by the general and the split decode kernels' tiles."""
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    p = tl.exp2(scores - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attend_tile(n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
                  kvh, scale, window, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
                  BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -68,12 +80,7 @@ def _attend_tile(n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, 
         if USE_WINDOW:
             visible = visible & ((q_pos[:, None] - n[None, :]) < window)
         scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    p = tl.exp2(scores - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    return _softmax_update(scores, v, m_i, l_i, acc, DOT_PRECISION)
 
 
 @triton.jit
@@ -202,12 +209,7 @@ def _decode_tile(n0, n_end, new_pos, q, k_new, v_new, m_i, l_i, acc, anchor, lay
     v = tl.where(is_new[:, None], v_new[None, :], v)
     scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
     scores = tl.where(n_ok[None, :], scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    p = tl.exp2(scores - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    return _softmax_update(scores, v, m_i, l_i, acc, DOT_PRECISION)
 
 
 @triton.jit
