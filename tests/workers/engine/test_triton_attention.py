@@ -39,8 +39,9 @@ def _interpret(cases: Path, scheduling: str) -> subprocess.CompletedProcess:
 
 
 def test_split_decode_kernel_under_the_interpreter():
-    """Kernel-only cases: no engine, so one scheduling mode (triton_interpret_cases.py's engine
-    cases run the split decode path in both modes: it is the default for decode steps)."""
+    """The split decode kernel's cases, in one interpreter process: its engine cases choose both
+    scheduling modes themselves (decode_kernel 'split' set on the engine: 'general' is the default,
+    which triton_interpret_cases.py's engine cases run)."""
     r = _interpret(DECODE_CASES, "sync")
     ran = {line.split("::", 1)[1].split("[", 1)[0] for line in r.stdout.splitlines() if "PASSED" in line}
     assert ran >= {"test_split_decode_matches_reference", "test_split_decode_auto_splits_bf16",
