@@ -36,7 +36,7 @@ os.environ.setdefault("UCX_NET_DEVICES", "lo")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.serve_client import model_id, run_load  # noqa: E402
+from benchmarks.serve_client import cluster_events, model_id, run_load  # noqa: E402
 from benchmarks.serve_clusters import ALL_ROUTINGS, MODES, ROUTINGS, BenchEnv, config_override, start_cluster  # noqa: E402
 from benchmarks.serve_stats import max_rate_at_attainment, summarize  # noqa: E402
 from benchmarks.serve_workloads import WORKLOADS, WorkloadShape, build_workload  # noqa: E402
@@ -207,14 +207,17 @@ class Runner:
             for rate in plan.rates:
                 reqs = build_workload(name, plan.shape, self.num_requests, rate, self.args.seed, self.prof.token_range)
                 for routing, url in urls.items():
+                    before = await cluster_events(url)
                     results = await run_load(url, model, reqs, salt=f"{mode}-{routing}-{name}-{rate}-{uuid.uuid4().hex}")
                     shape = {"prompt_tokens": plan.shape.prompt_tokens, "output_tokens": plan.shape.output_tokens,
                              **({"context_tokens": plan.shape.context_tokens} if plan.shape.context_tokens else {})}
                     row = {"mode": mode, "routing": routing, "workload": name, "rate": rate, **self.base, **shape,
                            **summarize(results, plan.ttft_slo_s, plan.itl_slo_s)}
+                    await asyncio.sleep(0.5)  # let the router's view of queues and counters settle
+                    after = await cluster_events(url)
+                    row["events"] = {k: after[k] - before[k] for k in after if after[k] != before[k]}
                     self.rows.append(row)
                     self.emit(row)
-                    await asyncio.sleep(0.5)  # let the router's view of queues settle between runs
 
     def summaries(self) -> None:
         for name in self.plans:

@@ -123,3 +123,24 @@ async def model_id(url: str) -> str:
         r = await client.get("/v1/models")
         r.raise_for_status()
         return r.json()["data"][0]["id"]
+
+
+# what went wrong (or was worked around) inside the cluster during a run: the workers' counters
+# (summed over workers) and this endpoint replica's migrations, from GET /metrics
+EVENT_COUNTERS = {"pdserve_transfers_total": "kv_transfers", "pdserve_preemptions_total": "preemptions", "pdserve_prefill_fallbacks_total": "prefill_fallbacks",
+                  "pdserve_prefill_retries_total": "prefill_retries", "pdserve_kv_leases_expired_total": "leases_expired",
+                  "pdserve_transfer_failures_total": "transfer_failures", "pdserve_local_prefills_total": "local_prefills",
+                  "pdserve_migrations_total": "migrations"}
+
+
+async def cluster_events(url: str) -> dict[str, float]:
+    """EVENT_COUNTERS' current totals (Prometheus text format, one sample per worker)."""
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        r = await client.get("/metrics")
+        r.raise_for_status()
+    out = dict.fromkeys(EVENT_COUNTERS.values(), 0.0)
+    for line in r.text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in EVENT_COUNTERS:
+            out[EVENT_COUNTERS[name]] += float(line.rsplit(" ", 1)[1])
+    return out
