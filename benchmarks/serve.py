@@ -215,7 +215,9 @@ class Runner:
                            **summarize(results, plan.ttft_slo_s, plan.itl_slo_s)}
                     await asyncio.sleep(0.5)  # let the router's view of queues and counters settle
                     after = await cluster_events(url)
-                    row["events"] = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+                    row["events"] = {k: after[k] - before[k] for k in after
+                                     if after[k] != before[k] and k != "kv_blocks_in_use"}
+                    row["kv_blocks_in_use_after"] = after["kv_blocks_in_use"]  # idle: 0, else a leak
                     self.rows.append(row)
                     self.emit(row)
 

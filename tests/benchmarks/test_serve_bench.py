@@ -41,6 +41,10 @@ def test_serve_benchmark_smoke(tmp_path):
         assert row["goodput_rps"] <= 1.001 * row["num_ok"] / row["duration_s"], (where, row)  # (both rounded)
         # later turns of a conversation repeat their previous turn's prompt: some cache hits
         assert 0 < row["prefix_hit_rate"] < 1, (where, row)
+        # the cluster's own account of the run (its /metrics): KV moved only between disaggregated
+        # workers, and once the run is over no KV block is still referenced anywhere (no leak)
+        assert (row["events"].get("kv_transfers", 0) > 0) == (row["mode"] == "disaggregated"), (where, row["events"])
+        assert row["kv_blocks_in_use_after"] == 0, (where, row)
     (summary,) = [x for x in lines if "summary" in x]
     assert summary["summary"] == "multi_turn" and set(summary["max_rate_at_90pct_slo"]) == {
         "disaggregated/kv_aware", "disaggregated/round_robin", "colocated/kv_aware", "colocated/round_robin"}
