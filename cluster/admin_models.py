@@ -5,7 +5,7 @@ Errors are OpenAI-shaped: ``{"error": {"message", "type", "code", "param"}}``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -99,6 +99,8 @@ class WorkerProcess(BaseModel):
     node_ip: str
     node_memory_percent: float
     device: str
+    engine: dict[str, Any] | None = Field(None, description="The engine settings it runs with, as it reports them "
+                                                              "(engine.* with its pool's pools.<role>.engine over them)")
 
 
 class WorkerStatus(BaseModel):

@@ -47,7 +47,7 @@ async def worker_statuses(manager, ws: list, with_leases: bool = True) -> list[m
                                       num_inflight=p.num_inflight, is_draining=p.load.is_draining)
             pi = p.process
             process = m.WorkerProcess(pid=pi.pid, rss_bytes=pi.rss_bytes, node_id=pi.node_id, node_ip=pi.node_ip,
-                                      node_memory_percent=pi.node_memory_percent, device=pi.device)
+                                      node_memory_percent=pi.node_memory_percent, device=pi.device, engine=pi.engine)
         out.append(m.WorkerStatus(
             worker_id=w.worker_id, role=w.role.value, state=w.state, error=w.error,
             model=info.model if info else manager.config.model.served_model_name,

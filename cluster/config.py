@@ -37,6 +37,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# engine settings every worker of a cluster must share: the KV block layout a READ assumes on both
+# sides (block_size), the router's context limit, the KV resizer's segment size
+SHARED_ENGINE_KEYS = frozenset({"block_size", "max_model_len", "blocks_per_segment"})
+
+
 class PoolConfig(_Section):
     replicas: int = Field(1, ge=0, description="Workers started at launch")
     min_replicas: int = Field(1, ge=0)
@@ -45,6 +50,12 @@ class PoolConfig(_Section):
     num_gpus: float = Field(0, ge=0, description="Ray GPUs per worker")
     resources: dict[str, float] = Field(
         default_factory=dict, description='Ray custom resources per worker, e.g. {"pdserve_prefill": 0.01}'
+    )
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Engine settings of this pool's workers over the cluster's engine section, e.g. "
+                    "{max_num_batched_tokens: 8192} for prefill workers (each phase tuned on its own); "
+                    f"not {', '.join(sorted(SHARED_ENGINE_KEYS))}, which every worker must share",
     )
 
     @field_validator("resources")
@@ -164,6 +175,27 @@ class PdserveConfig(_Section):
     def _cluster_name(cls, name: str) -> str:
         validate_cluster_name(name)
         return name
+
+    @model_validator(mode="after")
+    def _pool_engines(self) -> "PdserveConfig":
+        for role in ("prefill", "decode"):
+            overrides = getattr(self.pools, role).engine
+            shared = sorted(SHARED_ENGINE_KEYS & set(overrides))
+            if shared:
+                raise ValueError(f"pools.{role}.engine cannot set {shared}: every worker shares them (set engine.*)")
+            try:
+                self.engine_for(role)
+            except ValidationError as e:
+                bad = "; ".join(f"pools.{role}.engine.{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+                raise ValueError(bad) from None
+        return self
+
+    def engine_for(self, role: str) -> EngineConfig:
+        """The engine settings of a ``role`` ("prefill" | "decode") worker: engine.* under its pool's."""
+        overrides = getattr(self.pools, role).engine
+        if not overrides:
+            return self.engine
+        return EngineConfig(**{**self.engine.model_dump(exclude_unset=True), **overrides})
 
     @model_validator(mode="after")
     def _pools_fit_readiness(self) -> "PdserveConfig":

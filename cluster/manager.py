@@ -141,7 +141,8 @@ class ClusterManagerImpl:
             if worker_id not in self.workers:
                 break
         c = self.config
-        spec = WorkerSpec(worker_id=worker_id, role=role, cluster_name=c.cluster_name, model=c.model, engine=c.engine,
+        spec = WorkerSpec(worker_id=worker_id, role=role, cluster_name=c.cluster_name, model=c.model,
+                          engine=c.engine_for(role.value),
                           transfer=c.transfer, etcd=c.etcd,
                           local_prefill_threshold_tokens=c.router.local_prefill_threshold_tokens)
         pool = self._pool(role)

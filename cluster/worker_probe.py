@@ -36,6 +36,7 @@ class ProcessInfo:
     device: str  # where the KV cache lives: "cpu" | "cuda"
     device_memory_total_bytes: int | None = None  # CUDA only
     device_memory_free_bytes: int | None = None
+    engine: dict | None = None  # the EngineConfig its engine runs with (cluster engine.* + its pool's)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def process_info(worker=None) -> ProcessInfo:
         node_ip=ray.util.get_node_ip_address(), node_memory_total_bytes=vm.total,
         node_memory_available_bytes=vm.available, node_memory_percent=vm.percent, device=device,
         device_memory_total_bytes=total, device_memory_free_bytes=free,
+        engine=engine.config.model_dump(mode="json") if engine is not None else None,
     )
 
 

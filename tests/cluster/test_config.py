@@ -123,6 +123,10 @@ def test_admin_token_from_env_only_when_unset(tmp_path, monkeypatch):
         ("router: {min_decode_workers: 5}\n", "router.min_decode_workers (5) exceeds pools.decode.max_replicas (4)"),
         ("transfer: {backend: rdma}\n", "transfer.backend: Input should be 'nixl' or 'tcp'"),
         ("engine: {block_size: 0}\n", "engine.block_size: Input should be greater than or equal to 1"),
+        ("pools: {prefill: {engine: {block_size: 32}}}\n", "pools.prefill.engine cannot set ['block_size']"),
+        ("pools: {decode: {engine: {max_num_seqs: 0}}}\n",
+         "pools.decode.engine.max_num_seqs: Input should be greater than or equal to 1"),
+        ("pools: {decode: {engine: {max_seqs: 8}}}\n", "pools.decode.engine.max_seqs: Extra inputs are not permitted"),
         ("cluster_name: a/b\n", "cluster_name: cluster_name 'a/b' must be 1-63 characters"),
         ("kv_quota: {budget_fraction: 0}\n", "kv_quota.budget_fraction: Input should be greater than 0"),
         ("kv_quota: {memory_low_percent: 95}\n", "kv_quota: memory_low_percent (95.0) must be <= memory_high_percent (90.0)"),
@@ -158,3 +162,13 @@ def test_endpoint_forms():
     assert EtcdConfig(endpoints=["https://e:2379"]).use_tls
     with pytest.raises(ValueError):
         parse_endpoint("etcd-0:notaport")
+
+
+def test_pool_engine_settings_override_the_engine_section(tmp_path):
+    path = write(tmp_path, "engine: {max_num_seqs: 32, block_size: 8}\n"
+                           "pools: {prefill: {engine: {max_num_batched_tokens: 8192, max_num_seqs: 4}}}\n")
+    c = load_config(path, {"pools.decode.engine.num_kv_blocks": 2048})
+    prefill, decode = c.engine_for("prefill"), c.engine_for("decode")
+    assert (prefill.max_num_batched_tokens, prefill.max_num_seqs, prefill.block_size) == (8192, 4, 8)
+    assert (decode.max_num_batched_tokens, decode.max_num_seqs, decode.num_kv_blocks) == (512, 32, 2048)
+    assert c.engine.num_kv_blocks == 512 and c.engine.max_num_seqs == 32  # the section itself is unchanged

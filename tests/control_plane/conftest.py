@@ -32,6 +32,8 @@ def cluster(pdserve_cluster, model_dir):
     c = pdserve_cluster(
         model_dir, prefix="control", server__admin_token=TOKEN, server__drain_timeout_s=60,
         pools__decode__max_replicas=3, pools__prefill__max_replicas=2,
+        # prefill workers tuned on their own (the cluster's engine section has 128 / 16)
+        pools__prefill__engine={"max_num_batched_tokens": 64, "max_num_seqs": 8},
         # the autoscaler runs (samples, decides) but is set never to act: the tests scale by hand
         autoscaling__enabled=True, autoscaling__interval_s=0.5, autoscaling__ttft_p90_target_s=1000,
         autoscaling__itl_p90_target_s=1000, autoscaling__queue_per_replica_high=10000,

@@ -39,6 +39,10 @@ def test_views_show_pools_workers_and_kv(cluster, admin):
     kv = w["kv"]
     assert kv["kv_bytes"] == kv["num_blocks"] * kv["block_bytes"] and kv["used_blocks"] <= kv["num_blocks"]
     assert w["probe_error"] is None and w["etcd_error"] is None
+    # each worker reports the engine settings it runs with: the prefill pool's own over engine.*
+    engines = {r: admin.get(f"/cluster/workers/{r}-0").json()["process"]["engine"] for r in ("prefill", "decode")}
+    assert {r: (e["max_num_batched_tokens"], e["max_num_seqs"], e["block_size"]) for r, e in engines.items()} == {
+        "prefill": (64, 8, 4), "decode": (128, 16, 4)}
 
 
 def test_every_route_is_401_without_the_token(cluster, admin):
