@@ -149,6 +149,11 @@ class ServerConfig(_Section):
     replace_dead_workers: bool = Field(True, description="Start a new worker in place of one whose Ray actor died "
                                                          "(cluster/pool_keeper.py)")
     health_check_interval_s: float = Field(2.0, gt=0, description="How often the manager pings its workers")
+    ingress_replicas: int = Field(
+        1, ge=1, description="Ray Serve replicas of the OpenAI endpoint: HTTP parsing, tokenizing, SSE and routing "
+                             "spread over them; each admits limits.max_concurrent_requests and routes from its own "
+                             "view of the workers (polled, so all views see the same loads and prefixes)")
+    ingress_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs per endpoint replica")
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "ServerConfig":

@@ -349,5 +349,6 @@ def build_app(args: dict | None = None):
     ensure_manager(config)
     limits = config.limits
     return OpenAIIngress.options(
+        num_replicas=config.server.ingress_replicas, ray_actor_options={"num_cpus": config.server.ingress_num_cpus},
         max_ongoing_requests=limits.max_concurrent_requests * 2,  # above ours: we answer 429, Serve never queues
     ).bind(config)

@@ -20,11 +20,13 @@ def two_replica_url(cluster):
     """The cluster's endpoint once more, as its own Serve app with two replicas."""
     from ray import serve
 
-    from router.app import OpenAIIngress
+    from cluster.launcher import config_as_dict
+    from router.app import build_app
 
     app = f"{cluster.app_name}-two"
-    serve.run(OpenAIIngress.options(num_replicas=2, ray_actor_options={"num_cpus": 0.05}).bind(cluster.config),
-              name=app, route_prefix=f"/{app}")
+    raw = config_as_dict(cluster.config)
+    raw["server"].update(ingress_replicas=2, ingress_num_cpus=0.05)  # what a user sets: server.ingress_replicas
+    serve.run(build_app({"config": raw}), name=app, route_prefix=f"/{app}")
     cluster.extra_apps.append(app)  # removed with the cluster
     url = cluster.url.rsplit("/", 1)[0] + f"/{app}"
     eventually(lambda: httpx.get(f"{url}/ready", timeout=10).status_code == 200, 120, what="the two-replica app")
