@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 
 from benchmarks.model_shapes import checkpoint  # noqa: E402
-from benchmarks.serve_clusters import MODES, BenchEnv, config_override, start_cluster  # noqa: E402
+from benchmarks.serve_clusters import MODES, BenchEnv, config_override, start_cluster, worker_hop_times  # noqa: E402
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -78,17 +78,9 @@ def router_ttft(client: httpx.Client, url: str) -> tuple[float, float]:
     return total, count
 
 
-def worker_hops(client: httpx.Client, url: str, namespace: str) -> dict[str, float]:
+def worker_hops(url: str, namespace: str) -> dict[str, float]:
     """Median ms of every worker's hop_times, keyed role.step (workers of a role pooled)."""
-    import ray
-
-    pooled: dict[str, list[float]] = {}
-    workers = client.get(url + "/v1/routing/recent").json()["workers"]
-    for wid, w in workers.items():
-        actor = ray.get_actor(wid, namespace=namespace)
-        for name, times in ray.get(actor.hop_times.remote(True)).items():
-            pooled.setdefault(f"{w['role']}.{name}", []).extend(times)
-    return {k: round(statistics.median(v) * 1e3, 3) for k, v in sorted(pooled.items()) if v}
+    return {k: round(statistics.median(v) * 1e3, 3) for k, v in sorted(worker_hop_times(url, namespace).items()) if v}
 
 
 def measure(env: BenchEnv, mode: str, base: dict, args) -> dict:
@@ -107,11 +99,11 @@ def measure(env: BenchEnv, mode: str, base: dict, args) -> dict:
 
             for _ in range(args.warmup):
                 one_request(client, url, body())
-            worker_hops(client, url, namespace)  # clears the warm-up's
+            worker_hops(url, namespace)  # clears the warm-up's
             s0, c0 = router_ttft(client, url)
             results = [one_request(client, url, body()) for _ in range(args.requests)]
             s1, c1 = router_ttft(client, url)
-            hops = worker_hops(client, url, namespace)
+            hops = worker_hops(url, namespace)
         ttft = [r[0] * 1e3 for r in results]
         e2e = [r[1] * 1e3 for r in results]
         return {

@@ -37,8 +37,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.serve_client import cluster_events, model_id, run_load  # noqa: E402
-from benchmarks.serve_clusters import ALL_ROUTINGS, MODES, ROUTINGS, BenchEnv, config_override, start_cluster  # noqa: E402
-from benchmarks.serve_stats import max_rate_at_attainment, summarize  # noqa: E402
+from benchmarks.serve_clusters import (ALL_ROUTINGS, MODES, ROUTINGS, BenchEnv, config_override, start_cluster,  # noqa: E402
+                                       worker_hop_times)
+from benchmarks.serve_stats import max_rate_at_attainment, percentile, summarize  # noqa: E402
 from benchmarks.serve_workloads import WORKLOADS, WorkloadShape, build_workload  # noqa: E402
 
 
@@ -174,6 +175,7 @@ class Runner:
     def __init__(self, args, prof: Profile, plans: dict[str, WorkloadPlan]):
         self.args, self.prof, self.plans = args, prof, plans
         self.rows: list[dict] = []
+        self.namespaces: dict[str, str] = {}  # endpoint URL -> its cluster's Ray namespace (clusters started here)
         self.num_requests = args.num_requests or prof.num_requests
         self.base = {"device": prof.device, "num_prefill": args.prefill, "num_decode": args.decode,
                      "seed": args.seed, "num_requests": self.num_requests}
@@ -208,6 +210,7 @@ class Runner:
                 reqs = build_workload(name, plan.shape, self.num_requests, rate, self.args.seed, self.prof.token_range)
                 for routing, url in urls.items():
                     before = await cluster_events(url)
+                    self.hop_times(url)  # clears what earlier runs left in the workers' hop timers
                     results = await run_load(url, model, reqs, salt=f"{mode}-{routing}-{name}-{rate}-{uuid.uuid4().hex}")
                     shape = {"prompt_tokens": plan.shape.prompt_tokens, "output_tokens": plan.shape.output_tokens,
                              **({"context_tokens": plan.shape.context_tokens} if plan.shape.context_tokens else {})}
@@ -218,8 +221,21 @@ class Runner:
                     row["events"] = {k: after[k] - before[k] for k in after
                                      if after[k] != before[k] and k != "kv_blocks_in_use"}
                     row["kv_blocks_in_use_after"] = after["kv_blocks_in_use"]  # idle: 0, else a leak
+                    hops = self.hop_times(url)
+                    if hops:
+                        row["worker_hops_ms"] = hops
                     self.rows.append(row)
                     self.emit(row)
+
+    def hop_times(self, url: str) -> dict[str, dict]:
+        """p50 / p90 / count (ms) of each worker hop since the last call, per role (engine.step: the
+        engine loop's cadence; read, commit, prefill_call ...: a request's path). Only for
+        clusters this run started (it reads the workers through Ray)."""
+        if self.args.url:
+            return {}
+        pooled = worker_hop_times(url, self.namespaces[url])
+        return {k: {"p50": round(percentile(v, 50) * 1e3, 3), "p90": round(percentile(v, 90) * 1e3, 3), "n": len(v)}
+                for k, v in sorted(pooled.items()) if v}
 
     def summaries(self) -> None:
         for name in self.plans:
@@ -280,6 +296,7 @@ def run_clusters(args, prof: Profile, runner: Runner) -> None:
     import tempfile
 
     from benchmarks.model_shapes import checkpoint
+    from router.cluster_view import ray_namespace
 
     model_dir = checkpoint(args.model or prof.model, args.cache_dir)
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1.0 if prof.device == "cuda" else 0.0)
@@ -306,6 +323,7 @@ def run_clusters(args, prof: Profile, runner: Runner) -> None:
             started = time.monotonic()
             bench = start_cluster(env, mode, routings, base, args.prefill, args.decode, gpus)
             print(f"{mode}: cluster up in {time.monotonic() - started:.0f} s", file=sys.stderr)
+            runner.namespaces.update(dict.fromkeys(bench.urls.values(), ray_namespace(bench.cluster.config.cluster_name)))
             try:
                 asyncio.run(runner.measure(bench.urls, mode))
             finally:

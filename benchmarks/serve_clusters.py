@@ -171,3 +171,17 @@ def config_override(item: str) -> tuple[str, object]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def worker_hop_times(url: str, namespace: str) -> dict[str, list[float]]:
+    """Every worker's hop_times since the last call (cleared), pooled per role: {"decode.read": [s, ...]}.
+    The workers are the ones the endpoint's router knows (GET /v1/routing/recent); needs ray.init."""
+    import ray
+
+    pooled: dict[str, list[float]] = {}
+    workers = httpx.get(url + "/v1/routing/recent", timeout=30).json()["workers"]
+    for wid, w in workers.items():
+        actor = ray.get_actor(wid, namespace=namespace)
+        for name, times in ray.get(actor.hop_times.remote(True), timeout=30).items():
+            pooled.setdefault(f"{w['role']}.{name}", []).extend(times)
+    return pooled

@@ -110,8 +110,12 @@ class EngineLoop:
                     done = time.perf_counter()
                     self.num_steps += 1
                     self.last_step_at = time.monotonic()
-                    if out.handles and self.hops is not None:
-                        self.hops.add("engine.handle_step", done - t0)  # the step that finished a prefill
+                    if self.hops is not None:
+                        # every step; with async scheduling a step() call returns the previous
+                        # step's outputs, so this is the engine's cadence, not one step's GPU time
+                        self.hops.add("engine.step", done - t0)
+                        if out.handles:
+                            self.hops.add("engine.handle_step", done - t0)  # the step that finished a prefill
                     self._dispatch(out.deltas, out.handles, done)
                 self._events.extend(self.engine.take_kv_events())
         except BaseException as e:  # the engine is broken: fail every waiter loudly

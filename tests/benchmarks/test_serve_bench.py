@@ -45,6 +45,9 @@ def test_serve_benchmark_smoke(tmp_path):
         # workers, and once the run is over no KV block is still referenced anywhere (no leak)
         assert (row["events"].get("kv_transfers", 0) > 0) == (row["mode"] == "disaggregated"), (where, row["events"])
         assert row["kv_blocks_in_use_after"] == 0, (where, row)
+        # the workers' own timings of the run: the decode worker stepped, p50 <= p90
+        step = row["worker_hops_ms"]["decode.engine.step"]
+        assert step["n"] > 0 and 0 < step["p50"] <= step["p90"], (where, row["worker_hops_ms"])
     (summary,) = [x for x in lines if "summary" in x]
     assert summary["summary"] == "multi_turn" and set(summary["max_rate_at_90pct_slo"]) == {
         "disaggregated/kv_aware", "disaggregated/round_robin", "colocated/kv_aware", "colocated/round_robin"}
