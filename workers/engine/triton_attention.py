@@ -35,9 +35,15 @@ except ImportError as e:  # pragma: no cover - depends on the install
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_SEGMENTS = 4096  # capacity of the segment offset table
-MAX_DECODE_SPLITS = 32  # split-KV decode: most splits per (sequence, KV head); bounds the merge's registers
+MAX_DECODE_SPLITS = 64  # split-KV decode: most programs per (decode row, KV head)
+# split decode partials of max_num_seqs rows at most this big (checked when split is chosen): also
+# keeps the kernels' int32 element offsets into them in range
+MAX_DECODE_SCRATCH_BYTES = 2 << 30
 DECODE_KERNELS = ("split", "general")
 DEFAULT_DECODE_KERNEL = "general"  # a new backend's decode_kernel (see __init__); checks set it before engines capture
+# a new backend's (decode_chunk_keys, decode_split_block_n); checks shrink them before engines
+# capture, so that short test prompts span several chunks
+DEFAULT_DECODE_CHUNKING = (256, 64)
 DECODE_COMBINES = ("last", "kernel")
 
 
@@ -61,8 +67,9 @@ class DecodeLaunch(NamedTuple):
 
     rows: int  # decode rows (programs along the grid's first axis)
     all_decode: bool  # every row of the step is one (row i = sequence i = token i); else dec_seq maps them
-    splits: int
-    chunks: int
+    splits: int  # programs per (row, KV head); they stride over the row's chunks
+    chunk_keys: int
+    max_chunks: int  # scratch rows per (row, KV head): ceil(max_model_len / chunk_keys)
     merge_last: bool
     fuse_write: bool
     block_n: int
@@ -90,6 +97,7 @@ class TritonPagedAttention(AttentionBackend):
         device = kv_cache.device
         self.max_tokens = max(max_num_batched_tokens, max_num_seqs)
         self.max_seqs = max_num_seqs
+        self.max_model_len = max_model_len
         blocks_per_seq = -(-max_model_len // self.bs)
         self.meta = StepMetadata(self.max_tokens, max_num_seqs, max_num_seqs * blocks_per_seq, device)
         self.anchor = torch.empty(1, dtype=layout.torch_dtype, device=device)  # lives as long as we do
@@ -110,9 +118,9 @@ class TritonPagedAttention(AttentionBackend):
         self.split_diagonal = True
         # decode rows (one new token that is not a prompt token, SeqSlice.prompt): "split" attends
         # them with paged_decode_kernel in every step, decode-only or beside prefill chunks (the
-        # context cut into chunks by its length alone, spread over several programs per (row, KV
-        # head) when rows x KV heads leave SMs idle; in decode-only steps this step's K/V written in
-        # the same launch); "general": paged_attention_kernel, as every other row. One kernel per
+        # context cut into chunks of decode_chunk_keys keys, spread over several programs per (row,
+        # KV head) when rows x KV heads leave SMs idle; in decode-only steps this step's K/V written
+        # in the same launch); "general": paged_attention_kernel, as every other row. One kernel per
         # kind of row, whatever the step's composition, so a sequence's tokens do not depend on
         # what it was batched with (the general path has that property; with "split" chosen per
         # step, decodes beside prefill chunks took the general kernel and the others the split
@@ -123,14 +131,14 @@ class TritonPagedAttention(AttentionBackend):
         # benchmarks/split_decode_check.py's engine checks) passes with "split" on a GPU
         self.decode_kernel = DEFAULT_DECODE_KERNEL
         self._graph_sizes = capture_sizes(max_num_seqs)
-        self.decode_splits: int | None = None  # None: ~decode_programs programs, 1 to 16 splits
-        # most chunks a decode row's context is cut into (their bounds depend on it and the length
-        # only): splits beyond it would idle. A constant, not a per-step choice: the chunking fixes
-        # the output's bits
-        self.decode_chunks = 16
+        self.decode_splits: int | None = None  # None: ~decode_programs programs in all (splits_for)
+        # keys per chunk (a multiple of the tile): a row of n keys has ceil(n / decode_chunk_keys)
+        # chunks, one program's serial work each; one chunk is attended like the general kernel
+        # does (no partials, no merge). Fixed per backend, not per step: the chunking fixes the
+        # output's bits. decode_split_block_n: keys per tile
+        self.decode_chunk_keys, self.decode_split_block_n = DEFAULT_DECODE_CHUNKING
         self.decode_programs = (torch.cuda.get_device_properties(device).multi_processor_count
                                 if device.type == "cuda" else 4)
-        self.decode_split_block_n = 64  # keys per tile; a chunk covers whole tiles
         self.decode_warps = 4
         self.decode_stages: int | None = None  # software pipelining depth (None: Triton's default)
         self.decode_combine = "last"  # merge the splits in the last program to finish, or "kernel": a second launch
@@ -142,27 +150,43 @@ class TritonPagedAttention(AttentionBackend):
         self.step_decode: DecodeLaunch | None = None  # set: this step runs paged_decode_kernel
         self.num_split_steps = 0  # steps prepared with step_decode set (tests check the path ran)
         self._retired_scratch: list[tuple[torch.Tensor, ...]] = []
-        self._scratch: tuple[torch.Tensor, ...] = ()
-        self._ensure_scratch(max_num_seqs * self.H * self._chunks())
+        self._scratch: tuple[torch.Tensor, ...] = ()  # allocated by the first split step's prepare
+        if self.decode_kernel == "split":
+            self.max_chunks()  # a config the split path cannot run fails here, not at the first decode
 
     # -- split-KV decode ---------------------------------------------------------------------------
-    def _chunks(self) -> int:
-        n = int(self.decode_chunks)
-        if not 1 <= n <= MAX_DECODE_SPLITS:
-            raise ValueError(f"decode_chunks={n}: want 1..{MAX_DECODE_SPLITS}")
+    def max_chunks(self) -> int:
+        """Most chunks a decode row can have, ceil(max_model_len / decode_chunk_keys): scratch rows
+        per (row, KV head). Checks the chunking knobs and the scratch's size for max_num_seqs rows."""
+        keys, block_n = int(self.decode_chunk_keys), int(self.decode_split_block_n)
+        if block_n < 16 or block_n & (block_n - 1):
+            raise ValueError(f"decode_split_block_n={block_n}: want a power of two >= 16")
+        if keys < block_n or keys % block_n:
+            raise ValueError(f"decode_chunk_keys={keys}: want a multiple of decode_split_block_n={block_n}")
+        n = -(-self.max_model_len // keys)
+        nbytes = self.max_seqs * self.H * n * self.group * (self.D + 2) * 4
+        if nbytes > MAX_DECODE_SCRATCH_BYTES:
+            raise ValueError(
+                f"split decode partials need {nbytes / 2**30:.1f} GiB (max_num_seqs {self.max_seqs} x {self.H} KV "
+                f"heads x {n} chunks of max_model_len {self.max_model_len}), over {MAX_DECODE_SCRATCH_BYTES >> 30} "
+                f"GiB: raise decode_chunk_keys (now {keys}), lower max_model_len or max_num_seqs, or use "
+                f"decode_kernel 'general'")
         return n
 
     def splits_for(self, num_rows: int) -> int:
         """Programs per (decode row, KV head) of a step of ``num_rows`` (padded) decode rows. Only
-        speed depends on it: the chunks, and so the output's bits, do not."""
+        speed depends on it: the chunks, and so the output's bits, do not. Fixed per graph size
+        (a graph replays for any context up to max_model_len), so it cannot follow the step's
+        contexts: ~decode_programs programs in all, at most one per chunk a row can have."""
+        max_chunks = self.max_chunks()
         if self.decode_splits is not None:
             n = int(self.decode_splits)
             if not 1 <= n <= MAX_DECODE_SPLITS:
                 raise ValueError(f"decode_splits={n}: want 1..{MAX_DECODE_SPLITS}")
-            return min(n, self._chunks())
+            return min(n, max_chunks)
         # counted at the decode graph's padded size: a step and its graph replay launch alike
         bucket = next((b for b in self._graph_sizes if b >= num_rows), num_rows)
-        return max(1, min(16, self._chunks(), self.decode_programs // max(1, bucket * self.H)))
+        return max(1, min(MAX_DECODE_SPLITS, max_chunks, self.decode_programs // max(1, bucket * self.H)))
 
     def _ensure_scratch(self, rows: int) -> None:
         """Partial (max, sum, output) rows, one per chunk of each (decode row, KV head); arrival
@@ -251,11 +275,16 @@ class TritonPagedAttention(AttentionBackend):
                 if all_dec and not np.array_equal(q_start[:S_pad], np.arange(S_pad)):
                     raise ValueError("a decode step's sequences must be packed in order, one token each")
                 m.host_view("dec_seq")[:n_dec] = np.flatnonzero(is_dec)
-                chunks = self._chunks()
+                max_chunks, keys = self.max_chunks(), int(self.decode_chunk_keys)
+                longest = int(ctx[:S_pad][is_dec].max())
+                if longest > self.max_model_len:  # its chunks would spill into the next row's scratch
+                    raise ValueError(f"a decode row of {longest} keys: over max_model_len {self.max_model_len}")
                 self.step_splits = self.splits_for(n_dec)
-                self._ensure_scratch(n_dec * self.H * chunks)
-                self.step_decode = DecodeLaunch(n_dec, all_dec, self.step_splits, chunks,
-                                                self.decode_combine == "last", all_dec and bool(self.decode_fuse_write),
+                self._ensure_scratch(n_dec * self.H * max_chunks)
+                # one program per (row, KV head) holds every chunk: it merges them itself
+                merge_last = self.decode_combine == "last" or self.step_splits == 1
+                self.step_decode = DecodeLaunch(n_dec, all_dec, self.step_splits, keys, max_chunks, merge_last,
+                                                all_dec and bool(self.decode_fuse_write),
                                                 int(self.decode_split_block_n), int(self.decode_warps),
                                                 self.decode_stages)
                 self.num_split_steps += 1
@@ -337,26 +366,25 @@ class TritonPagedAttention(AttentionBackend):
 
     def _decode(self, launch: DecodeLaunch, layer_off, q, k, v, o, scaling, sliding_window, precision) -> None:
         """Split-KV attention of the step's decode rows (q, k, v [H, T, D]; o [T, Hq, D])."""
-        m, G, splits = self.meta, self.group, launch.splits
+        m, G = self.meta, self.group
         part_m, part_l, part_acc, arrivals = self._scratch
-        block_g, block_c, block_d = _pow2(G), _pow2(launch.chunks), _pow2(self.D)
+        block_g, block_d = _pow2(G), _pow2(self.D)
         stages = {} if launch.stages is None else {"num_stages": int(launch.stages)}
         window = int(sliding_window or 0)
-        paged_decode_kernel[(launch.rows, self.H, splits)](
+        paged_decode_kernel[(launch.rows, self.H, launch.splits)](
             q, q.stride(1), q.stride(0), k, k.stride(1), k.stride(0), v, v.stride(1), v.stride(0),
             o, o.stride(0), o.stride(1), self.anchor, layer_off, self.kv_off, m.dev_block_off,
             m.dev_view("dec_seq"), m.dev_view("q_start"), m.dev_view("ctx"), m.dev_view("blk_start"),
             m.dev_slot_off, m.dev_view("n_real"), part_m, part_l, part_acc, arrivals, float(scaling), window,
-            G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs, BLOCK_M=max(16, block_g),
-            BLOCK_N=launch.block_n, SPLITS=splits, CHUNKS=launch.chunks, BLOCK_C=block_c, BLOCK_G=block_g,
-            USE_WINDOW=bool(sliding_window), WRITE_KV=launch.fuse_write, COMBINE_LAST=launch.merge_last,
-            ALL_DECODE=launch.all_decode, INTERPRET=INTERPRET, DOT_PRECISION=precision, num_warps=launch.warps,
-            **stages,
+            launch.max_chunks, G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs, BLOCK_M=max(16, block_g),
+            BLOCK_N=launch.block_n, CHUNK_KEYS=launch.chunk_keys, BLOCK_G=block_g, USE_WINDOW=bool(sliding_window),
+            WRITE_KV=launch.fuse_write, COMBINE_LAST=launch.merge_last, ALL_DECODE=launch.all_decode,
+            INTERPRET=INTERPRET, DOT_PRECISION=precision, num_warps=launch.warps, **stages,
         )
-        if splits > 1 and not launch.merge_last:
+        if not launch.merge_last:
             decode_combine_kernel[(launch.rows, self.H)](
                 part_m, part_l, part_acc, o, o.stride(0), o.stride(1), m.dev_view("dec_seq"), m.dev_view("q_start"),
-                m.dev_view("ctx"), window, G=G, HKV=self.H, D=self.D, BLOCK_N=launch.block_n, CHUNKS=launch.chunks,
-                BLOCK_C=block_c, BLOCK_G=block_g, BLOCK_D=block_d, USE_WINDOW=bool(sliding_window),
-                ALL_DECODE=launch.all_decode, num_warps=launch.warps,
+                m.dev_view("ctx"), window, launch.max_chunks, G=G, HKV=self.H, D=self.D,
+                CHUNK_KEYS=launch.chunk_keys, BLOCK_G=block_g, BLOCK_D=block_d, USE_WINDOW=bool(sliding_window),
+                ALL_DECODE=launch.all_decode, INTERPRET=INTERPRET, num_warps=launch.warps,
             )

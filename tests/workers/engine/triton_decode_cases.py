@@ -1,9 +1,10 @@
 """The split-KV decode kernel (TritonPagedAttention.decode_kernel == "split"), run on the CPU by
 Triton's interpreter: decode rows give the torch reference's output and the same cache writes as
 the general path (write_kv_kernel + paged_attention_kernel), for contexts on both sides of block
-and chunk boundaries, GQA groups, a sliding window, padded graph rows, both merges; a decode row's
-bits do not depend on its step (split count, padding, prefill chunks beside it); and the engine on
-the split path: generate's tokens (fp32), the same bits when run twice with prefix hits (bf16).
+and chunk boundaries (small decode_chunk_keys: one to 65 chunks a row), GQA groups, a sliding
+window, padded graph rows, both merges; a decode row's bits do not depend on its step (split
+count, padding, prefill chunks beside it); and the engine on the split path (16-key chunks):
+generate's tokens (fp32), the same bits when run twice with prefix hits (bf16).
 
 Not collected directly: test_triton_attention.py runs it with TRITON_INTERPRET=1 (see
 triton_interpret_cases.py)."""
@@ -28,11 +29,13 @@ from workers.engine.triton_attention import TritonPagedAttention  # noqa: E402
 BS = 16
 # (cached, new) per sequence: contexts 1, 15, 16, 17, 129 and 1030 tokens
 CONTEXTS = [(0, 1), (14, 1), (15, 1), (16, 1), (128, 1), (1029, 1)]
-# (splits, merge, fused write, keys per tile): with 16-key tiles (16 chunks of a row at most) the
-# 129-token context takes 9 one-tile chunks and the 1030-token one 16 of 5 tiles; 3 splits share
-# 16 chunks unevenly; None: the auto count (decode_programs 4 on a CPU: 1 split for 6 sequences)
-VARIANTS = [(1, "last", True, 16), (4, "last", True, 16), (3, "kernel", False, 16), (None, "last", True, 64),
-            (4, "kernel", True, 64)]
+# (splits, merge, fused write, keys per tile, keys per chunk): 16-key chunks cut the 1030-token
+# context into 65 one-tile chunks (one program merges them all, or 4 programs share them), 32-key
+# ones the 129-token context into 5; 3 splits share 17 chunks unevenly; 64 splits leave most
+# programs without a chunk; None: the auto count (decode_programs 4 on a CPU: 1 split for 6
+# sequences) with the default chunking (every context but 1030 in one chunk)
+VARIANTS = [(1, "last", True, 16, 16), (4, "last", True, 16, 32), (3, "kernel", False, 16, 64),
+            (None, "last", True, 64, 256), (4, "kernel", True, 64, 128), (64, "last", True, 16, 16)]
 
 
 def backends(hq, hkv, dim, dtype, max_tokens=16):
@@ -83,9 +86,9 @@ def test_split_decode_matches_reference(hq, hkv, dim, window):
     torch.manual_seed(hq * 10 + dim)
     rng = random.Random(dim)
     caches, ref, _, split = backends(hq, hkv, dim, "float32")  # ref's writes == write_kv_kernel's
-    for splits, merge, fused, block_n in VARIANTS:
+    for splits, merge, fused, block_n, chunk_keys in VARIANTS:
         split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
-        split.decode_split_block_n = block_n
+        split.decode_split_block_n, split.decode_chunk_keys = block_n, chunk_keys
         shapes = CONTEXTS[:]
         rng.shuffle(shapes)
         seqs, ids, pos = random_step(rng, caches[0].num_blocks, BS, shapes)
@@ -103,14 +106,14 @@ def test_split_decode_matches_reference(hq, hkv, dim, window):
 
 @pytest.mark.parametrize("batch", [1, 2, 5])
 def test_split_decode_auto_splits_bf16(batch, bf16_dot):
-    """Llama-3.2-1B's attention shape (32 query heads, 8 KV heads, head_dim 64) in bf16 with the automatic
-    split count of a 132-SM GPU (16 splits at batch 1, 8 at 2, 2 at 5: counted at the padded graph
-    size 8): output close to the fp32
-    reference (as the general path's), cache writes bit-identical to the general path's."""
+    """Llama-3.2-1B's attention shape (32 query heads, 8 KV heads, head_dim 64) in bf16, 64-key
+    chunks (17 at most: max_model_len 1088), with the automatic split count of a 132-SM GPU (16
+    splits at batch 1, 8 at 2, 2 at 5: counted at the padded graph size 8): output close to the
+    fp32 reference (as the general path's), cache writes bit-identical to the general path's."""
     torch.manual_seed(batch)
     rng = random.Random(batch)
     caches, ref, general, split = backends(32, 8, 64, "bfloat16")
-    split.decode_programs = 132
+    split.decode_programs, split.decode_chunk_keys = 132, 64
     shapes = [CONTEXTS[i] for i in rng.sample(range(len(CONTEXTS)), batch)]
     seqs, ids, pos = random_step(rng, caches[0].num_blocks, BS, shapes)
     for b in (ref, general, split):
@@ -126,9 +129,11 @@ def test_split_decode_auto_splits_bf16(batch, bf16_dot):
     assert same_cache(caches[1], caches[2]), "cache writes differ from the general path's"
 
 
-# decode rows (ctx 1030, 129, 17) and, for mixed steps, a 9-token prefill chunk after 20 cached
-# tokens and a one-token prompt chunk (a prefix-cache hit's remainder)
-DECODES = [("d1030", 1029, 1, False), ("d129", 128, 1, False), ("d17", 16, 1, False)]
+# decode rows (ctx 1030, 129, 33, 32, 17: with 32-key chunks 33, 5, 2 (the second holding only the
+# new key), 1 and 1 chunks) and, for mixed steps, a 9-token prefill chunk after 20 cached tokens and
+# a one-token prompt chunk (a prefix-cache hit's remainder)
+DECODES = [("d1030", 1029, 1, False), ("d129", 128, 1, False), ("d33", 32, 1, False), ("d32", 31, 1, False),
+           ("d17", 16, 1, False)]
 OTHERS = [("chunk", 20, 9, False), ("prompt1", 4, 1, True)]
 
 
@@ -151,7 +156,7 @@ def test_decode_rows_bit_identical_in_any_step(window):
     sequence's tokens changed with what it was batched with (same engine twice, prefix hits)."""
     torch.manual_seed(5)
     caches, ref, _, split = backends(8, 2, 16, "float32", max_tokens=32)
-    split.decode_split_block_n = 16
+    split.decode_split_block_n, split.decode_chunk_keys = 16, 32
     free = list(range(caches[0].num_blocks))
     random.Random(5).shuffle(free)
     blocks = {name: tuple(free.pop() for _ in range(-(-(c + n) // BS))) for name, c, n, _ in DECODES + OTHERS}
@@ -167,15 +172,17 @@ def test_decode_rows_bit_identical_in_any_step(window):
         return {n: out[names.index(n)] for n in dict.fromkeys(names)}
 
     seen = []
-    for splits, merge, fused in [(1, "last", True), (4, "last", True), (16, "kernel", False), (3, "kernel", True)]:
+    for splits, merge, fused in [(1, "last", True), (4, "last", True), (16, "kernel", False), (3, "kernel", True),
+                                 (33, "last", True)]:
         split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
         seen.append(run(split, DECODES))
         assert split.step_decode.all_decode and split.step_splits == splits
     split.decode_splits, split.decode_programs = None, 132
     seen.append(run(split, DECODES[1:] + DECODES[:1], pad_to=8))
-    mixed = [OTHERS[0], DECODES[0], OTHERS[1], DECODES[2], DECODES[1]]
+    assert split.step_splits == 132 // (8 * 2)
+    mixed = [OTHERS[0], DECODES[0], OTHERS[1], DECODES[4], DECODES[2], DECODES[1], DECODES[3]]
     seen.append(run(split, mixed))
-    assert not split.step_decode.all_decode and split.step_decode.rows == 3
+    assert not split.step_decode.all_decode and split.step_decode.rows == 5
     want = run(ref, mixed)
     for name, *_ in DECODES:
         assert all(torch.equal(got[name], seen[0][name]) for got in seen[1:]), name
@@ -192,7 +199,7 @@ def test_split_decode_padded_rows(merge):
     torch.manual_seed(3)
     rng = random.Random(3)
     caches, ref, _, split = backends(8, 2, 16, "float32")
-    split.decode_splits, split.decode_combine, split.decode_split_block_n = 4, merge, 16
+    split.decode_splits, split.decode_combine, split.decode_split_block_n, split.decode_chunk_keys = 4, merge, 16, 16
     seqs, ids, pos = random_step(rng, caches[0].num_blocks, BS, [(16, 1), (0, 1), (200, 1)])
     ref.prepare(seqs, ids, pos, [0, 1, 2])
     dev_ids, _, _ = split.prepare(seqs, ids, pos, [0, 1, 2], pad_to=5)
@@ -206,18 +213,33 @@ def test_split_decode_padded_rows(merge):
     assert not split._scratch[3].any()
 
 
-def test_split_decode_settings_are_checked():
+def test_split_decode_settings_are_checked(monkeypatch):
+    from workers.engine import triton_attention
+
     _, _, _, split = backends(4, 2, 16, "float32")
     seqs, ids, pos = random_step(random.Random(0), 8, BS, [(3, 1)])
-    for attr, value in [("decode_kernel", "flash"), ("decode_combine", "tree"), ("decode_splits", 0)]:
+    for attr, value in [("decode_kernel", "flash"), ("decode_combine", "tree"), ("decode_splits", 0),
+                        ("decode_chunk_keys", 96), ("decode_split_block_n", 48), ("decode_split_block_n", 8)]:
         old = getattr(split, attr)
         setattr(split, attr, value)
         with pytest.raises(ValueError, match=attr):
             split.prepare(seqs, ids, pos, [0])
         setattr(split, attr, old)
+    long_seqs, long_ids, long_pos = random_step(random.Random(0), 96, BS, [(1099, 1)])  # over max_model_len 1088
+    with pytest.raises(ValueError, match="max_model_len"):
+        split.prepare(long_seqs, long_ids, long_pos, [0])
+    # partials of 8 rows x 2 KV heads x 5 chunks x 2 heads x 18 floats x 4 bytes = 11520 bytes
+    monkeypatch.setattr(triton_attention, "MAX_DECODE_SCRATCH_BYTES", 8000)
+    with pytest.raises(ValueError, match="decode_chunk_keys"):
+        split.prepare(seqs, ids, pos, [0])
+    split.decode_chunk_keys = 512  # 3 chunks, 6912 bytes: fits
+    split.prepare(seqs, ids, pos, [0])
+    monkeypatch.setattr(triton_attention, "DEFAULT_DECODE_KERNEL", "split")  # the config fails at construction
+    with pytest.raises(ValueError, match="decode_chunk_keys"):
+        backends(4, 2, 16, "float32")
 
 
-# -- the engine on the split path --------------------------------------------------------------------
+# -- the engine on the split path (16-key chunks: these short prompts span 1 to 5 chunks) ----------
 # gpu_check.py's graphs prompts: with block size 4 the second run hits the prefix cache (two prompts
 # wholly cached: a 1-token recompute; others a 1-token remainder), so its steps are composed
 # differently from the first run's: decodes that shared a step with prefill chunks the first time
@@ -227,7 +249,9 @@ ENGINE_PROMPTS = PROMPTS + [list(range(200, 260)), [3] * 41, list(range(70, 75))
 
 def split_engine(model_dir: str, dtype: str, mode: str):
     engine = make_engine(model_dir, dtype=dtype, attention_backend="triton", async_scheduling=mode == "async")
-    engine.runner.backend.decode_kernel = "split"  # read by every prepare()
+    backend = engine.runner.backend
+    # read by every prepare()
+    backend.decode_kernel, backend.decode_chunk_keys, backend.decode_split_block_n = "split", 16, 16
     return engine
 
 
