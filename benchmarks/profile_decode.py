@@ -35,15 +35,18 @@ from workers.protocol import SamplingParams  # noqa: E402
 
 
 # short name -> TritonPagedAttention attribute
-KNOBS = {"kernel": "decode_kernel", "splits": "decode_splits", "block_n": "decode_split_block_n",
-         "warps": "decode_warps", "stages": "decode_stages", "combine": "decode_combine",
-         "fuse_write": "decode_fuse_write"}
-# split: auto split count (16 at batch 1 with 8 KV heads on 132 SMs), 64-key tiles, 4 warps,
-# merged by the last program, K/V written in the same launch; each line changes one knob
-DEFAULT_VARIANTS = ("kernel=general;kernel=split;kernel=split,combine=kernel;kernel=split,fuse_write=0;"
-                    "kernel=split,splits=1;kernel=split,splits=4;kernel=split,splits=8;kernel=split,block_n=16;"
-                    "kernel=split,block_n=32;kernel=split,block_n=128;kernel=split,warps=2;kernel=split,warps=8;"
-                    "kernel=split,stages=1;kernel=split,stages=2")
+KNOBS = {"kernel": "decode_kernel", "splits": "decode_splits", "chunk_keys": "decode_chunk_keys",
+         "block_n": "decode_split_block_n", "programs": "decode_programs", "warps": "decode_warps",
+         "stages": "decode_stages", "combine": "decode_combine", "fuse_write": "decode_fuse_write"}
+# split: 256-key chunks of 64-key tiles, auto split count (~one program per SM, at most one per
+# chunk a row can have), 4 warps, merged by the last program, K/V written in the same launch; each
+# line changes one knob (or two: chunk_keys=32 needs 32- or 16-key tiles)
+DEFAULT_VARIANTS = ("kernel=general;kernel=split;kernel=split,chunk_keys=64;kernel=split,chunk_keys=128;"
+                    "kernel=split,chunk_keys=512;kernel=split,chunk_keys=32,block_n=32;"
+                    "kernel=split,chunk_keys=128,block_n=128;kernel=split,chunk_keys=256,block_n=128;"
+                    "kernel=split,block_n=32;kernel=split,combine=kernel;kernel=split,fuse_write=0;"
+                    "kernel=split,splits=1;kernel=split,programs=264;kernel=split,warps=2;kernel=split,warps=8;"
+                    "kernel=split,stages=2")
 ATTENTION_KERNELS = ("paged_attention_kernel", "paged_decode_kernel", "decode_combine_kernel", "write_kv_kernel")
 
 

@@ -2,16 +2,19 @@
 gpu_check.py's `kernels` check (or alone: python3 benchmarks/split_decode_check.py):
 
 - bf16 decode-only steps against the torch reference (relative error) and the general path
-  (identical cache writes), for several split counts, both merges, the fused K/V write on and
-  off; repeated launches bit-identical (the in-kernel merge's arrival counter must order every
-  split's partial before the merge reads it); one decode step captured in a CUDA graph at 8
-  padded rows, replayed over other steps' metadata;
+  (identical cache writes), for several split counts, chunk sizes (16 to 256 keys: one to 129
+  chunks a row), both merges, the fused K/V write on and off; repeated launches bit-identical
+  (the in-kernel merge's arrival counter must order every split's partial before the merge reads
+  it); decode steps captured in CUDA graphs at 1, 8 and 4 (32-key chunks) padded rows, replayed
+  over other steps' metadata;
 - a decode row's output bit-identical in any step: split counts, both merges, padded, beside a
-  prefill chunk and a one-token prompt chunk (compiled variants of the kernel must round alike);
-- the engine on the split path (tiny qwen3): bf16, the same eager engine twice (the second run
-  with prefix-cache hits) bit-identical in tokens and logprobs; compiled CUDA graphs (and
-  uncompiled ones) token-identical to eager; fp32 token-identical to generate. The general
-  path's eager-twice result is reported beside it as the baseline.
+  prefill chunk and a one-token prompt chunk (compiled variants of the kernel must round alike),
+  with the default 256-key chunks and with 32-key ones;
+- the engine on the split path (tiny qwen3, 16-key chunks so that its short prompts span several):
+  bf16, the same eager engine twice (the second run with prefix-cache hits) bit-identical in
+  tokens and logprobs; compiled CUDA graphs (and uncompiled ones) token-identical to eager; fp32
+  token-identical to generate. The general path's eager-twice result is reported beside it as
+  the baseline.
 
 Every engine case runs; failures are listed together (and printed as one JSON line) at the end."""
 
@@ -31,9 +34,10 @@ from workers.engine.attention import SeqSlice, TorchPagedAttention  # noqa: E402
 from workers.engine.kv_cache import KVCache  # noqa: E402
 
 CONTEXTS = [1, 15, 16, 17, 129, 1030]
-# (splits (None: auto), merge, fused write, keys per tile)
-VARIANTS = [(None, "last", True, 64), (None, "kernel", True, 64), (4, "last", False, 16), (1, "last", True, 128),
-            (16, "last", True, 32), (3, "kernel", False, 64)]
+# (splits (None: auto), merge, fused write, keys per tile, keys per chunk)
+VARIANTS = [(None, "last", True, 64, 256), (None, "kernel", True, 64, 256), (4, "last", False, 16, 32),
+            (1, "last", True, 128, 256), (16, "last", True, 32, 64), (3, "kernel", False, 64, 128),
+            (None, "last", True, 16, 16), (64, "last", True, 16, 16)]
 REPEATS = 30
 
 
@@ -72,9 +76,9 @@ def check_split_decode() -> dict:
     for hq, hkv, dim, window in [(32, 8, 64, None), (8, 2, 128, None), (4, 4, 64, 7), (12, 4, 64, None)]:
         caches, ref, general, split = _backends(hq, hkv, dim)
         rng = random.Random(hq * dim)
-        for splits, merge, fused, block_n in VARIANTS:
+        for splits, merge, fused, block_n, chunk_keys in VARIANTS:
             split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
-            split.decode_split_block_n = block_n
+            split.decode_split_block_n, split.decode_chunk_keys = block_n, chunk_keys
             for batch in (1, 3, 6):
                 seqs, ids, pos = _step(rng, caches[0].num_blocks, rng.sample(CONTEXTS, batch))
                 for b in (ref, general, split):
@@ -93,23 +97,28 @@ def check_split_decode() -> dict:
                 err = _rel(first, want)
                 worst = max(worst, err)
                 if not torch.isfinite(first).all() or err > 1e-2:
-                    raise AssertionError(f"split decode {hq, hkv, dim, window} {splits, merge, fused, block_n} "
+                    raise AssertionError(f"split decode {hq, hkv, dim, window} "
+                                         f"{splits, merge, fused, block_n, chunk_keys} "
                                          f"batch {batch}: relative error {err:.2e}")
                 if not (_same(caches[0], caches[2]) and _same(caches[1], caches[2])):
                     raise AssertionError(f"split decode {splits, merge, fused}: cache writes differ")
                 if split._scratch[3].any():
                     raise AssertionError("split decode arrival counters not reset")
-    graph_err = max(_check_graph(1, (1, 1, 1)), _check_graph(8, (1, 5, 8, 2)))
+    graph_err = max(_check_graph(1, (1, 1, 1)), _check_graph(8, (1, 5, 8, 2)), _check_graph(4, (1, 3, 4), (32, 32)))
     kernel = {"split_decode_max_rel_err": round(worst, 5), "split_decode_launches": launches,
-              "split_decode_graph_max_rel_err": round(graph_err, 5), **_check_any_step()}
+              "split_decode_graph_max_rel_err": round(graph_err, 5),
+              "split_decode_any_step_rel_err": max(_check_any_step(None), _check_any_step((32, 32)))}
     return {**kernel, **check_split_engine()}
 
 
-def _check_graph(size: int, batches: tuple[int, ...]) -> float:
-    """A decode step of ``size`` padded rows (Llama-3.2-1B's heads; auto splits: 16 at size 1, 2 at
-    8) captured once, replayed over steps of ``batches`` sequences: real rows match the
-    reference, padding rows are zero, cache writes equal the reference's."""
+def _check_graph(size: int, batches: tuple[int, ...], chunking: tuple[int, int] | None = None) -> float:
+    """A decode step of ``size`` padded rows (Llama-3.2-1B's heads; auto splits on 132 SMs with
+    256-key chunks: 8 at size 1 (2048 / 256), 2 at 8; with 32-key chunks: 4 at 4) captured once,
+    replayed over steps of ``batches`` sequences: real rows match the reference, padding rows are
+    zero, cache writes equal the reference's. chunking: (keys per chunk, keys per tile)."""
     caches, ref, _, split = _backends(32, 8, 64)
+    if chunking is not None:
+        split.decode_chunk_keys, split.decode_split_block_n = chunking
     rng = random.Random(size)
     q = torch.zeros(1, 32, size, 64, device="cuda", dtype=torch.bfloat16)
     k, v = torch.zeros_like(q[:, :8]), torch.zeros_like(q[:, :8])
@@ -139,16 +148,19 @@ def _check_graph(size: int, batches: tuple[int, ...]) -> float:
     return worst
 
 
-def _check_any_step() -> dict:
-    """Three decode rows (contexts 2048, 129, 17; Llama-1B heads, bf16) in decode-only steps at
-    several split counts and merges, padded to 8 rows, and beside a prefill chunk and a one-token
-    prompt chunk: each row's output bit-identical across all of them."""
+def _check_any_step(chunking: tuple[int, int] | None) -> float:
+    """Five decode rows (contexts 2048, 257, 256, 129, 17; Llama-1B heads, bf16) in decode-only
+    steps at several split counts and merges, padded to 8 rows, and beside a prefill chunk and a
+    one-token prompt chunk: each row's output bit-identical across all of them. chunking: (keys
+    per chunk, keys per tile), None: the default (256-key chunks: 8, 2, 1, 1, 1 a row)."""
     caches, ref, _, split = _backends(32, 8, 64)
+    if chunking is not None:
+        split.decode_chunk_keys, split.decode_split_block_n = chunking
     rng = random.Random(17)
     free = list(range(caches[0].num_blocks))
     rng.shuffle(free)
-    shapes = {"d2048": (2047, 1, False), "d129": (128, 1, False), "d17": (16, 1, False),
-              "chunk": (20, 9, False), "prompt1": (4, 1, True)}
+    shapes = {"d2048": (2047, 1, False), "d257": (256, 1, False), "d256": (255, 1, False), "d129": (128, 1, False),
+              "d17": (16, 1, False), "chunk": (20, 9, False), "prompt1": (4, 1, True)}
     blocks = {n: tuple(free.pop() for _ in range(-(-(c + k) // 16))) for n, (c, k, _) in shapes.items()}
     rows = {n: [torch.randn(h, 64, device="cuda", dtype=torch.bfloat16) for h in (32, 8, 8)] for n in shapes}
 
@@ -165,23 +177,26 @@ def _check_any_step() -> dict:
         out = backend.forward(0, q.float() if backend is ref else q, k, v, 0.125, None)[0]
         return {n: out[names.index(n)].clone() for n in dict.fromkeys(names)}
 
-    decodes = ["d2048", "d129", "d17"]
+    decodes = ["d2048", "d257", "d256", "d129", "d17"]
     seen = []
-    for splits, merge, fused in [(1, "last", True), (16, "last", True), (5, "kernel", False), (None, "last", True)]:
+    for splits, merge, fused in [(1, "last", True), (16, "last", True), (5, "kernel", False), (None, "last", True),
+                                 (64, "last", True)]:
         split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
         seen.append(run(split, decodes))
     seen.append(run(split, decodes[::-1], pad_to=8))
-    mixed = ["chunk", "d2048", "prompt1", "d17", "d129"]
+    mixed = ["chunk", "d2048", "prompt1", "d17", "d257", "d129", "d256"]
     seen.append(run(split, mixed))
     want = run(ref, mixed)
     torch.cuda.synchronize()
     for n in decodes:
         if not all(torch.equal(got[n], seen[0][n]) for got in seen[1:]):
-            raise AssertionError(f"split decode row {n}: output bits depend on the step (splits/padding/mixed)")
+            raise AssertionError(f"split decode row {n} {chunking}: output bits depend on the step "
+                                 "(splits/padding/mixed)")
     err = max(_rel(seen[-1][n], want[n].float()) for n in want)
     if err > 1e-2 or not _same(caches[0], caches[2]):
-        raise AssertionError(f"split decode beside prefill chunks: relative error {err:.2e} or cache writes differ")
-    return {"split_decode_any_step_rel_err": round(err, 5)}
+        raise AssertionError(f"split decode beside prefill chunks {chunking}: relative error {err:.2e} or cache "
+                             "writes differ")
+    return round(err, 5)
 
 
 def check_split_engine() -> dict:
@@ -201,8 +216,10 @@ def check_split_engine() -> dict:
     def differ(a, b, tokens_only=False):
         return [k for k in a if (a[k][0] != b[k][0] if tokens_only else a[k] != b[k])]
 
-    saved = triton_attention.DEFAULT_DECODE_KERNEL
+    saved = triton_attention.DEFAULT_DECODE_KERNEL, triton_attention.DEFAULT_DECODE_CHUNKING
     try:
+        # 16-key chunks of 16-key tiles: these prompts' rows span 1 to 5 chunks (merged), not one
+        triton_attention.DEFAULT_DECODE_CHUNKING = (16, 16)
         for kernel in ("general", "split"):  # general: the baseline for eager-twice
             triton_attention.DEFAULT_DECODE_KERNEL = kernel  # before the engines capture their graphs
             eager = make(d, dtype="bfloat16", cuda_graphs=False)
@@ -229,7 +246,7 @@ def check_split_engine() -> dict:
             if out["split_fp32_vs_generate_differ"]:
                 failed.append("fp32 != generate")
     finally:
-        triton_attention.DEFAULT_DECODE_KERNEL = saved
+        triton_attention.DEFAULT_DECODE_KERNEL, triton_attention.DEFAULT_DECODE_CHUNKING = saved
     print(json.dumps({"split_engine": out, "failed": failed}), flush=True)
     if failed:
         raise AssertionError(f"split decode engine: {failed}; {json.dumps(out)}")
