@@ -22,6 +22,11 @@ class RouterConfig(BaseModel):
     prefill_queue_threshold: int = Field(
         0, ge=0, description="Decode prefills locally when every prefill worker has at least this many requests "
                              "queued (Dynamo's conditional disaggregation on queue length); 0 = never")
+    stream_interval_tokens: int = Field(
+        1, ge=1, description="A decode worker streams a request's tokens in messages of at least this many (the first "
+                             "token and the last message go at once): fewer per-request stream messages when many "
+                             "streams share a worker (its host side is then the limit), burstier streams (vLLM's "
+                             "stream_interval)")
     min_prefill_workers: int = Field(1, ge=0, description="Readiness gate: 503 until this many prefill workers registered")
     min_decode_workers: int = Field(1, ge=1, description="Readiness gate: 503 until this many decode workers registered")
     temperature: float = Field(

@@ -75,7 +75,8 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
         attempt_id = request_id if not exclude else f"{request_id}#{len(exclude)}"
         req = GenerateRequest(attempt_id, tuple(prompt_token_ids + generated), remaining, cache_salt,
                               prefill_ranked, deadline_s=deadline - time.monotonic() + _WORKER_DEADLINE_GRACE_S,
-                              prefill_timeout_s=limits.prefill_timeout_s)
+                              prefill_timeout_s=limits.prefill_timeout_s,
+                              stream_interval=view.config.stream_interval_tokens)
         if on_event:
             on_event("routed", plan)
         stream = view.actor(decode_id).generate.options(num_returns="streaming").remote(req)

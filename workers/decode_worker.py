@@ -70,9 +70,15 @@ class DecodeWorkerImpl(WorkerBase):
                 yield first
                 if first.finished:
                     return
+            held: list[TokenDelta] = []  # deltas not sent yet: fewer than req.stream_interval tokens
             while True:
                 delta = await asyncio.wait_for(stream.get(), timeout=max(0.001, deadline - time.time()))
-                merged = _merge([delta] + _drain(stream))
+                held += [delta] + _drain(stream)
+                if (first is not None and not held[-1].finished
+                        and sum(len(d.token_ids) for d in held) < req.stream_interval):
+                    continue
+                merged = _merge(held)
+                held = []
                 if first is None:
                     first = merged
                     self.hops.add("first_delta", time.perf_counter() - t0)

@@ -91,6 +91,7 @@ class GenerateRequest:
     deadline_s: float = 300.0  # the whole request, from arrival
     arrival_time: float = field(default_factory=time.time)
     prefill_timeout_s: float = 60.0  # one remote prefill attempt; past it, the next candidate is tried
+    stream_interval: int = 1  # send tokens in messages of >= this many (first token and last message at once)
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,23 @@ def test_remote_prefill_really_transferred(cluster):
     text = httpx.get(cluster.url + "/metrics", timeout=30).text
     transferred = sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("pdserve_transfer_bytes_total"))
     assert transferred > 0
+
+
+def test_stream_interval_sends_tokens_in_chunks(cluster, model_dir, tokenizer):
+    """router.stream_interval_tokens: 4 on a second endpoint over the same workers: the stream's
+    first message carries the first token alone (TTFT unchanged), every later message at least 4
+    tokens except the last, and the text is still generate's."""
+    from tests.conftest import attach_ingress
+
+    url = attach_ingress(cluster, "openai-interval", router__stream_interval_tokens=4)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    n = 14  # 1 + 4 + 4 + 4 + 1: the last message is short
+    ids = tokenizer(PROMPTS[0]).input_ids
+    chunks = list(client.completions.create(model=model_name(cluster), prompt=PROMPTS[0], max_tokens=n, temperature=0,
+                                            logprobs=1, stream=True, extra_body={"ignore_eos": True}))
+    per_chunk = [len(c.choices[0].logprobs.tokens) for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum(per_chunk) == n and per_chunk[0] == 1, per_chunk
+    assert all(k >= 4 for k in per_chunk[1:-1]), per_chunk
+    assert len(per_chunk) <= 1 + -(-(n - 1) // 4), per_chunk  # fewer messages than tokens
+    want = tokenizer.decode(hf_greedy(model_dir, ids, n), skip_special_tokens=True)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
