@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class RouterConfig(BaseModel):
@@ -22,11 +22,11 @@ class RouterConfig(BaseModel):
     prefill_queue_threshold: int = Field(
         0, ge=0, description="Decode prefills locally when every prefill worker has at least this many requests "
                              "queued (Dynamo's conditional disaggregation on queue length); 0 = never")
-    stream_interval_tokens: int = Field(
-        1, ge=1, description="A decode worker streams a request's tokens in messages of at least this many (the first "
-                             "token and the last message go at once): fewer per-request stream messages when many "
-                             "streams share a worker (its host side is then the limit), burstier streams (vLLM's "
-                             "stream_interval)")
+    stream_interval_tokens: int | Literal["auto"] = Field(
+        "auto", description="A decode worker streams a request's tokens in messages of at least this many (the first "
+                            "token and the last message go at once): fewer per-request stream messages when many "
+                            "streams share a worker, whose host side is then the limit (vLLM's stream_interval). "
+                            "auto: 1 while the worker streams fewer than 8 requests, one more per 8 streams")
     min_prefill_workers: int = Field(1, ge=0, description="Readiness gate: 503 until this many prefill workers registered")
     min_decode_workers: int = Field(1, ge=1, description="Readiness gate: 503 until this many decode workers registered")
     temperature: float = Field(
@@ -53,6 +53,13 @@ class RouterConfig(BaseModel):
     index_max_blocks_per_worker: int = Field(1_000_000, ge=1, description="Prefix index cap per worker")
     index_max_workers: int = Field(4096, ge=1, description="Prefix index cap on distinct workers")
     recent_decisions: int = Field(100, ge=0, description="Routing decisions kept for inspection")
+
+    @field_validator("stream_interval_tokens")
+    @classmethod
+    def _interval(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError(f"must be 'auto' or >= 1 tokens, got {v}")
+        return v
 
 
 class LimitsConfig(BaseModel):

@@ -76,7 +76,7 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
         req = GenerateRequest(attempt_id, tuple(prompt_token_ids + generated), remaining, cache_salt,
                               prefill_ranked, deadline_s=deadline - time.monotonic() + _WORKER_DEADLINE_GRACE_S,
                               prefill_timeout_s=limits.prefill_timeout_s,
-                              stream_interval=view.config.stream_interval_tokens)
+                              stream_interval=_stream_interval(view.config.stream_interval_tokens))
         if on_event:
             on_event("routed", plan)
         stream = view.actor(decode_id).generate.options(num_returns="streaming").remote(req)
@@ -119,6 +119,10 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
             view.note_routed(decode_id, -1)
             if not worker_done:  # the worker aborts and frees KV on every worker it involved
                 _cancel_quietly(stream)
+
+
+def _stream_interval(setting: int | str) -> int:
+    return 0 if setting == "auto" else int(setting)  # 0: the decode worker decides
 
 
 async def _watched(stream, view: ClusterView, worker_id: str, deadline: float,

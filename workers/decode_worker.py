@@ -74,8 +74,8 @@ class DecodeWorkerImpl(WorkerBase):
             while True:
                 delta = await asyncio.wait_for(stream.get(), timeout=max(0.001, deadline - time.time()))
                 held += [delta] + _drain(stream)
-                if (first is not None and not held[-1].finished
-                        and sum(len(d.token_ids) for d in held) < req.stream_interval):
+                interval = req.stream_interval or auto_stream_interval(len(self.inflight))
+                if first is not None and not held[-1].finished and sum(len(d.token_ids) for d in held) < interval:
                     continue
                 merged = _merge(held)
                 held = []
@@ -319,6 +319,16 @@ class DecodeWorkerImpl(WorkerBase):
 
 
 _MAX_CACHED_ACTORS = 1024
+# auto stream interval: one more token per message for every this many requests streaming here.
+# Each message is a Ray streaming item, and the worker's event loop shares the GIL with the engine
+# thread: on CPU (tiny model, decode_heavy at 24 req/s) 4 tokens a message gave 1.5x the tokens/s
+# and half the TPOT of 1 (benchmarks/README.md, "Stream interval").
+AUTO_STREAMS_PER_TOKEN = 8
+
+
+def auto_stream_interval(num_streaming: int) -> int:
+    """Tokens per message when the request did not fix it: 1 below AUTO_STREAMS_PER_TOKEN streams."""
+    return 1 + num_streaming // AUTO_STREAMS_PER_TOKEN
 
 
 def _lease_held_through(t_sent: float, t_read_done: float, ttl_s: float) -> bool:

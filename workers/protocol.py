@@ -91,7 +91,9 @@ class GenerateRequest:
     deadline_s: float = 300.0  # the whole request, from arrival
     arrival_time: float = field(default_factory=time.time)
     prefill_timeout_s: float = 60.0  # one remote prefill attempt; past it, the next candidate is tried
-    stream_interval: int = 1  # send tokens in messages of >= this many (first token and last message at once)
+    # send tokens in messages of >= this many (first token and last message at once); 0: the decode
+    # worker's own choice from how many requests it streams (decode_worker.auto_stream_interval)
+    stream_interval: int = 0
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,7 @@ def test_admin_token_from_env_only_when_unset(tmp_path, monkeypatch):
         ("etcd: {endpoints: ['http://e:2379'], ca_cert: /ca.pem}\n", "http:// endpoint contradicts the TLS settings"),
         ("server: {port: 70000}\n", "server.port: Input should be less than or equal to 65535"),
         ("server: {port: 8001}\n", "server: port and admin_port must differ"),
+        ("router: {stream_interval_tokens: 0}\n", "router.stream_interval_tokens: must be 'auto' or >= 1 tokens, got 0"),
         ("router: {policy: random}\n", "router.policy: Input should be 'kv_aware', 'cache_aware' or 'round_robin'"),
         ("router: {min_decode_workers: 5}\n", "router.min_decode_workers (5) exceeds pools.decode.max_replicas (4)"),
         ("transfer: {backend: rdma}\n", "transfer.backend: Input should be 'nixl' or 'tcp'"),
