@@ -58,7 +58,7 @@ def _register_op() -> None:
         return
     import triton
 
-    from workers.engine.triton_kernels import gemv_kernel
+    from workers.engine.gemv_kernel import gemv_kernel
 
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
 
