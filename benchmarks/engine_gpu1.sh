@@ -7,9 +7,12 @@
 #   prefill: compile_prefill: token-identical + nothing compiled after the start-up warm-up, the
 #            2048-token prefill step eager vs compiled, and the latency floor with it on vs off;
 #            decode graphs == eager again; per-request KV READs on one GPU
-#   usage: benchmarks/engine_gpu1.sh decode|prefill
+#   split:   the split-KV decode with fixed-size chunks (helper-18): its GPU checks, then the decode
+#            graphs per variant at short (128) and long (2048) prompts, batch 1/8/32, to decide
+#            where it becomes the default
+#   usage: benchmarks/engine_gpu1.sh decode|prefill|split
 set -uo pipefail
-part=${1:?decode or prefill}
+part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
 mkdir -p "$out"
 . benchmarks/device_env.sh
@@ -42,6 +45,13 @@ case $part in
     # the KV READ per request (same GPU) + where its time goes (transfer_gpu.sh has the 2-GPU half)
     step transfer_requests 60 python3 benchmarks/transfer.py --device cuda --prefill-gpu 0 --decode-gpu 0 \
       --skip bandwidth,layerwise --profile-ipc
+    ;;
+  split)
+    step split_check 200 python3 benchmarks/split_decode_check.py
+    step profile_short 170 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 --prompt-len 128 \
+      --decode-variants "kernel=general;kernel=split;kernel=split,chunk_keys=128;kernel=split,chunk_keys=512;kernel=split,chunk_keys=256,block_n=128"
+    step profile_long 170 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 --prompt-len 2048 \
+      --decode-variants "kernel=general;kernel=split;kernel=split,chunk_keys=128;kernel=split,chunk_keys=512;kernel=split,chunk_keys=256,block_n=128"
     ;;
 esac
 for f in "${ran[@]}"; do
