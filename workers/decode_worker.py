@@ -99,7 +99,10 @@ class DecodeWorkerImpl(WorkerBase):
         rid, prompt = req.request_id, list(req.prompt_token_ids)
         if req.prefill_candidates:
             with self.hops.time("cache_lookup"):
-                cached = await self.loop.call(lambda e: e.num_cached_prompt_tokens(prompt, req.cache_salt))
+                # read here, not through the engine thread: a round trip there waits for the running
+                # step to end (14-18 ms p50 at 64 req/s on an H200); the count only picks local vs
+                # remote prefill, and reserve_import / add_request recheck the cache exactly
+                cached = self.engine.num_cached_prompt_tokens(prompt, req.cache_salt)
             if len(prompt) - cached >= self.spec.local_prefill_threshold_tokens:
                 for attempt, prefill_id in enumerate(req.prefill_candidates[: self.spec.max_prefill_attempts]):
                     if attempt:

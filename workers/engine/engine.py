@@ -129,7 +129,9 @@ class Engine:
         return True
 
     def num_cached_prompt_tokens(self, prompt_token_ids: list[int], cache_salt: str | None = None) -> int:
-        """Tokens of this prompt whose KV is already cached here (full blocks)."""
+        """Tokens of this prompt whose KV is already cached here (full blocks). Safe to call from a
+        thread other than the engine's: it only reads (dict lookups and set membership, each atomic
+        under the GIL), so the answer is advisory (a block can be evicted right after)."""
         from workers.block_hash import block_hashes
 
         return len(self.pool.lookup(block_hashes(prompt_token_ids, self.block_size, cache_salt))) * self.block_size
