@@ -209,7 +209,10 @@ class Runner:
             for rate in plan.rates:
                 reqs = build_workload(name, plan.shape, self.num_requests, rate, self.args.seed, self.prof.token_range)
                 for routing, url in urls.items():
-                    before = await cluster_events(url)
+                    # the cluster's own account of the run: only for clusters started here (an endpoint
+                    # given with --url need not be pdserve, its /metrics not ours)
+                    ours = not self.args.url
+                    before = await cluster_events(url) if ours else {}
                     self.hop_times(url)  # clears what earlier runs left in the workers' hop timers
                     results = await run_load(url, model, reqs, salt=f"{mode}-{routing}-{name}-{rate}-{uuid.uuid4().hex}")
                     shape = {"prompt_tokens": plan.shape.prompt_tokens, "output_tokens": plan.shape.output_tokens,
@@ -217,10 +220,11 @@ class Runner:
                     row = {"mode": mode, "routing": routing, "workload": name, "rate": rate, **self.base, **shape,
                            **summarize(results, plan.ttft_slo_s, plan.itl_slo_s)}
                     await asyncio.sleep(0.5)  # let the router's view of queues and counters settle
-                    after = await cluster_events(url)
-                    row["events"] = {k: after[k] - before[k] for k in after
-                                     if after[k] != before[k] and k != "kv_blocks_in_use"}
-                    row["kv_blocks_in_use_after"] = after["kv_blocks_in_use"]  # idle: 0, else a leak
+                    if ours:
+                        after = await cluster_events(url)
+                        row["events"] = {k: after[k] - before[k] for k in after
+                                         if after[k] != before[k] and k != "kv_blocks_in_use"}
+                        row["kv_blocks_in_use_after"] = after["kv_blocks_in_use"]  # idle: 0, else a leak
                     hops = self.hop_times(url)
                     if hops:
                         row["worker_hops_ms"] = hops
