@@ -63,6 +63,7 @@ class DecodeWorkerImpl(WorkerBase):
         stream = self.loop.open_stream(rid)
         self.inflight.add(rid)
         t0 = time.perf_counter()
+        held: list[TokenDelta] = []  # deltas not sent yet: fewer than the stream interval's tokens
         try:
             first = await self._start(req, deadline)
             if first is not None:
@@ -70,7 +71,6 @@ class DecodeWorkerImpl(WorkerBase):
                 yield first
                 if first.finished:
                     return
-            held: list[TokenDelta] = []  # deltas not sent yet: fewer than req.stream_interval tokens
             while True:
                 delta = await asyncio.wait_for(stream.get(), timeout=max(0.001, deadline - time.time()))
                 held += [delta] + _drain(stream)
@@ -86,9 +86,9 @@ class DecodeWorkerImpl(WorkerBase):
                 if merged.finished:
                     self.counters["num_requests_finished"] += 1
                     return
-        except asyncio.TimeoutError:
-            yield TokenDelta(rid, (), "", finish_reason=FinishReason.ERROR,
-                             error=f"request deadline of {req.deadline_s:.0f} s exceeded")
+        except asyncio.TimeoutError:  # the tokens still held go out with the error
+            yield _merge(held + [TokenDelta(rid, (), "", finish_reason=FinishReason.ERROR,
+                                            error=f"request deadline of {req.deadline_s:.0f} s exceeded")])
         finally:
             self.inflight.discard(rid)
             self.loop.close_stream(rid)
