@@ -211,9 +211,10 @@ class Runner:
                 for routing, url in urls.items():
                     # the cluster's own account of the run: only for clusters started here (an endpoint
                     # given with --url need not be pdserve, its /metrics not ours)
-                    ours = not self.args.url
-                    before = await cluster_events(url) if ours else {}
-                    self.hop_times(url)  # clears what earlier runs left in the workers' hop timers
+                    ours = url in self.namespaces
+                    if ours:
+                        before = await cluster_events(url)
+                        self.hop_times(url)  # clears what earlier runs left in the workers' hop timers
                     results = await run_load(url, model, reqs, salt=f"{mode}-{routing}-{name}-{rate}-{uuid.uuid4().hex}")
                     shape = {"prompt_tokens": plan.shape.prompt_tokens, "output_tokens": plan.shape.output_tokens,
                              **({"context_tokens": plan.shape.context_tokens} if plan.shape.context_tokens else {})}
@@ -225,9 +226,7 @@ class Runner:
                         row["events"] = {k: after[k] - before[k] for k in after
                                          if after[k] != before[k] and k != "kv_blocks_in_use"}
                         row["kv_blocks_in_use_after"] = after["kv_blocks_in_use"]  # idle: 0, else a leak
-                    hops = self.hop_times(url)
-                    if hops:
-                        row["worker_hops_ms"] = hops
+                        row["worker_hops_ms"] = self.hop_times(url)
                     self.rows.append(row)
                     self.emit(row)
 
@@ -235,8 +234,6 @@ class Runner:
         """p50 / p90 / count (ms) of each worker hop since the last call, per role (engine.step: the
         engine loop's cadence; read, commit, prefill_call ...: a request's path). Only for
         clusters this run started (it reads the workers through Ray)."""
-        if self.args.url:
-            return {}
         pooled = worker_hop_times(url, self.namespaces[url])
         return {k: {"p50": round(percentile(v, 50) * 1e3, 3), "p90": round(percentile(v, 90) * 1e3, 3), "n": len(v)}
                 for k, v in sorted(pooled.items()) if v}
