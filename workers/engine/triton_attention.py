@@ -127,8 +127,9 @@ class TritonPagedAttention(AttentionBackend):
         # one, whose bits differ: the same bf16 engine run twice, prefix hits the second time,
         # gave other tokens on an H100). The knobs are read at each step (a captured graph keeps
         # the launches it was captured with): swept by benchmarks/profile_decode.py
-        # --decode-variants. "general" by default until gpu_check's kernels check (it runs
-        # benchmarks/split_decode_check.py's engine checks) passes with "split" on a GPU
+        # --decode-variants. "general" by default: "split" passed split_decode_check.py's engine
+        # checks on an H200, but with a fixed number of chunks per row it was 2.4x the general
+        # kernel at batch 32; the fixed-size chunks (decode_chunk_keys) are not timed on a GPU yet
         self.decode_kernel = DEFAULT_DECODE_KERNEL
         self._graph_sizes = capture_sizes(max_num_seqs)
         self.decode_splits: int | None = None  # None: ~decode_programs programs in all (splits_for)
