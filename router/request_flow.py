@@ -1,8 +1,10 @@
 """A request's whole trip, in one place:
 
     route (ClusterView.plan: decode worker + ranked prefill workers, or local prefill)
-      -> decode worker .generate (it asks a prefill worker for a KV handle, READs the blocks,
+      -> decode worker .run (it asks a prefill worker for a KV handle, READs the blocks,
          releases the handle, then decodes; or prefills locally)
+      -> its TokenDeltas come through this process's one stream from that worker (token_streams.py;
+         router.token_streams: per_worker), or through a stream of their own (.generate; per_request)
       -> stream TokenDeltas back to the client
 
 Failures (every wait is bounded):
@@ -31,6 +33,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from router.cluster_view import ClusterView
 from router.config import LimitsConfig
+from router.token_streams import StreamLost, token_streams
 from workers.engine.detokenizer import Detokenizer
 from workers.protocol import FinishReason, GenerateRequest, SamplingParams, TokenDelta, WorkerDrainingError
 
@@ -79,11 +82,16 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
                               stream_interval=_stream_interval(view.config.stream_interval_tokens))
         if on_event:
             on_event("routed", plan)
-        stream = view.actor(decode_id).generate.options(num_returns="streaming").remote(req)
+        if view.config.token_streams == "per_worker":
+            source = token_streams(view).open(decode_id, attempt_id)  # registered before run() starts
+            req = dataclasses.replace(req, subscriber_id=source.subscriber_id)
+            source.start(view.actor(decode_id).run.remote(req))
+        else:
+            source = _RequestStream(view.actor(decode_id).generate.options(num_returns="streaming").remote(req))
         view.note_routed(decode_id, +1)
         produced, worker_done = False, False
         try:
-            async with contextlib.aclosing(_watched(stream, view, decode_id, deadline,
+            async with contextlib.aclosing(_watched(source, view, decode_id, deadline,
                                                     limits.worker_stall_timeout_s)) as deltas:
                 async for delta in deltas:
                     produced = produced or bool(delta.token_ids)
@@ -102,7 +110,7 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
             if produced:
                 raise
             exclude.add(decode_id)  # it refused before doing anything: try another worker
-        except (*WORKER_GONE, WorkerStalled) as e:
+        except (*WORKER_GONE, WorkerStalled, StreamLost) as e:
             exclude.add(decode_id)
             migrations += 1
             if on_event:
@@ -117,21 +125,22 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
                 text = _ResumedText(tokenizer, prompt_token_ids, sampling.stop, generated)
         finally:
             view.note_routed(decode_id, -1)
-            if not worker_done:  # the worker aborts and frees KV on every worker it involved
-                _cancel_quietly(stream)
+            # cancelled unless it finished: the worker aborts and frees KV on every worker it involved
+            source.close(cancel=not worker_done)
 
 
 def _stream_interval(setting: int | str) -> int:
     return 0 if setting == "auto" else int(setting)  # 0: the decode worker decides
 
 
-async def _watched(stream, view: ClusterView, worker_id: str, deadline: float,
+async def _watched(source, view: ClusterView, worker_id: str, deadline: float,
                    stall_timeout_s: float) -> AsyncIterator[TokenDelta]:
-    """The worker's TokenDeltas. Raises WorkerStalled when the worker left the membership, or sent
-    nothing and answered no poll for stall_timeout_s; RequestTimedOut past the deadline."""
+    """The worker's TokenDeltas (source: a _RequestStream or token_streams.RequestTokens). Raises
+    WorkerStalled when the worker left the membership, or sent nothing (on this request's stream or
+    on the shared one) and answered no poll for stall_timeout_s; RequestTimedOut past the deadline."""
     last_heard = time.monotonic()
     while True:
-        nxt = asyncio.ensure_future(_next_delta(stream))
+        nxt = asyncio.ensure_future(source.next())
         try:
             while not nxt.done():
                 now = time.monotonic()
@@ -141,7 +150,7 @@ async def _watched(stream, view: ClusterView, worker_id: str, deadline: float,
                 if poll_silence_s is None:
                     raise WorkerStalled(f"decode worker {worker_id} left the cluster (etcd lease expired or "
                                         f"deregistered)")
-                if min(poll_silence_s, now - last_heard) > stall_timeout_s:
+                if min(poll_silence_s, now - max(last_heard, source.heard_at())) > stall_timeout_s:
                     raise WorkerStalled(f"decode worker {worker_id} sent nothing and answered no poll for "
                                         f"{stall_timeout_s:.0f} s (limits.worker_stall_timeout_s)")
                 await asyncio.wait({nxt}, timeout=min(_CHECK_INTERVAL_S, deadline - now))
@@ -156,16 +165,26 @@ async def _watched(stream, view: ClusterView, worker_id: str, deadline: float,
         yield delta
 
 
-async def _next_delta(stream) -> TokenDelta:
-    ref = await stream.__anext__()
-    return await ref
+class _RequestStream:
+    """router.token_streams: per_request: the request's own Ray stream from DecodeWorker.generate."""
 
+    def __init__(self, stream):
+        self.stream = stream
 
-def _cancel_quietly(stream) -> None:
-    try:
-        ray.cancel(stream)
-    except Exception as e:  # e.g. the actor is already gone: nothing left to cancel
-        log.debug("cancelling a decode stream failed: %r", e)
+    async def next(self) -> TokenDelta:  # StopAsyncIteration at the stream's end
+        ref = await self.stream.__anext__()
+        return await ref
+
+    def heard_at(self) -> float:
+        return 0.0  # nothing but this request's own deltas
+
+    def close(self, cancel: bool) -> None:
+        if not cancel:
+            return
+        try:
+            ray.cancel(self.stream)
+        except Exception as e:  # e.g. the actor is already gone: nothing left to cancel
+            log.debug("cancelling a decode stream failed: %r", e)
 
 
 class _ResumedText:

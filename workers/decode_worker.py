@@ -22,6 +22,15 @@
                      WRITE is in flight (abort_layerwise) or died (layerwise.py's ownership rule)
       then stream TokenDeltas (coalesced per step) until finished.
 
+Two ways out for the deltas:
+    generate(req)        a Ray stream per request (one Ray object per message)
+    run(req) + subscribe(subscriber_id)
+                         run() pushes req's deltas into its subscriber's mailbox and returns when the
+                         request finished; subscribe() is ONE Ray stream per (router process, decode
+                         worker) whose every item is everything that subscriber's requests produced
+                         since the previous item (vLLM's engine-core -> frontend output batching).
+                         Ending the subscription cancels its runs (workers/subscribers.py).
+
 Every wait is bounded: the prefill by req.prefill_timeout_s, each call to the prefill worker
 around the READ (handshake, renew, release) and the READ itself by transfer.deadline_s, and the
 whole request by its deadline. A client mistake (InvalidRequestError) is raised at once, never
@@ -31,6 +40,8 @@ retried elsewhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 
@@ -41,6 +52,7 @@ from kv_transfer.errors import DeadlineExceededError, LeaseExpiredError, PeerGon
 from workers.engine.block_pool import NoFreeBlocks
 from workers.protocol import (FinishReason, GenerateRequest, InvalidRequestError, KVHandle, LayerwiseTarget,
                               PrefillRequest, RequestFailedError, Role, TokenDelta)
+from workers.subscribers import Subscribers
 from workers.worker_base import WorkerBase
 
 log = logging.getLogger(__name__)
@@ -53,6 +65,46 @@ class DecodeWorkerImpl(WorkerBase):
         super().__init__(spec)
         self._background: set[asyncio.Task] = set()  # layer-wise aborts, releases still being confirmed
         self._prefill_actors: dict[str, object] = {}  # prefill worker id -> its actor handle
+        self.subscribers = Subscribers()
+
+    async def subscribe(self, subscriber_id: str):
+        """Async generator of list[TokenDelta] (a Ray streaming method): everything the runs of
+        this subscriber produced since the previous item, as soon as there is anything (no holding:
+        at most one item per engine step under load). When it ends (cancelled by the router, or
+        its caller gone) every run still pushing into it is cancelled: aborted, KV freed."""
+        box = self.subscribers.box_for(subscriber_id)
+        try:
+            while True:
+                yield await box.take()
+        finally:
+            n = self.subscribers.close(subscriber_id)
+            if n:
+                log.info("%s: token stream %s ended; cancelled its %d running requests", self.worker_id,
+                         subscriber_id, n)
+
+    async def run(self, req: GenerateRequest) -> None:
+        """generate(req), its deltas pushed into the mailbox of req.subscriber_id instead of yielded;
+        returns once the finished delta is pushed. Raises what generate raises (WorkerDrainingError,
+        InvalidRequestError, ...): the router sees it on this call's ObjectRef. Cancelling this
+        call aborts the request here and on the prefill worker, as cancelling generate does.
+        A request without its own stream interval sends every step's tokens: the subscription
+        already batches all requests' tokens into one message per step."""
+        if req.subscriber_id is None:
+            raise InvalidRequestError("run() needs a GenerateRequest with a subscriber_id", "subscriber_id")
+        box = self.subscribers.box_for(req.subscriber_id)
+        task = asyncio.current_task()
+        box.runs.add(task)
+        try:
+            req = dataclasses.replace(req, stream_interval=req.stream_interval or 1)
+            async with contextlib.aclosing(self.generate(req)) as deltas:
+                async for delta in deltas:
+                    box.push(delta)
+        finally:
+            box.runs.discard(task)
+
+    async def subscriptions(self) -> dict[str, int]:
+        """Requests running per live subscription (diagnostics, tests)."""
+        return self.subscribers.running()
 
     async def generate(self, req: GenerateRequest):
         """Async generator of TokenDeltas (a Ray streaming method). Cancelling it aborts the

@@ -94,6 +94,9 @@ class GenerateRequest:
     # send tokens in messages of >= this many (first token and last message at once); 0: the decode
     # worker's own choice from how many requests it streams (decode_worker.auto_stream_interval)
     stream_interval: int = 0
+    # DecodeWorker.run: the subscription (one per router process and decode worker) whose stream
+    # carries this request's deltas; None for the per-request DecodeWorker.generate stream
+    subscriber_id: str | None = None
 
 
 @dataclass(frozen=True)

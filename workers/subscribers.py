@@ -1,0 +1,68 @@
+"""Subscribers: a decode worker's mailboxes, one per subscription (a router process's token stream).
+
+    DecodeWorker.run(req)          pushes each TokenDelta of req into the mailbox of req.subscriber_id
+    DecodeWorker.subscribe(sid)    takes everything in sid's mailbox, one Ray stream item at a time
+
+Invariants: deltas of one request stay in push order (one list, appended and taken whole); a
+mailbox lives from the first of open() / box_for() to close(); close() cancels every run() task
+still pushing into it (their own cleanup aborts the request and frees its KV, as a cancelled
+stream's does) and remembers the id, so a late run() for it fails instead of running unread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+from workers.protocol import RequestFailedError, TokenDelta
+
+_MAX_CLOSED_IDS = 4096  # ids of ended subscriptions remembered (each new subscription has a new id)
+
+
+class Mailbox:
+    def __init__(self):
+        self._deltas: list[TokenDelta] = []
+        self._ready = asyncio.Event()
+        self.runs: set[asyncio.Task] = set()  # run() calls pushing here
+
+    def push(self, delta: TokenDelta) -> None:
+        self._deltas.append(delta)
+        self._ready.set()
+
+    async def take(self) -> list[TokenDelta]:
+        """Everything pushed since the last take; waits while there is nothing."""
+        await self._ready.wait()
+        self._ready.clear()
+        out, self._deltas = self._deltas, []
+        return out
+
+
+class Subscribers:
+    def __init__(self):
+        self._boxes: dict[str, Mailbox] = {}
+        self._closed: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def box_for(self, subscriber_id: str) -> Mailbox:
+        """The mailbox of a live subscription (made here when run() arrives before subscribe())."""
+        if subscriber_id in self._closed:
+            raise RequestFailedError(f"the token stream {subscriber_id} has ended; its router opens a new one")
+        box = self._boxes.get(subscriber_id)
+        if box is None:
+            box = self._boxes[subscriber_id] = Mailbox()
+        return box
+
+    def close(self, subscriber_id: str) -> int:
+        """End a subscription: cancel its running requests, drop its mailbox. Returns how many."""
+        self._closed[subscriber_id] = None
+        while len(self._closed) > _MAX_CLOSED_IDS:
+            self._closed.popitem(last=False)
+        box = self._boxes.pop(subscriber_id, None)
+        if box is None:
+            return 0
+        for task in box.runs:
+            task.cancel()
+        return len(box.runs)
+
+    def running(self) -> dict[str, int]:
+        """Requests running per live subscription."""
+        return {sid: len(box.runs) for sid, box in self._boxes.items()}
