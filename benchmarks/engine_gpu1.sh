@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 8 on one GPU (nvidia-h100-x1), carrying .devbundle (../shared/DEVICE.md); each part is one
 # call of < 10 min. JSON lines under $OUT; a summary last.
-#   decode:  correctness (Triton kernels incl. the split-KV decode path, decode graphs, fused bf16
-#            1B), the decode graphs per decode-attention variant (profile_decode), engine.py
-#            decode_b1 + batch32 vs transformers generate with the current defaults
+#   decode:  correctness (the split-KV decode path's own check, Triton kernels, decode graphs,
+#            fused bf16 1B), engine.py decode_b1 + batch32 vs transformers generate with the
+#            current defaults (the decode graphs per variant: the split part)
 #   prefill: compile_prefill: token-identical + nothing compiled after the start-up warm-up, the
 #            2048-token prefill step eager vs compiled, and the latency floor with it on vs off;
 #            decode graphs == eager again; per-request KV READs on one GPU
@@ -30,9 +30,8 @@ floor="benchmarks/latency_floor.py --device cuda --model llama-1b-shape --prompt
 case $part in
   decode)
     # the first Triton compiles on a fresh machine take most of the check's time (170 s was short)
+    step split_check 150 python3 benchmarks/split_decode_check.py
     step check 280 python3 benchmarks/gpu_check.py --only kernels,graphs,bf16-1b-fused
-    step profile_decode 120 python3 benchmarks/profile_decode.py --batch-sizes 1,32 \
-      --decode-variants "kernel=general;kernel=split"
     step engine 150 python3 benchmarks/engine.py --device cuda --model llama-1b-shape --workloads decode_b1,batch \
       --scheduling async
     ;;

@@ -12,9 +12,11 @@ gpu_check.py's `kernels` check (or alone: python3 benchmarks/split_decode_check.
   with the default 256-key chunks and with 32-key ones;
 - the engine on the split path (tiny qwen3, 16-key chunks so that its short prompts span several):
   bf16, the same eager engine twice (the second run with prefix-cache hits) bit-identical in
-  tokens and logprobs; compiled CUDA graphs (and uncompiled ones) token-identical to eager; fp32
-  token-identical to generate. The general path's eager-twice result is reported beside it as
-  the baseline.
+  tokens and logprobs; uncompiled CUDA graphs bit-identical to eager; compiled ones (inductor
+  fuses the norms/RoPE around attention, so their last bits differ from eager's) token-identical
+  to eager up to a near-tie (both choices within NEAR_TIE_LOGPROB and in each other's top-5, the
+  first divergence of each request reported); fp32 token-identical to generate. The general
+  kernel goes through the same graph comparisons as the baseline.
 
 Every engine case runs; failures are listed together (and printed as one JSON line) at the end."""
 
@@ -209,36 +211,42 @@ def check_split_engine() -> dict:
 
     d = str(build_tiny_checkpoint("qwen3", CACHE / "tiny-qwen3"))
     prompts = PROMPTS + [list(range(200, 260)), [3] * 41, list(range(70, 75))]  # gpu_check's graphs prompts
-    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=True)
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=5)
     reqs = {f"r{i}": (p, sp) for i, p in enumerate(prompts)}
     out, failed = {}, []
 
     def differ(a, b, tokens_only=False):
-        return [k for k in a if (a[k][0] != b[k][0] if tokens_only else a[k] != b[k])]
+        return [k for k in a if (a[k][0] != b[k][0] if tokens_only else a[k][:4] != b[k][:4])]
 
     saved = triton_attention.DEFAULT_DECODE_KERNEL, triton_attention.DEFAULT_DECODE_CHUNKING
     try:
         # 16-key chunks of 16-key tiles: these prompts' rows span 1 to 5 chunks (merged), not one
         triton_attention.DEFAULT_DECODE_CHUNKING = (16, 16)
-        for kernel in ("general", "split"):  # general: the baseline for eager-twice
+        for kernel in ("general", "split"):  # general: the baseline of every comparison
             triton_attention.DEFAULT_DECODE_KERNEL = kernel  # before the engines capture their graphs
             eager = make(d, dtype="bfloat16", cuda_graphs=False)
             first, second = collect(eager, reqs, with_logprobs=True), collect(eager, reqs, with_logprobs=True)
             out[f"{kernel}_eager_twice_differ"] = differ(first, second)
+            for compiled in (False, True):
+                graphs = make(d, dtype="bfloat16", compile_decode=compiled)
+                got = collect(graphs, reqs, with_logprobs=True)
+                name = f"{kernel}_graphs{'_compiled' if compiled else ''}"
+                out[f"{name}_tokens_differ"] = differ(first, got, tokens_only=True)
+                out[f"{name}_logprobs_differ"] = differ(first, got)
+                if graphs.runner.graphs.num_replays == 0:
+                    failed.append(f"{name}: no graph replay")
+                if not compiled and out[f"{name}_logprobs_differ"]:  # the same launches, replayed
+                    failed.append(f"{name} != eager (tokens or logprobs)")
+                if compiled:  # inductor fuses the ops around attention: last bits differ, ties may flip
+                    out[f"{name}_divergences"] = ties = _divergences(first, got)
+                    if any(not t["near_tie"] for t in ties):
+                        failed.append(f"{name} diverged from eager outside a near-tie")
             if kernel == "general":
                 continue
             if out["split_eager_twice_differ"]:
                 failed.append("eager twice (prefix hits) not bit-identical")
             if eager.runner.backend.num_split_steps == 0:
                 failed.append("the split path never ran")
-            for compiled in (False, True):
-                graphs = make(d, dtype="bfloat16", compile_decode=compiled)
-                got = collect(graphs, reqs, with_logprobs=True)
-                name = f"split_graphs{'_compiled' if compiled else ''}"
-                out[f"{name}_tokens_differ"] = differ(first, got, tokens_only=True)
-                out[f"{name}_logprobs_differ"] = differ(first, got)
-                if out[f"{name}_tokens_differ"] or graphs.runner.graphs.num_replays == 0:
-                    failed.append(f"{name} tokens != eager (or no replay)")
             fp32 = make(d, cuda_graphs=False)
             want = {f"r{i}": hf_generate(d, p, 12) for i, p in enumerate(prompts)}
             got = [run_all(fp32, prompts), run_all(fp32, prompts, prefix="r")]
@@ -251,6 +259,26 @@ def check_split_engine() -> dict:
     if failed:
         raise AssertionError(f"split decode engine: {failed}; {json.dumps(out)}")
     return {"split_engine_cases": len(out)}
+
+
+# a near-tie: the two choices' logprobs (each side's own) within this of each other, each in the
+# other's top-5 (the issue's bf16 rule); bf16 logits carry ~3 significant digits
+NEAR_TIE_LOGPROB = 0.05
+
+
+def _divergences(want: dict, got: dict) -> list[dict]:
+    """Where each request's greedy tokens first differ, and whether that was a near-tie."""
+    out = []
+    for rid, (a, *_, a_lp, a_top) in want.items():
+        b, *_, b_lp, b_top = got[rid]
+        j = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if j is None:
+            continue
+        a_ids, b_ids = [t for t, _ in a_top[j]], [t for t, _ in b_top[j]]
+        gap = abs(a_lp[j] - b_lp[j])
+        out.append({"request": rid, "position": j, "eager": a[j], "other": b[j], "logprob_gap": round(gap, 4),
+                    "near_tie": gap <= NEAR_TIE_LOGPROB and a[j] in b_ids and b[j] in a_ids})
+    return out
 
 
 if __name__ == "__main__":

@@ -40,10 +40,10 @@ MAX_DECODE_SPLITS = 64  # split-KV decode: most programs per (decode row, KV hea
 # keeps the kernels' int32 element offsets into them in range
 MAX_DECODE_SCRATCH_BYTES = 2 << 30
 DECODE_KERNELS = ("split", "general")
-DEFAULT_DECODE_KERNEL = "general"  # a new backend's decode_kernel (see __init__); checks set it before engines capture
+DEFAULT_DECODE_KERNEL = "split"  # a new backend's decode_kernel (see __init__); checks set it before engines capture
 # a new backend's (decode_chunk_keys, decode_split_block_n); checks shrink them before engines
 # capture, so that short test prompts span several chunks
-DEFAULT_DECODE_CHUNKING = (256, 64)
+DEFAULT_DECODE_CHUNKING = (256, 128)
 DECODE_COMBINES = ("last", "kernel")
 
 
@@ -127,9 +127,11 @@ class TritonPagedAttention(AttentionBackend):
         # one, whose bits differ: the same bf16 engine run twice, prefix hits the second time,
         # gave other tokens on an H100). The knobs are read at each step (a captured graph keeps
         # the launches it was captured with): swept by benchmarks/profile_decode.py
-        # --decode-variants. "general" by default: "split" passed split_decode_check.py's engine
-        # checks on an H200, but with a fixed number of chunks per row it was 2.4x the general
-        # kernel at batch 32; the fixed-size chunks (decode_chunk_keys) are not timed on a GPU yet
+        # --decode-variants. "split" with 256-key chunks of 128-key tiles by default: on an H200
+        # (Llama-3.2-1B shape, graph replay per decode step) it beat the general kernel at 128- and
+        # 2048-token contexts for batch 1 and 8 (2048 tokens, batch 1: 1.18 vs 1.96 ms) and at 128
+        # tokens for batch 32; it lost only at batch 32 x 2048 tokens (2.45 vs 2.30 ms). 64-key
+        # tiles were slower than general everywhere (benchmarks/README.md, "Split decode")
         self.decode_kernel = DEFAULT_DECODE_KERNEL
         self._graph_sizes = capture_sizes(max_num_seqs)
         self.decode_splits: int | None = None  # None: ~decode_programs programs in all (splits_for)

@@ -113,7 +113,7 @@ def test_split_decode_auto_splits_bf16(batch, bf16_dot):
     torch.manual_seed(batch)
     rng = random.Random(batch)
     caches, ref, general, split = backends(32, 8, 64, "bfloat16")
-    split.decode_programs, split.decode_chunk_keys = 132, 64
+    split.decode_programs, split.decode_chunk_keys, split.decode_split_block_n = 132, 64, 64
     shapes = [CONTEXTS[i] for i in rng.sample(range(len(CONTEXTS)), batch)]
     seqs, ids, pos = random_step(rng, caches[0].num_blocks, BS, shapes)
     for b in (ref, general, split):

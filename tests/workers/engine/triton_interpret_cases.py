@@ -81,13 +81,19 @@ def test_kernels_match_torch_reference(hq, hkv, dim, window):
             assert torch.equal(caches[0].segments[i], caches[1].segments[i]), "cache writes differ"
 
 
-def test_padded_decode_rows_write_nothing():
+@pytest.mark.parametrize("kernel", ["general", "split"])
+def test_padded_decode_rows_write_nothing(kernel):
     layout = KVLayout("m", 1, 2, 16, 4, "float32", 8)
     cache = KVCache(layout, 1)
     before = cache.segments[0].clone()
     fast = TritonPagedAttention(cache, 4, max_num_batched_tokens=8, max_num_seqs=8, max_model_len=32)
+    fast.decode_kernel = kernel
     ids, pos, _ = fast.prepare([], [], [], None, pad_to=4)
-    assert ids.shape == (1, 4) and fast.num_qblocks == 4
+    assert ids.shape == (1, 4)
+    if kernel == "general":  # padding rows are the general kernel's query blocks...
+        assert fast.num_qblocks == 4 and fast.step_decode is None
+    else:  # ...or, all rows being decode rows, the split kernel's
+        assert fast.num_qblocks == 0 and fast.step_decode.rows == 4
     out = fast.forward(0, torch.randn(1, 4, 4, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), 0.25, None)
     assert torch.equal(cache.segments[0], before)
     assert torch.equal(out, torch.zeros_like(out))  # no context: zero output, no NaN
