@@ -45,11 +45,7 @@ import httpx  # noqa: E402
 
 from benchmarks.model_shapes import checkpoint  # noqa: E402
 from benchmarks.serve_clusters import MODES, BenchEnv, config_override, start_cluster, worker_hop_times  # noqa: E402
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+from benchmarks.serve_stats import percentile  # noqa: E402
 
 
 def one_request(client: httpx.Client, url: str, body: dict) -> tuple[float, float]:
@@ -108,8 +104,8 @@ def measure(env: BenchEnv, mode: str, base: dict, args) -> dict:
         e2e = [r[1] * 1e3 for r in results]
         return {
             "mode": mode, "requests": len(results), "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-            "ttft_ms_p50": round(percentile(ttft, 0.5), 2), "ttft_ms_p10": round(percentile(ttft, 0.1), 2),
-            "ttft_ms_p90": round(percentile(ttft, 0.9), 2), "e2e_ms_p50": round(percentile(e2e, 0.5), 2),
+            "ttft_ms_p50": round(percentile(ttft, 50), 2), "ttft_ms_p10": round(percentile(ttft, 10), 2),
+            "ttft_ms_p90": round(percentile(ttft, 90), 2), "e2e_ms_p50": round(percentile(e2e, 50), 2),
             "router_ttft_ms_mean": round((s1 - s0) / max(1.0, c1 - c0) * 1e3, 2),
             "hops_ms_p50": hops,
         }
