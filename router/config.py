@@ -26,13 +26,12 @@ class RouterConfig(BaseModel):
         "auto", description="A decode worker streams a request's tokens in messages of at least this many (the first "
                             "token and the last message go at once): fewer per-request stream messages when many "
                             "streams share a worker, whose host side is then the limit (vLLM's stream_interval). "
-                            "auto: with token_streams per_request, 1 while the worker streams fewer than 8 "
-                            "requests, one more per 8 streams; with per_worker, every step's tokens at once")
+                            "auto: 1 while the worker streams fewer than 8 requests, one more per 8 streams")
     token_streams: Literal["per_worker", "per_request"] = Field(
         "per_worker", description="per_worker: one Ray stream per (router replica, decode worker) carries, per message, "
                                   "every token that worker produced for this replica's requests since the last one "
-                                  "(vLLM's engine-core output batching); a request's own stream_interval_tokens is "
-                                  "honoured, auto sends every step's tokens. per_request: one Ray stream per request "
+                                  "(vLLM's engine-core output batching); stream_interval_tokens applies to each "
+                                  "request as with per_request. per_request: one Ray stream per request "
                                   "(DecodeWorker.generate), one Ray object per message")
     min_prefill_workers: int = Field(1, ge=0, description="Readiness gate: 503 until this many prefill workers registered")
     min_decode_workers: int = Field(1, ge=1, description="Readiness gate: 503 until this many decode workers registered")

@@ -27,7 +27,7 @@ import weakref
 import ray
 from ray.exceptions import TaskCancelledError
 
-from workers.protocol import TokenDelta
+from workers.protocol import TokenDelta, merge_deltas
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class RequestTokens:
         if stream.failure is not None:
             self.queue.put_nowait(stream.failure)
         self._ref = None
+        self._pending: list = []  # an item taken while coalescing that is not a delta: next's next
         self._ran: asyncio.Future | None = None
         self._own_cancel = False
 
@@ -128,12 +129,21 @@ class RequestTokens:
         self.queue.put_nowait(_RunFailed(exc))
 
     async def next(self) -> TokenDelta:
-        item = await self.queue.get()
+        """The next delta; when this request's consumer fell behind, every delta already queued,
+        merged into one (fewer, larger messages to the client, and never a wait for more)."""
+        item = self._pending.pop() if self._pending else await self.queue.get()
         if isinstance(item, _RunFailed):
             raise item.exc
         if isinstance(item, BaseException):  # the stream failed: a fresh error per request
             raise StreamLost(f"token stream from decode worker {self.stream.worker_id} lost: {item!r}") from item
-        return item
+        batch = [item]
+        while not batch[-1].finished and not self.queue.empty():
+            nxt = self.queue.get_nowait()
+            if not isinstance(nxt, TokenDelta):
+                self._pending.append(nxt)
+                break
+            batch.append(nxt)
+        return merge_deltas(batch)
 
     def heard_at(self) -> float:
         return self.stream.last_heard_at

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 
@@ -51,7 +50,7 @@ from ray.exceptions import RayActorError
 from kv_transfer.errors import DeadlineExceededError, LeaseExpiredError, PeerGoneError, StalePeerError
 from workers.engine.block_pool import NoFreeBlocks
 from workers.protocol import (FinishReason, GenerateRequest, InvalidRequestError, KVHandle, LayerwiseTarget,
-                              PrefillRequest, RequestFailedError, Role, TokenDelta)
+                              PrefillRequest, RequestFailedError, Role, TokenDelta, merge_deltas)
 from workers.subscribers import Subscribers
 from workers.worker_base import WorkerBase
 
@@ -87,15 +86,14 @@ class DecodeWorkerImpl(WorkerBase):
         returns once the finished delta is pushed. Raises what generate raises (WorkerDrainingError,
         InvalidRequestError, ...): the router sees it on this call's ObjectRef. Cancelling this
         call aborts the request here and on the prefill worker, as cancelling generate does.
-        A request without its own stream interval sends every step's tokens: the subscription
-        already batches all requests' tokens into one message per step."""
+        The stream interval applies as in generate (auto included): on CPU, 1 token a message made
+        the per-delta work after the stream (push, fan-out, SSE) the limit (benchmarks/README.md)."""
         if req.subscriber_id is None:
             raise InvalidRequestError("run() needs a GenerateRequest with a subscriber_id", "subscriber_id")
         box = self.subscribers.box_for(req.subscriber_id)
         task = asyncio.current_task()
         box.runs.add(task)
         try:
-            req = dataclasses.replace(req, stream_interval=req.stream_interval or 1)
             async with contextlib.aclosing(self.generate(req)) as deltas:
                 async for delta in deltas:
                     box.push(delta)
@@ -129,7 +127,7 @@ class DecodeWorkerImpl(WorkerBase):
                 interval = req.stream_interval or auto_stream_interval(len(self.inflight))
                 if first is not None and not held[-1].finished and sum(len(d.token_ids) for d in held) < interval:
                     continue
-                merged = _merge(held)
+                merged = merge_deltas(held)
                 held = []
                 if first is None:
                     first = merged
@@ -139,7 +137,7 @@ class DecodeWorkerImpl(WorkerBase):
                     self.counters["num_requests_finished"] += 1
                     return
         except asyncio.TimeoutError:  # the tokens still held go out with the error
-            yield _merge(held + [TokenDelta(rid, (), "", finish_reason=FinishReason.ERROR,
+            yield merge_deltas(held + [TokenDelta(rid, (), "", finish_reason=FinishReason.ERROR,
                                             error=f"request deadline of {req.deadline_s:.0f} s exceeded")])
         finally:
             self.inflight.discard(rid)
@@ -420,21 +418,6 @@ def _drain(q: asyncio.Queue) -> list[TokenDelta]:
     while not q.empty():
         out.append(q.get_nowait())
     return out
-
-
-def _merge(deltas: list[TokenDelta]) -> TokenDelta:
-    """One message for everything a request produced since the last yield."""
-    if len(deltas) == 1:
-        return deltas[0]
-    last = deltas[-1]
-    lps = [lp for d in deltas for lp in (d.logprobs or ())]
-    tops = [t for d in deltas for t in (d.top_logprobs or ())]
-    return TokenDelta(
-        request_id=last.request_id, token_ids=tuple(t for d in deltas for t in d.token_ids),
-        text="".join(d.text for d in deltas), logprobs=tuple(lps) if lps else None,
-        top_logprobs=tuple(tops) if tops else None, finish_reason=last.finish_reason,
-        num_prompt_tokens=last.num_prompt_tokens, num_cached_tokens=last.num_cached_tokens, error=last.error,
-    )
 
 
 DecodeWorker = ray.remote(DecodeWorkerImpl)

@@ -158,6 +158,22 @@ class TokenDelta:
         return self.finish_reason is not None
 
 
+def merge_deltas(deltas: list[TokenDelta]) -> TokenDelta:
+    """One delta for consecutive deltas of one request (tokens, text and logprobs in order; the
+    last one's finish and counts)."""
+    if len(deltas) == 1:
+        return deltas[0]
+    last = deltas[-1]
+    lps = [lp for d in deltas for lp in (d.logprobs or ())]
+    tops = [t for d in deltas for t in (d.top_logprobs or ())]
+    return TokenDelta(
+        request_id=last.request_id, token_ids=tuple(t for d in deltas for t in d.token_ids),
+        text="".join(d.text for d in deltas), logprobs=tuple(lps) if lps else None,
+        top_logprobs=tuple(tops) if tops else None, finish_reason=last.finish_reason,
+        num_prompt_tokens=last.num_prompt_tokens, num_cached_tokens=last.num_cached_tokens, error=last.error,
+    )
+
+
 class KVEventKind(str, Enum):
     STORED = "stored"  # blocks became reusable prefix-cache entries
     REMOVED = "removed"  # blocks were evicted (their hashes no longer resolve on that worker)
