@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks.serve_client import cluster_events, model_id, run_load  # noqa: E402
 from benchmarks.serve_clusters import (ALL_ROUTINGS, MODES, ROUTINGS, BenchEnv, config_override, start_cluster,  # noqa: E402
                                        worker_hop_times)
-from benchmarks.serve_stats import max_rate_at_attainment, percentile, summarize  # noqa: E402
+from benchmarks.serve_stats import SLO_SCALES, max_rate_at_attainment, percentile, summarize  # noqa: E402
 from benchmarks.serve_workloads import WORKLOADS, WorkloadShape, build_workload  # noqa: E402
 
 
@@ -247,7 +247,20 @@ class Runner:
                 out[label] = {f"{m}/{r}": max_rate_at_attainment(
                     [x for x in rows if (x["mode"], x["routing"]) == (m, r)], key=key) for m, r in configs}
             out.update(_ratios(rows))
+            out["max_rate_at_90pct_slo_by_scale"] = _knees_by_scale(rows, configs)
             self.emit(out)
+
+
+def _knees_by_scale(rows: list[dict], configs) -> dict:
+    """Per SLO scale (serve_stats.SLO_SCALES): each configuration's highest rate at >= 90 % of
+    requests within both scaled targets (TTFT + TPOT mean)."""
+    out = {}
+    for scale in SLO_SCALES:
+        k = str(scale)
+        out[k] = {f"{m}/{r}": max((x["rate"] for x in rows if (x["mode"], x["routing"]) == (m, r)
+                                   and x.get("slo_attainment_by_scale", {}).get(k, 0) >= 0.9), default=None)
+                  for m, r in configs}
+    return out
 
 
 def _ratios(rows: list[dict]) -> dict:

@@ -51,5 +51,7 @@ def test_serve_benchmark_smoke(tmp_path):
     (summary,) = [x for x in lines if "summary" in x]
     assert summary["summary"] == "multi_turn" and set(summary["max_rate_at_90pct_slo"]) == {
         "disaggregated/kv_aware", "disaggregated/round_robin", "colocated/kv_aware", "colocated/round_robin"}
+    knees = summary["max_rate_at_90pct_slo_by_scale"]  # scale 1 is the verdict above
+    assert knees["1.0"] == summary["max_rate_at_90pct_slo"], summary
     (png,) = (tmp_path / "plots").glob("*.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

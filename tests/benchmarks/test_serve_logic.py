@@ -89,6 +89,10 @@ def test_goodput_needs_both_targets_and_success():
     assert s["throughput_tok_s"] == pytest.approx(4 * 5 / duration, abs=0.01)
     assert s["prefix_hit_rate"] == pytest.approx(0.25)
     assert s["ttft_p50_s"] == pytest.approx(0.15) and s["itl_p50_s"] == pytest.approx(0.015)
+    # DistServe's SLO scale: both targets scaled; scale 1 is slo_attainment itself
+    by_scale = s["slo_attainment_by_scale"]
+    assert by_scale["1.0"] == s["slo_attainment"]
+    assert (by_scale["0.2"], by_scale["0.4"], by_scale["1.5"]) == (0.0, pytest.approx(1 / 5), pytest.approx(2 / 5))
     # the stricter reading: every gap of the stream within the ITL target (a stall the TPOT averages away)
     assert s["slo_attainment_itl"] == pytest.approx(2 / 5)
     stall = result(5, 0.1, 0.01, n=21, sent=3.6)
