@@ -7,7 +7,11 @@
 # budget (pools.prefill.engine.max_num_batched_tokens=8192, the fifth round's best), and the
 # per-request streams run again beside them as the baseline. JSON lines under $OUT (each row with
 # events, kv_blocks_in_use_after and worker_hops_ms); a summary last.
+#   usage: benchmarks/serve_gpu2.sh [streams|knees]
+#   streams (default): the above; knees: each mode past its knee (disaggregated 48-96, colocated
+#   64-160 req/s), rows with the attainment per SLO scale
 set -uo pipefail
+part=${1:-streams}
 out=${OUT:-/tmp/serve-gpu2}
 mkdir -p "$out"
 . benchmarks/device_env.sh
@@ -21,9 +25,14 @@ run() {  # name, time limit (s), serve.py arguments...
   timeout "$limit" python3 benchmarks/serve.py $common "$@" --out "$out/$name.jsonl" > "$out/$name.log" 2>&1
   echo "$name rc=$? t=$((SECONDS-t0))"
 }
-run disagg 200 $p8k --rates 48,64,96
-run disagg_per_request 170 $p8k --rates 64,96 --set router.token_streams=per_request
-run colocated $((565-(SECONDS-t0))) --modes colocated --rates 64,96
+if [ "$part" = knees ]; then
+  run disagg 250 $p8k --rates 48,64,80,96
+  run colocated $((540-(SECONDS-t0))) --modes colocated --rates 64,96,128,160
+else
+  run disagg 200 $p8k --rates 48,64,96
+  run disagg_per_request 170 $p8k --rates 64,96 --set router.token_streams=per_request
+  run colocated $((565-(SECONDS-t0))) --modes colocated --rates 64,96
+fi
 python3 - "$out" <<'PY'
 import json, pathlib, sys
 for name in ("disagg", "disagg_per_request", "colocated"):
@@ -35,7 +44,8 @@ for name in ("disagg", "disagg_per_request", "colocated"):
         if "goodput_rps" in r:
             hops = r.get("worker_hops_ms", {})
             print(name, {k: r.get(k) for k in ("mode", "rate", "goodput_rps", "slo_attainment", "slo_attainment_itl",
-                                               "ttft_p50_s", "itl_p50_s", "tpot_p90_s", "events",
-                                               "kv_blocks_in_use_after", "overrides")},
+                                               "ttft_p50_s", "ttft_p90_s", "itl_p50_s", "itl_p99_s", "tpot_p90_s",
+                                               "slo_attainment_by_scale", "events", "kv_blocks_in_use_after",
+                                               "overrides")},
                   {k: hops[k]["p50"] for k in ("decode.engine.step", "decode.reserve", "decode.commit") if k in hops})
 PY
