@@ -261,8 +261,7 @@ def run_logprobs(engine, prompts, max_tokens: int) -> dict:
     return {rid: (v[0], v[3]) for rid, v in got.items()}  # tokens, logprob of each
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_engine_split_decode_same_twice_with_prefix_hits(mode, tiny_checkpoint, bf16_dot):
+def test_engine_split_decode_same_twice_with_prefix_hits(scheduling, tiny_checkpoint, bf16_dot):
     """bf16 tiny qwen3, the split path: the same prompts run twice on one engine, and once with
     decode steps padded as CUDA graph replays run them, give bit-identical tokens and logprobs, as
     the general path does. A sequence's attention must not depend on how
@@ -275,24 +274,23 @@ def test_engine_split_decode_same_twice_with_prefix_hits(mode, tiny_checkpoint, 
             return self._forward(ids, pos)
 
     model_dir = tiny_checkpoint("qwen3")
-    engine = split_engine(model_dir, "bfloat16", mode)
+    engine = split_engine(model_dir, "bfloat16", scheduling)
     first = run_logprobs(engine, ENGINE_PROMPTS, 4)
     second = run_logprobs(engine, ENGINE_PROMPTS, 4)
     assert engine.runner.backend.num_split_steps > 0
     assert [k for k in first if first[k] != second[k]] == []
     assert_all_blocks_free(engine)
-    padded = split_engine(model_dir, "bfloat16", mode)  # decode-only steps as graph replays would run
+    padded = split_engine(model_dir, "bfloat16", scheduling)  # decode-only steps as graph replays would run
     padded.runner.graphs = EagerPadded(padded.runner.model, padded.runner.backend, [1, 2, 4, 8])
     got = run_logprobs(padded, ENGINE_PROMPTS, 4)
     assert padded.runner.graphs.num_replays > 0
     assert [k for k in first if first[k] != got[k]] == []
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_engine_split_decode_matches_generate(mode, tiny_checkpoint):
+def test_engine_split_decode_matches_generate(scheduling, tiny_checkpoint):
     """fp32 tiny qwen3 on the split path: generate's tokens, the first time and again with prefix hits."""
     model_dir = tiny_checkpoint("qwen3")
-    engine = split_engine(model_dir, "float32", mode)
+    engine = split_engine(model_dir, "float32", scheduling)
     sampling = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     want = {f"r{i}": hf_greedy(model_dir, p, sampling.max_tokens) for i, p in enumerate(ENGINE_PROMPTS)}
     assert run_all(engine, ENGINE_PROMPTS, sampling=sampling) == want
