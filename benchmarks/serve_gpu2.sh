@@ -7,9 +7,11 @@
 # budget (pools.prefill.engine.max_num_batched_tokens=8192, the fifth round's best), and the
 # per-request streams run again beside them as the baseline. JSON lines under $OUT (each row with
 # events, kv_blocks_in_use_after and worker_hops_ms); a summary last.
-#   usage: benchmarks/serve_gpu2.sh [streams|knees]
+#   usage: benchmarks/serve_gpu2.sh [streams|knees|hybrid]
 #   streams (default): the above; knees: each mode past its knee (disaggregated 48-96, colocated
-#   64-160 req/s), rows with the attainment per SLO scale
+#   64-160 req/s), rows with the attainment per SLO scale; hybrid: disaggregated at 96/128 req/s
+#   with conditional disaggregation (router.prefill_queue_threshold 4 and 8: the decode worker
+#   prefills locally while every prefill worker has that many queued)
 set -uo pipefail
 part=${1:-streams}
 out=${OUT:-/tmp/serve-gpu2}
@@ -25,7 +27,10 @@ run() {  # name, time limit (s), serve.py arguments...
   timeout "$limit" python3 benchmarks/serve.py $common "$@" --out "$out/$name.jsonl" > "$out/$name.log" 2>&1
   echo "$name rc=$? t=$((SECONDS-t0))"
 }
-if [ "$part" = knees ]; then
+if [ "$part" = hybrid ]; then
+  run hybrid_q4 190 $p8k --rates 96,128 --set router.prefill_queue_threshold=4
+  run hybrid_q8 $((370-(SECONDS-t0))) $p8k --rates 96,128 --set router.prefill_queue_threshold=8
+elif [ "$part" = knees ]; then
   run disagg 250 $p8k --rates 48,64,80,96
   run colocated $((540-(SECONDS-t0))) --modes colocated --rates 64,96,128,160
 else
@@ -35,7 +40,7 @@ else
 fi
 python3 - "$out" <<'PY'
 import json, pathlib, sys
-for name in ("disagg", "disagg_per_request", "colocated"):
+for name in ("disagg", "disagg_per_request", "colocated", "hybrid_q4", "hybrid_q8"):
     path = pathlib.Path(sys.argv[1]) / f"{name}.jsonl"
     if not path.exists():
         continue
