@@ -10,8 +10,8 @@ process sends that worker (router.token_streams: per_worker).
 A Ray streaming item costs the worker about as much host time as a whole decode step of a small
 model, so one item per engine step for all of this process's requests replaces one per request.
 
-Failure: when the subscription ends (the worker died, or it was closed here) every request waiting
-on it gets StreamLost (the request migrates); the next request to that worker id opens a new
+Failure: when the subscription ends (the worker died, it was closed here, or the worker ended it
+because no renewal came for its TTL) every request waiting on it gets StreamLost (the request migrates); the next request to that worker id opens a new
 subscription (a worker restarted under the same name is a new actor). A run() that raises
 (WorkerDrainingError, InvalidRequestError, a dead worker) raises in that request's wait.
 """
@@ -28,6 +28,7 @@ import ray
 from ray.exceptions import TaskCancelledError
 
 from workers.protocol import TokenDelta, merge_deltas
+from workers.subscribers import SUBSCRIPTION_TTL_S
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ class WorkerStream:
         self.queues: dict[str, asyncio.Queue] = {}  # request (attempt) id -> its deltas
         self.last_heard_at = time.monotonic()  # the last stream item: the worker is alive
         self.failure: BaseException | None = None
-        self._gen = actor.subscribe.options(num_returns="streaming").remote(subscriber_id)
+        self._gen = actor.subscribe.options(num_returns="streaming").remote(subscriber_id, SUBSCRIPTION_TTL_S)
         self._pump_task = asyncio.ensure_future(self._pump())
+        self._keepalive_task = asyncio.ensure_future(self._keepalive())
 
     @property
     def is_open(self) -> bool:
@@ -77,6 +79,23 @@ class WorkerStream:
         except Exception as e:  # RayActorError when the worker died
             self._fail(e)
 
+    async def _keepalive(self) -> None:
+        """Renew the subscription's lease on the worker (it ends the stream and cancels our
+        requests after SUBSCRIPTION_TTL_S without one: how it learns that this process died)."""
+        every = SUBSCRIPTION_TTL_S / 4
+        while self.failure is None:
+            await asyncio.sleep(every)
+            try:
+                live = await asyncio.wait_for(_result_of(self.actor.renew_subscription.remote(self.subscriber_id)),
+                                              timeout=every)
+            except asyncio.TimeoutError:
+                continue  # a busy worker: the next renewal is still well inside the TTL
+            except Exception as e:  # the worker is gone: the pump sees it too
+                log.debug("renewing token stream %s failed: %r", self.subscriber_id, e)
+                return
+            if not live:  # the worker ended it (its stream ends here next)
+                return
+
     def _fail(self, exc: BaseException) -> None:
         if self.failure is None:
             self.failure = exc
@@ -87,6 +106,7 @@ class WorkerStream:
         """End the subscription: its requests get StreamLost; the worker cancels their runs."""
         self._fail(StreamLost(f"token stream {self.subscriber_id} to {self.worker_id} closed: {reason}"))
         self._pump_task.cancel()
+        self._keepalive_task.cancel()
         try:
             ray.cancel(self._gen)
         except Exception as e:  # the actor is already gone

@@ -51,7 +51,7 @@ from kv_transfer.errors import DeadlineExceededError, LeaseExpiredError, PeerGon
 from workers.engine.block_pool import NoFreeBlocks
 from workers.protocol import (FinishReason, GenerateRequest, InvalidRequestError, KVHandle, LayerwiseTarget,
                               PrefillRequest, RequestFailedError, Role, TokenDelta, merge_deltas)
-from workers.subscribers import Subscribers
+from workers.subscribers import SUBSCRIPTION_TTL_S, Subscribers
 from workers.worker_base import WorkerBase
 
 log = logging.getLogger(__name__)
@@ -66,20 +66,36 @@ class DecodeWorkerImpl(WorkerBase):
         self._prefill_actors: dict[str, object] = {}  # prefill worker id -> its actor handle
         self.subscribers = Subscribers()
 
-    async def subscribe(self, subscriber_id: str):
+    async def subscribe(self, subscriber_id: str, ttl_s: float = SUBSCRIPTION_TTL_S):
         """Async generator of list[TokenDelta] (a Ray streaming method): everything the runs of
         this subscriber produced since the previous item, as soon as there is anything (no holding:
-        at most one item per engine step under load). When it ends (cancelled by the router, or
-        its caller gone) every run still pushing into it is cancelled: aborted, KV freed."""
+        at most one item per engine step under load). It ends when cancelled by the router, or when
+        ttl_s passed without a renew_subscription (its router is gone: Ray ends neither this call
+        nor the runs when the caller dies); then every run still pushing into it is cancelled:
+        aborted, KV freed."""
+        if not ttl_s > 0:
+            raise InvalidRequestError(f"ttl_s must be > 0, got {ttl_s}", "ttl_s")
         box = self.subscribers.box_for(subscriber_id)
+        box.renewed_at = time.monotonic()
         try:
             while True:
-                yield await box.take()
+                left = box.renewed_at + ttl_s - time.monotonic()
+                if left <= 0:
+                    log.warning("%s: token stream %s not renewed for %.0f s: its router is gone", self.worker_id,
+                                subscriber_id, ttl_s)
+                    return
+                deltas = await box.take(timeout_s=left)
+                if deltas:
+                    yield deltas
         finally:
             n = self.subscribers.close(subscriber_id)
             if n:
                 log.info("%s: token stream %s ended; cancelled its %d running requests", self.worker_id,
                          subscriber_id, n)
+
+    async def renew_subscription(self, subscriber_id: str) -> bool:
+        """The subscriber's keepalive; False when its subscription is not live here."""
+        return self.subscribers.renew(subscriber_id)
 
     async def run(self, req: GenerateRequest) -> None:
         """generate(req), its deltas pushed into the mailbox of req.subscriber_id instead of yielded;

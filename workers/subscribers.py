@@ -7,15 +7,25 @@ Invariants: deltas of one request stay in push order (one list, appended and tak
 mailbox lives from the first of open() / box_for() to close(); close() cancels every run() task
 still pushing into it (their own cleanup aborts the request and frees its KV, as a cancelled
 stream's does) and remembers the id, so a late run() for it fails instead of running unread.
+
+A subscription is a lease: its router renews it (DecodeWorker.renew_subscription) every fraction
+of its TTL, and subscribe() ends it once a TTL passed without a renewal. Ray does not end an actor's
+streaming call, nor cancel its other calls, when the calling process dies (seen with Ray 2.60: a
+killed caller's stream kept running); without the lease, a crashed router replica's requests would
+decode to their deadline holding KV, and its subscribe() would wait forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
 
 from workers.protocol import RequestFailedError, TokenDelta
 
+# a subscription's lease: subscribe() ends it (cancelling its runs) after this long without a
+# renewal from its router, which renews every SUBSCRIPTION_TTL_S / 4 (router/token_streams.py)
+SUBSCRIPTION_TTL_S = 20.0
 _MAX_CLOSED_IDS = 4096  # ids of ended subscriptions remembered (each new subscription has a new id)
 
 
@@ -24,14 +34,19 @@ class Mailbox:
         self._deltas: list[TokenDelta] = []
         self._ready = asyncio.Event()
         self.runs: set[asyncio.Task] = set()  # run() calls pushing here
+        self.renewed_at = time.monotonic()  # the subscriber's last sign of life (subscribe, renew)
 
     def push(self, delta: TokenDelta) -> None:
         self._deltas.append(delta)
         self._ready.set()
 
-    async def take(self) -> list[TokenDelta]:
-        """Everything pushed since the last take; waits while there is nothing."""
-        await self._ready.wait()
+    async def take(self, timeout_s: float) -> list[TokenDelta]:
+        """Everything pushed since the last take; waits while there is nothing, at most timeout_s
+        (then returns [])."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            return []
         self._ready.clear()
         out, self._deltas = self._deltas, []
         return out
@@ -50,6 +65,14 @@ class Subscribers:
         if box is None:
             box = self._boxes[subscriber_id] = Mailbox()
         return box
+
+    def renew(self, subscriber_id: str) -> bool:
+        """The subscriber is alive; False when its subscription is not live (ended, or unknown)."""
+        box = self._boxes.get(subscriber_id)
+        if box is None:
+            return False
+        box.renewed_at = time.monotonic()
+        return True
 
     def close(self, subscriber_id: str) -> int:
         """End a subscription: cancel its running requests, drop its mailbox. Returns how many."""

@@ -7,8 +7,8 @@ it migrate, token for token. Real Ray actors, etcd, a tiny llama; 1 prefill + 2 
 
 from __future__ import annotations
 
+import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -122,6 +122,35 @@ def test_cancelled_run_and_ended_subscription_free_kv(cluster, decode_actors):
     wait_for(lambda: ray.get(decode.stats.remote(), timeout=30).num_used_blocks == 0, 30,
              f"{wid} to free every KV block")
     assert_no_leaks(cluster.url)  # the prefill worker's pinned blocks too
+
+
+def test_a_subscription_is_a_lease_its_requests_end_when_it_is_not_renewed(cluster, decode_actors):
+    """Ray ends neither a streaming call nor the caller's other calls when the caller dies, so the
+    worker learns that a router is gone from its missing renewals: renewed, a subscription lives
+    past its TTL; not renewed, the worker ends it within the TTL and aborts its requests."""
+    wid, decode = next(iter(decode_actors.items()))
+    sid, ttl_s = f"lease-{uuid.uuid4().hex[:8]}", 2.0
+    slow_engine_steps(decode, 0.05)  # 400 tokens take 20 s: still running when the lease runs out
+    try:
+        sub = decode.subscribe.options(num_returns="streaming").remote(sid, ttl_s)
+        req = _run_request(sid, list(range(3, 40)))
+        ref = decode.run.remote(req)
+        assert ray.get(next(sub), timeout=60)[0].request_id == req.request_id  # it runs
+        t_end = time.monotonic() + 2 * ttl_s
+        while time.monotonic() < t_end:  # a live router renews every TTL / 4
+            assert ray.get(decode.renew_subscription.remote(sid), timeout=30) is True
+            time.sleep(ttl_s / 4)
+        assert ray.get(decode.subscriptions.remote(), timeout=30)[sid] == 1
+        # the router "dies": no more renewals
+        wait_for(lambda: sid not in ray.get(decode.subscriptions.remote(), timeout=30), 30,
+                 "the unrenewed subscription to end")
+        assert _raises_cancelled(ref)
+        assert ray.get(decode.renew_subscription.remote(sid), timeout=30) is False
+        wait_for(lambda: req.request_id not in inflight(decode), 30, "its request to be aborted")
+    finally:
+        slow_engine_steps(decode, 0)
+    wait_for(lambda: ray.get(decode.stats.remote(), timeout=30).num_used_blocks == 0, 30,
+             f"{wid} to free every KV block")
 
 
 def test_killed_decode_worker_fails_its_subscription_and_requests_migrate(cluster, per_request_url, decode_actors):
