@@ -11,9 +11,11 @@ A Ray streaming item costs the worker about as much host time as a whole decode 
 model, so one item per engine step for all of this process's requests replaces one per request.
 
 Failure: when the subscription ends (the worker died, it was closed here, or the worker ended it
-because no renewal came for its TTL) every request waiting on it gets StreamLost (the request migrates); the next request to that worker id opens a new
-subscription (a worker restarted under the same name is a new actor). A run() that raises
-(WorkerDrainingError, InvalidRequestError, a dead worker) raises in that request's wait.
+because no renewal came for its TTL) every request waiting on it gets StreamLost (the request
+migrates); the next request to that worker id opens a new subscription (a worker restarted under
+the same name is a new actor). A run() that raises (WorkerDrainingError, InvalidRequestError, a
+dead worker) raises in that request's wait. Nothing closes the streams when the router process
+stops: each is a lease its worker ends SUBSCRIPTION_TTL_S after the last renewal.
 """
 
 from __future__ import annotations
@@ -208,11 +210,6 @@ class TokenStreams:
         self._swept_at = now
         for wid in [w for w in self.streams if w not in self.view.workers]:
             self.streams.pop(wid).close("the worker left the cluster")
-
-    def close(self) -> None:
-        for s in self.streams.values():
-            s.close("the router is stopping")
-        self.streams.clear()
 
 
 _BY_VIEW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
