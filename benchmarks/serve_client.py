@@ -128,9 +128,11 @@ async def model_id(url: str) -> str:
 # what went wrong (or was worked around) inside the cluster during a run: the workers' counters
 # (summed over workers) and this endpoint replica's migrations, from GET /metrics
 EVENT_COUNTERS = {"pdserve_transfers_total": "kv_transfers", "pdserve_preemptions_total": "preemptions",
-                  "pdserve_prefill_fallbacks_total": "prefill_fallbacks", "pdserve_prefill_retries_total": "prefill_retries", "pdserve_kv_leases_expired_total": "leases_expired",
-                  "pdserve_transfer_failures_total": "transfer_failures", "pdserve_local_prefills_total": "local_prefills",
-                  "pdserve_migrations_total": "migrations",
+                  "pdserve_prefill_fallbacks_total": "prefill_fallbacks",
+                  "pdserve_prefill_retries_total": "prefill_retries",
+                  "pdserve_kv_leases_expired_total": "leases_expired",
+                  "pdserve_transfer_failures_total": "transfer_failures",
+                  "pdserve_local_prefills_total": "local_prefills", "pdserve_migrations_total": "migrations",
                   # a gauge: referenced KV blocks; once a run is over and idle, anything here is a leak
                   "pdserve_kv_used_blocks": "kv_blocks_in_use"}
 
