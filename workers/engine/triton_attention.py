@@ -131,7 +131,8 @@ class TritonPagedAttention(AttentionBackend):
         # (Llama-3.2-1B shape, graph replay per decode step) it beat the general kernel at 128- and
         # 2048-token contexts for batch 1 and 8 (2048 tokens, batch 1: 1.18 vs 1.96 ms) and at 128
         # tokens for batch 32; it lost only at batch 32 x 2048 tokens (2.45 vs 2.30 ms). 64-key
-        # tiles were slower than general everywhere (benchmarks/README.md, "Split decode")
+        # tiles were slower than general everywhere but batch 1 x 2048 tokens (benchmarks/README.md,
+        # "Split decode")
         self.decode_kernel = DEFAULT_DECODE_KERNEL
         self._graph_sizes = capture_sizes(max_num_seqs)
         self.decode_splits: int | None = None  # None: ~decode_programs programs in all (splits_for)
