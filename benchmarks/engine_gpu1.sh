@@ -10,7 +10,10 @@
 #   split:   the split-KV decode with fixed-size chunks (helper-18): its GPU checks, then the decode
 #            graphs per variant at short (128) and long (2048) prompts, batch 1/8/32, to decide
 #            where it becomes the default
-#   usage: benchmarks/engine_gpu1.sh decode|prefill|split
+#   gemv:    the batch-1 Triton GEMV (engine.gemv) with the wide tiles gemv_probe.py found on an
+#            H200: its GPU checks, where a decode step's host time goes (batch 1 and 32), and
+#            engine.py decode_b1 + batch32 with and without it, in the same call
+#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -53,6 +56,14 @@ case $part in
       --decode-variants "kernel=general;kernel=split;kernel=split,chunk_keys=128;kernel=split,chunk_keys=512;kernel=split,chunk_keys=256,block_n=128"
     step profile_long 170 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 --prompt-len 2048 \
       --decode-variants "kernel=general;kernel=split;kernel=split,chunk_keys=128;kernel=split,chunk_keys=512;kernel=split,chunk_keys=256,block_n=128"
+    ;;
+  gemv)
+    step host 120 python3 benchmarks/host_profile.py --batch-sizes 1,32
+    step check_gemv 150 python3 benchmarks/gpu_check.py --only gemv,bf16-1b-gemv
+    step engine_gemv 130 python3 benchmarks/engine.py --device cuda --model llama-1b-shape --workloads decode_b1,batch \
+      --scheduling async --gemv
+    step engine 110 python3 benchmarks/engine.py --device cuda --model llama-1b-shape --workloads decode_b1,batch \
+      --scheduling async
     ;;
 esac
 for f in "${ran[@]}"; do

@@ -30,8 +30,8 @@ from workers.engine import gemv  # noqa: E402
 LAYERS = 16
 LAYER = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
 LM_HEAD = (128256, 2048)
-CONFIGS = (*gemv.CONFIGS, (16, 512, 4), (8, 256, 4), (32, 128, 4), (64, 128, 8), (8, 1024, 8), (16, 1024, 8),
-           (4, 2048, 8), (2, 2048, 4))
+CONFIGS = tuple(dict.fromkeys((*gemv.CONFIGS, (16, 512, 4), (8, 256, 4), (32, 128, 4), (64, 128, 8), (8, 1024, 8), (16, 1024, 8),
+           (4, 2048, 8), (2, 2048, 4))))
 
 
 def copy_rate() -> float:

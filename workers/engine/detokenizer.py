@@ -3,9 +3,20 @@
 Text is decoded from a sliding window of token ids so that multi-token characters (UTF-8 pieces,
 SentencePiece spaces) come out whole; text that could still become a stop string is held back
 until it cannot.
+
+With a Rust (``tokenizers``) backend the window is the library's ``DecodeStream``: one native call
+per token where the window decode takes two ``tokenizer.decode`` calls through transformers'
+Python layers (~20 µs a token on the CI box: at batch 32 that was the largest host cost of a
+decode step after the forward, benchmarks/host_profile.py). Both give the text of a full decode;
+the window decode stays for other tokenizers and for the final flush of an incomplete character.
 """
 
 from __future__ import annotations
+
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers < 0.21: the window decode only
+    DecodeStream = None
 
 
 class Detokenizer:
@@ -21,12 +32,30 @@ class Detokenizer:
         self.text = ""  # all output text so far (truncated at a stop string once found)
         self._emitted = 0
         self.stopped = False  # a stop string was found
+        self._rust = getattr(tokenizer, "_tokenizer", None) if DecodeStream is not None else None
+        if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self._rust = None  # transformers' decode edits spaces the Rust decode keeps
+        if self._rust is not None and self._ids and tokenizer.decode(self._ids).endswith("\ufffd"):
+            self._rust = None  # DecodeStream re-emits a prompt tail that ends inside a character
+        self._stream = DecodeStream(list(self._ids), True) if self._rust is not None else None
 
     def add(self, token_ids: list[int], final: bool = False) -> None:
         """Append tokens; detects stop strings. ``final``: no more tokens will come, so text that
         is still an incomplete character is emitted as it decodes (U+FFFD), like a full decode."""
         if self.stopped:
             return
+        if self._stream is not None:
+            for t in token_ids:
+                self._ids.append(t)
+                new = self._stream.step(self._rust, t)
+                if new:  # the window advances as in the decode below: it starts at the last read
+                    self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+                    self._append_text(new)
+                    if self.stopped:
+                        return
+            if not (final and self._read_offset < len(self._ids)):
+                return
+            token_ids = []  # the final flush of an incomplete character: the window decode
         self._ids.extend(token_ids)
         decode = self.tokenizer.decode
         prefix = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
@@ -34,14 +63,17 @@ class Detokenizer:
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             new = full[len(prefix):]
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-            start = max(0, len(self.text) - self._holdback)
-            self.text += new
-            for s in self.stop:
-                i = self.text.find(s, start)
-                if i >= 0:
-                    self.text = self.text[:i]
-                    self.stopped = True
-                    break
+            self._append_text(new)
+
+    def _append_text(self, new: str) -> None:
+        start = max(0, len(self.text) - self._holdback)
+        self.text += new
+        for s in self.stop:
+            i = self.text.find(s, start)
+            if i >= 0:
+                self.text = self.text[:i]
+                self.stopped = True
+                break
 
     def take_delta(self, final: bool) -> str:
         """Text not yet handed out; keeps back a possible stop-string prefix unless final."""

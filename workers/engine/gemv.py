@@ -28,10 +28,12 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# (BLOCK_N, BLOCK_K, num_warps): the configs that led on some Llama-3.2-1B projection in the first
-# H100 probe (back-to-back launches, 2026-11-28): 8x512 (q|k|v, lm_head), 16x256 (gate|up), 4x1024
-# (down), 32x256x8.
-CONFIGS: tuple[tuple[int, int, int], ...] = ((8, 512, 4), (16, 256, 4), (4, 1024, 4), (32, 256, 8))
+# (BLOCK_N, BLOCK_K, num_warps): the tiles that led on some Llama-3.2-1B projection in
+# benchmarks/gemv_probe.py on one H200 (in a graph, 2026-11-28, tenth session): 2x2048x4 on q|k|v,
+# o, down and lm_head (5.3 / 4.4 / 11.3 / 120 us vs cuBLAS 7.2 / 6.5 / 14.4 / 127), 16x256x4 on
+# gate|up (18.0 vs 19.1); 4x2048x8 and 8x1024x8 next. (The first H100 set, 8x512 ... 32x256x8,
+# never won by more than ~10 %: choose() did not time the wide tiles then.)
+CONFIGS: tuple[tuple[int, int, int], ...] = ((2, 2048, 4), (4, 2048, 8), (8, 1024, 8), (16, 256, 4), (8, 512, 4))
 Config = tuple[int, int, int]
 
 

@@ -1,0 +1,96 @@
+"""Where a decode step's HOST time goes (issue 8: batch32 is host-bound on the lent H200: an async
+engine step takes ~2.1 ms while the decode graph replays in ~1.35 ms).
+
+    python3 benchmarks/host_profile.py --device cuda --batch-sizes 1,32
+    .venv/bin/python benchmarks/host_profile.py --device cpu --model tiny --batch-sizes 32   # CPU
+
+Per batch size: ``n`` requests decode in steady state (prefilled first); 50 async steps timed bare,
+then 100 under cProfile. One JSON line per batch size: the bare step (ms), the step's phases
+(cumulative µs per step of the engine's own functions) and the top functions by own time
+(µs per step). ``result`` is where the host waits for the device (async: for the previous step);
+host-bound when it is near zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.engine import build_model, prompts  # noqa: E402
+from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
+from workers.engine.engine import Engine  # noqa: E402
+from workers.protocol import SamplingParams  # noqa: E402
+
+# engine functions whose cumulative time makes up a step (file suffix, function name)
+PHASES = {"step": ("engine.py", "step"), "schedule": ("scheduler.py", "schedule"),
+          "launch": ("engine.py", "_launch"), "pack": ("step_inputs.py", "pack"),
+          "execute": ("model_runner.py", "execute"), "sample": ("sampler.py", "sample"),
+          "resolve": ("engine.py", "_resolve"), "result": ("sampler.py", "result"),
+          "append_token": ("engine.py", "_append_token"), "publish_blocks": ("engine.py", "_publish_blocks"),
+          "retire": ("engine.py", "_retire_length_finished")}
+
+
+def profile_steps(engine: Engine, steps: int) -> tuple[dict, list]:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tottime, cumtime, callers)}
+    phases = {}
+    for name, (suffix, func) in PHASES.items():
+        cum = [v[3] for (f, _, fn), v in stats.items() if f.endswith(suffix) and fn == func]
+        phases[name] = round(sum(cum) * 1e6 / steps, 1) if cum else None
+    top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:25]
+    rows = [(f"{Path(f).name}:{line}:{fn}", v[1] // steps, round(v[2] * 1e6 / steps, 1)) for (f, line, fn), v in top]
+    return phases, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", default="llama-1b-shape")
+    ap.add_argument("--batch-sizes", default="1,32")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"))
+    ap.add_argument("--gemv", action="store_true")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    cuda = args.device == "cuda"
+    engine = Engine(ModelConfig(device=args.device, dtype="bfloat16" if cuda else "float32"),
+                    EngineConfig(block_size=16, num_kv_blocks=max(sizes) * 40 + 64, blocks_per_segment=256,
+                                 max_num_batched_tokens=4096, max_num_seqs=max(sizes), max_model_len=640,
+                                 compile_decode=cuda, gemv=args.gemv),
+                    build_model(args.model, Path(args.cache_dir)))
+    engine.async_scheduling = True
+    for n in sizes:
+        sp = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+        for i, p in enumerate(prompts(n, args.prompt_len, engine.vocab_size, n)):
+            engine.add_request(f"h{n}-{i}", p, sp)
+        for _ in range(-(-n * args.prompt_len // 4096) + 3):
+            engine.step()
+        times = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t0)
+        phases, top = profile_steps(engine, 100)
+        print(json.dumps({"batch": n, "device": args.device, "async_step_ms": round(statistics.median(times) * 1e3, 3),
+                          "phases_us": phases, "top_own_us": top}), flush=True)
+        for i in range(n):
+            engine.abort(f"h{n}-{i}")
+        while engine.scheduler.running or engine._in_flight is not None:
+            engine.step()
+
+
+if __name__ == "__main__":
+    main()

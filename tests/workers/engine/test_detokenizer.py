@@ -1,0 +1,72 @@
+"""The incremental detokenizer: its DecodeStream path (Rust tokenizers) gives, token by token, the
+same text as its window decode through ``tokenizer.decode``, stop strings included; the real
+tokenizers of the tests' tiny models (byte-level BPE: random ids split UTF-8 characters) and of the
+default model (SentencePiece-style, when it is cached)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from transformers import AutoTokenizer
+
+from workers.engine.detokenizer import Detokenizer
+from workers.model_files import default_model_dir
+
+
+class WindowOnly:
+    """The same tokenizer without its Rust backend attribute: the Detokenizer's window decode."""
+
+    def __init__(self, tokenizer):
+        self.decode = tokenizer.decode
+
+
+def _tokenizers(tiny_checkpoint):
+    toks = [AutoTokenizer.from_pretrained(tiny_checkpoint("llama"))]
+    if (default_model_dir() / "tokenizer.json").exists():
+        toks.append(AutoTokenizer.from_pretrained(default_model_dir()))
+    return toks
+
+
+def _run(tokenizer, ids: list[int], prompt_tail: list[int], stop: tuple[str, ...], final_at: int):
+    d = Detokenizer(tokenizer, stop, prompt_tail)
+    deltas = []
+    for i, t in enumerate(ids[:final_at]):
+        final = i == final_at - 1
+        d.add([t], final=final)
+        deltas.append(d.take_delta(final=final or d.stopped))
+        if d.stopped:
+            break
+    return deltas, d.stopped
+
+
+def test_stream_path_matches_window_decode(tiny_checkpoint):
+    rng = random.Random(0)
+    for tok in _tokenizers(tiny_checkpoint):
+        d = Detokenizer(tok)
+        assert d._stream is not None, "the fast tokenizer should take the DecodeStream path"
+        vocab = len(tok)
+        text = "The capital of France is Paris. Ünïcödé → 東京 ok"
+        natural = tok(text, add_special_tokens=False)["input_ids"]
+        cases = [(natural, natural[:3])] + [
+            ([rng.randrange(vocab) for _ in range(40)], [rng.randrange(vocab) for _ in range(6)]) for _ in range(30)]
+        for ids, tail in cases:
+            for stop in ((), ("is",), ("e P", "xx")):
+                fast = _run(tok, ids, tail, stop, len(ids))
+                slow = _run(WindowOnly(tok), ids, tail, stop, len(ids))
+                assert fast == slow, (ids, tail, stop)
+        # unstopped, the pieces add up to the text of the whole output
+        pieces, _ = _run(tok, natural, [], (), len(natural))
+        assert "".join(pieces) == tok.decode(natural, skip_special_tokens=True)
+
+
+def test_final_flush_of_an_incomplete_character(tiny_checkpoint):
+    tok = _tokenizers(tiny_checkpoint)[0]
+    ids = tok("東京", add_special_tokens=False)["input_ids"]
+    if len(ids) < 2:
+        pytest.fail(f"the tiny tokenizer should split a CJK character into bytes, got {ids}")
+    cut = ids[:-1]  # ends inside a character: the last piece is U+FFFD, as a full decode gives it
+    fast, _ = _run(tok, cut, [], (), len(cut))
+    slow, _ = _run(WindowOnly(tok), cut, [], (), len(cut))
+    assert fast == slow
+    assert "".join(fast) == tok.decode(cut, skip_special_tokens=True)
