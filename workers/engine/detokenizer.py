@@ -19,6 +19,14 @@ except ImportError:  # tokenizers < 0.21: the window decode only
     DecodeStream = None
 
 
+def _decode_stream(prefill: list[int]):
+    """A DecodeStream primed with the prompt tail (tokenizers >= 0.22 take ids); None before that."""
+    try:
+        return DecodeStream(list(prefill), True)
+    except TypeError:
+        return None
+
+
 class Detokenizer:
     def __init__(self, tokenizer, stop: tuple[str, ...] = (), prompt_tail: list[int] | None = None):
         self.tokenizer = tokenizer
@@ -37,7 +45,8 @@ class Detokenizer:
             self._rust = None  # transformers' decode edits spaces the Rust decode keeps
         if self._rust is not None and self._ids and tokenizer.decode(self._ids).endswith("\ufffd"):
             self._rust = None  # DecodeStream re-emits a prompt tail that ends inside a character
-        self._stream = DecodeStream(list(self._ids), True) if self._rust is not None else None
+        self._stream = _decode_stream(self._ids) if self._rust is not None else None
+        self._rust = self._rust if self._stream is not None else None
 
     def add(self, token_ids: list[int], final: bool = False) -> None:
         """Append tokens; detects stop strings. ``final``: no more tokens will come, so text that
