@@ -75,7 +75,7 @@ class DecodeWorkerImpl(WorkerBase):
         aborted, KV freed."""
         if not ttl_s > 0:
             raise InvalidRequestError(f"ttl_s must be > 0, got {ttl_s}", "ttl_s")
-        box = self.subscribers.box_for(subscriber_id)
+        box = self.subscribers.box_for(subscriber_id, subscribing=True)
         box.renewed_at = time.monotonic()
         try:
             while True:
