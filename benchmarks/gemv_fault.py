@@ -2,6 +2,7 @@
 decode_b1 workload, in the batch32 warm-up; not reproduced under CUDA_LAUNCH_BLOCKING=1). CUDA only.
 
     python3 benchmarks/gemv_fault.py --case all      # each case in its own process
+    python3 benchmarks/gemv_fault.py --case round2   # without the per-step sync (ROUND2 below)
 
 Cases (engine.py's engine config, llama-1b-shape, gemv on unless said): ``b1_replay_batch``
 (engine.py's order: one request decodes, the batch-1 graph is replayed bare 55 times, then 32
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,9 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 CASES = ("b1_replay_batch", "batch", "b1_batch", "nogemv")
+# the second round: without the per-step sync; "hf" runs transformers' static-cache generate (as
+# engine.py does) between the decode and the bare replay; "blocking" is nosync under
+# CUDA_LAUNCH_BLOCKING=1
+ROUND2 = ("nosync", "nosync_hf", "nosync_blocking")  # --case round2 runs the first two
 
 
 def run_case(case: str) -> dict:
+    step_sync = not case.startswith("nosync")
     from benchmarks.engine import build_model, prompts
     from workers.engine.config import EngineConfig, ModelConfig
     from workers.engine.engine import Engine
@@ -36,8 +43,8 @@ def run_case(case: str) -> dict:
 
     cfg = EngineConfig(block_size=16, num_kv_blocks=256 * 42 + 64, blocks_per_segment=1352, max_num_batched_tokens=16384,
                        max_num_seqs=256, max_model_len=1024, gemv=case != "nogemv")
-    engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"), cfg,
-                    build_model("llama-1b-shape", REPO / ".cache" / "bench-models"))
+    model_dir = build_model("llama-1b-shape", REPO / ".cache" / "bench-models")
+    engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"), cfg, model_dir)
     engine.async_scheduling = True
     phase, steps = "init", 0
 
@@ -49,13 +56,22 @@ def run_case(case: str) -> dict:
             engine.add_request(f"{tag}-{i}", p, sp)
         while engine.has_work():
             engine.step()
-            torch.cuda.synchronize()
+            if step_sync:
+                torch.cuda.synchronize()
             steps += 1
 
     try:
         if case != "batch":
             drain("b1", prompts(1, 128, engine.vocab_size, 1), 129)
-        if case in ("b1_replay_batch", "nogemv"):
+        if case == "nosync_hf":
+            from transformers import AutoModelForCausalLM
+
+            from benchmarks.engine import hf_generate
+            phase = "hf_generate"
+            hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda").eval()
+            for _ in range(2):
+                hf_generate(hf, prompts(1, 128, engine.vocab_size, 3), 129, "cuda")
+        if case in ("b1_replay_batch", "nogemv") or case.startswith("nosync"):
             phase = "bare_replay"
             graph = engine.runner.graphs.graphs[1][0]
             for _ in range(55):
@@ -71,14 +87,16 @@ def run_case(case: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--case", default="all", choices=("all", *CASES))
+    ap.add_argument("--case", default="all", choices=("all", "round2", *CASES, *ROUND2))
     args = ap.parse_args()
-    if args.case != "all":
+    if args.case not in ("all", "round2"):
         print(json.dumps(run_case(args.case)), flush=True)
         return
-    for case in CASES[:3]:  # nogemv: engine.py's own run without the GEMV was clean
+    for case in (CASES[:3] if args.case == "all" else ROUND2[:2]):  # nogemv: engine.py's run without it was clean
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True, timeout=150)
+        env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1") if case.endswith("blocking") else None
+        p = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True, timeout=150,
+                           env=env)
         lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
         print(lines[-1] if lines else json.dumps({"case": case, "ok": False, "rc": p.returncode,
                                                    "stderr": p.stderr.splitlines()[-3:]}), flush=True)
