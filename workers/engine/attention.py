@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +29,13 @@ from workers.engine.kv_cache import KVCache
 PAGED_ATTN = "pdserve_paged"
 
 
-@dataclass(frozen=True)
-class SeqSlice:
-    """One request's share of a step."""
+class SeqSlice(NamedTuple):
+    """One request's share of a step (a tuple: one is made per request per step, cheaply)."""
 
     q_start: int  # first packed token
     q_len: int  # tokens computed this step
     ctx_len: int  # tokens of context after this step (cached + new)
-    block_ids: tuple[int, ...]  # blocks covering [0, ctx_len)
+    block_ids: tuple[int, ...]  # blocks covering [0, ctx_len): the engine passes exactly those (others may pass more)
     # the chunk starts inside the prompt. A one-token prompt chunk (a prefix-cache hit's remainder,
     # the recompute of a wholly cached prompt) is attended as prefill, not as a decode: a backend
     # with a decode kernel of its own (triton "split") computes a position alike in every run

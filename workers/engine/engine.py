@@ -147,7 +147,7 @@ class Engine:
         if need > self.pool.num_free - sum(1 for b in hits if self.pool.ref_count[b] == 0):
             raise NoFreeBlocks(f"{need} blocks needed for an import, {self.pool.num_free} free")
         self.pool.touch(hits)
-        req.block_ids = hits + self.pool.allocate(need)
+        req.block_ids = tuple(hits + self.pool.allocate(need))
         self._launched.wait_for_blocks(req.block_ids)  # a peer writes them outside the device's order
         req.num_hashed_blocks = len(hits)
         req.num_cached_tokens = len(hits) * self.block_size
@@ -232,9 +232,11 @@ class Engine:
         on_layer = LayerHooks(hooks) if hooks else None
         logits = self.runner.execute(inputs.input_ids, inputs.positions, inputs.seqs,
                                      inputs.logits_indices or [len(inputs.input_ids) - 1], on_layer, fill)
+        bs = self.block_size
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
-            self._publish_blocks(req)
+            if min(req.num_computed_tokens, req.num_tokens) // bs > req.num_hashed_blocks:
+                self._publish_blocks(req)  # a block just filled (see _publish_blocks)
         if sampled:
             # the output index of the token sampled now counts a pending one (seeded sampling)
             sample = self.sampler.sample(logits, [r.sampling for r in sampled],
@@ -269,7 +271,8 @@ class Engine:
                 out.deltas.append(delta)
                 if req.retired and delta.finish_reason is None:
                     raise RuntimeError(f"internal: {req.request_id} was retired but did not finish")
-                if delta.finish_reason is None:
+                if delta.finish_reason is None and \
+                        min(req.num_computed_tokens, req.num_tokens) // self.block_size > req.num_hashed_blocks:
                     self._publish_blocks(req)  # blocks completed by the token just read
 
     def _retire_length_finished(self, prev: LaunchedStep) -> None:
@@ -361,7 +364,7 @@ class Engine:
         return self._delta(req, [], None, None, FinishReason.ERROR, error=error)
 
     def _append_token(self, req: Request, token_id: int, logprob, top) -> TokenDelta:
-        req.output_token_ids.append(token_id)
+        req.append_output(token_id)
         sp = req.sampling
         if req.detok is None and self.tokenizer is not None:
             req.detok = Detokenizer(self.tokenizer, sp.stop, req.prompt_token_ids[-6:])

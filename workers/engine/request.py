@@ -31,8 +31,10 @@ class Request:
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.arrival_time = time.time()
-        # KV state:  block_ids cover tokens [0, num_computed_tokens) and room for what is scheduled
-        self.block_ids: list[int] = []
+        self.num_tokens = len(self.prompt_token_ids)  # prompt + outputs known to the host (append_output)
+        # KV state:  block_ids cover tokens [0, num_computed_tokens) and room for what is scheduled.
+        # A tuple, replaced (never mutated) when blocks come or go: a step's SeqSlice shares it as is
+        self.block_ids: tuple[int, ...] = ()
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hit at first admission (reported to clients)
         self.num_hashed_blocks = 0  # block_ids[:num_hashed_blocks] are published in the prefix cache
@@ -55,6 +57,11 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def append_output(self, token_id: int) -> None:
+        """The one way an output token is added (keeps num_tokens)."""
+        self.output_token_ids.append(token_id)
+        self.num_tokens += 1
+
     def token_ids(self, start: int, end: int) -> list[int]:
         """all_token_ids[start:end] without building the whole list (decode steps read one token)."""
         n = len(self.prompt_token_ids)
@@ -65,13 +72,9 @@ class Request:
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
     def num_tokens_with_pending(self) -> int:
         """Tokens of the sequence including those only the device knows yet."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+        return self.num_tokens + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:

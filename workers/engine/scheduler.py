@@ -61,7 +61,7 @@ class Scheduler:
     def free_blocks(self, req: Request) -> None:
         self.on_free(req)
         self.pool.free(reversed(req.block_ids))  # tail first: head blocks stay cached longest
-        req.block_ids = []
+        req.block_ids = ()
 
     # -- the step ------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -120,7 +120,7 @@ class Scheduler:
         if need > free_after_touch:
             return 0
         self.pool.touch(hits)
-        req.block_ids = hits + self.pool.allocate(need)
+        req.block_ids = tuple(hits + self.pool.allocate(need))
         req.num_computed_tokens = num_cached
         req.num_hashed_blocks = len(hits)
         req.status = RequestStatus.RUNNING
@@ -136,7 +136,7 @@ class Scheduler:
             return True
         if need > self.pool.num_free:
             return False
-        req.block_ids += self.pool.allocate(need)
+        req.block_ids += tuple(self.pool.allocate(need))
         return True
 
     def _preempt(self, req: Request) -> None:

@@ -29,17 +29,29 @@ class StepInputs:
     @classmethod
     def pack(cls, requests: list[Request], num_new_tokens: list[int]) -> "StepInputs":
         s = cls()
+        ids, positions, seqs, sampled = s.input_ids, s.positions, s.seqs, s.sampled
         for req, n in zip(requests, num_new_tokens):
             c, known = req.num_computed_tokens, req.num_tokens
-            q_start = len(s.input_ids)
-            s.input_ids += req.token_ids(c, min(c + n, known))
-            if c + n > known:  # at most one pending token, always the newest
-                s.fill_rows.append(len(s.input_ids))
-                s.fill_index.append(req.pending_row)
-                s.input_ids.append(0)
-            s.positions += range(c, c + n)
-            s.seqs.append(SeqSlice(q_start, n, c + n, tuple(req.block_ids), c < req.num_prompt_tokens))
-            if c + n == req.num_tokens_with_pending:
+            q_start = len(ids)
+            num_prompt = len(req.prompt_token_ids)
+            if n == 1 and c >= known - 1:
+                # a decode: one token, the newest known one (c = known - 1) or a pending one (c = known)
+                if c < known:
+                    ids.append(req.output_token_ids[c - num_prompt] if c >= num_prompt else req.prompt_token_ids[c])
+                else:
+                    s.fill_rows.append(q_start)
+                    s.fill_index.append(req.pending_row)
+                    ids.append(0)
+                positions.append(c)
+            else:
+                ids += req.token_ids(c, min(c + n, known))
+                if c + n > known:  # at most one pending token, always the newest
+                    s.fill_rows.append(len(ids))
+                    s.fill_index.append(req.pending_row)
+                    ids.append(0)
+                positions += range(c, c + n)
+            seqs.append(SeqSlice(q_start, n, c + n, req.block_ids, c < num_prompt))
+            if c + n == known + req.num_pending:
                 s.logits_indices.append(q_start + n - 1)
-                s.sampled.append(req)
+                sampled.append(req)
         return s

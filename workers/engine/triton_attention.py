@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -241,26 +242,38 @@ class TritonPagedAttention(AttentionBackend):
             raise ValueError(f"step of {n_pad} tokens / {S_pad} sequences exceeds the backend's capacity")
         # per sequence, vectorised: [0, S) real | [S, S_pad) padding (no context, write nothing)
         q_start, q_len, ctx, blk_start = (m.host_view(n)[:S_pad] for n in ("q_start", "q_len", "ctx", "blk_start"))
-        q_start[:S] = [s.q_start for s in seqs]
-        q_len[:S] = [s.q_len for s in seqs]
-        ctx[:S] = [s.ctx_len for s in seqs]
+        # the SeqSlices' columns (they are tuples), transposed in one call
+        q_starts, q_lens, ctx_lens, block_ids, prompts = zip(*seqs) if S else ((), (), (), (), ())
+        q_start[:S] = q_starts
+        q_len[:S] = q_lens
+        ctx[:S] = ctx_lens
         nblk = (ctx[:S] + (bs - 1)) // bs
         nb = int(nblk.sum())
         if nb > m.max_blocks:
             raise ValueError("step's block ids exceed the backend's capacity (max_model_len)")
         blk_start[:S] = np.cumsum(nblk) - nblk
-        ids_ = np.fromiter((b for s, k in zip(seqs, nblk.tolist()) for b in s.block_ids[:k]), np.int64, nb)
+        if np.array_equal(np.fromiter(map(len, block_ids), np.int64, S), nblk):
+            # every sequence holds exactly its context's blocks (the engine's steps): one flat copy
+            ids_ = np.fromiter(chain.from_iterable(block_ids), np.int64, nb)
+        else:
+            ids_ = np.fromiter((b for blocks, k in zip(block_ids, nblk.tolist()) for b in blocks[:k]), np.int64, nb)
         block_off = m.host_i64("blocks")[:nb]
         block_off[:] = self.seg_off[ids_ // self.bps] + (ids_ % self.bps) * self.block_elems
-        q_start[S:] = np.arange(T, n_pad)
-        q_len[S:], ctx[S:], blk_start[S:] = 1, 0, 0
+        if S_pad > S:
+            q_start[S:] = np.arange(T, n_pad)
+            q_len[S:], ctx[S:], blk_start[S:] = 1, 0, 0
         # per token
         ids, pos, slot = m.host_view("ids")[:n_pad], m.host_view("pos")[:n_pad], m.host_i64("slot_off")[:n_pad]
         ids[:T] = input_ids
         pos[:T] = positions
-        tok_seq = np.repeat(np.arange(S), q_len[:S])
-        slot[:T] = block_off[blk_start[tok_seq] + pos[:T] // bs] + (pos[:T] % bs) * (self.H * self.D)
-        ids[T:], pos[T:], slot[T:] = 0, 0, 0
+        one_token = q_len[:S] == 1
+        all_one_token = bool(one_token.all())
+        # token t's sequence's first block: with one token per sequence, token i is sequence i's
+        tok_blk_start = blk_start[:S] if all_one_token else blk_start[np.repeat(np.arange(S), q_len[:S])]
+        p = pos[:T]
+        slot[:T] = block_off[tok_blk_start + p // bs] + (p % bs) * (self.H * self.D)
+        if n_pad > T:
+            ids[T:], pos[T:], slot[T:] = 0, 0, 0
         m.host_view("n_real")[0] = T  # rows [T, n_pad) are padding: no KV write
         if self.decode_kernel not in DECODE_KERNELS or self.decode_combine not in DECODE_COMBINES:
             raise ValueError(f"decode_kernel {self.decode_kernel!r} / decode_combine {self.decode_combine!r}: "
@@ -270,8 +283,7 @@ class TritonPagedAttention(AttentionBackend):
         is_dec = np.zeros(S_pad, dtype=bool)
         self.step_decode = None
         if self.decode_kernel == "split":
-            is_dec[:S] = q_len[:S] == 1
-            is_dec[:S] &= ~np.fromiter((s.prompt for s in seqs), bool, S)
+            is_dec[:S] = one_token & ~np.array(prompts, dtype=bool)
             all_dec = bool(is_dec[:S].all())
             is_dec[S:] = all_dec
             n_dec = int(is_dec.sum())
@@ -294,14 +306,17 @@ class TritonPagedAttention(AttentionBackend):
                 self.num_split_steps += 1
         # query blocks of the general kernel: ceil(q_len / block_q) per other sequence
         rest = ~is_dec
-        self.block_q = bq = (1 if int(q_len[rest].max(initial=1)) == 1
-                             else max(1, self.prefill_rows // _pow2(self.group)))
-        per_seq = np.where(rest, (q_len + (bq - 1)) // bq, 0)
-        nq = int(per_seq.sum())
-        qb_seq = np.repeat(np.arange(S_pad), per_seq)
-        first_qb = np.cumsum(per_seq) - per_seq
-        m.host_view("qb_seq")[:nq] = qb_seq
-        m.host_view("qb_start")[:nq] = q_start[qb_seq] + (np.arange(nq) - first_qb[qb_seq]) * bq
+        if not rest.any():  # every row is a decode row: no query blocks
+            self.block_q, nq = 1, 0
+        else:
+            self.block_q = bq = (1 if int(q_len[rest].max(initial=1)) == 1
+                                 else max(1, self.prefill_rows // _pow2(self.group)))
+            per_seq = np.where(rest, (q_len + (bq - 1)) // bq, 0)
+            nq = int(per_seq.sum())
+            qb_seq = np.repeat(np.arange(S_pad), per_seq)
+            first_qb = np.cumsum(per_seq) - per_seq
+            m.host_view("qb_seq")[:nq] = qb_seq
+            m.host_view("qb_start")[:nq] = q_start[qb_seq] + (np.arange(nq) - first_qb[qb_seq]) * bq
         n_keep = 0
         if logits_indices is not None:
             n_keep = len(logits_indices)
