@@ -51,6 +51,7 @@ def build_engine(tree: Path, max_batch: int, prompt_len: int):
     sys.path.insert(0, str(tree))
     import torch
 
+    torch.set_num_threads(1)  # the device's stand-ins (argmax, index copies) on one thread: less noise
     from benchmarks.model_shapes import checkpoint
     from workers.engine.config import EngineConfig, ModelConfig
     from workers.engine.cuda_graphs import DecodeGraphs, capture_sizes

@@ -209,7 +209,7 @@ class Engine:
             self.requests.pop(req.request_id, None)
             self.scheduler.free_blocks(req)
             req.status = RequestStatus.FINISHED
-            out.deltas.append(self._delta(req, [], None, None, FinishReason.LENGTH,
+            out.deltas.append(self._delta(req, (), None, None, FinishReason.LENGTH,
                                           error="request needs more KV blocks than this worker has"))
         if launched is not None and launched.sample is not None:
             if self.async_scheduling and not launched.resolve_now:
@@ -255,25 +255,27 @@ class Engine:
         """Read the step's tokens back (the step's one device->host sync) and apply them."""
         res = step.sample.result()
         self._launched.synced(step)
+        token_ids, logprobs, tops = res.token_ids, res.logprobs, res.top_logprobs
+        deltas, bs = out.deltas, self.block_size
         for i, req in enumerate(step.sampled):
             req.num_pending -= 1
             if req.status == RequestStatus.FINISHED:
                 self.num_dropped_tokens += 1  # aborted, or stopped by its previous token: dropped
                 continue
-            lp = res.logprobs[i] if res.logprobs else None
-            top = res.top_logprobs[i] if res.top_logprobs else None
+            lp = logprobs[i] if logprobs else None
+            top = tops[i] if tops else None
             if req.layer_hook_error is not None:
-                out.deltas.append(self._fail(req, req.layer_hook_error))
+                deltas.append(self._fail(req, req.layer_hook_error))
             elif req.prefill_only:
-                out.handles.append(self._pin(req, res.token_ids[i], lp, top))
+                out.handles.append(self._pin(req, token_ids[i], lp, top))
             else:
-                delta = self._append_token(req, res.token_ids[i], lp, top)
-                out.deltas.append(delta)
-                if req.retired and delta.finish_reason is None:
-                    raise RuntimeError(f"internal: {req.request_id} was retired but did not finish")
-                if delta.finish_reason is None and \
-                        min(req.num_computed_tokens, req.num_tokens) // self.block_size > req.num_hashed_blocks:
-                    self._publish_blocks(req)  # blocks completed by the token just read
+                delta = self._append_token(req, token_ids[i], lp, top)
+                deltas.append(delta)
+                if delta.finish_reason is None:
+                    if req.retired:
+                        raise RuntimeError(f"internal: {req.request_id} was retired but did not finish")
+                    if min(req.num_computed_tokens, req.num_tokens) // bs > req.num_hashed_blocks:
+                        self._publish_blocks(req)  # blocks completed by the token just read
 
     def _retire_length_finished(self, prev: LaunchedStep) -> None:
         """Requests whose pending token is their last by length (max_tokens, context) leave the
@@ -361,19 +363,19 @@ class Engine:
         self.scheduler.remove(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = FinishReason.ERROR
-        return self._delta(req, [], None, None, FinishReason.ERROR, error=error)
+        return self._delta(req, (), None, None, FinishReason.ERROR, error=error)
 
     def _append_token(self, req: Request, token_id: int, logprob, top) -> TokenDelta:
         req.append_output(token_id)
-        sp = req.sampling
-        if req.detok is None and self.tokenizer is not None:
-            req.detok = Detokenizer(self.tokenizer, sp.stop, req.prompt_token_ids[-6:])
+        sp, detok = req.sampling, req.detok
+        if detok is None and self.tokenizer is not None:
+            detok = req.detok = Detokenizer(self.tokenizer, sp.stop, req.prompt_token_ids[-6:])
         finish = None
         if token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.runner.eos_token_ids):
             finish = FinishReason.STOP
-        elif req.detok is not None:
-            req.detok.add([token_id])
-            if req.detok.stopped:
+        elif detok is not None:
+            detok.add([token_id])
+            if detok.stopped:
                 finish = FinishReason.STOP
         if finish is None and (len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len):
             finish = FinishReason.LENGTH
@@ -384,15 +386,14 @@ class Engine:
             self.scheduler.remove(req)
             req.status = RequestStatus.FINISHED
             req.finish_reason = finish
-        return self._delta(req, [token_id], logprob, top, finish)
+        return self._delta(req, (token_id,), logprob, top, finish)
 
-    def _delta(self, req: Request, token_ids, logprob, top, finish, error=None) -> TokenDelta:
-        text = req.detok.take_delta(final=finish is not None) if req.detok else ""
-        want_lp = req.sampling.logprobs or req.sampling.top_logprobs
+    def _delta(self, req: Request, token_ids: tuple[int, ...], logprob, top, finish, error=None) -> TokenDelta:
+        text = req.detok.take_delta(final=finish is not None) if req.detok is not None else ""
+        sp = req.sampling
         return TokenDelta(
-            request_id=req.request_id, token_ids=tuple(token_ids), text=text,
-            logprobs=(logprob,) if want_lp and logprob is not None else None,
+            request_id=req.request_id, token_ids=token_ids, text=text,
+            logprobs=(logprob,) if logprob is not None and (sp.logprobs or sp.top_logprobs) else None,
             top_logprobs=(tuple(top),) if top else None, finish_reason=finish,
-            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens, error=error,
+            num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=req.num_cached_tokens, error=error,
         )
-

@@ -67,12 +67,14 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        bs = self.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             # a pending token (async scheduling) is computed like a known one: its id is fed on the device
-            n = min(req.num_tokens_with_pending - req.num_computed_tokens, budget)
-            while not self._grow(req, req.num_computed_tokens + n):
+            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
+            end = req.num_computed_tokens + n
+            while len(req.block_ids) * bs < end and not self._grow(req, end):
                 victim = self.running[-1]
                 if victim is req and i == 0 and self.blocks_held_elsewhere() == 0:
                     # alone with every block of the pool and still short: it can never finish

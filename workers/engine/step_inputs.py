@@ -29,10 +29,10 @@ class StepInputs:
     @classmethod
     def pack(cls, requests: list[Request], num_new_tokens: list[int]) -> "StepInputs":
         s = cls()
-        ids, positions, seqs, sampled = s.input_ids, s.positions, s.seqs, s.sampled
+        ids, positions, seqs, logits_indices, sampled = s.input_ids, s.positions, s.seqs, s.logits_indices, s.sampled
+        q_start = 0  # len(ids)
         for req, n in zip(requests, num_new_tokens):
             c, known = req.num_computed_tokens, req.num_tokens
-            q_start = len(ids)
             num_prompt = len(req.prompt_token_ids)
             if n == 1 and c >= known - 1:
                 # a decode: one token, the newest known one (c = known - 1) or a pending one (c = known)
@@ -51,7 +51,8 @@ class StepInputs:
                     ids.append(0)
                 positions += range(c, c + n)
             seqs.append(SeqSlice(q_start, n, c + n, req.block_ids, c < num_prompt))
+            q_start += n
             if c + n == known + req.num_pending:
-                s.logits_indices.append(q_start + n - 1)
+                logits_indices.append(q_start - 1)
                 sampled.append(req)
         return s
