@@ -154,6 +154,7 @@ class TritonPagedAttention(AttentionBackend):
         self.step_splits = 1
         self.step_decode: DecodeLaunch | None = None  # set: this step runs paged_decode_kernel
         self.num_split_steps = 0  # steps prepared with step_decode set (tests check the path ran)
+        self.decode_staging = True  # decode-only steps staged by _prepare_decode (False: tests compare the two)
         self._arange = np.arange(max(self.max_tokens, max_num_seqs), dtype=np.int32)
         self._dev_views: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # (tokens, logits rows) -> prepare's outputs
         self._retired_scratch: list[tuple[torch.Tensor, ...]] = []
@@ -247,8 +248,8 @@ class TritonPagedAttention(AttentionBackend):
                              f"want one of {DECODE_KERNELS} / {DECODE_COMBINES}")
         # the SeqSlices' columns (they are tuples), transposed in one call
         q_starts, q_lens, ctx_lens, block_ids, prompts = zip(*seqs) if S else ((), (), (), (), ())
-        if (S == T and self.decode_kernel == "split" and q_lens.count(1) == S and not any(prompts)
-                and q_starts == tuple(range(S))):
+        if (self.decode_staging and S == T and self.decode_kernel == "split" and q_lens.count(1) == S
+                and not any(prompts) and q_starts == tuple(range(S))):
             return self._prepare_decode(ctx_lens, block_ids, input_ids, positions, logits_indices, S_pad)
         # per sequence, vectorised: [0, S) real | [S, S_pad) padding (no context, write nothing)
         q_start, q_len, ctx, blk_start = (m.host_view(n)[:S_pad] for n in ("q_start", "q_len", "ctx", "blk_start"))
@@ -308,8 +309,9 @@ class TritonPagedAttention(AttentionBackend):
         """prepare() of a decode-only step (sequence i = token i, one non-prompt token each, split
         kernel): the same metadata as the general staging, in fewer array operations."""
         m, bs, S = self.meta, self.bs, len(ctx_lens)
-        if max(ctx_lens) > self.max_model_len:  # its chunks would spill into the next row's scratch
-            raise ValueError(f"a decode row of {max(ctx_lens)} keys: over max_model_len {self.max_model_len}")
+        longest = max(ctx_lens, default=0)  # no real row: an all-padding step (graph capture, warm-up)
+        if longest > self.max_model_len:  # its chunks would spill into the next row's scratch
+            raise ValueError(f"a decode row of {longest} keys: over max_model_len {self.max_model_len}")
         rows = self._arange[:S_pad]
         m.host_view("q_start")[:S_pad] = rows
         m.host_view("q_len")[:S_pad] = 1

@@ -1,0 +1,94 @@
+"""The Triton backend's decode-only staging (TritonPagedAttention._prepare_decode) writes exactly the
+metadata the general staging writes: same host and device buffers, same launch plan, step after
+step. Host-side only (no kernel runs), so no interpreter is needed."""
+
+import random
+
+import pytest
+
+from kv_transfer.layout import KVLayout
+from workers.engine.attention import SeqSlice
+from workers.engine.cuda_graphs import capture_sizes
+from workers.engine.kv_cache import KVCache
+
+try:
+    from workers.engine.triton_attention import TritonPagedAttention
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError("these tests need triton: pip install -e '.[test]'") from e
+
+BS, MAX_SEQS, MAX_LEN = 4, 16, 64
+
+
+def _pair():
+    layout = KVLayout("m", 2, 2, 8, BS, "float32", 8)
+    cache = KVCache(layout, 40)  # blocks of a step span many segments
+    fast, general = (TritonPagedAttention(cache, 4, max_num_batched_tokens=32, max_num_seqs=MAX_SEQS,
+                                          max_model_len=MAX_LEN) for _ in range(2))
+    general.anchor = fast.anchor  # one anchor: equal block offsets
+    general.decode_staging = False
+    return fast, general
+
+
+def _decode_step(rng: random.Random, n: int, free: list[int]) -> tuple[list[SeqSlice], list[int], list[int]]:
+    seqs, ids, pos = [], [], []
+    for i in range(n):
+        ctx = rng.randint(1, MAX_LEN)
+        seqs.append(SeqSlice(i, 1, ctx, tuple(rng.sample(free, -(-ctx // BS))), False))
+        ids.append(rng.randrange(100))
+        pos.append(ctx - 1)
+    return seqs, ids, pos
+
+
+def _state(b: TritonPagedAttention, out) -> tuple:
+    ids, pos, keep = out
+    return (b.meta.np.tolist(), b.meta.dev.tolist(), b.step_decode, b.block_q, b.num_qblocks, b.num_tokens,
+            b.step_splits, ids.tolist(), pos.tolist(), keep.tolist())
+
+
+def test_decode_staging_matches_the_general_staging():
+    fast, general = _pair()
+    rng = random.Random(0)
+    free = list(range(fast.kv_cache.num_blocks))
+    sizes = capture_sizes(MAX_SEQS)
+    steps = 0
+    for n in [0, 1, 2, 3, 5, 8, 13, 16] * 3:
+        seqs, ids, pos = _decode_step(rng, n, free)
+        pad_to = next((s for s in sizes if s >= max(n, 1)), None)
+        for pad in (pad_to, None) if n else (pad_to,):
+            keep = list(range(n))
+            before = fast.num_split_steps
+            got = _state(fast, fast.prepare(seqs, ids, pos, keep, pad_to=pad))
+            want = _state(general, general.prepare(seqs, ids, pos, keep, pad_to=pad))
+            assert got == want, f"{n} decode rows, pad_to={pad}"
+            assert fast.num_split_steps == before + 1  # a split decode step either way
+            steps += 1
+    assert steps > 30
+
+
+def test_mixed_steps_take_the_general_staging_in_both():
+    """A prompt chunk, a one-token prompt row or rows out of order: not the decode path, same result."""
+    fast, general = _pair()
+    cases = [
+        [SeqSlice(0, 3, 7, (1, 2)), SeqSlice(3, 1, 9, (5, 6, 7))],  # a prefill chunk beside a decode
+        [SeqSlice(0, 1, 5, (3, 4), True), SeqSlice(1, 1, 9, (8, 9, 10))],  # a one-token prompt chunk
+    ]
+    for seqs in cases:
+        T = sum(s.q_len for s in seqs)
+        ids, pos = list(range(T)), [p for s in seqs for p in range(s.ctx_len - s.q_len, s.ctx_len)]
+        got = _state(fast, fast.prepare(seqs, ids, pos, [T - 1]))
+        want = _state(general, general.prepare(seqs, ids, pos, [T - 1]))
+        assert got == want
+    with pytest.raises(ValueError, match="packed in order"):
+        fast.prepare([SeqSlice(1, 1, 5, (1, 2)), SeqSlice(0, 1, 5, (3, 4))], [1, 2], [4, 4], [0, 1], pad_to=2)
+
+
+def test_longer_block_tables_are_cut_to_the_context():
+    """SeqSlices may carry more blocks than their context needs (tests, benchmarks): only the first
+    ceil(ctx / block_size) are staged, as by the general staging."""
+    fast, general = _pair()
+    seqs = [SeqSlice(0, 1, 5, (3, 4, 11, 12)), SeqSlice(1, 1, 2, (7, 8, 9))]
+    got = _state(fast, fast.prepare(seqs, [1, 2], [4, 1], [0, 1], pad_to=2))
+    want = _state(general, general.prepare(seqs, [1, 2], [4, 1], [0, 1], pad_to=2))
+    assert got == want
+    assert fast.meta.host_i64("blocks")[:3].tolist() == [
+        int(fast.seg_off[b // 8] + (b % 8) * fast.block_elems) for b in (3, 4, 7)]
