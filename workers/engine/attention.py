@@ -55,6 +55,11 @@ class TokenFill:
 
     def apply(self, ids: torch.Tensor) -> None:
         """ids: the step's device token ids [1, T] (the backend's input buffer), written in place."""
+        n = len(self.rows)
+        if self.rows == self.index and self.rows == tuple(range(n)):
+            # a steady decode step: row i is fed the previous step's token i (one copy, nothing uploaded)
+            ids[0, :n].copy_(self.source[:n])
+            return
         idx = upload([self.rows, self.index], torch.int64, ids.device)
         ids[0].index_copy_(0, idx[0], self.source.index_select(0, idx[1]).to(ids.dtype))
 

@@ -92,3 +92,22 @@ def test_longer_block_tables_are_cut_to_the_context():
     assert got == want
     assert fast.meta.host_i64("blocks")[:3].tolist() == [
         int(fast.seg_off[b // 8] + (b % 8) * fast.block_elems) for b in (3, 4, 7)]
+
+
+def test_token_fill_writes_the_rows_it_names():
+    """In order (a steady decode step: one copy) and out of order (an index upload): same rule,
+    row rows[j] gets source[index[j]]."""
+    import torch
+
+    from workers.engine.attention import TokenFill
+
+    source = torch.tensor([50, 60, 70, 80])
+    ids = torch.zeros(1, 6, dtype=torch.int32)
+    TokenFill((0, 1, 2), (0, 1, 2), source).apply(ids)
+    assert ids.tolist() == [[50, 60, 70, 0, 0, 0]]
+    ids.zero_()
+    TokenFill((1, 4), (3, 0), source).apply(ids)
+    assert ids.tolist() == [[0, 80, 0, 0, 50, 0]]
+    ids.zero_()
+    TokenFill((0, 1), (1, 0), source).apply(ids)  # rows in order, indices not
+    assert ids.tolist() == [[60, 50, 0, 0, 0, 0]]
