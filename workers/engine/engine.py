@@ -234,8 +234,8 @@ class Engine:
                                      inputs.logits_indices or [len(inputs.input_ids) - 1], on_layer, fill)
         bs = self.block_size
         for req, n in zip(batch.requests, batch.num_new_tokens):
-            req.num_computed_tokens += n
-            if min(req.num_computed_tokens, req.num_tokens) // bs > req.num_hashed_blocks:
+            c = req.num_computed_tokens = req.num_computed_tokens + n
+            if (c if c < req.num_tokens else req.num_tokens) // bs > req.num_hashed_blocks:
                 self._publish_blocks(req)  # a block just filled (see _publish_blocks)
         if sampled:
             # the output index of the token sampled now counts a pending one (seeded sampling)
@@ -256,10 +256,10 @@ class Engine:
         res = step.sample.result()
         self._launched.synced(step)
         token_ids, logprobs, tops = res.token_ids, res.logprobs, res.top_logprobs
-        deltas, bs = out.deltas, self.block_size
+        deltas, bs, finished = out.deltas, self.block_size, RequestStatus.FINISHED
         for i, req in enumerate(step.sampled):
             req.num_pending -= 1
-            if req.status == RequestStatus.FINISHED:
+            if req.status == finished:
                 self.num_dropped_tokens += 1  # aborted, or stopped by its previous token: dropped
                 continue
             lp = logprobs[i] if logprobs else None
@@ -282,10 +282,11 @@ class Engine:
         scheduler now, exactly when the synchronous path would drop them: they take no slot in
         the next step and their blocks are free for it (the device runs it after prev, in order).
         Their token is emitted when prev is resolved."""
+        finished, max_model_len = RequestStatus.FINISHED, self.max_model_len
         for req in prev.sampled:
-            if req.status == RequestStatus.FINISHED or req.num_pending != 1 or req.prefill_only:
+            if req.num_pending != 1 or req.status == finished or req.prefill_only:
                 continue
-            if len(req.output_token_ids) + 1 >= req.sampling.max_tokens or req.num_tokens + 1 >= self.max_model_len:
+            if len(req.output_token_ids) + 1 >= req.sampling.max_tokens or req.num_tokens + 1 >= max_model_len:
                 self._publish_blocks(req)
                 self.scheduler.remove(req)
                 req.retired = True

@@ -67,21 +67,21 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
-        bs = self.block_size
+        bs, running = self.block_size, self.running
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        while i < len(running) and budget > 0:
+            req = running[i]
             # a pending token (async scheduling) is computed like a known one: its id is fed on the device
             n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
             end = req.num_computed_tokens + n
             while len(req.block_ids) * bs < end and not self._grow(req, end):
-                victim = self.running[-1]
+                victim = running[-1]
                 if victim is req and i == 0 and self.blocks_held_elsewhere() == 0:
                     # alone with every block of the pool and still short: it can never finish
-                    self.running.pop()
+                    running.pop()
                     batch.capacity_exhausted.append(req)
                     break
-                self.running.pop()
+                running.pop()
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 if victim is req:
