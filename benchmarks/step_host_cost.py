@@ -47,7 +47,7 @@ class _NoGraph:
         pass
 
 
-def build_engine(tree: Path, max_batch: int, prompt_len: int):
+def build_engine(tree: Path, max_batch: int):
     sys.path.insert(0, str(tree))
     import torch
 
@@ -77,7 +77,7 @@ def build_engine(tree: Path, max_batch: int, prompt_len: int):
 
 
 def measure(tree: Path, sizes: list[int], steps: int, prompt_len: int, profile: bool) -> list[dict]:
-    engine, text = build_engine(tree, max(sizes), prompt_len)
+    engine, text = build_engine(tree, max(sizes))
     from workers.protocol import SamplingParams
 
     rows = []
