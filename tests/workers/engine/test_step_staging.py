@@ -111,3 +111,52 @@ def test_token_fill_writes_the_rows_it_names():
     ids.zero_()
     TokenFill((0, 1), (1, 0), source).apply(ids)  # rows in order, indices not
     assert ids.tolist() == [[60, 50, 0, 0, 0, 0]]
+
+
+def _reference_pack(requests, num_new_tokens):
+    """StepInputs.pack before its one-token path: every request through the general rule."""
+    ids, positions, seqs, logits_indices, sampled, fill_rows, fill_index = [], [], [], [], [], [], []
+    for req, n in zip(requests, num_new_tokens):
+        c, known = req.num_computed_tokens, req.num_tokens
+        q_start = len(ids)
+        ids += req.token_ids(c, min(c + n, known))
+        if c + n > known:
+            fill_rows.append(len(ids))
+            fill_index.append(req.pending_row)
+            ids.append(0)
+        positions += range(c, c + n)
+        seqs.append(SeqSlice(q_start, n, c + n, tuple(req.block_ids), c < req.num_prompt_tokens))
+        if c + n == req.num_tokens_with_pending:
+            logits_indices.append(q_start + n - 1)
+            sampled.append(req)
+    return ids, positions, seqs, logits_indices, sampled, fill_rows, fill_index
+
+
+def test_pack_one_token_path_matches_the_general_rule():
+    from workers.engine.request import Request
+    from workers.engine.step_inputs import StepInputs
+    from workers.protocol import SamplingParams
+
+    sp = SamplingParams(max_tokens=8, temperature=0)
+
+    def req(name, prompt, outputs, computed, pending=0, row=0):
+        r = Request(name, prompt, sp, BS)
+        for t in outputs:
+            r.append_output(t)
+        r.num_computed_tokens, r.num_pending, r.pending_row = computed, pending, row
+        r.block_ids = tuple(range(10, 10 + -(-(r.num_tokens + pending) // BS)))
+        return r
+
+    reqs = [
+        req("decode", [1, 2, 3, 4, 5], [6, 7], computed=6),  # its newest known token
+        req("pending", [1, 2, 3], [8], computed=4, pending=1, row=3),  # a token only the device knows
+        req("prompt-tail", [1, 2, 3, 4], [], computed=3),  # a one-token prompt remainder
+        req("short", [1, 2, 3], [9], computed=3, pending=1),  # budget cut to 1 of 2: not sampled
+        req("chunk", [5, 6, 7, 8, 9, 10], [], computed=2),  # a prefill chunk
+        req("chunk+pending", [1, 2], [3, 4], computed=2, pending=1, row=1),  # recompute after preemption
+    ]
+    nums = [1, 1, 1, 1, 3, 3]
+    s = StepInputs.pack(reqs, nums)
+    got = (s.input_ids, s.positions, s.seqs, s.logits_indices, s.sampled, s.fill_rows, s.fill_index)
+    assert got == _reference_pack(reqs, nums)
+    assert [r.request_id for r in s.sampled] == ["decode", "pending", "prompt-tail", "chunk+pending"]
