@@ -25,6 +25,7 @@ from cluster.membership import MembershipWatcher
 from router.config import RouterConfig
 from router.overlap_alarm import ZeroOverlapAlarm
 from router.policy import RoundRobin, RoutePlan, plan_route
+from router.prefill_rates import PrefillRates
 from router.prefix_index import PrefixIndex
 from workers.block_hash import block_hashes
 from workers.protocol import Role, WorkerCounters, WorkerInfo, WorkerLoad, WorkerState
@@ -56,6 +57,9 @@ class WorkerEntry:
     # and a burst of requests must not all pick the same "idle" worker in the meantime
     blocks_since_poll: int = 0
     requests_since_poll: int = 0
+    # uncached prompt tokens this router sent it to prefill and its polls may not count yet: those
+    # of requests routed before a poll was sent are taken off when that poll answers
+    prefill_tokens_since_poll: int = 0
     poll_task: asyncio.Task | None = None
 
     is_dead: bool = False  # its actor is gone (a poll raised RayActorError)
@@ -73,7 +77,7 @@ class WorkerEntry:
         queued = max(s.num_waiting + self.requests_since_poll, s.num_waiting + self.num_routed - s.num_running)
         return WorkerLoad(s.worker_id, s.role, s.num_running, queued,
                           s.num_used_blocks + self.blocks_since_poll, s.num_total_blocks, s.num_pinned_blocks,
-                          s.is_draining)
+                          s.is_draining, s.num_pending_prefill_tokens + self.prefill_tokens_since_poll)
 
 
 class ClusterView:
@@ -88,6 +92,7 @@ class ClusterView:
         self.watcher = MembershipWatcher(etcd, cluster_name)
         self.lapse_grace_s = float(etcd.lease_ttl_s)
         self.index = PrefixIndex(config.index_max_blocks_per_worker, config.index_max_workers)
+        self.rates = PrefillRates(config.prefill_rate_window_s)
         self.workers: dict[str, WorkerEntry] = {}
         self.round_robin = RoundRobin()
         self.alarm = ZeroOverlapAlarm(config.zero_overlap_window_requests or 10**9, config.zero_overlap_min_repeats)
@@ -131,8 +136,12 @@ class ClusterView:
         usable = [w for w in self.workers.values() if w.is_healthy and w.info.worker_id not in exclude]
         decode = [w.load() for w in usable if w.info.role == Role.DECODE]
         prefill = [w.load() for w in usable if w.info.role == Role.PREFILL]
+        rates = None
+        if self.config.conditional_mode == "ttft":
+            rates = {w.info.worker_id: self.rates.rate(w.info.worker_id, self._rate_prior(w.info.role)).tokens_per_s
+                     for w in usable}
         plan = plan_route(len(prompt_token_ids), self.block_size, decode, prefill, overlaps, self.config,
-                          rng=self.rng, round_robin=self.round_robin)
+                          rng=self.rng, round_robin=self.round_robin, prefill_rates=rates)
         ranked: tuple[str, ...] = ()
         if plan.prefill is not None:
             others = sorted((s for s in plan.prefill.scores if s.worker_id != plan.prefill.worker_id),
@@ -143,14 +152,23 @@ class ClusterView:
             if chosen is not None and chosen.worker_id in self.workers:
                 self.workers[chosen.worker_id].blocks_since_poll += num_new_blocks
                 self.workers[chosen.worker_id].requests_since_poll += 1
+        prefilled_on, num_to_prefill = ((plan.decode.worker_id, plan.num_uncached_tokens) if plan.prefill is None
+                                        else (plan.prefill.worker_id, plan.num_remote_uncached_tokens))
+        if prefilled_on in self.workers:
+            self.workers[prefilled_on].prefill_tokens_since_poll += num_to_prefill
         self.alarm.observe(hashes[0] if hashes else None, max(overlaps.values(), default=0))
         self.decisions.append({
             "at": time.time(), "decode": plan.decode.worker_id,
             "prefill": plan.prefill.worker_id if plan.prefill else None, "reason": plan.reason,
             "prompt_tokens": len(prompt_token_ids), "uncached_tokens": plan.num_uncached_tokens,
             "decode_overlap_blocks": plan.decode.overlap_blocks, "decode_reason": plan.decode.reason,
+            **_ttft_fields(plan),
         })
         return plan, ranked
+
+    def _rate_prior(self, role: Role) -> float:
+        return (self.config.prefill_rate_prior_tokens_per_s if role == Role.PREFILL
+                else self.config.local_prefill_rate_prior_tokens_per_s)
 
     def actor(self, worker_id: str):
         return self.workers[worker_id].actor
@@ -191,6 +209,7 @@ class ClusterView:
                 if gone.poll_task is not None:
                     gone.poll_task.cancel()
                 self.index.remove_worker(wid)
+                self.rates.forget(wid)
         for wid, info in members.items():
             if wid not in self.workers:
                 try:
@@ -217,6 +236,7 @@ class ClusterView:
         return answering and now - w.left_etcd_at < self.lapse_grace_s
 
     async def _poll(self, w: WorkerEntry) -> None:
+        sent_at, num_sent_tokens = time.monotonic(), w.prefill_tokens_since_poll
         try:
             state: WorkerState = await asyncio.wait_for(w.actor.state.remote(w.last_seq), self.poll_timeout_s)
         except Exception as e:
@@ -233,7 +253,11 @@ class ClusterView:
         else:
             self.index.reset_worker(wid, state.cached_hashes or (), state.last_seq)
         w.state, w.last_seq, w.blocks_since_poll, w.requests_since_poll = state, state.last_seq, 0, 0
+        w.prefill_tokens_since_poll = max(0, w.prefill_tokens_since_poll - num_sent_tokens)
         w.num_poll_failures, w.last_ok_at, w.is_dead = 0, time.monotonic(), False
+        c = state.counters  # the state was taken somewhere between sending and answering: the midpoint
+        self.rates.observe(wid, (sent_at + w.last_ok_at) / 2, c.num_prompt_tokens - c.num_prompt_tokens_cached,
+                           state.load.num_pending_prefill_tokens, self._rate_prior(w.info.role))
 
     # -- reporting -----------------------------------------------------------------------------
     def counters(self) -> dict[str, WorkerCounters]:
@@ -241,3 +265,14 @@ class ClusterView:
 
     def loads(self) -> dict[str, WorkerLoad]:
         return {wid: w.state.load for wid, w in self.workers.items() if w.state is not None}
+
+
+def _ttft_fields(plan: RoutePlan) -> dict:
+    """The two estimates of a ttft-mode decision, for /v1/routing/recent and the dashboard."""
+    e = plan.ttft
+    if e is None:
+        return {}
+    return {"ttft_local_s": round(e.local_s, 4), "ttft_remote_s": round(e.remote_s, 4),
+            "local_pending_tokens": e.local_pending_tokens, "remote_pending_tokens": e.remote_pending_tokens,
+            "local_rate_tokens_per_s": round(e.local_rate_tokens_per_s), "remote_rate_tokens_per_s":
+            round(e.remote_rate_tokens_per_s)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class RouterConfig(BaseModel):
@@ -22,6 +22,29 @@ class RouterConfig(BaseModel):
     prefill_queue_threshold: int = Field(
         0, ge=0, description="Decode prefills locally when every prefill worker has at least this many requests "
                              "queued (Dynamo's conditional disaggregation on queue length); 0 = never")
+    # None (see conditional_mode): queue when prefill_queue_threshold > 0 (configs written before
+    # this field keep their meaning), else off. Off until a GPU run says otherwise (benchmarks/README.md).
+    conditional_disaggregation: Literal["off", "queue", "ttft"] | None = Field(
+        None, description="Besides local_prefill_threshold_tokens, when the decode worker prefills a long prompt "
+                          "itself. off: never; queue: while every prefill worker has prefill_queue_threshold "
+                          "requests waiting; ttft: when its estimated time to first token there is smaller than "
+                          "on the chosen prefill worker (pending prefill tokens / learned prefill rate, "
+                          "+ ttft_transfer_allowance_s remotely), up to local_prefill_max_pending_tokens. "
+                          "Default: queue if prefill_queue_threshold > 0, else off")
+    local_prefill_max_pending_tokens: int = Field(
+        2048, ge=0, description="ttft: never leave a decode worker more than this many prompt tokens to prefill "
+                                "(its pending ones + this prompt's): each one is computed inside its decode steps, "
+                                "so this bounds how much local prefill stretches its TPOT (a few times its "
+                                "engine.max_num_batched_tokens)")
+    prefill_rate_prior_tokens_per_s: float = Field(
+        50000, gt=0, description="ttft: a prefill worker's prompt tokens per second until measured from its polls")
+    local_prefill_rate_prior_tokens_per_s: float = Field(
+        10000, gt=0, description="ttft: a decode worker's local prefill rate (prompt tokens per second, computed "
+                                 "between its decodes) until measured from its polls")
+    prefill_rate_window_s: float = Field(
+        2.0, gt=0, description="ttft: time constant of the per-worker prefill rate average (EWMA over polls)")
+    ttft_transfer_allowance_s: float = Field(
+        0.01, ge=0, description="ttft: added to the remote estimate for the KV transfer and the extra hop")
     stream_interval_tokens: int | Literal["auto"] = Field(
         "auto", description="A decode worker streams a request's tokens in messages of at least this many (the first "
                             "token and the last message go at once): fewer per-request stream messages when many "
@@ -59,6 +82,24 @@ class RouterConfig(BaseModel):
     index_max_blocks_per_worker: int = Field(1_000_000, ge=1, description="Prefix index cap per worker")
     index_max_workers: int = Field(4096, ge=1, description="Prefix index cap on distinct workers")
     recent_decisions: int = Field(100, ge=0, description="Routing decisions kept for inspection")
+
+    @property
+    def conditional_mode(self) -> Literal["off", "queue", "ttft"]:
+        """conditional_disaggregation, resolved (the field stays None in dumps, so a dumped config
+        with prefill_queue_threshold overridden later still means queue)."""
+        if self.conditional_disaggregation is None:
+            return "queue" if self.prefill_queue_threshold > 0 else "off"
+        return self.conditional_disaggregation
+
+    @model_validator(mode="after")
+    def _conditional_mode(self) -> "RouterConfig":
+        mode, threshold = self.conditional_disaggregation, self.prefill_queue_threshold
+        if mode == "queue" and threshold == 0:
+            raise ValueError("conditional_disaggregation 'queue' needs prefill_queue_threshold >= 1")
+        elif mode in ("off", "ttft") and threshold > 0:
+            raise ValueError(f"prefill_queue_threshold = {threshold} applies only to conditional_disaggregation "
+                             f"'queue', not {mode!r}: set one or the other")
+        return self
 
     @field_validator("stream_interval_tokens")
     @classmethod

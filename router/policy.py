@@ -27,9 +27,23 @@ never chosen. Each choice returns a RoutingDecision (chosen id, every candidate'
 so the endpoint can count decisions and show recent ones.
 
 Conditional disaggregation: the chosen decode worker prefills locally when the prompt tokens
-missing from *its own* cache are below a threshold, when no prefill worker is eligible, or (with
-prefill_queue_threshold > 0) when every prefill worker already has that many requests queued;
-otherwise a prefill worker is chosen.
+missing from *its own* cache are below a threshold, when no prefill worker is eligible, or by
+``conditional_disaggregation``:
+
+    queue  every prefill worker already has prefill_queue_threshold requests waiting (reason
+           prefill_queue_full)
+    ttft   the estimated time to this prompt's first token is smaller locally (reason ttft_local):
+
+           remote_s = (pending(p) + uncached_on(p)) / rate(p) + ttft_transfer_allowance_s
+           local_s  = (pending(d) + uncached_on(d)) / rate(d)
+           local only if pending(d) + uncached_on(d) <= local_prefill_max_pending_tokens
+
+           p: the chosen prefill worker, d: the chosen decode worker; pending: the worker's
+           num_pending_prefill_tokens (what it reported + what this router sent it since);
+           rate: prompt tokens per second (router/prefill_rates.py). The cap guards d's TPOT:
+           every local prompt is computed inside its decode steps.
+
+otherwise a prefill worker is chosen (reason disaggregated).
 """
 
 from __future__ import annotations
@@ -73,13 +87,33 @@ class RoutingDecision:
 
 
 @dataclass(frozen=True)
+class TTFTEstimate:
+    """Both paths' estimated time to the first token of one prompt (conditional_disaggregation: ttft)."""
+
+    local_s: float
+    remote_s: float
+    local_pending_tokens: int  # the decode worker's pending prefill tokens + this prompt's uncached part
+    remote_pending_tokens: int  # the same on the prefill worker
+    local_rate_tokens_per_s: float
+    remote_rate_tokens_per_s: float
+    local_allowed: bool  # local_pending_tokens <= local_prefill_max_pending_tokens
+
+    @property
+    def prefers_local(self) -> bool:
+        return self.local_allowed and self.local_s < self.remote_s
+
+
+@dataclass(frozen=True)
 class RoutePlan:
     """One request's route. ``prefill is None`` means the decode worker prefills locally."""
 
     decode: RoutingDecision
     prefill: RoutingDecision | None
     num_uncached_tokens: int  # prompt tokens missing from the decode worker's cache
-    reason: str  # disaggregated | uncached_below_threshold | no_prefill_worker | prefill_queue_full
+    # disaggregated | uncached_below_threshold | no_prefill_worker | prefill_queue_full | ttft_local
+    reason: str
+    ttft: TTFTEstimate | None = None  # conditional_disaggregation: ttft, once both paths were weighed
+    num_remote_uncached_tokens: int = 0  # prompt tokens missing from the prefill worker's cache
 
     @property
     def prefill_locally(self) -> bool:
@@ -183,12 +217,33 @@ def should_prefill_locally(num_uncached_tokens: int, threshold_tokens: int) -> b
     return num_uncached_tokens < threshold_tokens
 
 
+def estimate_ttft(decode: WorkerLoad, num_local_uncached: int, local_rate_tokens_per_s: float,
+                  prefill: WorkerLoad, num_remote_uncached: int, remote_rate_tokens_per_s: float, *,
+                  transfer_allowance_s: float, local_max_pending_tokens: int) -> TTFTEstimate:
+    """Time to the first token on each path: the prompt waits behind every token pending there."""
+    if local_rate_tokens_per_s <= 0 or remote_rate_tokens_per_s <= 0:
+        raise ValueError(f"prefill rates must be > 0, got {local_rate_tokens_per_s}, {remote_rate_tokens_per_s}")
+    if min(num_local_uncached, num_remote_uncached, local_max_pending_tokens) < 0 or transfer_allowance_s < 0:
+        raise ValueError("token counts, the pending cap and the transfer allowance must be >= 0")
+    local = decode.num_pending_prefill_tokens + num_local_uncached
+    remote = prefill.num_pending_prefill_tokens + num_remote_uncached
+    return TTFTEstimate(local_s=local / local_rate_tokens_per_s,
+                        remote_s=remote / remote_rate_tokens_per_s + transfer_allowance_s,
+                        local_pending_tokens=local, remote_pending_tokens=remote,
+                        local_rate_tokens_per_s=local_rate_tokens_per_s,
+                        remote_rate_tokens_per_s=remote_rate_tokens_per_s,
+                        local_allowed=local <= local_max_pending_tokens)
+
+
 def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Sequence[WorkerLoad],
                prefill_candidates: Sequence[WorkerLoad], overlaps: Mapping[str, int], config: RouterConfig, *,
-               rng: random.Random | None = None, round_robin: RoundRobin | None = None) -> RoutePlan:
+               rng: random.Random | None = None, round_robin: RoundRobin | None = None,
+               prefill_rates: Mapping[str, float] | None = None) -> RoutePlan:
     """The whole routing step: pick decode, decide local prefill from its own overlap, else pick prefill.
 
     ``overlaps``: PrefixIndex.overlap() of the request's block hashes (workers of both roles).
+    ``prefill_rates``: prompt tokens per second by worker id (conditional_disaggregation ttft); a
+    worker missing from it is taken at its role's configured prior.
     With no eligible prefill worker the decode worker prefills locally (reason no_prefill_worker).
     Raises NoWorkerAvailable when no decode worker is eligible.
     """
@@ -209,7 +264,8 @@ def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Seque
         return RoutePlan(decode, None, num_uncached, "uncached_below_threshold")
     if not any(not w.is_draining for w in prefill_candidates):
         return RoutePlan(decode, None, num_uncached, "no_prefill_worker")
-    if prefill_queue_full(prefill_candidates, config.prefill_queue_threshold):
+    mode = config.conditional_mode
+    if mode == "queue" and prefill_queue_full(prefill_candidates, config.prefill_queue_threshold):
         return RoutePlan(decode, None, num_uncached, "prefill_queue_full")
     if config.policy == "round_robin":
         prefill = round_robin.choose(Role.PREFILL, prefill_candidates, request_blocks, overlaps)
@@ -218,7 +274,21 @@ def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Seque
                                      **_cache_aware_args(config))
     else:
         prefill = choose_prefill(request_blocks, prefill_candidates, overlaps, queue_weight=config.prefill_queue_weight)
-    return RoutePlan(decode, prefill, num_uncached, "disaggregated")
+    # [0, cached) on the prefill worker | [cached, num_prompt_tokens) it computes
+    num_remote_uncached = num_prompt_tokens - min(prefill.overlap_blocks * block_size, num_prompt_tokens)
+    estimate = None
+    if mode == "ttft":
+        rates = prefill_rates or {}
+        estimate = estimate_ttft(
+            _load_of(decode.worker_id, decode_candidates), num_uncached,
+            rates.get(decode.worker_id, config.local_prefill_rate_prior_tokens_per_s),
+            _load_of(prefill.worker_id, prefill_candidates), num_remote_uncached,
+            rates.get(prefill.worker_id, config.prefill_rate_prior_tokens_per_s),
+            transfer_allowance_s=config.ttft_transfer_allowance_s,
+            local_max_pending_tokens=config.local_prefill_max_pending_tokens)
+        if estimate.prefers_local:
+            return RoutePlan(decode, None, num_uncached, "ttft_local", estimate)
+    return RoutePlan(decode, prefill, num_uncached, "disaggregated", estimate, num_remote_uncached)
 
 
 def prefill_queue_full(prefill_candidates: Sequence[WorkerLoad], threshold: int) -> bool:
@@ -231,6 +301,10 @@ def prefill_queue_full(prefill_candidates: Sequence[WorkerLoad], threshold: int)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _load_of(worker_id: str, candidates: Sequence[WorkerLoad]) -> WorkerLoad:
+    return next(w for w in candidates if w.worker_id == worker_id)
+
+
 def _cache_aware_args(config: RouterConfig) -> dict:
     return {"cache_threshold": config.cache_threshold, "balance_abs_threshold": config.balance_abs_threshold,
             "balance_rel_threshold": config.balance_rel_threshold}

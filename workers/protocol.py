@@ -198,6 +198,10 @@ class WorkerLoad:
     num_total_blocks: int
     num_pinned_blocks: int = 0  # prefill: blocks held for decode under leases
     is_draining: bool = False
+    # prompt tokens still to compute: waiting requests' whole prompts (their prefix hit is known only
+    # at admission: an upper bound) + the uncomputed rest of running prefills; the router's TTFT
+    # estimate divides it by the worker's prefill rate (router/prefill_rates.py)
+    num_pending_prefill_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,7 @@ class WorkerBase:
             worker_id=self.worker_id, role=self.role, num_running=stats.num_running, num_waiting=stats.num_waiting,
             num_used_blocks=stats.num_used_blocks, num_total_blocks=stats.num_total_blocks,
             num_pinned_blocks=stats.num_pinned_blocks, is_draining=self.is_draining,
+            num_pending_prefill_tokens=stats.num_pending_prefill_tokens,
         )
         self.counters.update(num_prompt_tokens=stats.prompt_tokens_queried,
                              num_prompt_tokens_cached=stats.prompt_tokens_hit, num_preemptions=stats.num_preemptions)

@@ -133,3 +133,63 @@ def test_full_prefill_queues_keep_prompts_on_their_decode_worker(cluster):
     after = sum(counters(a)["num_local_prefills"] for a in decodes)
     assert after - before >= reasons.count("prefill_queue_full"), (before, after, reasons)
     assert_no_leaks(url)
+
+
+def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(cluster):
+    """router.conditional_disaggregation: ttft on a third endpoint. The prefill worker's steps are
+    slowed (a busy prefill GPU); a burst of long prompts: the router weighs both paths per prompt,
+    sends some to the prefill worker and keeps others on their decode workers (reason ttft_local,
+    both estimates in the decision). The prefill worker reports its pending prompt tokens; every
+    output equals the disaggregated path's token for token; no KV block stays in use."""
+    import concurrent.futures
+
+    import ray
+
+    from tests.reliability.faults import actor_of, assert_no_leaks, counters, slow_engine_steps, workers_of
+
+    # priors: an idle prefill worker wins (~100 tokens: 0.06 s vs 0.1 s locally); two queued prompts
+    # there (router-side count, before any poll) already make a decode worker's own prefill faster
+    url = attach_ingress(cluster, "routing-ttft", router__conditional_disaggregation="ttft",
+                         router__prefill_rate_prior_tokens_per_s=2000,
+                         router__local_prefill_rate_prior_tokens_per_s=1000, router__ttft_transfer_allowance_s=0.01)
+    model = cluster.config.model.served_model_name
+    decodes = [actor_of(cluster, wid) for wid in workers_of(url, "decode")]
+    (prefill_id,) = workers_of(url, "prefill")
+    prefill_actor = actor_of(cluster, prefill_id)
+    before = sum(counters(a)["num_local_prefills"] for a in decodes)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    prompts = [f"Burst prompt {i}. " + "Tell me a long story about the sea and its ships. " * 7 for i in range(8)]
+
+    def one(args):
+        base, salt, prompt = args
+        c = client if base == url else openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
+        r = c.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, logprobs=0,
+                                 extra_body={"ignore_eos": True, "cache_salt": salt})
+        return r.choices[0].logprobs.tokens, r.choices[0].text
+
+    slow_engine_steps(prefill_actor, 0.3)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            burst = pool.map(one, [(url, f"ttft-{i}", p) for i, p in enumerate(prompts)])
+            pending = 0
+            deadline = time.monotonic() + 20
+            while pending == 0 and time.monotonic() < deadline:  # its own report, while the burst runs
+                pending = ray.get(prefill_actor.state.remote(-1), timeout=30).load.num_pending_prefill_tokens
+                time.sleep(0.05)
+            texts = list(burst)
+    finally:
+        slow_engine_steps(prefill_actor, 0)
+    assert pending > 0, "the busy prefill worker never reported pending prefill tokens"
+    decisions = httpx.get(url + "/v1/routing/recent", timeout=30).json()["decisions"][-len(prompts):]
+    reasons = [d["reason"] for d in decisions]
+    assert "disaggregated" in reasons and "ttft_local" in reasons, reasons
+    for d in decisions:
+        assert d["ttft_local_s"] > 0 and d["ttft_remote_s"] > 0, d
+        assert (d["reason"] == "ttft_local") == (d["ttft_local_s"] < d["ttft_remote_s"]), d
+    after = sum(counters(a)["num_local_prefills"] for a in decodes)
+    assert after - before >= reasons.count("ttft_local"), (before, after, reasons)
+    # the same prompts, disaggregated (the default endpoint, idle prefill worker, fresh salts)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        reference = list(pool.map(one, [(cluster.url, f"ref-{i}", p) for i, p in enumerate(prompts)]))
+    assert texts == reference
+    assert_no_leaks(url)

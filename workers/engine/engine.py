@@ -304,6 +304,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         pinned = [r for r in self.requests.values() if r.status == RequestStatus.PINNED]
+        sch = self.scheduler
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -320,6 +321,8 @@ class Engine:
             prompt_tokens_queried=self.scheduler.num_prompt_tokens_queried,
             prompt_tokens_hit=self.scheduler.num_prompt_tokens_hit,
             kv_bytes=self.kv_cache.num_bytes,
+            num_pending_prefill_tokens=sum(r.num_tokens - r.num_computed_tokens for q in (sch.running, sch.waiting)
+                                           for r in q if r.is_prefilling),
         )
 
     # -- internals -----------------------------------------------------------------------------

@@ -37,3 +37,4 @@ class EngineStats:
     prompt_tokens_queried: int
     prompt_tokens_hit: int
     kv_bytes: int
+    num_pending_prefill_tokens: int = 0  # see WorkerLoad.num_pending_prefill_tokens
