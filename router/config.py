@@ -31,11 +31,14 @@ class RouterConfig(BaseModel):
                           "on the chosen prefill worker (pending prefill tokens / learned prefill rate, "
                           "+ ttft_transfer_allowance_s remotely), up to local_prefill_max_pending_tokens. "
                           "Default: queue if prefill_queue_threshold > 0, else off")
+    # CPU, 384-token prompts, a 256-token decode budget: a cap of 384 (one prompt) kept TPOT p90
+    # at 19-48 ms, 768 (two) let it reach 120 ms (benchmarks/README.md, "conditional disaggregation
+    # on estimated TTFT")
     local_prefill_max_pending_tokens: int = Field(
-        2048, ge=0, description="ttft: never leave a decode worker more than this many prompt tokens to prefill "
+        1024, ge=0, description="ttft: never leave a decode worker more than this many prompt tokens to prefill "
                                 "(its pending ones + this prompt's): each one is computed inside its decode steps, "
-                                "so this bounds how much local prefill stretches its TPOT (a few times its "
-                                "engine.max_num_batched_tokens)")
+                                "so this bounds how much local prefill stretches its TPOT; about 1-2x the decode "
+                                "workers' engine.max_num_batched_tokens")
     prefill_rate_prior_tokens_per_s: float = Field(
         50000, gt=0, description="ttft: a prefill worker's prompt tokens per second until measured from its polls")
     local_prefill_rate_prior_tokens_per_s: float = Field(

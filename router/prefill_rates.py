@@ -6,26 +6,28 @@ admitted (``num_prompt_tokens - num_prompt_tokens_cached``, counted when a reque
 not chunk by chunk). Between two polls:
 
     d_tokens / dt   with pending > 0 at both polls  -> the worker was prefilling the whole time:
-                                                       a sample of its rate (EWMA, time constant
-                                                       window_s)
+                                                       a sample of its rate (averaged, below)
     d_tokens / dt   with pending == 0 at the second -> everything admitted meanwhile was also
                                                        computed meanwhile: a lower bound; moves
-                                                       the estimate up (same EWMA), never down
+                                                       the estimate up (same average), never down
     anything else                                   -> says nothing about capacity (an idle
                                                        worker's throughput is its arrival rate)
 
-The average starts from the configured prior, which stands in until the first sample. Admission-time counting makes single
-samples lumpy (a 2k-token prompt counts whole when its first chunk runs); the EWMA over busy
-polls averages that out, and lower bounds are only taken from intervals that end drained.
-Pure: the caller passes the clock.
+The average weighs each sample by its interval: rate += dt / (memory_s + dt) * (sample - rate),
+memory_s = PRIOR_WEIGHT_S + min(seconds sampled so far, window_s). The configured prior counts as
+PRIOR_WEIGHT_S of samples (one poll): it stands in until the first one and weighs PRIOR_WEIGHT_S /
+(PRIOR_WEIGHT_S + t) after t seconds of busy polls, so a burst of a few seconds outvotes a wrong
+prior; past window_s of samples it is an EWMA with that time constant. Admission-time counting makes single samples lumpy (a
+2k-token prompt counts whole when its first chunk runs); averaging over busy polls smooths that,
+and lower bounds are only taken from intervals that end drained. Pure: the caller passes the clock.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 _MIN_RATE_TOKENS_PER_S = 1.0
+PRIOR_WEIGHT_S = 0.1  # one poll interval
 
 
 @dataclass
@@ -48,6 +50,7 @@ class PrefillRates:
         self.window_s = window_s
         self._last: dict[str, _Last] = {}
         self._rate: dict[str, float] = {}
+        self._sampled_s: dict[str, float] = {}
 
     def observe(self, worker_id: str, at_s: float, num_tokens: int, num_pending_tokens: int,
                 prior_tokens_per_s: float) -> None:
@@ -65,8 +68,10 @@ class PrefillRates:
         busy = prev.num_pending_tokens > 0 and num_pending_tokens > 0
         lower_bound = num_pending_tokens == 0 and sample > rate
         if busy or lower_bound:
-            alpha = 1.0 - math.exp(-dt / self.window_s)
-            self._rate[worker_id] = rate + alpha * (sample - rate)
+            sampled_s = self._sampled_s.get(worker_id, 0.0)
+            memory_s = PRIOR_WEIGHT_S + min(sampled_s, self.window_s)
+            self._rate[worker_id] = rate + dt / (memory_s + dt) * (sample - rate)
+            self._sampled_s[worker_id] = sampled_s + dt
 
     def rate(self, worker_id: str, prior_tokens_per_s: float) -> RateView:
         measured = self._rate.get(worker_id)
@@ -79,3 +84,4 @@ class PrefillRates:
     def forget(self, worker_id: str) -> None:
         self._last.pop(worker_id, None)
         self._rate.pop(worker_id, None)
+        self._sampled_s.pop(worker_id, None)
