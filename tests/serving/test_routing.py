@@ -151,7 +151,8 @@ def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(c
     # there (router-side count, before any poll) already make a decode worker's own prefill faster
     url = attach_ingress(cluster, "routing-ttft", router__conditional_disaggregation="ttft",
                          router__prefill_rate_prior_tokens_per_s=2000,
-                         router__local_prefill_rate_prior_tokens_per_s=1000, router__ttft_transfer_allowance_s=0.01)
+                         router__local_prefill_rate_prior_tokens_per_s=1000, router__ttft_transfer_allowance_s=0.01,
+                         router__local_prefill_max_pending_tokens=4096)
     model = cluster.config.model.served_model_name
     decodes = [actor_of(cluster, wid) for wid in workers_of(url, "decode")]
     (prefill_id,) = workers_of(url, "prefill")
@@ -185,7 +186,8 @@ def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(c
     assert "disaggregated" in reasons and "ttft_local" in reasons, reasons
     for d in decisions:
         assert d["ttft_local_s"] > 0 and d["ttft_remote_s"] > 0, d
-        assert (d["reason"] == "ttft_local") == (d["ttft_local_s"] < d["ttft_remote_s"]), d
+        local_allowed = d["local_pending_tokens"] <= 4096
+        assert (d["reason"] == "ttft_local") == (local_allowed and d["ttft_local_s"] < d["ttft_remote_s"]), d
     after = sum(counters(a)["num_local_prefills"] for a in decodes)
     assert after - before >= reasons.count("ttft_local"), (before, after, reasons)
     # the same prompts, disaggregated (the default endpoint, idle prefill worker, fresh salts)
