@@ -38,6 +38,12 @@ def random_step(rng: random.Random, num_blocks: int, bs: int, shapes):
     return seqs, ids, pos
 
 
+# Kernel-only cases do not depend on the engine's scheduling mode: run once, not once per mode
+# (conftest.py's autouse fixture would run them in each; test_triton_attention.py checks both sets).
+ONCE = pytest.mark.parametrize("scheduling", ["once"])
+
+
+@ONCE
 @pytest.mark.parametrize("hq,hkv,dim,window", [(4, 2, 16, None), (8, 2, 32, None), (4, 4, 16, 5), (6, 2, 24, None)],
                          ids=["gqa2", "gqa4-d32", "mha-window5", "gqa3-d24"])
 def test_kernels_match_torch_reference(hq, hkv, dim, window):
@@ -81,6 +87,7 @@ def test_kernels_match_torch_reference(hq, hkv, dim, window):
             assert torch.equal(caches[0].segments[i], caches[1].segments[i]), "cache writes differ"
 
 
+@ONCE
 @pytest.mark.parametrize("kernel", ["general", "split"])
 def test_padded_decode_rows_write_nothing(kernel):
     layout = KVLayout("m", 1, 2, 16, 4, "float32", 8)
@@ -130,6 +137,7 @@ def test_padded_decode_steps_match_generate(tiny_checkpoint):
     assert_all_blocks_free(engine)
 
 
+@ONCE
 @pytest.mark.parametrize("cfg", [(2, 2048, 4), (16, 256, 4), (8, 1024, 8), (16, 32, 4)])
 def test_gemv_matches_linear(cfg):
     """The batch-1 GEMV op (workers/engine/gemv.py) == F.linear on odd shapes (rows and columns not
