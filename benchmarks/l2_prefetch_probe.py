@@ -21,12 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from workers.engine import gemv  # noqa: E402
 
 LAYERS = 16
 HIDDEN, QKV, INTER = 2048, 3072, 8192
@@ -115,24 +119,8 @@ class Model:
 
 
 def graph_ms(fn, replays: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median ms of one replay of ``fn`` captured as a CUDA graph (gemv.graph_time_us's timing)."""
+    return gemv.graph_time_us([fn], replays) / 1e3
 
 
 def gemm_hot_cold(batch: int) -> None:
