@@ -37,11 +37,15 @@ missing from *its own* cache are below a threshold, when no prefill worker is el
            remote_s = (pending(p) + uncached_on(p)) / rate(p) + ttft_transfer_allowance_s
            local_s  = (pending(d) + uncached_on(d)) / rate(d)
            local only if pending(d) + uncached_on(d) <= local_prefill_max_pending_tokens
+                   and those tokens' blocks are free on d (its last reported KV use)
 
            p: the chosen prefill worker, d: the chosen decode worker; pending: the worker's
            num_pending_prefill_tokens (what it reported + what this router sent it since);
            rate: prompt tokens per second (router/prefill_rates.py). The cap guards d's TPOT:
-           every local prompt is computed inside its decode steps.
+           every local prompt is computed inside its decode steps. The free-block rule keeps
+           local prompts off a decode worker short of KV: there they would wait for blocks behind
+           the imports (which go first, workers/engine/scheduler.py). Before both (2x H200, a
+           4096-token cap) such a worker collapsed: TTFT p50 62 s (benchmarks/README.md).
 
 otherwise a prefill worker is chosen (reason disaggregated).
 """
@@ -96,7 +100,8 @@ class TTFTEstimate:
     remote_pending_tokens: int  # the same on the prefill worker
     local_rate_tokens_per_s: float
     remote_rate_tokens_per_s: float
-    local_allowed: bool  # local_pending_tokens <= local_prefill_max_pending_tokens
+    local_free_blocks: int  # the decode worker's free KV blocks as last reported
+    local_allowed: bool  # local_pending_tokens <= local_prefill_max_pending_tokens, and fit in local_free_blocks
 
     @property
     def prefers_local(self) -> bool:
@@ -219,7 +224,7 @@ def should_prefill_locally(num_uncached_tokens: int, threshold_tokens: int) -> b
 
 def estimate_ttft(decode: WorkerLoad, num_local_uncached: int, local_rate_tokens_per_s: float,
                   prefill: WorkerLoad, num_remote_uncached: int, remote_rate_tokens_per_s: float, *,
-                  transfer_allowance_s: float, local_max_pending_tokens: int) -> TTFTEstimate:
+                  transfer_allowance_s: float, local_max_pending_tokens: int, block_size: int) -> TTFTEstimate:
     """Time to the first token on each path: the prompt waits behind every token pending there."""
     if local_rate_tokens_per_s <= 0 or remote_rate_tokens_per_s <= 0:
         raise ValueError(f"prefill rates must be > 0, got {local_rate_tokens_per_s}, {remote_rate_tokens_per_s}")
@@ -227,12 +232,15 @@ def estimate_ttft(decode: WorkerLoad, num_local_uncached: int, local_rate_tokens
         raise ValueError("token counts, the pending cap and the transfer allowance must be >= 0")
     local = decode.num_pending_prefill_tokens + num_local_uncached
     remote = prefill.num_pending_prefill_tokens + num_remote_uncached
+    free_blocks = max(0, decode.num_total_blocks - decode.num_used_blocks)
     return TTFTEstimate(local_s=local / local_rate_tokens_per_s,
                         remote_s=remote / remote_rate_tokens_per_s + transfer_allowance_s,
                         local_pending_tokens=local, remote_pending_tokens=remote,
                         local_rate_tokens_per_s=local_rate_tokens_per_s,
                         remote_rate_tokens_per_s=remote_rate_tokens_per_s,
-                        local_allowed=local <= local_max_pending_tokens)
+                        local_allowed=(local <= local_max_pending_tokens
+                                       and num_blocks(local, block_size) <= free_blocks),
+                        local_free_blocks=free_blocks)
 
 
 def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Sequence[WorkerLoad],
@@ -285,7 +293,7 @@ def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Seque
             _load_of(prefill.worker_id, prefill_candidates), num_remote_uncached,
             rates.get(prefill.worker_id, config.prefill_rate_prior_tokens_per_s),
             transfer_allowance_s=config.ttft_transfer_allowance_s,
-            local_max_pending_tokens=config.local_prefill_max_pending_tokens)
+            local_max_pending_tokens=config.local_prefill_max_pending_tokens, block_size=block_size)
         if estimate.prefers_local:
             return RoutePlan(decode, None, num_uncached, "ttft_local", estimate)
     return RoutePlan(decode, prefill, num_uncached, "disaggregated", estimate, num_remote_uncached)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -50,7 +51,7 @@ from kv_transfer.errors import LeaseExpiredError, StalePeerError
 from workers.engine.block_pool import NoFreeBlocks
 from workers.layerwise_import import LayerwiseImport
 from workers.protocol import (FinishReason, GenerateRequest, InvalidRequestError, KVHandle, PrefillRequest,
-                              RequestFailedError, Role, TokenDelta, merge_deltas)
+                              Role, TokenDelta, merge_deltas)
 from workers.subscribers import SUBSCRIPTION_TTL_S, Subscribers
 from workers.worker_base import WorkerBase
 
@@ -179,6 +180,10 @@ class DecodeWorkerImpl(LayerwiseImport, WorkerBase):
                         raise
                     except Exception as e:
                         log.warning("%s: remote prefill on %s failed (%s: %s)", rid, prefill_id, type(e).__name__, e)
+                    if time.time() >= deadline:
+                        # nothing is left to try for: generate() ends the request with the deadline error.
+                        # A local prefill now would only load this worker with a request nobody awaits.
+                        raise asyncio.TimeoutError
                 self.counters["num_prefill_fallbacks"] += 1
                 log.warning("%s: every prefill attempt failed; prefilling locally", rid)
         self.counters["num_local_prefills"] += 1
@@ -230,7 +235,9 @@ class DecodeWorkerImpl(LayerwiseImport, WorkerBase):
 
         try:
             with self.hops.time("reserve"):
-                reservation = await self._reserve(req, prefill, deadline)
+                reservation, renewed_until = await self._reserve(req, prefill, deadline)
+            if renewed_until is not None:  # the lease was renewed while we waited for blocks: READ up to then
+                handle = dataclasses.replace(handle, expires_at=renewed_until)
             with self.hops.time("handshake"):
                 await asyncio.wait_for(self.transceiver.ensure_peer(prefill_id, handle.kv_epoch, handle.compat_hash,
                                                                     lambda: prefill.peer_info.remote()), call_s)
@@ -302,18 +309,22 @@ class DecodeWorkerImpl(LayerwiseImport, WorkerBase):
                                                       lambda: prefill.peer_info.remote()), self.spec.transfer.deadline_s)
 
     async def _reserve(self, req: GenerateRequest, prefill, deadline: float):
-        """Blocks for the import; while none are free, wait (renewing the remote lease, if any)."""
+        """Blocks for the import; while none are free, wait (renewing the remote lease, if any).
+        Returns (reservation, the lease's latest expiry if it was renewed, else None). While this
+        waits, the engine admits no new local request into the blocks it wants (reserve_import)."""
         rid, prompt = req.request_id, list(req.prompt_token_ids)
         renew_every = self.spec.transfer.lease_ttl_s / 3
-        last_renew = time.monotonic()
+        last_renew, renewed_until = time.monotonic(), None
         while True:
             try:
-                return await self.loop.call(lambda e: e.reserve_import(rid, prompt, req.sampling, req.cache_salt))
+                reservation = await self.loop.call(lambda e: e.reserve_import(rid, prompt, req.sampling,
+                                                                              req.cache_salt))
+                return reservation, renewed_until
             except NoFreeBlocks:
                 if time.time() >= deadline:
-                    raise RequestFailedError(f"{rid}: no free KV blocks on {self.worker_id} before the deadline")
+                    raise asyncio.TimeoutError  # generate() ends the request with the deadline error
                 if prefill is not None and time.monotonic() - last_renew > renew_every:
-                    await asyncio.wait_for(prefill.renew.remote(rid), self.spec.transfer.deadline_s)
+                    renewed_until = await asyncio.wait_for(prefill.renew.remote(rid), self.spec.transfer.deadline_s)
                     last_renew = time.monotonic()
                 await asyncio.sleep(0.01)
 

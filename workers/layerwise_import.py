@@ -28,7 +28,7 @@ class LayerwiseImport:
     async def _remote_prefill_layerwise(self, req: GenerateRequest, prefill_id: str, prefill,
                                         deadline: float) -> TokenDelta:
         rid, tx = req.request_id, self.transceiver
-        reservation = await self._reserve(req, None, deadline)
+        reservation, _ = await self._reserve(req, None, deadline)
         n = reservation.num_local_cached_blocks
         if n == len(reservation.block_ids):  # every block is cached here: nothing to stream
             await self.loop.call(lambda e: e.abort(rid))

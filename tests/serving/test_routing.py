@@ -153,7 +153,7 @@ def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(c
                          router__prefill_rate_prior_tokens_per_s=2000,
                          router__local_prefill_rate_prior_tokens_per_s=1000, router__ttft_transfer_allowance_s=0.01,
                          router__local_prefill_max_pending_tokens=4096)
-    model = cluster.config.model.served_model_name
+    model, block_size = cluster.config.model.served_model_name, cluster.config.engine.block_size
     decodes = [actor_of(cluster, wid) for wid in workers_of(url, "decode")]
     (prefill_id,) = workers_of(url, "prefill")
     prefill_actor = actor_of(cluster, prefill_id)
@@ -186,7 +186,8 @@ def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(c
     assert "disaggregated" in reasons and "ttft_local" in reasons, reasons
     for d in decisions:
         assert d["ttft_local_s"] > 0 and d["ttft_remote_s"] > 0, d
-        local_allowed = d["local_pending_tokens"] <= 4096
+        fits = -(-d["local_pending_tokens"] // block_size) <= d["local_free_blocks"]
+        local_allowed = d["local_pending_tokens"] <= 4096 and fits
         assert (d["reason"] == "ttft_local") == (local_allowed and d["ttft_local_s"] < d["ttft_remote_s"]), d
     after = sum(counters(a)["num_local_prefills"] for a in decodes)
     assert after - before >= reasons.count("ttft_local"), (before, after, reasons)

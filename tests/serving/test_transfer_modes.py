@@ -128,6 +128,74 @@ def test_stale_handshake_is_renewed_once_inside_the_read(cluster, workers):
     assert_no_leaks(cluster.url)
 
 
+def _hold_free_blocks(worker, hold_s: float) -> None:
+    """Take every free KV block of the decode worker for hold_s (on its engine thread)."""
+    import asyncio
+
+    def grab(engine):
+        worker.held_blocks = engine.pool.allocate(engine.pool.num_free)
+
+    def free(engine):
+        engine.pool.free(worker.held_blocks)
+        worker.held_blocks = []
+
+    async def hold():
+        await worker.loop.call(grab)
+        await asyncio.sleep(hold_s)
+        await worker.loop.call(free)
+
+    worker.held_blocks = None
+    asyncio.run_coroutine_threadsafe(hold(), worker.loop._loop)  # __ray_call__ runs fn off the actor's loop
+
+
+def _set_lease_ttl(worker, ttl_s: float) -> None:
+    transfer = worker.spec.transfer.model_copy(update={"lease_ttl_s": ttl_s})
+    worker.spec = dataclasses.replace(worker.spec, transfer=transfer)
+
+
+def hold_free_blocks(decode, hold_s: float) -> None:
+    on_worker(decode, _hold_free_blocks, hold_s)
+    wait_for(lambda: on_worker(decode, lambda w: w.held_blocks is not None), 30, "the blocks to be taken")
+
+
+def test_import_waits_for_blocks_past_its_lease_ttl(cluster, workers):
+    """With no free KV block on the decode worker for longer than the handle's lease (TTL 2 s,
+    blocks held 4 s), the import waits, renewing the lease, and READs within the renewed lease:
+    no transfer failure, no fallback, tokens as colocated. A request whose deadline passes while it
+    waits ends with the deadline error and is not prefilled locally afterwards."""
+    decode, pf = workers["decode"], workers["prefill_ids"][1]
+    prompt = [(i * 13) % 300 + 3 for i in range(40)]
+    want = generate(decode, prompt)
+    ttl_s = on_worker(decode, lambda w: w.spec.transfer.lease_ttl_s)
+    set_layerwise(decode, False)
+    on_worker(decode, _set_lease_ttl, 2.0)
+    try:
+        before, before_p = counters(decode), counters(workers[pf])
+        hold_free_blocks(decode, 4.0)
+        assert generate(decode, prompt, [pf]) == want
+        after, after_p = counters(decode), counters(workers[pf])
+        assert after["num_transfers"] - before["num_transfers"] == 1
+        assert (after["num_transfer_failures"], after["num_prefill_retries"], after["num_prefill_fallbacks"],
+                after["num_local_prefills"]) == (before["num_transfer_failures"], before["num_prefill_retries"],
+                                                 before["num_prefill_fallbacks"], before["num_local_prefills"])
+        assert after_p["num_leases_expired"] == before_p["num_leases_expired"]
+
+        hold_free_blocks(decode, 4.0)
+        req = GenerateRequest(f"t-{uuid.uuid4().hex[:8]}", tuple(prompt), GREEDY, cache_salt=uuid.uuid4().hex,
+                              prefill_candidates=(pf,), deadline_s=2.0)
+        deltas = [ray.get(ref, timeout=60) for ref in decode.generate.options(num_returns="streaming").remote(req)]
+        assert [d.error for d in deltas] == ["request deadline of 2 s exceeded"]
+        final = counters(decode)
+        assert final["num_prefill_fallbacks"] == after["num_prefill_fallbacks"]
+        assert final["num_local_prefills"] == after["num_local_prefills"]
+    finally:
+        on_worker(decode, _set_lease_ttl, ttl_s)
+        set_layerwise(decode, True)
+    wait_for(lambda: on_worker(decode, lambda w: w.held_blocks == []), 30, "the held blocks to be given back")
+    assert decode_engine_requests(decode) == []
+    assert_no_leaks(cluster.url)
+
+
 def _hold_after_layer_0(worker, hold_s: float) -> None:
     tx = worker.transceiver
     make_sender = type(tx).layerwise_sender

@@ -103,6 +103,7 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks. False if unknown (already done)."""
+        self.scheduler.import_waits.pop(request_id, None)
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
@@ -145,7 +146,9 @@ class Engine:
         hits = self.pool.lookup(req.block_hashes())[: n // self.block_size] if self.config.enable_prefix_caching else []
         need = -(-n // self.block_size) - len(hits)
         if need > self.pool.num_free - sum(1 for b in hits if self.pool.ref_count[b] == 0):
+            self.scheduler.want_for_import(request_id, need)
             raise NoFreeBlocks(f"{need} blocks needed for an import, {self.pool.num_free} free")
+        self.scheduler.import_waits.pop(request_id, None)
         self.pool.touch(hits)
         req.block_ids = tuple(hits + self.pool.allocate(need))
         self._launched.wait_for_blocks(req.block_ids)  # a peer writes them outside the device's order

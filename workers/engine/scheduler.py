@@ -5,11 +5,16 @@ Policy, per step, under a token budget:
    when blocks run out, the newest running request is preempted (blocks freed, recomputed later,
    cheaply, through the prefix cache);
 2. then waiting requests FCFS, admitted only if their next chunk's blocks are free right now
-   (a prefix-cache hit reuses cached blocks and skips their compute).
+   (a prefix-cache hit reuses cached blocks and skips their compute), leaving aside the blocks
+   that imports waiting for free blocks asked for (want_for_import): a request prefilled elsewhere
+   is further along, and its prefill worker holds its KV pinned until we read it. Without that,
+   under KV pressure on a decode worker that also prefills locally, every freed block went to
+   the next local admission and imports waited past their leases (2x H200, benchmarks/README.md).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -41,6 +46,10 @@ class Scheduler:
         self.num_prompt_tokens_hit = 0
         self.blocks_held_elsewhere = lambda: 0  # pinned/reserved blocks, set by the engine
         self.on_free = lambda req: None  # called with a request right before its blocks are freed
+        # request id -> (blocks an import asked for and did not get, when it last asked); an entry
+        # lapses IMPORT_WAIT_TTL_S after the last ask, so a caller that went away unannounced
+        # holds nothing back for long
+        self.import_waits: dict[str, tuple[int, float]] = {}
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -62,6 +71,17 @@ class Scheduler:
         self.on_free(req)
         self.pool.free(reversed(req.block_ids))  # tail first: head blocks stay cached longest
         req.block_ids = ()
+
+    def want_for_import(self, request_id: str, num_blocks: int) -> None:
+        """An import of ``num_blocks`` found too few free: keep them from new admissions meanwhile."""
+        if num_blocks <= self.pool.num_blocks:  # one that can never fit holds nothing back
+            self.import_waits[request_id] = (num_blocks, time.monotonic())
+
+    def blocks_wanted_by_imports(self) -> int:
+        now = time.monotonic()
+        for rid in [r for r, (_, t) in self.import_waits.items() if now - t > IMPORT_WAIT_TTL_S]:
+            del self.import_waits[rid]
+        return sum(n for n, _ in self.import_waits.values())
 
     # -- the step ------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -91,9 +111,10 @@ class Scheduler:
                 batch.num_new_tokens.append(n)
                 budget -= n
                 i += 1
+        held_back = self.blocks_wanted_by_imports() if self.import_waits else 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = self._admit(req, budget)
+            n = self._admit(req, budget, held_back)
             if n == 0:
                 break  # head of line waits for blocks
             self.waiting.popleft()
@@ -103,8 +124,9 @@ class Scheduler:
             budget -= n
         return batch
 
-    def _admit(self, req: Request, budget: int) -> int:
-        """Give a waiting request its prefix hit and the blocks for its next chunk; 0 if not now."""
+    def _admit(self, req: Request, budget: int, held_back: int = 0) -> int:
+        """Give a waiting request its prefix hit and the blocks for its next chunk, past the
+        ``held_back`` blocks that waiting imports asked for; 0 if not now."""
         if req.num_pending:
             # preempted while its last sampled token was still on the device: it is re-admitted once
             # that token is read back (the next step), so a recompute never needs a device-only token
@@ -119,7 +141,7 @@ class Scheduler:
         n = min(req.num_tokens - num_cached, budget)
         need = -(-(num_cached + n) // bs) - len(hits)
         free_after_touch = self.pool.num_free - sum(1 for b in hits if self.pool.ref_count[b] == 0)
-        if need > free_after_touch:
+        if need > free_after_touch - held_back:
             return 0
         self.pool.touch(hits)
         req.block_ids = tuple(hits + self.pool.allocate(need))
@@ -149,3 +171,6 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+
+
+IMPORT_WAIT_TTL_S = 2.0  # the decode worker asks again every 10 ms plus one engine step

@@ -4,6 +4,9 @@
 import pytest
 
 from tests.workers.engine.helpers import GREEDY, PROMPTS, assert_all_blocks_free, drain, make_engine, run_all
+from workers.engine import scheduler as scheduler_module
+from workers.engine.block_pool import NoFreeBlocks
+from workers.engine.request import RequestStatus
 from workers.protocol import FinishReason, SamplingParams
 
 
@@ -84,3 +87,58 @@ def test_seeded_sampling_same_when_split(tiny_checkpoint):
     out = {"r0": list(transfer(a, b, h, PROMPTS[2], sp).token_ids)}
     drain(b, out)
     assert out == colocated
+
+
+def test_waiting_import_goes_before_new_local_requests(tiny_checkpoint, monkeypatch):
+    """An import that found too few free blocks keeps the blocks it asked for from new local
+    admissions until it reserves them: the local request that would fit in the free blocks waits,
+    the import is served first, and both finish token-identical to colocated runs. A wait that
+    stops being asked for lapses; abort() withdraws it at once."""
+    model_dir = tiny_checkpoint("llama")
+    long_local, imported, short_local = list(range(30, 66)), list(range(100, 132)), [7, 8, 9, 10, 11, 12, 13, 14]
+    colocated = run_all(make_engine(model_dir), [long_local, imported, short_local])
+    a = make_engine(model_dir, worker_id="A")
+    b = make_engine(model_dir, worker_id="B", num_kv_blocks=16, blocks_per_segment=16)  # 16 blocks of 4 tokens
+    handle = prefill(a, [imported])["r0"]
+    out = {"r0": [], "r1": [], "r2": []}
+    b.add_request("r0", long_local, GREEDY)  # 9 blocks now, up to 12
+    for d in b.step().deltas:
+        out[d.request_id] += d.token_ids
+    with pytest.raises(NoFreeBlocks):
+        b.reserve_import("r1", imported, GREEDY)  # 8 blocks, 7 free
+    b.add_request("r2", short_local, GREEDY)  # 2 blocks: would fit, but the import asked first
+    res = None
+    while res is None:
+        assert b.requests["r2"].status == RequestStatus.WAITING
+        for d in b.step().deltas:
+            out[d.request_id] += d.token_ids
+        try:
+            res = b.reserve_import("r1", imported, GREEDY)
+        except NoFreeBlocks:
+            pass
+    assert "r0" not in b.requests  # the import got its blocks only once the long request finished
+    b.kv_cache.write_blocks(list(res.block_ids), a.kv_cache.read_blocks(list(handle.block_ids)))
+    assert a.release_handle("r0")
+    out["r1"] += b.commit_import("r1", handle.first_token_id, handle.first_logprob).token_ids
+    drain(b, out)
+    assert out == colocated
+    assert b.scheduler.import_waits == {}
+    assert_all_blocks_free(b)
+
+    # a wait nobody renews lapses; an aborted one is gone at once
+    b.add_request("r3", long_local, GREEDY)
+    b.step()
+    with pytest.raises(NoFreeBlocks):
+        b.reserve_import("r4", list(range(200, 232)), GREEDY)
+    assert b.scheduler.blocks_wanted_by_imports() == 8
+    monkeypatch.setattr(scheduler_module, "IMPORT_WAIT_TTL_S", 0.0)
+    assert b.scheduler.blocks_wanted_by_imports() == 0 and b.scheduler.import_waits == {}
+    monkeypatch.undo()
+    with pytest.raises(NoFreeBlocks):
+        b.reserve_import("r4", list(range(200, 232)), GREEDY)
+    assert b.abort("r4") is False and b.scheduler.import_waits == {}  # unknown request, wait withdrawn
+    b.add_request("r5", short_local, GREEDY)
+    b.step()
+    assert b.requests["r5"].status == RequestStatus.RUNNING
+    drain(b, {})
+    assert_all_blocks_free(b)
