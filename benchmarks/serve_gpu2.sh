@@ -7,14 +7,15 @@
 # budget (pools.prefill.engine.max_num_batched_tokens=8192, the fifth round's best), and the
 # per-request streams run again beside them as the baseline. JSON lines under $OUT (each row with
 # events, kv_blocks_in_use_after and worker_hops_ms); a summary last.
-#   usage: benchmarks/serve_gpu2.sh [streams|knees|hybrid|hybrid_ttft]
+#   usage: benchmarks/serve_gpu2.sh [streams|knees|hybrid|hybrid_ttft|hybrid_caps]
 #   streams (default): the above; knees: each mode past its knee (disaggregated 48-96, colocated
 #   64-160 req/s), rows with the attainment per SLO scale; hybrid: disaggregated at 96/128 req/s
 #   with conditional disaggregation (router.prefill_queue_threshold 4 and 8: the decode worker
 #   prefills locally while every prefill worker has that many queued); hybrid_ttft: the same
 #   cluster at 96/128 req/s, pure disaggregation vs router.conditional_disaggregation=ttft (the
 #   router keeps a prompt on the decode worker when its estimated TTFT is smaller there) with the
-#   decode worker's pending local prefill capped at 4096 and 2048 tokens (2 and 1 prompts)
+#   decode worker's pending local prefill capped at 4096 and 2048 tokens (2 and 1 prompts);
+#   hybrid_caps: at 96 req/s only, off vs ttft with caps of 2048, 4096 and 8192 tokens
 set -uo pipefail
 part=${1:-streams}
 out=${OUT:-/tmp/serve-gpu2}
@@ -32,7 +33,12 @@ run() {  # name, time limit (s), serve.py arguments...
 }
 ttft="--set router.conditional_disaggregation=ttft --set router.prefill_rate_prior_tokens_per_s=200000
   --set router.local_prefill_rate_prior_tokens_per_s=100000"
-if [ "$part" = hybrid_ttft ]; then
+if [ "$part" = hybrid_caps ]; then  # the ttft rule at 96 req/s: caps of 1, 2 and 4 prompts beside pure disaggregation
+  run hybrid_off 150 $p8k --rates 96
+  run hybrid_ttft4k 150 $p8k --rates 96 $ttft --set router.local_prefill_max_pending_tokens=4096
+  run hybrid_ttft8k 150 $p8k --rates 96 $ttft --set router.local_prefill_max_pending_tokens=8192
+  run hybrid_ttft2k $((570-(SECONDS-t0))) $p8k --rates 96 $ttft --set router.local_prefill_max_pending_tokens=2048
+elif [ "$part" = hybrid_ttft ]; then
   run hybrid_off 190 $p8k --rates 96,128
   run hybrid_ttft4k 190 $p8k --rates 96,128 $ttft --set router.local_prefill_max_pending_tokens=4096
   run hybrid_ttft2k $((570-(SECONDS-t0))) $p8k --rates 96,128 $ttft --set router.local_prefill_max_pending_tokens=2048
@@ -50,7 +56,7 @@ fi
 python3 - "$out" <<'PY'
 import json, pathlib, sys
 for name in ("disagg", "disagg_per_request", "colocated", "hybrid_q4", "hybrid_q8", "hybrid_off", "hybrid_ttft4k",
-             "hybrid_ttft2k"):
+             "hybrid_ttft8k", "hybrid_ttft2k"):
     path = pathlib.Path(sys.argv[1]) / f"{name}.jsonl"
     if not path.exists():
         continue
@@ -58,7 +64,7 @@ for name in ("disagg", "disagg_per_request", "colocated", "hybrid_q4", "hybrid_q
         r = json.loads(line)
         if "goodput_rps" in r:
             hops = r.get("worker_hops_ms", {})
-            print(name, {k: r.get(k) for k in ("mode", "rate", "goodput_rps", "slo_attainment", "slo_attainment_itl",
+            print(name, {k: r.get(k) for k in ("mode", "rate", "num_failed", "goodput_rps", "slo_attainment", "slo_attainment_itl",
                                                "ttft_p50_s", "ttft_p90_s", "itl_p50_s", "itl_p99_s", "tpot_p90_s",
                                                "slo_attainment_by_scale", "events", "kv_blocks_in_use_after",
                                                "overrides")},

@@ -6,10 +6,11 @@ Policy, per step, under a token budget:
    cheaply, through the prefix cache);
 2. then waiting requests FCFS, admitted only if their next chunk's blocks are free right now
    (a prefix-cache hit reuses cached blocks and skips their compute), leaving aside the blocks
-   that imports waiting for free blocks asked for (want_for_import): a request prefilled elsewhere
-   is further along, and its prefill worker holds its KV pinned until we read it. Without that,
-   under KV pressure on a decode worker that also prefills locally, every freed block went to
-   the next local admission and imports waited past their leases (2x H200, benchmarks/README.md).
+   that imports which began waiting for free blocks before this request arrived asked for
+   (want_for_import): first come, first served between the two. Without that, under KV pressure
+   on a decode worker that also prefills locally, every freed block went to the next local
+   admission and imports waited past their leases (2x H200, benchmarks/README.md); with imports
+   always first, preempted and local requests starved instead.
 """
 
 from __future__ import annotations
@@ -17,10 +18,17 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from workers.engine.block_pool import BlockPool
 from workers.engine.config import EngineConfig
 from workers.engine.request import Request, RequestStatus
+
+
+class ImportWait(NamedTuple):
+    num_blocks: int  # what the import asked for and did not get
+    since: float  # time.time() of its first ask (compared with Request.arrival_time)
+    last_ask: float  # time.monotonic()
 
 
 @dataclass
@@ -46,10 +54,9 @@ class Scheduler:
         self.num_prompt_tokens_hit = 0
         self.blocks_held_elsewhere = lambda: 0  # pinned/reserved blocks, set by the engine
         self.on_free = lambda req: None  # called with a request right before its blocks are freed
-        # request id -> (blocks an import asked for and did not get, when it last asked); an entry
-        # lapses IMPORT_WAIT_TTL_S after the last ask, so a caller that went away unannounced
-        # holds nothing back for long
-        self.import_waits: dict[str, tuple[int, float]] = {}
+        # request id -> ImportWait; an entry lapses IMPORT_WAIT_TTL_S after the last ask, so a
+        # caller that went away unannounced holds nothing back for long
+        self.import_waits: dict[str, ImportWait] = {}
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -73,15 +80,17 @@ class Scheduler:
         req.block_ids = ()
 
     def want_for_import(self, request_id: str, num_blocks: int) -> None:
-        """An import of ``num_blocks`` found too few free: keep them from new admissions meanwhile."""
+        """An import of ``num_blocks`` found too few free: keep them from later arrivals meanwhile."""
         if num_blocks <= self.pool.num_blocks:  # one that can never fit holds nothing back
-            self.import_waits[request_id] = (num_blocks, time.monotonic())
+            since = self.import_waits[request_id].since if request_id in self.import_waits else time.time()
+            self.import_waits[request_id] = ImportWait(num_blocks, since, time.monotonic())
 
-    def blocks_wanted_by_imports(self) -> int:
+    def blocks_wanted_by_imports(self, arrived_at: float = float("inf")) -> int:
+        """Blocks asked for by imports that began waiting before ``arrived_at`` (default: all)."""
         now = time.monotonic()
-        for rid in [r for r, (_, t) in self.import_waits.items() if now - t > IMPORT_WAIT_TTL_S]:
+        for rid in [r for r, w in self.import_waits.items() if now - w.last_ask > IMPORT_WAIT_TTL_S]:
             del self.import_waits[rid]
-        return sum(n for n, _ in self.import_waits.values())
+        return sum(w.num_blocks for w in self.import_waits.values() if w.since < arrived_at)
 
     # -- the step ------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -111,9 +120,9 @@ class Scheduler:
                 batch.num_new_tokens.append(n)
                 budget -= n
                 i += 1
-        held_back = self.blocks_wanted_by_imports() if self.import_waits else 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            held_back = self.blocks_wanted_by_imports(req.arrival_time) if self.import_waits else 0
             n = self._admit(req, budget, held_back)
             if n == 0:
                 break  # head of line waits for blocks
@@ -126,7 +135,7 @@ class Scheduler:
 
     def _admit(self, req: Request, budget: int, held_back: int = 0) -> int:
         """Give a waiting request its prefix hit and the blocks for its next chunk, past the
-        ``held_back`` blocks that waiting imports asked for; 0 if not now."""
+        ``held_back`` blocks that imports waiting since before it asked for; 0 if not now."""
         if req.num_pending:
             # preempted while its last sampled token was still on the device: it is re-admitted once
             # that token is read back (the next step), so a recompute never needs a device-only token

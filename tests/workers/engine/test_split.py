@@ -92,8 +92,9 @@ def test_seeded_sampling_same_when_split(tiny_checkpoint):
 def test_waiting_import_goes_before_new_local_requests(tiny_checkpoint, monkeypatch):
     """An import that found too few free blocks keeps the blocks it asked for from new local
     admissions until it reserves them: the local request that would fit in the free blocks waits,
-    the import is served first, and both finish token-identical to colocated runs. A wait that
-    stops being asked for lapses; abort() withdraws it at once."""
+    the import is served first, and both finish token-identical to colocated runs. One that
+    arrived before the import began waiting goes first. A wait that stops being asked for lapses;
+    abort() withdraws it at once."""
     model_dir = tiny_checkpoint("llama")
     long_local, imported, short_local = list(range(30, 66)), list(range(100, 132)), [7, 8, 9, 10, 11, 12, 13, 14]
     colocated = run_all(make_engine(model_dir), [long_local, imported, short_local])
@@ -125,11 +126,15 @@ def test_waiting_import_goes_before_new_local_requests(tiny_checkpoint, monkeypa
     assert b.scheduler.import_waits == {}
     assert_all_blocks_free(b)
 
-    # a wait nobody renews lapses; an aborted one is gone at once
+    # first come, first served: a request that arrived before the import began waiting goes first
     b.add_request("r3", long_local, GREEDY)
     b.step()
+    b.add_request("r6", [40, 41, 42, 43, 44], GREEDY)
     with pytest.raises(NoFreeBlocks):
         b.reserve_import("r4", list(range(200, 232)), GREEDY)
+    b.step()
+    assert b.requests["r6"].status == RequestStatus.RUNNING
+    # a wait nobody renews lapses; an aborted one is gone at once
     assert b.scheduler.blocks_wanted_by_imports() == 8
     monkeypatch.setattr(scheduler_module, "IMPORT_WAIT_TTL_S", 0.0)
     assert b.scheduler.blocks_wanted_by_imports() == 0 and b.scheduler.import_waits == {}
