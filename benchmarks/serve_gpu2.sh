@@ -7,7 +7,7 @@
 # budget (pools.prefill.engine.max_num_batched_tokens=8192, the fifth round's best), and the
 # per-request streams run again beside them as the baseline. JSON lines under $OUT (each row with
 # events, kv_blocks_in_use_after and worker_hops_ms); a summary last.
-#   usage: benchmarks/serve_gpu2.sh [streams|knees|hybrid|hybrid_ttft|hybrid_caps]
+#   usage: benchmarks/serve_gpu2.sh [streams|knees|hybrid|hybrid_ttft|hybrid_caps|hybrid_vs_coloc]
 #   streams (default): the above; knees: each mode past its knee (disaggregated 48-96, colocated
 #   64-160 req/s), rows with the attainment per SLO scale; hybrid: disaggregated at 96/128 req/s
 #   with conditional disaggregation (router.prefill_queue_threshold 4 and 8: the decode worker
@@ -15,7 +15,8 @@
 #   cluster at 96/128 req/s, pure disaggregation vs router.conditional_disaggregation=ttft (the
 #   router keeps a prompt on the decode worker when its estimated TTFT is smaller there) with the
 #   decode worker's pending local prefill capped at 4096 and 2048 tokens (2 and 1 prompts);
-#   hybrid_caps: at 96 req/s only, off vs ttft with caps of 2048, 4096 and 8192 tokens
+#   hybrid_caps: at 96 req/s only, off vs ttft with caps of 2048, 4096 and 8192 tokens;
+#   hybrid_vs_coloc: ttft with the 2048-token cap vs colocated at 96/112/128 req/s
 set -uo pipefail
 part=${1:-streams}
 out=${OUT:-/tmp/serve-gpu2}
@@ -33,7 +34,10 @@ run() {  # name, time limit (s), serve.py arguments...
 }
 ttft="--set router.conditional_disaggregation=ttft --set router.prefill_rate_prior_tokens_per_s=200000
   --set router.local_prefill_rate_prior_tokens_per_s=100000"
-if [ "$part" = hybrid_caps ]; then  # the ttft rule at 96 req/s: caps of 1, 2 and 4 prompts beside pure disaggregation
+if [ "$part" = hybrid_vs_coloc ]; then  # the ttft rule with a one-prompt cap vs 2 colocated workers past 96 req/s
+  run hybrid_ttft2k 190 $p8k --rates 96,112,128 $ttft --set router.local_prefill_max_pending_tokens=2048
+  run colocated $((385-(SECONDS-t0))) --modes colocated --rates 96,112,128
+elif [ "$part" = hybrid_caps ]; then  # the ttft rule at 96 req/s: caps of 1, 2 and 4 prompts beside pure disaggregation
   run hybrid_off 150 $p8k --rates 96
   run hybrid_ttft4k 150 $p8k --rates 96 $ttft --set router.local_prefill_max_pending_tokens=4096
   run hybrid_ttft8k 150 $p8k --rates 96 $ttft --set router.local_prefill_max_pending_tokens=8192
