@@ -204,15 +204,20 @@ class RoundRobin:
         self._last: dict[Role, str] = {}
 
     def choose(self, role: Role, candidates: Sequence[WorkerLoad], num_request_blocks: int = 0,
-               overlaps: Mapping[str, int] | None = None) -> RoutingDecision:
+               overlaps: Mapping[str, int] | None = None, advance: bool = True) -> RoutingDecision:
+        """The next worker of the cycle; ``advance=False`` only looks (commit() moves on to it)."""
         eligible, num_draining = _eligible(role, candidates)
         overlaps = overlaps or {}
         scores = [WorkerScore(w.worker_id, 0.0, _overlap(overlaps, w.worker_id, num_request_blocks),
                               w.num_running + w.num_waiting) for w in eligible]
         last = self._last.get(role)
         chosen = next((s for s in scores if last is None or s.worker_id > last), scores[0])
-        self._last[role] = chosen.worker_id
+        if advance:
+            self.commit(role, chosen.worker_id)
         return _decision(role, chosen, "round_robin", num_request_blocks, scores, num_draining)
+
+    def commit(self, role: Role, worker_id: str) -> None:
+        self._last[role] = worker_id
 
 
 def should_prefill_locally(num_uncached_tokens: int, threshold_tokens: int) -> bool:
@@ -276,7 +281,9 @@ def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Seque
     if mode == "queue" and prefill_queue_full(prefill_candidates, config.prefill_queue_threshold):
         return RoutePlan(decode, None, num_uncached, "prefill_queue_full")
     if config.policy == "round_robin":
-        prefill = round_robin.choose(Role.PREFILL, prefill_candidates, request_blocks, overlaps)
+        # under ttft a prompt may yet stay local: the cycle moves on only once it goes to this worker
+        prefill = round_robin.choose(Role.PREFILL, prefill_candidates, request_blocks, overlaps,
+                                     advance=mode != "ttft")
     elif config.policy == "cache_aware":
         prefill = choose_cache_aware(Role.PREFILL, request_blocks, prefill_candidates, overlaps,
                                      **_cache_aware_args(config))
@@ -296,6 +303,8 @@ def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Seque
             local_max_pending_tokens=config.local_prefill_max_pending_tokens, block_size=block_size)
         if estimate.prefers_local:
             return RoutePlan(decode, None, num_uncached, "ttft_local", estimate)
+        if config.policy == "round_robin":
+            round_robin.commit(Role.PREFILL, prefill.worker_id)
     return RoutePlan(decode, prefill, num_uncached, "disaggregated", estimate, num_remote_uncached)
 
 

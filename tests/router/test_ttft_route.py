@@ -5,7 +5,7 @@ import pydantic
 import pytest
 
 from router.config import RouterConfig
-from router.policy import estimate_ttft, plan_route
+from router.policy import RoundRobin, estimate_ttft, plan_route
 from router.prefill_rates import PrefillRates
 from workers.protocol import Role, WorkerLoad
 
@@ -79,6 +79,18 @@ def test_decode_worker_short_of_kv_blocks_keeps_the_prompt_disaggregated():
     assert plan.reason == "disaggregated" and plan.ttft.local_pending_tokens == 512
     plan = plan_route(512, 16, [WorkerLoad("d1", Role.DECODE, 4, 0, 512 - 32, 512)], busy, {}, ttft_config())
     assert plan.reason == "ttft_local" and plan.ttft.local_free_blocks == 32
+
+
+def test_round_robin_cycle_moves_only_for_prompts_sent_to_a_prefill_worker():
+    rr = RoundRobin()
+    prefills = [prefill("p1"), prefill("p2")]
+    config = ttft_config(policy="round_robin")
+    assert plan_route(512, 16, [decode("d1")], prefills, {}, config, round_robin=rr).prefill.worker_id == "p1"
+    # kept local (busy prefill workers): the cycle stays where it was
+    busy = [prefill("p1", pending=80000), prefill("p2", pending=80000)]
+    assert plan_route(512, 16, [decode("d1")], busy, {}, config, round_robin=rr).reason == "ttft_local"
+    assert plan_route(512, 16, [decode("d1")], prefills, {}, config, round_robin=rr).prefill.worker_id == "p2"
+    assert plan_route(512, 16, [decode("d1")], prefills, {}, config, round_robin=rr).prefill.worker_id == "p1"
 
 
 def test_learned_rates_override_the_priors_and_cached_prefixes_count():
