@@ -1,0 +1,102 @@
+"""The engine's disaggregation split points (a mixin of Engine, workers/engine/engine.py).
+
+Prefill side: a prefill-only request's blocks stay pinned after its first token (_pin) until
+release_handle(). Decode side: reserve_import() allocates the blocks a peer writes the prompt's KV
+into, commit_import() starts decoding from the first token sampled over there, abort() (Engine)
+frees a reservation that will not be committed. While an import finds too few free blocks, the
+scheduler holds the blocks it asked for back from requests that arrive after it (want_for_import).
+
+Uses Engine's pool, scheduler, requests, block_size, config, layout, kv_cache, worker_id,
+_launched, _new_request, _publish_blocks and _append_token.
+"""
+
+from __future__ import annotations
+
+import time
+
+from workers.engine.block_pool import NoFreeBlocks
+from workers.engine.outputs import ImportReservation
+from workers.engine.request import Request, RequestStatus
+from workers.protocol import KVHandle, SamplingParams, TokenDelta
+
+
+class SplitPoints:
+    def release_handle(self, request_id: str) -> bool:
+        """Free a prefill-only request's pinned blocks. False if it is not pinned (unknown/freed)."""
+        req = self.requests.get(request_id)
+        if req is None or req.status != RequestStatus.PINNED:
+            return False
+        del self.requests[request_id]
+        self.scheduler.free_blocks(req)
+        req.status = RequestStatus.FINISHED
+        return True
+
+    def num_cached_prompt_tokens(self, prompt_token_ids: list[int], cache_salt: str | None = None) -> int:
+        """Tokens of this prompt whose KV is already cached here (full blocks). Safe to call from a
+        thread other than the engine's: it only reads (dict lookups and set membership, each atomic
+        under the GIL), so the answer is advisory (a block can be evicted right after)."""
+        from workers.block_hash import block_hashes
+
+        return len(self.pool.lookup(block_hashes(prompt_token_ids, self.block_size, cache_salt))) * self.block_size
+
+    def reserve_import(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                       cache_salt: str | None = None) -> ImportReservation:
+        """Allocate blocks for a prompt whose KV will be written into them from elsewhere.
+        Raises NoFreeBlocks when they are not free right now (nothing is held then)."""
+        req = self._new_request(request_id, prompt_token_ids, sampling, cache_salt, prefill_only=False)
+        n = req.num_prompt_tokens
+        hits = self.pool.lookup(req.block_hashes())[: n // self.block_size] if self.config.enable_prefix_caching else []
+        need = -(-n // self.block_size) - len(hits)
+        if need > self.pool.num_free - sum(1 for b in hits if self.pool.ref_count[b] == 0):
+            self.scheduler.want_for_import(request_id, need)
+            raise NoFreeBlocks(f"{need} blocks needed for an import, {self.pool.num_free} free")
+        self.scheduler.import_waits.pop(request_id, None)
+        self.pool.touch(hits)
+        req.block_ids = tuple(hits + self.pool.allocate(need))
+        self._launched.wait_for_blocks(req.block_ids)  # a peer writes them outside the device's order
+        req.num_hashed_blocks = len(hits)
+        req.num_cached_tokens = len(hits) * self.block_size
+        req.status = RequestStatus.RESERVED
+        self.requests[request_id] = req
+        return ImportReservation(request_id, tuple(req.block_ids), len(hits))
+
+    def detach_import(self, request_id: str) -> str:
+        """Keep a reservation's blocks but free its request id (for a retry under the same id):
+        a peer may still WRITE into the blocks, so they stay allocated until abort(returned key)."""
+        req = self.requests.get(request_id)
+        if req is None or req.status != RequestStatus.RESERVED:
+            raise KeyError(f"no reserved import for request {request_id!r}")
+        key = f"{request_id}/detached-{id(req):x}"
+        del self.requests[request_id]
+        req.request_id = key
+        self.requests[key] = req
+        return key
+
+    def commit_import(self, request_id: str, first_token_id: int, first_logprob: float | None = None,
+                      first_top_logprobs=None, num_cached_tokens: int | None = None) -> TokenDelta:
+        """The reserved blocks now hold the prompt's KV: continue from the first sampled token."""
+        req = self.requests.get(request_id)
+        if req is None or req.status != RequestStatus.RESERVED:
+            raise KeyError(f"no reserved import for request {request_id!r}")
+        req.num_computed_tokens = req.num_prompt_tokens
+        if num_cached_tokens is not None:
+            req.num_cached_tokens = max(req.num_cached_tokens, num_cached_tokens)
+        self._publish_blocks(req)
+        self.scheduler.add_running(req)
+        return self._append_token(req, first_token_id, first_logprob, first_top_logprobs)
+
+    def _num_held_blocks(self) -> int:
+        return sum(len(r.block_ids) for r in self.requests.values()
+                   if r.status in (RequestStatus.PINNED, RequestStatus.RESERVED))
+
+    def _pin(self, req: Request, token_id: int, logprob, top) -> KVHandle:
+        self.scheduler.running.remove(req)
+        req.status = RequestStatus.PINNED
+        now = time.time()
+        return KVHandle(
+            request_id=req.request_id, worker_id=self.worker_id, block_ids=tuple(req.block_ids),
+            num_tokens=req.num_prompt_tokens, first_token_id=token_id, first_logprob=logprob,
+            first_top_logprobs=tuple(top) if top else None, compat_hash=self.layout.compat_hash(),
+            kv_epoch=self.kv_cache.epoch, lease_ttl_s=0.0, expires_at=now,
+            num_cached_tokens=req.num_cached_tokens,
+        )
