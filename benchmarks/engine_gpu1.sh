@@ -13,7 +13,11 @@
 #   gemv:    the batch-1 Triton GEMV (engine.gemv) with the wide tiles gemv_probe.py found on an
 #            H200: its GPU checks, where a decode step's host time goes (batch 1 and 32), and
 #            engine.py decode_b1 + batch32 with and without it, in the same call
-#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv
+#   gemv_fault: engine.py's decode_b1 + batch32 with engine.gemv, the call that died with an illegal
+#            memory access in the batch32 warm-up (H100 and H200, tenth session), first as is (does
+#            it still?), then under compute-sanitizer memcheck (on the device image), which names
+#            the faulting kernel and address; its log is $OUT/sanitizer.err
+#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -56,6 +60,14 @@ case $part in
       --decode-variants "kernel=general;kernel=split;kernel=split,chunk_keys=128;kernel=split,chunk_keys=512;kernel=split,chunk_keys=256,block_n=128"
     step profile_long 170 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 --prompt-len 2048 \
       --decode-variants "kernel=general;kernel=split;kernel=split,chunk_keys=128;kernel=split,chunk_keys=512;kernel=split,chunk_keys=256,block_n=128"
+    ;;
+  gemv_fault)
+    step engine_gemv 150 python3 benchmarks/engine.py --device cuda --model llama-1b-shape --workloads decode_b1,batch \
+      --scheduling async --gemv
+    step sanitizer $((560 - (SECONDS - t0))) /usr/local/cuda/bin/compute-sanitizer --tool memcheck --print-limit 8 \
+      python3 benchmarks/engine.py --device cuda --model llama-1b-shape --workloads decode_b1,batch \
+      --scheduling async --gemv
+    grep -m 20 -E "Invalid|ERROR SUMMARY|at 0x|by thread|Address" "$out/sanitizer.err" "$out/sanitizer.jsonl"
     ;;
   gemv)
     step host 120 python3 benchmarks/host_profile.py --batch-sizes 1,32
