@@ -14,9 +14,7 @@ host-bound when it is near zero.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
-import pstats
 import statistics
 import sys
 import time
@@ -26,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.engine import build_model, prompts  # noqa: E402
+from benchmarks.profile_top import run_profiled, top_own_us  # noqa: E402
 from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.protocol import SamplingParams  # noqa: E402
@@ -40,19 +39,12 @@ PHASES = {"step": ("engine.py", "step"), "schedule": ("scheduler.py", "schedule"
 
 
 def profile_steps(engine: Engine, steps: int) -> tuple[dict, list]:
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(steps):
-        engine.step()
-    prof.disable()
-    stats = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tottime, cumtime, callers)}
+    stats = run_profiled(engine.step, steps)
     phases = {}
     for name, (suffix, func) in PHASES.items():
         cum = [v[3] for (f, _, fn), v in stats.items() if f.endswith(suffix) and fn == func]
         phases[name] = round(sum(cum) * 1e6 / steps, 1) if cum else None
-    top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:25]
-    rows = [(f"{Path(f).name}:{line}:{fn}", v[1] // steps, round(v[2] * 1e6 / steps, 1)) for (f, line, fn), v in top]
-    return phases, rows
+    return phases, top_own_us(stats, steps)
 
 
 def main() -> None:

@@ -24,15 +24,15 @@ line comparing the two.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
 import os
-import pstats
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from profile_top import run_profiled, top_own_us  # this script's folder (--before: before any other tree's path)
 
 os.environ["TRITON_INTERPRET"] = "1"  # the Triton backend on CPU tensors; its kernels are never launched
 REPO = Path(__file__).resolve().parents[1]
@@ -98,15 +98,8 @@ def measure(tree: Path, sizes: list[int], steps: int, prompt_len: int, profile: 
                "mean_us": round(statistics.fmean(times) * 1e6, 1),
                "graph_steps": engine.runner.graphs.num_replays - replays}  # decode steps on the graph path
         if profile:
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(steps):
-                engine.step()
-            prof.disable()
-            stats = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tottime, cumtime, callers)}
-            top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:25]
-            row["top_own_us"] = [(f"{Path(f).name}:{line}:{fn}", v[1] // steps, round(v[2] * 1e6 / steps, 1))
-                                 for (f, line, fn), v in top]
+            stats = run_profiled(engine.step, steps)
+            row["top_own_us"] = top_own_us(stats, steps)
             row["calls_per_step"] = sum(v[1] for v in stats.values()) // steps
         rows.append(row)
         for i in range(n):
