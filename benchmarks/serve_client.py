@@ -133,6 +133,7 @@ EVENT_COUNTERS = {"pdserve_transfers_total": "kv_transfers", "pdserve_preemption
                   "pdserve_kv_leases_expired_total": "leases_expired",
                   "pdserve_transfer_failures_total": "transfer_failures",
                   "pdserve_local_prefills_total": "local_prefills", "pdserve_migrations_total": "migrations",
+                  "pdserve_import_waits_total": "import_waits",
                   # a gauge: referenced KV blocks; once a run is over and idle, anything here is a leak
                   "pdserve_kv_used_blocks": "kv_blocks_in_use"}
 

@@ -182,7 +182,7 @@ class KVResizer(PeriodicLoop):
         used = s.num_used_blocks
         return WorkerKVState(worker_id=w.worker_id, role=w.role, quota_blocks=s.num_target_blocks, used_blocks=used,
                              pinned_blocks=min(s.num_pinned_blocks, used), cached_free_blocks=s.num_cached_free_blocks,
-                             num_waiting=s.num_waiting, num_preemptions=max(0, preemptions))
+                             num_waiting=s.num_waiting + s.num_waiting_imports, num_preemptions=max(0, preemptions))
 
     def status(self) -> dict:
         return {"enabled": True, "interval_s": self.config.interval_s, "num_rounds": self.num_rounds,

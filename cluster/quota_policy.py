@@ -72,7 +72,7 @@ class WorkerKVState:
     used_blocks: int  # blocks that cannot be freed now: held by requests, pinned ones included
     pinned_blocks: int = 0  # the part of used_blocks pinned for a KV transfer lease
     cached_free_blocks: int = 0  # free blocks keeping reusable prefixes (a shrink may evict them)
-    num_waiting: int = 0  # requests queued for lack of blocks or batch room
+    num_waiting: int = 0  # requests queued for lack of blocks or batch room, and imports waiting for blocks
     num_preemptions: int = 0  # requests preempted for lack of blocks since the last round
 
     def __post_init__(self) -> None:

@@ -220,6 +220,7 @@ class WorkerCounters:
     num_prefill_retries: int = 0
     num_leases_expired: int = 0
     num_preemptions: int = 0
+    num_import_waits: int = 0  # decode: imports that found too few free KV blocks and waited
 
 
 @dataclass(frozen=True)

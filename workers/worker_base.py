@@ -170,7 +170,8 @@ class WorkerBase:
             num_pending_prefill_tokens=stats.num_pending_prefill_tokens,
         )
         self.counters.update(num_prompt_tokens=stats.prompt_tokens_queried,
-                             num_prompt_tokens_cached=stats.prompt_tokens_hit, num_preemptions=stats.num_preemptions)
+                             num_prompt_tokens_cached=stats.prompt_tokens_hit, num_preemptions=stats.num_preemptions,
+                             num_import_waits=stats.num_import_waits)
         self.counters.update(self.transceiver.counters() if self.transceiver is not None else {})
         return WorkerState(load, tuple(events), complete, snapshot, last_seq, WorkerCounters(**self.counters))
 

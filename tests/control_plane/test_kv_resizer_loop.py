@@ -27,9 +27,10 @@ def process(node="n1", percent=50.0, total=16 * GIB, device="cpu", device_total=
 class Worker:
     """Double of one worker's KV memory, resizing as the engine's SegmentResizer does."""
 
-    def __init__(self, wid, role, quota, used=0, waiting=0, node="n1", draining=False):
+    def __init__(self, wid, role, quota, used=0, waiting=0, node="n1", draining=False, imports=0):
         self.wid, self.role, self.node, self.draining = wid, role, node, draining
         self.target, self.used, self.waiting, self.preemptions = quota, used, waiting, 0
+        self.imports = imports  # KV imports waiting for free blocks
         self.percent = 50.0
 
     @property
@@ -45,7 +46,8 @@ class Worker:
                             num_used_blocks=self.used, num_free_blocks=self.allocated - self.used,
                             num_cached_free_blocks=0, num_total_blocks=self.allocated, num_target_blocks=self.target,
                             num_pinned_blocks=0, num_preemptions=self.preemptions, num_evictions=0,
-                            prompt_tokens_queried=0, prompt_tokens_hit=0, kv_bytes=self.allocated * BLOCK_BYTES)
+                            prompt_tokens_queried=0, prompt_tokens_hit=0, kv_bytes=self.allocated * BLOCK_BYTES,
+                            num_waiting_imports=self.imports)
         probe = WorkerProbe(self.wid, 0.0, stats=stats, num_inflight=1, process=process(self.node, self.percent))
         return QuotaWorker(self.wid, self.role, probe, self.draining)
 
@@ -219,3 +221,15 @@ async def test_the_budget_fraction_from_the_config_sets_the_node_budget():
         plans = await Node(Worker("decode-0", Role.DECODE, 256)).resizer(None, **config).step()
         budgets[fraction] = plans["n1"].budget_blocks
     assert budgets == {0.3: int(16 * GIB * 0.3) // BLOCK_BYTES, 0.1: int(16 * GIB * 0.1) // BLOCK_BYTES}
+
+
+async def test_imports_waiting_for_blocks_count_as_demand():
+    """A decode worker whose KV imports wait for free blocks (its scheduler queue empty: imports
+    are not in it) gets the larger share, as one with as many requests waiting would."""
+    a = Worker("decode-a", Role.DECODE, 256, used=250, imports=6)
+    b = Worker("decode-b", Role.DECODE, 256, used=250)
+    node = Node(a, b)
+    r = node.resizer(budget_blocks=640)
+    for _ in range(8):
+        await r.step()
+    assert a.target > b.target >= b.used

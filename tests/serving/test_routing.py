@@ -135,7 +135,17 @@ def test_full_prefill_queues_keep_prompts_on_their_decode_worker(cluster):
     assert_no_leaks(url)
 
 
-def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(cluster):
+@pytest.fixture(scope="module")
+def ttft_url(cluster):
+    # priors: an idle prefill worker wins (~100 tokens: 0.06 s vs 0.1 s locally); two queued prompts
+    # there (router-side count, before any poll) already make a decode worker's own prefill faster
+    return attach_ingress(cluster, "routing-ttft", router__conditional_disaggregation="ttft",
+                          router__prefill_rate_prior_tokens_per_s=2000,
+                          router__local_prefill_rate_prior_tokens_per_s=1000, router__ttft_transfer_allowance_s=0.01,
+                          router__local_prefill_max_pending_tokens=4096)
+
+
+def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(cluster, ttft_url):
     """router.conditional_disaggregation: ttft on a third endpoint. The prefill worker's steps are
     slowed (a busy prefill GPU); a burst of long prompts: the router weighs both paths per prompt,
     sends some to the prefill worker and keeps others on their decode workers (reason ttft_local,
@@ -147,12 +157,7 @@ def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(c
 
     from tests.reliability.faults import actor_of, assert_no_leaks, counters, slow_engine_steps, workers_of
 
-    # priors: an idle prefill worker wins (~100 tokens: 0.06 s vs 0.1 s locally); two queued prompts
-    # there (router-side count, before any poll) already make a decode worker's own prefill faster
-    url = attach_ingress(cluster, "routing-ttft", router__conditional_disaggregation="ttft",
-                         router__prefill_rate_prior_tokens_per_s=2000,
-                         router__local_prefill_rate_prior_tokens_per_s=1000, router__ttft_transfer_allowance_s=0.01,
-                         router__local_prefill_max_pending_tokens=4096)
+    url = ttft_url
     model, block_size = cluster.config.model.served_model_name, cluster.config.engine.block_size
     decodes = [actor_of(cluster, wid) for wid in workers_of(url, "decode")]
     (prefill_id,) = workers_of(url, "prefill")
@@ -196,3 +201,58 @@ def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(c
         reference = list(pool.map(one, [(cluster.url, f"ref-{i}", p) for i, p in enumerate(prompts)]))
     assert texts == reference
     assert_no_leaks(url)
+
+
+def test_ttft_rule_with_decode_workers_short_of_kv_loses_nothing(cluster, ttft_url):
+    """The same endpoint, both decode workers cut to 64 KV blocks (two of these prompts each) and
+    slowed: a burst of 10 long prompts makes imports wait for free blocks (beside any prompt the
+    rule keeps local: first come, first served in the decode engines). Every request completes
+    with the disaggregated path's tokens; no transfer fails, no prefill falls back, no block leaks;
+    the waits are counted (pdserve_import_waits_total)."""
+    import concurrent.futures
+
+    import ray
+
+    from tests.reliability.faults import actor_of, assert_no_leaks, counters, slow_engine_steps, workers_of
+
+    model = cluster.config.model.served_model_name
+    decode_ids = workers_of(ttft_url, "decode")
+    decodes = [actor_of(cluster, wid) for wid in decode_ids]
+    prompts = [f"Short of KV {i}. " + "Tell me a long story about the sea and its ships. " * 7 for i in range(10)]
+
+    def one(args):
+        base, salt, prompt = args
+        c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
+        r = c.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, logprobs=0,
+                                 extra_body={"ignore_eos": True, "cache_salt": salt})
+        return r.choices[0].logprobs.tokens
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # the default endpoint, full KV, idle workers
+        reference = list(pool.map(one, [(cluster.url, f"kvref-{i}", p) for i, p in enumerate(prompts)]))
+    sizes = {wid: ray.get(a.stats.remote(), timeout=30).num_total_blocks for wid, a in zip(decode_ids, decodes)}
+    before = [counters(a) for a in decodes]
+    for a in decodes:
+        ray.get(a.resize.remote(64), timeout=60)
+    for a in decodes:
+        slow_engine_steps(a, 0.05)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            tokens = list(pool.map(one, [(ttft_url, f"kv-{i}", p) for i, p in enumerate(prompts)]))
+    finally:
+        for wid, a in zip(decode_ids, decodes):
+            slow_engine_steps(a, 0)
+            ray.get(a.resize.remote(sizes[wid]), timeout=60)
+    assert tokens == reference
+    after = [counters(a) for a in decodes]
+    for b, a in zip(before, after):
+        assert (a["num_transfer_failures"], a["num_prefill_fallbacks"]) == \
+            (b["num_transfer_failures"], b["num_prefill_fallbacks"]), (b, a)
+    moved = sum(a["num_transfers"] - b["num_transfers"] + a["num_local_prefills"] - b["num_local_prefills"]
+                for b, a in zip(before, after))
+    assert moved >= len(prompts), (before, after)
+    # the pressure was real: some imports found too few free blocks and waited (and the cluster says so)
+    assert sum(a["num_import_waits"] - b["num_import_waits"] for b, a in zip(before, after)) > 0, (before, after)
+    metrics = httpx.get(ttft_url + "/metrics", timeout=30).text
+    assert any(line.startswith("pdserve_import_waits_total{") and float(line.rsplit(" ", 1)[1]) > 0
+               for line in metrics.splitlines()), metrics[-2000:]
+    assert_no_leaks(ttft_url)

@@ -261,6 +261,7 @@ class Engine(SplitPoints):
             kv_bytes=self.kv_cache.num_bytes,
             num_pending_prefill_tokens=sum(r.num_tokens - r.num_computed_tokens for q in (sch.running, sch.waiting)
                                            for r in q if r.is_prefilling),
+            num_waiting_imports=len(sch.waiting_imports()), num_import_waits=sch.num_import_waits,
         )
 
     # -- internals -----------------------------------------------------------------------------

@@ -38,3 +38,5 @@ class EngineStats:
     prompt_tokens_hit: int
     kv_bytes: int
     num_pending_prefill_tokens: int = 0  # see WorkerLoad.num_pending_prefill_tokens
+    num_waiting_imports: int = 0  # imports waiting for free KV blocks now (decode side)
+    num_import_waits: int = 0  # imports that had to wait for free KV blocks, in all

@@ -57,6 +57,7 @@ class Scheduler:
         # request id -> ImportWait; an entry lapses IMPORT_WAIT_TTL_S after the last ask, so a
         # caller that went away unannounced holds nothing back for long
         self.import_waits: dict[str, ImportWait] = {}
+        self.num_import_waits = 0  # imports that found too few free blocks (each counted once)
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -82,15 +83,22 @@ class Scheduler:
     def want_for_import(self, request_id: str, num_blocks: int) -> None:
         """An import of ``num_blocks`` found too few free: keep them from later arrivals meanwhile."""
         if num_blocks <= self.pool.num_blocks:  # one that can never fit holds nothing back
-            since = self.import_waits[request_id].since if request_id in self.import_waits else time.time()
+            wait = self.import_waits.get(request_id)
+            if wait is None:
+                self.num_import_waits += 1
+            since = wait.since if wait is not None else time.time()
             self.import_waits[request_id] = ImportWait(num_blocks, since, time.monotonic())
 
     def blocks_wanted_by_imports(self, arrived_at: float = float("inf")) -> int:
         """Blocks asked for by imports that began waiting before ``arrived_at`` (default: all)."""
+        return sum(w.num_blocks for w in self.waiting_imports() if w.since < arrived_at)
+
+    def waiting_imports(self) -> list[ImportWait]:
+        """The imports waiting for free blocks now (lapsed ones dropped)."""
         now = time.monotonic()
         for rid in [r for r, w in self.import_waits.items() if now - w.last_ask > IMPORT_WAIT_TTL_S]:
             del self.import_waits[rid]
-        return sum(w.num_blocks for w in self.import_waits.values() if w.since < arrived_at)
+        return list(self.import_waits.values())
 
     # -- the step ------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:

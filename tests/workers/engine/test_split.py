@@ -108,6 +108,7 @@ def test_waiting_import_goes_before_new_local_requests(tiny_checkpoint, monkeypa
     with pytest.raises(NoFreeBlocks):
         b.reserve_import("r1", imported, GREEDY)  # 8 blocks, 7 free
     b.add_request("r2", short_local, GREEDY)  # 2 blocks: would fit, but the import asked first
+    assert (b.stats().num_waiting_imports, b.stats().num_import_waits) == (1, 1)
     res = None
     while res is None:
         assert b.requests["r2"].status == RequestStatus.WAITING
@@ -124,6 +125,7 @@ def test_waiting_import_goes_before_new_local_requests(tiny_checkpoint, monkeypa
     drain(b, out)
     assert out == colocated
     assert b.scheduler.import_waits == {}
+    assert (b.stats().num_waiting_imports, b.stats().num_import_waits) == (0, 1)  # asked many times, one wait
     assert_all_blocks_free(b)
 
     # first come, first served: a request that arrived before the import began waiting goes first
