@@ -89,6 +89,30 @@ class Engine(SplitPoints):
         self.requests: dict[str, Request] = {}
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.hf_config.get_text_config().vocab_size
+        self.warm_up_requests()
+
+    def warm_up_requests(self) -> None:
+        """One real request (two blocks of prompt, two tokens out) before any user's: the model
+        runner's warm-up feeds padding only, which launches no prefill attention kernel, so on a GPU
+        the first real prefill paid the Triton compile inside serving (on a decode worker that
+        prefills locally, with its running decodes stalled behind it). Leaves no trace: nothing
+        cached or published, no counter moved, every block free."""
+        self.num_warm_up_steps = 0
+        n = min(2 * self.block_size + 1, self.max_model_len - 2, self.kv_cache.num_blocks * self.block_size - 2)
+        if n < 1:
+            return
+        caching, self.pool.enable_caching = self.pool.enable_caching, False
+        sch = self.scheduler
+        counts = (sch.num_prompt_tokens_queried, sch.num_prompt_tokens_hit, self.num_overlapped_steps)
+        try:
+            self.add_request("__pdserve_warm_up__", [i % self.vocab_size for i in range(1, n + 1)],
+                             SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+            while self.has_work():
+                self.step()
+                self.num_warm_up_steps += 1
+        finally:
+            self.pool.enable_caching = caching
+            sch.num_prompt_tokens_queried, sch.num_prompt_tokens_hit, self.num_overlapped_steps = counts
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,

@@ -55,3 +55,22 @@ def test_cache_salt_isolates_prefixes(tiny_checkpoint):
     assert engine.stats().prompt_tokens_hit == hit0  # other salt: no sharing
     run_all(engine, [prompt], GREEDY, prefix="c", cache_salt="tenant-a")
     assert engine.stats().prompt_tokens_hit > hit0  # same salt: shared
+
+
+def test_start_up_request_leaves_no_trace(tiny_checkpoint):
+    """Every engine runs one real request while it starts (a GPU's first prefill compiles its
+    attention kernel there, not inside serving); afterwards nothing of it is visible: no request,
+    no block used or cached, no KV event, no counter moved, and the first real request's prefix
+    lookup finds nothing."""
+    e = make_engine(tiny_checkpoint("llama"))
+    assert e.num_warm_up_steps >= 2  # the prefill and the step that samples the second token
+    s = e.stats()
+    assert e.requests == {} and not e.has_work()
+    assert (s.num_used_blocks, s.num_cached_free_blocks, s.num_evictions) == (0, 0, 0)
+    assert (s.prompt_tokens_queried, s.prompt_tokens_hit, s.num_preemptions) == (0, 0, 0)
+    assert e.take_kv_events() == []
+    assert_all_blocks_free(e)
+    prompt = list(range(1, 10))  # the start-up prompt's first tokens: two full blocks if it were cached
+    assert e.num_cached_prompt_tokens(prompt) == 0
+    run_all(e, [prompt])
+    assert e.stats().prompt_tokens_hit == 0
