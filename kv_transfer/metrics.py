@@ -11,6 +11,7 @@ folds into its WorkerCounters for the router.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -28,13 +29,16 @@ class _Families:
     pinned_blocks: Gauge
 
 
-_families_by_registry: dict[int, _Families] = {}
+# keyed by the registry itself, weakly: keyed by id(), a registry made after an earlier one was
+# collected could get its address and then be handed the dead registry's families (its own stayed
+# empty: seen once in the suite as an empty /metrics text)
+_families_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _Families] = weakref.WeakKeyDictionary()
 _families_lock = threading.Lock()
 
 
 def _families(registry: CollectorRegistry) -> _Families:
     with _families_lock:
-        fam = _families_by_registry.get(id(registry))
+        fam = _families_by_registry.get(registry)
         if fam is None:
             wb = ["worker_id", "backend"]
             fam = _Families(
@@ -48,7 +52,7 @@ def _families(registry: CollectorRegistry) -> _Families:
                 pinned_blocks=Gauge("pdserve_kv_pinned_blocks", "KV blocks pinned for readers under leases",
                                     ["worker_id"], registry=registry),
             )
-            _families_by_registry[id(registry)] = fam
+            _families_by_registry[registry] = fam
         return fam
 
 

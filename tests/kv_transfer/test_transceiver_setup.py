@@ -115,3 +115,19 @@ def test_nixl_progress_thread_sleeps_between_rounds():
     used = {delay: sum(end.get(t, 0.0) - start.get(t, 0.0) for t in tids) for delay, (_, tids) in threads.items()}
     # the busy loop takes whatever CPU it gets (a whole core when idle); 100 us sleeps take ~2 %
     assert used[0] > 0.2 and used[100] < 0.25 * used[0], used
+
+
+def test_a_new_registry_never_gets_a_collected_one_s_metrics():
+    """Metric families were kept per id(registry): a registry made after an earlier one was
+    collected could get its address and the dead one's families, leaving its own text empty (the
+    test above failed that way once in the suite). Now each live registry gets its own."""
+    import gc
+
+    from kv_transfer.metrics import TransferMetrics
+
+    for i in range(50):
+        registry = CollectorRegistry()
+        metrics = TransferMetrics(f"w{i}", "tcp", registry=registry)
+        assert "pdserve_kv_transfers" in generate_latest(registry).decode(), i
+        del metrics, registry
+        gc.collect()
