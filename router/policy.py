@@ -44,8 +44,9 @@ missing from *its own* cache are below a threshold, when no prefill worker is el
            rate: prompt tokens per second (router/prefill_rates.py). The cap guards d's TPOT:
            every local prompt is computed inside its decode steps. The free-block rule keeps
            local prompts off a decode worker short of KV: there they would wait for blocks behind
-           the imports (which go first, workers/engine/scheduler.py). Before both (2x H200, a
-           4096-token cap) such a worker collapsed: TTFT p50 62 s (benchmarks/README.md).
+           the imports that asked first (first come, first served, workers/engine/scheduler.py).
+           Before both (2x H200, a 4096-token cap) such a worker collapsed: TTFT p50 62 s
+           (benchmarks/README.md).
 
 otherwise a prefill worker is chosen (reason disaggregated).
 """

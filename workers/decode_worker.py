@@ -311,7 +311,8 @@ class DecodeWorkerImpl(LayerwiseImport, WorkerBase):
     async def _reserve(self, req: GenerateRequest, prefill, deadline: float):
         """Blocks for the import; while none are free, wait (renewing the remote lease, if any).
         Returns (reservation, the lease's latest expiry if it was renewed, else None). While this
-        waits, the engine admits no new local request into the blocks it wants (reserve_import)."""
+        waits, the engine admits no local request that arrived later into the blocks it wants
+        (Scheduler.want_for_import)."""
         rid, prompt = req.request_id, list(req.prompt_token_ids)
         renew_every = self.spec.transfer.lease_ttl_s / 3
         last_renew, renewed_until = time.monotonic(), None

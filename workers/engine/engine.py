@@ -127,7 +127,7 @@ class Engine(SplitPoints):
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks. False if unknown (already done)."""
-        self.scheduler.import_waits.pop(request_id, None)
+        self.scheduler.withdraw_import(request_id)
         req = self.requests.pop(request_id, None)
         if req is None:
             return False

@@ -89,6 +89,10 @@ class Scheduler:
             since = wait.since if wait is not None else time.time()
             self.import_waits[request_id] = ImportWait(num_blocks, since, time.monotonic())
 
+    def withdraw_import(self, request_id: str) -> None:
+        """The import got its blocks or was aborted: it holds nothing back any more."""
+        self.import_waits.pop(request_id, None)
+
     def blocks_wanted_by_imports(self, arrived_at: float = float("inf")) -> int:
         """Blocks asked for by imports that began waiting before ``arrived_at`` (default: all)."""
         return sum(w.num_blocks for w in self.waiting_imports() if w.since < arrived_at)

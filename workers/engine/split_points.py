@@ -50,7 +50,7 @@ class SplitPoints:
         if need > self.pool.num_free - sum(1 for b in hits if self.pool.ref_count[b] == 0):
             self.scheduler.want_for_import(request_id, need)
             raise NoFreeBlocks(f"{need} blocks needed for an import, {self.pool.num_free} free")
-        self.scheduler.import_waits.pop(request_id, None)
+        self.scheduler.withdraw_import(request_id)
         self.pool.touch(hits)
         req.block_ids = tuple(hits + self.pool.allocate(need))
         self._launched.wait_for_blocks(req.block_ids)  # a peer writes them outside the device's order
