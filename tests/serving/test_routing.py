@@ -135,6 +135,18 @@ def test_full_prefill_queues_keep_prompts_on_their_decode_worker(cluster):
     assert_no_leaks(url)
 
 
+STORY = "Tell me a long story about the sea and its ships. " * 7  # a long prompt of the tiny model
+
+
+def complete(args) -> tuple[list[str], str]:
+    """(base url, model, cache salt, prompt) -> one greedy 4-token completion's tokens and text."""
+    base, model, salt, prompt = args
+    c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
+    r = c.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, logprobs=0,
+                             extra_body={"ignore_eos": True, "cache_salt": salt})
+    return r.choices[0].logprobs.tokens, r.choices[0].text
+
+
 @pytest.fixture(scope="module")
 def ttft_url(cluster):
     # priors: an idle prefill worker wins (~100 tokens: 0.06 s vs 0.1 s locally); two queued prompts
@@ -163,20 +175,11 @@ def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(c
     (prefill_id,) = workers_of(url, "prefill")
     prefill_actor = actor_of(cluster, prefill_id)
     before = sum(counters(a)["num_local_prefills"] for a in decodes)
-    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
-    prompts = [f"Burst prompt {i}. " + "Tell me a long story about the sea and its ships. " * 7 for i in range(8)]
-
-    def one(args):
-        base, salt, prompt = args
-        c = client if base == url else openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
-        r = c.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, logprobs=0,
-                                 extra_body={"ignore_eos": True, "cache_salt": salt})
-        return r.choices[0].logprobs.tokens, r.choices[0].text
-
+    prompts = [f"Burst prompt {i}. " + STORY for i in range(8)]
     slow_engine_steps(prefill_actor, 0.3)
     try:
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            burst = pool.map(one, [(url, f"ttft-{i}", p) for i, p in enumerate(prompts)])
+            burst = pool.map(complete, [(url, model, f"ttft-{i}", p) for i, p in enumerate(prompts)])
             pending = 0
             deadline = time.monotonic() + 20
             while pending == 0 and time.monotonic() < deadline:  # its own report, while the burst runs
@@ -198,7 +201,7 @@ def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(c
     assert after - before >= reasons.count("ttft_local"), (before, after, reasons)
     # the same prompts, disaggregated (the default endpoint, idle prefill worker, fresh salts)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        reference = list(pool.map(one, [(cluster.url, f"ref-{i}", p) for i, p in enumerate(prompts)]))
+        reference = list(pool.map(complete, [(cluster.url, model, f"ref-{i}", p) for i, p in enumerate(prompts)]))
     assert texts == reference
     assert_no_leaks(url)
 
@@ -218,17 +221,10 @@ def test_ttft_rule_with_decode_workers_short_of_kv_loses_nothing(cluster, ttft_u
     model = cluster.config.model.served_model_name
     decode_ids = workers_of(ttft_url, "decode")
     decodes = [actor_of(cluster, wid) for wid in decode_ids]
-    prompts = [f"Short of KV {i}. " + "Tell me a long story about the sea and its ships. " * 7 for i in range(10)]
-
-    def one(args):
-        base, salt, prompt = args
-        c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
-        r = c.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, logprobs=0,
-                                 extra_body={"ignore_eos": True, "cache_salt": salt})
-        return r.choices[0].logprobs.tokens
+    prompts = [f"Short of KV {i}. " + STORY for i in range(10)]
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # the default endpoint, full KV, idle workers
-        reference = list(pool.map(one, [(cluster.url, f"kvref-{i}", p) for i, p in enumerate(prompts)]))
+        reference = list(pool.map(complete, [(cluster.url, model, f"kvref-{i}", p) for i, p in enumerate(prompts)]))
     sizes = {wid: ray.get(a.stats.remote(), timeout=30).num_total_blocks for wid, a in zip(decode_ids, decodes)}
     before = [counters(a) for a in decodes]
     for a in decodes:
@@ -237,7 +233,7 @@ def test_ttft_rule_with_decode_workers_short_of_kv_loses_nothing(cluster, ttft_u
         slow_engine_steps(a, 0.05)
     try:
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            tokens = list(pool.map(one, [(ttft_url, f"kv-{i}", p) for i, p in enumerate(prompts)]))
+            tokens = list(pool.map(complete, [(ttft_url, model, f"kv-{i}", p) for i, p in enumerate(prompts)]))
     finally:
         for wid, a in zip(decode_ids, decodes):
             slow_engine_steps(a, 0)

@@ -52,12 +52,17 @@ def generate(decode, prompt, prefill_ids=(), salt=None) -> list[int]:
     return tokens
 
 
-def _set_layerwise(worker, on: bool) -> None:
-    worker.spec = dataclasses.replace(worker.spec, transfer=worker.spec.transfer.model_copy(update={"layerwise": on}))
+def _set_transfer(worker, **update) -> None:
+    worker.spec = dataclasses.replace(worker.spec, transfer=worker.spec.transfer.model_copy(update=update))
+
+
+def set_transfer(decode, **update) -> None:
+    """Replace fields of the decode worker's transfer settings in place."""
+    on_worker(decode, lambda w: _set_transfer(w, **update))
 
 
 def set_layerwise(decode, on: bool) -> None:
-    on_worker(decode, _set_layerwise, on)
+    set_transfer(decode, layerwise=on)
 
 
 def decode_engine_requests(decode) -> list[str]:
@@ -148,11 +153,6 @@ def _hold_free_blocks(worker, hold_s: float) -> None:
     asyncio.run_coroutine_threadsafe(hold(), worker.loop._loop)  # __ray_call__ runs fn off the actor's loop
 
 
-def _set_lease_ttl(worker, ttl_s: float) -> None:
-    transfer = worker.spec.transfer.model_copy(update={"lease_ttl_s": ttl_s})
-    worker.spec = dataclasses.replace(worker.spec, transfer=transfer)
-
-
 def hold_free_blocks(decode, hold_s: float) -> None:
     on_worker(decode, _hold_free_blocks, hold_s)
     wait_for(lambda: on_worker(decode, lambda w: w.held_blocks is not None), 30, "the blocks to be taken")
@@ -168,7 +168,7 @@ def test_import_waits_for_blocks_past_its_lease_ttl(cluster, workers):
     want = generate(decode, prompt)
     ttl_s = on_worker(decode, lambda w: w.spec.transfer.lease_ttl_s)
     set_layerwise(decode, False)
-    on_worker(decode, _set_lease_ttl, 2.0)
+    set_transfer(decode, lease_ttl_s=2.0)
     try:
         before, before_p = counters(decode), counters(workers[pf])
         hold_free_blocks(decode, 4.0)
@@ -189,7 +189,7 @@ def test_import_waits_for_blocks_past_its_lease_ttl(cluster, workers):
         assert final["num_prefill_fallbacks"] == after["num_prefill_fallbacks"]
         assert final["num_local_prefills"] == after["num_local_prefills"]
     finally:
-        on_worker(decode, _set_lease_ttl, ttl_s)
+        set_transfer(decode, lease_ttl_s=ttl_s)
         set_layerwise(decode, True)
     wait_for(lambda: on_worker(decode, lambda w: w.held_blocks == []), 30, "the held blocks to be given back")
     assert decode_engine_requests(decode) == []
