@@ -16,7 +16,9 @@
 #   router keeps a prompt on the decode worker when its estimated TTFT is smaller there) with the
 #   decode worker's pending local prefill capped at 4096 and 2048 tokens (2 and 1 prompts);
 #   hybrid_caps: at 96 req/s only, off vs ttft with caps of 2048, 4096 and 8192 tokens;
-#   hybrid_vs_coloc: ttft with the 2048-token cap vs colocated at 96/112/128 req/s
+#   hybrid_vs_coloc: ttft with the 2048-token cap vs colocated at 96/112/128 req/s;
+#   itl_knee: the same two on one host, colocated from 32 req/s up, for each mode's knee under both
+#   SLO readings (TTFT + TPOT mean, TTFT + every ITL)
 set -uo pipefail
 part=${1:-streams}
 out=${OUT:-/tmp/serve-gpu2}
@@ -34,7 +36,10 @@ run() {  # name, time limit (s), serve.py arguments...
 }
 ttft="--set router.conditional_disaggregation=ttft --set router.prefill_rate_prior_tokens_per_s=200000
   --set router.local_prefill_rate_prior_tokens_per_s=100000"
-if [ "$part" = hybrid_vs_coloc ]; then  # the ttft rule with a one-prompt cap vs 2 colocated workers past 96 req/s
+if [ "$part" = itl_knee ]; then  # each mode's knee on one host, both SLO readings
+  run hybrid_ttft2k 230 $p8k --rates 96,112 $ttft --set router.local_prefill_max_pending_tokens=2048
+  run colocated $((570-(SECONDS-t0))) --modes colocated --rates 32,48,64,80,96
+elif [ "$part" = hybrid_vs_coloc ]; then  # the ttft rule with a one-prompt cap vs 2 colocated workers past 96 req/s
   run hybrid_ttft2k 190 $p8k --rates 96,112,128 $ttft --set router.local_prefill_max_pending_tokens=2048
   run colocated $((385-(SECONDS-t0))) --modes colocated --rates 96,112,128
 elif [ "$part" = hybrid_caps ]; then  # the ttft rule at 96 req/s: caps of 1, 2 and 4 prompts beside pure disaggregation
@@ -69,7 +74,7 @@ for name in ("disagg", "disagg_per_request", "colocated", "hybrid_q4", "hybrid_q
         if "goodput_rps" in r:
             hops = r.get("worker_hops_ms", {})
             print(name, {k: r.get(k) for k in ("mode", "rate", "num_failed", "goodput_rps", "slo_attainment", "slo_attainment_itl",
-                                               "ttft_p50_s", "ttft_p90_s", "itl_p50_s", "itl_p99_s", "tpot_p90_s",
+                                               "goodput_itl_rps", "ttft_p50_s", "ttft_p90_s", "itl_p50_s", "itl_p99_s", "tpot_p90_s",
                                                "slo_attainment_by_scale", "events", "kv_blocks_in_use_after",
                                                "overrides")},
                   {k: hops[k]["p50"] for k in ("decode.engine.step", "decode.reserve", "decode.commit") if k in hops})
