@@ -259,6 +259,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fuse-projections", action="store_true",
                     help="engine.fuse_projections: true (default: auto, on for CUDA)")
     ap.add_argument("--gemv", action="store_true", help="engine.gemv on (Triton GEMV where it times faster)")
+    ap.add_argument("--hf-eager", action="store_true",
+                    help="transformers' static-cache generate without its automatic torch.compile (reduce-overhead: "
+                         "inductor's CUDA graph trees in this process beside the engine's graphs)")
     ap.add_argument("--scheduling", default="sync,async", choices=["sync,async", "sync", "async"],
                     help="engine scheduling modes to measure, each on the same engine and prompts")
     args = ap.parse_args(argv)
@@ -290,6 +293,7 @@ def main(argv=None) -> int:
     engine = Engine(ModelConfig(device=args.device, dtype=dtype), ecfg, model_dir)
     init_s = time.perf_counter() - t0
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(args.device).eval()
+    hf.generation_config.disable_compile = args.hf_eager
     vocab = engine.vocab_size
     common = dict(device=args.device, model=args.model, dtype=dtype, threads=args.threads,
                   attention_backend=type(engine.runner.backend).__name__,
@@ -297,7 +301,7 @@ def main(argv=None) -> int:
                   compile_decode=ecfg.compile_decode and engine.runner.graphs is not None,
                   fuse_projections=engine.runner.fused_groups > 0,
                   gemv=[f"{r['shape'][0]}x{r['shape'][1]}:{r['kernel']}" for r in engine.runner.gemv_choices],
-                  engine_init_s=round(init_s, 2))
+                  engine_init_s=round(init_s, 2), hf_compiled=not args.hf_eager)
     if args.device == "cuda":
         common["card"] = torch.cuda.get_device_name()
     benches = {"decode_b1": bench_decode_b1, "batch": bench_batch, "many": bench_many}

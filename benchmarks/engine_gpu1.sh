@@ -17,7 +17,8 @@
 #            memory access in the batch32 warm-up (H100 and H200, tenth session), first as is (does
 #            it still?), then under compute-sanitizer memcheck (on the device image), which names
 #            the faulting kernel and address; its log is $OUT/sanitizer.err
-#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault
+#   gemv_cause: engine.py --gemv with transformers' generate not compiled, then batch32 alone
+#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -62,12 +63,25 @@ case $part in
       --decode-variants "kernel=general;kernel=split;kernel=split,chunk_keys=128;kernel=split,chunk_keys=512;kernel=split,chunk_keys=256,block_n=128"
     ;;
   gemv_fault)
+    # first: the compiled-prefill check (tokens, nothing compiled after the start-up warm-up, which
+    # since the eleventh session includes one real request per engine)
+    step check_compiled 130 python3 benchmarks/gpu_check.py --only compiled-prefill
     step engine_gemv 150 python3 benchmarks/engine.py --device cuda --model llama-1b-shape --workloads decode_b1,batch \
       --scheduling async --gemv
     step sanitizer $((560 - (SECONDS - t0))) /usr/local/cuda/bin/compute-sanitizer --tool memcheck --print-limit 8 \
       python3 benchmarks/engine.py --device cuda --model llama-1b-shape --workloads decode_b1,batch \
       --scheduling async --gemv
     grep -m 20 -E "Invalid|ERROR SUMMARY|at 0x|by thread|Address" "$out/sanitizer.err" "$out/sanitizer.jsonl"
+    ;;
+  gemv_cause)
+    # twelfth session: the fault needs transformers' compiled generate in the process? engine.py
+    # --gemv with generate's automatic torch.compile (CUDA graph trees) off, then with it on but
+    # batch32 alone (no decode_b1 and its generate before)
+    step engine_gemv_hf_eager 200 python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
+      --workloads decode_b1,batch --scheduling async --gemv --hf-eager
+    step engine_gemv_batch_only 200 python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
+      --workloads batch --scheduling async --gemv
+    grep -h -m 3 -E "illegal|Error" "$out"/engine_gemv_*.err
     ;;
   gemv)
     step host 120 python3 benchmarks/host_profile.py --batch-sizes 1,32
