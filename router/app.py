@@ -173,7 +173,11 @@ class OpenAIIngress:
                          "draining": bool(w.state and w.state.load.is_draining),
                          "used_blocks": w.state.load.num_used_blocks if w.state else None,
                          "pinned_blocks": w.state.load.num_pinned_blocks if w.state else None,
-                         "total_blocks": w.state.load.num_total_blocks if w.state else None}
+                         "total_blocks": w.state.load.num_total_blocks if w.state else None,
+                         # this router's estimate (ClusterView: its own requests not yet past their
+                         # first token, + what the worker reports beyond them)
+                         "pending_prefill_tokens": w.load().num_pending_prefill_tokens if w.state else None,
+                         "prefills_in_flight": len(w.prefill_in_flight)}
                    for wid, w in list(view.workers.items())}
         return {"workers": workers, "decisions": list(view.decisions), "zero_overlap_alarm": view.alarm.is_alarmed,
                 "etcd_connected": view.watcher.is_connected, "etcd_resyncs": view.watcher.num_resyncs,

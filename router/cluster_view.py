@@ -15,7 +15,7 @@ import collections
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import RayActorError
@@ -57,9 +57,19 @@ class WorkerEntry:
     # and a burst of requests must not all pick the same "idle" worker in the meantime
     blocks_since_poll: int = 0
     requests_since_poll: int = 0
-    # uncached prompt tokens this router sent it to prefill and its polls may not count yet: those
-    # of requests routed before a poll was sent are taken off when that poll answers
-    prefill_tokens_since_poll: int = 0
+    # Pending prefill tokens, tracked by this router rather than waiting for polls: a request's
+    # uncached prompt tokens count on the worker that prefills it (a prefill worker, or the decode
+    # worker for a local prefill) from routing until its first token reaches this router (the
+    # prefill is done then, on either path) or the attempt ends. Polls come every poll_interval_s
+    # and their pending count is as old as the poll: a decode worker that finished a local prompt
+    # in 15 ms looked busy for 100-200 ms, so the ttft rule kept ~10 % of prompts local where it
+    # could keep more. What the worker reports beyond this router's own requests (other router
+    # replicas) is ``others_pending``, set at each poll's answer.
+    prefill_in_flight: dict = field(default_factory=dict)  # attempt key -> uncached tokens
+    # while a poll is in flight: the attempts in flight when it was sent or routed since, i.e. every
+    # request of this router its answer may count
+    poll_window: dict | None = None
+    others_pending: int = 0
     poll_task: asyncio.Task | None = None
 
     is_dead: bool = False  # its actor is gone (a poll raised RayActorError)
@@ -77,7 +87,12 @@ class WorkerEntry:
         queued = max(s.num_waiting + self.requests_since_poll, s.num_waiting + self.num_routed - s.num_running)
         return WorkerLoad(s.worker_id, s.role, s.num_running, queued,
                           s.num_used_blocks + self.blocks_since_poll, s.num_total_blocks, s.num_pinned_blocks,
-                          s.is_draining, s.num_pending_prefill_tokens + self.prefill_tokens_since_poll)
+                          s.is_draining, self.others_pending + sum(self.prefill_in_flight.values()))
+
+    def add_prefill(self, key: str, num_tokens: int) -> None:
+        self.prefill_in_flight[key] = num_tokens
+        if self.poll_window is not None:
+            self.poll_window[key] = num_tokens
 
 
 class ClusterView:
@@ -98,6 +113,7 @@ class ClusterView:
         self.alarm = ZeroOverlapAlarm(config.zero_overlap_window_requests or 10**9, config.zero_overlap_min_repeats)
         self.decisions: collections.deque = collections.deque(maxlen=max(1, config.recent_decisions))
         self.rng = random.Random(0)
+        self._prefilled_on: dict[str, str] = {}  # attempt key -> the worker its prefill counts on
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
 
@@ -128,9 +144,12 @@ class ClusterView:
                        f"prefill, {healthy[Role.DECODE]}/{self.config.min_decode_workers} decode")
 
     # -- routing -------------------------------------------------------------------------------
-    def plan(self, prompt_token_ids: list[int], cache_salt: str | None,
+    def plan(self, prompt_token_ids: list[int], cache_salt: str | None, attempt_key: str,
              exclude: frozenset[str] = frozenset()) -> tuple[RoutePlan, tuple[str, ...]]:
-        """Choose a decode worker and a ranked list of prefill workers (empty: prefill locally)."""
+        """Choose a decode worker and a ranked list of prefill workers (empty: prefill locally).
+        The prompt's uncached tokens count as pending on the worker that prefills it until
+        ``prefill_done(attempt_key)``, which the caller must call once the first token arrived or
+        the attempt ended (it may call it more than once)."""
         hashes = block_hashes(prompt_token_ids, self.block_size, cache_salt)
         overlaps = self.index.overlap(hashes) if hashes else {}
         usable = [w for w in self.workers.values() if w.is_healthy and w.info.worker_id not in exclude]
@@ -154,8 +173,9 @@ class ClusterView:
                 self.workers[chosen.worker_id].requests_since_poll += 1
         prefilled_on, num_to_prefill = ((plan.decode.worker_id, plan.num_uncached_tokens) if plan.prefill is None
                                         else (plan.prefill.worker_id, plan.num_remote_uncached_tokens))
-        if prefilled_on in self.workers:
-            self.workers[prefilled_on].prefill_tokens_since_poll += num_to_prefill
+        if prefilled_on in self.workers and num_to_prefill > 0:
+            self.workers[prefilled_on].add_prefill(attempt_key, num_to_prefill)
+            self._prefilled_on[attempt_key] = prefilled_on
         self.alarm.observe(hashes[0] if hashes else None, max(overlaps.values(), default=0))
         self.decisions.append({
             "at": time.time(), "decode": plan.decode.worker_id,
@@ -165,6 +185,12 @@ class ClusterView:
             **_ttft_fields(plan),
         })
         return plan, ranked
+
+    def prefill_done(self, attempt_key: str) -> None:
+        """The attempt's prefill is over (its first token arrived) or the attempt ended."""
+        wid = self._prefilled_on.pop(attempt_key, None)
+        if wid is not None and wid in self.workers:
+            self.workers[wid].prefill_in_flight.pop(attempt_key, None)
 
     def _rate_prior(self, role: Role) -> float:
         return (self.config.prefill_rate_prior_tokens_per_s if role == Role.PREFILL
@@ -236,10 +262,11 @@ class ClusterView:
         return answering and now - w.left_etcd_at < self.lapse_grace_s
 
     async def _poll(self, w: WorkerEntry) -> None:
-        sent_at, num_sent_tokens = time.monotonic(), w.prefill_tokens_since_poll
+        sent_at, w.poll_window = time.monotonic(), dict(w.prefill_in_flight)
         try:
             state: WorkerState = await asyncio.wait_for(w.actor.state.remote(w.last_seq), self.poll_timeout_s)
         except Exception as e:
+            w.poll_window = None
             w.num_poll_failures += 1
             w.is_dead = isinstance(e, RayActorError)
             if w.num_poll_failures in (1, 10):
@@ -253,7 +280,11 @@ class ClusterView:
         else:
             self.index.reset_worker(wid, state.cached_hashes or (), state.last_seq)
         w.state, w.last_seq, w.blocks_since_poll, w.requests_since_poll = state, state.last_seq, 0, 0
-        w.prefill_tokens_since_poll = max(0, w.prefill_tokens_since_poll - num_sent_tokens)
+        # the answer counts some of this router's requests in its window (those still pending at the
+        # worker when it answered), other routers' requests never: what it reports beyond the whole
+        # window is theirs (a lower bound: the window may hold requests the answer no longer counts)
+        window, w.poll_window = w.poll_window or {}, None
+        w.others_pending = max(0, state.load.num_pending_prefill_tokens - sum(window.values()))
         w.num_poll_failures, w.last_ok_at, w.is_dead = 0, time.monotonic(), False
         c = state.counters  # the state was taken somewhere between sending and answering: the midpoint
         self.rates.observe(wid, (sent_at + w.last_ok_at) / 2, c.num_prompt_tokens - c.num_prompt_tokens_cached,

@@ -40,7 +40,8 @@ missing from *its own* cache are below a threshold, when no prefill worker is el
                    and those tokens' blocks are free on d (its last reported KV use)
 
            p: the chosen prefill worker, d: the chosen decode worker; pending: the worker's
-           num_pending_prefill_tokens (what it reported + what this router sent it since);
+           num_pending_prefill_tokens (the uncached tokens of this router's requests prefilled there
+           whose first token has not come back, + what the worker reports beyond them);
            rate: prompt tokens per second (router/prefill_rates.py). The cap guards d's TPOT:
            every local prompt is computed inside its decode steps. The free-block rule keeps
            local prompts off a decode worker short of KV: there they would wait for blocks behind

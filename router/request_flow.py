@@ -70,30 +70,36 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
     while True:
         if time.monotonic() >= deadline:
             raise RequestTimedOut("the request did not finish by its deadline (limits.request_timeout_s)")
-        plan, prefill_ranked = view.plan(prompt_token_ids + generated, cache_salt, frozenset(exclude))
-        decode_id = plan.decode.worker_id
-        # a resumed request: [prompt | generated so far] is its prompt, and it produces the rest
-        remaining = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(generated),
-                                        output_position_offset=sampling.output_position_offset + len(generated))
         attempt_id = request_id if not exclude else f"{request_id}#{len(exclude)}"
-        req = GenerateRequest(attempt_id, tuple(prompt_token_ids + generated), remaining, cache_salt,
-                              prefill_ranked, deadline_s=deadline - time.monotonic() + _WORKER_DEADLINE_GRACE_S,
-                              prefill_timeout_s=limits.prefill_timeout_s,
-                              stream_interval=_stream_interval(view.config.stream_interval_tokens))
-        if on_event:
-            on_event("routed", plan)
-        if view.config.token_streams == "per_worker":
-            source = token_streams(view).open(decode_id, attempt_id)  # registered before run() starts
-            req = dataclasses.replace(req, subscriber_id=source.subscriber_id)
-            source.start(view.actor(decode_id).run.remote(req))
-        else:
-            source = _RequestStream(view.actor(decode_id).generate.options(num_returns="streaming").remote(req))
+        plan, prefill_ranked = view.plan(prompt_token_ids + generated, cache_salt, attempt_id, frozenset(exclude))
+        decode_id = plan.decode.worker_id
+        try:  # until the source exists, an error here ends the attempt: its prefill no longer counts
+            # a resumed request: [prompt | generated so far] is its prompt, and it produces the rest
+            remaining = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(generated),
+                                            output_position_offset=sampling.output_position_offset + len(generated))
+            req = GenerateRequest(attempt_id, tuple(prompt_token_ids + generated), remaining, cache_salt,
+                                  prefill_ranked, deadline_s=deadline - time.monotonic() + _WORKER_DEADLINE_GRACE_S,
+                                  prefill_timeout_s=limits.prefill_timeout_s,
+                                  stream_interval=_stream_interval(view.config.stream_interval_tokens))
+            if on_event:
+                on_event("routed", plan)
+            if view.config.token_streams == "per_worker":
+                source = token_streams(view).open(decode_id, attempt_id)  # registered before run() starts
+                req = dataclasses.replace(req, subscriber_id=source.subscriber_id)
+                source.start(view.actor(decode_id).run.remote(req))
+            else:
+                source = _RequestStream(view.actor(decode_id).generate.options(num_returns="streaming").remote(req))
+        except BaseException:
+            view.prefill_done(attempt_id)
+            raise
         view.note_routed(decode_id, +1)
         produced, worker_done = False, False
         try:
             async with contextlib.aclosing(_watched(source, view, decode_id, deadline,
                                                     limits.worker_stall_timeout_s)) as deltas:
                 async for delta in deltas:
+                    if not produced and delta.token_ids:
+                        view.prefill_done(attempt_id)  # the first token: its prefill is over
                     produced = produced or bool(delta.token_ids)
                     worker_done = delta.finished
                     generated += delta.token_ids
@@ -125,6 +131,7 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
                 text = _ResumedText(tokenizer, prompt_token_ids, sampling.stop, generated)
         finally:
             view.note_routed(decode_id, -1)
+            view.prefill_done(attempt_id)
             # cancelled unless it finished: the worker aborts and frees KV on every worker it involved
             source.close(cancel=not worker_done)
 

@@ -129,20 +129,18 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
         time.sleep(interval_s)
 
 
-def no_blocks_in_use(url: str) -> dict:
-    """Every routed worker's used and pinned KV blocks (the endpoint's leak check)."""
-    return {wid: (w["used_blocks"], w["pinned_blocks"]) for wid, w in workers_of(url).items()}
-
-
 def assert_no_leaks(url: str, timeout_s: float = 30) -> None:
+    """No worker holds KV blocks, and the router counts no prefill in flight on any worker."""
     last = {}
 
     def clean():
         nonlocal last
-        last = no_blocks_in_use(url)
-        return last and all(v == (0, 0) for v in last.values())
+        last = {wid: (w["used_blocks"], w["pinned_blocks"], w["prefills_in_flight"])
+                for wid, w in workers_of(url).items()}
+        return last and all(v == (0, 0, 0) for v in last.values())
 
     try:
         wait_for(clean, timeout_s, "every worker to hold 0 KV blocks")
     except AssertionError:
-        raise AssertionError(f"KV blocks still in use (used, pinned) per worker: {last}") from None
+        raise AssertionError(f"still in use per worker (KV blocks used, pinned; router-counted prefills in "
+                             f"flight): {last}") from None

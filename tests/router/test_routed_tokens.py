@@ -1,6 +1,10 @@
-"""ClusterView's own count of prompt tokens it routed since a worker's last poll (a burst between
-two polls must not all go to one side), and the prefill rates it learns from polls. The worker
-actors are in-process doubles answering state(); no Ray, no etcd (the view is never started)."""
+"""ClusterView's own count of the prompt tokens it routed to each worker for prefill and whose first
+token has not come back (a burst between two polls must not all go to one side, and a worker that
+finished a prompt is free again before its next poll), and the prefill rates it learns from polls.
+The worker actors are in-process doubles answering state(); no Ray, no etcd (the view is never
+started).
+
+"""
 
 import asyncio
 import time
@@ -52,36 +56,65 @@ def make_view(local_cap_tokens: int = 4096):
     return view, doubles
 
 
+def pending(view, wid: str) -> int:
+    return view.workers[wid].load().num_pending_prefill_tokens
+
+
 async def test_a_burst_between_polls_is_split_between_the_two_paths():
     view, doubles = make_view()
     for w in view.workers.values():
         await view._poll(w)  # both idle
     prompt = list(range(512))
-    reasons = [view.plan(prompt, f"salt-{i}")[0].reason for i in range(3)]
+    reasons = [view.plan(prompt, f"salt-{i}", f"r{i}")[0].reason for i in range(3)]
     # 1: remote 512/4000 + 0.01 = 0.138 s < local 512/2000 = 0.256 s
     # 2: p1 has 512 routed-but-unreported tokens: remote 0.266 s > local 0.256 s
     # 3: d1 now has 512 too: local 0.512 s > remote 0.266 s
     assert reasons == ["disaggregated", "ttft_local", "disaggregated"]
-    assert (view.workers["p1"].prefill_tokens_since_poll, view.workers["d1"].prefill_tokens_since_poll) == (1024, 512)
+    assert (pending(view, "p1"), pending(view, "d1")) == (1024, 512)
     decision = view.decisions[-1]
     assert decision["ttft_remote_s"] == 0.266 and decision["ttft_local_s"] == 0.512
     assert decision["remote_pending_tokens"] == 1024 and decision["local_rate_tokens_per_s"] == 2000
 
 
-async def test_a_poll_takes_off_only_what_was_routed_before_it_was_sent():
+async def test_a_first_token_frees_the_worker_before_its_next_poll():
+    """The decode worker's local prompt stops counting when its first token comes back: the next
+    prompt may stay local at once (before: it counted until a poll sent after it answered)."""
+    view, doubles = make_view(local_cap_tokens=512)  # one prompt at a time on d1
+    for w in view.workers.values():
+        await view._poll(w)
+    prompt = list(range(512))
+    view.plan(prompt, "a", "ra")  # remote (faster)
+    assert view.plan(prompt, "b", "rb")[0].reason == "ttft_local"
+    assert view.plan(prompt, "c", "rc")[0].reason == "disaggregated"  # d1 is at its cap
+    view.prefill_done("rb")  # rb's first token
+    assert pending(view, "d1") == 0
+    assert view.plan(prompt, "d", "rd")[0].reason == "ttft_local"
+    view.prefill_done("rb")  # again (the attempt's end): nothing more is taken off
+    assert (pending(view, "d1"), pending(view, "p1")) == (512, 1024)
+    view.prefill_done("unknown")
+
+
+async def test_a_poll_counts_only_what_other_routers_sent_beyond_this_ones_requests():
     view, doubles = make_view(local_cap_tokens=0)  # every prompt to p1
     p1 = view.workers["p1"]
     for w in view.workers.values():
         await view._poll(w)
     prompt = list(range(512))
-    view.plan(prompt, "a")  # before the poll: the worker's answer counts it
+    view.plan(prompt, "a", "ra")  # before the poll: the worker's answer counts it
     doubles["p1"].pending = 512
-    doubles["p1"].during_poll = lambda: view.plan(prompt, "b")  # routed while the poll is in flight
+    doubles["p1"].during_poll = lambda: view.plan(prompt, "b", "rb")  # routed while the poll is in flight
     await view._poll(p1)
-    assert p1.prefill_tokens_since_poll == 512  # "b" only: the answer may not count it yet
-    assert p1.load().num_pending_prefill_tokens == 512 + 512
+    assert pending(view, "p1") == 512 + 512  # ra and rb, each once
+    view.prefill_done("ra")
+    doubles["p1"].pending = 512 + 1000  # rb, and 1000 tokens another router sent
     await view._poll(p1)
-    assert p1.prefill_tokens_since_poll == 0
+    assert pending(view, "p1") == 512 + 1000
+    view.prefill_done("rb")
+    assert pending(view, "p1") == 1000  # until the next poll says otherwise
+    doubles["p1"].pending = 0
+    await view._poll(p1)
+    assert pending(view, "p1") == 0
+    assert not view._prefilled_on and not p1.prefill_in_flight
 
 
 async def test_polls_of_a_busy_worker_teach_the_view_its_rate():
