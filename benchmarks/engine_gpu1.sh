@@ -18,7 +18,8 @@
 #            it still?), then under compute-sanitizer memcheck (on the device image), which names
 #            the faulting kernel and address; its log is $OUT/sanitizer.err
 #   gemv_cause: engine.py --gemv with transformers' generate not compiled, then batch32 alone
-#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause
+#   attn32: decode attention tile variants not tried before, short and long contexts, batch 1/8/32
+#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -72,6 +73,15 @@ case $part in
       python3 benchmarks/engine.py --device cuda --model llama-1b-shape --workloads decode_b1,batch \
       --scheduling async --gemv
     grep -m 20 -E "Invalid|ERROR SUMMARY|at 0x|by thread|Address" "$out/sanitizer.err" "$out/sanitizer.jsonl"
+    ;;
+  attn32)
+    # twelfth session: decode attention tiles the ninth session did not try (128/128 chunks, one
+    # 256-key tile on 8 warps, warps, pipelining depth) at short and long contexts, batch 1/8/32
+    v="kernel=split;kernel=split,chunk_keys=128,block_n=128;kernel=split,chunk_keys=256,block_n=256,warps=8"
+    v="$v;kernel=split,warps=8;kernel=split,warps=2;kernel=split,stages=3;kernel=split,stages=4"
+    v="$v;kernel=split,chunk_keys=512,block_n=128"
+    step attn_short 250 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 --prompt-len 128 --decode-variants "$v"
+    step attn_long 250 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 --prompt-len 2048 --decode-variants "$v"
     ;;
   gemv_cause)
     # twelfth session: the fault needs transformers' compiled generate in the process? engine.py

@@ -17,7 +17,7 @@
 #   decode worker's pending local prefill capped at 4096 and 2048 tokens (2 and 1 prompts);
 #   hybrid_caps: at 96 req/s only, off vs ttft with caps of 2048, 4096 and 8192 tokens;
 #   hybrid_vs_coloc: ttft with the 2048-token cap vs colocated at 96/112/128 req/s;
-#   itl_knee: the same two on one host (hybrid 96-128, colocated 32-96 req/s), for each mode's knee under both
+#   itl_knee: the same two on one host (hybrid 96-160, colocated 32-96 req/s), for each mode's knee under both
 #   SLO readings (TTFT + TPOT mean, TTFT + every ITL)
 set -uo pipefail
 part=${1:-streams}
@@ -37,7 +37,7 @@ run() {  # name, time limit (s), serve.py arguments...
 ttft="--set router.conditional_disaggregation=ttft --set router.prefill_rate_prior_tokens_per_s=200000
   --set router.local_prefill_rate_prior_tokens_per_s=100000"
 if [ "$part" = itl_knee ]; then  # each mode's knee on one host, both SLO readings
-  run hybrid_ttft2k 250 $p8k --rates 96,112,128 $ttft --set router.local_prefill_max_pending_tokens=2048
+  run hybrid_ttft2k 250 $p8k --rates 96,128,160 $ttft --set router.local_prefill_max_pending_tokens=2048
   run colocated $((570-(SECONDS-t0))) --modes colocated --rates 32,48,64,96
 elif [ "$part" = hybrid_vs_coloc ]; then  # the ttft rule with a one-prompt cap vs 2 colocated workers past 96 req/s
   run hybrid_ttft2k 190 $p8k --rates 96,112,128 $ttft --set router.local_prefill_max_pending_tokens=2048
