@@ -100,6 +100,10 @@ class BlockPool:
             out.append(b)
         return out
 
+    def num_free_after_touch(self, hits: list[int]) -> int:
+        """Free blocks left once ``hits`` (prefix-cache hits) are touched: free cached hits stop being free."""
+        return self.num_free - sum(1 for b in hits if self.ref_count[b] == 0)
+
     def touch(self, block_ids: list[int]) -> None:
         """Take a reference on (possibly free-cached) blocks: a prefix-cache hit."""
         for b in block_ids:

@@ -161,8 +161,7 @@ class Scheduler:
         num_cached = len(hits) * bs
         n = min(req.num_tokens - num_cached, budget)
         need = -(-(num_cached + n) // bs) - len(hits)
-        free_after_touch = self.pool.num_free - sum(1 for b in hits if self.pool.ref_count[b] == 0)
-        if need > free_after_touch - held_back:
+        if need > self.pool.num_free_after_touch(hits) - held_back:
             return 0
         self.pool.touch(hits)
         req.block_ids = tuple(hits + self.pool.allocate(need))

@@ -47,7 +47,7 @@ class SplitPoints:
         n = req.num_prompt_tokens
         hits = self.pool.lookup(req.block_hashes())[: n // self.block_size] if self.config.enable_prefix_caching else []
         need = -(-n // self.block_size) - len(hits)
-        if need > self.pool.num_free - sum(1 for b in hits if self.pool.ref_count[b] == 0):
+        if need > self.pool.num_free_after_touch(hits):
             self.scheduler.want_for_import(request_id, need)
             raise NoFreeBlocks(f"{need} blocks needed for an import, {self.pool.num_free} free")
         self.scheduler.withdraw_import(request_id)
