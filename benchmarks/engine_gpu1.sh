@@ -78,10 +78,9 @@ case $part in
     # twelfth session: decode attention tiles the ninth session did not try (128/128 chunks, one
     # 256-key tile on 8 warps, warps, pipelining depth) at short and long contexts, batch 1/8/32
     v="kernel=split;kernel=split,chunk_keys=128,block_n=128;kernel=split,chunk_keys=256,block_n=256,warps=8"
-    v="$v;kernel=split,warps=8;kernel=split,warps=2;kernel=split,stages=3;kernel=split,stages=4"
-    v="$v;kernel=split,chunk_keys=512,block_n=128"
-    step attn_short 250 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 --prompt-len 128 --decode-variants "$v"
-    step attn_long 250 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 --prompt-len 2048 --decode-variants "$v"
+    v="$v;kernel=split,warps=8;kernel=split,stages=3;kernel=split,stages=4"
+    step attn_short 210 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 --prompt-len 128 --decode-variants "$v"
+    step attn_long 210 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 --prompt-len 2048 --decode-variants "$v"
     ;;
   gemv_cause)
     # twelfth session: the fault needs transformers' compiled generate in the process? engine.py
