@@ -77,6 +77,8 @@ class WorkerLoadStatus(BaseModel):
     num_waiting: int
     num_inflight: int
     is_draining: bool
+    num_pending_prefill_tokens: int = Field(0, description="Prompt tokens admitted but not yet prefilled: the "
+                                                           "worker's prefill backlog (what the ttft rule weighs)")
 
 
 class WorkerKV(BaseModel):

@@ -44,7 +44,8 @@ async def worker_statuses(manager, ws: list, with_leases: bool = True) -> list[m
                             kv_bytes=s.kv_bytes, block_bytes=p.block_bytes,
                             override_blocks=overrides.get(w.worker_id), planned_blocks=planned)
             load = m.WorkerLoadStatus(num_running=s.num_running, num_waiting=s.num_waiting,
-                                      num_inflight=p.num_inflight, is_draining=p.load.is_draining)
+                                      num_inflight=p.num_inflight, is_draining=p.load.is_draining,
+                                      num_pending_prefill_tokens=s.num_pending_prefill_tokens)
             pi = p.process
             process = m.WorkerProcess(pid=pi.pid, rss_bytes=pi.rss_bytes, node_id=pi.node_id, node_ip=pi.node_ip,
                                       node_memory_percent=pi.node_memory_percent, device=pi.device, engine=pi.engine)

@@ -76,6 +76,10 @@ def test_it_shows_the_workers_traffic_and_routing_decisions(cluster, page, page_
     assert shown == listed
     kv_cell = page.text_content(row(page, "decode-0") + " td:nth-child(4)")
     assert "/ 256" in kv_cell  # used / quota blocks (engine.num_kv_blocks of the fixture)
+    # the prefill backlog column: the worker's own report, as the API lists it (idle: 0 tokens)
+    api_load = {w["worker_id"]: w["load"] for w in admin.get("/cluster/workers").json()["workers"]}
+    backlog = page.text_content(row(page, "decode-0") + " td:nth-child(9)")
+    assert backlog == str(api_load["decode-0"]["num_pending_prefill_tokens"]) == "0"
     pools = page.eval_on_selector_all("#pools tbody tr", "rs => rs.map(r => r.dataset.pool)")
     assert sorted(pools) == ["decode", "prefill"]
 
