@@ -259,6 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fuse-projections", action="store_true",
                     help="engine.fuse_projections: true (default: auto, on for CUDA)")
     ap.add_argument("--gemv", action="store_true", help="engine.gemv on (Triton GEMV where it times faster)")
+    ap.add_argument("--no-rope-table", action="store_true", help="engine.rope_table off (RoPE computed per forward)")
     ap.add_argument("--hf-eager", action="store_true",
                     help="transformers' static-cache generate without its automatic torch.compile (reduce-overhead: "
                          "inductor's CUDA graph trees in this process beside the engine's graphs)")
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
                         max_num_batched_tokens=256 if small else (16384 if args.device == "cuda" else 1024),
                         max_num_seqs=max_seqs, max_model_len=max_len, attention_backend=args.attention_backend,
                         compile_decode=not args.no_compile, fuse_projections=args.fuse_projections or "auto",
-                        gemv=args.gemv)
+                        gemv=args.gemv, rope_table=not args.no_rope_table)
     t0 = time.perf_counter()
     engine = Engine(ModelConfig(device=args.device, dtype=dtype), ecfg, model_dir)
     init_s = time.perf_counter() - t0
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
                   compile_decode=ecfg.compile_decode and engine.runner.graphs is not None,
                   fuse_projections=engine.runner.fused_groups > 0,
                   gemv=[f"{r['shape'][0]}x{r['shape'][1]}:{r['kernel']}" for r in engine.runner.gemv_choices],
-                  engine_init_s=round(init_s, 2), hf_compiled=not args.hf_eager)
+                  engine_init_s=round(init_s, 2), hf_compiled=not args.hf_eager, rope_tables=engine.runner.rope_tables)
     if args.device == "cuda":
         common["card"] = torch.cuda.get_device_name()
     benches = {"decode_b1": bench_decode_b1, "batch": bench_batch, "many": bench_many}

@@ -19,7 +19,8 @@
 #            the faulting kernel and address; its log is $OUT/sanitizer.err
 #   gemv_cause: engine.py --gemv with transformers' generate not compiled, then batch32 alone
 #   attn32: decode attention tile variants not tried before, short and long contexts, batch 1/8/32
-#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32
+#   rope: engine.rope_table on/off (decode kernels, prefill step), its checks, engine.py
+#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -81,6 +82,22 @@ case $part in
     v="$v;kernel=split,warps=8;kernel=split,stages=3;kernel=split,stages=4"
     step attn_short 210 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 --prompt-len 128 --decode-variants "$v"
     step attn_long 210 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 --prompt-len 2048 --decode-variants "$v"
+    ;;
+  rope)
+    # twelfth session: engine.rope_table (RoPE cos/sin from a table, not recomputed in every layer's
+    # kernel): decode kernels at batch 1/32 and the 2048-token prefill step with and without it, the
+    # correctness checks with it, then engine.py
+    step decode_table 100 python3 benchmarks/profile_decode.py --batch-sizes 1,32
+    step decode_notable 100 python3 benchmarks/profile_decode.py --batch-sizes 1,32 --no-rope-table
+    step check 200 python3 benchmarks/gpu_check.py --only fp32-exact,compiled-prefill,bf16-1b-fused
+    step engine 130 python3 benchmarks/engine.py --device cuda --model llama-1b-shape --workloads decode_b1,batch \
+      --scheduling async
+    left=$((560 - (SECONDS - t0)))
+    if [ $left -gt 60 ]; then
+      step prefill_table $((left / 2)) python3 benchmarks/profile_prefill.py --cases compiled --num-prompts 6
+      step prefill_notable $((560 - (SECONDS - t0))) python3 benchmarks/profile_prefill.py --cases compiled \
+        --num-prompts 6 --no-rope-table
+    fi
     ;;
   gemv_cause)
     # twelfth session: the fault needs transformers' compiled generate in the process? engine.py

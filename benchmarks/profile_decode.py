@@ -124,6 +124,7 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--fuse-projections", action="store_true", help="engine.fuse_projections: true (default: auto, on for CUDA)")
     ap.add_argument("--gemv", action="store_true", help="engine.gemv on (Triton GEMV where it times faster)")
+    ap.add_argument("--no-rope-table", action="store_true", help="engine.rope_table off (RoPE computed per forward)")
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (the decode context grows from here)")
     ap.add_argument("--decode-variants", default="",
                     help="';'-separated decode attention settings, each 'key=value,...' with keys "
@@ -141,7 +142,7 @@ def main() -> int:
                                  blocks_per_segment=256, max_num_batched_tokens=4096, max_num_seqs=max(sizes),
                                  max_model_len=max(1024, 16 * blocks_per_seq),
                                  compile_decode=not args.no_compile, fuse_projections=args.fuse_projections or "auto",
-                                 gemv=args.gemv),
+                                 gemv=args.gemv, rope_table=not args.no_rope_table),
                     model_dir)
     graphs = engine.runner.graphs
     for n in sizes:

@@ -72,6 +72,7 @@ def main() -> int:
     ap.add_argument("--tiles", default="", help="eager case only: comma list of prefill attention tiles "
                     "ROWSxBLOCK_NxWARPS[xSTAGES][s] to time after it (one JSON line each; a trailing s: split_diagonal on), "
                     "e.g. 64x64x4,64x64x4s,128x64x8x3")
+    ap.add_argument("--no-rope-table", action="store_true", help="engine.rope_table off (RoPE computed per forward)")
     args = ap.parse_args()
     model_dir = build_model(args.model, Path(args.cache_dir))
     n, L = args.num_prompts, args.prompt_len
@@ -82,7 +83,8 @@ def main() -> int:
             print(json.dumps(in_worker_loop(model_dir, n, L)), flush=True)
             continue
         t0 = time.perf_counter()
-        engine = prefill_engine(model_dir, L, n + 2, compile_prefill=case == "compiled")
+        engine = prefill_engine(model_dir, L, n + 2, compile_prefill=case == "compiled",
+                                rope_table=not args.no_rope_table)
         init_s = time.perf_counter() - t0
         sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
         batch = prompts(n + 3, L, engine.vocab_size, 7)

@@ -44,6 +44,12 @@ class EngineConfig(BaseModel):
                             "decode graph of the Llama-1B shape 1.63 -> 1.44 ms; gpu_check's bf16-1b-fused and "
                             "fused checks pass there), off on the CPU; a model with no such groups then runs "
                             "unfused (true: an error).")
+    rope_table: bool = Field(
+        True, description="Look RoPE's cos/sin up in a table made at load (workers/engine/rope_table.py) "
+                          "instead of computing them from the positions in every forward, which "
+                          "torch.compile repeats in each layer's kernel (H200, Llama-1B shape, batch 32: "
+                          "101 us of a 1.32 ms decode step). Bitwise the module's values; RoPE types "
+                          "whose frequencies change with the length (dynamic, longrope) keep the module.")
     gemv: bool = Field(
         False, description="Batch-1 decode projections: time cuBLAS against a Triton GEMV on each weight shape "
                            "at load and keep the faster in the decode CUDA graphs (workers/engine/gemv.py; CUDA "

@@ -20,6 +20,7 @@ from workers.engine.config import EngineConfig, ModelConfig
 from workers.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from workers.engine.fused_projections import fuse_projections
 from workers.engine.kv_cache import KVCache
+from workers.engine.rope_table import use_rope_tables
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,9 @@ class ModelRunner:
         self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         self.max_model_len = engine_config.max_model_len or getattr(text_config, "max_position_embeddings", 2048)
+        self.rope_tables = 0
+        if engine_config.rope_table:  # a few positions past the limit: a step never indexes off the table
+            self.rope_tables = use_rope_tables(self.model, self.max_model_len + 64, self.dtype)
         self.eos_token_ids = self._eos_ids(model_path)
         self.engine_config = engine_config
         self.backend: AttentionBackend | None = None
