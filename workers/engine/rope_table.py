@@ -23,6 +23,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# A table covers every position up to the context limit: past this size (a 1M-token context) the
+# module stays (Llama-3.1-8B at 128k positions: 64 MiB)
+MAX_TABLE_BYTES = 256 << 20
 
 
 class RopeTable(nn.Module):
@@ -46,6 +49,12 @@ def _tableable(module: nn.Module) -> bool:
 def use_rope_tables(model: nn.Module, max_len: int, dtype: torch.dtype) -> int:
     """Replace each static rotary embedding module of ``model`` by its table; returns how many."""
     targets = [(name, m) for name, m in model.named_modules() if _tableable(m)]
+    for name, module in targets:
+        size = 2 * max_len * 2 * module.inv_freq.numel() * torch.empty(0, dtype=dtype).element_size()
+        if size > MAX_TABLE_BYTES:
+            log.info("RoPE of %s computed per forward: a table of %d positions would take %d MiB (max_model_len "
+                     "sets the positions)", name, max_len, size >> 20)
+            return 0
     for name, module in targets:
         device = module.inv_freq.device
         positions = torch.arange(max_len, device=device)[None]

@@ -41,3 +41,14 @@ def test_dynamic_rope_keeps_its_module(tiny_checkpoint):
     rotary.rope_type = "dynamic"  # frequencies that follow the sequence length: no fixed table
     assert use_rope_tables(model, 300, torch.float32) == 0
     assert model.model.rotary_emb is rotary
+
+
+def test_a_table_too_large_keeps_the_module(tiny_checkpoint):
+    from workers.engine import rope_table
+
+    model = copy.deepcopy(hf_model(tiny_checkpoint("llama")))
+    rotary = model.model.rotary_emb
+    # 2 tables x positions x rotary dim (2 x inv_freq) x 4 bytes
+    too_many = rope_table.MAX_TABLE_BYTES // (2 * 2 * rotary.inv_freq.numel() * 4) + 1
+    assert use_rope_tables(model, too_many, torch.float32) == 0
+    assert model.model.rotary_emb is rotary
