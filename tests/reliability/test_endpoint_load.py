@@ -24,7 +24,7 @@ from schemathesis.generation import GenerationMode
 from schemathesis.config import SchemathesisConfig
 
 from tests.conftest import attach_ingress
-from tests.reliability.faults import actor_of, assert_no_leaks, routing, slow_engine_steps, workers_of
+from tests.reliability.faults import actor_of, assert_no_leaks, routing, slow_engine_steps, wait_for, workers_of
 
 MODEL = "tiny-llama"
 LIMITS = dict(limits__max_prompt_tokens=48, limits__max_tokens=8, limits__max_body_bytes=4096,
@@ -128,6 +128,11 @@ async def test_a_request_past_its_deadline_ends_with_504_and_frees_its_blocks(cl
             plain, (status, events) = await asyncio.gather(http.post("/v1/completions", json=body), streamed())
     finally:
         slow_engine_steps(decode, 0)
+        # a poll waits for a step boundary: with 1 s steps the router's 2 s polls can fail three times
+        # in a row and take the worker out of routing until one answers again (the next test's load
+        # must not start in that gap: its first requests would get 503 no_worker)
+        wait_for(lambda: all(w["healthy"] for w in workers_of(cluster.url).values()), 60,
+                 "the router to see every worker healthy again")
     assert_openai_error(plain, 504, "timeout_error")
     assert status == 200 and events[-1] == "[DONE]", events
     assert json.loads(events[-2])["error"]["code"] == "request_timeout", events
