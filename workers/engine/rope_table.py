@@ -55,12 +55,33 @@ def use_rope_tables(model: nn.Module, max_len: int, dtype: torch.dtype) -> int:
             log.info("RoPE of %s computed per forward: a table of %d positions would take %d MiB (max_model_len "
                      "sets the positions)", name, max_len, size >> 20)
             return 0
+    tabled = []
     for name, module in targets:
         device = module.inv_freq.device
-        positions = torch.arange(max_len, device=device)[None]
-        cos, sin = module(torch.empty(0, dtype=dtype, device=device), positions)
+        x = torch.empty(0, dtype=dtype, device=device)
+        cos, sin = module(x, torch.arange(max_len, device=device)[None])
+        table = RopeTable(cos[0].contiguous(), sin[0].contiguous())
+        if not _same_as_module(table, module, x, max_len):
+            log.info("RoPE of %s computed per forward: its module does not map positions to cos/sin one by one",
+                     name)
+            continue
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, RopeTable(cos[0].contiguous(), sin[0].contiguous()))
-    if targets:
-        log.info("RoPE from tables of %d positions (%s)", max_len, ", ".join(n for n, _ in targets))
-    return len(targets)
+        setattr(model.get_submodule(parent_name), attr, table)
+        tabled.append(name)
+    if tabled:
+        log.info("RoPE from tables of %d positions (%s)", max_len, ", ".join(tabled))
+    return len(tabled)
+
+
+def _same_as_module(table: RopeTable, module: nn.Module, x: torch.Tensor, max_len: int) -> bool:
+    """The table gives the module's own answer for a batch of scattered positions (a module whose
+    output for a position depends on anything else, e.g. multimodal RoPE over 3-row positions, is
+    left alone)."""
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, max_len, (2, 17), generator=g).to(x.device)
+    try:
+        want = module(x, probe)
+    except Exception:  # noqa: BLE001 - any module that cannot take [batch, tokens] positions keeps itself
+        return False
+    got = table(x, probe)
+    return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, want))

@@ -52,3 +52,19 @@ def test_a_table_too_large_keeps_the_module(tiny_checkpoint):
     too_many = rope_table.MAX_TABLE_BYTES // (2 * 2 * rotary.inv_freq.numel() * 4) + 1
     assert use_rope_tables(model, too_many, torch.float32) == 0
     assert model.model.rotary_emb is rotary
+
+
+def test_a_module_whose_values_differ_from_a_lookup_keeps_itself(tiny_checkpoint):
+    """The load-time probe: a rotary module whose answer for a position depends on more than the
+    position (here: scaled by how many positions it is given) is not replaced by a table."""
+    model = copy.deepcopy(hf_model(tiny_checkpoint("llama")))
+    rotary = model.model.rotary_emb
+    plain = type(rotary).forward
+
+    def forward(x, position_ids):
+        cos, sin = plain(rotary, x, position_ids)
+        return cos * position_ids.shape[-1], sin
+
+    rotary.forward = forward
+    assert use_rope_tables(model, 300, torch.float32) == 0
+    assert model.model.rotary_emb is rotary
