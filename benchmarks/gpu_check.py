@@ -17,6 +17,7 @@ Checks:
                rule (where sequences diverge, each side's token is in the other's top-5); then the
                same engine (compiled CUDA graphs) with async scheduling == synchronous, token for
                token: greedy with mixed max_tokens, and seeded top-k/top-p sampling with logprobs
+               (benchmarks/gpu_check_bf16.py)
   fused        engine.fuse_projections (q|k|v, gate|up in one GEMM each) on tiny fp32 models with
                compiled CUDA graphs: token-identical to generate
   bf16-1b-fused  the bf16-1b checks again with fuse_projections
@@ -48,7 +49,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.engine import build_model  # noqa: E402
+from benchmarks.gpu_check_bf16 import check_bf16_1b  # noqa: E402
 from kv_transfer.layout import KVLayout  # noqa: E402
 from tests.tiny_models import FAMILIES, build_tiny_checkpoint  # noqa: E402
 from tests.workers.engine.helpers import GREEDY, PROMPTS, collect, drain, run_all  # noqa: E402
@@ -315,57 +316,6 @@ def check_compiled_prefill() -> dict:
     if bad:
         raise AssertionError(f"compiled prefill not token-identical to generate / recompiled: {bad}")
     return {"families": list(FAMILIES), "cases": 2, "warmup_s": warmups}
-
-
-def check_bf16_1b(fuse: bool = False, use_gemv: bool = False) -> dict:
-    d = build_model("llama-1b-shape", CACHE)
-    e = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
-               EngineConfig(block_size=16, num_kv_blocks=256, blocks_per_segment=64, max_num_batched_tokens=512,
-                            max_num_seqs=8, max_model_len=1024, fuse_projections=fuse, gemv=use_gemv), d)
-    g = torch.Generator().manual_seed(5)
-    prompts = torch.randint(10, 128000, (4, 60), generator=g).tolist()
-    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, top_logprobs=5)
-    got = {}
-    for i, p in enumerate(prompts):
-        e.add_request(f"q{i}", p, sp)
-        got[f"q{i}"] = ([], [])
-    while e.has_work():
-        for delta in e.step().deltas:
-            got[delta.request_id][0].extend(delta.token_ids)
-            got[delta.request_id][1].extend([[t for t, _ in step] for step in delta.top_logprobs])
-    async_checks = check_bf16_async(e, prompts)
-    exact = 0
-    del e
-    torch.cuda.empty_cache()
-    for i, p in enumerate(prompts):
-        (ours, our_top), (theirs, their_top) = got[f"q{i}"], hf_generate(d, p, 24, "bfloat16", with_scores=True)
-        exact += ours == theirs
-        for j, (x, y) in enumerate(zip(ours, theirs)):
-            if x != y:
-                if x not in their_top[j][:5] or y not in our_top[j][:5]:
-                    raise AssertionError(f"prompt {i} diverged at {j}: {x} vs {y}, outside each other's top-5")
-                break
-    return {"prompts": len(prompts), "identical": exact, **async_checks}
-
-
-def check_bf16_async(e: Engine, prompts: list[list[int]]) -> dict:
-    """The same compiled-graph engine, async vs synchronous scheduling: identical tokens (and
-    logprobs). Length finishes only: the batch of every step is then the same in both modes (a
-    stop token would leave one extra slot in an async step, and bf16 GEMMs of another padded
-    batch size may round differently)."""
-    reqs = {}
-    for i, p in enumerate(prompts):
-        reqs[f"g{i}"] = (p, SamplingParams(max_tokens=8 + 9 * i, temperature=0, ignore_eos=True))
-        reqs[f"s{i}"] = (p[::-1], SamplingParams(max_tokens=20, temperature=0.9, top_k=50 * (i % 2), top_p=0.95,
-                                                seed=7 + i, ignore_eos=True, logprobs=True, top_logprobs=2))
-    got = {}
-    for mode in (False, True):
-        e.async_scheduling = mode
-        e.pool.reset_cache()
-        got[mode] = collect(e, reqs, with_logprobs=True)
-    if got[True] != got[False]:
-        raise AssertionError(f"bf16 async != sync for {[k for k in reqs if got[True][k] != got[False][k]]}")
-    return {"async_equal_requests": len(reqs), "overlapped_steps": e.num_overlapped_steps}
 
 
 def main() -> int:
