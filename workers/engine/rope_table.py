@@ -50,7 +50,7 @@ def use_rope_tables(model: nn.Module, max_len: int, dtype: torch.dtype) -> int:
     """Replace each static rotary embedding module of ``model`` by its table; returns how many."""
     targets = [(name, m) for name, m in model.named_modules() if _tableable(m)]
     for name, module in targets:
-        size = 2 * max_len * 2 * module.inv_freq.numel() * torch.empty(0, dtype=dtype).element_size()
+        size = 2 * max_len * 2 * module.inv_freq.numel() * dtype.itemsize
         if size > MAX_TABLE_BYTES:
             log.info("RoPE of %s computed per forward: a table of %d positions would take %d MiB (max_model_len "
                      "sets the positions)", name, max_len, size >> 20)
