@@ -2,9 +2,7 @@
 token has not come back (a burst between two polls must not all go to one side, and a worker that
 finished a prompt is free again before its next poll), and the prefill rates it learns from polls.
 The worker actors are in-process doubles answering state(); no Ray, no etcd (the view is never
-started).
-
-"""
+started)."""
 
 import asyncio
 import time
