@@ -20,7 +20,10 @@
 #   gemv_cause: engine.py --gemv with transformers' generate not compiled, then batch32 alone
 #   attn32: decode attention tile variants not tried before, short and long contexts, batch 1/8/32
 #   rope: engine.rope_table on/off (decode kernels, prefill step), its checks, engine.py
-#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope
+#   r13: inductor max-autotune for the decode graph's GEMMs (batch 1/32, with today's default
+#            beside it), the same-GPU KV READ sweep (sync and 8 in flight), the split-out bf16 check,
+#            the 2048-token prefill step with and without engine.rope_table
+#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -108,6 +111,19 @@ case $part in
     step engine_gemv_batch_only 200 python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads batch --scheduling async --gemv
     grep -h -m 3 -E "illegal|Error" "$out"/engine_gemv_*.err
+    ;;
+  r13)
+    step decode_default 110 python3 benchmarks/profile_decode.py --batch-sizes 1,32
+    step decode_autotune 200 python3 benchmarks/profile_decode.py --batch-sizes 1,32 --inductor max_autotune_gemm=1
+    step transfer_same 90 python3 benchmarks/transfer.py --device cuda --prefill-gpu 0 --decode-gpu 0 \
+      --skip request,layerwise --pipelined 8
+    step check_bf16 150 python3 benchmarks/gpu_check.py --only bf16-1b-fused
+    left=$((570 - (SECONDS - t0)))
+    if [ $left -gt 60 ]; then
+      step prefill_table $((left / 2)) python3 benchmarks/profile_prefill.py --cases compiled --num-prompts 6
+      step prefill_notable $((570 - (SECONDS - t0))) python3 benchmarks/profile_prefill.py --cases compiled \
+        --num-prompts 6 --no-rope-table
+    fi
     ;;
   gemv)
     step host 120 python3 benchmarks/host_profile.py --batch-sizes 1,32

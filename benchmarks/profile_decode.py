@@ -111,6 +111,21 @@ def sweep_variants(engine: Engine, batch: int, size: int, specs: list[str]) -> N
     graphs.capture()
 
 
+def set_inductor(spec: str) -> dict[str, object]:
+    """'max_autotune_gemm=1,max_autotune_gemm_backends=TRITON' -> those torch._inductor.config
+    attributes set (an unknown key fails before anything is built)."""
+    import torch._inductor.config as inductor_config
+    done = {}
+    for item in filter(None, spec.split(",")):
+        key, _, raw = item.partition("=")
+        if not hasattr(inductor_config, key):
+            raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
+        value: object = int(raw) if raw.lstrip("-").isdigit() else raw
+        setattr(inductor_config, key, value)
+        done[key] = value
+    return done
+
+
 class _Eager:
     def __init__(self, fn):
         self.replay = fn
@@ -125,6 +140,9 @@ def main() -> int:
     ap.add_argument("--fuse-projections", action="store_true", help="engine.fuse_projections: true (default: auto, on for CUDA)")
     ap.add_argument("--gemv", action="store_true", help="engine.gemv on (Triton GEMV where it times faster)")
     ap.add_argument("--no-rope-table", action="store_true", help="engine.rope_table off (RoPE computed per forward)")
+    ap.add_argument("--inductor", default="",
+                    help="torch._inductor.config settings for the decode graph's compile, 'key=value,...' "
+                         "(e.g. max_autotune_gemm=1): values parsed as int, else kept as strings")
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (the decode context grows from here)")
     ap.add_argument("--decode-variants", default="",
                     help="';'-separated decode attention settings, each 'key=value,...' with keys "
@@ -135,7 +153,10 @@ def main() -> int:
     variants = [v for v in spec.split(";") if v]
     for v in variants:
         parse_variant(v)  # fail before building anything
+    for key, value in set_inductor(args.inductor).items():
+        print(json.dumps({"inductor": key, "value": value}), flush=True)
     model_dir = build_model(args.model, Path(args.cache_dir))
+    t_build = time.perf_counter()
     blocks_per_seq = max(24, -(-(args.prompt_len + 210 + 5 * len(variants)) // 16))
     engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
                     EngineConfig(block_size=16, num_kv_blocks=max(sizes) * blocks_per_seq + 64,
@@ -144,6 +165,7 @@ def main() -> int:
                                  compile_decode=not args.no_compile, fuse_projections=args.fuse_projections or "auto",
                                  gemv=args.gemv, rope_table=not args.no_rope_table),
                     model_dir)
+    print(json.dumps({"engine_start_s": round(time.perf_counter() - t_build, 1)}), flush=True)
     graphs = engine.runner.graphs
     for n in sizes:
         sp = SamplingParams(max_tokens=200 + 5 * len(variants), temperature=0, ignore_eos=True)

@@ -11,6 +11,11 @@ synchronized once, in the same run, per size of the bandwidth sweep.
     memcpy    N ``copy_`` of the same byte count between two of this process's tensors, on the
               reader's stream, one synchronize (with --prefill-gpu != --decode-gpu also
               ``memcpy_peer``: the N copies from the prefill GPU)
+    slices    as ``issue`` without the reader's checks: copy_runs with one memcpy per (layer, kv)
+              slice (max_slice_copies) instead of one strided copy per run
+Where the time goes (thirteenth session): ``*_host_us`` = host time per READ / copy until the
+last one is queued (before the synchronize), ``*_device_us`` = device time per READ / copy
+(torch.profiler, kernels and memcpys), ``*_kernels`` = what ran on the device for one READ.
 
 READ i reads the i-th range of ``size`` bytes of the sweep cache (wrapping round the segment),
 so back-to-back READs are different requests' blocks. GB/s = N * size / median wall time.
@@ -29,6 +34,8 @@ MIB = 1 << 20
 def bench_pipelined(side, conn, args, emit) -> None:
     import torch
 
+    from benchmarks.cuda_kernels import kernel_times
+    from kv_transfer.block_copy import copy_runs
     from kv_transfer.descriptors import plan_runs
 
     txi, lay = side.ipc.get("sweep"), side.layouts["sweep"]
@@ -54,20 +61,37 @@ def bench_pipelined(side, conn, args, emit) -> None:
             starts = [(i * num_blocks) % (bps - num_blocks + 1) for i in range(depth)]
             ranges = [list(range(s, s + num_blocks)) for s in starts]
 
+            host: dict[str, list[float]] = {"ipc_issue": [], "memcpy": [], "slices": []}
+
             def issue():
+                t = time.perf_counter()
                 for ids in ranges:
                     reader.issue(peer, plan_runs(ids, ids, bps, bps), lay)
+                host["ipc_issue"].append(time.perf_counter() - t)
                 reader.synchronize(peer)
+
+            mapped, ours = reader._mapped(peer).segments, reader._ours
+
+            def slices():
+                t = time.perf_counter()
+                with torch.cuda.stream(stream):
+                    for ids in ranges:
+                        copy_runs(mapped, ours, lay, lay, plan_runs(ids, ids, bps, bps), max_slice_copies=64)
+                host["slices"].append(time.perf_counter() - t)
+                stream.synchronize()
 
             def threads():
                 for f in [pool.submit(txi.read_blocking, peer_name, ids, ids, 60.0) for ids in ranges]:
                     f.result()
 
-            def copies(source):
+            def copies(source, name=None):
                 def run():
+                    t = time.perf_counter()
                     with torch.cuda.stream(stream):
                         for _ in range(depth):
                             dst[:size].copy_(source[:size], non_blocking=True)
+                    if name:
+                        host[name].append(time.perf_counter() - t)
                     stream.synchronize()
                 return run
 
@@ -77,7 +101,7 @@ def bench_pipelined(side, conn, args, emit) -> None:
             for ids in {tuple(r): r for r in ranges}.values():
                 conn.send(("checksum", (key, ids)))
                 match &= side.checksum(key, ids) == conn.recv()
-            cases = {"ipc_issue": issue, "ipc_threads": threads, "memcpy": copies(src)}
+            cases = {"ipc_issue": issue, "ipc_threads": threads, "memcpy": copies(src, "memcpy"), "slices": slices}
             if cross_gpu:
                 cases["memcpy_peer"] = copies(src_peer)
             times: dict[str, list[float]] = {name: [] for name in cases}
@@ -95,6 +119,13 @@ def bench_pipelined(side, conn, args, emit) -> None:
             if cross_gpu:
                 record["ipc_issue_ratio_vs_memcpy_peer"] = round(gbps["ipc_issue"] / gbps["memcpy_peer"], 3)
                 record["ipc_threads_ratio_vs_memcpy_peer"] = round(gbps["ipc_threads"] / gbps["memcpy_peer"], 3)
+            for name, t in host.items():
+                record[f"{name}_host_us"] = round(statistics.median(t) / depth * 1e6, 1)
+            record["slices_ratio_vs_memcpy"] = round(gbps["slices"] / gbps["memcpy"], 3)
+            for name in ("ipc_issue", "memcpy", "slices"):
+                total, top = kernel_times(cases[name], repeats=3, top=3)
+                record[f"{name}_device_us"] = round(total / depth, 1)
+                record[f"{name}_kernels"] = [(k, round(us / depth, 1)) for k, us in top]
             emit(record)
     finally:
         pool.shutdown()
