@@ -79,6 +79,11 @@ class WorkerLoadStatus(BaseModel):
     is_draining: bool
     num_pending_prefill_tokens: int = Field(0, description="Prompt tokens admitted but not yet prefilled: the "
                                                            "worker's prefill backlog (what the ttft rule weighs)")
+    engine_stalled_s: float = Field(0.0, description="Seconds since its engine last made progress (a step, a batch "
+                                                     "of commands or an idle wake-up): ms when healthy, one step's "
+                                                     "length when slow; past router.engine_stall_timeout_s the "
+                                                     "router stops routing to it")
+    engine_has_work: bool = Field(False, description="Requests running, waiting or in flight in its engine")
 
 
 class WorkerKV(BaseModel):

@@ -35,7 +35,7 @@ async def worker_statuses(manager, ws: list, with_leases: bool = True) -> list[m
         lease = leases.get(w.worker_id)
         seen = manager.registered_at.get(w.worker_id)
         kv = load = process = None
-        if p.ok:
+        if p.answered:  # also with a stuck engine: the listing shows what it reported (probe_error says why)
             s = p.stats
             planned = manager.kv_resizer.planned_blocks(w.worker_id) if manager.kv_resizer else None
             kv = m.WorkerKV(num_blocks=s.num_total_blocks, target_blocks=s.num_target_blocks,
@@ -45,7 +45,8 @@ async def worker_statuses(manager, ws: list, with_leases: bool = True) -> list[m
                             override_blocks=overrides.get(w.worker_id), planned_blocks=planned)
             load = m.WorkerLoadStatus(num_running=s.num_running, num_waiting=s.num_waiting,
                                       num_inflight=p.num_inflight, is_draining=p.load.is_draining,
-                                      num_pending_prefill_tokens=s.num_pending_prefill_tokens)
+                                      num_pending_prefill_tokens=s.num_pending_prefill_tokens,
+                                      engine_stalled_s=p.load.engine_stalled_s, engine_has_work=p.load.engine_has_work)
             pi = p.process
             process = m.WorkerProcess(pid=pi.pid, rss_bytes=pi.rss_bytes, node_id=pi.node_id, node_ip=pi.node_ip,
                                       node_memory_percent=pi.node_memory_percent, device=pi.device, engine=pi.engine)

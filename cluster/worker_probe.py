@@ -1,15 +1,19 @@
 """WorkerProbe: one look at a live worker, as the management API and the control loops need it.
 
     probe_worker(worker_id, actor) -> WorkerProbe
-        engine stats      worker.stats()        KV blocks (quota, target, used, pinned), queues, bytes
-        load, counters    worker.state(...)     is_draining, preemptions, finished requests
+        engine stats      worker.stats(from_snapshot=True)
+                                                KV blocks (quota, target, used, pinned), queues, bytes
+        load, counters    worker.state(...)     is_draining, engine stall, preemptions, finished requests
         in flight         worker.num_inflight()
         process, node     process_info()        run inside the worker's process via Ray's
                                                 __ray_call__: pid, RSS, node memory (and device
                                                 memory on CUDA), the node it runs on
 
 Every call has a deadline; a worker that does not answer gives a probe with ``error`` set and the
-rest None (the caller shows it, never guesses).
+rest None (the caller shows it, never guesses). None of them waits for an engine step (the stats are
+what the engine thread last published); a worker whose engine made no progress for longer than the
+deadline gives a probe with ``error`` set too, but with what it reported (its engine_stalled_s):
+the control loops leave it alone (a KV resize would wait behind its stuck step), the listing shows it.
 """
 
 from __future__ import annotations
@@ -48,11 +52,16 @@ class WorkerProbe:
     counters: WorkerCounters | None = None
     num_inflight: int | None = None
     process: ProcessInfo | None = None
-    error: str | None = None
+    error: str | None = None  # set: not usable by the control loops (stats etc. may still be set)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def answered(self) -> bool:
+        """It reported its state (maybe with ``error``: an engine making no progress)."""
+        return self.stats is not None
 
     @property
     def block_bytes(self) -> int | None:
@@ -92,7 +101,7 @@ async def probe_worker(worker_id: str, actor, timeout_s: float = 5.0) -> WorkerP
     now = time.time()
     try:
         stats, state, num_inflight, process = await asyncio.wait_for(asyncio.gather(
-            actor.stats.remote(), actor.state.remote(_NO_EVENTS_SEQ), actor.num_inflight.remote(),
+            actor.stats.remote(from_snapshot=True), actor.state.remote(_NO_EVENTS_SEQ), actor.num_inflight.remote(),
             actor.__ray_call__.remote(process_info),
         ), timeout_s)
     except asyncio.CancelledError:
@@ -101,8 +110,10 @@ async def probe_worker(worker_id: str, actor, timeout_s: float = 5.0) -> WorkerP
         return WorkerProbe(worker_id, now, error=f"no answer within {timeout_s:g} s")
     except Exception as e:
         return WorkerProbe(worker_id, now, error=f"{type(e).__name__}: {_first_line(e)}")
+    stalled_s = state.load.engine_stalled_s
+    error = f"its engine made no progress for {stalled_s:.0f} s" if stalled_s > timeout_s else None
     return WorkerProbe(worker_id, now, stats=stats, load=state.load, counters=state.counters,
-                       num_inflight=num_inflight, process=process)
+                       num_inflight=num_inflight, process=process, error=error)
 
 
 def _first_line(e: BaseException) -> str:

@@ -177,7 +177,9 @@ class OpenAIIngress:
                          # this router's estimate (ClusterView: its own requests not yet past their
                          # first token, + what the worker reports beyond them)
                          "pending_prefill_tokens": w.load().num_pending_prefill_tokens if w.state else None,
-                         "prefills_in_flight": len(w.prefill_in_flight)}
+                         "prefills_in_flight": len(w.prefill_in_flight),
+                         # as of its last answer: seconds its engine had made no progress
+                         "engine_stalled_s": w.state.load.engine_stalled_s if w.state else None}
                    for wid, w in list(view.workers.items())}
         return {"workers": workers, "decisions": list(view.decisions), "zero_overlap_alarm": view.alarm.is_alarmed,
                 "etcd_connected": view.watcher.is_connected, "etcd_resyncs": view.watcher.num_resyncs,

@@ -2,10 +2,12 @@
 and which prefixes it caches (polled worker state feeding the global PrefixIndex), and the
 routing decision for a request.
 
-Membership comes from etcd; a worker that is registered but does not answer its poll is left
-out of routing until it answers again, and one whose registration lapsed while it still answers
-stays for up to a lease TTL while it registers again (_sync_membership). While etcd is
-unreachable the last known membership stays in force (MembershipWatcher keeps it).
+Membership comes from etcd; a worker that is registered but does not answer its poll, or whose
+engine reports no progress for router.engine_stall_timeout_s (its poll answers at once, from what
+the engine thread last published), is left out of routing until it answers or moves again, and
+one whose registration lapsed while it still answers stays for up to a lease TTL while it
+registers again (_sync_membership). While etcd is unreachable the last known membership stays in
+force (MembershipWatcher keeps it).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def ray_namespace(cluster_name: str) -> str:
 class WorkerEntry:
     info: WorkerInfo
     actor: object  # ray ActorHandle
+    engine_stall_timeout_s: float  # router.engine_stall_timeout_s
     state: WorkerState | None = None
     last_seq: int = -1
     last_ok_at: float = 0.0
@@ -76,10 +79,17 @@ class WorkerEntry:
     left_etcd_at: float | None = None  # monotonic time its registration was first seen missing
 
     @property
+    def is_engine_stalled(self) -> bool:
+        """Its last answer reported an engine that made no progress for engine_stall_timeout_s."""
+        return self.state is not None and self.state.load.engine_stalled_s >= self.engine_stall_timeout_s
+
+    @property
     def is_healthy(self) -> bool:
-        # A slow poll (a busy worker, a loaded machine) is not a dead worker: only a dead actor or
-        # several polls in a row without an answer take it out of routing and readiness.
-        return self.state is not None and not self.is_dead and self.num_poll_failures < MAX_POLL_FAILURES
+        # A slow poll (a busy worker, a loaded machine) or a slow engine step is not a dead worker:
+        # only a dead actor, several polls in a row without an answer, or an engine stuck for
+        # engine_stall_timeout_s take it out of routing and readiness.
+        return (self.state is not None and not self.is_dead and self.num_poll_failures < MAX_POLL_FAILURES
+                and not self.is_engine_stalled)
 
     def load(self) -> WorkerLoad:
         s = self.state.load
@@ -87,7 +97,8 @@ class WorkerEntry:
         queued = max(s.num_waiting + self.requests_since_poll, s.num_waiting + self.num_routed - s.num_running)
         return WorkerLoad(s.worker_id, s.role, s.num_running, queued,
                           s.num_used_blocks + self.blocks_since_poll, s.num_total_blocks, s.num_pinned_blocks,
-                          s.is_draining, self.others_pending + sum(self.prefill_in_flight.values()))
+                          s.is_draining, self.others_pending + sum(self.prefill_in_flight.values()),
+                          s.engine_stalled_s, s.engine_has_work)
 
     def add_prefill(self, key: str, num_tokens: int) -> None:
         self.prefill_in_flight[key] = num_tokens
@@ -97,13 +108,13 @@ class WorkerEntry:
 
 class ClusterView:
     def __init__(self, cluster_name: str, etcd: EtcdConfig, config: RouterConfig, block_size: int,
-                 poll_interval_s: float = 0.1, poll_timeout_s: float = 2.0):
+                 poll_interval_s: float = 0.1):
         self.cluster_name = cluster_name
         self.namespace = ray_namespace(cluster_name)
         self.config = config
         self.block_size = block_size
         self.poll_interval_s = poll_interval_s
-        self.poll_timeout_s = poll_timeout_s
+        self.poll_timeout_s = config.poll_timeout_s
         self.watcher = MembershipWatcher(etcd, cluster_name)
         self.lapse_grace_s = float(etcd.lease_ttl_s)
         self.index = PrefixIndex(config.index_max_blocks_per_worker, config.index_max_workers)
@@ -200,9 +211,12 @@ class ClusterView:
         return self.workers[worker_id].actor
 
     def silence_s(self, worker_id: str) -> float | None:
-        """Seconds since the worker last answered a poll; None once it left the membership."""
+        """Seconds since the worker last showed progress: since its last answer to a poll, plus how
+        long its engine had been stuck when it answered; None once it left the membership."""
         w = self.workers.get(worker_id)
-        return None if w is None else time.monotonic() - w.last_ok_at
+        if w is None:
+            return None
+        return time.monotonic() - w.last_ok_at + (w.state.load.engine_stalled_s if w.state is not None else 0.0)
 
     def note_routed(self, worker_id: str, delta: int) -> None:
         w = self.workers.get(worker_id)
@@ -243,7 +257,7 @@ class ClusterView:
                 except ValueError:
                     continue  # registered but not (yet / any more) a live actor
                 log.info("worker %s (%s) joined the cluster", wid, info.role.value)
-                self.workers[wid] = WorkerEntry(info, actor)
+                self.workers[wid] = WorkerEntry(info, actor, self.config.engine_stall_timeout_s)
             else:
                 w = self.workers[wid]
                 if w.left_etcd_at is not None:
@@ -279,7 +293,16 @@ class ClusterView:
             self.index.apply_all(state.events)
         else:
             self.index.reset_worker(wid, state.cached_hashes or (), state.last_seq)
+        was_stalled = w.is_engine_stalled
         w.state, w.last_seq, w.blocks_since_poll, w.requests_since_poll = state, state.last_seq, 0, 0
+        if w.is_engine_stalled != was_stalled:
+            if was_stalled:
+                log.info("worker %s: its engine moves again; back in routing", wid)
+            else:
+                log.warning("worker %s: its engine made no progress for %.1f s (%s; router.engine_stall_timeout_s "
+                            "= %g); out of routing until it moves", wid, state.load.engine_stalled_s,
+                            "requests in it" if state.load.engine_has_work else "no request in it",
+                            w.engine_stall_timeout_s)
         # the answer counts some of this router's requests in its window (those still pending at the
         # worker when it answered), other routers' requests never: what it reports beyond the whole
         # window is theirs (a lower bound: the window may hold requests the answer no longer counts)

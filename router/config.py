@@ -85,6 +85,17 @@ class RouterConfig(BaseModel):
     index_max_blocks_per_worker: int = Field(1_000_000, ge=1, description="Prefix index cap per worker")
     index_max_workers: int = Field(4096, ge=1, description="Prefix index cap on distinct workers")
     recent_decisions: int = Field(100, ge=0, description="Routing decisions kept for inspection")
+    # A worker answers its poll at once from what its engine thread last published; three polls in
+    # a row without an answer (a dead, frozen or unreachable actor) take it out of routing.
+    poll_timeout_s: float = Field(
+        2.0, gt=0, description="A worker's answer to one state poll (every 0.1 s); 3 unanswered in a row: unhealthy")
+    # 10 s: above the slowest healthy step seen on CI's 2 CPU cores (a long CPU prefill, several
+    # seconds), below limits.worker_stall_timeout_s (15 s) so that no new request goes to a stuck
+    # engine while the ones on it wait for that deadline to migrate them
+    engine_stall_timeout_s: float = Field(
+        10.0, gt=0, description="A worker whose engine thread made no progress (no step, command or idle wake-up "
+                                "finished) for this long is unhealthy: out of routing and readiness until it "
+                                "moves again. Keep it above the longest engine step a healthy worker takes")
 
     @property
     def conditional_mode(self) -> Literal["off", "queue", "ttft"]:
@@ -126,7 +137,8 @@ class LimitsConfig(BaseModel):
     prefill_timeout_s: float = Field(
         60, gt=0, description="A decode worker's wait for one prefill worker's KV handle; then the next candidate")
     worker_stall_timeout_s: float = Field(
-        15, gt=0, description="A decode worker that streams nothing and answers no poll for this long (a stuck step, "
-                              "a hung process) is treated as failed: its requests migrate")
+        15, gt=0, description="A decode worker that streams nothing and, for this long, answers no poll or reports "
+                              "an engine making no progress (a stuck step, a hung process) is treated as failed: "
+                              "its requests migrate")
     max_migrations: int = Field(
         3, ge=0, description="Decode-worker failures one request survives (each one migrates it); then a clear error")

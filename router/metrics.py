@@ -38,6 +38,9 @@ class _ClusterCollector:
         usage = GaugeMetricFamily("pdserve_kv_usage_ratio", "KV blocks in use / allocated", labels=["worker", "role"])
         waiting = GaugeMetricFamily("pdserve_worker_queue_depth", "Requests waiting in a worker", labels=["worker", "role"])
         running = GaugeMetricFamily("pdserve_worker_running", "Requests running in a worker", labels=["worker", "role"])
+        stalled = GaugeMetricFamily("pdserve_worker_engine_stalled_seconds", "Seconds a worker's engine had made no "
+                                    "progress (no step, command or idle wake-up) at its last poll",
+                                    labels=["worker", "role"])
         hit = GaugeMetricFamily("pdserve_prefix_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens",
                                 labels=["worker"])
         alarm = GaugeMetricFamily("pdserve_zero_overlap_alarm", "1 when prefixes repeat but no worker reports overlap "
@@ -66,8 +69,9 @@ class _ClusterCollector:
                 usage.add_metric([wid, role], load.num_used_blocks / max(1, load.num_total_blocks))
                 waiting.add_metric([wid, role], load.num_waiting)
                 running.add_metric([wid, role], load.num_running)
+                stalled.add_metric([wid, role], load.engine_stalled_s)
                 hit.add_metric([wid], c.num_prompt_tokens_cached / c.num_prompt_tokens if c.num_prompt_tokens else 0.0)
                 for key, fam in families.items():
                     fam.add_metric([wid], float(getattr(c, key)))
             alarm.add_metric([], 1.0 if view.alarm.is_alarmed else 0.0)
-        yield from (used, total, usage, waiting, running, hit, alarm, *families.values())
+        yield from (used, total, usage, waiting, running, stalled, hit, alarm, *families.values())

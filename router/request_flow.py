@@ -9,10 +9,11 @@
 
 Failures (every wait is bounded):
   - the decode worker dies (RayActorError) or hangs (it left the etcd membership because its lease
-    expired, or neither streamed nor answered a poll for limits.worker_stall_timeout_s): the request
-    migrates. The prompt plus every token already streamed goes to another decode worker; seeded
-    sampling resumes at the same output position and the router's own detokenizer continues the
-    text, so the stream has no gap and no repeat. After limits.max_migrations: MigrationsExhausted.
+    expired, or for limits.worker_stall_timeout_s it streamed nothing while it answered no poll or
+    reported an engine making no progress): the request migrates. The prompt plus every token
+    already streamed goes to another decode worker; seeded sampling resumes at the same output
+    position and the router's own detokenizer continues the text, so the stream has no gap and no
+    repeat. After limits.max_migrations: MigrationsExhausted.
   - limits.request_timeout_s over the whole request: RequestTimedOut.
   - a worker that refuses (draining) before producing anything is simply skipped.
 Leaving a worker's stream early for any reason (client gone, migration, timeout) cancels it there:
@@ -144,7 +145,8 @@ async def _watched(source, view: ClusterView, worker_id: str, deadline: float,
                    stall_timeout_s: float) -> AsyncIterator[TokenDelta]:
     """The worker's TokenDeltas (source: a _RequestStream or token_streams.RequestTokens). Raises
     WorkerStalled when the worker left the membership, or sent nothing (on this request's stream or
-    on the shared one) and answered no poll for stall_timeout_s; RequestTimedOut past the deadline."""
+    on the shared one) and showed no progress (ClusterView.silence_s: no poll answered, or an engine
+    stuck) for stall_timeout_s; RequestTimedOut past the deadline."""
     last_heard = time.monotonic()
     while True:
         nxt = asyncio.ensure_future(source.next())
@@ -153,13 +155,14 @@ async def _watched(source, view: ClusterView, worker_id: str, deadline: float,
                 now = time.monotonic()
                 if now >= deadline:
                     raise RequestTimedOut("the request did not finish by its deadline (limits.request_timeout_s)")
-                poll_silence_s = view.silence_s(worker_id)
-                if poll_silence_s is None:
+                silence_s = view.silence_s(worker_id)
+                if silence_s is None:
                     raise WorkerStalled(f"decode worker {worker_id} left the cluster (etcd lease expired or "
                                         f"deregistered)")
-                if min(poll_silence_s, now - max(last_heard, source.heard_at())) > stall_timeout_s:
-                    raise WorkerStalled(f"decode worker {worker_id} sent nothing and answered no poll for "
-                                        f"{stall_timeout_s:.0f} s (limits.worker_stall_timeout_s)")
+                if min(silence_s, now - max(last_heard, source.heard_at())) > stall_timeout_s:
+                    raise WorkerStalled(f"decode worker {worker_id} sent nothing and showed no progress (no poll "
+                                        f"answered, or its engine stuck) for {stall_timeout_s:.0f} s "
+                                        f"(limits.worker_stall_timeout_s)")
                 await asyncio.wait({nxt}, timeout=min(_CHECK_INTERVAL_S, deadline - now))
         except BaseException:
             nxt.cancel()

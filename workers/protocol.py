@@ -202,6 +202,12 @@ class WorkerLoad:
     # at admission: an upper bound) + the uncomputed rest of running prefills; the router's TTFT
     # estimate divides it by the worker's prefill rate (router/prefill_rates.py)
     num_pending_prefill_tokens: int = 0
+    # seconds since the worker's engine thread last went round its loop (a step, a batch of
+    # commands, or an idle 50 ms wait): a few ms when healthy, up to one step's length while it
+    # steps slowly, growing while it is stuck; past router.engine_stall_timeout_s the router takes
+    # the worker out of routing and readiness (its polls still answer: they never wait for a step)
+    engine_stalled_s: float = 0.0
+    engine_has_work: bool = False  # requests running, waiting or in flight in the engine
 
 
 @dataclass(frozen=True)

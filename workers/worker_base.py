@@ -155,8 +155,15 @@ class WorkerBase:
 
     # -- observability -------------------------------------------------------------------------
     async def state(self, since_seq: int = -1) -> WorkerState:
-        """The router's poll: load + KV events after ``since_seq`` (or a full snapshot)."""
-        stats = await self.loop.call(lambda e: e.stats())
+        """The router's poll: load + KV events after ``since_seq`` (or a full snapshot).
+
+        Answers at once from what the engine thread last published (EngineLoop.latest), never
+        waiting for a step: a long step must not read as a dead worker. ``load.engine_stalled_s``
+        says whether the engine is stuck. Raises EngineDeadError once the engine thread is gone.
+        Only the rare resync (the KV event log no longer reaches back to ``since_seq``) waits for
+        the engine thread."""
+        snap = self.loop.latest()
+        stats = snap.stats
         events, complete = self.loop.events_since(since_seq)
         snapshot = None
         last_seq = events[-1].seq if events else since_seq
@@ -168,6 +175,7 @@ class WorkerBase:
             num_used_blocks=stats.num_used_blocks, num_total_blocks=stats.num_total_blocks,
             num_pinned_blocks=stats.num_pinned_blocks, is_draining=self.is_draining,
             num_pending_prefill_tokens=stats.num_pending_prefill_tokens,
+            engine_stalled_s=round(self.loop.stalled_s(), 3), engine_has_work=snap.has_work,
         )
         self.counters.update(num_prompt_tokens=stats.prompt_tokens_queried,
                              num_prompt_tokens_cached=stats.prompt_tokens_hit, num_preemptions=stats.num_preemptions,
@@ -175,7 +183,12 @@ class WorkerBase:
         self.counters.update(self.transceiver.counters() if self.transceiver is not None else {})
         return WorkerState(load, tuple(events), complete, snapshot, last_seq, WorkerCounters(**self.counters))
 
-    async def stats(self):
+    async def stats(self, from_snapshot: bool = False):
+        """The engine's EngineStats. Default: taken on the engine thread at its next step boundary
+        (waits for the step in progress). ``from_snapshot``: what the engine thread last published,
+        at once (as of its last step or command; the management API's probe)."""
+        if from_snapshot:
+            return self.loop.latest().stats
         return await self.loop.call(lambda e: e.stats())
 
     async def hop_times(self, clear: bool = False) -> dict[str, tuple[float, ...]]:

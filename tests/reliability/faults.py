@@ -43,6 +43,31 @@ def slow_engine_steps(actor, delay_s: float) -> None:
     on_worker(actor, _slow_steps, delay_s)
 
 
+def _hold_steps(worker, hold: bool) -> None:
+    import threading
+
+    engine = worker.engine
+    engine.__dict__.pop("step", None)
+    gate = getattr(worker, "step_gate", None)
+    if gate is not None:
+        gate.set()  # a step waiting now goes on
+    if hold:
+        worker.step_gate = gate = threading.Event()
+        original = engine.step
+
+        def step():
+            gate.wait(60)  # bounded: a test that fails to release never wedges the worker for good
+            return original()
+
+        engine.step = step
+
+
+def hold_engine_steps(actor, hold: bool = True) -> None:
+    """The worker's engine stops inside its next step (the actor itself goes on answering) until
+    called again with hold=False (at most 60 s)."""
+    on_worker(actor, _hold_steps, hold)
+
+
 def _hold_reads(worker, hold_s: float) -> None:
     import asyncio
 

@@ -4,6 +4,8 @@
   tokens and max_tokens (400), body size (413, with and without Content-Length), concurrent
   requests (429 with Retry-After), the request deadline (504, or an error event once streaming;
   the blocks it held are freed); every error body OpenAI-shaped.
+- A decode worker whose engine steps each outlast three of that endpoint's (short) polls stays
+  healthy and routable throughout: polls answer from what the engine last published.
 - 1,000 requests at concurrency 64, mixed streaming / not, completions / chat, prompt lengths and
   max_tokens, some cancelled by the client: none lost, every other one complete, and afterwards no
   KV block in use or pinned on any worker (the endpoint's and the management API's view), and no
@@ -14,6 +16,7 @@
 import asyncio
 import json
 import random
+import time
 
 import httpx
 import pytest
@@ -27,8 +30,10 @@ from tests.conftest import attach_ingress
 from tests.reliability.faults import actor_of, assert_no_leaks, routing, slow_engine_steps, wait_for, workers_of
 
 MODEL = "tiny-llama"
+POLL_TIMEOUT_S = 0.3
 LIMITS = dict(limits__max_prompt_tokens=48, limits__max_tokens=8, limits__max_body_bytes=4096,
-              limits__max_concurrent_requests=2, limits__retry_after_s=2, limits__request_timeout_s=6)
+              limits__max_concurrent_requests=2, limits__retry_after_s=2, limits__request_timeout_s=6,
+              router__poll_timeout_s=POLL_TIMEOUT_S)
 WORDS = "the router picks a worker while KV blocks move from prefill to decode without serialization".split()
 
 
@@ -128,15 +133,52 @@ async def test_a_request_past_its_deadline_ends_with_504_and_frees_its_blocks(cl
             plain, (status, events) = await asyncio.gather(http.post("/v1/completions", json=body), streamed())
     finally:
         slow_engine_steps(decode, 0)
-        # a poll waits for a step boundary: with 1 s steps the router's 2 s polls can fail three times
-        # in a row and take the worker out of routing until one answers again (the next test's load
-        # must not start in that gap: its first requests would get 503 no_worker)
+        # the next test's load must not start while the router counts a worker out (its first
+        # requests would get 503 no_worker)
         wait_for(lambda: all(w["healthy"] for w in workers_of(cluster.url).values()), 60,
-                 "the router to see every worker healthy again")
+                 "the router to see every worker healthy")
     assert_openai_error(plain, 504, "timeout_error")
     assert status == 200 and events[-1] == "[DONE]", events
     assert json.loads(events[-2])["error"]["code"] == "request_timeout", events
     assert_no_leaks(cluster.url)
+
+
+async def test_a_worker_in_engine_steps_longer_than_three_poll_timeouts_stays_routable(cluster, limited_url):
+    """A poll that waited for the step in progress would go unanswered three times in a row at this
+    step length (router.poll_timeout_s = 0.3 s on the limited endpoint) and take the only decode
+    worker out of routing (503 no_worker); it answers from what the engine last published."""
+    step_s = 5 * POLL_TIMEOUT_S
+    decode_id = next(iter(workers_of(cluster.url, "decode")))
+    decode = actor_of(cluster, decode_id)
+    slow_engine_steps(decode, step_s)
+    seen = []
+    try:
+        async with httpx.AsyncClient(timeout=60) as http:
+            # keeps the engine stepping for ~4 steps (the main endpoint: no 6 s deadline)
+            busy = asyncio.ensure_future(http.post(cluster.url + "/v1/completions", json=completion(
+                "keep the decode engine stepping", max_tokens=4, ignore_eos=True)))
+
+            async def watch():
+                while not busy.done():
+                    seen.append((await http.get(limited_url + "/v1/routing/recent")).json()["workers"][decode_id])
+                    await asyncio.sleep(0.1)
+
+            watching = asyncio.ensure_future(watch())
+            await asyncio.sleep(step_s)  # into the busy request's steps
+            t0 = time.monotonic()
+            r = await http.post(limited_url + "/v1/completions", json=completion("sent mid-step", max_tokens=2,
+                                                                                 ignore_eos=True))
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 2
+            assert time.monotonic() - t0 > step_s  # it did wait for the slow steps
+            assert (await busy).status_code == 200
+            await watching
+    finally:
+        slow_engine_steps(decode, 0)
+    assert seen and all(w["healthy"] for w in seen), [w for w in seen if not w["healthy"]][:3]
+    # polls were answered deep inside steps, not only between them
+    assert max(w["engine_stalled_s"] for w in seen) > 3 * POLL_TIMEOUT_S, seen
+    assert_no_leaks(limited_url)
 
 
 # -- load ------------------------------------------------------------------------------------------

@@ -2,26 +2,31 @@
 tokens already streamed, to another decode worker) and the client's stream goes on with no gap and
 no repeat: token-identical to an undisturbed run, greedy and seeded alike. With max_migrations
 reached the stream ends with a clear error. A hung worker (frozen: its etcd lease expires) leaves
-routing, its request fails over, and once it runs again the blocks it held are freed.
+routing, its request fails over, and once it runs again the blocks it held are freed. A worker
+whose engine alone is stuck (its actor answers polls) leaves routing after
+router.engine_stall_timeout_s (3 s here) and comes back once the engine moves again.
 
 One cluster: 1 prefill + 3 decode workers. A high overlap weight makes every request for the same
 long prompt go to the decode worker that caches it, so one kill hits three streams at once."""
 
 import time
 
+import httpx
 import openai
 import pytest
 import ray
 from ray import serve
 
 from tests.conftest import attach_ingress
-from tests.reliability.faults import (actor_of, assert_no_leaks, freeze, inflight, metric, pid_of, routing,
-                                      slow_engine_steps, thaw, wait_for, workers_of)
+from tests.reliability.faults import (actor_of, assert_no_leaks, freeze, hold_engine_steps, inflight, metric, pid_of,
+                                      routing, slow_engine_steps, thaw, wait_for, workers_of)
 from tests.reliability.recorder import StreamRecorder
 
 PROMPT = ("Disaggregated serving splits prefill and decode into separate worker pools, and KV blocks "
           "move from the prefill worker to the decode worker without serialization. ") * 3
 PROMPT_2 = "A quick brown fox jumps over the lazy dog while the router picks a worker. " * 3
+PROMPT_3 = "Every decode step streams one token per request back through the router to its client. " * 3
+ENGINE_STALL_TIMEOUT_S = 3
 MAX_TOKENS = 40
 SEEDED = dict(temperature=1.0, seed=1234)
 GREEDY = dict(temperature=0.0)
@@ -34,7 +39,8 @@ def model_dir(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def cluster(pdserve_cluster, model_dir):
-    c = pdserve_cluster(model_dir, prefix="migration", pools__decode__replicas=3, router__overlap_weight=100)
+    c = pdserve_cluster(model_dir, prefix="migration", pools__decode__replicas=3, router__overlap_weight=100,
+                        router__engine_stall_timeout_s=ENGINE_STALL_TIMEOUT_S)
     yield c
     c.stop()  # frees the machine for the next module
 
@@ -131,4 +137,35 @@ def test_hung_decode_worker_leaves_routing_and_its_stream_fails_over(cluster):
             slow_engine_steps(actor, 0)
     # running again: it re-registers, rejoins routing, and the cancelled request's blocks are free
     wait_for(lambda: workers_of(cluster.url).get(owner, {}).get("healthy"), 60, "the thawed worker to rejoin")
+    assert_no_leaks(cluster.url)
+
+
+def test_a_stuck_engine_leaves_routing_and_comes_back_when_it_moves(cluster):
+    """Only the engine thread is stuck, inside a step; the actor answers every poll at once, from
+    what the engine last published, with the age of its heartbeat."""
+    ref = stream(cluster.url, PROMPT_3, **GREEDY).result()
+    assert ref.error is None
+    owner = routing(cluster.url)["decisions"][-1]["decode"]  # caches PROMPT_3: the next request goes there
+    actor = actor_of(cluster, owner)
+    migrations_before = metric(cluster.url, "pdserve_migrations_total")
+    hold_engine_steps(actor)
+    try:
+        held = stream(cluster.url, PROMPT_3, **GREEDY)
+        wait_for(lambda: inflight(actor), 30, "the request on the worker caching its prompt")
+        wait_for(lambda: not workers_of(cluster.url)[owner]["healthy"], 30, "the stuck engine to leave routing")
+        assert workers_of(cluster.url)[owner]["engine_stalled_s"] >= ENGINE_STALL_TIMEOUT_S
+        assert metric(cluster.url, "pdserve_worker_engine_stalled_seconds") >= ENGINE_STALL_TIMEOUT_S
+        # the management API's probe answers too (it reads what the engine last published)
+        listed = httpx.get(f"{cluster.admin_url}/cluster/workers/{owner}", timeout=30,
+                           headers={"Authorization": "Bearer test-token"}).json()
+        assert listed["load"]["engine_stalled_s"] >= ENGINE_STALL_TIMEOUT_S and listed["load"]["engine_has_work"]
+        other = stream(cluster.url, PROMPT_3, **GREEDY).result()  # would go to owner, which caches it
+        assert other.error is None and routing(cluster.url)["decisions"][-1]["decode"] != owner
+    finally:
+        hold_engine_steps(actor, hold=False)
+    wait_for(lambda: workers_of(cluster.url)[owner]["healthy"], 30, "the engine that moves again to rejoin")
+    # under limits.worker_stall_timeout_s: the held request finished where it was, intact
+    assert_same_stream(held.result(), ref)
+    assert_same_stream(other, ref)
+    assert metric(cluster.url, "pdserve_migrations_total") == migrations_before
     assert_no_leaks(cluster.url)

@@ -50,7 +50,7 @@ def make_view(local_cap_tokens: int = 4096):
     for wid, role in (("d1", Role.DECODE), ("p1", Role.PREFILL)):
         doubles[wid] = WorkerDouble(wid, role)
         info = WorkerInfo(wid, role, wid, "127.0.0.1", "m", 512, "h", time.time())
-        view.workers[wid] = WorkerEntry(info, doubles[wid])
+        view.workers[wid] = WorkerEntry(info, doubles[wid], config.engine_stall_timeout_s)
     return view, doubles
 
 
