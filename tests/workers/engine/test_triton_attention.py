@@ -1,6 +1,6 @@
-"""Runs the Triton kernel checks (triton_interpret_cases.py) on the CPU through Triton's
-interpreter, in a fresh process: TRITON_INTERPRET=1 must be set before triton is first imported,
-and other tests in this process import it (through transformers) without it."""
+"""Runs the Triton kernel checks (triton_interpret_cases.py, triton_decode_cases.py) on the CPU
+through Triton's interpreter, in fresh processes: TRITON_INTERPRET=1 must be set before triton is
+first imported, and other tests in this process import it (through transformers) without it."""
 
 import os
 import subprocess
@@ -17,6 +17,14 @@ CASE_NAMES = ("test_engine_on_triton_backend_matches_generate", "test_padded_dec
               "test_engine_with_gemv_projections_matches_generate", "test_padded_general_steps_match_generate")
 KERNEL_CASE_NAMES = ("test_kernels_match_torch_reference", "test_padded_decode_rows_write_nothing",
                      "test_gemv_matches_linear")
+DECODE_CASE_NAMES = ("test_split_decode_matches_reference", "test_split_decode_auto_splits_bf16",
+                     "test_split_decode_padded_rows", "test_split_decode_settings_are_checked",
+                     "test_decode_rows_bit_identical_in_any_step",
+                     "test_engine_split_decode_same_twice_with_prefix_hits", "test_engine_split_decode_matches_generate")
+# these run in a process of their own; the rest of triton_decode_cases.py in another (~35 and
+# ~45 s of CPU on the 2-core box)
+DECODE_SHARD = ("test_split_decode_matches_reference", "test_split_decode_padded_rows",
+                "test_split_decode_settings_are_checked")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,21 +34,26 @@ def scheduling():
     return "sync,async"
 
 
-def _start(cases: Path, scheduling: str) -> subprocess.Popen:
+def _start(scheduling: str, *targets: str) -> subprocess.Popen:
     env = dict(os.environ, TRITON_INTERPRET="1", PDSERVE_TEST_SCHEDULING=scheduling, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(cases)],
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *targets],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
 def interpreter_runs(scheduling):
-    """Both interpreter processes start together (each is one single-threaded Python process:
-    side by side they take ~2 minutes on CI's 2 cores instead of ~3 one after the other)."""
+    """The interpreter processes start together, each one single-threaded Python process: the
+    split decode cases in two, the other kernels' cases in a third. Side by side they share CI's
+    2 cores (~1 minute instead of ~2 one after the other), none much longer than the others."""
     try:
         import triton  # noqa: F401
     except ImportError:
         raise AssertionError("triton is not installed: pip install -e '.[test]' (it pins triton for these checks)")
-    runs = {"decode": _start(DECODE_CASES, "sync"), "kernels": _start(CASES, scheduling)}
+    decode = str(DECODE_CASES.relative_to(REPO))  # as in node ids (--deselect compares them)
+    shard = [f"{decode}::{name}" for name in DECODE_SHARD]
+    runs = {"decode": _start("sync", *shard),
+            "decode_rest": _start("sync", decode, *(f"--deselect={n}" for n in shard)),
+            "kernels": _start(scheduling, str(CASES))}
     yield runs
     for p in runs.values():
         if p.poll() is None:
@@ -58,16 +71,15 @@ def _interpret(runs: dict, name: str) -> subprocess.CompletedProcess:
 
 
 def test_split_decode_kernel_under_the_interpreter(interpreter_runs):
-    """The split decode kernel's cases, in one interpreter process: its engine cases choose both
-    scheduling modes themselves (decode_kernel 'split' set on the engine: 'general' is the default,
-    which triton_interpret_cases.py's engine cases run)."""
-    r = _interpret(interpreter_runs, "decode")
-    ran = {line.split("::", 1)[1].split("[", 1)[0] for line in r.stdout.splitlines() if "PASSED" in line}
-    assert ran >= {"test_split_decode_matches_reference", "test_split_decode_auto_splits_bf16",
-                   "test_split_decode_padded_rows", "test_split_decode_settings_are_checked",
-                   "test_decode_rows_bit_identical_in_any_step",
-                   "test_engine_split_decode_same_twice_with_prefix_hits",
-                   "test_engine_split_decode_matches_generate"}, r.stdout[-3000:]
+    """The split decode kernel's cases (two interpreter processes): its engine cases run in the
+    suite's sync mode with decode_kernel 'split' and 16-key chunks set on the engine (the engine
+    cases of triton_interpret_cases.py run the default chunking, one chunk a prompt)."""
+    ran, out = set(), ""
+    for name in ("decode", "decode_rest"):
+        r = _interpret(interpreter_runs, name)
+        ran |= {line.split("::", 1)[1].split("[", 1)[0] for line in r.stdout.splitlines() if "PASSED" in line}
+        out += r.stdout[-1500:]
+    assert ran >= set(DECODE_CASE_NAMES), out
 
 
 def test_triton_kernels_under_the_interpreter(scheduling, interpreter_runs):

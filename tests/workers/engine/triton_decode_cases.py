@@ -23,7 +23,7 @@ from workers.protocol import SamplingParams
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise RuntimeError("run this file with TRITON_INTERPRET=1 (tests/workers/engine/test_triton_attention.py does)")
-from tests.workers.engine.triton_interpret_cases import random_step  # noqa: E402
+from tests.workers.engine.triton_interpret_cases import random_step, shallow_stack  # noqa: E402
 from workers.engine.triton_attention import TritonPagedAttention  # noqa: E402
 
 BS = 16
@@ -261,6 +261,7 @@ def run_logprobs(engine, prompts, max_tokens: int) -> dict:
     return {rid: (v[0], v[3]) for rid, v in got.items()}  # tokens, logprob of each
 
 
+@shallow_stack
 def test_engine_split_decode_same_twice_with_prefix_hits(scheduling, tiny_checkpoint, bf16_dot):
     """bf16 tiny qwen3, the split path: the same prompts run twice on one engine, and once with
     decode steps padded as CUDA graph replays run them, give bit-identical tokens and logprobs, as
@@ -287,6 +288,7 @@ def test_engine_split_decode_same_twice_with_prefix_hits(scheduling, tiny_checkp
     assert [k for k in first if first[k] != got[k]] == []
 
 
+@shallow_stack
 def test_engine_split_decode_matches_generate(scheduling, tiny_checkpoint):
     """fp32 tiny qwen3 on the split path: generate's tokens, the first time and again with prefix hits."""
     model_dir = tiny_checkpoint("qwen3")

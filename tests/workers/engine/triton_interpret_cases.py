@@ -7,8 +7,10 @@ Not collected by the suite directly: test_triton_attention.py runs this file in 
 with TRITON_INTERPRET=1, which must be set before triton is first imported, and with its own
 scheduling mode (conftest.py): the engine cases run with sync and with async scheduling."""
 
+import functools
 import os
 import random
+import threading
 
 import pytest
 import torch
@@ -36,6 +38,34 @@ def random_step(rng: random.Random, num_blocks: int, bs: int, shapes):
         pos += list(range(cached, ctx))
         t += new
     return seqs, ids, pos
+
+
+def shallow_stack(test):
+    """Runs ``test`` in a fresh thread, at the bottom of a fresh frame stack. CPython 3.11 keeps
+    frames in 16 KiB chunks, mapping one when a call crosses into it and unmapping it when that
+    call returns: at pytest's depth the interpreter's hot loop crossed a chunk edge ~2M times in one
+    engine case (an mmap and a munmap each; 26 s instead of 10 s on the 2-core box, half of it
+    system time). From a thread's first frame the engine cases stay inside the first chunk, ~15
+    small frames short of its end (a deeper call path would only make them slower again)."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        raised = []
+
+        def target():
+            try:
+                test(*args, **kwargs)
+            except BaseException as e:  # re-raised in pytest's thread, with its traceback
+                raised.append(e)
+
+        # daemon: after a pytest-timeout in this thread the process must not wait for it to end
+        thread = threading.Thread(target=target, name=test.__name__, daemon=True)
+        thread.start()
+        thread.join()
+        if raised:
+            raise raised[0]
+
+    return run
 
 
 # Kernel-only cases do not depend on the engine's scheduling mode: run once, not once per mode
@@ -106,6 +136,7 @@ def test_padded_decode_rows_write_nothing(kernel):
     assert torch.equal(out, torch.zeros_like(out))  # no context: zero output, no NaN
 
 
+@shallow_stack
 def test_engine_on_triton_backend_matches_generate(tiny_checkpoint):
     model_dir = tiny_checkpoint("qwen2")
     prompts = PROMPTS[:3]
@@ -116,6 +147,7 @@ def test_engine_on_triton_backend_matches_generate(tiny_checkpoint):
     assert_all_blocks_free(engine)
 
 
+@shallow_stack
 def test_padded_decode_steps_match_generate(tiny_checkpoint):
     """The CUDA-graph path's inputs without the graph: decode steps padded to capture sizes run
     eagerly over the same fixed buffers (what a replay reads) give generate's tokens. With async
@@ -158,6 +190,7 @@ def test_gemv_matches_linear(cfg):
     assert torch.equal(gemv.linear(two, w, None, cfg), torch.nn.functional.linear(two, w))
 
 
+@shallow_stack
 def test_engine_with_gemv_projections_matches_generate(tiny_checkpoint):
     """Every projection of a tiny Llama (the fused q|k|v and gate|up groups, the plain o, down and
     lm_head Linears) switched to the GEMV, as gemv.choose() switches them on a GPU: batch-1 decode
@@ -191,6 +224,7 @@ def test_engine_with_gemv_projections_matches_generate(tiny_checkpoint):
     assert_all_blocks_free(engine)
 
 
+@shallow_stack
 def test_padded_general_steps_match_generate(tiny_checkpoint):
     """What compile_prefill runs (ModelRunner.pad_general, here without the compiler): steps padded
     to >= 2 tokens and >= 2 logits rows give generate's tokens, for a 1-token prompt and for
