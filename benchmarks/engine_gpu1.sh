@@ -23,7 +23,13 @@
 #   r13: inductor max-autotune for the decode graph's GEMMs (batch 1/32, with today's default
 #            beside it), the same-GPU KV READ sweep (sync and 8 in flight), the split-out bf16 check,
 #            the 2048-token prefill step with and without engine.rope_table
-#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13
+#   r13b: where a same-GPU READ in flight loses to a copy (host vs device time per READ, a memcpy
+#            per slice), then inductor's coordinate-descent tuning of the decode graph's kernels
+#   r13c: a strided READ as one cudaMemcpy2DAsync (sweep, 8 in flight, per-request READs), then
+#            engine.tune_batch1 (batch 1 compiled alone with coordinate-descent tuning): engine.py
+#            and the correctness checks with it
+#   r13d: engine.tune_batch1 on and off, batch-1 decode graph and its kernels
+#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -124,6 +130,23 @@ case $part in
       step prefill_notable $((570 - (SECONDS - t0))) python3 benchmarks/profile_prefill.py --cases compiled \
         --num-prompts 6 --no-rope-table
     fi
+    ;;
+  r13b)
+    step transfer_diag 150 python3 benchmarks/transfer.py --device cuda --prefill-gpu 0 --decode-gpu 0 \
+      --skip request,layerwise --pipelined 8 --profile-ipc --sizes-mib 16,32,64,128,256
+    step decode_default 110 python3 benchmarks/profile_decode.py --batch-sizes 1,32
+    step decode_cdt 200 python3 benchmarks/profile_decode.py --batch-sizes 1,32 --inductor coordinate_descent_tuning=1
+    ;;
+  r13c)
+    step transfer_2d 120 python3 benchmarks/transfer.py --device cuda --prefill-gpu 0 --decode-gpu 0 \
+      --skip layerwise --pipelined 8 --sizes-mib 16,32,64,128,256
+    step engine 200 python3 benchmarks/engine.py --device cuda --model llama-1b-shape --workloads decode_b1,batch \
+      --scheduling async
+    step check $((560 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only graphs,fp32-exact,bf16-1b-fused,compiled-prefill
+    ;;
+  r13d)
+    step b1_tuned 170 python3 benchmarks/profile_decode.py --batch-sizes 1
+    step b1_untuned 150 python3 benchmarks/profile_decode.py --batch-sizes 1 --no-tune-batch1
     ;;
   gemv)
     step host 120 python3 benchmarks/host_profile.py --batch-sizes 1,32

@@ -50,6 +50,15 @@ class EngineConfig(BaseModel):
                           "torch.compile repeats in each layer's kernel (H200, Llama-1B shape, batch 32: "
                           "101 us of a 1.32 ms decode step). Bitwise the module's values; RoPE types "
                           "whose frequencies change with the length (dynamic, longrope) keep the module.")
+    tune_batch1: bool = Field(
+        False, description="Compile the batch-1 decode graph under inductor's coordinate-descent tuning "
+                           "(compile_decode, CUDA): inductor then computes each one-row projection as a tuned "
+                           "reduction fused with the RMSNorm before it (and the SiLU product before down) "
+                           "instead of a cuBLAS GEMM; larger batches keep cuBLAS. Opt-in until measured as "
+                           "built: one H200 call with the tuning on for the whole decode compile gave a "
+                           "batch-1 graph of 1.038 ms vs 1.130 (batch 32 1.293 vs 1.255: worse), while a "
+                           "separate static batch-1 compile under it gave 1.169 vs 1.122 "
+                           "(benchmarks/README.md). Costs start-up time.")
     gemv: bool = Field(
         False, description="Batch-1 decode projections: time cuBLAS against a Triton GEMV on each weight shape "
                            "at load and keep the faster in the decode CUDA graphs (workers/engine/gemv.py; CUDA "

@@ -14,6 +14,7 @@ largest one's intermediate memory; replays never overlap (one engine thread).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -33,12 +34,18 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, backend, sizes: list[int], compile_model: bool = False):
+    def __init__(self, model: torch.nn.Module, backend, sizes: list[int], compile_model: bool = False,
+                 tune_batch1: bool = False):
         self.model = model
         self.backend = backend
         # compiled once with a symbolic batch size (batch 1 gets its own specialisation), then each
         # size is captured; the compiled code runs only inside captures and replays
         self.forward = torch.compile(self._forward, dynamic=True) if compile_model else self._forward
+        # engine.tune_batch1: batch 1's specialisation of that compile runs under inductor's
+        # coordinate-descent tuning, under which inductor computes a one-row matmul as a reduction
+        # it fuses with the RMSNorm before it (and the SiLU product before down) and tunes; larger
+        # batches keep cuBLAS, where the same tuning made the step slower (benchmarks/README.md)
+        self.tune_batch1 = compile_model and tune_batch1
         self.sizes = sorted(sizes)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_replays = 0
@@ -52,6 +59,16 @@ class DecodeGraphs:
                          pdserve_backend=self.backend)
         return out.logits[0].float()
 
+    def _tuning(self, size: int):
+        """The inductor settings a size's compile runs under (size 1 is compiled at its first call,
+        in the warm-up, as its own specialisation): coordinate-descent tuning for batch 1 with
+        engine.tune_batch1, else none."""
+        if size == 1 and self.tune_batch1:
+            import torch._inductor.config as inductor_config
+
+            return inductor_config.patch(coordinate_descent_tuning=True)
+        return contextlib.nullcontext()
+
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
@@ -60,12 +77,12 @@ class DecodeGraphs:
             ids, pos, _ = self.backend.prepare([], [], [], None, pad_to=size)  # all padding rows
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
+            with torch.cuda.stream(side), self._tuning(size):  # warm-up: Triton compiles, cuBLAS picks its kernels
                 for _ in range(2):
                     self.forward(ids, pos)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool), self._tuning(size):
                 logits = self.forward(ids, pos)
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize()

@@ -184,7 +184,8 @@ class ModelRunner:
                 from workers.engine import gemv
 
                 self.gemv_choices = gemv.choose(self.model)
-            self.graphs = DecodeGraphs(self.model, self.backend, capture_sizes(cfg.max_num_seqs), cfg.compile_decode)
+            self.graphs = DecodeGraphs(self.model, self.backend, capture_sizes(cfg.max_num_seqs), cfg.compile_decode,
+                                       cfg.tune_batch1)
             self.graphs.capture()
         if self.compiled_general and min(cfg.max_num_seqs, self.backend.max_tokens) >= 2:
             self.pad_general = True
