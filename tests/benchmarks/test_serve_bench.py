@@ -13,13 +13,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED = ("mode", "routing", "rate", "goodput_rps", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "throughput_tok_s")
 NUM_REQUESTS = 6
+# 6 req/s instead of the smoke profile's 2: the 6 requests (2 conversations x 3 turns) arrive within
+# ~1 s instead of ~4 s, and a turn still comes >= 0.18 s after its conversation's previous one
+# (>= 0.25 s at 2 req/s; a turn's prefill takes ~0.07 s here), so it can still hit that turn's prefix
+RATE = 6.0
 
 
-def test_serve_benchmark_smoke(tmp_path):
+def test_serve_benchmark_smoke(tmp_path, tiny_checkpoint):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # --smoke's model "tiny" is the suite's tiny llama (CACHE/tiny-llama): built once per session
+    cache_dir = Path(tiny_checkpoint("llama")).parent
     cmd = [sys.executable, str(REPO / "benchmarks" / "serve.py"), "--smoke", "--workloads", "multi_turn",
-           "--num-requests", str(NUM_REQUESTS), "--plots", str(tmp_path / "plots"), "--run-dir", str(tmp_path / "run"),
-           "--cache-dir", str(tmp_path / "models")]
+           "--num-requests", str(NUM_REQUESTS), "--rates", str(RATE), "--plots", str(tmp_path / "plots"),
+           "--run-dir", str(tmp_path / "run"), "--cache-dir", str(cache_dir)]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"benchmark failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
@@ -31,7 +37,7 @@ def test_serve_benchmark_smoke(tmp_path):
         where = f"{row['mode']}/{row['routing']}"
         missing = [k for k in REQUIRED if k not in row]
         assert not missing, f"{where}: missing {missing}"
-        assert row["workload"] == "multi_turn" and row["device"] == "cpu"
+        assert row["workload"] == "multi_turn" and row["device"] == "cpu" and row["rate"] == RATE
         assert row["num_requests"] == NUM_REQUESTS and row["num_failed"] == 0, (where, row.get("errors"))
         for key in REQUIRED[2:]:
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]) and row[key] >= 0, (where, key, row)
