@@ -12,6 +12,7 @@ Limits (config `limits:`): body size (413), prompt tokens and max_tokens (400), 
 """
 
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
@@ -25,6 +26,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import PdserveConfig, load_config, parse_config
+from router import fanout
 from router import openai_format as fmt
 from router.cluster_view import ClusterView
 from router.metrics import EndpointMetrics
@@ -34,9 +36,10 @@ from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
 from router.request_parsing import chat_prompt, completion_prompt, sampling_params
 from router.http_errors import BodyLimit, HTTPError, error_response
-from workers.protocol import IngressSnapshot, InvalidRequestError, RequestFailedError
+from workers.protocol import IngressSnapshot, InvalidRequestError, RequestFailedError, SamplingParams
 
 log = logging.getLogger(__name__)
+SEED_MODULUS = 1 << 63  # choice i of a seeded request samples with (seed + i) mod this
 
 app = FastAPI(title="pdserve OpenAI-compatible API", version="0.1.0")
 _ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
@@ -195,16 +198,17 @@ class OpenAIIngress:
         if any(t < 0 or t >= self.vocab_size for t in prompt):
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=16)
+        samplings = self._choices(body.n, sampling)
         rid = f"cmpl-{uuid.uuid4().hex}"
         want_lp = body.logprobs is not None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(rid, prompt, sampling, body.cache_salt, include_usage,
-                                      lambda d, acc, created, offset: fmt.completion_chunk(
-                                          rid, self.model_name, created, d, acc, want_lp, offset),
+            return await self._stream(rid, prompt, samplings, body.cache_salt, include_usage,
+                                      lambda d, acc, created, offset, index: fmt.completion_chunk(
+                                          rid, self.model_name, created, d, acc, want_lp, offset, index),
                                       "text_completion", chat=False)
-        acc = await self._collect(rid, prompt, sampling, body.cache_salt)
-        return fmt.completion_body(rid, self.model_name, acc, want_lp)
+        accs = await self._collect(rid, prompt, samplings, body.cache_salt)
+        return fmt.completion_body(rid, self.model_name, accs, want_lp)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses={**_ERRORS, 200: {"content": _SSE}})
@@ -212,19 +216,20 @@ class OpenAIIngress:
         self._check_model(body.model)
         prompt = chat_prompt(self.tokenizer, body)
         sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=None)
+        samplings = self._choices(body.n, sampling)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            def chunk(d, acc, created, offset):
+            def chunk(d, acc, created, offset, index):
                 lp = fmt.chat_logprobs(acc, list(d.token_ids), list(d.logprobs or ()), d.top_logprobs) \
                     if body.logprobs and d.token_ids else None
-                return fmt.chat_chunk(rid, self.model_name, created, {"content": d.text}, d.finish_reason, lp)
+                return fmt.chat_chunk(rid, self.model_name, created, {"content": d.text}, d.finish_reason, lp, index)
 
-            return await self._stream(rid, prompt, sampling, body.cache_salt, include_usage, chunk,
+            return await self._stream(rid, prompt, samplings, body.cache_salt, include_usage, chunk,
                                       "chat.completion.chunk", chat=True)
-        acc = await self._collect(rid, prompt, sampling, body.cache_salt)
-        return fmt.chat_body(rid, self.model_name, acc, body.logprobs)
+        accs = await self._collect(rid, prompt, samplings, body.cache_salt)
+        return fmt.chat_body(rid, self.model_name, accs, body.logprobs)
 
     # -- internals -----------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -232,12 +237,28 @@ class OpenAIIngress:
             raise HTTPError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
                             "invalid_request_error", "model", "model_not_found")
 
-    async def _admit(self) -> ClusterView:
+    def _choices(self, n: int, sampling: SamplingParams) -> list[SamplingParams]:
+        """One SamplingParams per choice. With a seed, choice i samples with seed + i (the same
+        request gives the same n choices, which differ from each other); greedy choices are equal.
+        Each choice is a request of its own in the cluster and counts against the concurrency limit."""
+        limit = self.config.limits.max_concurrent_requests
+        if n > limit:
+            raise InvalidRequestError(f"n={n} exceeds this server's limit of {limit} concurrent requests", "n")
+        if sampling.seed is None:
+            return [sampling] * n
+        return [sampling if i == 0 else dataclasses.replace(sampling, seed=(sampling.seed + i) % SEED_MODULUS)
+                for i in range(n)]
+
+    @staticmethod
+    def _sub_id(rid: str, index: int, n: int) -> str:
+        return rid if n == 1 else f"{rid}-{index}"
+
+    async def _admit(self, n: int = 1) -> ClusterView:
         view = await self._view()
         ready, reason = view.is_ready()
         if not ready:
             raise HTTPError(503, f"the cluster is not ready: {reason}", "service_unavailable", code="not_ready")
-        if self.num_inflight >= self.config.limits.max_concurrent_requests:
+        if self.num_inflight + n > self.config.limits.max_concurrent_requests:
             self.metrics.requests.labels("rejected").inc()
             raise HTTPError(429, f"too many concurrent requests (limit {self.config.limits.max_concurrent_requests})",
                             "rate_limit_exceeded", code="too_many_requests",
@@ -281,51 +302,64 @@ class OpenAIIngress:
             self.metrics.requests.labels(status).inc()
             self.metrics.e2e.observe(time.monotonic() - start)
 
-    async def _collect(self, rid, prompt, sampling, salt) -> fmt.Accumulator:
-        view = await self._admit()
-        acc = fmt.Accumulator(self.tokenizer)
-        try:
-            async for d in self._deltas(view, rid, prompt, sampling, salt):
-                acc.add(d)
+    async def _collect(self, rid, prompt, samplings, salt) -> list[fmt.Accumulator]:
+        """Every choice to its end (the choices run side by side; one failing cancels the rest)."""
+        view = await self._admit(len(samplings))
+        accs = [fmt.Accumulator(self.tokenizer) for _ in samplings]
+
+        async def one(i: int) -> None:
+            async for d in self._deltas(view, self._sub_id(rid, i, len(samplings)), prompt, samplings[i], salt):
+                accs[i].add(d)
                 if d.error:
                     raise HTTPError(503, f"request failed: {d.error}", "server_error", code="request_failed")
+
+        try:
+            await fanout.run_all([one(i) for i in range(len(samplings))])
         except _UNAVAILABLE as e:
             raise HTTPError(503, str(e), "service_unavailable", code="no_worker") from e
         except RequestTimedOut as e:
             raise HTTPError(504, str(e), "timeout_error", code="request_timeout") from e
-        return acc
+        return accs
 
-    async def _stream(self, rid, prompt, sampling, salt, include_usage, make_chunk, obj, chat: bool):
-        view = await self._admit()
+    async def _stream(self, rid, prompt, samplings, salt, include_usage, make_chunk, obj, chat: bool):
+        view = await self._admit(len(samplings))
         created = int(time.time())
-        acc = fmt.Accumulator(self.tokenizer)
-        deltas = self._deltas(view, rid, prompt, sampling, salt)
+        n = len(samplings)
+        accs = [fmt.Accumulator(self.tokenizer) for _ in samplings]
+        deltas = fanout.merge([self._deltas(view, self._sub_id(rid, i, n), prompt, s, salt)
+                               for i, s in enumerate(samplings)])
         try:  # route now, so that "no worker" is a proper 503 before any byte is streamed
             first = await deltas.__anext__()
         except _UNAVAILABLE as e:
+            await deltas.aclose()
             raise HTTPError(503, str(e), "service_unavailable", code="no_worker") from e
         except RequestTimedOut as e:
+            await deltas.aclose()
             raise HTTPError(504, str(e), "timeout_error", code="request_timeout") from e
 
         async def events():
-            offset = 0
+            offsets, running = [0] * n, n
             if chat:
-                yield fmt.sse(fmt.chat_chunk(rid, self.model_name, created, {"role": "assistant", "content": ""}, None))
+                for i in range(n):
+                    yield fmt.sse(fmt.chat_chunk(rid, self.model_name, created, {"role": "assistant", "content": ""},
+                                                 None, index=i))
             try:
-                d = first
+                i, d = first
                 while True:
-                    acc.add(d)
+                    accs[i].add(d)
                     if d.error:
                         yield fmt.sse({"error": {"message": d.error, "type": "server_error", "param": None,
                                                  "code": "request_failed"}})
                         break
-                    yield fmt.sse(make_chunk(d, acc, created, offset))
-                    offset += len(d.text)
+                    yield fmt.sse(make_chunk(d, accs[i], created, offsets[i], i))
+                    offsets[i] += len(d.text)
                     if d.finished:
-                        break
-                    d = await deltas.__anext__()
+                        running -= 1
+                        if not running:
+                            break
+                    i, d = await deltas.__anext__()
                 if include_usage:
-                    yield fmt.sse(fmt.usage_chunk(rid, self.model_name, created, obj, acc))
+                    yield fmt.sse(fmt.usage_chunk(rid, self.model_name, created, obj, accs))
             except _UNAVAILABLE as e:
                 yield fmt.sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": "no_worker"}})
             except RequestTimedOut as e:

@@ -66,17 +66,28 @@ def chat_logprobs(acc: Accumulator, ids: list[int], lps: list[float], tops) -> C
     return ChoiceLogprobs(content=content)
 
 
-def completion_body(rid: str, model: str, acc: Accumulator, want_logprobs: bool) -> CompletionResponse:
-    lp = completion_logprobs(acc, acc.token_ids, acc.logprobs, acc.top_logprobs, 0) if want_logprobs else None
-    return CompletionResponse(id=rid, created=int(time.time()), model=model, usage=acc.usage(), choices=[
-        CompletionChoice(index=0, text=acc.text, finish_reason=finish_str(acc.finish_reason), logprobs=lp)])
+def usage(accs: list[Accumulator]) -> Usage:
+    """One request's usage over its choices: the prompt counted once (every choice has the same),
+    the completion tokens of all choices, the most prompt tokens any choice found cached."""
+    if len(accs) == 1:
+        return accs[0].usage()
+    prompt, completion = max(a.num_prompt_tokens for a in accs), sum(len(a.token_ids) for a in accs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=max(a.num_cached_tokens for a in accs)))
 
 
-def chat_body(rid: str, model: str, acc: Accumulator, want_logprobs: bool) -> ChatCompletionResponse:
-    lp = chat_logprobs(acc, acc.token_ids, acc.logprobs, acc.top_logprobs) if want_logprobs else None
-    return ChatCompletionResponse(id=rid, created=int(time.time()), model=model, usage=acc.usage(), choices=[
-        ChatChoice(index=0, message=AssistantMessage(content=acc.text), finish_reason=finish_str(acc.finish_reason),
-                   logprobs=lp)])
+def completion_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool) -> CompletionResponse:
+    choices = [CompletionChoice(index=i, text=acc.text, finish_reason=finish_str(acc.finish_reason),
+                                logprobs=completion_logprobs(acc, acc.token_ids, acc.logprobs, acc.top_logprobs, 0)
+                                if want_logprobs else None) for i, acc in enumerate(accs)]
+    return CompletionResponse(id=rid, created=int(time.time()), model=model, usage=usage(accs), choices=choices)
+
+
+def chat_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool) -> ChatCompletionResponse:
+    choices = [ChatChoice(index=i, message=AssistantMessage(content=acc.text), finish_reason=finish_str(acc.finish_reason),
+                          logprobs=chat_logprobs(acc, acc.token_ids, acc.logprobs, acc.top_logprobs)
+                          if want_logprobs else None) for i, acc in enumerate(accs)]
+    return ChatCompletionResponse(id=rid, created=int(time.time()), model=model, usage=usage(accs), choices=choices)
 
 
 def sse(obj) -> str:
@@ -87,8 +98,8 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def completion_chunk(rid: str, model: str, created: int, d: TokenDelta, acc: Accumulator, want_logprobs: bool,
-                     text_offset: int) -> dict:
-    choice = {"index": 0, "text": d.text, "finish_reason": finish_str(d.finish_reason), "logprobs": None}
+                     text_offset: int, index: int = 0) -> dict:
+    choice = {"index": index, "text": d.text, "finish_reason": finish_str(d.finish_reason), "logprobs": None}
     if want_logprobs and d.token_ids:
         choice["logprobs"] = completion_logprobs(acc, list(d.token_ids), list(d.logprobs or ()),
                                                  d.top_logprobs, text_offset).model_dump()
@@ -96,12 +107,12 @@ def completion_chunk(rid: str, model: str, created: int, d: TokenDelta, acc: Acc
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: FinishReason | None,
-               logprobs: ChoiceLogprobs | None = None) -> dict:
-    choice = {"index": 0, "delta": delta, "finish_reason": finish_str(finish),
+               logprobs: ChoiceLogprobs | None = None, index: int = 0) -> dict:
+    choice = {"index": index, "delta": delta, "finish_reason": finish_str(finish),
               "logprobs": logprobs.model_dump() if logprobs else None}
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
-def usage_chunk(rid: str, model: str, created: int, obj: str, acc: Accumulator) -> dict:
+def usage_chunk(rid: str, model: str, created: int, obj: str, accs: list[Accumulator]) -> dict:
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": acc.usage().model_dump()}
+            "usage": usage(accs).model_dump()}

@@ -17,7 +17,8 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported")
+    n: int = Field(1, ge=1, description="Choices to generate for the prompt; each runs as a request of its "
+                                        "own (at most limits.max_concurrent_requests)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None

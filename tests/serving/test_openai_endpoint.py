@@ -101,7 +101,7 @@ def test_errors_are_openai_shaped(client, cluster):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
     assert e.value.body["code"] == "model_not_found"
-    for bad in [dict(max_tokens=0), dict(temperature=-1), dict(top_p=2), dict(n=2), dict(prompt="")]:
+    for bad in [dict(max_tokens=0), dict(temperature=-1), dict(top_p=2), dict(n=0), dict(n=10_000), dict(prompt="")]:
         args = dict(model=model_name(cluster), prompt="hi", max_tokens=2) | bad
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(**args)
@@ -109,6 +109,65 @@ def test_errors_are_openai_shaped(client, cluster):
     r = httpx.post(cluster.url + "/v1/chat/completions", content=b"{not json", timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json()
+
+
+def test_n_choices_seeded_and_greedy(client, cluster, model_dir, tokenizer):
+    """n choices: each its own request in the cluster. Seeded: choice i samples with seed + i, so
+    the same request gives the same choices and the choices differ; usage counts the prompt once
+    and every choice's tokens. Greedy: every choice is generate's output."""
+    kwargs = dict(model=model_name(cluster), prompt=PROMPTS[1], max_tokens=8, extra_body={"ignore_eos": True})
+    a = client.completions.create(n=3, temperature=1.0, seed=7, **kwargs)
+    b = client.completions.create(n=3, temperature=1.0, seed=7, **kwargs)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1, [c.text for c in a.choices]
+    one = client.completions.create(n=1, temperature=1.0, seed=7, **kwargs)
+    assert one.choices[0].text == a.choices[0].text  # choice 0 is the n=1 request
+    ids = tokenizer(PROMPTS[1]).input_ids
+    assert a.usage.prompt_tokens == len(ids) and a.usage.completion_tokens == 3 * 8
+    want = tokenizer.decode(hf_greedy(model_dir, ids, 8), skip_special_tokens=True)
+    greedy = client.completions.create(n=2, temperature=0, **kwargs)
+    assert [c.text for c in greedy.choices] == [want, want]
+
+
+def test_n_choices_stream_by_index(client, cluster):
+    """Streamed chat with n=2: each choice's chunks carry its index, each ends with its own
+    finish_reason, the texts are the non-streamed ones, and the usage chunk sums both."""
+    kwargs = dict(model=model_name(cluster), messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=6,
+                  temperature=1.0, seed=11, n=2, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    texts, finishes, roles = {0: "", 1: ""}, {}, set()
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+            roles |= {ch.index} if ch.delta.role == "assistant" else set()
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+    assert roles == {0, 1} and finishes == {0: "length", 1: "length"}
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert chunks[-1].usage.completion_tokens == 12 == whole.usage.completion_tokens
+
+
+def test_n_choices_stream_closed_early_leaves_nothing_running(client, cluster):
+    """A client that drops an n=3 stream after a few chunks: every choice's request ends at once
+    (the endpoint counts none in flight) and no worker keeps KV blocks."""
+    from tests.reliability.faults import assert_no_leaks, wait_for
+
+    stream = client.completions.create(model=model_name(cluster), prompt=PROMPTS[2], max_tokens=400, n=3,
+                                       temperature=1.0, stream=True, extra_body={"ignore_eos": True})
+    seen = set()
+    for chunk in stream:
+        seen |= {c.index for c in chunk.choices}
+        if len(seen) == 3:
+            break
+    stream.close()
+
+    def inflight():
+        return httpx.get(cluster.url + "/v1/routing/recent", timeout=30).json()["inflight_requests"]
+
+    wait_for(lambda: inflight() == 0, 10, "the endpoint to count no request in flight")
+    assert_no_leaks(cluster.url, timeout_s=10)
 
 
 def test_probes_and_metrics(cluster):
