@@ -1,5 +1,5 @@
 """OpenAI-compatible request/response schemas (the subset pdserve serves, plus a few extras that
-vLLM and TensorRT-LLM also accept: top_k, ignore_eos, stop_token_ids, cache_salt)."""
+vLLM and TensorRT-LLM also accept: top_k, repetition_penalty, ignore_eos, stop_token_ids, cache_salt)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,15 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=0, le=0, description="Not supported: must be 0")
-    frequency_penalty: float = Field(0.0, ge=0, le=0, description="Not supported: must be 0")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False,
+                                    description="Subtracted from the logit of each token already in the output")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False,
+                                     description="Times how often a token is in the output, subtracted from its logit")
     user: str | None = None
     # extras
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False,
+                                      description="vLLM's (transformers' processor): a token of the prompt or output "
+                                                  "has its logit divided by it if positive, multiplied if negative")
     top_k: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None

@@ -51,7 +51,8 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, num_prompt_
     params = SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
         stop=body.stop_list(), stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
-        logprobs=logprobs, top_logprobs=top,
+        logprobs=logprobs, top_logprobs=top, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
     )
     params.validate()
     return params

@@ -13,6 +13,7 @@ A request's trip, in messages:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -51,9 +52,18 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # logprob of each chosen token
     top_logprobs: int = 0  # also the k most likely tokens at each step
+    # Penalties on tokens the request has seen (workers/engine/penalties.py), before temperature,
+    # top-k, top-p and the greedy argmax. OpenAI: logits[t] -= frequency_penalty * count[t] +
+    # presence_penalty * (count[t] > 0), count over the output tokens so far; 0 = off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's extra, transformers' RepetitionPenaltyLogitsProcessor: the logit of a token in the
+    # prompt or the output is divided by it when positive, multiplied when negative; 1 = off
+    repetition_penalty: float = 1.0
     # Output tokens this request already produced elsewhere (a migrated request resumes with them
     # as the prompt's tail): seeded sampling draws the next token at output position
-    # output_position_offset + i, so a migration does not change what a seed samples.
+    # output_position_offset + i, so a migration does not change what a seed samples, and the
+    # prompt's last output_position_offset tokens count as output for presence/frequency penalties.
     output_position_offset: int = 0
 
     def validate(self) -> None:
@@ -69,6 +79,14 @@ class SamplingParams:
             raise InvalidRequestError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}", "top_logprobs")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty", "stop")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and -2 <= value <= 2):
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value!r}", name)
+        rp = self.repetition_penalty
+        if not (isinstance(rp, (int, float)) and math.isfinite(rp) and rp > 0):
+            raise InvalidRequestError(f"repetition_penalty must be a finite number > 0, got {rp!r}",
+                                      "repetition_penalty")
         if not isinstance(self.output_position_offset, int) or self.output_position_offset < 0:
             raise InvalidRequestError(f"output_position_offset must be an integer >= 0, got "
                                       f"{self.output_position_offset!r}", "output_position_offset")
@@ -76,6 +94,10 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 @dataclass(frozen=True)

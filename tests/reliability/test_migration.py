@@ -1,6 +1,6 @@
 """Decode workers that die or hang mid-stream. The endpoint migrates the request (prompt + the
 tokens already streamed, to another decode worker) and the client's stream goes on with no gap and
-no repeat: token-identical to an undisturbed run, greedy and seeded alike. With max_migrations
+no repeat: token-identical to an undisturbed run, greedy, seeded and penalised alike. With max_migrations
 reached the stream ends with a clear error. A hung worker (frozen: its etcd lease expires) leaves
 routing, its request fails over, and once it runs again the blocks it held are freed. A worker
 whose engine alone is stuck (its actor answers polls) leaves routing after
@@ -30,6 +30,9 @@ ENGINE_STALL_TIMEOUT_S = 3
 MAX_TOKENS = 40
 SEEDED = dict(temperature=1.0, seed=1234)
 GREEDY = dict(temperature=0.0)
+# negative: the model repeats its own tokens, so tokens generated before a migration that stopped
+# counting as output after it (counted as prompt) would change the stream at any kill point
+PENALISED = dict(temperature=0.0, frequency_penalty=-1.0, presence_penalty=-1.0)
 
 
 @pytest.fixture(scope="module")
@@ -82,31 +85,34 @@ def assert_same_stream(got: StreamRecorder, want: StreamRecorder):
 def test_killed_decode_worker_migrates_streams_token_identically(cluster, no_migration_url):
     ref_greedy = stream(cluster.url, PROMPT, **GREEDY).result()
     ref_seeded = stream(cluster.url, PROMPT, **SEEDED).result()
-    assert ref_greedy.error is None and ref_seeded.error is None
+    ref_penalised = stream(cluster.url, PROMPT, **PENALISED).result()
+    assert ref_greedy.error is None and ref_seeded.error is None and ref_penalised.error is None
     assert ref_greedy.tokens != ref_seeded.tokens  # the seeded run really samples
+    assert ref_greedy.tokens != ref_penalised.tokens  # the penalties matter
     owner = routing(cluster.url)["decisions"][-1]["decode"]  # caches PROMPT: the next requests go there
     migrations_before = metric(cluster.url, "pdserve_migrations_total")
     set_decode_delay(cluster, 0.1)  # ~4 s per stream: room to kill mid-stream
     try:
         streams = [stream(cluster.url, PROMPT, **GREEDY), stream(cluster.url, PROMPT, **SEEDED),
-                   stream(no_migration_url, PROMPT, **GREEDY)]
+                   stream(cluster.url, PROMPT, **PENALISED), stream(no_migration_url, PROMPT, **GREEDY)]
         for s in streams:
             s.wait_tokens(3)
         owner_actor = actor_of(cluster, owner)
-        assert len(inflight(owner_actor)) == 3, "all three streams should run on the decode worker caching PROMPT"
+        assert len(inflight(owner_actor)) == 4, "all four streams should run on the decode worker caching PROMPT"
         ray.kill(owner_actor)
         at_kill = [len(s.tokens) for s in streams]
-        greedy, seeded, unmigrated = (s.result() for s in streams)
+        greedy, seeded, penalised, unmigrated = (s.result() for s in streams)
     finally:
         set_decode_delay(cluster, 0)
     assert max(at_kill) < MAX_TOKENS, f"the kill came after a stream had finished ({at_kill} tokens)"
     assert_same_stream(greedy, ref_greedy)
     assert_same_stream(seeded, ref_seeded)
+    assert_same_stream(penalised, ref_penalised)
     # no migration allowed there: a clear error in the stream, after the tokens it had
     assert isinstance(unmigrated.error, openai.APIError), unmigrated.error
     assert "max_migrations" in str(unmigrated.error)
     assert unmigrated.tokens == ref_greedy.tokens[: len(unmigrated.tokens)]
-    assert metric(cluster.url, "pdserve_migrations_total") - migrations_before == 2
+    assert metric(cluster.url, "pdserve_migrations_total") - migrations_before == 3
     wait_for(lambda: owner not in workers_of(cluster.url), 30, "the killed worker to leave routing")
     ray.get(cluster.manager.remove.remote(owner))
     assert_no_leaks(cluster.url)

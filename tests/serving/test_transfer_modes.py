@@ -2,7 +2,9 @@
 (transfer.layerwise: the decode worker reserves its blocks, the prefill worker WRITEs each layer
 as its forward pass finishes it) against whole-request READs and against colocated prefill, token
 for token; a stale handshake renewed once inside a READ; a prefill worker killed mid-stream.
-After each, no KV block is used or pinned on any worker.
+After each, no KV block is used or pinned on any worker. Penalties (presence, frequency,
+repetition) through the endpoint with the official openai client, and the same penalised request
+colocated, whole-request and layer-wise: the same tokens.
 
 Requests go straight to the decode worker's generate (a GenerateRequest naming the prefill
 worker, or none for colocated), each with its own cache salt so no run reuses another's blocks.
@@ -14,6 +16,7 @@ import dataclasses
 import time
 import uuid
 
+import openai
 import pytest
 import ray
 
@@ -41,8 +44,8 @@ def workers(cluster):
             **{wid: actor_of(cluster, wid) for wid in prefill}}
 
 
-def generate(decode, prompt, prefill_ids=(), salt=None) -> list[int]:
-    req = GenerateRequest(f"t-{uuid.uuid4().hex[:8]}", tuple(prompt), GREEDY, cache_salt=salt or uuid.uuid4().hex,
+def generate(decode, prompt, prefill_ids=(), salt=None, sampling=GREEDY) -> list[int]:
+    req = GenerateRequest(f"t-{uuid.uuid4().hex[:8]}", tuple(prompt), sampling, cache_salt=salt or uuid.uuid4().hex,
                           prefill_candidates=tuple(prefill_ids))
     tokens = []
     for ref in decode.generate.options(num_returns="streaming").remote(req):
@@ -92,6 +95,57 @@ def test_layerwise_equals_whole_request_and_colocated(cluster, workers):
     assert after_d["num_transfer_failures"] == before_d["num_transfer_failures"]
     assert after_p["num_transfers"] - before_p["num_transfers"] == n + 2  # one layer-wise send each
     assert after_d["num_transfers"] - before_d["num_transfers"] == 2 * n + 2  # receives + READs
+    assert decode_engine_requests(decode) == []
+    assert_no_leaks(cluster.url)
+
+
+PENALTIES = dict(frequency_penalty=1.0, presence_penalty=1.0, repetition_penalty=1.5)
+
+
+def test_penalties_through_the_api_and_every_transfer_mode(cluster, workers):
+    """The endpoint accepts the penalties and maps them into the engines (the output changes);
+    colocated, whole-request READ, layer-wise and through the router: the same tokens (the prefill
+    worker samples the first token, the decode worker the rest); out of range: OpenAI's 400."""
+    from transformers import AutoTokenizer
+
+    decode, pf = workers["decode"], workers["prefill_ids"][0]
+    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    model = cluster.config.model.served_model_name
+    tokenizer = AutoTokenizer.from_pretrained(cluster.config.model.path)
+    penalised = dataclasses.replace(GREEDY, **PENALTIES)
+    extra = {"ignore_eos": True}
+    for prompt in PROMPTS[:2]:
+        colocated = generate(decode, prompt, sampling=penalised)
+        assert colocated != generate(decode, prompt), "the penalties should change this prompt's greedy output"
+        assert generate(decode, prompt, [pf], sampling=penalised) == colocated  # layer-wise
+        set_layerwise(decode, False)
+        try:
+            assert generate(decode, prompt, [pf], sampling=penalised) == colocated  # whole-request READ
+        finally:
+            set_layerwise(decode, True)
+        before = counters(decode)
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=GREEDY.max_tokens, temperature=0,
+                                      frequency_penalty=PENALTIES["frequency_penalty"],
+                                      presence_penalty=PENALTIES["presence_penalty"],
+                                      extra_body=extra | {"repetition_penalty": PENALTIES["repetition_penalty"]})
+        assert r.choices[0].text == tokenizer.decode(colocated, skip_special_tokens=True)
+        assert r.usage.completion_tokens == len(colocated)
+        after = counters(decode)  # the router sent it to the prefill worker
+        assert after["num_local_prefills"] == before["num_local_prefills"]
+        assert after["num_transfers"] > before["num_transfers"]
+        plain = client.completions.create(model=model, prompt=prompt, max_tokens=GREEDY.max_tokens, temperature=0,
+                                          extra_body=extra)
+        assert plain.choices[0].text != r.choices[0].text
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4,
+                                          temperature=0, presence_penalty=-2, frequency_penalty=2,
+                                          extra_body={"repetition_penalty": 0.5})
+    assert chat.usage.completion_tokens >= 1
+    for bad in (dict(presence_penalty=3), dict(frequency_penalty=-2.5), dict(extra_body={"repetition_penalty": 0})):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=model, prompt="hi", max_tokens=2, **bad)
+        param = next(iter(bad if "extra_body" not in bad else bad["extra_body"]))
+        assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
+        assert e.value.body["param"] == param and param in e.value.body["message"]
     assert decode_engine_requests(decode) == []
     assert_no_leaks(cluster.url)
 

@@ -19,7 +19,8 @@ The engine never moves KV between processes; kv_transfer/ does, addressing block
 Async scheduling (EngineConfig.async_scheduling): step() launches step n+1 before it reads step
 n's sampled tokens back, so the host's work overlaps the GPU's; a request's newest token may be
 *pending* (sampled on the device, unknown to the host) while its next step is already queued.
-Outputs then come one step() later; has_work() stays true while a step is in flight.
+Outputs then come one step() later; has_work() stays true while a step is in flight. Penalties
+count a pending token too: their token counts live on the device (penalties.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from workers.engine.launched_step import LaunchedStep, LaunchedSteps
 from workers.engine.layer_hooks import LayerHookFactory, LayerHooks, make_layer_hook
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import EngineStats, ImportReservation, StepOutput
+from workers.engine.penalties import TokenCounts
 from workers.engine.request import Request, RequestStatus, check_new_request
 from workers.engine.resizer import SegmentResizer
 from workers.engine.sampler import Sampler
@@ -89,6 +91,7 @@ class Engine(SplitPoints):
         self.requests: dict[str, Request] = {}
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.hf_config.get_text_config().vocab_size
+        self.token_counts = TokenCounts(self.vocab_size, self.runner.device)  # penalised requests only
         self.warm_up_requests()
 
     def warm_up_requests(self) -> None:
@@ -200,9 +203,11 @@ class Engine(SplitPoints):
             if (c if c < req.num_tokens else req.num_tokens) // bs > req.num_hashed_blocks:
                 self._publish_blocks(req)  # a block just filled (see _publish_blocks)
         if sampled:
-            # the output index of the token sampled now counts a pending one (seeded sampling)
+            # the output index of the token sampled now counts a pending one (seeded sampling); so
+            # do the penalties' token counts, kept on the device (workers/engine/penalties.py)
             sample = self.sampler.sample(logits, [r.sampling for r in sampled],
-                                         [len(r.output_token_ids) + r.num_pending for r in sampled])
+                                         [len(r.output_token_ids) + r.num_pending for r in sampled],
+                                         self.token_counts.rows(sampled))
             step = LaunchedStep(set(batch.requests), sampled, sample, sample.mark,
                                 resolve_now=bool(hooks) or any(r.prefill_only for r in sampled))
         else:

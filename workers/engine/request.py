@@ -24,6 +24,7 @@ class Request:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling = sampling
+        self.has_penalties = sampling.has_penalties  # read every step (penalties.py): a plain attribute
         self.cache_salt = cache_salt
         self.prefill_only = prefill_only
         self.output_token_ids: list[int] = []

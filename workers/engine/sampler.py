@@ -1,6 +1,11 @@
-"""Token sampling for a batch on the device: greedy, temperature, top-k, top-p, per-request seeds,
-logprobs. One batched pass for every row; the host uploads the rows' parameters once and reads
-the result back once (``DeviceSample.result``), so a step can queue its sampling and sync later.
+"""Token sampling for a batch on the device: penalties, greedy, temperature, top-k, top-p,
+per-request seeds, logprobs. One batched pass for every row; the host uploads the rows' parameters
+once and reads the result back once (``DeviceSample.result``), so a step can queue its sampling and
+sync later.
+
+Order, as vLLM's: repetition, frequency and presence penalties on the model's logits (rows that
+have one: workers/engine/penalties.py), then the greedy argmax or temperature, top-k, top-p and
+the draw. Logprobs are always those of the model's own logits (before penalties and temperature).
 
 Seeded requests draw their randomness from (seed, output position), so the same seed gives the
 same tokens whether the first token was sampled by a prefill worker and the rest by a decode
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 
 from workers.engine.device_transfer import Download, upload
+from workers.engine.penalties import PenaltyRows
 from workers.protocol import SamplingParams
 
 
@@ -61,13 +67,19 @@ class Sampler:
         self._unseeded.seed()
         self._seeded = torch.Generator(device=device)  # re-seeded per row: (seed, output position)
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+                 penalties: PenaltyRows | None = None) -> SampleResult:
         """logits [n, vocab]; positions[i] = index of the token being sampled in request i's output."""
-        return self.sample(logits, params, positions).result()
+        return self.sample(logits, params, positions, penalties).result()
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> DeviceSample:
-        """Queue the sampling of every row; no host sync (see ``DeviceSample``)."""
-        logits = logits.float()
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+               penalties: PenaltyRows | None = None) -> DeviceSample:
+        """Queue the sampling of every row; no host sync (see ``DeviceSample``). ``penalties``: the
+        batch's penalised rows (TokenCounts.rows), None when it has none; their chosen tokens are
+        counted on the device before this returns."""
+        logits = raw = logits.float()
+        if penalties is not None:
+            logits = penalties.apply(logits)
         greedy = [p.is_greedy for p in params]
         chosen = logits.argmax(dim=-1)
         if not all(greedy):
@@ -77,9 +89,11 @@ class Sampler:
                 chosen = torch.where(mask, chosen, sampled)
             else:
                 chosen = sampled
+        if penalties is not None:
+            penalties.count(chosen)
         if not any(p.logprobs or p.top_logprobs for p in params):
             return DeviceSample(chosen, chosen, None)
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = torch.log_softmax(raw, dim=-1)
         cols = [chosen[:, None].double(), logprobs.gather(1, chosen[:, None]).double()]
         k = max(p.top_logprobs for p in params)
         if k:

@@ -1,6 +1,9 @@
 """The engine's sampler as it was before sampling was batched on the device: one request at a
 time, kept as the reference the batched sampler must reproduce token for token (tests and
-benchmarks/gpu_check.py). Greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+benchmarks/gpu_check.py). Greedy, temperature, top-k, top-p, per-request seeds, logprobs, and the
+penalties by their definitions (``penalize``): transformers' RepetitionPenaltyLogitsProcessor over
+the prompt and output tokens, OpenAI's frequency/presence formula over the output tokens, computed
+from the request's token lists (the batched sampler keeps counts on the device instead).
 
 Seeded requests draw their randomness from (seed, output position), so the same seed gives the
 same tokens whether the first token was sampled by a prefill worker and the rest by a decode
@@ -9,6 +12,7 @@ worker, or all by one engine.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -30,10 +34,15 @@ class ReferenceSampler:
         self._unseeded = torch.Generator(device=device)
         self._unseeded.seed()
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> ReferenceResult:
-        """logits [n, vocab]; positions[i] = index of the token being sampled in request i's output."""
-        logits = logits.float()
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+                 histories: list[tuple[list[int], list[int]]] | None = None) -> ReferenceResult:
+        """logits [n, vocab]; positions[i] = index of the token being sampled in request i's output;
+        histories[i] = (request i's prompt tokens, its output tokens so far), for its penalties."""
+        logits = raw = logits.float()
         n = logits.shape[0]
+        if histories is not None:
+            logits = torch.stack([penalize(logits[i], p, *histories[i]) if p.has_penalties else logits[i]
+                                  for i, p in enumerate(params)])
         greedy = [p.is_greedy for p in params]
         if all(greedy):  # the common case: one argmax on the device, no index upload
             chosen = logits.argmax(dim=-1)
@@ -49,7 +58,7 @@ class ReferenceSampler:
         token_ids = chosen.tolist()  # the step's one device->host sync for tokens
         if not want_lp:
             return ReferenceResult(token_ids, None, None)
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = torch.log_softmax(raw, dim=-1)  # the model's, before penalties
         chosen_lp = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
         k = max(p.top_logprobs for p in params)
         tops = None
@@ -83,6 +92,38 @@ class ReferenceSampler:
         return (probs / noise).argmax()
 
 
+def penalize(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    """One request's penalties on its logits [vocab], by definition."""
+    if p.repetition_penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor, one row
+        ids = torch.tensor(prompt_ids + output_ids, dtype=torch.long, device=logits.device)
+        score = logits.gather(0, ids)
+        score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+        logits = logits.scatter(0, ids, score)
+    if p.frequency_penalty != 0 or p.presence_penalty != 0:  # OpenAI's formula
+        counts = torch.zeros_like(logits)
+        for t in output_ids:
+            counts[t] += 1
+        logits = logits - (p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float())
+    return logits
+
+
+def output_tokens(req) -> list[int]:
+    """A request's output tokens for the penalties: a migrated one's prompt tail, then its outputs."""
+    prompt, k = req.prompt_token_ids, req.sampling.output_position_offset
+    return prompt[max(len(prompt) - k, 0):] + req.output_token_ids
+
+
+def random_penalties(rng: random.Random) -> dict:
+    kind = rng.choice(["none", "none", "repetition", "openai", "all"])
+    out = {}
+    if kind in ("repetition", "all"):
+        out["repetition_penalty"] = rng.choice([0.5, 1.3, 2.0])
+    if kind in ("openai", "all"):
+        out["frequency_penalty"] = rng.choice([-1.0, 0.0, 0.7, 2.0])
+        out["presence_penalty"] = rng.choice([-0.5, 0.0, 1.5])
+    return out
+
+
 def random_params(rng: random.Random, seeded_only: bool = True) -> SamplingParams:
     kind = rng.choice(["greedy", "temp", "top_k", "top_p", "both", "top_k1"])
     seed = rng.randrange(10**6) if (seeded_only or rng.random() < 0.5) else None
@@ -97,23 +138,50 @@ def random_params(rng: random.Random, seeded_only: bool = True) -> SamplingParam
 
 
 def check_same(device: torch.device, vocab: int, trials: int, seed: int = 0) -> int:
-    """Returns how many rows were compared; raises AssertionError on the first difference."""
+    """Returns how many rows were compared; raises AssertionError on the first difference.
+
+    Every other trial mixes penalised and unpenalised rows and runs 1-3 steps on the same
+    requests (each with a prompt, some with earlier outputs, some migrated): the batched sampler's
+    on-device token counts, filled once and counted forward from its own chosen tokens, against
+    the reference's penalties from the requests' token lists."""
     rng = random.Random(seed)
+    from workers.engine.penalties import TokenCounts
+    from workers.engine.request import Request, RequestStatus
     from workers.engine.sampler import Sampler
 
     new, ref = Sampler(device), ReferenceSampler(device)
+    counts = TokenCounts(vocab, device, num_slots=2)  # small: slots are reclaimed and the tables grow
     compared = 0
     for trial in range(trials):
         n = rng.choice([1, 2, 5, 8])
+        penalised = trial % 2 == 1
         params = [random_params(rng) for _ in range(n)]
+        if penalised:
+            params = [dataclasses.replace(p, **random_penalties(rng)) for p in params]
+        reqs = []
+        for i, p in enumerate(params):
+            req = Request(f"t{trial}-{i}", [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))], p, 16)
+            for _ in range(rng.choice([0, 0, 3, 10])):
+                req.append_output(rng.randrange(vocab))
+            reqs.append(req)
         positions = [rng.randrange(40) for _ in range(n)]
         g = torch.Generator().manual_seed(trial)
         logits = (torch.randn(n, vocab, generator=g) * rng.choice([1.0, 4.0])).to(device)
         if trial % 3 == 0:  # ties: repeated values, and equal maxima
             logits[:, : vocab // 4] = logits[:, :1]
-        got, want = new(logits, params, positions), ref(logits, params, positions)
-        assert got.token_ids == want.token_ids, (trial, params, got.token_ids, want.token_ids)
-        assert got.logprobs == want.logprobs, trial
-        assert got.top_logprobs == want.top_logprobs, trial
-        compared += n
+        for step in range(rng.choice([2, 3, 4]) if penalised else 1):
+            if step:  # nearly the same logits again: only the penalties keep a row off its last token
+                logits = logits + 0.01 * torch.randn(n, vocab, generator=g).to(device)
+            histories = [(r.prompt_token_ids, output_tokens(r)) for r in reqs] if penalised else None
+            got = new(logits, params, positions, counts.rows(reqs) if penalised else None)
+            want = ref(logits, params, positions, histories)
+            assert got.token_ids == want.token_ids, (trial, step, params, got.token_ids, want.token_ids)
+            assert got.logprobs == want.logprobs, trial
+            assert got.top_logprobs == want.top_logprobs, trial
+            compared += n
+            for r, t in zip(reqs, got.token_ids):
+                r.append_output(t)
+            positions = [q + 1 for q in positions]
+        for r in reqs:
+            r.status = RequestStatus.FINISHED
     return compared

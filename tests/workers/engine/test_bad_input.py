@@ -22,6 +22,10 @@ def engine(tiny_checkpoint, scheduling):
     ([1, 2, 3], SamplingParams(temperature=-1.0), "temperature"),
     ([1, 2, 3], SamplingParams(top_p=0.0), "top_p"),
     ([1, 2, 3], SamplingParams(stop=("",)), "stop"),
+    ([1, 2, 3], SamplingParams(presence_penalty=2.5), "presence_penalty"),
+    ([1, 2, 3], SamplingParams(frequency_penalty=float("nan")), "frequency_penalty"),
+    ([1, 2, 3], SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
+    ([1, 2, 3], SamplingParams(repetition_penalty=float("inf")), "repetition_penalty"),
     ([1, 99999], GREEDY, "token ids"),
     ([1, -1], GREEDY, "token ids"),
 ])

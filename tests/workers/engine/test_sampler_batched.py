@@ -1,9 +1,10 @@
 """The batched device sampler reproduces the per-request reference sampler token for token (seeded
-and greedy rows; unseeded rows are random by contract), with logprobs, in any batch mix."""
+and greedy rows; unseeded rows are random by contract), with logprobs, in any batch mix, penalised
+rows (counted on the device over several steps) beside unpenalised ones."""
 
 import torch
 
-from tests.workers.engine.sampler_reference import check_same
+from tests.workers.engine.sampler_reference import check_same, penalize
 from workers.engine.sampler import Sampler
 from workers.protocol import SamplingParams
 
@@ -26,3 +27,19 @@ def test_unseeded_rows_are_random_but_follow_the_support():
         assert ids[1] == 0 and ids[0] in (0, 1) and ids[2] in (0, 1)
         seen.add(ids[0])
     assert seen == {0, 1}
+
+
+def test_reference_penalties_are_transformers_and_openai():
+    """The reference's penalties: transformers' RepetitionPenaltyLogitsProcessor over prompt and
+    output, exactly; OpenAI's formula over the output tokens only."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0)) * 3
+    prompt, out = [1, 2, 2, 7], [7, 9, 9, 9, 3]
+    want = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + out]), logits[None].clone())[0]
+    assert torch.equal(penalize(logits, SamplingParams(repetition_penalty=1.7), prompt, out), want)
+    got = penalize(logits, SamplingParams(frequency_penalty=0.5, presence_penalty=-1.0), prompt, out)
+    want = logits.clone()
+    for t, count in ((7, 1), (9, 3), (3, 1)):
+        want[t] -= 0.5 * count - 1.0
+    assert torch.allclose(got, want) and torch.equal(got[[1, 2]], logits[[1, 2]])  # prompt only: untouched

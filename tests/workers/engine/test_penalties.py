@@ -1,0 +1,139 @@
+"""Presence, frequency and repetition penalties through the engine, in both scheduling modes
+(conftest.py): greedy output token-identical to transformers' generate(repetition_penalty=...) and
+to a by-hand loop (the HF model's forward + OpenAI's formula), with unpenalised requests in the
+same batch untouched; a migrated request (prompt + generated so far, output_position_offset) and a
+disaggregated one (prefill in A, decode in B) go on exactly as the undisturbed colocated run."""
+
+import dataclasses
+
+import torch
+
+from tests.workers.engine.helpers import (GREEDY, PROMPTS, assert_all_blocks_free, collect, hf_greedy, hf_model,
+                                          make_engine, run_all)
+from tests.workers.engine.test_split import prefill, transfer
+from workers.protocol import FinishReason, SamplingParams
+
+N = 12
+REPETITION = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, repetition_penalty=1.8)
+REPEAT_MORE = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, repetition_penalty=0.5)
+OPENAI = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, frequency_penalty=1.2, presence_penalty=1.5)
+# negative: the model loops on its own newest tokens, so a count missing the token still in flight
+# (async scheduling) shows
+LOOP = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, frequency_penalty=-2.0, presence_penalty=-2.0)
+ALL = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, repetition_penalty=0.7, frequency_penalty=-0.4,
+                     presence_penalty=1.5)
+
+
+def hf_generate(model_dir: str, prompt: list[int], repetition_penalty: float) -> list[int]:
+    with torch.inference_mode():
+        out = hf_model(model_dir).generate(torch.tensor([prompt]), max_new_tokens=N, do_sample=False, eos_token_id=None,
+                                           pad_token_id=0, repetition_penalty=repetition_penalty)
+    return out[0, len(prompt):].tolist()
+
+
+def by_hand(model_dir: str, prompt: list[int], sp: SamplingParams) -> list[int]:
+    """Greedy: the model's forward over the whole sequence each step, then transformers'
+    repetition processor and OpenAI's formula on the last logits, by hand."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    model, ids, out = hf_model(model_dir), list(prompt), []
+    with torch.inference_mode():
+        for _ in range(sp.max_tokens):
+            logits = model(torch.tensor([ids])).logits[:, -1].float()
+            if sp.repetition_penalty != 1:
+                logits = RepetitionPenaltyLogitsProcessor(sp.repetition_penalty)(torch.tensor([ids]), logits)
+            logits = logits[0]
+            for t in set(out):
+                logits[t] -= sp.frequency_penalty * out.count(t) + sp.presence_penalty
+            out.append(int(logits.argmax()))
+            ids.append(out[-1])
+    return out
+
+
+def test_repetition_penalty_matches_generate(tiny_checkpoint):
+    model_dir = tiny_checkpoint("llama")
+    plain = {f"g{i}": hf_greedy(model_dir, p, N) for i, p in enumerate(PROMPTS)}
+    want = {}
+    for tag, sp in (("p", REPETITION), ("q", REPEAT_MORE)):
+        want |= {f"{tag}{i}": hf_generate(model_dir, p, sp.repetition_penalty) for i, p in enumerate(PROMPTS)}
+        # the penalty matters on these prompts (or the test could not fail)
+        assert sum(want[f"{tag}{i}"] != plain[f"g{i}"] for i in range(len(PROMPTS))) >= 2
+    groups = {"g": GREEDY, "p": REPETITION, "q": REPEAT_MORE}  # unpenalised rows in the same batches
+    reqs = {f"{tag}{i}": (p, sp) for tag, sp in groups.items() for i, p in enumerate(PROMPTS)}
+    engine = make_engine(model_dir, max_num_seqs=15)
+    got = collect(engine, reqs)
+    assert {rid: tokens for rid, (tokens, _, _) in got.items()} == want | plain
+    assert_all_blocks_free(engine)
+
+
+def test_presence_and_frequency_match_the_formula_by_hand(tiny_checkpoint):
+    model_dir = tiny_checkpoint("llama")
+    prompts, groups = PROMPTS, {"o": OPENAI, "n": LOOP, "a": ALL}
+    want = {f"{tag}{i}": by_hand(model_dir, p, sp) for tag, sp in groups.items() for i, p in enumerate(prompts)}
+    plain = [hf_greedy(model_dir, p, N) for p in prompts]
+    for tag in groups:  # the penalties matter on these prompts (or the test could not fail)
+        assert sum(want[f"{tag}{i}"] != plain[i] for i in range(len(prompts))) >= 2
+    distinct = lambda tag: sum(len(set(want[f"{tag}{i}"])) for i in range(len(prompts)))
+    assert distinct("o") > sum(len(set(o)) for o in plain) > distinct("n")  # fewer repeats, more repeats
+    engine = make_engine(model_dir, max_num_seqs=15)
+    reqs = {f"{tag}{i}": (p, sp) for tag, sp in groups.items() for i, p in enumerate(prompts)}
+    got = collect(engine, reqs)
+    assert {rid: tokens for rid, (tokens, _, _) in got.items()} == want
+    # greedy with penalties is deterministic: again, on the same engine (slots reused)
+    again = collect(engine, {f"{rid}-again": r for rid, r in reqs.items()})
+    assert {rid[:-6]: tokens for rid, (tokens, _, _) in again.items()} == want
+    assert_all_blocks_free(engine)
+
+
+def test_preemption_keeps_the_counts(tiny_checkpoint):
+    """12 blocks of 4 tokens for five requests: preempted requests recompute their KV and keep
+    their penalty counts (nothing counted twice, nothing lost)."""
+    model_dir = tiny_checkpoint("llama")
+    want = run_all(make_engine(model_dir), PROMPTS, OPENAI)
+    engine = make_engine(model_dir, num_kv_blocks=12, blocks_per_segment=4, max_num_seqs=5)
+    assert run_all(engine, PROMPTS, OPENAI) == want
+    assert engine.stats().num_preemptions > 0
+    assert_all_blocks_free(engine)
+
+
+def test_migrated_request_goes_on_token_identically(tiny_checkpoint):
+    """What the router re-issues after a decode worker died: prompt + the k tokens generated so far,
+    max_tokens - k, output_position_offset k. The k tokens count as output, not as prompt."""
+    model_dir = tiny_checkpoint("llama")
+    engine = make_engine(model_dir)
+    prompt, k = PROMPTS[0], 5
+    whole = run_all(engine, [prompt], ALL, prefix="whole")["whole0"]
+    resumed = dataclasses.replace(ALL, max_tokens=N - k, output_position_offset=k)  # as router/request_flow.py
+    rest = run_all(engine, [prompt + whole[:k]], resumed, prefix="rest")["rest0"]
+    assert whole[:k] + rest == whole
+    as_prompt = run_all(engine, [prompt + whole[:k]], dataclasses.replace(resumed, output_position_offset=0),
+                        prefix="as-prompt")["as-prompt0"]
+    assert as_prompt != rest  # had they counted as prompt, the stream would have changed
+    assert_all_blocks_free(engine)
+
+
+def test_disaggregated_equals_colocated(tiny_checkpoint):
+    """Prefill in A samples the first token (repetition sees the prompt; no output yet), B decodes
+    on from it: the same tokens as one engine alone."""
+    model_dir = tiny_checkpoint("llama")
+    colocated = run_all(make_engine(model_dir), PROMPTS, ALL)
+    a, b = make_engine(model_dir, worker_id="A"), make_engine(model_dir, worker_id="B")
+    handles = prefill(a, PROMPTS, ALL)
+    out = {}
+    for i, p in enumerate(PROMPTS):
+        first = transfer(a, b, handles[f"r{i}"], p, ALL)
+        assert first.finish_reason is None
+        out[f"r{i}"] = list(first.token_ids)
+    while b.has_work():
+        for d in b.step().deltas:
+            out[d.request_id] += d.token_ids
+            assert d.finish_reason in (None, FinishReason.LENGTH)
+    assert out == colocated
+    assert_all_blocks_free(a)
+    assert_all_blocks_free(b)
+
+
+def test_no_penalised_request_allocates_nothing(tiny_checkpoint):
+    engine = make_engine(tiny_checkpoint("llama"))
+    run_all(engine, PROMPTS)
+    assert engine.token_counts.num_slots == 0 and not engine.token_counts.slots
