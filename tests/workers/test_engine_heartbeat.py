@@ -9,19 +9,10 @@ import time
 
 import pytest
 
-from workers.engine.config import EngineConfig, ModelConfig
-from workers.engine.engine import Engine
 from workers.engine_loop import EngineDeadError, EngineLoop
 from workers.protocol import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
-    cfg = EngineConfig(block_size=4, num_kv_blocks=128, blocks_per_segment=16, max_num_batched_tokens=64,
-                       max_num_seqs=8, async_scheduling=False)
-    return Engine(ModelConfig(device="cpu", dtype="float32"), cfg, tiny_checkpoint("llama"), worker_id="e")
 
 
 def hold_steps(engine) -> threading.Event:
