@@ -238,9 +238,11 @@ class OpenAIIngress:
                             "invalid_request_error", "model", "model_not_found")
 
     def _choices(self, n: int, sampling: SamplingParams) -> list[SamplingParams]:
-        """One SamplingParams per choice. With a seed, choice i samples with seed + i (the same
+        """One SamplingParams per choice (and the checks that need this model: logit_bias ids). With a seed, choice i samples with seed + i (the same
         request gives the same n choices, which differ from each other); greedy choices are equal.
         Each choice is a request of its own in the cluster and counts against the concurrency limit."""
+        if any(t >= self.vocab_size for t, _ in sampling.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
         limit = self.config.limits.max_concurrent_requests
         if n > limit:
             raise InvalidRequestError(f"n={n} exceeds this server's limit of {limit} concurrent requests", "n")

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from workers.protocol import MAX_LOGIT_BIAS
+
 
 class _Request(BaseModel):
     # Unknown fields are ignored (clients send many optional OpenAI fields); fields we cannot
@@ -28,6 +30,9 @@ class _Request(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False,
                                      description="Times how often a token is in the output, subtracted from its logit")
     user: str | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (a string of digits, as in OpenAI's API) -> a bias in [-100, 100] added to "
+                          "that token's logit before the penalties and sampling")
     # extras
     repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False,
                                       description="vLLM's (transformers' processor): a token of the prompt or output "
@@ -47,6 +52,23 @@ class _Request(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
         return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:  # (NaN fails this too)
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
+        if v and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(v)} entries; at most {MAX_LOGIT_BIAS}")
+        return v
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """(token id, bias) sorted by token id; "05" and "5" both name token 5 (SamplingParams refuses
+        the duplicate)."""
+        return tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items()))
 
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

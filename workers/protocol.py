@@ -40,6 +40,9 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -60,6 +63,9 @@ class SamplingParams:
     # vLLM's extra, transformers' RepetitionPenaltyLogitsProcessor: the logit of a token in the
     # prompt or the output is divided by it when positive, multiplied when negative; 1 = off
     repetition_penalty: float = 1.0
+    # OpenAI's logit_bias: (token id, bias in [-100, 100]) pairs added to the model's logits before
+    # the penalties (vLLM's order); the engine checks the ids against its vocabulary
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # Output tokens this request already produced elsewhere (a migrated request resumes with them
     # as the prompt's tail): seeded sampling draws the next token at output position
     # output_position_offset + i, so a migration does not change what a seed samples, and the
@@ -87,6 +93,18 @@ class SamplingParams:
         if not (isinstance(rp, (int, float)) and math.isfinite(rp) and rp > 0):
             raise InvalidRequestError(f"repetition_penalty must be a finite number > 0, got {rp!r}",
                                       "repetition_penalty")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}",
+                                      "logit_bias")
+        seen = set()
+        for token, bias in self.logit_bias:
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0 or token in seen:
+                raise InvalidRequestError(f"logit_bias keys must be distinct token ids >= 0, got {token!r}",
+                                          "logit_bias")
+            if not (isinstance(bias, (int, float)) and -100 <= bias <= 100):
+                raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token}",
+                                          "logit_bias")
+            seen.add(token)
         if not isinstance(self.output_position_offset, int) or self.output_position_offset < 0:
             raise InvalidRequestError(f"output_position_offset must be an integer >= 0, got "
                                       f"{self.output_position_offset!r}", "output_position_offset")
@@ -97,7 +115,8 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or bool(self.logit_bias))
 
 
 @dataclass(frozen=True)

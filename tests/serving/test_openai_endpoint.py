@@ -149,6 +149,23 @@ def test_n_choices_stream_by_index(client, cluster):
     assert chunks[-1].usage.completion_tokens == 12 == whole.usage.completion_tokens
 
 
+def test_logit_bias(client, cluster, tokenizer):
+    """+100 on one token: every output token is that one (both endpoints); keys that are not token
+    ids, ids past the vocabulary and biases out of [-100, 100] are 400s naming logit_bias."""
+    t = tokenizer(" Paris").input_ids[-1]
+    r = client.completions.create(model=model_name(cluster), prompt=PROMPTS[0], max_tokens=5, temperature=0,
+                                  logit_bias={str(t): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == tokenizer.decode([t] * 5)
+    c = client.chat.completions.create(model=model_name(cluster), messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=3, temperature=0.8, logit_bias={str(t): 100},
+                                       extra_body={"ignore_eos": True})
+    assert c.choices[0].message.content == tokenizer.decode([t] * 3)
+    for bad in ({"abc": 1}, {"5": 101}, {str(10**7): 1}, {"5": 1, "05": 2}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=model_name(cluster), prompt="hi", max_tokens=2, logit_bias=bad)
+        assert "logit_bias" in (e.value.body.get("param") or "") + e.value.body["message"], e.value.body
+
+
 def test_n_choices_stream_closed_early_leaves_nothing_running(client, cluster):
     """A client that drops an n=3 stream after a few chunks: every choice's request ends at once
     (the endpoint counts none in flight) and no worker keeps KV blocks."""

@@ -1,6 +1,7 @@
 """Presence, frequency and repetition penalties (SamplingParams): the token counts of every
 penalised request, kept on the device, and their batched application to a step's logits.
 
+    logit_bias  x[t] += bias[t]                                (OpenAI's logit_bias, first, as vLLM)
     repetition  x[t] = x[t] / r if x[t] >= 0 else x[t] * r   for t in the prompt or the output so far
                 (transformers' RepetitionPenaltyLogitsProcessor; r = repetition_penalty)
     OpenAI      x[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0)
@@ -41,12 +42,13 @@ class PenaltyRows:
     """The penalised rows of one step's sampled batch, on the device: what their penalties need."""
 
     def __init__(self, counts: "TokenCounts", rows: list[int], slots: list[int], num_rows: int,
-                 any_repetition: bool, any_openai: bool):
+                 any_repetition: bool, any_openai: bool, any_bias: bool = False):
         self.counts = counts
         index = upload([rows, slots], torch.int64, counts.device)  # one upload
         self.rows = None if len(rows) == num_rows else index[0]  # None: every row
         self.slots = index[1]
         self.any_repetition, self.any_openai = any_repetition, any_openai  # skip the other's ops when off
+        self.any_bias = any_bias
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [n, vocab] float32 -> a new tensor, the penalised rows penalised, the others as they were.
@@ -55,6 +57,10 @@ class PenaltyRows:
         leaves its logits exactly as they are."""
         c, slots = self.counts, self.slots
         x = logits if self.rows is None else logits.index_select(0, self.rows)
+        if self.any_bias:
+            x = x + c.bias.index_select(0, slots)
+        if not (self.any_repetition or self.any_openai):
+            return x if self.rows is None else logits.index_copy(0, self.rows, x)
         counts = c.output_counts.index_select(0, slots)  # [m, vocab] float32
         present = counts > 0
         params = c.params.index_select(0, slots)  # [m, 4]
@@ -85,6 +91,7 @@ class TokenCounts:
         self._initial_slots = num_slots
         self.output_counts: torch.Tensor | None = None  # [num_slots, vocab] float32 (exact below 2^24)
         self.in_prompt: torch.Tensor | None = None  # [num_slots, vocab] bool
+        self.bias: torch.Tensor | None = None  # [num_slots, vocab] float32: logit_bias, 0 elsewhere
         # [num_slots, 4] float32: repetition penalty, its fp32 reciprocal, frequency, presence
         self.params: torch.Tensor | None = None
         self.one = torch.ones((), dtype=torch.float32, device=device)
@@ -101,7 +108,7 @@ class TokenCounts:
         rows = [i for i, r in enumerate(requests) if r.has_penalties]
         if not rows:
             return None
-        slots, any_repetition, any_openai = [], False, False
+        slots, any_repetition, any_openai, any_bias = [], False, False, False
         for i in rows:
             req = requests[i]
             slot = self.slots.get(req)
@@ -109,7 +116,8 @@ class TokenCounts:
             sp = req.sampling
             any_repetition = any_repetition or sp.repetition_penalty != 1
             any_openai = any_openai or sp.frequency_penalty != 0 or sp.presence_penalty != 0
-        return PenaltyRows(self, rows, slots, len(requests), any_repetition, any_openai)
+            any_bias = any_bias or bool(sp.logit_bias)
+        return PenaltyRows(self, rows, slots, len(requests), any_repetition, any_openai, any_bias)
 
     def _fill(self, req: Request) -> int:
         if req.num_pending:
@@ -124,6 +132,11 @@ class TokenCounts:
         rep = np.float32(sp.repetition_penalty)
         row = np.array([rep, np.float32(1.0) / rep, sp.frequency_penalty, sp.presence_penalty], np.float32)
         self.params[slot] = upload(torch.from_numpy(row), torch.float32, device)
+        self.bias[slot] = 0
+        if sp.logit_bias:
+            ids, values = zip(*sp.logit_bias)
+            self.bias[slot].index_put_((upload(list(ids), torch.int64, device),),
+                                       upload(list(values), torch.float32, device))
         return slot
 
     def _take_slot(self) -> int:
@@ -140,9 +153,10 @@ class TokenCounts:
         new = max(2 * old, self._initial_slots)
         tables = (torch.zeros(new, v, dtype=torch.float32, device=self.device),
                   torch.zeros(new, v, dtype=torch.bool, device=self.device),
-                  torch.ones(new, 4, dtype=torch.float32, device=self.device))
+                  torch.ones(new, 4, dtype=torch.float32, device=self.device),
+                  torch.zeros(new, v, dtype=torch.float32, device=self.device))
         if old:
-            for grown, table in zip(tables, (self.output_counts, self.in_prompt, self.params)):
+            for grown, table in zip(tables, (self.output_counts, self.in_prompt, self.params, self.bias)):
                 grown[:old] = table
-        self.output_counts, self.in_prompt, self.params = tables
+        self.output_counts, self.in_prompt, self.params, self.bias = tables
         self.free_slots.extend(range(new - 1, old - 1, -1))

@@ -104,6 +104,8 @@ def check_new_request(prompt_token_ids, sampling, *, has_tokenizer: bool, vocab_
         raise InvalidRequestError("the prompt is empty", "prompt")
     if any(not isinstance(t, int) or t < 0 or t >= vocab_size for t in prompt):
         raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size})", "prompt")
+    if any(t >= vocab_size for t, _ in sampling.logit_bias):
+        raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab_size})", "logit_bias")
     if len(prompt) >= max_model_len:
         raise InvalidRequestError(
             f"the prompt has {len(prompt)} tokens; this model's context is {max_model_len} tokens "

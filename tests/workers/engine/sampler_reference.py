@@ -93,7 +93,11 @@ class ReferenceSampler:
 
 
 def penalize(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
-    """One request's penalties on its logits [vocab], by definition."""
+    """One request's penalties on its logits [vocab], by definition: logit_bias first (vLLM's order)."""
+    if p.logit_bias:
+        logits = logits.clone()
+        for t, b in p.logit_bias:
+            logits[t] += b
     if p.repetition_penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor, one row
         ids = torch.tensor(prompt_ids + output_ids, dtype=torch.long, device=logits.device)
         score = logits.gather(0, ids)
@@ -113,9 +117,12 @@ def output_tokens(req) -> list[int]:
     return prompt[max(len(prompt) - k, 0):] + req.output_token_ids
 
 
-def random_penalties(rng: random.Random) -> dict:
+def random_penalties(rng: random.Random, vocab: int | None = None) -> dict:
     kind = rng.choice(["none", "none", "repetition", "openai", "all"])
     out = {}
+    if vocab is not None and rng.random() < 0.4:  # logit_bias, alone or with the others
+        tokens = rng.sample(range(vocab), rng.choice([1, 3]))
+        out["logit_bias"] = tuple((t, rng.choice([-100.0, -5.0, 3.5, 100.0])) for t in tokens)
     if kind in ("repetition", "all"):
         out["repetition_penalty"] = rng.choice([0.5, 1.3, 2.0])
     if kind in ("openai", "all"):
@@ -157,7 +164,7 @@ def check_same(device: torch.device, vocab: int, trials: int, seed: int = 0) -> 
         penalised = trial % 2 == 1
         params = [random_params(rng) for _ in range(n)]
         if penalised:
-            params = [dataclasses.replace(p, **random_penalties(rng)) for p in params]
+            params = [dataclasses.replace(p, **random_penalties(rng, vocab)) for p in params]
         reqs = []
         for i, p in enumerate(params):
             req = Request(f"t{trial}-{i}", [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))], p, 16)
