@@ -3,9 +3,9 @@ vLLM and TensorRT-LLM also accept: top_k, repetition_penalty, ignore_eos, stop_t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from workers.protocol import MAX_LOGIT_BIAS
 
@@ -19,8 +19,8 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, description="Choices to generate for the prompt; each runs as a request of its "
-                                        "own (at most limits.max_concurrent_requests)")
+    n: int = Field(1, ge=1, le=128, description="Choices to generate for the prompt (OpenAI's limit: 128); each "
+                                                "runs as a request of its own (at most limits.max_concurrent_requests)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -30,9 +30,13 @@ class _Request(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False,
                                      description="Times how often a token is in the output, subtracted from its logit")
     user: str | None = None
-    logit_bias: dict[str, float] | None = Field(
-        None, description="Token id (a string of digits, as in OpenAI's API) -> a bias in [-100, 100] added to "
-                          "that token's logit before the penalties and sampling")
+    response_format: ResponseFormat | None = Field(None, description="Only {\"type\": \"text\"}: pdserve has no "
+                                                                     "guided (JSON or schema-constrained) decoding")
+    logit_bias: dict[Annotated[str, StringConstraints(pattern=r"^[0-9]+$")],
+                     Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS,
+        description="Token id (a string of digits, as in OpenAI's API) -> a bias in [-100, 100] added to that "
+                    "token's logit before the penalties and sampling")
     # extras
     repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False,
                                       description="vLLM's (transformers' processor): a token of the prompt or output "
@@ -53,16 +57,12 @@ class _Request(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return v
 
-    @field_validator("logit_bias")
+    @field_validator("response_format", mode="before")
     @classmethod
-    def _logit_bias(cls, v):
-        for key, bias in (v or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
-            if not -100 <= bias <= 100:  # (NaN fails this too)
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
-        if v and len(v) > MAX_LOGIT_BIAS:
-            raise ValueError(f"logit_bias has {len(v)} entries; at most {MAX_LOGIT_BIAS}")
+    def _response_format(cls, v):
+        if isinstance(v, dict) and v.get("type") != "text":
+            raise ValueError(f"response_format type {v.get('type')!r} is not supported: pdserve has no guided "
+                             "(JSON or schema-constrained) decoding; only 'text'")
         return v
 
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
@@ -74,6 +74,12 @@ class _Request(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -82,6 +88,8 @@ class CompletionRequest(_Request):
     prompt: str | list[int] = Field(..., description="A string or a list of token ids")
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: Literal[False] = Field(False, description="Not supported: must be false")
+    suffix: Literal[""] | None = Field(None, description="Not supported (no fill-in-the-middle): must be empty")
+    best_of: int | None = Field(None, ge=1, le=1, description="Not supported above 1 (use n)")
 
 
 class ChatMessage(BaseModel):
@@ -108,6 +116,19 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # tool / function calling is not built: a request that offers tools is refused, not answered as
+    # if it had none
+    tools: list | None = Field(None, max_length=0, description="Not supported: must be empty")
+    tool_choice: Literal["none"] | None = Field(None, description="Not supported beyond 'none'")
+    functions: list | None = Field(None, max_length=0, description="Not supported: must be empty")
+    function_call: Literal["none"] | None = Field(None, description="Not supported beyond 'none'")
+
+    @field_validator("tools", "functions", mode="before")
+    @classmethod
+    def _no_tools(cls, v):
+        if isinstance(v, list) and v:
+            raise ValueError("tool and function calling are not supported by pdserve")
+        return v
 
 
 # -- responses -------------------------------------------------------------------------------------

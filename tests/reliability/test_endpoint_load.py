@@ -260,8 +260,9 @@ FUZZ_CONFIG = SchemathesisConfig.from_dict({"checks": {
 
 def test_the_endpoint_holds_its_openapi_spec_under_fuzzing(limited_url):
     """Against the endpoint with small limits (every generation is short). Well-formed bodies get
-    the served model name and a max_tokens within the limit so that most reach the workers;
-    malformed ones keep what was drawn.
+    the served model name, a max_tokens and n within the limits and logit_bias keys within the
+    vocabulary (the spec cannot say those) so that most reach the workers; malformed ones keep
+    what was drawn.
     A well-formed body may still exceed a configured limit: 400 (prompt tokens, max_tokens) and 413
     (body size) are accepted answers to it, and 413 is also a fine rejection of a malformed body
     (FUZZ_CONFIG); some well-formed bodies of each generation route must be served."""
@@ -286,6 +287,10 @@ def test_the_endpoint_holds_its_openapi_spec_under_fuzzing(limited_url):
                     for key in ("max_tokens", "max_completion_tokens"):  # within the limit, mostly
                         if isinstance(case.body.get(key), int) and case.body[key] > 0:
                             case.body[key] = 1 + case.body[key] % 8
+                    if isinstance(case.body.get("n"), int) and case.body["n"] > 0:  # within the concurrency limit
+                        case.body["n"] = 1 + case.body["n"] % 2
+                    if isinstance(case.body.get("logit_bias"), dict):  # token ids within the vocabulary
+                        case.body["logit_bias"] = {str(i % 100): b for i, b in enumerate(case.body["logit_bias"].values())}
                 seen.append(case.call_and_validate(base_url=limited_url).status_code)
 
             try:

@@ -106,6 +106,18 @@ def test_errors_are_openai_shaped(client, cluster):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(**args)
         assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
+    # what pdserve cannot honour is refused, not ignored: tools, JSON mode, suffix, best_of
+    chat = dict(model=model_name(cluster), messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    for bad, param in [(dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+                       (dict(response_format={"type": "json_object"}), "response_format")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**chat, **bad)
+        assert e.value.body["param"] == param and "not supported" in e.value.body["message"], e.value.body
+    for bad in (dict(suffix="tail"), dict(best_of=2)):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=model_name(cluster), prompt="hi", max_tokens=2, **bad)
+    ok = client.chat.completions.create(**chat, response_format={"type": "text"}, tool_choice="none")
+    assert ok.choices[0].message.content is not None
     r = httpx.post(cluster.url + "/v1/chat/completions", content=b"{not json", timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json()
