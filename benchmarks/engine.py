@@ -260,7 +260,8 @@ def main(argv=None) -> int:
                     help="engine.fuse_projections: true (default: auto, on for CUDA)")
     ap.add_argument("--gemv", action="store_true", help="engine.gemv on (Triton GEMV where it times faster)")
     ap.add_argument("--no-rope-table", action="store_true", help="engine.rope_table off (RoPE computed per forward)")
-    ap.add_argument("--no-tune-batch1", action="store_true", help="engine.tune_batch1 off (batch 1 compiled with the rest)")
+    ap.add_argument("--tune-batch1", action="store_true", help="engine.tune_batch1 on (batch 1 compiled under "
+                    "inductor's coordinate-descent tuning; off by default)")
     ap.add_argument("--hf-eager", action="store_true",
                     help="transformers' static-cache generate without its automatic torch.compile (reduce-overhead: "
                          "inductor's CUDA graph trees in this process beside the engine's graphs)")
@@ -291,7 +292,7 @@ def main(argv=None) -> int:
                         max_num_seqs=max_seqs, max_model_len=max_len, attention_backend=args.attention_backend,
                         compile_decode=not args.no_compile, fuse_projections=args.fuse_projections or "auto",
                         gemv=args.gemv, rope_table=not args.no_rope_table,
-                        tune_batch1=not args.no_tune_batch1)
+                        tune_batch1=args.tune_batch1)
     t0 = time.perf_counter()
     engine = Engine(ModelConfig(device=args.device, dtype=dtype), ecfg, model_dir)
     init_s = time.perf_counter() - t0

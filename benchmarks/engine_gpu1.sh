@@ -29,7 +29,11 @@
 #            engine.tune_batch1 (batch 1 compiled alone with coordinate-descent tuning): engine.py
 #            and the correctness checks with it
 #   r13d: engine.tune_batch1 on and off, batch-1 decode graph and its kernels
-#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d
+#   r14: (next session) engine.tune_batch1 as built now (batch 1 = the symbolic compile's size-1
+#            specialisation under coordinate-descent tuning) against off, batch 1 and 32, then the
+#            checks with it on (graphs == eager, fp32 exact, bf16 1B) and the sampler with penalties
+#            and logit_bias on CUDA (check_same), then engine.py with it on
+#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -145,8 +149,15 @@ case $part in
     step check $((560 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only graphs,fp32-exact,bf16-1b-fused,compiled-prefill
     ;;
   r13d)
-    step b1_tuned 170 python3 benchmarks/profile_decode.py --batch-sizes 1
-    step b1_untuned 150 python3 benchmarks/profile_decode.py --batch-sizes 1 --no-tune-batch1
+    step b1_tuned 170 python3 benchmarks/profile_decode.py --batch-sizes 1 --tune-batch1
+    step b1_untuned 150 python3 benchmarks/profile_decode.py --batch-sizes 1
+    ;;
+  r14)
+    step tuned 200 python3 benchmarks/profile_decode.py --batch-sizes 1,32 --tune-batch1
+    step untuned 110 python3 benchmarks/profile_decode.py --batch-sizes 1,32
+    step check 200 python3 benchmarks/gpu_check.py --only sampler,graphs,fp32-exact,bf16-1b-fused --tune-batch1
+    step engine $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
+      --workloads decode_b1,batch --scheduling async --tune-batch1
     ;;
   gemv)
     step host 120 python3 benchmarks/host_profile.py --batch-sizes 1,32

@@ -62,11 +62,15 @@ from workers.protocol import SamplingParams  # noqa: E402
 CACHE = Path(tempfile.gettempdir()) / "pdserve-gpu-check"
 
 
+# engine settings every check's engines take (--tune-batch1: engine.tune_batch1 on)
+ENGINE_EXTRA: dict = {}
+
+
 def make(model_dir, dtype="float32", **kw) -> Engine:
     # compile_decode and compile_prefill off by default here: each engine would compile its own
     # model (the 'graphs', 'bf16-1b' and 'compiled-prefill' checks turn them on)
     cfg = dict(block_size=4, num_kv_blocks=128, blocks_per_segment=16, max_num_batched_tokens=64, max_num_seqs=8,
-               compile_decode=False, compile_prefill=False)
+               compile_decode=False, compile_prefill=False, **ENGINE_EXTRA)
     cfg.update(kw)
     return Engine(ModelConfig(device="cuda", dtype=dtype), EngineConfig(**cfg), model_dir)
 
@@ -322,7 +326,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-1b", action="store_true")
     ap.add_argument("--only", help="comma list of checks to run (default: all)")
+    ap.add_argument("--tune-batch1", action="store_true", help="engine.tune_batch1 on in every check's engines")
     args = ap.parse_args()
+    if args.tune_batch1:
+        ENGINE_EXTRA["tune_batch1"] = True
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device: run this on a GPU machine"}))
         return 2

@@ -16,12 +16,13 @@ from workers.protocol import SamplingParams
 
 def check_bf16_1b(fuse: bool = False, use_gemv: bool = False) -> dict:
     """The bf16-1b checks (benchmarks/gpu_check.py's list)."""
-    from benchmarks.gpu_check import CACHE, hf_generate  # its module imports this one
+    from benchmarks.gpu_check import CACHE, ENGINE_EXTRA, hf_generate  # its module imports this one
 
     d = build_model("llama-1b-shape", CACHE)
     e = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
                EngineConfig(block_size=16, num_kv_blocks=256, blocks_per_segment=64, max_num_batched_tokens=512,
-                            max_num_seqs=8, max_model_len=1024, fuse_projections=fuse, gemv=use_gemv), d)
+                            max_num_seqs=8, max_model_len=1024, fuse_projections=fuse, gemv=use_gemv,
+                            **ENGINE_EXTRA), d)
     g = torch.Generator().manual_seed(5)
     prompts = torch.randint(10, 128000, (4, 60), generator=g).tolist()
     sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, top_logprobs=5)

@@ -140,7 +140,8 @@ def main() -> int:
     ap.add_argument("--fuse-projections", action="store_true", help="engine.fuse_projections: true (default: auto, on for CUDA)")
     ap.add_argument("--gemv", action="store_true", help="engine.gemv on (Triton GEMV where it times faster)")
     ap.add_argument("--no-rope-table", action="store_true", help="engine.rope_table off (RoPE computed per forward)")
-    ap.add_argument("--no-tune-batch1", action="store_true", help="engine.tune_batch1 off (batch 1 compiled with the rest)")
+    ap.add_argument("--tune-batch1", action="store_true", help="engine.tune_batch1 on (batch 1 compiled under "
+                    "inductor's coordinate-descent tuning; off by default)")
     ap.add_argument("--inductor", default="",
                     help="torch._inductor.config settings for the decode graph's compile, 'key=value,...' "
                          "(e.g. max_autotune_gemm=1): values parsed as int, else kept as strings")
@@ -165,7 +166,7 @@ def main() -> int:
                                  max_model_len=max(1024, 16 * blocks_per_seq),
                                  compile_decode=not args.no_compile, fuse_projections=args.fuse_projections or "auto",
                                  gemv=args.gemv, rope_table=not args.no_rope_table,
-                                 tune_batch1=not args.no_tune_batch1),
+                                 tune_batch1=args.tune_batch1),
                     model_dir)
     print(json.dumps({"engine_start_s": round(time.perf_counter() - t_build, 1)}), flush=True)
     graphs = engine.runner.graphs
