@@ -42,6 +42,8 @@ class _Request(BaseModel):
                                       description="vLLM's (transformers' processor): a token of the prompt or output "
                                                   "has its logit divided by it if positive, multiplied if negative")
     top_k: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, description="vLLM's: until this many tokens are out, EOS and stop_token_ids "
+                                                 "cannot be sampled (at most max_tokens)")
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=256,

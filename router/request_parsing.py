@@ -53,7 +53,7 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, num_prompt_
         stop=body.stop_list(), stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
         logprobs=logprobs, top_logprobs=top, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-        logit_bias=body.logit_bias_pairs(),
+        logit_bias=body.logit_bias_pairs(), min_tokens=body.min_tokens,
     )
     params.validate()
     return params

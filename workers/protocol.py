@@ -66,6 +66,9 @@ class SamplingParams:
     # OpenAI's logit_bias: (token id, bias in [-100, 100]) pairs added to the model's logits before
     # the penalties (vLLM's order); the engine checks the ids against its vocabulary
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's extra: until the request has this many output tokens, EOS (unless ignore_eos) and its
+    # stop_token_ids cannot be sampled (stop strings still apply)
+    min_tokens: int = 0
     # Output tokens this request already produced elsewhere (a migrated request resumes with them
     # as the prompt's tail): seeded sampling draws the next token at output position
     # output_position_offset + i, so a migration does not change what a seed samples, and the
@@ -93,6 +96,11 @@ class SamplingParams:
         if not (isinstance(rp, (int, float)) and math.isfinite(rp) and rp > 0):
             raise InvalidRequestError(f"repetition_penalty must be a finite number > 0, got {rp!r}",
                                       "repetition_penalty")
+        # (a migrated request's max_tokens is what is left: its min_tokens counts the offset too)
+        total = self.max_tokens + (self.output_position_offset if isinstance(self.output_position_offset, int) else 0)
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= total:
+            raise InvalidRequestError(f"min_tokens must be an integer in [0, max_tokens={total}], got "
+                                      f"{self.min_tokens!r}", "min_tokens")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise InvalidRequestError(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}",
                                       "logit_bias")

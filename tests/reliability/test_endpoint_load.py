@@ -260,7 +260,7 @@ FUZZ_CONFIG = SchemathesisConfig.from_dict({"checks": {
 
 def test_the_endpoint_holds_its_openapi_spec_under_fuzzing(limited_url):
     """Against the endpoint with small limits (every generation is short). Well-formed bodies get
-    the served model name, a max_tokens and n within the limits and logit_bias keys within the
+    the served model name, a max_tokens, min_tokens and n within the limits and logit_bias keys within the
     vocabulary (the spec cannot say those) so that most reach the workers; malformed ones keep
     what was drawn.
     A well-formed body may still exceed a configured limit: 400 (prompt tokens, max_tokens) and 413
@@ -287,6 +287,8 @@ def test_the_endpoint_holds_its_openapi_spec_under_fuzzing(limited_url):
                     for key in ("max_tokens", "max_completion_tokens"):  # within the limit, mostly
                         if isinstance(case.body.get(key), int) and case.body[key] > 0:
                             case.body[key] = 1 + case.body[key] % 8
+                    if isinstance(case.body.get("min_tokens"), int) and case.body["min_tokens"] > 0:  # <= max_tokens
+                        case.body["min_tokens"] = 1
                     if isinstance(case.body.get("n"), int) and case.body["n"] > 0:  # within the concurrency limit
                         case.body["n"] = 1 + case.body["n"] % 2
                     if isinstance(case.body.get("logit_bias"), dict):  # token ids within the vocabulary

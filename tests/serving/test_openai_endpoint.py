@@ -178,6 +178,22 @@ def test_logit_bias(client, cluster, tokenizer):
         assert "logit_bias" in (e.value.body.get("param") or "") + e.value.body["message"], e.value.body
 
 
+def test_min_tokens(client, cluster, model_dir, tokenizer):
+    """vLLM's min_tokens through the endpoint: the greedy 2nd token as a stop token ends a request
+    at 2 tokens, but not before min_tokens; min_tokens over max_tokens is a 400."""
+    ids = tokenizer(PROMPTS[0]).input_ids
+    second = hf_greedy(model_dir, ids, 2)[1]
+    kwargs = dict(model=model_name(cluster), prompt=ids, max_tokens=6, temperature=0, logprobs=0)
+    plain = client.completions.create(**kwargs, extra_body={"ignore_eos": True, "stop_token_ids": [second]})
+    held = client.completions.create(**kwargs, extra_body={"ignore_eos": True, "stop_token_ids": [second],
+                                                           "min_tokens": 4})
+    assert len(plain.choices[0].logprobs.tokens) == 2 and plain.choices[0].finish_reason == "stop"
+    assert len(held.choices[0].logprobs.tokens) >= 4
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name(cluster), prompt="hi", max_tokens=2, extra_body={"min_tokens": 3})
+    assert e.value.body["param"] == "min_tokens"
+
+
 def test_n_choices_stream_closed_early_leaves_nothing_running(client, cluster):
     """A client that drops an n=3 stream after a few chunks: every choice's request ends at once
     (the endpoint counts none in flight) and no worker keeps KV blocks."""

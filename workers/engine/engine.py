@@ -207,7 +207,7 @@ class Engine(SplitPoints):
             # do the penalties' token counts, kept on the device (workers/engine/penalties.py)
             sample = self.sampler.sample(logits, [r.sampling for r in sampled],
                                          [len(r.output_token_ids) + r.num_pending for r in sampled],
-                                         self.token_counts.rows(sampled))
+                                         self.token_counts.rows(sampled), self._min_tokens_bans(sampled))
             step = LaunchedStep(set(batch.requests), sampled, sample, sample.mark,
                                 resolve_now=bool(hooks) or any(r.prefill_only for r in sampled))
         else:
@@ -320,6 +320,18 @@ class Engine(SplitPoints):
         req.status = RequestStatus.FINISHED
         req.finish_reason = FinishReason.ERROR
         return self._delta(req, (), None, None, FinishReason.ERROR, error=error)
+
+    def _min_tokens_bans(self, sampled: list[Request]) -> list[tuple[int, int]] | None:
+        """(row, token) pairs the sampler must not choose now: EOS (unless ignore_eos) and the
+        stop_token_ids of each request that has fewer than min_tokens output tokens (counting a
+        pending one and, after a migration, those generated before it). None when none has."""
+        bans = None
+        for i, r in enumerate(sampled):
+            sp = r.sampling
+            if sp.min_tokens and sp.output_position_offset + len(r.output_token_ids) + r.num_pending < sp.min_tokens:
+                stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.runner.eos_token_ids)
+                bans = (bans or []) + [(i, t) for t in sorted(stops) if t < self.vocab_size]
+        return bans
 
     def _append_token(self, req: Request, token_id: int, logprob, top) -> TokenDelta:
         req.append_output(token_id)

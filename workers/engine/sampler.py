@@ -73,11 +73,15 @@ class Sampler:
         return self.sample(logits, params, positions, penalties).result()
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-               penalties: PenaltyRows | None = None) -> DeviceSample:
+               penalties: PenaltyRows | None = None, banned: list[tuple[int, int]] | None = None) -> DeviceSample:
         """Queue the sampling of every row; no host sync (see ``DeviceSample``). ``penalties``: the
         batch's penalised rows (TokenCounts.rows), None when it has none; their chosen tokens are
-        counted on the device before this returns."""
+        counted on the device before this returns. ``banned``: (row, token) pairs that row must not
+        choose (min_tokens: EOS and stop tokens), first of all; logprobs stay the model's."""
         logits = raw = logits.float()
+        if banned:
+            rows, tokens = upload(list(zip(*banned)), torch.int64, logits.device)
+            logits = logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=logits.device))
         if penalties is not None:
             logits = penalties.apply(logits)
         greedy = [p.is_greedy for p in params]

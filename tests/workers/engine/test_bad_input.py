@@ -26,6 +26,7 @@ def engine(tiny_checkpoint, scheduling):
     ([1, 2, 3], SamplingParams(frequency_penalty=float("nan")), "frequency_penalty"),
     ([1, 2, 3], SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
     ([1, 2, 3], SamplingParams(repetition_penalty=float("inf")), "repetition_penalty"),
+    ([1, 2, 3], SamplingParams(max_tokens=4, min_tokens=5), "min_tokens"),
     ([1, 2, 3], SamplingParams(logit_bias=((5, 101.0),)), "logit_bias values"),
     ([1, 2, 3], SamplingParams(logit_bias=((5, 1.0), (5, 2.0))), "logit_bias keys"),
     ([1, 2, 3], SamplingParams(logit_bias=((10**7, 1.0),)), "logit_bias token ids"),

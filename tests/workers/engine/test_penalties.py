@@ -106,6 +106,35 @@ def test_logit_bias_matches_the_formula_by_hand(tiny_checkpoint):
     assert {rid: tokens for rid, (tokens, _, _) in got.items()} == want
 
 
+def test_min_tokens_holds_back_stop_tokens_and_eos(tiny_checkpoint):
+    """min_tokens=6 with the greedy 2nd token as a stop token: the request cannot stop before its
+    6th token (the banned token's place goes to the next best, as a by-hand loop with that token
+    at -inf finds), then the stop token ends it as usual; without min_tokens it stops at token 2.
+    A migrated request (output_position_offset) counts its earlier tokens toward min_tokens."""
+    model_dir = tiny_checkpoint("llama")
+    prompt = PROMPTS[0]
+    plain = hf_greedy(model_dir, prompt, N)
+    stop = plain[1]
+    base = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, stop_token_ids=(stop,))
+    held = dataclasses.replace(base, min_tokens=6)
+    engine = make_engine(model_dir)
+    got = collect(engine, {"plain": (prompt, base), "held": (prompt, held)})
+    assert got["plain"][0] == plain[:2] and got["plain"][1] == FinishReason.STOP
+    tokens, finish = got["held"][0], got["held"][1]
+    banned = by_hand(model_dir, prompt, dataclasses.replace(base, stop_token_ids=(), logit_bias=((stop, -1e9),)))
+    assert stop not in tokens[:6] and tokens[:6] == banned[:6]
+    assert finish == FinishReason.LENGTH or (finish == FinishReason.STOP and tokens[-1] == stop and len(tokens) > 6)
+    # migrated after its first token with min_tokens=1: that token counts, so the stop token (the
+    # greedy next one) may come at once; had it not counted, the stop token would be held back
+    once = dataclasses.replace(base, min_tokens=1)
+    got = collect(engine, {"migrated": (prompt + plain[:1], dataclasses.replace(once, max_tokens=N - 1,
+                                                                                   output_position_offset=1)),
+                           "fresh": (prompt + plain[:1], once)})
+    assert got["migrated"][0] == [stop] and got["migrated"][1] == FinishReason.STOP
+    assert got["fresh"][0][0] != stop
+    assert_all_blocks_free(engine)
+
+
 def test_preemption_keeps_the_counts(tiny_checkpoint):
     """12 blocks of 4 tokens for five requests: preempted requests recompute their KV and keep
     their penalty counts (nothing counted twice, nothing lost)."""
