@@ -7,7 +7,9 @@ synchronized once, in the same run, per size of the bandwidth sweep.
               waits per READ and so cannot overlap: this is the reader's API, below it (no
               metrics, no handshake lookups).
     threads   N threads each calling the transceiver's read_blocking at once (what a decode
-              worker with N requests in asyncio.to_thread does): wall time until all N returned
+              worker with N requests in asyncio.to_thread does): wall time until all N returned;
+              the bench runs with a worker's GIL switch interval (workers/worker_base.py, 0.5 ms;
+              the thirteenth session's numbers had Python's default, 5 ms)
     memcpy    N ``copy_`` of the same byte count between two of this process's tensors, on the
               reader's stream, one synchronize (with --prefill-gpu != --decode-gpu also
               ``memcpy_peer``: the N copies from the prefill GPU)
@@ -25,6 +27,7 @@ Every range's bytes are checked once per size (weighted checksum on both sides).
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,6 +40,7 @@ def bench_pipelined(side, conn, args, emit) -> None:
     from benchmarks.cuda_kernels import kernel_times
     from kv_transfer.block_copy import copy_runs
     from kv_transfer.descriptors import plan_runs
+    from workers.worker_base import GIL_SWITCH_INTERVAL_S
 
     txi, lay = side.ipc.get("sweep"), side.layouts["sweep"]
     if txi is None or not hasattr(txi._ipc, "issue"):
@@ -54,6 +58,8 @@ def bench_pipelined(side, conn, args, emit) -> None:
     dst = torch.zeros_like(src)
     src_peer = torch.rand(max_bytes // 4, device=f"cuda:{args.prefill_gpu}").view(torch.uint8) if cross_gpu else None
     pool = ThreadPoolExecutor(depth)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as in a decode worker's process
     try:
         for size_mib in args.sizes_mib:
             size = size_mib * MIB
@@ -113,6 +119,7 @@ def bench_pipelined(side, conn, args, emit) -> None:
                         times[name].append(time.perf_counter() - start)
             gbps = {name: round(depth * size / statistics.median(t) / 1e9, 3) for name, t in times.items()}
             record = {"bench": "pipelined", "size_bytes": size, "depth": depth, "bytes_match": match,
+                      "switch_interval_s": GIL_SWITCH_INTERVAL_S,
                       **{f"{name}_GBps": v for name, v in gbps.items()},
                       "ipc_issue_ratio_vs_memcpy": round(gbps["ipc_issue"] / gbps["memcpy"], 3),
                       "ipc_threads_ratio_vs_memcpy": round(gbps["ipc_threads"] / gbps["memcpy"], 3)}
@@ -128,4 +135,5 @@ def bench_pipelined(side, conn, args, emit) -> None:
                 record[f"{name}_kernels"] = [(k, round(us / depth, 1)) for k, us in top]
             emit(record)
     finally:
+        sys.setswitchinterval(switch)
         pool.shutdown()
