@@ -244,6 +244,22 @@ def bench_many(engine, hf, args, vocab) -> dict:
     return row
 
 
+def add_engine_flags(ap: argparse.ArgumentParser) -> None:
+    """The engine settings the GPU benchmarks (this one, profile_decode.py) turn on or off."""
+    ap.add_argument("--fuse-projections", action="store_true",
+                    help="engine.fuse_projections: true (default: auto, on for CUDA)")
+    ap.add_argument("--gemv", action="store_true", help="engine.gemv on (Triton GEMV where it times faster)")
+    ap.add_argument("--no-rope-table", action="store_true", help="engine.rope_table off (RoPE computed per forward)")
+    ap.add_argument("--tune-batch1", action="store_true", help="engine.tune_batch1 on (batch 1 compiled under "
+                    "inductor's coordinate-descent tuning; off by default)")
+
+
+def engine_flag_settings(args) -> dict:
+    """EngineConfig fields from add_engine_flags' flags."""
+    return dict(fuse_projections=args.fuse_projections or "auto", gemv=args.gemv, rope_table=not args.no_rope_table,
+                tune_batch1=args.tune_batch1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -256,12 +272,7 @@ def main(argv=None) -> int:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--no-compile", action="store_true", help="CUDA graphs of the eager model (no torch.compile)")
     ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"))
-    ap.add_argument("--fuse-projections", action="store_true",
-                    help="engine.fuse_projections: true (default: auto, on for CUDA)")
-    ap.add_argument("--gemv", action="store_true", help="engine.gemv on (Triton GEMV where it times faster)")
-    ap.add_argument("--no-rope-table", action="store_true", help="engine.rope_table off (RoPE computed per forward)")
-    ap.add_argument("--tune-batch1", action="store_true", help="engine.tune_batch1 on (batch 1 compiled under "
-                    "inductor's coordinate-descent tuning; off by default)")
+    add_engine_flags(ap)
     ap.add_argument("--hf-eager", action="store_true",
                     help="transformers' static-cache generate without its automatic torch.compile (reduce-overhead: "
                          "inductor's CUDA graph trees in this process beside the engine's graphs)")
@@ -290,9 +301,7 @@ def main(argv=None) -> int:
     ecfg = EngineConfig(block_size=bs, num_kv_blocks=blocks, blocks_per_segment=max(16, blocks // 8),
                         max_num_batched_tokens=256 if small else (16384 if args.device == "cuda" else 1024),
                         max_num_seqs=max_seqs, max_model_len=max_len, attention_backend=args.attention_backend,
-                        compile_decode=not args.no_compile, fuse_projections=args.fuse_projections or "auto",
-                        gemv=args.gemv, rope_table=not args.no_rope_table,
-                        tune_batch1=args.tune_batch1)
+                        compile_decode=not args.no_compile, **engine_flag_settings(args))
     t0 = time.perf_counter()
     engine = Engine(ModelConfig(device=args.device, dtype=dtype), ecfg, model_dir)
     init_s = time.perf_counter() - t0

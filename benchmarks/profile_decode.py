@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.cuda_kernels import kernel_times  # noqa: E402
-from benchmarks.engine import build_model, prompts  # noqa: E402
+from benchmarks.engine import add_engine_flags, build_model, engine_flag_settings, prompts  # noqa: E402
 from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.protocol import SamplingParams  # noqa: E402
@@ -137,11 +137,7 @@ def main() -> int:
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"))
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--fuse-projections", action="store_true", help="engine.fuse_projections: true (default: auto, on for CUDA)")
-    ap.add_argument("--gemv", action="store_true", help="engine.gemv on (Triton GEMV where it times faster)")
-    ap.add_argument("--no-rope-table", action="store_true", help="engine.rope_table off (RoPE computed per forward)")
-    ap.add_argument("--tune-batch1", action="store_true", help="engine.tune_batch1 on (batch 1 compiled under "
-                    "inductor's coordinate-descent tuning; off by default)")
+    add_engine_flags(ap)
     ap.add_argument("--inductor", default="",
                     help="torch._inductor.config settings for the decode graph's compile, 'key=value,...' "
                          "(e.g. max_autotune_gemm=1): values parsed as int, else kept as strings")
@@ -164,9 +160,7 @@ def main() -> int:
                     EngineConfig(block_size=16, num_kv_blocks=max(sizes) * blocks_per_seq + 64,
                                  blocks_per_segment=256, max_num_batched_tokens=4096, max_num_seqs=max(sizes),
                                  max_model_len=max(1024, 16 * blocks_per_seq),
-                                 compile_decode=not args.no_compile, fuse_projections=args.fuse_projections or "auto",
-                                 gemv=args.gemv, rope_table=not args.no_rope_table,
-                                 tune_batch1=args.tune_batch1),
+                                 compile_decode=not args.no_compile, **engine_flag_settings(args)),
                     model_dir)
     print(json.dumps({"engine_start_s": round(time.perf_counter() - t_build, 1)}), flush=True)
     graphs = engine.runner.graphs

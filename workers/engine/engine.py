@@ -205,9 +205,9 @@ class Engine(SplitPoints):
         if sampled:
             # the output index of the token sampled now counts a pending one (seeded sampling); so
             # do the penalties' token counts, kept on the device (workers/engine/penalties.py)
-            sample = self.sampler.sample(logits, [r.sampling for r in sampled],
-                                         [len(r.output_token_ids) + r.num_pending for r in sampled],
-                                         self.token_counts.rows(sampled), self._min_tokens_bans(sampled))
+            positions = [len(r.output_token_ids) + r.num_pending for r in sampled]
+            sample = self.sampler.sample(logits, [r.sampling for r in sampled], positions,
+                                         self.token_counts.rows(sampled), self._min_tokens_bans(sampled, positions))
             step = LaunchedStep(set(batch.requests), sampled, sample, sample.mark,
                                 resolve_now=bool(hooks) or any(r.prefill_only for r in sampled))
         else:
@@ -321,14 +321,15 @@ class Engine(SplitPoints):
         req.finish_reason = FinishReason.ERROR
         return self._delta(req, (), None, None, FinishReason.ERROR, error=error)
 
-    def _min_tokens_bans(self, sampled: list[Request]) -> list[tuple[int, int]] | None:
+    def _min_tokens_bans(self, sampled: list[Request], positions: list[int]) -> list[tuple[int, int]] | None:
         """(row, token) pairs the sampler must not choose now: EOS (unless ignore_eos) and the
-        stop_token_ids of each request that has fewer than min_tokens output tokens (counting a
-        pending one and, after a migration, those generated before it). None when none has."""
+        stop_token_ids of each request that has fewer than min_tokens output tokens (positions[i]:
+        row i's output index, a pending token counted; after a migration, plus those generated
+        before it). None when none has."""
         bans = None
-        for i, r in enumerate(sampled):
+        for i, (r, position) in enumerate(zip(sampled, positions)):
             sp = r.sampling
-            if sp.min_tokens and sp.output_position_offset + len(r.output_token_ids) + r.num_pending < sp.min_tokens:
+            if sp.min_tokens and sp.output_position_offset + position < sp.min_tokens:
                 stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.runner.eos_token_ids)
                 bans = (bans or []) + [(i, t) for t in sorted(stops) if t < self.vocab_size]
         return bans

@@ -1,5 +1,5 @@
-"""Presence, frequency and repetition penalties (SamplingParams): the token counts of every
-penalised request, kept on the device, and their batched application to a step's logits.
+"""Logit bias, presence, frequency and repetition penalties (SamplingParams): the token counts of
+every penalised request, kept on the device, and their batched application to a step's logits.
 
     logit_bias  x[t] += bias[t]                                (OpenAI's logit_bias, first, as vLLM)
     repetition  x[t] = x[t] / r if x[t] >= 0 else x[t] * r   for t in the prompt or the output so far
@@ -17,7 +17,7 @@ keep counting as output, so the migrated stream goes on exactly as the undisturb
 
 Why on the device: with async scheduling a request's newest token may be pending (sampled, not
 read back) when its next step is launched. A penalised request holds a slot, one row of the
-device tables (``output_counts``, ``in_prompt``, ``params``), filled from its host token lists
+device tables (``output_counts``, ``in_prompt``, ``params``, ``bias``), filled from its host token lists
 and its SamplingParams at its first sampling step in this engine (no token of it is pending then:
 only this engine's steps make pending tokens); from then on every token sampled for it is counted
 on the device right behind its sampling (PenaltyRows.count). A step thus sees every token sampled

@@ -3,9 +3,10 @@ per-request seeds, logprobs. One batched pass for every row; the host uploads th
 once and reads the result back once (``DeviceSample.result``), so a step can queue its sampling and
 sync later.
 
-Order, as vLLM's: repetition, frequency and presence penalties on the model's logits (rows that
-have one: workers/engine/penalties.py), then the greedy argmax or temperature, top-k, top-p and
-the draw. Logprobs are always those of the model's own logits (before penalties and temperature).
+Order, as vLLM's: min_tokens' bans (EOS and stop tokens at -inf), then logit_bias, repetition,
+frequency and presence penalties on the model's logits (rows that have one:
+workers/engine/penalties.py), then the greedy argmax or temperature, top-k, top-p and the draw.
+Logprobs are always those of the model's own logits (before any of these).
 
 Seeded requests draw their randomness from (seed, output position), so the same seed gives the
 same tokens whether the first token was sampled by a prefill worker and the rest by a decode
