@@ -34,7 +34,7 @@ from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse,
                                   CompletionResponse, ErrorResponse, ModelCard, ModelList)
 from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
-from router.request_parsing import chat_prompt, completion_prompt, sampling_params
+from router.request_parsing import chat_prompt, completion_prompts, sampling_params
 from router.http_errors import BodyLimit, HTTPError, error_response
 from workers.protocol import IngressSnapshot, InvalidRequestError, RequestFailedError, SamplingParams
 
@@ -192,23 +192,19 @@ class OpenAIIngress:
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, 200: {"content": _SSE}})
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model)
-        prompt = completion_prompt(self.tokenizer, body)
-        if not prompt:
-            raise InvalidRequestError("prompt must not be empty", "prompt")
-        if any(t < 0 or t >= self.vocab_size for t in prompt):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=16)
-        samplings = self._choices(body.n, sampling)
+        prompts = completion_prompts(self.tokenizer, body, self.vocab_size)
+        subs = self._fanout(body.n, [(p, sampling_params(body, len(p), self.max_model_len, self.config.limits,
+                                                         default_max_tokens=16)) for p in prompts])
         rid = f"cmpl-{uuid.uuid4().hex}"
         want_lp = body.logprobs is not None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(rid, prompt, samplings, body.cache_salt, include_usage,
+            return await self._stream(rid, subs, body.n, body.cache_salt, include_usage,
                                       lambda d, acc, created, offset, index: fmt.completion_chunk(
                                           rid, self.model_name, created, d, acc, want_lp, offset, index),
                                       "text_completion", chat=False)
-        accs = await self._collect(rid, prompt, samplings, body.cache_salt)
-        return fmt.completion_body(rid, self.model_name, accs, want_lp)
+        accs = await self._collect(rid, subs, body.cache_salt)
+        return fmt.completion_body(rid, self.model_name, accs, want_lp, body.n)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses={**_ERRORS, 200: {"content": _SSE}})
@@ -216,7 +212,7 @@ class OpenAIIngress:
         self._check_model(body.model)
         prompt = chat_prompt(self.tokenizer, body)
         sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=None)
-        samplings = self._choices(body.n, sampling)
+        subs = self._fanout(body.n, [(prompt, sampling)])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -226,9 +222,9 @@ class OpenAIIngress:
                     if body.logprobs and d.token_ids else None
                 return fmt.chat_chunk(rid, self.model_name, created, {"content": d.text}, d.finish_reason, lp, index)
 
-            return await self._stream(rid, prompt, samplings, body.cache_salt, include_usage, chunk,
+            return await self._stream(rid, subs, body.n, body.cache_salt, include_usage, chunk,
                                       "chat.completion.chunk", chat=True)
-        accs = await self._collect(rid, prompt, samplings, body.cache_salt)
+        accs = await self._collect(rid, subs, body.cache_salt)
         return fmt.chat_body(rid, self.model_name, accs, body.logprobs)
 
     # -- internals -----------------------------------------------------------------------------
@@ -237,19 +233,22 @@ class OpenAIIngress:
             raise HTTPError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
                             "invalid_request_error", "model", "model_not_found")
 
-    def _choices(self, n: int, sampling: SamplingParams) -> list[SamplingParams]:
-        """One SamplingParams per choice (and the checks that need this model: logit_bias ids). With a seed, choice i samples with seed + i (the same
-        request gives the same n choices, which differ from each other); greedy choices are equal.
-        Each choice is a request of its own in the cluster and counts against the concurrency limit."""
-        if any(t >= self.vocab_size for t, _ in sampling.logit_bias):
+    def _fanout(self, n: int, prompts: list[tuple[list[int], SamplingParams]]) -> list[tuple[list[int], SamplingParams]]:
+        """(prompt, SamplingParams) of every choice: choice p * n + i answers prompt p (OpenAI's order),
+        and the checks that need this model (logit_bias ids). With a seed, choice i of each prompt
+        samples with seed + i (the same request gives the same n choices, which differ from each
+        other, and a prompt gives in a batch what it gives alone); greedy choices are equal. Each
+        choice is a request of its own in the cluster and counts against the concurrency limit."""
+        if any(t >= self.vocab_size for t, _ in prompts[0][1].logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
-        limit = self.config.limits.max_concurrent_requests
-        if n > limit:
-            raise InvalidRequestError(f"n={n} exceeds this server's limit of {limit} concurrent requests", "n")
-        if sampling.seed is None:
-            return [sampling] * n
-        return [sampling if i == 0 else dataclasses.replace(sampling, seed=(sampling.seed + i) % SEED_MODULUS)
-                for i in range(n)]
+        limit, count = self.config.limits.max_concurrent_requests, len(prompts) * n
+        if count > limit:
+            what = f"n={n}" if len(prompts) == 1 else f"{len(prompts)} prompts x n={n}"
+            raise InvalidRequestError(f"{what} exceeds this server's limit of {limit} concurrent requests",
+                                      "n" if len(prompts) == 1 else "prompt")
+        return [(prompt, sampling if i == 0 or sampling.seed is None
+                 else dataclasses.replace(sampling, seed=(sampling.seed + i) % SEED_MODULUS))
+                for prompt, sampling in prompts for i in range(n)]
 
     @staticmethod
     def _sub_id(rid: str, index: int, n: int) -> str:
@@ -304,32 +303,33 @@ class OpenAIIngress:
             self.metrics.requests.labels(status).inc()
             self.metrics.e2e.observe(time.monotonic() - start)
 
-    async def _collect(self, rid, prompt, samplings, salt) -> list[fmt.Accumulator]:
+    async def _collect(self, rid, subs, salt) -> list[fmt.Accumulator]:
         """Every choice to its end (the choices run side by side; one failing cancels the rest)."""
-        view = await self._admit(len(samplings))
-        accs = [fmt.Accumulator(self.tokenizer) for _ in samplings]
+        view = await self._admit(len(subs))
+        accs = [fmt.Accumulator(self.tokenizer) for _ in subs]
 
         async def one(i: int) -> None:
-            async for d in self._deltas(view, self._sub_id(rid, i, len(samplings)), prompt, samplings[i], salt):
+            prompt, sampling = subs[i]
+            async for d in self._deltas(view, self._sub_id(rid, i, len(subs)), prompt, sampling, salt):
                 accs[i].add(d)
                 if d.error:
                     raise HTTPError(503, f"request failed: {d.error}", "server_error", code="request_failed")
 
         try:
-            await fanout.run_all([one(i) for i in range(len(samplings))])
+            await fanout.run_all([one(i) for i in range(len(subs))])
         except _UNAVAILABLE as e:
             raise HTTPError(503, str(e), "service_unavailable", code="no_worker") from e
         except RequestTimedOut as e:
             raise HTTPError(504, str(e), "timeout_error", code="request_timeout") from e
         return accs
 
-    async def _stream(self, rid, prompt, samplings, salt, include_usage, make_chunk, obj, chat: bool):
-        view = await self._admit(len(samplings))
+    async def _stream(self, rid, subs, per_prompt, salt, include_usage, make_chunk, obj, chat: bool):
+        view = await self._admit(len(subs))
         created = int(time.time())
-        n = len(samplings)
-        accs = [fmt.Accumulator(self.tokenizer) for _ in samplings]
-        deltas = fanout.merge([self._deltas(view, self._sub_id(rid, i, n), prompt, s, salt)
-                               for i, s in enumerate(samplings)])
+        n = len(subs)
+        accs = [fmt.Accumulator(self.tokenizer) for _ in subs]
+        deltas = fanout.merge([self._deltas(view, self._sub_id(rid, i, n), p, s, salt)
+                               for i, (p, s) in enumerate(subs)])
         try:  # route now, so that "no worker" is a proper 503 before any byte is streamed
             first = await deltas.__anext__()
         except _UNAVAILABLE as e:
@@ -361,7 +361,7 @@ class OpenAIIngress:
                             break
                     i, d = await deltas.__anext__()
                 if include_usage:
-                    yield fmt.sse(fmt.usage_chunk(rid, self.model_name, created, obj, accs))
+                    yield fmt.sse(fmt.usage_chunk(rid, self.model_name, created, obj, accs, per_prompt))
             except _UNAVAILABLE as e:
                 yield fmt.sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": "no_worker"}})
             except RequestTimedOut as e:

@@ -66,21 +66,28 @@ def chat_logprobs(acc: Accumulator, ids: list[int], lps: list[float], tops) -> C
     return ChoiceLogprobs(content=content)
 
 
-def usage(accs: list[Accumulator]) -> Usage:
-    """One request's usage over its choices: the prompt counted once (every choice has the same),
-    the completion tokens of all choices, the most prompt tokens any choice found cached."""
+def usage(accs: list[Accumulator], per_prompt: int | None = None) -> Usage:
+    """A request's usage over its choices, ``per_prompt`` consecutive choices for each prompt (all
+    of them: one prompt): each prompt counted once, and its cached tokens as the most any of its
+    choices found cached; the completion tokens of every choice."""
     if len(accs) == 1:
         return accs[0].usage()
-    prompt, completion = max(a.num_prompt_tokens for a in accs), sum(len(a.token_ids) for a in accs)
+    per_prompt = per_prompt or len(accs)
+    groups = [accs[i:i + per_prompt] for i in range(0, len(accs), per_prompt)]
+    prompt = sum(max(a.num_prompt_tokens for a in g) for g in groups)
+    cached = sum(max(a.num_cached_tokens for a in g) for g in groups)
+    completion = sum(len(a.token_ids) for a in accs)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=max(a.num_cached_tokens for a in accs)))
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
-def completion_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool) -> CompletionResponse:
+def completion_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool,
+                    per_prompt: int | None = None) -> CompletionResponse:
     choices = [CompletionChoice(index=i, text=acc.text, finish_reason=finish_str(acc.finish_reason),
                                 logprobs=completion_logprobs(acc, acc.token_ids, acc.logprobs, acc.top_logprobs, 0)
                                 if want_logprobs else None) for i, acc in enumerate(accs)]
-    return CompletionResponse(id=rid, created=int(time.time()), model=model, usage=usage(accs), choices=choices)
+    return CompletionResponse(id=rid, created=int(time.time()), model=model, usage=usage(accs, per_prompt),
+                              choices=choices)
 
 
 def chat_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool) -> ChatCompletionResponse:
@@ -113,6 +120,7 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: FinishRe
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
-def usage_chunk(rid: str, model: str, created: int, obj: str, accs: list[Accumulator]) -> dict:
+def usage_chunk(rid: str, model: str, created: int, obj: str, accs: list[Accumulator],
+                per_prompt: int | None = None) -> dict:
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(accs).model_dump()}
+            "usage": usage(accs, per_prompt).model_dump()}

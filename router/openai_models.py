@@ -87,7 +87,10 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] = Field(..., description="A string or a list of token ids")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="A string or a list of token ids; or several prompts, a list of either (choice "
+                         "prompt_index * n + i answers prompt prompt_index; prompts times n at most "
+                         "limits.max_concurrent_requests)")
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: Literal[False] = Field(False, description="Not supported: must be false")
     suffix: Literal[""] | None = Field(None, description="Not supported (no fill-in-the-middle): must be empty")

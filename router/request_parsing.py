@@ -8,12 +8,24 @@ from router.openai_models import ChatCompletionRequest, CompletionRequest
 from workers.protocol import InvalidRequestError, SamplingParams
 
 
-def completion_prompt(tokenizer, body: CompletionRequest) -> list[int]:
-    if isinstance(body.prompt, str):
-        if not body.prompt:
-            raise InvalidRequestError("prompt must not be empty", "prompt")
-        return list(tokenizer(body.prompt).input_ids)
-    return list(body.prompt)
+def completion_prompts(tokenizer, body: CompletionRequest, vocab_size: int) -> list[list[int]]:
+    """The request's prompts as token ids: one for a string or a list of ids, one per item for a
+    list of strings or of id lists (OpenAI's batched prompts)."""
+    p = body.prompt
+    single = isinstance(p, str) or (bool(p) and isinstance(p[0], int))
+    items = [p] if single else p
+    if not items:
+        raise InvalidRequestError("prompt must not be empty", "prompt")
+    prompts = []
+    for i, item in enumerate(items):
+        name = "prompt" if single else f"prompt[{i}]"
+        ids = list(tokenizer(item).input_ids) if isinstance(item, str) else list(item)
+        if not ids:
+            raise InvalidRequestError(f"{name} must not be empty", "prompt")
+        if any(t < 0 or t >= vocab_size for t in ids):
+            raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab_size})", "prompt")
+        prompts.append(ids)
+    return prompts
 
 
 def chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:

@@ -142,6 +142,40 @@ def test_n_choices_seeded_and_greedy(client, cluster, model_dir, tokenizer):
     assert [c.text for c in greedy.choices] == [want, want]
 
 
+def test_batched_prompts(client, cluster, model_dir, tokenizer):
+    """Several prompts in one completions request (strings, or lists of token ids as lm-eval
+    sends): choice p * n + i answers prompt p, each greedy choice is generate's output for its own
+    prompt, a seeded choice is what the prompt gives alone, usage counts each prompt once; streamed,
+    each index gets its prompt's text. An empty prompt in the batch, or prompts x n over the
+    concurrency limit, is a 400 naming the prompt."""
+    ids = [tokenizer(p).input_ids for p in PROMPTS]
+    want = [tokenizer.decode(hf_greedy(model_dir, i, 5), skip_special_tokens=True) for i in ids]
+    kwargs = dict(model=model_name(cluster), max_tokens=5, extra_body={"ignore_eos": True})
+    by_text = client.completions.create(prompt=PROMPTS, temperature=0, n=2, **kwargs)
+    assert [c.index for c in by_text.choices] == list(range(6))
+    assert [c.text for c in by_text.choices] == [w for w in want for _ in range(2)]
+    assert by_text.usage.prompt_tokens == sum(map(len, ids)) and by_text.usage.completion_tokens == 6 * 5
+    by_ids = client.completions.create(prompt=ids, temperature=0, logprobs=1, **kwargs)
+    assert [c.text for c in by_ids.choices] == want
+    assert all(len(c.logprobs.token_logprobs) == 5 for c in by_ids.choices)
+    seeded = client.completions.create(prompt=PROMPTS[:2], temperature=1.0, seed=3, **kwargs)
+    alone = client.completions.create(prompt=PROMPTS[1], temperature=1.0, seed=3, **kwargs)
+    assert seeded.choices[1].text == alone.choices[0].text
+    texts = {}
+    for chunk in client.completions.create(prompt=ids, temperature=0, stream=True, **kwargs):
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+    assert texts == dict(enumerate(want))
+    for bad in ([PROMPTS[0], ""], [ids[0], []]):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(prompt=bad, temperature=0, **kwargs)
+        assert e.value.body["param"] == "prompt" and "prompt[1]" in e.value.body["message"], e.value.body
+    limit = cluster.config.limits.max_concurrent_requests
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(prompt=[PROMPTS[0]] * (limit // 128 + 1), n=128, temperature=0, **kwargs)
+    assert e.value.body["param"] == "prompt" and "concurrent" in e.value.body["message"], e.value.body
+
+
 def test_n_choices_stream_by_index(client, cluster):
     """Streamed chat with n=2: each choice's chunks carry its index, each ends with its own
     finish_reason, the texts are the non-streamed ones, and the usage chunk sums both."""
