@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -108,18 +109,25 @@ async def _one(client: httpx.AsyncClient, model: str, req: BenchRequest, salt: s
     return res
 
 
+def _auth() -> dict[str, str]:
+    """The endpoint's API key (server.api_keys) from env PDSERVE_API_KEY (its first key), if set."""
+    key = os.environ.get("PDSERVE_API_KEY", "").split(",")[0].strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 async def run_load(url: str, model: str, requests: list[BenchRequest], salt: str,
                    timeout_s: float = 300.0) -> list[RequestResult]:
     """Send every request at its arrival time; returns their results in request order.
     ``salt`` (a cache_salt) keeps this run's prefix-cache hits to its own requests."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout_s, connect=30), limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout_s, connect=30), limits=limits,
+                                 headers=_auth()) as client:
         t0 = time.monotonic() + 0.05  # every task is created before the first send
         return list(await asyncio.gather(*(_one(client, model, r, salt, t0, timeout_s) for r in requests)))
 
 
 async def model_id(url: str) -> str:
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=_auth()) as client:
         r = await client.get("/v1/models")
         r.raise_for_status()
         return r.json()["data"][0]["id"]

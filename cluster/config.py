@@ -23,6 +23,7 @@ from router.config import LimitsConfig, RouterConfig
 from workers.engine.config import EngineConfig, ModelConfig
 
 ADMIN_TOKEN_ENV = "PDSERVE_ADMIN_TOKEN"
+API_KEYS_ENV = "PDSERVE_API_KEY"  # comma-separated: several keys, e.g. while rotating one
 
 # Cluster names become etcd path segments and Ray namespaces: no '/', so /pdserve/a/ and
 # /pdserve/ab/ can never overlap.
@@ -144,6 +145,11 @@ class ServerConfig(_Section):
     admin_token: SecretStr | None = Field(
         None, description=f"Management API token; or env {ADMIN_TOKEN_ENV}; `pdserve up` generates one if neither"
     )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description=f"Keys the OpenAI endpoint accepts as 'Authorization: Bearer <key>' on /v1/* (the openai "
+                    f"client's api_key); or env {API_KEYS_ENV} (comma-separated); none: /v1 is open. /health, /ready "
+                    "and /metrics stay open for probes and scrapers")
     drain_timeout_s: float = Field(60, gt=0, description="How long a drained worker may finish in-flight requests")
     worker_start_timeout_s: float = Field(900, gt=0, description="Loading a worker's model may take this long")
     replace_dead_workers: bool = Field(True, description="Start a new worker in place of one whose Ray actor died "
@@ -154,6 +160,13 @@ class ServerConfig(_Section):
                              "spread over them; each admits limits.max_concurrent_requests and routes from its own "
                              "view of the workers (polled, so all views see the same loads and prefixes)")
     ingress_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs per endpoint replica")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_empty(cls, v: list[SecretStr]) -> list[SecretStr]:
+        if any(not k.get_secret_value().strip() for k in v):
+            raise ValueError("an API key must not be empty")
+        return v
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "ServerConfig":
@@ -226,8 +239,8 @@ def validate_cluster_name(name: str) -> None:
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PdserveConfig:
     """YAML file (None: all defaults) + dotted overrides ({"pools.prefill.replicas": 2}).
 
-    server.admin_token comes from env PDSERVE_ADMIN_TOKEN when neither the file nor the overrides
-    set it. Raises ConfigError naming the source and every bad key.
+    server.admin_token comes from env PDSERVE_ADMIN_TOKEN, and server.api_keys from env
+    PDSERVE_API_KEY (comma-separated), when neither the file nor the overrides set them. Raises ConfigError naming the source and every bad key.
     """
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
@@ -248,6 +261,9 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     token = os.environ.get(ADMIN_TOKEN_ENV)
     if token and _get_dotted(raw, "server.admin_token") is None:
         _set_dotted(raw, "server.admin_token", token)
+    keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    if keys and not _get_dotted(raw, "server.api_keys"):  # unset or [] (the shipped configs' placeholder)
+        _set_dotted(raw, "server.api_keys", keys)
     return parse_config(raw, source=source)
 
 

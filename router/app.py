@@ -35,14 +35,14 @@ from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse,
 from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
 from router.request_parsing import chat_prompt, completion_prompts, sampling_params
-from router.http_errors import BodyLimit, HTTPError, error_response
+from router.http_errors import ApiKeyAuth, BodyLimit, HTTPError, error_response
 from workers.protocol import IngressSnapshot, InvalidRequestError, RequestFailedError, SamplingParams
 
 log = logging.getLogger(__name__)
 SEED_MODULUS = 1 << 63  # choice i of a seeded request samples with (seed + i) mod this
 
 app = FastAPI(title="pdserve OpenAI-compatible API", version="0.1.0")
-_ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+_ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
            429: {"model": ErrorResponse}, 500: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
            504: {"model": ErrorResponse}}
 # stream: true answers with server-sent events instead of the JSON body; the schema describes one
@@ -89,6 +89,7 @@ async def _internal(request: Request, e: Exception):
 
 
 app.add_middleware(BodyLimit)
+app.add_middleware(ApiKeyAuth)  # added last: runs first, so a request without a key never sends its body
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
@@ -126,6 +127,7 @@ class OpenAIIngress:
                                                    "replica": self.replica_id.unique_id})
         self.vocab_size = text_config.vocab_size
         app.state.max_body_bytes = self.config.limits.max_body_bytes  # read by BodyLimit
+        app.state.api_keys = [k.get_secret_value().encode() for k in self.config.server.api_keys]  # ApiKeyAuth
 
     async def _view(self) -> ClusterView:
         if self.view is None:

@@ -1,7 +1,10 @@
-"""The endpoint's HTTP edges: OpenAI-shaped error bodies (HTTPError, error_response) and the
-request body limit (BodyLimit, a plain ASGI middleware: 413 before the body is parsed)."""
+"""The endpoint's HTTP edges: OpenAI-shaped error bodies (HTTPError, error_response), the API
+keys (ApiKeyAuth: 401 before anything else) and the request body limit (BodyLimit: 413 before the
+body is parsed), both plain ASGI middlewares."""
 
 from __future__ import annotations
+
+import hmac
 
 from fastapi.responses import JSONResponse
 
@@ -62,3 +65,35 @@ class BodyLimit:
         response = error_response(413, f"the request body is larger than this server's limit of {limit} bytes "
                                        "(limits.max_body_bytes)", "invalid_request_error", code="body_too_large")
         await response(scope, receive, send)
+
+
+class ApiKeyAuth:
+    """401 for a /v1/* request without one of server.api_keys as ``Authorization: Bearer <key>``
+    (app.state.api_keys: the keys as bytes; none configured: every request passes). /health,
+    /ready, /metrics and the OpenAPI pages stay open for probes and scrapers. Every key is
+    compared in constant time."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        keys = getattr(scope.get("app").state, "api_keys", None) if scope["type"] == "http" else None
+        if keys and _route_path(scope).startswith("/v1/"):
+            given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            scheme, _, key = given.partition(b" ")
+            ok = False
+            for k in keys:  # no early exit: the time does not say which key came close
+                ok |= hmac.compare_digest(key.strip(), k)
+            if not (ok and scheme.lower() == b"bearer"):
+                message = ("Incorrect API key provided" if given else
+                           "You didn't provide an API key: send 'Authorization: Bearer <key>' (server.api_keys)")
+                response = error_response(401, message, "invalid_request_error", code="invalid_api_key",
+                                          headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _route_path(scope) -> str:
+    """The path under the app's mount point (Serve's route_prefix is the scope's root_path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path

@@ -102,6 +102,20 @@ def test_admin_token_from_env_only_when_unset(tmp_path, monkeypatch):
     assert load_config(path).server.admin_token.get_secret_value() == "from-file"
 
 
+def test_api_keys_from_env_only_when_unset(tmp_path, monkeypatch):
+    """PDSERVE_API_KEY (comma-separated) fills server.api_keys when the file does not set them; an
+    empty key is an error (it would let every request in); the keys never print."""
+    monkeypatch.setenv("PDSERVE_API_KEY", "k1, k2,")
+    assert [k.get_secret_value() for k in load_config(None).server.api_keys] == ["k1", "k2"]
+    path = write(tmp_path, "server: {api_keys: [from-file]}\n")
+    assert [k.get_secret_value() for k in load_config(path).server.api_keys] == ["from-file"]
+    assert "from-file" not in config_to_yaml(load_config(path))
+    monkeypatch.delenv("PDSERVE_API_KEY")
+    assert load_config(None).server.api_keys == []
+    message = error_of(write(tmp_path, "server: {api_keys: ['  ']}\n"))
+    assert "server.api_keys" in message and "must not be empty" in message
+
+
 @pytest.mark.parametrize(
     "yaml_text, expected",
     [

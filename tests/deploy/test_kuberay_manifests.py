@@ -102,6 +102,8 @@ def test_every_ray_pod_mounts_the_config_and_the_head_gets_the_token(file_name, 
     (token,) = [e for e in head["env"] if e["name"] == "PDSERVE_ADMIN_TOKEN"]
     ref = token["valueFrom"]["secretKeyRef"]
     assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    (keys,) = [e for e in head["env"] if e["name"] == "PDSERVE_API_KEY"]  # optional: no Secret, /v1 open
+    assert keys["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
 def test_services_reach_the_head_on_the_configured_ports():

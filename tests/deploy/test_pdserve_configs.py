@@ -40,6 +40,8 @@ def test_config_loads_and_pins_each_pool_to_its_role(config_path, monkeypatch):
 def test_admin_token_comes_from_the_environment(config_path, monkeypatch):
     monkeypatch.setenv("PDSERVE_ADMIN_TOKEN", "t0ken-from-secret")
     assert load_config(config_path).server.admin_token.get_secret_value() == "t0ken-from-secret"
+    monkeypatch.setenv("PDSERVE_API_KEY", "sk-a,sk-b")  # the endpoint's keys: the same way
+    assert [k.get_secret_value() for k in load_config(config_path).server.api_keys] == ["sk-a", "sk-b"]
 
 
 def test_loader_rejects_a_misspelt_key_in_the_shipped_config(config_path, tmp_path):

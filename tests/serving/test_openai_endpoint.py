@@ -266,14 +266,45 @@ def test_remote_prefill_really_transferred(cluster):
     assert transferred > 0
 
 
-def test_stream_interval_sends_tokens_in_chunks(cluster, model_dir, tokenizer):
+@pytest.fixture(scope="module")
+def second_endpoint(cluster):
+    """A second endpoint over the same workers: stream interval 4, and two API keys."""
+    from tests.conftest import attach_ingress
+
+    return attach_ingress(cluster, "openai-second", router__stream_interval_tokens=4, server__api_keys=KEYS)
+
+
+KEYS = ["sk-first-key", "sk-second"]
+
+
+def test_api_keys(second_endpoint, cluster):
+    """server.api_keys: /v1/* needs one of them as a bearer token (the openai client's api_key);
+    a missing or wrong key is a 401 with OpenAI's body (code invalid_api_key) before the body is
+    read; probes and metrics stay open."""
+    kwargs = dict(model=model_name(cluster), prompt=PROMPTS[0], max_tokens=2, temperature=0)
+    for key in KEYS:
+        ok = openai.OpenAI(base_url=second_endpoint + "/v1", api_key=key, max_retries=0, timeout=120)
+        assert ok.completions.create(**kwargs).choices[0].text
+        assert [m.id for m in ok.models.list().data] == [model_name(cluster)]
+    for key in ("unused", KEYS[0] + "x", KEYS[0][:-1]):
+        bad = openai.OpenAI(base_url=second_endpoint + "/v1", api_key=key, max_retries=0, timeout=120)
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.completions.create(**kwargs)
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key", e.value.body
+    r = httpx.post(second_endpoint + "/v1/chat/completions", json={"model": model_name(cluster)}, timeout=30)
+    assert r.status_code == 401 and "provide an API key" in r.json()["error"]["message"]
+    r = httpx.get(second_endpoint + "/v1/models", headers={"Authorization": f"Basic {KEYS[0]}"}, timeout=30)
+    assert r.status_code == 401
+    for path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(second_endpoint + path, timeout=30).status_code == 200, path
+    assert httpx.get(cluster.url + "/v1/models", timeout=30).status_code == 200  # no keys: open
+
+
+def test_stream_interval_sends_tokens_in_chunks(second_endpoint, cluster, model_dir, tokenizer):
     """router.stream_interval_tokens: 4 on a second endpoint over the same workers: the stream's
     first message carries the first token alone (TTFT unchanged), every later message at least 4
     tokens except the last, and the text is still generate's."""
-    from tests.conftest import attach_ingress
-
-    url = attach_ingress(cluster, "openai-interval", router__stream_interval_tokens=4)
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=second_endpoint + "/v1", api_key=KEYS[1], max_retries=0, timeout=120)
     n = 14  # 1 + 4 + 4 + 4 + 1: the last message is short
     ids = tokenizer(PROMPTS[0]).input_ids
     chunks = list(client.completions.create(model=model_name(cluster), prompt=PROMPTS[0], max_tokens=n, temperature=0,
