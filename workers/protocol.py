@@ -41,6 +41,7 @@ class InvalidRequestError(ValueError):
 
 
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+MAX_TOP_LOGPROBS = 20  # top_logprobs and prompt_logprobs (OpenAI's and vLLM's default limit)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,12 @@ class SamplingParams:
     # output_position_offset + i, so a migration does not change what a seed samples, and the
     # prompt's last output_position_offset tokens count as output for presence/frequency penalties.
     output_position_offset: int = 0
+    # vLLM's prompt_logprobs (OpenAI echo + logprobs): None = off; k >= 0: the first TokenDelta
+    # carries each prompt token's logprob given the tokens before it and the k most likely tokens
+    # at each prompt position (TokenDelta.prompt_logprobs). The prompt is then computed in full
+    # where the request decodes (no prefix-cache hit, no prefill worker: the router prefills it
+    # locally), and a resumed request (migration) drops it: its first delta already carried them.
+    prompt_logprobs: int | None = None
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -84,8 +91,13 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}", "top_k")
-        if not 0 <= self.top_logprobs <= 20:
-            raise InvalidRequestError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}", "top_logprobs")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
+                                      "top_logprobs")
+        k = self.prompt_logprobs
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_TOP_LOGPROBS):
+            raise InvalidRequestError(f"prompt_logprobs must be null or an integer in [0, {MAX_TOP_LOGPROBS}], "
+                                      f"got {k!r}", "prompt_logprobs")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty", "stop")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -201,6 +213,13 @@ class TokenDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    # SamplingParams.prompt_logprobs, on the request's first delta (the one with its first token)
+    # only; one entry per prompt token, entry 0 None (no prefix):
+    #   prompt_logprobs[i]      log P(prompt[i] | prompt[:i]), the model's own fp32 log-softmax
+    #   prompt_top_logprobs[i]  the k most likely tokens after prompt[:i], (token id, logprob), best
+    #                           first; the whole field None when k == 0
+    prompt_logprobs: tuple[float | None, ...] | None = None
+    prompt_top_logprobs: tuple[tuple[tuple[int, float], ...] | None, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -209,17 +228,19 @@ class TokenDelta:
 
 def merge_deltas(deltas: list[TokenDelta]) -> TokenDelta:
     """One delta for consecutive deltas of one request (tokens, text and logprobs in order; the
-    last one's finish and counts)."""
+    last one's finish and counts; the prompt logprobs of the one that has them, the first)."""
     if len(deltas) == 1:
         return deltas[0]
     last = deltas[-1]
     lps = [lp for d in deltas for lp in (d.logprobs or ())]
     tops = [t for d in deltas for t in (d.top_logprobs or ())]
+    first = next((d for d in deltas if d.prompt_logprobs is not None), last)
     return TokenDelta(
         request_id=last.request_id, token_ids=tuple(t for d in deltas for t in d.token_ids),
         text="".join(d.text for d in deltas), logprobs=tuple(lps) if lps else None,
         top_logprobs=tuple(tops) if tops else None, finish_reason=last.finish_reason,
         num_prompt_tokens=last.num_prompt_tokens, num_cached_tokens=last.num_cached_tokens, error=last.error,
+        prompt_logprobs=first.prompt_logprobs, prompt_top_logprobs=first.prompt_top_logprobs,
     )
 
 

@@ -16,6 +16,11 @@ Single-threaded: one owner calls every method (a worker's engine thread). Three 
 
 The engine never moves KV between processes; kv_transfer/ does, addressing blocks by id.
 
+Prompt logprobs (SamplingParams.prompt_logprobs, workers/engine/prompt_logprobs.py): such a request
+computes its whole prompt here (no prefix-cache hit; refused as prefill-only or imported), every
+step carrying its prompt chunks runs eagerly with the final hidden states kept
+(ModelRunner.execute_with_hidden), and its first token's delta carries them.
+
 Async scheduling (EngineConfig.async_scheduling): step() launches step n+1 before it reads step
 n's sampled tokens back, so the host's work overlaps the GPU's; a request's newest token may be
 *pending* (sampled on the device, unknown to the host) while its next step is already queued.
@@ -39,6 +44,7 @@ from workers.engine.layer_hooks import LayerHookFactory, LayerHooks, make_layer_
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import EngineStats, ImportReservation, StepOutput
 from workers.engine.penalties import TokenCounts
+from workers.engine.prompt_logprobs import score_rows
 from workers.engine.request import Request, RequestStatus, check_new_request
 from workers.engine.resizer import SegmentResizer
 from workers.engine.sampler import Sampler
@@ -195,8 +201,14 @@ class Engine(SplitPoints):
                 raise RuntimeError("internal: a pending token without a step in flight")
             fill = TokenFill(tuple(inputs.fill_rows), tuple(inputs.fill_index), prev.sample.token_ids)
         on_layer = LayerHooks(hooks) if hooks else None
-        logits = self.runner.execute(inputs.input_ids, inputs.positions, inputs.seqs,
-                                     inputs.logits_indices or [len(inputs.input_ids) - 1], on_layer, fill)
+        logits_indices = inputs.logits_indices or [len(inputs.input_ids) - 1]
+        if inputs.prompt_rows:
+            logits, hidden = self.runner.execute_with_hidden(inputs.input_ids, inputs.positions, inputs.seqs,
+                                                             logits_indices, inputs.prompt_rows, on_layer, fill)
+            self._score_prompt_rows(inputs, hidden)
+        else:
+            logits = self.runner.execute(inputs.input_ids, inputs.positions, inputs.seqs, logits_indices, on_layer,
+                                         fill)
         bs = self.block_size
         for req, n in zip(batch.requests, batch.num_new_tokens):
             c = req.num_computed_tokens = req.num_computed_tokens + n
@@ -217,6 +229,16 @@ class Engine(SplitPoints):
             req.pending_row = i
         self._launched.add(step)
         return step
+
+    def _score_prompt_rows(self, inputs: StepInputs, hidden) -> None:
+        """Queue the prompt logprobs of the step's prompt rows (hidden: their final hidden states)
+        and each chunk's copy to the host; read with the request's first token."""
+        k = max(req.prompt_logprobs.k for req, _, _ in inputs.prompt_chunks)
+        scored = score_rows(self.runner.head, hidden, inputs.prompt_targets, k)
+        row = 0
+        for req, start, num_rows in inputs.prompt_chunks:
+            req.prompt_logprobs.add(start, scored[row:row + num_rows])
+            row += num_rows
 
     def _resolve(self, step: LaunchedStep, out: StepOutput) -> None:
         """Read the step's tokens back (the step's one device->host sync) and apply them."""
@@ -300,6 +322,13 @@ class Engine(SplitPoints):
         prompt = check_new_request(prompt_token_ids, sampling, has_tokenizer=self.tokenizer is not None,
                                    vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                                    block_size=self.block_size, num_blocks=self.kv_cache.num_blocks)
+        if sampling.prompt_logprobs is not None:
+            if self.runner.prompt_logprobs_unsupported:
+                raise InvalidRequestError(f"prompt_logprobs is not supported here: "
+                                          f"{self.runner.prompt_logprobs_unsupported}", "prompt_logprobs")
+            if prefill_only:  # a KVHandle carries the first token only
+                raise InvalidRequestError("prompt_logprobs needs the prompt computed where the request decodes: "
+                                          "prefill it locally, not on a prefill worker", "prompt_logprobs")
         return Request(request_id, prompt, sampling, self.block_size, cache_salt, prefill_only)
 
     def _publish_blocks(self, req: Request) -> None:
@@ -360,9 +389,14 @@ class Engine(SplitPoints):
     def _delta(self, req: Request, token_ids: tuple[int, ...], logprob, top, finish, error=None) -> TokenDelta:
         text = req.detok.take_delta(final=finish is not None) if req.detok is not None else ""
         sp = req.sampling
+        prompt_lps = prompt_tops = None
+        if req.prompt_logprobs is not None and token_ids:  # the first token's delta
+            prompt_lps, prompt_tops = req.prompt_logprobs.result()
+            req.prompt_logprobs = None  # a later recompute (preemption) may use the prefix cache again
         return TokenDelta(
             request_id=req.request_id, token_ids=token_ids, text=text,
             logprobs=(logprob,) if logprob is not None and (sp.logprobs or sp.top_logprobs) else None,
             top_logprobs=(tuple(top),) if top else None, finish_reason=finish,
             num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=req.num_cached_tokens, error=error,
+            prompt_logprobs=prompt_lps, prompt_top_logprobs=prompt_tops,
         )

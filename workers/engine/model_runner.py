@@ -18,6 +18,7 @@ from workers.engine.attention import (PAGED_ATTN, AttentionBackend, LayerCallbac
                                       TorchPagedAttention)
 from workers.engine.config import EngineConfig, ModelConfig
 from workers.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from workers.engine.device_transfer import upload
 from workers.engine.fused_projections import fuse_projections
 from workers.engine.kv_cache import KVCache
 from workers.engine.rope_table import use_rope_tables
@@ -42,6 +43,11 @@ UNSUPPORTED_MODEL_TYPES = {
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Config fields of models whose logits are not the plain head of the final hidden state (scaled,
+# soft-capped): prompt logprobs apply the head themselves (ModelRunner.execute_with_hidden), so
+# such models refuse them rather than give other values than the model's.
+LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logits_scaling", "logit_scale", "logits_soft_cap",
+                          "output_multiplier")
 
 
 class UnsupportedModelError(ValueError):
@@ -131,6 +137,10 @@ class ModelRunner:
         if engine_config.rope_table:  # a few positions past the limit: a step never indexes off the table
             self.rope_tables = use_rope_tables(self.model, self.max_model_len + 64, self.dtype)
         self.eos_token_ids = self._eos_ids(model_path)
+        self.head = self.model.get_output_embeddings()
+        transforms = [f for f in LOGIT_TRANSFORM_FIELDS if getattr(text_config, f, None) not in (None, 0, 1)]
+        self.prompt_logprobs_unsupported = (f"model type {self.hf_config.model_type!r} transforms its logits "
+                                            f"({', '.join(transforms)})" if transforms else None)
         self.engine_config = engine_config
         self.backend: AttentionBackend | None = None
         self.graphs: DecodeGraphs | None = None
@@ -217,13 +227,7 @@ class ModelRunner:
         replay runs no Python per layer). ``fill``: input tokens only the device knows yet."""
         if self.graphs is not None and on_layer_written is None and self.graphs.fits(seqs):
             return self.graphs.run(seqs, input_ids, positions, logits_indices, fill)
-        n_logits, pad_to = len(logits_indices), None
-        if self.pad_general:  # extra rows: token 0's logits again, then cut off; a padding sequence
-            logits_indices = [*logits_indices, *[0] * (2 - n_logits)]
-            pad_to = 2 if len(input_ids) < 2 else None
-        ids, pos, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices, pad_to=pad_to)
-        if fill is not None:
-            fill.apply(ids)
+        ids, pos, keep, n_logits = self._stage(input_ids, positions, seqs, logits_indices, fill)
         if on_layer_written is None:
             return self._general(ids, pos, keep)[:n_logits]
         self.backend.on_layer_written = on_layer_written  # per-layer Python: always eager
@@ -231,3 +235,34 @@ class ModelRunner:
             return self._forward(ids, pos, keep)[:n_logits]
         finally:
             self.backend.on_layer_written = None
+
+    @torch.inference_mode()
+    def execute_with_hidden(self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice],
+                            logits_indices: list[int], hidden_rows: list[int],
+                            on_layer_written: LayerCallback | None = None,
+                            fill: TokenFill | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """execute(), plus the final hidden states of the packed rows ``hidden_rows`` [len, hidden]
+        (prompt logprobs: the caller applies ``head`` to them). Always eager, never a graph replay
+        or the compiled general step (those keep the sampled rows only): the decoder, then the head
+        on the sampled rows exactly as the model's forward does it. On CUDA with compile_prefill the
+        other requests of such a step are computed eagerly too (not bitwise the compiled values)."""
+        ids, pos, keep, n_logits = self._stage(input_ids, positions, seqs, logits_indices, fill)
+        self.backend.on_layer_written = on_layer_written
+        try:
+            hidden = self.model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
+                                              pdserve_backend=self.backend).last_hidden_state
+        finally:
+            self.backend.on_layer_written = None
+        logits = self.head(hidden[:, keep, :])[0].float()[:n_logits]
+        return logits, hidden[0].index_select(0, upload(hidden_rows, torch.int64, self.device))
+
+    def _stage(self, input_ids, positions, seqs, logits_indices, fill):
+        """The backend's device inputs for a general (not graph) step; n_logits: the real rows."""
+        n_logits, pad_to = len(logits_indices), None
+        if self.pad_general:  # extra rows: token 0's logits again, then cut off; a padding sequence
+            logits_indices = [*logits_indices, *[0] * (2 - n_logits)]
+            pad_to = 2 if len(input_ids) < 2 else None
+        ids, pos, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices, pad_to=pad_to)
+        if fill is not None:
+            fill.apply(ids)
+        return ids, pos, keep, n_logits

@@ -7,6 +7,7 @@ from enum import Enum
 
 from workers.block_hash import BlockHasher
 from workers.engine.detokenizer import Detokenizer
+from workers.engine.prompt_logprobs import PromptLogprobs
 from workers.protocol import FinishReason, InvalidRequestError, SamplingParams
 
 
@@ -53,6 +54,11 @@ class Request:
         # for the step that completes the prompt; a hook that raised fails the request
         self.layer_hook_factory = None
         self.layer_hook_error: str | None = None
+        # SamplingParams.prompt_logprobs: collected while the prompt is computed, until its first
+        # delta takes them (then None). While set, the prompt gets no prefix-cache hit (scheduler)
+        self.prompt_logprobs: PromptLogprobs | None = None
+        if sampling.prompt_logprobs is not None:
+            self.prompt_logprobs = PromptLogprobs(len(self.prompt_token_ids), sampling.prompt_logprobs)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -154,7 +154,8 @@ class Scheduler:
             return 0
         bs = self.block_size
         hits: list[int] = []
-        if self.config.enable_prefix_caching:
+        # prompt logprobs need every prompt position's hidden state: a cached prefix has none
+        if self.config.enable_prefix_caching and req.prompt_logprobs is None:
             # at least one token must be computed to get logits, and a shared cached block is never
             # written again: so the last (full or partial) block is always computed fresh
             hits = self.pool.lookup(req.block_hashes())[: (req.num_tokens - 1) // bs]

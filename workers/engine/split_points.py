@@ -17,7 +17,7 @@ import time
 from workers.engine.block_pool import NoFreeBlocks
 from workers.engine.outputs import ImportReservation
 from workers.engine.request import Request, RequestStatus
-from workers.protocol import KVHandle, SamplingParams, TokenDelta
+from workers.protocol import InvalidRequestError, KVHandle, SamplingParams, TokenDelta
 
 
 class SplitPoints:
@@ -44,6 +44,9 @@ class SplitPoints:
         """Allocate blocks for a prompt whose KV will be written into them from elsewhere.
         Raises NoFreeBlocks when they are not free right now (nothing is held then)."""
         req = self._new_request(request_id, prompt_token_ids, sampling, cache_salt, prefill_only=False)
+        if req.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs needs the prompt computed here: prefill it locally, not "
+                                      "imported", "prompt_logprobs")
         n = req.num_prompt_tokens
         hits = self.pool.lookup(req.block_hashes())[: n // self.block_size] if self.config.enable_prefix_caching else []
         need = -(-n // self.block_size) - len(hits)

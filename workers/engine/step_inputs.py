@@ -6,6 +6,8 @@
                 sampled it
     sampled:    requests whose chunk reaches the end of their sequence (pending token included):
                 their last packed token's logits are sampled
+    prompt rows requests collecting prompt logprobs (workers/engine/prompt_logprobs.py): the
+                chunk's positions [c, min(c + n, prompt - 1)), each scoring the next prompt token
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ class StepInputs:
     sampled: list[Request] = field(default_factory=list)
     fill_rows: list[int] = field(default_factory=list)  # packed rows holding a pending token's placeholder
     fill_index: list[int] = field(default_factory=list)  # ... its row in the in-flight step's sample
+    prompt_rows: list[int] = field(default_factory=list)  # packed rows whose logits score a prompt token
+    prompt_targets: list[int] = field(default_factory=list)  # ... that token (the next one in the prompt)
+    prompt_chunks: list[tuple[Request, int, int]] = field(default_factory=list)  # (request, first position, rows)
 
     @classmethod
     def pack(cls, requests: list[Request], num_new_tokens: list[int]) -> "StepInputs":
@@ -51,6 +56,11 @@ class StepInputs:
                     ids.append(0)
                 positions += range(c, c + n)
             seqs.append(SeqSlice(q_start, n, c + n, req.block_ids, c < num_prompt))
+            if req.prompt_logprobs is not None and c < num_prompt - 1:
+                m = min(c + n, num_prompt - 1) - c
+                s.prompt_rows += range(q_start, q_start + m)
+                s.prompt_targets += req.prompt_token_ids[c + 1:c + 1 + m]
+                s.prompt_chunks.append((req, c, m))
             q_start += n
             if c + n == known + req.num_pending:
                 logits_indices.append(q_start - 1)

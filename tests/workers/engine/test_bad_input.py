@@ -30,6 +30,9 @@ def engine(tiny_checkpoint, scheduling):
     ([1, 2, 3], SamplingParams(logit_bias=((5, 101.0),)), "logit_bias values"),
     ([1, 2, 3], SamplingParams(logit_bias=((5, 1.0), (5, 2.0))), "logit_bias keys"),
     ([1, 2, 3], SamplingParams(logit_bias=((10**7, 1.0),)), "logit_bias token ids"),
+    ([1, 2, 3], SamplingParams(prompt_logprobs=21), "prompt_logprobs"),
+    ([1, 2, 3], SamplingParams(prompt_logprobs=-1), "prompt_logprobs"),
+    ([1, 2, 3], SamplingParams(prompt_logprobs=True), "prompt_logprobs"),
     ([1, 99999], GREEDY, "token ids"),
     ([1, -1], GREEDY, "token ids"),
 ])

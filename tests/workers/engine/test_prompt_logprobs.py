@@ -1,0 +1,118 @@
+"""Prompt logprobs (SamplingParams.prompt_logprobs) through the engine, in both scheduling modes
+(conftest.py): each prompt token's logprob and the top k at each position equal a by-hand
+transformers forward (log_softmax of the model's logits, gathered at the next prompt token; ids
+equal to torch.topk's) for prompts chunked over several steps, for a prompt whose prefix is cached,
+and for one preempted halfway through its prompt; requests without them in the same batches come
+out token-identical to transformers' generate; no KV block is left in use."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.workers.engine.helpers import GREEDY, PROMPTS, assert_all_blocks_free, hf_greedy, hf_model, make_engine
+from tests.workers.engine.test_split import prefill
+from workers.protocol import InvalidRequestError, SamplingParams
+
+LONG = [(i * 7) % 300 + 3 for i in range(70)]  # 70 tokens > max_num_batched_tokens (16): five chunks
+ECHO = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=5)  # what lm-eval's loglikelihood asks
+ATOL = 1e-4  # fp32, paged attention vs transformers' sdpa
+
+
+def reference(model_dir: str, prompt: list[int], k: int):
+    """(logprob of prompt[i] given prompt[:i] for i >= 1, top-k (values, ids) at positions [0, n-1))."""
+    with torch.inference_mode():
+        logprobs = hf_model(model_dir)(torch.tensor([prompt])).logits[0].float().log_softmax(-1)[:-1]
+    return logprobs.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0], logprobs.topk(k, dim=-1)
+
+
+def check(model_dir: str, prompt: list[int], delta, k: int) -> None:
+    want, (top_vals, top_ids) = reference(model_dir, prompt, k)
+    got = delta.prompt_logprobs
+    assert len(got) == len(prompt) and got[0] is None
+    torch.testing.assert_close(torch.tensor(got[1:], dtype=torch.float32), want, atol=ATOL, rtol=0)
+    if k == 0:
+        assert delta.prompt_top_logprobs is None
+        return
+    tops = delta.prompt_top_logprobs
+    assert len(tops) == len(prompt) and tops[0] is None and all(len(t) == k for t in tops[1:])
+    assert [[i for i, _ in t] for t in tops[1:]] == top_ids.tolist()
+    torch.testing.assert_close(torch.tensor([[v for _, v in t] for t in tops[1:]]), top_vals, atol=ATOL, rtol=0)
+
+
+def run(engine, requests: dict, preemptions: dict | None = None) -> dict:
+    """Submit (prompt, sampling) per id, step to the end; per id: (tokens, first delta). Into
+    ``preemptions``: how often each request was preempted before its first delta."""
+    out = {rid: ([], None) for rid in requests}
+    for rid, (prompt, sp) in requests.items():
+        engine.add_request(rid, prompt, sp)
+    reqs = dict(engine.requests)
+    while engine.has_work():
+        for d in engine.step().deltas:
+            assert d.error is None, d.error
+            tokens, first = out[d.request_id]
+            tokens += d.token_ids
+            if first is None:
+                out[d.request_id] = (tokens, d)
+                if preemptions is not None:
+                    preemptions[d.request_id] = reqs[d.request_id].num_preemptions
+            else:
+                assert d.prompt_logprobs is None and d.prompt_top_logprobs is None  # the first delta only
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_checkpoint):
+    return tiny_checkpoint("llama")
+
+
+def test_chunked_prompts_match_the_model_and_others_are_untouched(model_dir):
+    engine = make_engine(model_dir, max_num_batched_tokens=16)
+    lp = dataclasses.replace(GREEDY, prompt_logprobs=3)
+    requests = {"long": (LONG, ECHO), "k0": (PROMPTS[2], dataclasses.replace(ECHO, prompt_logprobs=0)),
+                "gen": (PROMPTS[0], lp), "one": ([42], ECHO)}  # 1 token: no prefix, nothing to score
+    requests |= {f"plain{i}": (p, GREEDY) for i, p in enumerate(PROMPTS[:4])}
+    got = run(engine, requests)
+    check(model_dir, LONG, got["long"][1], 5)
+    check(model_dir, PROMPTS[2], got["k0"][1], 0)
+    check(model_dir, PROMPTS[0], got["gen"][1], 3)
+    assert got["one"][1].prompt_logprobs == (None,) and got["one"][1].prompt_top_logprobs == (None,)
+    assert got["gen"][0] == hf_greedy(model_dir, PROMPTS[0], GREEDY.max_tokens)  # decoding goes on as usual
+    for i, p in enumerate(PROMPTS[:4]):
+        assert got[f"plain{i}"][0] == hf_greedy(model_dir, p, GREEDY.max_tokens)
+        assert got[f"plain{i}"][1].prompt_logprobs is None
+    assert_all_blocks_free(engine)
+
+
+def test_a_cached_prefix_is_computed_again_and_published(model_dir):
+    engine = make_engine(model_dir, max_num_batched_tokens=16)
+    run(engine, {"warm": (LONG, GREEDY)})  # LONG's blocks are in the prefix cache now
+    hit = engine.stats().prompt_tokens_hit
+    got = run(engine, {"echo": (LONG, ECHO)})["echo"][1]
+    assert got.num_cached_tokens == 0 and engine.stats().prompt_tokens_hit == hit
+    check(model_dir, LONG, got, 5)
+    run(engine, {"again": (LONG, GREEDY)})
+    assert engine.stats().prompt_tokens_hit - hit == 68  # the cache still serves others (17 full blocks)
+    assert_all_blocks_free(engine)
+
+
+def test_a_request_preempted_inside_its_prompt_starts_over(model_dir):
+    """16 blocks of 4 tokens, 7 prompt tokens a step: the echo request (the newest) loses its blocks
+    to the decoding one halfway through its prompt and recomputes it from the start."""
+    engine = make_engine(model_dir, num_kv_blocks=16, blocks_per_segment=16, max_num_batched_tokens=8)
+    decoding = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    preemptions = {}
+    got = run(engine, {"dec": (LONG[:30], decoding), "echo": (LONG[30:62], ECHO)}, preemptions)
+    assert preemptions["echo"] >= 1
+    check(model_dir, LONG[30:62], got["echo"][1], 5)
+    assert got["dec"][0] == hf_greedy(model_dir, LONG[:30], 12)
+    assert_all_blocks_free(engine)
+
+
+def test_refused_where_the_prompt_is_not_computed_here(model_dir):
+    engine = make_engine(model_dir)
+    with pytest.raises(InvalidRequestError, match="prefill it locally"):
+        prefill(engine, [PROMPTS[0]], ECHO)
+    with pytest.raises(InvalidRequestError, match="prefill it locally"):
+        engine.reserve_import("imp", PROMPTS[0], ECHO)
+    assert_all_blocks_free(engine)
