@@ -156,11 +156,12 @@ class ClusterView:
 
     # -- routing -------------------------------------------------------------------------------
     def plan(self, prompt_token_ids: list[int], cache_salt: str | None, attempt_key: str,
-             exclude: frozenset[str] = frozenset()) -> tuple[RoutePlan, tuple[str, ...]]:
-        """Choose a decode worker and a ranked list of prefill workers (empty: prefill locally).
-        The prompt's uncached tokens count as pending on the worker that prefills it until
-        ``prefill_done(attempt_key)``, which the caller must call once the first token arrived or
-        the attempt ended (it may call it more than once)."""
+             exclude: frozenset[str] = frozenset(), prompt_logprobs: bool = False) -> tuple[RoutePlan, tuple[str, ...]]:
+        """Choose a decode worker and a ranked list of prefill workers (empty: prefill locally;
+        always for a request with ``prompt_logprobs``, see router/policy.py). The prompt's uncached
+        tokens count as pending on the worker that prefills it until ``prefill_done(attempt_key)``,
+        which the caller must call once the first token arrived or the attempt ended (it may call
+        it more than once)."""
         hashes = block_hashes(prompt_token_ids, self.block_size, cache_salt)
         overlaps = self.index.overlap(hashes) if hashes else {}
         usable = [w for w in self.workers.values() if w.is_healthy and w.info.worker_id not in exclude]
@@ -171,7 +172,8 @@ class ClusterView:
             rates = {w.info.worker_id: self.rates.rate(w.info.worker_id, self._rate_prior(w.info.role)).tokens_per_s
                      for w in usable}
         plan = plan_route(len(prompt_token_ids), self.block_size, decode, prefill, overlaps, self.config,
-                          rng=self.rng, round_robin=self.round_robin, prefill_rates=rates)
+                          rng=self.rng, round_robin=self.round_robin, prefill_rates=rates,
+                          prompt_logprobs=prompt_logprobs)
         ranked: tuple[str, ...] = ()
         if plan.prefill is not None:
             others = sorted((s for s in plan.prefill.scores if s.worker_id != plan.prefill.worker_id),

@@ -26,6 +26,10 @@ Ties break deterministically: fewer queued requests, then the smaller worker id.
 never chosen. Each choice returns a RoutingDecision (chosen id, every candidate's score, the reason)
 so the endpoint can count decisions and show recent ones.
 
+A request that wants prompt logprobs is prefilled by its decode worker, always (reason
+prompt_logprobs): only the engine that computes the whole prompt has them, and it computes all of
+it (no cached prefix), so its decode worker is chosen on load alone (no overlap counts).
+
 Conditional disaggregation: the chosen decode worker prefills locally when the prompt tokens
 missing from *its own* cache are below a threshold, when no prefill worker is eligible, or by
 ``conditional_disaggregation``:
@@ -117,7 +121,7 @@ class RoutePlan:
     decode: RoutingDecision
     prefill: RoutingDecision | None
     num_uncached_tokens: int  # prompt tokens missing from the decode worker's cache
-    # disaggregated | uncached_below_threshold | no_prefill_worker | prefill_queue_full | ttft_local
+    # disaggregated | uncached_below_threshold | no_prefill_worker | prefill_queue_full | ttft_local | prompt_logprobs
     reason: str
     ttft: TTFTEstimate | None = None  # conditional_disaggregation: ttft, once both paths were weighed
     num_remote_uncached_tokens: int = 0  # prompt tokens missing from the prefill worker's cache
@@ -253,16 +257,19 @@ def estimate_ttft(decode: WorkerLoad, num_local_uncached: int, local_rate_tokens
 def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Sequence[WorkerLoad],
                prefill_candidates: Sequence[WorkerLoad], overlaps: Mapping[str, int], config: RouterConfig, *,
                rng: random.Random | None = None, round_robin: RoundRobin | None = None,
-               prefill_rates: Mapping[str, float] | None = None) -> RoutePlan:
+               prefill_rates: Mapping[str, float] | None = None, prompt_logprobs: bool = False) -> RoutePlan:
     """The whole routing step: pick decode, decide local prefill from its own overlap, else pick prefill.
 
     ``overlaps``: PrefixIndex.overlap() of the request's block hashes (workers of both roles).
     ``prefill_rates``: prompt tokens per second by worker id (conditional_disaggregation ttft); a
     worker missing from it is taken at its role's configured prior.
     With no eligible prefill worker the decode worker prefills locally (reason no_prefill_worker).
+    ``prompt_logprobs``: the request wants them: local, the whole prompt uncached (module docstring).
     Raises NoWorkerAvailable when no decode worker is eligible.
     """
     request_blocks = num_blocks(num_prompt_tokens, block_size)
+    if prompt_logprobs:
+        overlaps = {}
     if config.policy == "round_robin":
         if round_robin is None:
             raise ValueError("policy round_robin needs a RoundRobin instance (it keeps the cycle)")
@@ -275,6 +282,8 @@ def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Seque
     # [0, cached) on the decode worker | [cached, num_prompt_tokens) to prefill
     num_cached = min(decode.overlap_blocks * block_size, num_prompt_tokens)
     num_uncached = num_prompt_tokens - num_cached
+    if prompt_logprobs:
+        return RoutePlan(decode, None, num_uncached, "prompt_logprobs")
     if should_prefill_locally(num_uncached, config.local_prefill_threshold_tokens):
         return RoutePlan(decode, None, num_uncached, "uncached_below_threshold")
     if not any(not w.is_draining for w in prefill_candidates):

@@ -13,7 +13,9 @@ Failures (every wait is bounded):
     reported an engine making no progress): the request migrates. The prompt plus every token
     already streamed goes to another decode worker; seeded sampling resumes at the same output
     position and the router's own detokenizer continues the text, so the stream has no gap and no
-    repeat. After limits.max_migrations: MigrationsExhausted.
+    repeat. After limits.max_migrations: MigrationsExhausted. Prompt logprobs came with the first
+    delta: a request migrated after it resumes without them (resumed_sampling); one migrated
+    before it asks again, for the same prompt.
   - limits.request_timeout_s over the whole request: RequestTimedOut.
   - a worker that refuses (draining) before producing anything is simply skipped.
 Leaving a worker's stream early for any reason (client gone, migration, timeout) cancels it there:
@@ -64,6 +66,7 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
                         on_event=None) -> AsyncIterator[TokenDelta]:
     """Yields the request's TokenDeltas; the last one has finish_reason set."""
     generated: list[int] = []
+    sent_prompt_logprobs = False
     exclude: set[str] = set()
     text: _ResumedText | None = None  # set at the first migration that had produced tokens
     migrations = 0
@@ -72,12 +75,11 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
         if time.monotonic() >= deadline:
             raise RequestTimedOut("the request did not finish by its deadline (limits.request_timeout_s)")
         attempt_id = request_id if not exclude else f"{request_id}#{len(exclude)}"
-        plan, prefill_ranked = view.plan(prompt_token_ids + generated, cache_salt, attempt_id, frozenset(exclude))
+        remaining = resumed_sampling(sampling, len(generated), sent_prompt_logprobs)
+        plan, prefill_ranked = view.plan(prompt_token_ids + generated, cache_salt, attempt_id, frozenset(exclude),
+                                         prompt_logprobs=remaining.prompt_logprobs is not None)
         decode_id = plan.decode.worker_id
         try:  # until the source exists, an error here ends the attempt: its prefill no longer counts
-            # a resumed request: [prompt | generated so far] is its prompt, and it produces the rest
-            remaining = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(generated),
-                                            output_position_offset=sampling.output_position_offset + len(generated))
             req = GenerateRequest(attempt_id, tuple(prompt_token_ids + generated), remaining, cache_salt,
                                   prefill_ranked, deadline_s=deadline - time.monotonic() + _WORKER_DEADLINE_GRACE_S,
                                   prefill_timeout_s=limits.prefill_timeout_s,
@@ -102,6 +104,7 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
                     if not produced and delta.token_ids:
                         view.prefill_done(attempt_id)  # the first token: its prefill is over
                     produced = produced or bool(delta.token_ids)
+                    sent_prompt_logprobs = sent_prompt_logprobs or delta.prompt_logprobs is not None
                     worker_done = delta.finished
                     generated += delta.token_ids
                     if exclude:
@@ -135,6 +138,15 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
             view.prefill_done(attempt_id)
             # cancelled unless it finished: the worker aborts and frees KV on every worker it involved
             source.close(cancel=not worker_done)
+
+
+def resumed_sampling(sampling: SamplingParams, num_generated: int, sent_prompt_logprobs: bool) -> SamplingParams:
+    """An attempt's sampling: a resumed request has [prompt | generated so far] as its prompt and
+    produces the rest (seeded draws continue at their output positions); once the client has the
+    prompt logprobs, none are asked again (that prompt holds generated tokens too)."""
+    return dataclasses.replace(sampling, max_tokens=sampling.max_tokens - num_generated,
+                               output_position_offset=sampling.output_position_offset + num_generated,
+                               prompt_logprobs=None if sent_prompt_logprobs else sampling.prompt_logprobs)
 
 
 def _stream_interval(setting: int | str) -> int:

@@ -2,7 +2,8 @@
 
     generate(req):
       local prefill  if the router sent no prefill worker, or this worker's own cache leaves
-                     fewer than local_prefill_threshold_tokens uncached (conditional disaggregation)
+                     fewer than local_prefill_threshold_tokens uncached (conditional disaggregation),
+                     or the request wants prompt logprobs (only a local prefill computes them)
       otherwise      for each prefill candidate (best first, bounded attempts):
                        handle = prefill.prefill(...)                 blocks pinned there
                        reservation = engine.reserve_import(...)      blocks allocated here
@@ -164,7 +165,7 @@ class DecodeWorkerImpl(LayerwiseImport, WorkerBase):
     async def _start(self, req: GenerateRequest, deadline: float) -> TokenDelta | None:
         """Get the request going; returns the first delta when it came from a remote prefill."""
         rid, prompt = req.request_id, list(req.prompt_token_ids)
-        if req.prefill_candidates:
+        if req.prefill_candidates and req.sampling.prompt_logprobs is None:
             with self.hops.time("cache_lookup"):
                 # read here, not through the engine thread: a round trip there waits for the running
                 # step to end (14-18 ms p50 at 64 req/s on an H200); the count only picks local vs
