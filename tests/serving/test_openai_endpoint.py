@@ -249,6 +249,26 @@ def test_n_choices_stream_closed_early_leaves_nothing_running(client, cluster):
     assert_no_leaks(cluster.url, timeout_s=10)
 
 
+def test_non_streaming_client_gone_cancels_its_request(client, cluster):
+    """A client that gives up on a non-streaming request (its read timeout) before the end: the
+    request stops in the cluster (counted as cancelled, none in flight) and frees its KV blocks."""
+    from tests.reliability.faults import assert_no_leaks, wait_for
+
+    def cancelled():
+        lines = httpx.get(cluster.url + "/metrics", timeout=30).text.splitlines()
+        return sum(float(l.split()[-1]) for l in lines if l.startswith('pdserve_requests_total{status="cancelled"}'))
+
+    before = cancelled()
+    body = {"model": model_name(cluster), "prompt": PROMPTS[2], "max_tokens": 1500, "temperature": 0,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(cluster.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.15))
+    wait_for(lambda: cancelled() == before + 1, 10, "the request to end as cancelled")
+    wait_for(lambda: httpx.get(cluster.url + "/v1/routing/recent", timeout=30).json()["inflight_requests"] == 0, 10,
+             "the endpoint to count no request in flight")
+    assert_no_leaks(cluster.url, timeout_s=10)
+
+
 def test_probes_and_metrics(cluster):
     assert httpx.get(cluster.url + "/health", timeout=30).status_code == 200
     assert httpx.get(cluster.url + "/ready", timeout=30).status_code == 200
