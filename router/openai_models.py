@@ -3,9 +3,9 @@ vLLM and TensorRT-LLM also accept: top_k, repetition_penalty, ignore_eos, stop_t
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from workers.protocol import MAX_LOGIT_BIAS
 
@@ -123,10 +123,24 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # tool / function calling is not built: a request that offers tools is refused, not answered as
     # if it had none
+    # vLLM's extras for the model's chat template
+    add_generation_prompt: bool = Field(True, description="Open the assistant's turn after the messages")
+    continue_final_message: bool = Field(
+        False, description="Let the model continue the last message (e.g. a partial assistant answer) instead of "
+                           "opening a new turn; needs add_generation_prompt false")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="More variables for the chat template, e.g. {\"enable_thinking\": false} (Qwen3)")
     tools: list | None = Field(None, max_length=0, description="Not supported: must be empty")
     tool_choice: Literal["none"] | None = Field(None, description="Not supported beyond 'none'")
     functions: list | None = Field(None, max_length=0, description="Not supported: must be empty")
     function_call: Literal["none"] | None = Field(None, description="Not supported beyond 'none'")
+
+    @model_validator(mode="after")
+    def _one_turn_end(self):
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("continue_final_message needs add_generation_prompt: false (a message is either "
+                             "continued or followed by a new assistant turn)")
+        return self
 
     @field_validator("tools", "functions", mode="before")
     @classmethod

@@ -3,6 +3,8 @@ with the configured input limits. Raises InvalidRequestError (-> HTTP 400) for c
 
 from __future__ import annotations
 
+import inspect
+
 from router.config import LimitsConfig
 from router.openai_models import ChatCompletionRequest, CompletionRequest
 from workers.protocol import InvalidRequestError, SamplingParams
@@ -32,11 +34,25 @@ def chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    extra = dict(body.chat_template_kwargs or {})
+    taken = sorted(set(extra) & _reserved_template_args(tokenizer))
+    if taken:
+        raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(taken)}: they are arguments of the "
+                                  "template call itself", "chat_template_kwargs")
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # template errors are about the messages the client sent
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
+                                             continue_final_message=body.continue_final_message, tokenize=False,
+                                             **extra)
+    except Exception as e:  # template errors are about the messages (or variables) the client sent
         raise InvalidRequestError(f"the chat template rejected these messages: {e}", "messages") from e
     return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _reserved_template_args(tokenizer) -> set[str]:
+    """apply_chat_template's own parameters (tokenize, return_tensors, ...) and the template's
+    messages: not variables a request may set."""
+    params = inspect.signature(type(tokenizer).apply_chat_template).parameters
+    return {name for name, p in params.items() if p.kind is not p.VAR_KEYWORD} - {"self"} | {"messages"}
 
 
 def sampling_params(body: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int, max_model_len: int,

@@ -32,3 +32,47 @@ def test_out_of_range_is_rejected(field, value):
     with pytest.raises(pydantic.ValidationError) as e:
         CompletionRequest(model="m", prompt="hi", **{field: value})
     assert e.value.errors()[0]["loc"] == (field,)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    """The tiny checkpoints' tokenizer with a template that reads one more variable (as Llama 3's
+    reads date_string and Qwen3's enable_thinking)."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import CHAT_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint("llama"))
+    tok.chat_template = "{% if today is defined %}<|im_start|>system\nToday is {{ today }}<|im_end|>\n{% endif %}" \
+                        + CHAT_TEMPLATE
+    return tok
+
+
+def chat(tokenizer, messages, **fields):
+    from router.request_parsing import chat_prompt
+
+    return tokenizer.decode(chat_prompt(tokenizer, ChatCompletionRequest(model="m", messages=messages, **fields)))
+
+
+def test_chat_template_extras(tokenizer):
+    """vLLM's chat extras: chat_template_kwargs reach the template; add_generation_prompt false
+    leaves the assistant turn unopened; continue_final_message lets the model go on with the last
+    (assistant) message; both at once, or a kwarg that is an argument of the template call
+    (tokenize, chat_template, ...), is refused."""
+    from workers.protocol import InvalidRequestError
+
+    user = [{"role": "user", "content": "hi"}]
+    plain = chat(tokenizer, user)
+    assert plain.endswith("<|im_start|>assistant\n") and "Today" not in plain
+    assert chat(tokenizer, user, chat_template_kwargs={"today": "29 Nov"}) == \
+        "<|im_start|>system\nToday is 29 Nov<|im_end|>\n" + plain
+    assert chat(tokenizer, user, add_generation_prompt=False) == plain[:-len("<|im_start|>assistant\n")]
+    partial = user + [{"role": "assistant", "content": "The answer is"}]
+    assert chat(tokenizer, partial, add_generation_prompt=False, continue_final_message=True) == \
+        plain + "The answer is"
+    with pytest.raises(pydantic.ValidationError, match="continue_final_message"):
+        ChatCompletionRequest(model="m", messages=partial, continue_final_message=True)
+    for key in ("tokenize", "chat_template", "messages", "add_generation_prompt"):
+        with pytest.raises(InvalidRequestError) as e:
+            chat(tokenizer, user, chat_template_kwargs={key: True})
+        assert e.value.param == "chat_template_kwargs" and key in e.value.message

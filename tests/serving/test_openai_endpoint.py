@@ -176,6 +176,23 @@ def test_batched_prompts(client, cluster, model_dir, tokenizer):
     assert e.value.body["param"] == "prompt" and "concurrent" in e.value.body["message"], e.value.body
 
 
+def test_chat_continues_the_final_message(client, cluster, model_dir, tokenizer):
+    """continue_final_message (vLLM's): the model goes on with a partial assistant message, greedy
+    == generate on exactly that prompt; with add_generation_prompt left on it is a 400."""
+    messages = [{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": "It is"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                        tokenize=True, return_dict=False)
+    r = client.chat.completions.create(model=model_name(cluster), messages=messages, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True, "add_generation_prompt": False,
+                                                   "continue_final_message": True})
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == tokenizer.decode(hf_greedy(model_dir, ids, 6), skip_special_tokens=True)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name(cluster), messages=messages, max_tokens=2,
+                                       extra_body={"continue_final_message": True})
+    assert "continue_final_message" in e.value.body["message"]
+
+
 def test_n_choices_stream_by_index(client, cluster):
     """Streamed chat with n=2: each choice's chunks carry its index, each ends with its own
     finish_reason, the texts are the non-streamed ones, and the usage chunk sums both."""
