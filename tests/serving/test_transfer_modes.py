@@ -4,7 +4,8 @@ as its forward pass finishes it) against whole-request READs and against colocat
 for token; a stale handshake renewed once inside a READ; a prefill worker killed mid-stream.
 After each, no KV block is used or pinned on any worker. Penalties (presence, frequency,
 repetition) through the endpoint with the official openai client, and the same penalised request
-colocated, whole-request and layer-wise: the same tokens.
+colocated, whole-request and layer-wise: the same tokens. Prompt logprobs: prefilled on the
+decode worker, equal to an engine alone's.
 
 Requests go straight to the decode worker's generate (a GenerateRequest naming the prefill
 worker, or none for colocated), each with its own cache salt so no run reuses another's blocks.
@@ -12,6 +13,7 @@ The decode worker's mode is switched by replacing its spec's transfer section in
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 import uuid
@@ -146,6 +148,67 @@ def test_penalties_through_the_api_and_every_transfer_mode(cluster, workers):
         param = next(iter(bad if "extra_body" not in bad else bad["extra_body"]))
         assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
         assert e.value.body["param"] == param and param in e.value.body["message"]
+    assert decode_engine_requests(decode) == []
+    assert_no_leaks(cluster.url)
+
+
+ECHO = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=3)  # lm-eval's loglikelihood request
+
+
+def first_delta(decode, prompt, prefill_ids, sampling):
+    req = GenerateRequest(f"t-{uuid.uuid4().hex[:8]}", tuple(prompt), sampling, cache_salt=uuid.uuid4().hex,
+                          prefill_candidates=tuple(prefill_ids))
+    deltas = [ray.get(ref, timeout=120) for ref in decode.generate.options(num_returns="streaming").remote(req)]
+    assert all(d.error is None for d in deltas) and deltas[0].token_ids
+    return deltas[0]
+
+
+def assert_same_prompt_logprobs(got, want) -> None:
+    assert got.prompt_logprobs[0] is None and len(got.prompt_logprobs) == len(want.prompt_logprobs)
+    assert max(abs(a - b) for a, b in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:])) < 1e-4
+    assert [[i for i, _ in t] for t in got.prompt_top_logprobs[1:]] == \
+        [[i for i, _ in t] for t in want.prompt_top_logprobs[1:]]
+
+
+async def test_prompt_logprobs_are_prefilled_on_the_decode_worker(cluster, workers, tiny_checkpoint):
+    """Prompt logprobs in a disaggregated cluster (local_prefill_threshold_tokens 0: every other
+    prompt here goes to a prefill worker): through the router's own path (ClusterView.plan +
+    serve_request, run in this process over the cluster's workers) the request is routed to its
+    decode worker with reason prompt_logprobs, and a decode worker told to use a prefill worker
+    prefills it itself; both give the prompt logprobs of an engine alone (300 tokens: chunked).
+    The prompt's blocks are then in the decode worker's cache for others."""
+    from router.cluster_view import ClusterView
+    from router.request_flow import serve_request
+    from router.token_streams import token_streams
+    from tests.workers.engine.helpers import make_engine
+    from tests.workers.engine.test_prompt_logprobs import run
+
+    decode, pf, prompt = workers["decode"], workers["prefill_ids"][0], PROMPTS[2]
+    alone = run(make_engine(tiny_checkpoint("llama")), {"r": (prompt, ECHO)})["r"][1]
+    before = counters(decode)
+    assert_same_prompt_logprobs(first_delta(decode, prompt, [pf], ECHO), alone)
+    cfg = cluster.config
+    view = ClusterView(cfg.cluster_name, cfg.etcd, cfg.router, cfg.engine.block_size)
+    await view.start()
+    try:
+        for _ in range(100):
+            if view.is_ready()[0]:
+                break
+            await asyncio.sleep(0.1)
+        deltas = [d async for d in serve_request(view, "plp", prompt, ECHO, "plp-salt", cfg.limits)]
+        assert view.decisions[-1]["reason"] == "prompt_logprobs" and view.decisions[-1]["prefill"] is None
+        plain = [d async for d in serve_request(view, "plain", prompt, GREEDY, "plp-salt", cfg.limits)]
+        assert view.decisions[-1]["reason"] == "disaggregated"
+    finally:
+        for stream in token_streams(view).streams.values():
+            stream.close("test over")
+        await view.stop()
+    assert_same_prompt_logprobs(deltas[0], alone)
+    assert [d.prompt_logprobs for d in deltas[1:] + plain] == [None] * (len(deltas) - 1 + len(plain))
+    # the echo request computed its whole prompt and then published it: the plain one found it all
+    assert (deltas[0].num_cached_tokens, plain[0].num_cached_tokens) == (0, len(prompt))
+    after = counters(decode)
+    assert after["num_local_prefills"] - before["num_local_prefills"] == 2  # the two echo requests
     assert decode_engine_requests(decode) == []
     assert_no_leaks(cluster.url)
 
