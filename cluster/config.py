@@ -147,9 +147,9 @@ class ServerConfig(_Section):
     )
     api_keys: list[SecretStr] = Field(
         default_factory=list,
-        description=f"Keys the OpenAI endpoint accepts as 'Authorization: Bearer <key>' on /v1/* (the openai "
-                    f"client's api_key); or env {API_KEYS_ENV} (comma-separated); none: /v1 is open. /health, /ready "
-                    "and /metrics stay open for probes and scrapers")
+        description=f"Keys the OpenAI endpoint accepts as 'Authorization: Bearer <key>' (the openai client's "
+                    f"api_key); or env {API_KEYS_ENV} (comma-separated); none: the endpoint is open. /health, /ready, "
+                    "/metrics and the OpenAPI pages stay open for probes and scrapers")
     drain_timeout_s: float = Field(60, gt=0, description="How long a drained worker may finish in-flight requests")
     worker_start_timeout_s: float = Field(900, gt=0, description="Loading a worker's model may take this long")
     replace_dead_workers: bool = Field(True, description="Start a new worker in place of one whose Ray actor died "

@@ -1,6 +1,7 @@
 """The OpenAI-compatible endpoint: a Ray Serve deployment with a FastAPI app.
 
     POST /v1/completions, /v1/chat/completions (SSE streaming with usage), GET /v1/models
+    POST /tokenize, /detokenize, GET /tokenizer_info (vLLM's; lm-eval-harness's remote tokenizer)
     GET /health (process up), /ready (503 until the minimum workers are registered), /metrics
     GET /v1/routing/recent (this endpoint's workers with their KV use, recent routing decisions)
 
@@ -31,7 +32,8 @@ from router import openai_format as fmt
 from router.cluster_view import ClusterView
 from router.metrics import EndpointMetrics
 from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                  CompletionResponse, ErrorResponse, ModelCard, ModelList)
+                                  CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard,
+                                  ModelList, TokenizeRequest, TokenizeResponse)
 from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
 from router.request_parsing import chat_prompt, completion_prompts, sampling_params
@@ -169,6 +171,36 @@ class OpenAIIngress:
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)])
+
+    # -- tokenizer (vLLM's routes; lm-eval-harness uses them as its remote tokenizer) -----------
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        """The ids the endpoint would run for this prompt (completions) or these messages (chat)."""
+        if body.model is not None:
+            self._check_model(body.model)
+        if body.messages is not None:
+            ids = chat_prompt(self.tokenizer, body)
+        else:
+            ids = list(self.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        if body.model is not None:
+            self._check_model(body.model)
+        if any(t < 0 or t >= self.vocab_size for t in body.tokens):
+            raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size})", "tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(self) -> dict:
+        """The served tokenizer's special tokens, chat template and limits."""
+        tok = self.tokenizer
+        special = {name: (str(getattr(tok, name)) if getattr(tok, name, None) is not None else None)
+                   for name in ("eos_token", "bos_token", "pad_token", "unk_token")}
+        return {"tokenizer_class": type(tok).__name__, **special, "model_max_length": self.max_model_len,
+                "vocab_size": self.vocab_size, "chat_template": getattr(tok, "chat_template", None)}
 
     @app.get("/v1/routing/recent")
     async def recent_routing(self) -> dict:

@@ -67,18 +67,20 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
 class ApiKeyAuth:
-    """401 for a /v1/* request without one of server.api_keys as ``Authorization: Bearer <key>``
-    (app.state.api_keys: the keys as bytes; none configured: every request passes). /health,
-    /ready, /metrics and the OpenAPI pages stay open for probes and scrapers. Every key is
-    compared in constant time."""
+    """401 for a request without one of server.api_keys as ``Authorization: Bearer <key>``
+    (app.state.api_keys: the keys as bytes; none configured: every request passes), except on
+    PUBLIC_PATHS: probes, scrapers and the OpenAPI pages. Every key is compared in constant time."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
         keys = getattr(scope.get("app").state, "api_keys", None) if scope["type"] == "http" else None
-        if keys and _route_path(scope).startswith("/v1/"):
+        if keys and _route_path(scope) not in PUBLIC_PATHS:
             given = dict(scope.get("headers") or ()).get(b"authorization", b"")
             scheme, _, key = given.partition(b" ")
             ok = False

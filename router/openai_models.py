@@ -150,6 +150,45 @@ class ChatCompletionRequest(_Request):
         return v
 
 
+# -- tokenizer routes (vLLM's /tokenize, /detokenize, /tokenizer_info: lm-eval-harness's remote tokenizer) --
+class TokenizeRequest(BaseModel):
+    """Text, or chat messages through the model's template (with the chat extras), to token ids."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    add_special_tokens: bool = Field(True, description="For prompt: the tokenizer's BOS and the like")
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 # -- responses -------------------------------------------------------------------------------------
 class Usage(BaseModel):
     prompt_tokens: int

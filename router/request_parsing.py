@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 
 from router.config import LimitsConfig
-from router.openai_models import ChatCompletionRequest, CompletionRequest
+from router.openai_models import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from workers.protocol import InvalidRequestError, SamplingParams
 
 
@@ -30,7 +30,7 @@ def completion_prompts(tokenizer, body: CompletionRequest, vocab_size: int) -> l
     return prompts
 
 
-def chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
+def chat_prompt(tokenizer, body: ChatCompletionRequest | TokenizeRequest) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]

@@ -193,6 +193,29 @@ def test_chat_continues_the_final_message(client, cluster, model_dir, tokenizer)
     assert "continue_final_message" in e.value.body["message"]
 
 
+def test_tokenizer_routes(cluster, tokenizer):
+    """vLLM's /tokenize (text, or messages through the chat template), /detokenize and
+    /tokenizer_info, as lm-eval-harness's remote tokenizer calls them."""
+    url = cluster.url
+    r = httpx.post(url + "/tokenize", json={"prompt": PROMPTS[2], "add_special_tokens": False,
+                                            "return_token_strs": True}, timeout=30).json()
+    assert r["tokens"] == tokenizer(PROMPTS[2], add_special_tokens=False).input_ids and r["count"] == len(r["tokens"])
+    assert r["token_strs"] == tokenizer.convert_ids_to_tokens(r["tokens"]) and r["max_model_len"] > 0
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    chat = httpx.post(url + "/tokenize", json={"model": model_name(cluster), "messages": messages}, timeout=30).json()
+    assert chat["tokens"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False)
+    back = httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}, timeout=30).json()
+    assert back == {"prompt": PROMPTS[2]}
+    info = httpx.get(url + "/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == tokenizer.eos_token and info["chat_template"] == tokenizer.chat_template
+    for path, body, param in (("/detokenize", {"tokens": [10**7]}, "tokens"),
+                              ("/tokenize", {"prompt": "a", "messages": messages}, None),
+                              ("/tokenize", {"prompt": "a", "model": "other"}, "model")):
+        bad = httpx.post(url + path, json=body, timeout=30)
+        assert bad.status_code in (400, 404) and bad.json()["error"]["param"] == param, bad.text
+
+
 def test_n_choices_stream_by_index(client, cluster):
     """Streamed chat with n=2: each choice's chunks carry its index, each ends with its own
     finish_reason, the texts are the non-streamed ones, and the usage chunk sums both."""
@@ -332,8 +355,11 @@ def test_api_keys(second_endpoint, cluster):
     assert r.status_code == 401 and "provide an API key" in r.json()["error"]["message"]
     r = httpx.get(second_endpoint + "/v1/models", headers={"Authorization": f"Basic {KEYS[0]}"}, timeout=30)
     assert r.status_code == 401
-    for path in ("/health", "/ready", "/metrics"):
+    for path in ("/health", "/ready", "/metrics", "/openapi.json"):
         assert httpx.get(second_endpoint + path, timeout=30).status_code == 200, path
+    assert httpx.post(second_endpoint + "/tokenize", json={"prompt": "a"}, timeout=30).status_code == 401
+    assert httpx.post(second_endpoint + "/tokenize", json={"prompt": "a"}, timeout=30,
+                      headers={"Authorization": f"Bearer {KEYS[1]}"}).json()["count"] >= 1
     assert httpx.get(cluster.url + "/v1/models", timeout=30).status_code == 200  # no keys: open
 
 
