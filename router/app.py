@@ -226,19 +226,28 @@ class OpenAIIngress:
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, 200: {"content": _SSE}})
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model)
-        prompts = completion_prompts(self.tokenizer, body, self.vocab_size)
-        subs = self._fanout(body.n, [(p, sampling_params(body, len(p), self.max_model_len, self.config.limits,
-                                                         default_max_tokens=16)) for p in prompts])
+        items = completion_prompts(self.tokenizer, body, self.vocab_size)
+        subs = self._fanout(body.n, [(ids, sampling_params(body, len(ids), self.max_model_len, self.config.limits,
+                                                           default_max_tokens=16)) for ids, _ in items])
+        echoes = [fmt.Echo(ids, text if text is not None else self.tokenizer.decode(ids), body.max_tokens == 0)
+                  for ids, text in items] if body.echo else None
+        hide = body.echo and body.max_tokens == 0  # the one token run is left out
         rid = f"cmpl-{uuid.uuid4().hex}"
         want_lp = body.logprobs is not None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(rid, subs, body.n, body.cache_salt, include_usage,
-                                      lambda d, acc, created, offset, index: fmt.completion_chunk(
-                                          rid, self.model_name, created, d, acc, want_lp, offset, index),
-                                      "text_completion", chat=False)
-        accs = await self._collect(rid, subs, body.cache_salt)
-        return fmt.completion_body(rid, self.model_name, accs, want_lp, body.n)
+            started: set[int] = set()
+
+            def chunk(d, acc, created, offset, index):
+                first = index not in started
+                started.add(index)
+                return fmt.completion_chunk(rid, self.model_name, created, d, acc, want_lp, offset, index,
+                                            echoes[index // body.n] if echoes else None, first)
+
+            return await self._stream(rid, subs, body.n, body.cache_salt, include_usage, chunk, "text_completion",
+                                      chat=False, hide_output=hide)
+        accs = await self._collect(rid, subs, body.cache_salt, hide_output=hide)
+        return fmt.completion_body(rid, self.model_name, accs, want_lp, body.n, echoes)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses={**_ERRORS, 200: {"content": _SSE}})
@@ -300,8 +309,9 @@ class OpenAIIngress:
                             headers={"Retry-After": str(self.config.limits.retry_after_s)})
         return view
 
-    async def _deltas(self, view, rid, prompt, sampling, salt):
-        """serve_request with metrics and status accounting."""
+    async def _deltas(self, view, rid, prompt, sampling, salt, hide_output: bool = False):
+        """serve_request with metrics and status accounting; ``hide_output``: the deltas without
+        their output tokens (fmt.without_output), which the metrics still count."""
         self.num_inflight += 1
         self.metrics.queue_depth.set(self.num_inflight)
         start, last, status = time.monotonic(), None, "error"
@@ -327,7 +337,7 @@ class OpenAIIngress:
                 if d.finished:
                     status = "ok" if d.error is None else "error"
                     self.metrics.prompt_tokens.inc(d.num_prompt_tokens or len(prompt))
-                yield d
+                yield fmt.without_output(d) if hide_output else d
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             raise
@@ -337,14 +347,15 @@ class OpenAIIngress:
             self.metrics.requests.labels(status).inc()
             self.metrics.e2e.observe(time.monotonic() - start)
 
-    async def _collect(self, rid, subs, salt) -> list[fmt.Accumulator]:
-        """Every choice to its end (the choices run side by side; one failing cancels the rest)."""
+    async def _collect(self, rid, subs, salt, hide_output: bool = False) -> list[fmt.Accumulator]:
+        """Every choice to its end (the choices run side by side; one failing cancels the rest).
+        ``hide_output``: their output tokens are left out (echo with max_tokens 0)."""
         view = await self._admit(len(subs))
         accs = [fmt.Accumulator(self.tokenizer) for _ in subs]
 
         async def one(i: int) -> None:
             prompt, sampling = subs[i]
-            async for d in self._deltas(view, self._sub_id(rid, i, len(subs)), prompt, sampling, salt):
+            async for d in self._deltas(view, self._sub_id(rid, i, len(subs)), prompt, sampling, salt, hide_output):
                 accs[i].add(d)
                 if d.error:
                     raise HTTPError(503, f"request failed: {d.error}", "server_error", code="request_failed")
@@ -357,12 +368,13 @@ class OpenAIIngress:
             raise HTTPError(504, str(e), "timeout_error", code="request_timeout") from e
         return accs
 
-    async def _stream(self, rid, subs, per_prompt, salt, include_usage, make_chunk, obj, chat: bool):
+    async def _stream(self, rid, subs, per_prompt, salt, include_usage, make_chunk, obj, chat: bool,
+                      hide_output: bool = False):
         view = await self._admit(len(subs))
         created = int(time.time())
         n = len(subs)
         accs = [fmt.Accumulator(self.tokenizer) for _ in subs]
-        deltas = fanout.merge([self._deltas(view, self._sub_id(rid, i, n), p, s, salt)
+        deltas = fanout.merge([self._deltas(view, self._sub_id(rid, i, n), p, s, salt, hide_output)
                                for i, (p, s) in enumerate(subs)])
         try:  # route now, so that "no worker" is a proper 503 before any byte is streamed
             first = await deltas.__anext__()
@@ -387,8 +399,9 @@ class OpenAIIngress:
                         yield fmt.sse({"error": {"message": d.error, "type": "server_error", "param": None,
                                                  "code": "request_failed"}})
                         break
-                    yield fmt.sse(make_chunk(d, accs[i], created, offsets[i], i))
-                    offsets[i] += len(d.text)
+                    out = make_chunk(d, accs[i], created, offsets[i], i)
+                    yield fmt.sse(out)
+                    offsets[i] += len(out["choices"][0].get("text") or "")  # completions' text_offset
                     if d.finished:
                         running -= 1
                         if not running:

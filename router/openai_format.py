@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
 
 from router.openai_models import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChoiceLogprobs,
                                   CompletionChoice, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
                                   TokenLogprob, TopLogprob, Usage)
 from workers.protocol import FinishReason, TokenDelta
+
+
+@dataclass(frozen=True)
+class Echo:
+    """OpenAI's echo for one prompt: its text and ids go before each of its choices' output (and
+    its logprobs before theirs); ``hide_output``: max_tokens 0, the one token run is left out."""
+    token_ids: list[int]
+    text: str
+    hide_output: bool = False
+
+
+def without_output(d: TokenDelta) -> TokenDelta:
+    """The delta with no output tokens (max_tokens 0 with echo), its prompt logprobs kept."""
+    return dataclasses.replace(d, token_ids=(), text="", logprobs=None, top_logprobs=None)
 
 
 class Accumulator:
@@ -23,6 +39,8 @@ class Accumulator:
         self.finish_reason: FinishReason | None = None
         self.num_prompt_tokens = 0
         self.num_cached_tokens = 0
+        self.prompt_logprobs: tuple[float | None, ...] = ()  # SamplingParams.prompt_logprobs: first delta
+        self.prompt_top_logprobs: tuple | None = None
 
     def add(self, d: TokenDelta) -> None:
         self.text += d.text
@@ -32,6 +50,8 @@ class Accumulator:
         self.finish_reason = d.finish_reason or self.finish_reason
         self.num_prompt_tokens = d.num_prompt_tokens or self.num_prompt_tokens
         self.num_cached_tokens = max(self.num_cached_tokens, d.num_cached_tokens)
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs, self.prompt_top_logprobs = d.prompt_logprobs, d.prompt_top_logprobs
 
     def usage(self) -> Usage:
         return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=len(self.token_ids),
@@ -46,14 +66,27 @@ def finish_str(reason: FinishReason | None) -> str | None:
     return None if reason is None else reason.value
 
 
-def completion_logprobs(acc: Accumulator, deltas_ids: list[int], lps: list[float], tops, offset0: int) -> CompletionLogprobs:
+def completion_logprobs(acc: Accumulator, deltas_ids: list[int], lps: list[float | None], tops,
+                        offset0: int) -> CompletionLogprobs:
+    """Legacy completions' logprobs for these tokens; a top_logprobs step of None stays None (an
+    echoed prompt's first token)."""
     tokens = [acc.token_str(t) for t in deltas_ids]
     offsets, pos = [], offset0
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    top = [{acc.token_str(t): lp for t, lp in step} for step in tops] if tops else None
+    top = [None if step is None else {acc.token_str(t): lp for t, lp in step} for step in tops] if tops else None
     return CompletionLogprobs(tokens=tokens, token_logprobs=list(lps), top_logprobs=top, text_offset=offsets)
+
+
+def echoed(acc: Accumulator, echo: Echo | None, ids: list[int], text: str, lps: list, tops: list,
+           first: bool) -> tuple[list[int], str, list, list]:
+    """(ids, text, logprobs, top logprobs) of a choice's output, or of its first chunk, with the
+    echoed prompt in front when ``first``."""
+    if echo is None or not first:
+        return ids, text, lps, tops
+    prompt_tops = list(acc.prompt_top_logprobs or ()) if tops or acc.prompt_top_logprobs else []
+    return ([*echo.token_ids, *ids], echo.text + text, [*acc.prompt_logprobs, *lps], [*prompt_tops, *tops])
 
 
 def chat_logprobs(acc: Accumulator, ids: list[int], lps: list[float], tops) -> ChoiceLogprobs:
@@ -82,10 +115,14 @@ def usage(accs: list[Accumulator], per_prompt: int | None = None) -> Usage:
 
 
 def completion_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool,
-                    per_prompt: int | None = None) -> CompletionResponse:
-    choices = [CompletionChoice(index=i, text=acc.text, finish_reason=finish_str(acc.finish_reason),
-                                logprobs=completion_logprobs(acc, acc.token_ids, acc.logprobs, acc.top_logprobs, 0)
-                                if want_logprobs else None) for i, acc in enumerate(accs)]
+                    per_prompt: int | None = None, echoes: list[Echo] | None = None) -> CompletionResponse:
+    """``echoes``: one per prompt (choice i answers prompt i // per_prompt), or None."""
+    choices = []
+    for i, acc in enumerate(accs):
+        echo = echoes[i // (per_prompt or len(accs))] if echoes else None
+        ids, text, lps, tops = echoed(acc, echo, acc.token_ids, acc.text, acc.logprobs, acc.top_logprobs, True)
+        choices.append(CompletionChoice(index=i, text=text, finish_reason=finish_str(acc.finish_reason),
+                                        logprobs=completion_logprobs(acc, ids, lps, tops, 0) if want_logprobs else None))
     return CompletionResponse(id=rid, created=int(time.time()), model=model, usage=usage(accs, per_prompt),
                               choices=choices)
 
@@ -105,11 +142,13 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def completion_chunk(rid: str, model: str, created: int, d: TokenDelta, acc: Accumulator, want_logprobs: bool,
-                     text_offset: int, index: int = 0) -> dict:
-    choice = {"index": index, "text": d.text, "finish_reason": finish_str(d.finish_reason), "logprobs": None}
-    if want_logprobs and d.token_ids:
-        choice["logprobs"] = completion_logprobs(acc, list(d.token_ids), list(d.logprobs or ()),
-                                                 d.top_logprobs, text_offset).model_dump()
+                     text_offset: int, index: int = 0, echo: Echo | None = None, first: bool = False) -> dict:
+    """``echo`` and ``first`` (this choice's first chunk): its prompt (text and logprobs) comes first."""
+    ids, text, lps, tops = echoed(acc, echo, list(d.token_ids), d.text, list(d.logprobs or ()),
+                                  list(d.top_logprobs or ()), first)
+    choice = {"index": index, "text": text, "finish_reason": finish_str(d.finish_reason), "logprobs": None}
+    if want_logprobs and ids:
+        choice["logprobs"] = completion_logprobs(acc, ids, lps, tops, text_offset).model_dump()
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 

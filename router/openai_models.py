@@ -92,9 +92,18 @@ class CompletionRequest(_Request):
                          "prompt_index * n + i answers prompt prompt_index; prompts times n at most "
                          "limits.max_concurrent_requests)")
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: Literal[False] = Field(False, description="Not supported: must be false")
+    max_tokens: int | None = Field(None, ge=0, description="0 only with echo: the prompt alone (and its logprobs)")
+    echo: bool = Field(False, description="Each choice's text starts with its prompt; with logprobs, so do its "
+                                          "logprobs: each prompt token's logprob given the tokens before it (null "
+                                          "for the first) and the top logprobs at each prompt position")
     suffix: Literal[""] | None = Field(None, description="Not supported (no fill-in-the-middle): must be empty")
     best_of: int | None = Field(None, ge=1, le=1, description="Not supported above 1 (use n)")
+
+    @model_validator(mode="after")
+    def _zero_tokens_only_with_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo: true (the prompt alone, with its logprobs)")
+        return self
 
 
 class ChatMessage(BaseModel):
@@ -203,8 +212,8 @@ class PromptTokensDetails(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token (nothing before it)
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
 
 

@@ -10,9 +10,9 @@ from router.openai_models import ChatCompletionRequest, CompletionRequest, Token
 from workers.protocol import InvalidRequestError, SamplingParams
 
 
-def completion_prompts(tokenizer, body: CompletionRequest, vocab_size: int) -> list[list[int]]:
-    """The request's prompts as token ids: one for a string or a list of ids, one per item for a
-    list of strings or of id lists (OpenAI's batched prompts)."""
+def completion_prompts(tokenizer, body: CompletionRequest, vocab_size: int) -> list[tuple[list[int], str | None]]:
+    """The request's prompts: one for a string or a list of ids, one per item for a list of strings
+    or of id lists (OpenAI's batched prompts); each as (token ids, the text as sent or None)."""
     p = body.prompt
     single = isinstance(p, str) or (bool(p) and isinstance(p[0], int))
     items = [p] if single else p
@@ -26,7 +26,7 @@ def completion_prompts(tokenizer, body: CompletionRequest, vocab_size: int) -> l
             raise InvalidRequestError(f"{name} must not be empty", "prompt")
         if any(t < 0 or t >= vocab_size for t in ids):
             raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab_size})", "prompt")
-        prompts.append(ids)
+        prompts.append((ids, item if isinstance(item, str) else None))
     return prompts
 
 
@@ -69,9 +69,12 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, num_prompt_
         asked = body.max_completion_tokens
     if asked is not None and asked > limits.max_tokens:
         raise InvalidRequestError(f"max_tokens {asked} exceeds this server's limit of {limits.max_tokens}", "max_tokens")
-    max_tokens = min(asked or default_max_tokens or limits.max_tokens, room, limits.max_tokens)
+    # asked 0 (echo: the prompt alone): one token runs, and the endpoint leaves it out (Echo)
+    max_tokens = 1 if asked == 0 else min(asked or default_max_tokens or limits.max_tokens, room, limits.max_tokens)
+    prompt_logprobs = None
     if isinstance(body, CompletionRequest):
         logprobs, top = body.logprobs is not None, body.logprobs or 0
+        prompt_logprobs = top if body.echo and logprobs else None
     else:
         logprobs, top = body.logprobs, (body.top_logprobs or 0) if body.logprobs else 0
         if body.top_logprobs and not body.logprobs:
@@ -81,7 +84,7 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, num_prompt_
         stop=body.stop_list(), stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
         logprobs=logprobs, top_logprobs=top, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-        logit_bias=body.logit_bias_pairs(), min_tokens=body.min_tokens,
+        logit_bias=body.logit_bias_pairs(), min_tokens=body.min_tokens, prompt_logprobs=prompt_logprobs,
     )
     params.validate()
     return params

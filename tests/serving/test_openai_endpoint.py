@@ -216,6 +216,52 @@ def test_tokenizer_routes(cluster, tokenizer):
         assert bad.status_code in (400, 404) and bad.json()["error"]["param"] == param, bad.text
 
 
+def test_echo_with_logprobs_is_lm_eval_loglikelihood(client, cluster, model_dir, tokenizer):
+    """lm-eval-harness's loglikelihood request (token-id prompts, echo, logprobs 1, max_tokens 1) on
+    the disaggregated cluster: each choice's text is its prompt then the greedy token; its
+    logprobs cover the prompt (the first None, the others equal to a transformers forward, the
+    top-1 that forward's argmax) then the token; max_tokens 0 gives the prompt alone (no completion
+    tokens); streamed, the prompt comes first; such requests prefill on their decode worker."""
+    import torch
+
+    from tests.workers.engine.test_prompt_logprobs import ATOL, reference
+
+    ids = [tokenizer(p).input_ids for p in PROMPTS[:2]]
+    r = client.completions.create(model=model_name(cluster), prompt=ids, echo=True, logprobs=1, max_tokens=1,
+                                  temperature=0, seed=1234)
+    for c, prompt in zip(r.choices, ids):
+        want, (top_vals, top_ids) = reference(model_dir, prompt, 1)
+        gen = hf_greedy(model_dir, prompt, 1)
+        assert c.text == tokenizer.decode(prompt) + tokenizer.decode(gen)
+        lp = c.logprobs
+        assert lp.tokens == [tokenizer.decode([t]) for t in prompt + gen]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.token_logprobs) == len(prompt) + 1
+        torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:len(prompt)]), want, atol=ATOL, rtol=0)
+        assert [list(t) for t in lp.top_logprobs[1:len(prompt)]] == [[tokenizer.decode([i])] for i in top_ids[:, 0]]
+        torch.testing.assert_close(torch.tensor([max(t.values()) for t in lp.top_logprobs[1:len(prompt)]]),
+                                   top_vals[:, 0], atol=ATOL, rtol=0)
+    assert r.usage.prompt_tokens == sum(map(len, ids)) and r.usage.completion_tokens == 2
+    decisions = httpx.get(cluster.url + "/v1/routing/recent", timeout=30).json()["decisions"][-2:]
+    assert [(d["reason"], d["prefill"]) for d in decisions] == [("prompt_logprobs", None)] * 2, decisions
+    only = client.completions.create(model=model_name(cluster), prompt=PROMPTS[0], echo=True, logprobs=0, max_tokens=0,
+                                     temperature=0)
+    assert only.choices[0].text == PROMPTS[0] and only.usage.completion_tokens == 0
+    assert len(only.choices[0].logprobs.tokens) == len(ids[0]) and only.choices[0].logprobs.top_logprobs is None
+    plain = client.completions.create(model=model_name(cluster), prompt=PROMPTS[1], max_tokens=4, temperature=0)
+    echo = client.completions.create(model=model_name(cluster), prompt=PROMPTS[1], max_tokens=4, temperature=0,
+                                     echo=True)
+    assert echo.choices[0].text == PROMPTS[1] + plain.choices[0].text and echo.choices[0].logprobs is None
+    chunks = list(client.completions.create(model=model_name(cluster), prompt=PROMPTS[1], max_tokens=4,
+                                            temperature=0, echo=True, logprobs=1, stream=True))
+    assert chunks[0].choices[0].text.startswith(PROMPTS[1])
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == echo.choices[0].text
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and len(streamed) == len(ids[1]) + 4
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name(cluster), prompt=PROMPTS[0], max_tokens=0)
+    assert "echo" in e.value.body["message"]
+
+
 def test_n_choices_stream_by_index(client, cluster):
     """Streamed chat with n=2: each choice's chunks carry its index, each ends with its own
     finish_reason, the texts are the non-streamed ones, and the usage chunk sums both."""
