@@ -28,6 +28,7 @@ Checks:
                count) on tiny fp32 models, whole and 5-token chunked prefill: token-identical to generate
   sampler      the batched device sampler == the per-request reference sampler on CUDA (seeded
                temperature/top-k/top-p/greedy mixes, logprobs; vocab 257 and 128256)
+  prompt-logprobs, prompt-logprobs-1b  benchmarks/gpu_check_prompt_logprobs.py
   async        tiny llama/mistral/qwen2/qwen3 fp32 on CUDA (CUDA graphs): async scheduling ==
                synchronous, token for token (whole and chunked prefill, preemption, stop tokens at
                different steps, an abort while a step is in flight, seeded sampling), every block
@@ -50,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.gpu_check_bf16 import check_bf16_1b  # noqa: E402
+from benchmarks.gpu_check_prompt_logprobs import check_prompt_logprobs, check_prompt_logprobs_1b  # noqa: E402
 from kv_transfer.layout import KVLayout  # noqa: E402
 from tests.tiny_models import FAMILIES, build_tiny_checkpoint  # noqa: E402
 from tests.workers.engine.helpers import GREEDY, PROMPTS, collect, drain, run_all  # noqa: E402
@@ -335,11 +337,12 @@ def main() -> int:
         return 2
     checks = {"kernels": check_kernels, "sampler": check_sampler, "fp32-exact": check_fp32_exact,
               "graphs": check_graphs, "split": check_split, "async": check_async, "fused": check_fused,
-              "compiled-prefill": check_compiled_prefill,
+              "compiled-prefill": check_compiled_prefill, "prompt-logprobs": check_prompt_logprobs,
+              "prompt-logprobs-1b": check_prompt_logprobs_1b,
               "gemv": check_gemv, "bf16-1b": check_bf16_1b, "bf16-1b-fused": lambda: check_bf16_1b(fuse=True),
               "bf16-1b-gemv": lambda: check_bf16_1b(fuse=True, use_gemv=True)}
     if args.skip_1b:
-        del checks["bf16-1b"], checks["bf16-1b-fused"], checks["bf16-1b-gemv"]
+        del checks["bf16-1b"], checks["bf16-1b-fused"], checks["bf16-1b-gemv"], checks["prompt-logprobs-1b"]
     if args.only:
         unknown = set(args.only.split(",")) - set(checks)
         if unknown:
