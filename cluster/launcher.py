@@ -174,8 +174,22 @@ def config_as_dict(c: PdserveConfig) -> dict:
     return yaml.safe_load(config_to_yaml(c, reveal_secrets=True))
 
 
+def running_pid(rdir: Path) -> int | None:
+    """The pid of the `pdserve up` that runs this cluster (its pid file, process alive), or None."""
+    try:
+        pid = int((rdir / "pid").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):  # no file, not a number, no such process
+        return None
+    return pid
+
+
 def up(config: PdserveConfig, ray_address: str | None, detach: bool, config_args: list[str]) -> int:
     rdir = run_dir(config.cluster_name)
+    if (pid := running_pid(rdir)) is not None and pid != os.getpid():
+        print(f"cluster {config.cluster_name!r} is already running (pid {pid}); stop it with "
+              f"`pdserve down --cluster-name {config.cluster_name}` or pick another --cluster-name", file=sys.stderr)
+        return 1
     if detach:
         return _spawn_detached(config, rdir, config_args)
     cluster = Cluster(config, ray_address)
@@ -218,22 +232,38 @@ def up(config: PdserveConfig, ray_address: str | None, detach: bool, config_args
 def _spawn_detached(config: PdserveConfig, rdir: Path, config_args: list[str]) -> int:
     log_path = rdir / "pdserve.log"
     cmd = [sys.executable, "-m", "cluster.cli", "up", *config_args]
-    with open(log_path, "ab") as logf:
+    with open(log_path, "ab") as logf:  # the log keeps earlier runs: only what this one writes counts below
+        logf.write(f"--- pdserve up, {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+        logf.flush()
+        start = logf.tell()
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     print(f"started in the background (pid {proc.pid}); log: {log_path}", flush=True)
-    url = f"http://{config.server.host}:{config.server.port}"
-    deadline = time.monotonic() + 900
+    code = wait_ready(proc, log_path, start, timeout_s=900)
+    if code == 0:
+        print(f"ready: http://{config.server.host}:{config.server.port}/v1", flush=True)
+    return code
+
+
+def wait_ready(proc: subprocess.Popen, log_path: Path, start: int, timeout_s: float, poll_s: float = 1.0) -> int:
+    """0 once the process wrote its "ready: " line into the log past ``start``; 1 (with the reason
+    on stderr) when it exits first or the time runs out."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             print(f"pdserve exited with code {proc.returncode}; see {log_path}", file=sys.stderr)
             return 1
-        if "ready: " in log_path.read_text(errors="replace"):
-            print(f"ready: {url}/v1", flush=True)
+        if "ready: " in read_from(log_path, start):
             return 0
-        time.sleep(1)
-    print(f"not ready after 900 s; see {log_path}", file=sys.stderr)
+        time.sleep(poll_s)
+    print(f"not ready after {timeout_s:.0f} s; see {log_path}", file=sys.stderr)
     return 1
+
+
+def read_from(path: Path, offset: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
 
 
 def down(cluster_name: str, timeout_s: float = 120) -> int:

@@ -50,6 +50,9 @@ def test_paris(detached_cluster):
 def test_down_stops_everything(detached_cluster):
     url, name, env, cli = detached_cluster
     assert httpx.get(url + "/ready", timeout=30).status_code == 200
+    again = subprocess.run(cli + ["up", "--detach", "--cluster-name", name, "--device", "cpu"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "already running" in again.stderr, again.stdout + again.stderr
     down = subprocess.run(cli + ["down", "--cluster-name", name], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert down.returncode == 0 and f"stopped cluster {name!r}" in down.stdout, down.stdout + down.stderr
