@@ -12,7 +12,7 @@ import torch
 
 from tests.workers.engine.helpers import GREEDY, PROMPTS, assert_all_blocks_free, hf_greedy, hf_model, make_engine
 from tests.workers.engine.test_split import prefill
-from workers.protocol import InvalidRequestError, SamplingParams
+from workers.protocol import InvalidRequestError, SamplingParams, TokenDelta, merge_deltas
 
 LONG = [(i * 7) % 300 + 3 for i in range(70)]  # 70 tokens > max_num_batched_tokens (16): five chunks
 ECHO = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=5)  # what lm-eval's loglikelihood asks
@@ -116,3 +116,12 @@ def test_refused_where_the_prompt_is_not_computed_here(model_dir):
     with pytest.raises(InvalidRequestError, match="prefill it locally"):
         engine.reserve_import("imp", PROMPTS[0], ECHO)
     assert_all_blocks_free(engine)
+
+
+def test_deltas_merged_for_one_message_keep_the_prompt_logprobs():
+    """A decode worker sends a request's deltas in messages of several (stream_interval)."""
+    first = TokenDelta("r", (1,), "a", prompt_logprobs=(None, -1.5), prompt_top_logprobs=(None, ((3, -0.5),)))
+    merged = merge_deltas([first, TokenDelta("r", (2,), "b"), TokenDelta("r", (3,), "c")])
+    assert merged.token_ids == (1, 2, 3) and merged.prompt_logprobs == first.prompt_logprobs
+    assert merged.prompt_top_logprobs == first.prompt_top_logprobs
+    assert merge_deltas([TokenDelta("r", (2,), "b"), TokenDelta("r", (3,), "c")]).prompt_logprobs is None
