@@ -10,6 +10,9 @@ synchronized once, in the same run, per size of the bandwidth sweep.
               worker with N requests in asyncio.to_thread does): wall time until all N returned;
               the bench runs with a worker's GIL switch interval (workers/worker_base.py, 0.5 ms;
               the thirteenth session's numbers had Python's default, 5 ms)
+    loop      N ``await transceiver.read`` gathered on one event loop (what a decode worker does
+              now: a READ from a CUDA IPC peer is issued on the loop and its events polled there,
+              no thread per READ); ``ipc_loop``
     memcpy    N ``copy_`` of the same byte count between two of this process's tensors, on the
               reader's stream, one synchronize (with --prefill-gpu != --decode-gpu also
               ``memcpy_peer``: the N copies from the prefill GPU)
@@ -26,6 +29,7 @@ Every range's bytes are checked once per size (weighted checksum on both sides).
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import sys
 import time
@@ -58,6 +62,7 @@ def bench_pipelined(side, conn, args, emit) -> None:
     dst = torch.zeros_like(src)
     src_peer = torch.rand(max_bytes // 4, device=f"cuda:{args.prefill_gpu}").view(torch.uint8) if cross_gpu else None
     pool = ThreadPoolExecutor(depth)
+    loop = asyncio.new_event_loop()
     switch = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as in a decode worker's process
     try:
@@ -90,6 +95,11 @@ def bench_pipelined(side, conn, args, emit) -> None:
                 for f in [pool.submit(txi.read_blocking, peer_name, ids, ids, 60.0) for ids in ranges]:
                     f.result()
 
+            def on_loop():
+                async def gathered():
+                    await asyncio.gather(*(txi.read(peer_name, ids, ids, 60.0) for ids in ranges))
+                loop.run_until_complete(gathered())
+
             def copies(source, name=None):
                 def run():
                     t = time.perf_counter()
@@ -101,13 +111,17 @@ def bench_pipelined(side, conn, args, emit) -> None:
                     stream.synchronize()
                 return run
 
-            side.caches[key].segments[0].zero_()
-            issue()
             match = True
-            for ids in {tuple(r): r for r in ranges}.values():
-                conn.send(("checksum", (key, ids)))
-                match &= side.checksum(key, ids) == conn.recv()
-            cases = {"ipc_issue": issue, "ipc_threads": threads, "memcpy": copies(src, "memcpy"), "slices": slices}
+            threads()  # the first read_blocking chooses the peer's path (cuda_ipc): the loop's READs need it
+            for fill in (issue, on_loop):
+                side.caches[key].segments[0].zero_()
+                fill()
+                for ids in {tuple(r): r for r in ranges}.values():
+                    conn.send(("checksum", (key, ids)))
+                    match &= side.checksum(key, ids) == conn.recv()
+            on_loop_ok = txi._reads_on_loop(peer_name)
+            cases = {"ipc_issue": issue, "ipc_threads": threads, "ipc_loop": on_loop, "memcpy": copies(src, "memcpy"),
+                     "slices": slices}
             if cross_gpu:
                 cases["memcpy_peer"] = copies(src_peer)
             times: dict[str, list[float]] = {name: [] for name in cases}
@@ -122,7 +136,9 @@ def bench_pipelined(side, conn, args, emit) -> None:
                       "switch_interval_s": GIL_SWITCH_INTERVAL_S,
                       **{f"{name}_GBps": v for name, v in gbps.items()},
                       "ipc_issue_ratio_vs_memcpy": round(gbps["ipc_issue"] / gbps["memcpy"], 3),
-                      "ipc_threads_ratio_vs_memcpy": round(gbps["ipc_threads"] / gbps["memcpy"], 3)}
+                      "ipc_threads_ratio_vs_memcpy": round(gbps["ipc_threads"] / gbps["memcpy"], 3),
+                      "ipc_loop_ratio_vs_memcpy": round(gbps["ipc_loop"] / gbps["memcpy"], 3),
+                      "ipc_loop_on_loop": on_loop_ok}
             if cross_gpu:
                 record["ipc_issue_ratio_vs_memcpy_peer"] = round(gbps["ipc_issue"] / gbps["memcpy_peer"], 3)
                 record["ipc_threads_ratio_vs_memcpy_peer"] = round(gbps["ipc_threads"] / gbps["memcpy_peer"], 3)
@@ -137,3 +153,4 @@ def bench_pipelined(side, conn, args, emit) -> None:
     finally:
         sys.setswitchinterval(switch)
         pool.shutdown()
+        loop.close()

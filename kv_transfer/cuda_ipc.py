@@ -252,6 +252,14 @@ class CudaIpcReader:
         until then. Errors are raised before any copy is queued, as in ``read``."""
         return self._issue(self._mapped(peer), runs, local_layout)
 
+    def issue_events(self, peer: PeerInfo, runs: RunTable, local_layout: KVLayout) -> tuple[int, list]:
+        """``issue``, and an event recorded on each of the reader's streams after the copies:
+        (slices, events); the bytes are in place once every event has completed (no events:
+        CPU tensors, already copied)."""
+        mapped = self._mapped(peer)
+        num = self._issue(mapped, runs, local_layout)
+        return num, [s.record_event() for s in mapped.streams]
+
     def synchronize(self, peer: PeerInfo) -> None:
         """Wait for every copy issued from ``peer``'s segments (its streams are shared with every
         peer mapped on the same GPUs: this waits for their READs too)."""

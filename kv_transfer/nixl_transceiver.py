@@ -270,6 +270,16 @@ class NixlTransceiver(KVTransceiver):
         self._report_transports(peer)
         return len(local)
 
+    def _reads_on_loop(self, peer: str) -> bool:
+        """CUDA IPC READs from a peer whose segments are mapped (its path chosen at its epoch)."""
+        with self._lock:
+            info = self._peers.get(peer)
+            known = self._paths.get(info.agent_name) if info is not None else None
+        return known is not None and known[0] == info.kv_epoch and known[1].path == "cuda_ipc"
+
+    def _device_read_events(self, info: PeerInfo, runs: RunTable) -> tuple[int, list]:
+        return self._ipc.issue_events(info, runs, self.layout)
+
     def _path(self, peer: PeerInfo) -> str:
         """cuda_ipc | nixl for READs from ``peer`` at its epoch (segments mapped on first use);
         logged when first chosen for a peer and whenever it changes."""

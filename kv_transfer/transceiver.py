@@ -39,6 +39,13 @@ from kv_transfer.layout import KVLayout
 from kv_transfer.metrics import TransferMetrics
 from workers.protocol import CudaIpcSegment, KVSegmentInfo, PeerInfo
 
+_LOOP_POLLS = 64  # a READ on the loop polls its events this many times, yielding between, then waits on a thread
+
+
+def _synchronize(events) -> None:
+    for e in events:
+        e.synchronize()
+
 log = logging.getLogger(__name__)
 
 
@@ -180,7 +187,26 @@ class KVTransceiver(ABC):
     # -- reads ---------------------------------------------------------------------------------
     async def read(self, peer: str, remote_block_ids: Sequence[int], local_block_ids: Sequence[int],
                    deadline_s: float, *, num_tokens: int | None = None, request_id: str = "") -> TransferResult:
-        """``read_blocking`` on a worker thread, so the caller's event loop keeps running."""
+        """``read_blocking`` on a worker thread, so the caller's event loop keeps running; except a
+        READ that is device copies (``_device_read_events``: CUDA IPC from a mapped peer), which is
+        issued on the loop itself and awaited by polling its events, yielding to the loop between
+        polls (a thread per READ made 8 concurrent same-GPU READs 0.12-0.28 of a device copy on an
+        H200 host: each thread waits to take the GIL back after every wait; benchmarks/README.md)."""
+        if self._reads_on_loop(peer):
+            info, runs, num_bytes = self._prepare_read(peer, remote_block_ids, local_block_ids, deadline_s, num_tokens,
+                                                       request_id)
+            start = time.perf_counter()
+            try:
+                num_descs, events = self._device_read_events(info, runs)
+                polls = 0
+                while not all(e.query() for e in events):
+                    polls += 1  # copies take microseconds to a few milliseconds: poll, then wait off the loop
+                    await (asyncio.sleep(0) if polls < _LOOP_POLLS else asyncio.to_thread(_synchronize, events))
+            except TransferError as e:
+                e.peer, e.request_id = e.peer or peer, e.request_id or request_id
+                self.metrics.transfer_failed(e.kind)
+                raise
+            return self._read_done(num_bytes, time.perf_counter() - start, num_descs)
         return await asyncio.to_thread(self.read_blocking, peer, remote_block_ids, local_block_ids, deadline_s,
                                        num_tokens=num_tokens, request_id=request_id)
 
@@ -189,6 +215,20 @@ class KVTransceiver(ABC):
         """Copy remote block i -> local block i (all layers, K and V) as one backend request.
         The ids may be lists, tuples, ranges or integer numpy arrays; they are converted once
         (descriptors.block_id_array) and the rest of the planning is a fixed number of numpy calls."""
+        info, runs, num_bytes = self._prepare_read(peer, remote_block_ids, local_block_ids, deadline_s, num_tokens,
+                                                   request_id)
+        start = time.perf_counter()
+        try:
+            num_descs = self._read(info, runs, time.monotonic() + deadline_s, request_id)
+        except TransferError as e:
+            e.peer, e.request_id = e.peer or peer, e.request_id or request_id
+            self.metrics.transfer_failed(e.kind)
+            raise
+        return self._read_done(num_bytes, time.perf_counter() - start, num_descs)
+
+    def _prepare_read(self, peer: str, remote_block_ids, local_block_ids, deadline_s: float, num_tokens: int | None,
+                      request_id: str) -> tuple[PeerInfo, RunTable, int]:
+        """The READ's checks and plan: (the peer, its runs, its bytes); raises before anything moves."""
         remote_ids, local_ids = block_id_array(remote_block_ids), block_id_array(local_block_ids)
         if len(remote_ids) == 0:
             raise ValueError("read of zero blocks")
@@ -210,17 +250,19 @@ class KVTransceiver(ABC):
             self.metrics.transfer_failed(StalePeerError.kind)
             raise StalePeerError(f"blocks of {peer} lie in segments {unknown}, unknown at its epoch "
                                  f"{info.kv_epoch}: re-handshake", peer=peer, request_id=request_id)
-        start = time.perf_counter()
-        try:
-            num_descs = self._read(info, runs, time.monotonic() + deadline_s, request_id)
-        except TransferError as e:
-            e.peer, e.request_id = e.peer or peer, e.request_id or request_id
-            self.metrics.transfer_failed(e.kind)
-            raise
-        seconds = time.perf_counter() - start
-        num_bytes = len(remote_ids) * self.layout.bytes_per_block_all_layers
+        return info, runs, len(remote_ids) * self.layout.bytes_per_block_all_layers
+
+    def _read_done(self, num_bytes: int, seconds: float, num_descs: int) -> TransferResult:
         self.metrics.transfer_done(num_bytes, seconds, "read")
         return TransferResult(num_bytes, seconds, num_descs)
+
+    def _reads_on_loop(self, peer: str) -> bool:
+        """Whether READs from ``peer`` are device copies that ``read`` issues on the caller's loop."""
+        return False
+
+    def _device_read_events(self, info: PeerInfo, runs: RunTable) -> tuple[int, list]:
+        """Issue the READ as device copies: (slices, events that complete with them)."""
+        raise NotImplementedError
 
     # -- observability and shutdown ------------------------------------------------------------
     def counters(self) -> dict[str, float]:

@@ -6,6 +6,7 @@ import pickle
 import sys
 
 import pytest
+import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
@@ -76,6 +77,75 @@ def test_two_transceivers_in_one_process_keep_their_own_metrics():
         a.close()
         b.close()
     assert caches[0]._listeners == [] and caches[1]._listeners == []
+
+
+def test_device_reads_are_issued_on_the_loop_and_awaited_by_polling():
+    """KVTransceiver.read for a peer whose READs are device copies (CUDA IPC on a GPU; here the
+    tcp backend with its READ swapped for CudaIpcReader's copies on CPU tensors and events that
+    complete after a few polls): run on the caller's thread, not a worker thread; the bytes in
+    place; the event loop free for other tasks while it polls; metrics counted; a refused READ
+    raises as read_blocking's would. Other peers keep the thread path."""
+    import asyncio
+    import threading
+
+    from kv_transfer.cuda_ipc import CudaIpcReader
+    from kv_transfer.descriptors import plan_runs
+
+    registry = CollectorRegistry()
+    src = KVCache(make_layout(), 1)
+    for i, t in src.segments.items():
+        t.copy_(torch.randn_like(t))
+    dst = KVCache(make_layout(), 1)
+    a = make_transceiver(TransferConfig(backend="tcp"), src, "loop-a", host="127.0.0.1", registry=registry)
+    b = make_transceiver(TransferConfig(backend="tcp"), dst, "loop-b", host="127.0.0.1", registry=registry)
+    reader = CudaIpcReader(torch.device("cpu"))
+    info = a.peer_info()
+    reader.adopt(info, src.segments)
+    for i, t in dst.segments.items():
+        reader.add_local(i, t, dst.layout)
+    polls, threads = [], []
+
+    class Event:  # completes on its third query
+        def query(self):
+            polls.append(1)
+            return len(polls) % 3 == 0
+
+        def synchronize(self):
+            pass
+
+    def device_read(peer_info, runs):
+        threads.append(threading.get_ident())
+        return reader.issue_events(peer_info, runs, dst.layout)[0], [Event()]
+
+    b._reads_on_loop = lambda peer: peer == "loop-a"
+    b._device_read_events = device_read
+    try:
+        b.add_peer(info)
+
+        async def main():
+            ticks = 0
+
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            t = asyncio.ensure_future(ticker())
+            result = await b.read("loop-a", [0, 1, 2], [5, 6, 7], 10.0)
+            t.cancel()
+            return result, ticks
+
+        result, ticks = asyncio.run(main())
+        assert threads == [threading.get_ident()] and len(polls) == 3 and ticks >= 2
+        assert dst.read_blocks([5, 6, 7]).equal(src.read_blocks([0, 1, 2]))
+        assert result.num_bytes == 3 * dst.layout.bytes_per_block_all_layers and b.counters()["num_transfers"] == 1
+        with pytest.raises(ValueError, match="does not have"):  # our blocks past the cache: refused, nothing moved
+            asyncio.run(b.read("loop-a", [3], [10_000], 10.0))
+        assert len(threads) == 2
+    finally:
+        a.close()
+        b.close()
 
 
 def _thread_cpu_s() -> dict[int, float]:
