@@ -170,9 +170,15 @@ class OpenAIIngress:
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)])
+        return ModelList(data=[await self.model(self.model_name)])
 
     # -- tokenizer (vLLM's routes; lm-eval-harness uses them as its remote tokenizer) -----------
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+    async def model(self, model: str) -> ModelCard:
+        """OpenAI's model retrieval (the served name may hold a '/', as hub ids do)."""
+        self._check_model(model)
+        return ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)
+
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         """The ids the endpoint would run for this prompt (completions) or these messages (chat)."""

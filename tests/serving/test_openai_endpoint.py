@@ -47,6 +47,10 @@ def model_name(cluster):
 def test_models(client, cluster):
     ids = [m.id for m in client.models.list().data]
     assert ids == [model_name(cluster)] == ["tiny-llama"]
+    assert client.models.retrieve("tiny-llama").id == "tiny-llama"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("org/other-model")
+    assert e.value.body["code"] == "model_not_found"
 
 
 @pytest.mark.parametrize("stream", [False, True])
