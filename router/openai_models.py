@@ -10,6 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from workers.protocol import MAX_LOGIT_BIAS
 
 
+# OpenAI allows 4; vLLM any number, and lm-eval-harness's completions requests send a task's whole
+# `until` list (plus the EOS string) unsliced
+MAX_STOP_SEQUENCES = 16
+
+
 class _Request(BaseModel):
     # Unknown fields are ignored (clients send many optional OpenAI fields); fields we cannot
     # honour are rejected explicitly below rather than silently ignored.
@@ -23,7 +28,7 @@ class _Request(BaseModel):
                                                 "runs as a request of its own (at most limits.max_concurrent_requests)")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 16 strings (OpenAI: 4) that end the text")
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False,
                                     description="Subtracted from the logit of each token already in the output")
@@ -53,8 +58,8 @@ class _Request(BaseModel):
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
         return v

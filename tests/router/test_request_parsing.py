@@ -76,3 +76,14 @@ def test_chat_template_extras(tokenizer):
         with pytest.raises(InvalidRequestError) as e:
             chat(tokenizer, user, chat_template_kwargs={key: True})
         assert e.value.param == "chat_template_kwargs" and key in e.value.message
+
+
+def test_up_to_sixteen_stop_sequences():
+    """lm-eval-harness's completions requests carry a task's whole `until` list: up to 16 stop
+    strings (OpenAI: 4) reach SamplingParams; 17, or an empty one, are refused at the schema."""
+    stops = [f"stop-{i}" for i in range(16)]
+    assert parse(CompletionRequest, stop=stops).stop == tuple(stops)
+    for bad in (stops + ["one more"], ["ok", ""]):
+        with pytest.raises(pydantic.ValidationError) as e:
+            CompletionRequest(model="m", prompt="hi", stop=bad)
+        assert e.value.errors()[0]["loc"] == ("stop",)
