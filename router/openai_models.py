@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator, model_validator
 
 from workers.protocol import MAX_LOGIT_BIAS
 
@@ -15,7 +15,7 @@ from workers.protocol import MAX_LOGIT_BIAS
 MAX_STOP_SEQUENCES = 16
 
 
-class _Request(BaseModel):
+class _Request(BaseModel):  # booleans are JSON booleans (StrictBool): 0.0 or "yes" is a 400, as at OpenAI
     # Unknown fields are ignored (clients send many optional OpenAI fields); fields we cannot
     # honour are rejected explicitly below rather than silently ignored.
     model_config = ConfigDict(extra="ignore")
@@ -26,7 +26,7 @@ class _Request(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=128, description="Choices to generate for the prompt (OpenAI's limit: 128); each "
                                                 "runs as a request of its own (at most limits.max_concurrent_requests)")
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="Up to 16 strings (OpenAI: 4) that end the text")
     seed: int | None = None
@@ -49,7 +49,7 @@ class _Request(BaseModel):
     top_k: int = Field(0, ge=0)
     min_tokens: int = Field(0, ge=0, description="vLLM's: until this many tokens are out, EOS and stop_token_ids "
                                                  "cannot be sampled (at most max_tokens)")
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=256,
                                    description="Requests with different salts never share cached KV")
@@ -88,7 +88,7 @@ class ResponseFormat(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class CompletionRequest(_Request):
@@ -98,7 +98,7 @@ class CompletionRequest(_Request):
                          "limits.max_concurrent_requests)")
     logprobs: int | None = Field(None, ge=0, le=20)
     max_tokens: int | None = Field(None, ge=0, description="0 only with echo: the prompt alone (and its logprobs)")
-    echo: bool = Field(False, description="Each choice's text starts with its prompt; with logprobs, so do its "
+    echo: StrictBool = Field(False, description="Each choice's text starts with its prompt; with logprobs, so do its "
                                           "logprobs: each prompt token's logprob given the tokens before it (null "
                                           "for the first) and the top logprobs at each prompt position")
     suffix: Literal[""] | None = Field(None, description="Not supported (no fill-in-the-middle): must be empty")
@@ -133,13 +133,13 @@ class ContentPart(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # tool / function calling is not built: a request that offers tools is refused, not answered as
     # if it had none
     # vLLM's extras for the model's chat template
-    add_generation_prompt: bool = Field(True, description="Open the assistant's turn after the messages")
-    continue_final_message: bool = Field(
+    add_generation_prompt: StrictBool = Field(True, description="Open the assistant's turn after the messages")
+    continue_final_message: StrictBool = Field(
         False, description="Let the model continue the last message (e.g. a partial assistant answer) instead of "
                            "opening a new turn; needs add_generation_prompt false")
     chat_template_kwargs: dict[str, Any] | None = Field(
@@ -171,12 +171,12 @@ class TokenizeRequest(BaseModel):
 
     model: str | None = None
     prompt: str | None = None
-    add_special_tokens: bool = Field(True, description="For prompt: the tokenizer's BOS and the like")
+    add_special_tokens: StrictBool = Field(True, description="For prompt: the tokenizer's BOS and the like")
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    return_token_strs: bool = False
+    return_token_strs: StrictBool = False
 
     @model_validator(mode="after")
     def _one_input(self):

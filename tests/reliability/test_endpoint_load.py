@@ -259,8 +259,8 @@ FUZZ_CONFIG = SchemathesisConfig.from_dict({"checks": {
 
 
 def test_the_endpoint_holds_its_openapi_spec_under_fuzzing(limited_url):
-    """Against the endpoint with small limits (every generation is short). Well-formed bodies get
-    the served model name, a max_tokens, min_tokens and n within the limits and logit_bias keys within the
+    """Against the endpoint with small limits (every generation is short). Well-formed bodies (and
+    /v1/models/{model}) get the served model name, a max_tokens, min_tokens and n within the limits and logit_bias keys within the
     vocabulary (the spec cannot say those) so that most reach the workers; malformed ones keep
     what was drawn.
     A well-formed body may still exceed a configured limit: 400 (prompt tokens, max_tokens) and 413
@@ -282,6 +282,8 @@ def test_the_endpoint_holds_its_openapi_spec_under_fuzzing(limited_url):
                       phases=[Phase.explicit, Phase.generate])
             @given(case=op.as_strategy(generation_mode=mode))
             def run(case):
+                if mode is GenerationMode.POSITIVE and (case.path_parameters or {}).get("model") is not None:
+                    case.path_parameters["model"] = MODEL  # GET /v1/models/{model}: another name is a 404
                 if mode is GenerationMode.POSITIVE and isinstance(case.body, dict) and "model" in case.body:
                     case.body["model"] = MODEL
                     for key in ("max_tokens", "max_completion_tokens"):  # within the limit, mostly
