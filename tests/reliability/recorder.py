@@ -12,7 +12,8 @@ class StreamRecorder(threading.Thread):
         super().__init__(daemon=True)
         self.client, self.model, self.prompt, self.max_tokens, self.params = client, model, prompt, max_tokens, params
         self.text = ""
-        self.tokens: list[str] = []  # one entry per generated token (from logprobs)
+        self.tokens: list[str] = []  # one entry per generated token (from logprobs; with echo, the prompt's first)
+        self.logprobs: list[float | None] = []  # each token's logprob, as the chunks carried them
         self.finish_reason: str | None = None
         self.usage = None
         self.error: Exception | None = None
@@ -31,6 +32,7 @@ class StreamRecorder(threading.Thread):
                     self.text += choice.text
                     if choice.logprobs is not None:
                         self.tokens += choice.logprobs.tokens
+                        self.logprobs += choice.logprobs.token_logprobs
                     self.finish_reason = choice.finish_reason or self.finish_reason
         except Exception as e:  # kept for the test to inspect
             self.error = e

@@ -1,7 +1,7 @@
 """Decode workers that die or hang mid-stream. The endpoint migrates the request (prompt + the
 tokens already streamed, to another decode worker) and the client's stream goes on with no gap and
 no repeat: token-identical to an undisturbed run, greedy, seeded and penalised alike. With max_migrations
-reached the stream ends with a clear error. A hung worker (frozen: its etcd lease expires) leaves
+reached the stream ends with a clear error. An echo stream (prompt logprobs first) keeps them once. A hung worker (frozen: its etcd lease expires) leaves
 routing, its request fails over, and once it runs again the blocks it held are freed. A worker
 whose engine alone is stuck (its actor answers polls) leaves routing after
 router.engine_stall_timeout_s (3 s here) and comes back once the engine moves again.
@@ -46,6 +46,13 @@ def cluster(pdserve_cluster, model_dir):
                         router__engine_stall_timeout_s=ENGINE_STALL_TIMEOUT_S)
     yield c
     c.stop()  # frees the machine for the next module
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -174,4 +181,38 @@ def test_a_stuck_engine_leaves_routing_and_comes_back_when_it_moves(cluster):
     assert_same_stream(held.result(), ref)
     assert_same_stream(other, ref)
     assert metric(cluster.url, "pdserve_migrations_total") == migrations_before
+    assert_no_leaks(cluster.url)
+
+
+def test_killed_decode_worker_keeps_an_echo_streams_prompt_logprobs(cluster, tokenizer):
+    """lm-eval's kind of request (echo + logprobs), streamed; its decode worker (which prefilled it:
+    prompt logprobs are computed there) is killed mid-stream: the prompt and its logprobs came once,
+    in the first chunk, and the rest continues on another worker, token for token the undisturbed
+    run (logprobs within fp32 noise: the new worker recomputes the prompt and the tokens so far)."""
+    echo = dict(temperature=0.0, echo=True)
+    n_prompt = len(tokenizer(PROMPT_2).input_ids)
+    ref = stream(cluster.url, PROMPT_2, **echo).result()
+    assert ref.error is None and len(ref.tokens) == n_prompt + MAX_TOKENS and ref.text.startswith(PROMPT_2)
+    assert ref.logprobs[0] is None and all(lp is not None for lp in ref.logprobs[1:])
+    migrations_before = metric(cluster.url, "pdserve_migrations_total")
+    set_decode_delay(cluster, 0.1)
+    try:
+        s = stream(cluster.url, PROMPT_2, **echo)
+        s.wait_tokens(n_prompt + 3)
+        decision = routing(cluster.url)["decisions"][-1]
+        assert decision["reason"] == "prompt_logprobs", decision
+        owner = decision["decode"]
+        ray.kill(actor_of(cluster, owner))
+        at_kill = len(s.tokens)
+        s.result()
+    finally:
+        set_decode_delay(cluster, 0)
+    assert at_kill < n_prompt + MAX_TOKENS, "the kill came after the stream had finished"
+    assert s.error is None, s.error
+    assert s.tokens == ref.tokens and s.text == ref.text and s.usage.completion_tokens == MAX_TOKENS
+    assert s.logprobs[0] is None and s.logprobs[1:n_prompt] == ref.logprobs[1:n_prompt]  # sent once, before the kill
+    assert max(abs(a - b) for a, b in zip(s.logprobs[n_prompt:], ref.logprobs[n_prompt:])) < 1e-3
+    assert metric(cluster.url, "pdserve_migrations_total") - migrations_before == 1
+    wait_for(lambda: owner not in workers_of(cluster.url), 30, "the killed worker to leave routing")
+    ray.get(cluster.manager.remove.remote(owner))
     assert_no_leaks(cluster.url)
