@@ -42,6 +42,7 @@ class InvalidRequestError(ValueError):
 
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
 MAX_TOP_LOGPROBS = 20  # top_logprobs and prompt_logprobs (OpenAI's and vLLM's default limit)
+MIN_PRIORITY, MAX_PRIORITY = -2**31, 2**31 - 1  # SamplingParams.priority (an int32)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,11 @@ class SamplingParams:
     # where the request decodes (no prefix-cache hit, no prefill worker: the router prefills it
     # locally), and a resumed request (migration) drops it: its first delta already carried them.
     prompt_logprobs: int | None = None
+    # vLLM's priority extra (not sampling, but this is the carrier that reaches every engine a
+    # request touches: prefill, decode, a migration's next decode worker): lower is served first.
+    # Each engine admits waiting requests in (priority, arrival) order and preempts the running
+    # request with the highest value (workers/engine/scheduler.py)
+    priority: int = 0
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -125,6 +131,10 @@ class SamplingParams:
                 raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token}",
                                           "logit_bias")
             seen.add(token)
+        p = self.priority
+        if not isinstance(p, int) or isinstance(p, bool) or not MIN_PRIORITY <= p <= MAX_PRIORITY:
+            raise InvalidRequestError(f"priority must be an integer in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {p!r}",
+                                      "priority")
         if not isinstance(self.output_position_offset, int) or self.output_position_offset < 0:
             raise InvalidRequestError(f"output_position_offset must be an integer >= 0, got "
                                       f"{self.output_position_offset!r}", "output_position_offset")

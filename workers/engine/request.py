@@ -33,6 +33,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.arrival_time = time.time()
+        self.priority = sampling.priority  # lower first: the scheduler's queues are ordered by it
         self.num_tokens = len(self.prompt_token_ids)  # prompt + outputs known to the host (append_output)
         # KV state:  block_ids cover tokens [0, num_computed_tokens) and room for what is scheduled.
         # A tuple, replaced (never mutated) when blocks come or go: a step's SeqSlice shares it as is

@@ -1,13 +1,15 @@
 """Continuous batching: which requests compute how many tokens this step, and their KV blocks.
 
+Both queues are ordered by the request's priority (vLLM's: lower first), then as without it:
+running by admission, waiting by arrival (a preempted request goes first among its priority).
 Policy, per step, under a token budget:
-1. running requests first, oldest first (decodes take 1 token, unfinished prefills a chunk);
-   when blocks run out, the newest running request is preempted (blocks freed, recomputed later,
-   cheaply, through the prefix cache);
-2. then waiting requests FCFS, admitted only if their next chunk's blocks are free right now
+1. running requests first, in that order (decodes take 1 token, unfinished prefills a chunk);
+   when blocks run out, the last running request (highest priority value, newest among those) is
+   preempted (blocks freed, recomputed later, cheaply, through the prefix cache);
+2. then waiting requests in order, admitted only if their next chunk's blocks are free right now
    (a prefix-cache hit reuses cached blocks and skips their compute), leaving aside the blocks
-   that imports which began waiting for free blocks before this request arrived asked for
-   (want_for_import): first come, first served between the two. Without that, under KV pressure
+   that imports which come before this request asked for (want_for_import): in (priority, time
+   since waiting/arrived) order between the two. Without that, under KV pressure
    on a decode worker that also prefills locally, every freed block went to the next local
    admission and imports waited past their leases (2x H200, benchmarks/README.md); with imports
    always first, preempted and local requests starved instead.
@@ -23,12 +25,14 @@ from typing import NamedTuple
 from workers.engine.block_pool import BlockPool
 from workers.engine.config import EngineConfig
 from workers.engine.request import Request, RequestStatus
+from workers.protocol import MAX_PRIORITY
 
 
 class ImportWait(NamedTuple):
     num_blocks: int  # what the import asked for and did not get
     since: float  # time.time() of its first ask (compared with Request.arrival_time)
     last_ask: float  # time.monotonic()
+    priority: int = 0  # its request's (compared with Request.priority before ``since``)
 
 
 @dataclass
@@ -60,12 +64,13 @@ class Scheduler:
         self.num_import_waits = 0  # imports that found too few free blocks (each counted once)
 
     def add(self, req: Request) -> None:
-        self.waiting.append(req)
+        """Queue a new request: after every waiting one of its priority or a lower value."""
+        _insert_after(self.waiting, req)
 
     def add_running(self, req: Request) -> None:
         """A request whose KV is already in place (imported): straight to decoding."""
         req.status = RequestStatus.RUNNING
-        self.running.append(req)
+        _insert_after(self.running, req)
 
     def remove(self, req: Request) -> None:
         """Take a request out of the queues and free its blocks (finish or abort)."""
@@ -80,22 +85,24 @@ class Scheduler:
         self.pool.free(reversed(req.block_ids))  # tail first: head blocks stay cached longest
         req.block_ids = ()
 
-    def want_for_import(self, request_id: str, num_blocks: int) -> None:
-        """An import of ``num_blocks`` found too few free: keep them from later arrivals meanwhile."""
+    def want_for_import(self, request_id: str, num_blocks: int, priority: int = 0) -> None:
+        """An import of ``num_blocks`` found too few free: keep them meanwhile from local requests
+        that come after it (a higher priority value, or equal and arrived later)."""
         if num_blocks <= self.pool.num_blocks:  # one that can never fit holds nothing back
             wait = self.import_waits.get(request_id)
             if wait is None:
                 self.num_import_waits += 1
             since = wait.since if wait is not None else time.time()
-            self.import_waits[request_id] = ImportWait(num_blocks, since, time.monotonic())
+            self.import_waits[request_id] = ImportWait(num_blocks, since, time.monotonic(), priority)
 
     def withdraw_import(self, request_id: str) -> None:
         """The import got its blocks or was aborted: it holds nothing back any more."""
         self.import_waits.pop(request_id, None)
 
-    def blocks_wanted_by_imports(self, arrived_at: float = float("inf")) -> int:
-        """Blocks asked for by imports that began waiting before ``arrived_at`` (default: all)."""
-        return sum(w.num_blocks for w in self.waiting_imports() if w.since < arrived_at)
+    def blocks_wanted_by_imports(self, arrived_at: float = float("inf"), priority: int = MAX_PRIORITY) -> int:
+        """Blocks asked for by imports that come before a request of ``priority`` that arrived at
+        ``arrived_at``: a lower priority value, or equal and waiting since before (default: all)."""
+        return sum(w.num_blocks for w in self.waiting_imports() if (w.priority, w.since) < (priority, arrived_at))
 
     def waiting_imports(self) -> list[ImportWait]:
         """The imports waiting for free blocks now (lapsed ones dropped)."""
@@ -134,12 +141,12 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            held_back = self.blocks_wanted_by_imports(req.arrival_time) if self.import_waits else 0
+            held_back = self.blocks_wanted_by_imports(req.arrival_time, req.priority) if self.import_waits else 0
             n = self._admit(req, budget, held_back)
             if n == 0:
                 break  # head of line waits for blocks
             self.waiting.popleft()
-            self.running.append(req)
+            _insert_after(self.running, req)
             batch.requests.append(req)
             batch.num_new_tokens.append(n)
             budget -= n
@@ -191,7 +198,20 @@ class Scheduler:
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        # first among its priority: before every waiting request of its priority or a higher value
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].priority < req.priority:
+            i += 1
+        self.waiting.insert(i, req)
+
+
+def _insert_after(queue: list[Request] | deque[Request], req: Request) -> None:
+    """Put ``req`` after every request of ``queue`` with its priority or a lower value (at the end
+    when all share one priority: the order without priorities)."""
+    i = len(queue)
+    while i > 0 and queue[i - 1].priority > req.priority:
+        i -= 1
+    queue.insert(i, req)
 
 
 IMPORT_WAIT_TTL_S = 2.0  # the decode worker asks again every 10 ms plus one engine step

@@ -4,7 +4,8 @@ Prefill side: a prefill-only request's blocks stay pinned after its first token 
 release_handle(). Decode side: reserve_import() allocates the blocks a peer writes the prompt's KV
 into, commit_import() starts decoding from the first token sampled over there, abort() (Engine)
 frees a reservation that will not be committed. While an import finds too few free blocks, the
-scheduler holds the blocks it asked for back from requests that arrive after it (want_for_import).
+scheduler holds the blocks it asked for back from requests that come after it (a higher priority
+value, or equal and arrived later: want_for_import).
 
 Uses Engine's pool, scheduler, requests, block_size, config, layout, kv_cache, worker_id,
 _launched, _new_request, _publish_blocks and _append_token.
@@ -51,7 +52,7 @@ class SplitPoints:
         hits = self.pool.lookup(req.block_hashes())[: n // self.block_size] if self.config.enable_prefix_caching else []
         need = -(-n // self.block_size) - len(hits)
         if need > self.pool.num_free_after_touch(hits):
-            self.scheduler.want_for_import(request_id, need)
+            self.scheduler.want_for_import(request_id, need, req.priority)
             raise NoFreeBlocks(f"{need} blocks needed for an import, {self.pool.num_free} free")
         self.scheduler.withdraw_import(request_id)
         self.pool.touch(hits)

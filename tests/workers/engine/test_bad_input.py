@@ -33,6 +33,10 @@ def engine(tiny_checkpoint, scheduling):
     ([1, 2, 3], SamplingParams(prompt_logprobs=21), "prompt_logprobs"),
     ([1, 2, 3], SamplingParams(prompt_logprobs=-1), "prompt_logprobs"),
     ([1, 2, 3], SamplingParams(prompt_logprobs=True), "prompt_logprobs"),
+    ([1, 2, 3], SamplingParams(priority=2**31), "priority"),
+    ([1, 2, 3], SamplingParams(priority=-2**31 - 1), "priority"),
+    ([1, 2, 3], SamplingParams(priority=1.5), "priority"),
+    ([1, 2, 3], SamplingParams(priority=True), "priority"),
     ([1, 99999], GREEDY, "token ids"),
     ([1, -1], GREEDY, "token ids"),
 ])
