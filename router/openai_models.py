@@ -1,5 +1,6 @@
 """OpenAI-compatible request/response schemas (the subset pdserve serves, plus a few extras that
-vLLM and TensorRT-LLM also accept: top_k, repetition_penalty, ignore_eos, stop_token_ids, cache_salt)."""
+vLLM and TensorRT-LLM also accept: top_k, repetition_penalty, ignore_eos, stop_token_ids, cache_salt,
+priority)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator, model_validator
 
-from workers.protocol import MAX_LOGIT_BIAS
+from workers.protocol import MAX_LOGIT_BIAS, MAX_PRIORITY, MIN_PRIORITY
 
 
 # OpenAI allows 4; vLLM any number, and lm-eval-harness's completions requests send a task's whole
@@ -53,6 +54,9 @@ class _Request(BaseModel):  # booleans are JSON booleans (StrictBool): 0.0 or "y
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=256,
                                    description="Requests with different salts never share cached KV")
+    priority: int = Field(0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
+                          description="vLLM's: lower is served first (orders admission and picks preemption victims "
+                                      "on every worker; first come, first served among equals)")
 
     @field_validator("stop")
     @classmethod

@@ -85,6 +85,7 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, num_prompt_
         logprobs=logprobs, top_logprobs=top, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
         logit_bias=body.logit_bias_pairs(), min_tokens=body.min_tokens, prompt_logprobs=prompt_logprobs,
+        priority=body.priority,
     )
     params.validate()
     return params

@@ -24,9 +24,17 @@ def test_penalties_map_into_sampling_params(cls):
     assert not plain.has_penalties
 
 
+@pytest.mark.parametrize("cls", [CompletionRequest, ChatCompletionRequest])
+def test_priority_maps_into_sampling_params(cls):
+    """vLLM's priority extra rides in SamplingParams (to the decode worker, its prefill call and a
+    migration's next worker); 0 when not given."""
+    assert parse(cls, priority=-7).priority == -7 and parse(cls).priority == 0
+
+
 @pytest.mark.parametrize("field, value", [
     ("presence_penalty", 2.01), ("presence_penalty", -3), ("frequency_penalty", 3), ("frequency_penalty", float("nan")),
     ("repetition_penalty", 0), ("repetition_penalty", -1), ("repetition_penalty", float("inf")),
+    ("priority", 2**31), ("priority", -2**31 - 1), ("priority", 1.5),
 ])
 def test_out_of_range_is_rejected(field, value):
     with pytest.raises(pydantic.ValidationError) as e:

@@ -318,6 +318,22 @@ def test_min_tokens(client, cluster, model_dir, tokenizer):
     assert e.value.body["param"] == "min_tokens"
 
 
+def test_priority(client, cluster, model_dir, tokenizer):
+    """vLLM's priority extra: a request with one is served as without (greedy, token-identical to
+    generate; chat too); a value that is not an int32 is a 400 naming priority."""
+    ids = tokenizer(PROMPTS[0]).input_ids
+    r = client.completions.create(model=model_name(cluster), prompt=ids, max_tokens=N, temperature=0,
+                                  extra_body={"ignore_eos": True, "priority": -5})
+    assert r.choices[0].text == tokenizer.decode(expected(model_dir, tokenizer, ids), skip_special_tokens=True)
+    c = client.chat.completions.create(model=model_name(cluster), messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=3, extra_body={"ignore_eos": True, "priority": 10})
+    assert c.usage.completion_tokens == 3
+    for bad in (2**31, 1.5, "high"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=model_name(cluster), prompt="hi", max_tokens=2, extra_body={"priority": bad})
+        assert e.value.body["param"] == "priority", e.value.body
+
+
 def test_n_choices_stream_closed_early_leaves_nothing_running(client, cluster):
     """A client that drops an n=3 stream after a few chunks: every choice's request ends at once
     (the endpoint counts none in flight) and no worker keeps KV blocks."""
