@@ -356,22 +356,40 @@ def test_n_choices_stream_closed_early_leaves_nothing_running(client, cluster):
 
 
 def test_non_streaming_client_gone_cancels_its_request(client, cluster):
-    """A client that gives up on a non-streaming request (its read timeout) before the end: the
-    request stops in the cluster (counted as cancelled, none in flight) and frees its KV blocks."""
-    from tests.reliability.faults import assert_no_leaks, wait_for
+    """A client that goes away while its non-streaming request runs (its socket closed once the
+    endpoint counts the request in flight; decode steps slowed so that it is mid-way): the request
+    stops in the cluster (counted as cancelled, none in flight) and frees its KV blocks."""
+    import json
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    from tests.reliability.faults import actor_of, assert_no_leaks, slow_engine_steps, wait_for, workers_of
 
     def cancelled():
         lines = httpx.get(cluster.url + "/metrics", timeout=30).text.splitlines()
         return sum(float(l.split()[-1]) for l in lines if l.startswith('pdserve_requests_total{status="cancelled"}'))
 
-    before = cancelled()
-    body = {"model": model_name(cluster), "prompt": PROMPTS[2], "max_tokens": 1500, "temperature": 0,
-            "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(cluster.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.15))
-    wait_for(lambda: cancelled() == before + 1, 10, "the request to end as cancelled")
-    wait_for(lambda: httpx.get(cluster.url + "/v1/routing/recent", timeout=30).json()["inflight_requests"] == 0, 10,
-             "the endpoint to count no request in flight")
+    def inflight():
+        return httpx.get(cluster.url + "/v1/routing/recent", timeout=30).json()["inflight_requests"]
+
+    decode = [actor_of(cluster, w) for w in workers_of(cluster.url, "decode")]
+    before, url = cancelled(), urlsplit(cluster.url)
+    body = json.dumps({"model": model_name(cluster), "prompt": PROMPTS[2], "max_tokens": 400, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    for actor in decode:
+        slow_engine_steps(actor, 0.05)  # 400 tokens: ~20 s
+    try:
+        with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+            sock.sendall(f"POST {url.path}/v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: "
+                         f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_for(lambda: inflight() == 1, 30, "the request to run")
+            time.sleep(0.3)  # a few tokens in; then the socket closes: the client is gone
+        wait_for(lambda: cancelled() == before + 1, 15, "the request to end as cancelled")
+    finally:
+        for actor in decode:
+            slow_engine_steps(actor, 0)
+    wait_for(lambda: inflight() == 0, 10, "the endpoint to count no request in flight")
     assert_no_leaks(cluster.url, timeout_s=10)
 
 
