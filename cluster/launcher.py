@@ -175,13 +175,18 @@ def config_as_dict(c: PdserveConfig) -> dict:
 
 
 def running_pid(rdir: Path) -> int | None:
-    """The pid of the `pdserve up` that runs this cluster (its pid file, process alive), or None."""
+    """The pid of the `pdserve up` that runs this cluster (its pid file, that process alive and a
+    pdserve: a pid file left by a killed run may name a pid reused since), or None."""
     try:
         pid = int((rdir / "pid").read_text())
         os.kill(pid, 0)
     except (OSError, ValueError):  # no file, not a number, no such process
         return None
-    return pid
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # no /proc here: alive is all we can tell
+        return pid
+    return pid if b"pdserve" in cmdline or b"cluster.cli" in cmdline else None
 
 
 def up(config: PdserveConfig, ray_address: str | None, detach: bool, config_args: list[str]) -> int:

@@ -37,9 +37,20 @@ def test_only_this_runs_ready_line_counts(tmp_path):
 
 
 def test_running_pid(tmp_path):
+    """Alive and a pdserve (`python -m cluster.cli up` or the pdserve script): running; gone, or
+    the pid now another program's (a pid file a killed run left behind): not."""
     assert running_pid(tmp_path) is None
-    (tmp_path / "pid").write_text(str(os.getpid()))
-    assert running_pid(tmp_path) == os.getpid()
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / "pid").write_text(done.stdout.strip())  # a process that is gone
+    up = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "cluster.cli", "up"])
+    try:
+        deadline = time.monotonic() + 10  # until the child runs its own program (the pid file comes later still)
+        while b"cluster.cli" not in open(f"/proc/{up.pid}/cmdline", "rb").read() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (tmp_path / "pid").write_text(str(up.pid))
+        assert running_pid(tmp_path) == up.pid
+        (tmp_path / "pid").write_text(str(os.getpid()))  # alive, but pytest
+        assert running_pid(tmp_path) is None
+    finally:
+        up.kill()
+        up.wait()
+    (tmp_path / "pid").write_text(str(up.pid))  # gone
     assert running_pid(tmp_path) is None
