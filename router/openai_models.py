@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, field_validator,
+                      model_validator)
 
 from workers.protocol import MAX_LOGIT_BIAS, MAX_PRIORITY, MIN_PRIORITY
 
@@ -54,7 +55,7 @@ class _Request(BaseModel):  # booleans are JSON booleans (StrictBool): 0.0 or "y
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=256,
                                    description="Requests with different salts never share cached KV")
-    priority: int = Field(0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
+    priority: StrictInt = Field(0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
                           description="vLLM's: lower is served first (orders admission and picks preemption victims "
                                       "on every worker; first come, first served among equals)")
 

@@ -34,7 +34,7 @@ def test_priority_maps_into_sampling_params(cls):
 @pytest.mark.parametrize("field, value", [
     ("presence_penalty", 2.01), ("presence_penalty", -3), ("frequency_penalty", 3), ("frequency_penalty", float("nan")),
     ("repetition_penalty", 0), ("repetition_penalty", -1), ("repetition_penalty", float("inf")),
-    ("priority", 2**31), ("priority", -2**31 - 1), ("priority", 1.5),
+    ("priority", 2**31), ("priority", -2**31 - 1), ("priority", 1.5), ("priority", True), ("priority", "3"),
 ])
 def test_out_of_range_is_rejected(field, value):
     with pytest.raises(pydantic.ValidationError) as e:

@@ -328,7 +328,7 @@ def test_priority(client, cluster, model_dir, tokenizer):
     c = client.chat.completions.create(model=model_name(cluster), messages=[{"role": "user", "content": "hi"}],
                                        max_tokens=3, extra_body={"ignore_eos": True, "priority": 10})
     assert c.usage.completion_tokens == 3
-    for bad in (2**31, 1.5, "high"):
+    for bad in (2**31, 1.5, "high", True):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=model_name(cluster), prompt="hi", max_tokens=2, extra_body={"priority": bad})
         assert e.value.body["param"] == "priority", e.value.body
