@@ -240,7 +240,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     """YAML file (None: all defaults) + dotted overrides ({"pools.prefill.replicas": 2}).
 
     server.admin_token comes from env PDSERVE_ADMIN_TOKEN, and server.api_keys from env
-    PDSERVE_API_KEY (comma-separated), when neither the file nor the overrides set them. Raises ConfigError naming the source and every bad key.
+    PDSERVE_API_KEY (comma-separated), when neither the file nor the overrides set them. Raises
+    ConfigError naming the source and every bad key.
     """
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}

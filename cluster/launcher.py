@@ -215,9 +215,10 @@ def up(config: PdserveConfig, ray_address: str | None, detach: bool, config_args
         print(f"model: {c.model.served_model_name}")
         print(f"management API: http://{c.server.host}:{c.server.admin_port} "
               f"(token {'in ' + str(cluster.token_file) if cluster.token_file else 'from your config / PDSERVE_ADMIN_TOKEN'})")
-        auth = " -H \"Authorization: Bearer $PDSERVE_API_KEY\"" if c.server.api_keys else ""
+        auth = ""
         if c.server.api_keys:
             print(f"/v1 needs one of the {len(c.server.api_keys)} API key(s) of server.api_keys / PDSERVE_API_KEY")
+            auth = " -H \"Authorization: Bearer $PDSERVE_API_KEY\""
         print("try:\n  curl " + cluster.url + "/v1/chat/completions" + auth + " -H 'Content-Type: application/json' -d '"
               + json.dumps({"model": c.model.served_model_name,
                             "messages": [{"role": "user", "content": "What is the capital of France?"}]}) + "'",

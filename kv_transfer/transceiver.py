@@ -19,6 +19,7 @@ Contract (both backends):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import threading
@@ -39,14 +40,13 @@ from kv_transfer.layout import KVLayout
 from kv_transfer.metrics import TransferMetrics
 from workers.protocol import CudaIpcSegment, KVSegmentInfo, PeerInfo
 
+log = logging.getLogger(__name__)
 _LOOP_POLLS = 64  # a READ on the loop polls its events this many times, yielding between, then waits on a thread
 
 
 def _synchronize(events) -> None:
     for e in events:
         e.synchronize()
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -196,16 +196,12 @@ class KVTransceiver(ABC):
             info, runs, num_bytes = self._prepare_read(peer, remote_block_ids, local_block_ids, deadline_s, num_tokens,
                                                        request_id)
             start = time.perf_counter()
-            try:
+            with self._counting_failures(peer, request_id):
                 num_descs, events = self._device_read_events(info, runs)
                 polls = 0
                 while not all(e.query() for e in events):
                     polls += 1  # copies take microseconds to a few milliseconds: poll, then wait off the loop
                     await (asyncio.sleep(0) if polls < _LOOP_POLLS else asyncio.to_thread(_synchronize, events))
-            except TransferError as e:
-                e.peer, e.request_id = e.peer or peer, e.request_id or request_id
-                self.metrics.transfer_failed(e.kind)
-                raise
             return self._read_done(num_bytes, time.perf_counter() - start, num_descs)
         return await asyncio.to_thread(self.read_blocking, peer, remote_block_ids, local_block_ids, deadline_s,
                                        num_tokens=num_tokens, request_id=request_id)
@@ -218,12 +214,8 @@ class KVTransceiver(ABC):
         info, runs, num_bytes = self._prepare_read(peer, remote_block_ids, local_block_ids, deadline_s, num_tokens,
                                                    request_id)
         start = time.perf_counter()
-        try:
+        with self._counting_failures(peer, request_id):
             num_descs = self._read(info, runs, time.monotonic() + deadline_s, request_id)
-        except TransferError as e:
-            e.peer, e.request_id = e.peer or peer, e.request_id or request_id
-            self.metrics.transfer_failed(e.kind)
-            raise
         return self._read_done(num_bytes, time.perf_counter() - start, num_descs)
 
     def _prepare_read(self, peer: str, remote_block_ids, local_block_ids, deadline_s: float, num_tokens: int | None,
@@ -251,6 +243,16 @@ class KVTransceiver(ABC):
             raise StalePeerError(f"blocks of {peer} lie in segments {unknown}, unknown at its epoch "
                                  f"{info.kv_epoch}: re-handshake", peer=peer, request_id=request_id)
         return info, runs, len(remote_ids) * self.layout.bytes_per_block_all_layers
+
+    @contextlib.contextmanager
+    def _counting_failures(self, peer: str, request_id: str):
+        """A TransferError out of the READ names its peer and request and is counted."""
+        try:
+            yield
+        except TransferError as e:
+            e.peer, e.request_id = e.peer or peer, e.request_id or request_id
+            self.metrics.transfer_failed(e.kind)
+            raise
 
     def _read_done(self, num_bytes: int, seconds: float, num_descs: int) -> TransferResult:
         self.metrics.transfer_done(num_bytes, seconds, "read")

@@ -36,7 +36,7 @@ from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse,
                                   ModelList, TokenizeRequest, TokenizeResponse)
 from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
-from router.request_parsing import chat_prompt, completion_prompts, sampling_params
+from router.request_parsing import chat_prompt, check_token_ids, completion_prompts, sampling_params
 from router.http_errors import ApiKeyAuth, BodyLimit, HTTPError, error_response
 from workers.protocol import IngressSnapshot, InvalidRequestError, RequestFailedError, SamplingParams
 
@@ -44,9 +44,7 @@ log = logging.getLogger(__name__)
 SEED_MODULUS = 1 << 63  # choice i of a seeded request samples with (seed + i) mod this
 
 app = FastAPI(title="pdserve OpenAI-compatible API", version="0.1.0")
-_ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-           429: {"model": ErrorResponse}, 500: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
-           504: {"model": ErrorResponse}}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503, 504)}
 # stream: true answers with server-sent events instead of the JSON body; the schema describes one
 # event: its data is a JSON chunk (or {"error": ...}), and the last one is [DONE]
 _SSE = {"text/event-stream": {"schema": {
@@ -195,8 +193,7 @@ class OpenAIIngress:
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         if body.model is not None:
             self._check_model(body.model)
-        if any(t < 0 or t >= self.vocab_size for t in body.tokens):
-            raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size})", "tokens")
+        check_token_ids(body.tokens, self.vocab_size, "token ids", "tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
 
     @app.get("/tokenizer_info")
@@ -235,7 +232,7 @@ class OpenAIIngress:
         items = completion_prompts(self.tokenizer, body, self.vocab_size)
         subs = self._fanout(body.n, [(ids, sampling_params(body, len(ids), self.max_model_len, self.config.limits,
                                                            default_max_tokens=16)) for ids, _ in items])
-        echoes = [fmt.Echo(ids, text if text is not None else self.tokenizer.decode(ids), body.max_tokens == 0)
+        echoes = [fmt.Echo(ids, text if text is not None else self.tokenizer.decode(ids))
                   for ids, text in items] if body.echo else None
         hide = body.echo and body.max_tokens == 0  # the one token run is left out
         rid = f"cmpl-{uuid.uuid4().hex}"

@@ -16,10 +16,9 @@ from workers.protocol import FinishReason, TokenDelta
 @dataclass(frozen=True)
 class Echo:
     """OpenAI's echo for one prompt: its text and ids go before each of its choices' output (and
-    its logprobs before theirs); ``hide_output``: max_tokens 0, the one token run is left out."""
+    its logprobs before theirs)."""
     token_ids: list[int]
     text: str
-    hide_output: bool = False
 
 
 def without_output(d: TokenDelta) -> TokenDelta:

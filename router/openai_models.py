@@ -135,24 +135,14 @@ class ContentPart(BaseModel):
     text: str
 
 
-class ChatCompletionRequest(_Request):
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: StrictBool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    # tool / function calling is not built: a request that offers tools is refused, not answered as
-    # if it had none
-    # vLLM's extras for the model's chat template
+class ChatTemplateOptions(BaseModel):
+    """vLLM's extras for the model's chat template: chat completions, and /tokenize of messages."""
     add_generation_prompt: StrictBool = Field(True, description="Open the assistant's turn after the messages")
     continue_final_message: StrictBool = Field(
         False, description="Let the model continue the last message (e.g. a partial assistant answer) instead of "
                            "opening a new turn; needs add_generation_prompt false")
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="More variables for the chat template, e.g. {\"enable_thinking\": false} (Qwen3)")
-    tools: list | None = Field(None, max_length=0, description="Not supported: must be empty")
-    tool_choice: Literal["none"] | None = Field(None, description="Not supported beyond 'none'")
-    functions: list | None = Field(None, max_length=0, description="Not supported: must be empty")
-    function_call: Literal["none"] | None = Field(None, description="Not supported beyond 'none'")
 
     @model_validator(mode="after")
     def _one_turn_end(self):
@@ -160,6 +150,19 @@ class ChatCompletionRequest(_Request):
             raise ValueError("continue_final_message needs add_generation_prompt: false (a message is either "
                              "continued or followed by a new assistant turn)")
         return self
+
+
+class ChatCompletionRequest(_Request, ChatTemplateOptions):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # tool / function calling is not built: a request that offers tools is refused, not answered as
+    # if it had none
+    tools: list | None = Field(None, max_length=0, description="Not supported: must be empty")
+    tool_choice: Literal["none"] | None = Field(None, description="Not supported beyond 'none'")
+    functions: list | None = Field(None, max_length=0, description="Not supported: must be empty")
+    function_call: Literal["none"] | None = Field(None, description="Not supported beyond 'none'")
 
     @field_validator("tools", "functions", mode="before")
     @classmethod
@@ -170,7 +173,7 @@ class ChatCompletionRequest(_Request):
 
 
 # -- tokenizer routes (vLLM's /tokenize, /detokenize, /tokenizer_info: lm-eval-harness's remote tokenizer) --
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatTemplateOptions):
     """Text, or chat messages through the model's template (with the chat extras), to token ids."""
     model_config = ConfigDict(extra="ignore")
 
@@ -178,9 +181,6 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     add_special_tokens: StrictBool = Field(True, description="For prompt: the tokenizer's BOS and the like")
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    add_generation_prompt: StrictBool = True
-    continue_final_message: StrictBool = False
-    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: StrictBool = False
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@ with the configured input limits. Raises InvalidRequestError (-> HTTP 400) for c
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from router.config import LimitsConfig
@@ -24,10 +25,14 @@ def completion_prompts(tokenizer, body: CompletionRequest, vocab_size: int) -> l
         ids = list(tokenizer(item).input_ids) if isinstance(item, str) else list(item)
         if not ids:
             raise InvalidRequestError(f"{name} must not be empty", "prompt")
-        if any(t < 0 or t >= vocab_size for t in ids):
-            raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab_size})", "prompt")
+        check_token_ids(ids, vocab_size, f"{name}: token ids", "prompt")
         prompts.append((ids, item if isinstance(item, str) else None))
     return prompts
+
+
+def check_token_ids(ids, vocab_size: int, what: str, param: str) -> None:
+    if any(t < 0 or t >= vocab_size for t in ids):
+        raise InvalidRequestError(f"{what} must be in [0, {vocab_size})", param)
 
 
 def chat_prompt(tokenizer, body: ChatCompletionRequest | TokenizeRequest) -> list[int]:
@@ -35,7 +40,7 @@ def chat_prompt(tokenizer, body: ChatCompletionRequest | TokenizeRequest) -> lis
         raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     extra = dict(body.chat_template_kwargs or {})
-    taken = sorted(set(extra) & _reserved_template_args(tokenizer))
+    taken = sorted(set(extra) & _reserved_template_args(type(tokenizer))) if extra else []
     if taken:
         raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(taken)}: they are arguments of the "
                                   "template call itself", "chat_template_kwargs")
@@ -48,11 +53,12 @@ def chat_prompt(tokenizer, body: ChatCompletionRequest | TokenizeRequest) -> lis
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def _reserved_template_args(tokenizer) -> set[str]:
+@functools.cache
+def _reserved_template_args(tokenizer_class: type) -> frozenset[str]:
     """apply_chat_template's own parameters (tokenize, return_tensors, ...) and the template's
-    messages: not variables a request may set."""
-    params = inspect.signature(type(tokenizer).apply_chat_template).parameters
-    return {name for name, p in params.items() if p.kind is not p.VAR_KEYWORD} - {"self"} | {"messages"}
+    messages: not variables a request may set (once per tokenizer class)."""
+    params = inspect.signature(tokenizer_class.apply_chat_template).parameters
+    return frozenset({name for name, p in params.items() if p.kind is not p.VAR_KEYWORD} - {"self"} | {"messages"})
 
 
 def sampling_params(body: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int, max_model_len: int,
