@@ -1,15 +1,16 @@
 """OpenAI-compatible request/response schemas (the subset pdserve serves, plus a few extras that
 vLLM and TensorRT-LLM also accept: top_k, repetition_penalty, ignore_eos, stop_token_ids, cache_salt,
-priority)."""
+priority, structured_outputs and its older guided_* fields)."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, field_validator,
                       model_validator)
 
-from workers.protocol import MAX_LOGIT_BIAS, MAX_PRIORITY, MIN_PRIORITY
+from workers.protocol import MAX_LOGIT_BIAS, MAX_PRIORITY, MIN_PRIORITY, InvalidRequestError, StructuredOutput
 
 
 # OpenAI allows 4; vLLM any number, and lm-eval-harness's completions requests send a task's whole
@@ -37,8 +38,15 @@ class _Request(BaseModel):  # booleans are JSON booleans (StrictBool): 0.0 or "y
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False,
                                      description="Times how often a token is in the output, subtracted from its logit")
     user: str | None = None
-    response_format: ResponseFormat | None = Field(None, description="Only {\"type\": \"text\"}: pdserve has no "
-                                                                     "guided (JSON or schema-constrained) decoding")
+    response_format: ResponseFormat | None = Field(
+        None, description="OpenAI's: text (default), json_object (any JSON object) or json_schema (output that "
+                          "follows json_schema.schema); enforced token by token (xgrammar)")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's: exactly one of json (a schema), json_object, regex, choice, grammar (EBNF)")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older form of structured_outputs.json")
+    guided_regex: str | None = Field(None, description="vLLM's older form of structured_outputs.regex")
+    guided_choice: list[str] | None = Field(None, description="vLLM's older form of structured_outputs.choice")
+    guided_grammar: str | None = Field(None, description="vLLM's older form of structured_outputs.grammar")
     logit_bias: dict[Annotated[str, StringConstraints(pattern=r"^[0-9]+$")],
                      Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         None, max_length=MAX_LOGIT_BIAS,
@@ -69,13 +77,25 @@ class _Request(BaseModel):  # booleans are JSON booleans (StrictBool): 0.0 or "y
             raise ValueError("stop sequences must be non-empty")
         return v
 
-    @field_validator("response_format", mode="before")
-    @classmethod
-    def _response_format(cls, v):
-        if isinstance(v, dict) and v.get("type") != "text":
-            raise ValueError(f"response_format type {v.get('type')!r} is not supported: pdserve has no guided "
-                             "(JSON or schema-constrained) decoding; only 'text'")
-        return v
+    def structured_output(self) -> StructuredOutput | None:
+        """The request's one output constraint, from whichever field sent it (None: free text);
+        InvalidRequestError when several are sent."""
+        found = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(StructuredOutput("json_object", "", "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            schema = rf.json_schema.schema_
+            found.append(StructuredOutput("json_schema", json.dumps(schema), "response_format") if schema is not None
+                         else StructuredOutput("json_object", "", "response_format"))
+        if self.structured_outputs is not None:
+            found += self.structured_outputs.specs("structured_outputs")
+        found += _constraints(self.guided_json, None, self.guided_regex, self.guided_choice, self.guided_grammar,
+                              "guided_")
+        if len(found) > 1:
+            raise InvalidRequestError(f"one structured output constraint per request; got {len(found)} ("
+                                      f"{', '.join(sorted({s.param for s in found}))})", found[1].param)
+        return found[0] if found else None
 
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         """(token id, bias) sorted by token id; "05" and "5" both name token 5 (SamplingParams refuses
@@ -86,10 +106,62 @@ class _Request(BaseModel):  # booleans are JSON booleans (StrictBool): 0.0 or "y
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(..., min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="Without one: any JSON object")
+    strict: StrictBool | None = Field(None, description="Accepted; the schema is always enforced")
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format json_schema goes with type 'json_schema' (and only with it)")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: one constraint (unknown keys are refused: a constraint we would
+    not enforce must not pass silently)."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="A JSON schema (object or JSON text)")
+    json_object: StrictBool | None = None
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, description="EBNF (xgrammar's dialect, GBNF-like), rule root")
+
+    def specs(self, param: str) -> list[StructuredOutput]:
+        return _constraints(self.json_, self.json_object, self.regex, self.choice, self.grammar, param)
+
+
+def _constraints(schema, json_object, regex, choice, grammar, param: str) -> list[StructuredOutput]:
+    """The constraints set among these (vLLM's field names; param: structured_outputs, or the
+    prefix of the guided_* fields)."""
+    name = (lambda f: param + f) if param.endswith("_") else (lambda f: param)
+    found = []
+    if schema is not None:
+        found.append(StructuredOutput("json_schema", schema if isinstance(schema, str) else json.dumps(schema),
+                                      name("json")))
+    if json_object:
+        found.append(StructuredOutput("json_object", "", name("json_object")))
+    if regex is not None:
+        found.append(StructuredOutput("regex", regex, name("regex")))
+    if choice is not None:
+        if not choice or any(not c for c in choice):
+            raise InvalidRequestError("choice needs at least one non-empty string", name("choice"))
+        found.append(StructuredOutput("choice", json.dumps(choice), name("choice")))
+    if grammar is not None:
+        found.append(StructuredOutput("grammar", grammar, name("grammar")))
+    return found
 
 
 class StreamOptions(BaseModel):
@@ -302,5 +374,5 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-for _m in (_Request, CompletionRequest, ChatMessage, ChatCompletionRequest, Usage):
+for _m in (_Request, CompletionRequest, ChatMessage, ChatCompletionRequest, Usage, ResponseFormat):
     _m.model_rebuild()

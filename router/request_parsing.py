@@ -8,7 +8,8 @@ import inspect
 
 from router.config import LimitsConfig
 from router.openai_models import ChatCompletionRequest, CompletionRequest, TokenizeRequest
-from workers.protocol import InvalidRequestError, SamplingParams
+from workers.engine.structured_output import grammar_of
+from workers.protocol import InvalidRequestError, SamplingParams, StructuredOutput
 
 
 def completion_prompts(tokenizer, body: CompletionRequest, vocab_size: int) -> list[tuple[list[int], str | None]]:
@@ -91,7 +92,21 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, num_prompt_
         logprobs=logprobs, top_logprobs=top, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
         logit_bias=body.logit_bias_pairs(), min_tokens=body.min_tokens, prompt_logprobs=prompt_logprobs,
-        priority=body.priority,
+        priority=body.priority, structured=checked_structured_output(body.structured_output()),
     )
     params.validate()
     return params
+
+
+@functools.lru_cache(maxsize=256)
+def _check_grammar(spec: StructuredOutput) -> None:
+    grammar_of(spec)  # raises InvalidRequestError; a spec that compiled is remembered
+
+
+def checked_structured_output(spec: StructuredOutput | None) -> StructuredOutput | None:
+    """The request's output constraint once its schema, regex or grammar is known to compile (a
+    400 naming the field otherwise), so that a bad one never reaches a worker."""
+    if spec is not None:
+        spec.validate()
+        _check_grammar(spec)
+    return spec

@@ -133,6 +133,7 @@ class DecodeWorkerImpl(LayerwiseImport, WorkerBase):
         t0 = time.perf_counter()
         held: list[TokenDelta] = []  # deltas not sent yet: fewer than the stream interval's tokens
         try:
+            await self.compile_grammar(req.sampling)
             first = await self._start(req, deadline)
             if first is not None:
                 self.hops.add("first_delta", time.perf_counter() - t0)

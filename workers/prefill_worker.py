@@ -60,6 +60,7 @@ class PrefillWorkerImpl(WorkerBase):
     async def prefill(self, req: PrefillRequest) -> KVHandle:
         """Run the prompt's prefill; return its handle with the blocks pinned under a lease."""
         self.check_accepting()
+        await self.compile_grammar(req.sampling)
         if req.layerwise is not None:
             return await self._prefill_layerwise(req)
         rid = req.request_id

@@ -41,8 +41,38 @@ class InvalidRequestError(ValueError):
 
 
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+MAX_STRUCTURED_SPEC_CHARS = 256 * 1024  # a structured-output schema, regex or grammar
 MAX_TOP_LOGPROBS = 20  # top_logprobs and prompt_logprobs (OpenAI's and vLLM's default limit)
 MIN_PRIORITY, MAX_PRIORITY = -2**31, 2**31 - 1  # SamplingParams.priority (an int32)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on a request's output text (workers/engine/structured_output.py, xgrammar):
+
+        json_schema  spec: a JSON schema, as JSON text (OpenAI's response_format json_schema)
+        json_object  any JSON object (response_format json_object); spec unused
+        regex        spec: a regular expression the whole output matches
+        choice       spec: a JSON list of strings; the output is one of them
+        grammar      spec: an EBNF grammar (xgrammar's dialect, GBNF-like; rule root)
+
+    ``param``: the request field it came from (named in a 400 when the spec does not compile)."""
+
+    kind: str
+    spec: str = ""
+    param: str = "response_format"
+
+    KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+    def validate(self) -> None:
+        if self.kind not in self.KINDS:
+            raise InvalidRequestError(f"structured output kind must be one of {', '.join(self.KINDS)}, got "
+                                      f"{self.kind!r}", self.param)
+        if not isinstance(self.spec, str) or len(self.spec) > MAX_STRUCTURED_SPEC_CHARS:
+            raise InvalidRequestError(f"a structured-output spec is a string of at most {MAX_STRUCTURED_SPEC_CHARS} "
+                                      "characters", self.param)
+        if self.kind != "json_object" and not self.spec:
+            raise InvalidRequestError(f"the {self.kind} for structured output is empty", self.param)
 
 
 @dataclass(frozen=True)
@@ -87,6 +117,10 @@ class SamplingParams:
     # Each engine admits waiting requests in (priority, arrival) order and preempts the running
     # request with the highest value (workers/engine/scheduler.py)
     priority: int = 0
+    # structured output (OpenAI's response_format, vLLM's structured_outputs): every sampled token,
+    # the prefill worker's first one included, keeps the output inside this grammar; the output
+    # ends ("stop") when the grammar is complete and the model chose EOS
+    structured: StructuredOutput | None = None
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -135,6 +169,12 @@ class SamplingParams:
         if not isinstance(p, int) or isinstance(p, bool) or not MIN_PRIORITY <= p <= MAX_PRIORITY:
             raise InvalidRequestError(f"priority must be an integer in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {p!r}",
                                       "priority")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise InvalidRequestError("structured must be a StructuredOutput", "response_format")
+            self.structured.validate()
+            if self.min_tokens:  # the grammar may allow nothing but EOS before min_tokens
+                raise InvalidRequestError("min_tokens cannot be combined with structured output", "min_tokens")
         if not isinstance(self.output_position_offset, int) or self.output_position_offset < 0:
             raise InvalidRequestError(f"output_position_offset must be an integer >= 0, got "
                                       f"{self.output_position_offset!r}", "output_position_offset")

@@ -153,6 +153,13 @@ class WorkerBase:
         if self.is_draining:
             raise WorkerDrainingError(f"worker {self.worker_id} is draining")
 
+    async def compile_grammar(self, sampling) -> None:
+        """A structured-output request's grammar compiled on a thread of its own, so that the engine
+        thread finds it cached (a large schema's compile would stall every running request's step);
+        InvalidRequestError if it does not compile."""
+        if sampling.structured is not None and self.engine.grammars is not None:
+            await asyncio.to_thread(self.engine.grammars.compile, sampling.structured)
+
     # -- observability -------------------------------------------------------------------------
     async def state(self, since_seq: int = -1) -> WorkerState:
         """The router's poll: load + KV events after ``since_seq`` (or a full snapshot).

@@ -110,13 +110,29 @@ def test_errors_are_openai_shaped(client, cluster):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(**args)
         assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
-    # what pdserve cannot honour is refused, not ignored: tools, JSON mode, suffix, best_of
+    # what pdserve cannot honour is refused, not ignored: tools, suffix, best_of; and a structured
+    # output whose schema, regex or grammar does not compile is the client's mistake
     chat = dict(model=model_name(cluster), messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    for bad, param in [(dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
-                       (dict(response_format={"type": "json_object"}), "response_format")]:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**chat, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert e.value.body["param"] == "tools" and "not supported" in e.value.body["message"], e.value.body
+    for bad, param, says in [
+            (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}),
+             "response_format", 'Unsupported type "nope"'),
+            (dict(extra_body={"structured_outputs": {"regex": "[0-9"}}), "structured_outputs", "Unclosed '['"),
+            (dict(extra_body={"guided_grammar": "x ::= \"a\""}), "guided_grammar", "root rule"),
+            (dict(extra_body={"structured_outputs": {"regex": "a", "choice": ["b"]}}), "structured_outputs",
+             "one structured output constraint"),
+            (dict(response_format={"type": "json_object"}, extra_body={"guided_regex": "a"}), "guided_regex",
+             "one structured output constraint"),
+            (dict(extra_body={"structured_outputs": {"json_object": True}, "min_tokens": 1}), "min_tokens",
+             "min_tokens cannot be combined")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(**chat, **bad)
-        assert e.value.body["param"] == param and "not supported" in e.value.body["message"], e.value.body
+        assert e.value.body["param"] == param and says in e.value.body["message"], e.value.body
+    with pytest.raises(openai.BadRequestError) as e:  # a constraint it would not enforce is not dropped
+        client.chat.completions.create(**chat, extra_body={"structured_outputs": {"whitespace_pattern": " "}})
+    assert "whitespace_pattern" in e.value.body["message"], e.value.body
     for bad in (dict(suffix="tail"), dict(best_of=2)):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=model_name(cluster), prompt="hi", max_tokens=2, **bad)

@@ -51,6 +51,7 @@ from workers.engine.sampler import Sampler
 from workers.engine.scheduler import Scheduler
 from workers.engine.split_points import SplitPoints
 from workers.engine.step_inputs import StepInputs
+from workers.engine.structured_output import Grammars, fill_bitmasks
 from workers.protocol import FinishReason, InvalidRequestError, KVEvent, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ class Engine(SplitPoints):
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.hf_config.get_text_config().vocab_size
         self.token_counts = TokenCounts(self.vocab_size, self.runner.device)  # penalised requests only
+        # structured output: compiled at the first such request (needs the tokenizer)
+        self.grammars = (Grammars(self.tokenizer, self.vocab_size, self.runner.eos_token_ids)
+                         if self.tokenizer is not None else None)
         self.warm_up_requests()
 
     def warm_up_requests(self) -> None:
@@ -218,10 +222,13 @@ class Engine(SplitPoints):
             # the output index of the token sampled now counts a pending one (seeded sampling); so
             # do the penalties' token counts, kept on the device (workers/engine/penalties.py)
             positions = [len(r.output_token_ids) + r.num_pending for r in sampled]
+            allowed = self._grammar_masks(sampled)
             sample = self.sampler.sample(logits, [r.sampling for r in sampled], positions,
-                                         self.token_counts.rows(sampled), self._min_tokens_bans(sampled, positions))
+                                         self.token_counts.rows(sampled), self._min_tokens_bans(sampled, positions),
+                                         allowed)
+            # a grammar's next mask needs this token on the host: such a step is resolved at once
             step = LaunchedStep(set(batch.requests), sampled, sample, sample.mark,
-                                resolve_now=bool(hooks) or any(r.prefill_only for r in sampled))
+                                resolve_now=bool(hooks) or allowed is not None or any(r.prefill_only for r in sampled))
         else:
             step = LaunchedStep(set(batch.requests), [], None, DeviceMark(self.runner.device))
         for i, req in enumerate(sampled):
@@ -229,6 +236,17 @@ class Engine(SplitPoints):
             req.pending_row = i
         self._launched.add(step)
         return step
+
+    def _grammar_masks(self, sampled: list[Request]):
+        """(rows, bitmask) for the sampled rows with a grammar, or None: which tokens each may take
+        next (workers/engine/structured_output.py). Every token of such a request is on the host:
+        the steps that sample it are resolved before the next one is launched."""
+        rows = [i for i, r in enumerate(sampled) if r.grammar is not None]
+        if not rows:
+            return None
+        if any(sampled[i].num_pending for i in rows):
+            raise RuntimeError("internal: a grammar-constrained request has a pending token")
+        return rows, fill_bitmasks([sampled[i].grammar for i in rows], self.vocab_size)
 
     def _score_prompt_rows(self, inputs: StepInputs, hidden) -> None:
         """Queue the prompt logprobs of the step's prompt rows (hidden: their final hidden states)
@@ -329,7 +347,15 @@ class Engine(SplitPoints):
             if prefill_only:  # a KVHandle carries the first token only
                 raise InvalidRequestError("prompt_logprobs needs the prompt computed where the request decodes: "
                                           "prefill it locally, not on a prefill worker", "prompt_logprobs")
-        return Request(request_id, prompt, sampling, self.block_size, cache_salt, prefill_only)
+        req = Request(request_id, prompt, sampling, self.block_size, cache_salt, prefill_only)
+        if sampling.structured is not None:
+            if self.grammars is None:
+                raise InvalidRequestError("structured output needs a tokenizer; this model has none",
+                                          sampling.structured.param)
+            # a resumed request (migration) replays the output it already has (the prompt's tail)
+            offset = sampling.output_position_offset
+            req.grammar = self.grammars.matcher(sampling.structured, prompt[len(prompt) - offset:] if offset else ())
+        return req
 
     def _publish_blocks(self, req: Request) -> None:
         """Put the request's newly completed full blocks into the prefix cache: those whose KV is
@@ -364,12 +390,18 @@ class Engine(SplitPoints):
         return bans
 
     def _append_token(self, req: Request, token_id: int, logprob, top) -> TokenDelta:
+        grammar_done = False
+        if req.grammar is not None:
+            if not req.grammar.accept_token(token_id):  # sampled under its mask: cannot happen
+                return self._fail(req, f"internal: token {token_id} does not follow the request's grammar")
+            grammar_done = req.grammar.is_terminated()  # complete, and the model chose EOS
         req.append_output(token_id)
         sp, detok = req.sampling, req.detok
         if detok is None and self.tokenizer is not None:
             detok = req.detok = Detokenizer(self.tokenizer, sp.stop, req.prompt_token_ids[-6:])
         finish = None
-        if token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.runner.eos_token_ids):
+        if (token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.runner.eos_token_ids)
+                or grammar_done):
             finish = FinishReason.STOP
         elif detok is not None:
             detok.add([token_id])

@@ -58,6 +58,9 @@ class Request:
         # SamplingParams.prompt_logprobs: collected while the prompt is computed, until its first
         # delta takes them (then None). While set, the prompt gets no prefix-cache hit (scheduler)
         self.prompt_logprobs: PromptLogprobs | None = None
+        # SamplingParams.structured: an xgrammar GrammarMatcher past every output token the host
+        # knows (Engine._new_request, _append_token); None without a grammar
+        self.grammar = None
         if sampling.prompt_logprobs is not None:
             self.prompt_logprobs = PromptLogprobs(len(self.prompt_token_ids), sampling.prompt_logprobs)
 

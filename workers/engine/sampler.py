@@ -23,6 +23,7 @@ import torch
 
 from workers.engine.device_transfer import Download, upload
 from workers.engine.penalties import PenaltyRows
+from workers.engine.structured_output import apply_bitmask
 from workers.protocol import SamplingParams
 
 
@@ -74,12 +75,19 @@ class Sampler:
         return self.sample(logits, params, positions, penalties).result()
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-               penalties: PenaltyRows | None = None, banned: list[tuple[int, int]] | None = None) -> DeviceSample:
+               penalties: PenaltyRows | None = None, banned: list[tuple[int, int]] | None = None,
+               allowed: tuple[list[int], torch.Tensor] | None = None) -> DeviceSample:
         """Queue the sampling of every row; no host sync (see ``DeviceSample``). ``penalties``: the
         batch's penalised rows (TokenCounts.rows), None when it has none; their chosen tokens are
         counted on the device before this returns. ``banned``: (row, token) pairs that row must not
-        choose (min_tokens: EOS and stop tokens), first of all; logprobs stay the model's."""
+        choose (min_tokens: EOS and stop tokens), first of all; ``allowed``: (rows, int32 bitmask
+        [len(rows), words] on the host), the only tokens those rows may choose (structured output's
+        grammars), as first; logprobs stay the model's."""
         logits = raw = logits.float()
+        if allowed is not None:
+            rows, bitmask = allowed
+            logits = apply_bitmask(logits, upload(rows, torch.int64, logits.device), upload(bitmask, torch.int32,
+                                                                                                 logits.device))
         if banned:
             rows, tokens = upload(list(zip(*banned)), torch.int64, logits.device)
             logits = logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=logits.device))

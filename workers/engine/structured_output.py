@@ -1,0 +1,143 @@
+"""Structured output (constrained decoding) through xgrammar: a request's StructuredOutput (a JSON
+schema, any JSON object, a regex, a choice of strings or an EBNF grammar) becomes a grammar matcher
+that says, before each sampled token, which tokens keep the output inside the grammar.
+
+    grammar_of(spec)           the spec as an xgrammar Grammar (no tokenizer): what the endpoint
+                               checks a request with (a bad schema/regex/grammar is a 400)
+    Grammars(tokenizer, ...)   an engine's compiler: matcher(spec) -> a GrammarMatcher for one
+                               request; compiled grammars cached by spec
+    fill_bitmasks(matchers, vocab_size)
+                               the next-token bitmask of each matcher, int32 [n, ceil(vocab / 32)]
+    apply_bitmask(logits, rows, bitmask)
+                               those rows' disallowed tokens at -inf (out of place)
+
+A matcher's state is the request's output so far: it accepts each token as the engine appends it,
+and a request resumed elsewhere (imported after a remote prefill, migrated) replays the tokens it
+already has, so a grammar holds across prefill and decode workers. The grammar ends only on one of
+the model's EOS tokens (after the output is complete), which finishes the request with "stop".
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import threading
+
+import torch
+
+from workers.protocol import InvalidRequestError, StructuredOutput
+
+# whitespace runs a JSON grammar allows between tokens: enough for indented output, not enough
+# for a model to loop in whitespace until max_tokens (a known pain with unbounded JSON grammars)
+MAX_JSON_WHITESPACE = 32
+_CACHE_SIZE = 256  # compiled grammars kept per engine
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError as e:  # a dependency of pdserve: only a broken install gets here
+        raise RuntimeError("structured output needs the xgrammar package: pip install xgrammar") from e
+    return xgrammar
+
+
+def grammar_of(spec: StructuredOutput):
+    """The spec as an xgrammar Grammar; InvalidRequestError (param: the request field it came
+    from) when the schema, regex or grammar does not parse."""
+    xgr = _xgrammar()
+    try:
+        if spec.kind == "json_schema":
+            return xgr.Grammar.from_json_schema(spec.spec, any_whitespace=True,
+                                                max_whitespace_cnt=MAX_JSON_WHITESPACE)
+        if spec.kind == "json_object":  # any JSON object (OpenAI's json_object mode)
+            return xgr.Grammar.from_json_schema('{"type": "object"}', strict_mode=False, any_whitespace=True,
+                                                max_whitespace_cnt=MAX_JSON_WHITESPACE)
+        if spec.kind == "regex":
+            return xgr.Grammar.from_regex(spec.spec)
+        if spec.kind == "choice":
+            choices = json.loads(spec.spec)
+            return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
+        if spec.kind == "grammar":
+            return xgr.Grammar.from_ebnf(spec.spec)
+    except (RuntimeError, ValueError, TypeError) as e:
+        # xgrammar's messages start with its log prefix: "[08:12:16] /project/cpp/x.cc:94: "
+        message = re.sub(r"^\[[0-9:]+\] \S+:[0-9]+: ", "", str(e).strip()) or type(e).__name__
+        raise InvalidRequestError(f"the {spec.kind.replace('_', ' ')} for structured output is not valid: {message}",
+                                  spec.param) from e
+    raise InvalidRequestError(f"unknown structured output kind {spec.kind!r}", spec.param)
+
+
+class Grammars:
+    """One engine's grammar compiler (its tokenizer's vocabulary, its EOS tokens as the grammars'
+    end), built at the first structured request. Thread-safe: a worker may compile ahead of the
+    engine thread, which then finds the grammar cached."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids):
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._eos = sorted(eos_token_ids)
+        self._compiler = None
+        self._compiled: collections.OrderedDict[StructuredOutput, object] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.num_compiled = 0
+
+    def _get_compiler(self):
+        if self._compiler is None:
+            xgr = _xgrammar()
+            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=self._eos or None)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        return self._compiler
+
+    def compile(self, spec: StructuredOutput):
+        with self._lock:
+            hit = self._compiled.get(spec)
+            if hit is not None:
+                self._compiled.move_to_end(spec)
+                return hit
+            compiler = self._get_compiler()
+        compiled = compiler.compile_grammar(grammar_of(spec))
+        with self._lock:
+            self._compiled[spec] = compiled
+            self.num_compiled += 1
+            while len(self._compiled) > _CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        return compiled
+
+    def matcher(self, spec: StructuredOutput, output_so_far=()):
+        """A matcher for one request, past the output tokens it already has (a resumed request);
+        InvalidRequestError if they do not follow the grammar."""
+        m = _xgrammar().GrammarMatcher(self.compile(spec))
+        for t in output_so_far:
+            if not m.accept_token(int(t)):
+                raise InvalidRequestError("the output tokens this request resumes with do not follow its "
+                                          "structured-output grammar", spec.param)
+        return m
+
+
+def fill_bitmasks(matchers, vocab_size: int) -> torch.Tensor:
+    """int32 [len(matchers), ceil(vocab_size / 32)] on the CPU: bit j of row i set = matchers[i]
+    allows token j next."""
+    mask = torch.empty((len(matchers), -(-vocab_size // 32)), dtype=torch.int32)
+    for i, m in enumerate(matchers):
+        m.fill_next_token_bitmask(mask, i)
+    return mask
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [n, vocab] with, in each of ``rows`` (int64 on the device), every token its row of
+    ``bitmask`` (int32 [len(rows), words], on the device) does not allow at -inf; a new tensor
+    (the model's own logits stay for the logprobs)."""
+    shifts = _SHIFTS.get(logits.device)
+    if shifts is None:
+        shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
+    vocab = logits.shape[1]
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
+    if allowed.shape[1] < vocab:  # tokens past the grammar's vocabulary: never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    sub = logits.index_select(0, rows).masked_fill(~allowed[:, :vocab], float("-inf"))
+    return logits.index_copy(0, rows, sub)
