@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -160,6 +160,10 @@ class ServerConfig(_Section):
                              "spread over them; each admits limits.max_concurrent_requests and routes from its own "
                              "view of the workers (polled, so all views see the same loads and prefixes)")
     ingress_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs per endpoint replica")
+    tool_call_parser: Literal["hermes"] | None = Field(
+        None, description="How this model writes tool calls in its text, for chat tool_choice 'auto' (OpenAI's "
+                          "default with tools): hermes (<tool_call>{...}</tool_call>: Hermes, Qwen 2.5/3). None: "
+                          "'auto' is a 400; a named function and 'required' work with any model")
 
     @field_validator("api_keys")
     @classmethod

@@ -37,6 +37,7 @@ from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse,
 from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
 from router.request_parsing import chat_prompt, check_token_ids, completion_prompts, sampling_params
+from router.tool_calls import ToolPlan
 from router.http_errors import ApiKeyAuth, BodyLimit, HTTPError, error_response
 from workers.protocol import IngressSnapshot, InvalidRequestError, RequestFailedError, SamplingParams
 
@@ -244,8 +245,8 @@ class OpenAIIngress:
             def chunk(d, acc, created, offset, index):
                 first = index not in started
                 started.add(index)
-                return fmt.completion_chunk(rid, self.model_name, created, d, acc, want_lp, offset, index,
-                                            echoes[index // body.n] if echoes else None, first)
+                return [fmt.completion_chunk(rid, self.model_name, created, d, acc, want_lp, offset, index,
+                                             echoes[index // body.n] if echoes else None, first)]
 
             return await self._stream(rid, subs, body.n, body.cache_salt, include_usage, chunk, "text_completion",
                                       chat=False, hide_output=hide)
@@ -256,22 +257,29 @@ class OpenAIIngress:
               responses={**_ERRORS, 200: {"content": _SSE}})
     async def chat_completions(self, body: ChatCompletionRequest):
         self._check_model(body.model)
-        prompt = chat_prompt(self.tokenizer, body)
-        sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=None)
+        tools = ToolPlan.of(body, self.config.server.tool_call_parser)
+        prompt = chat_prompt(self.tokenizer, body, tools.template_tools)
+        sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=None,
+                                   tool_constraint=tools.constraint)
         subs = self._fanout(body.n, [(prompt, sampling)])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            streams = [tools.streamer() for _ in subs]
 
             def chunk(d, acc, created, offset, index):
                 lp = fmt.chat_logprobs(acc, list(d.token_ids), list(d.logprobs or ()), d.top_logprobs) \
                     if body.logprobs and d.token_ids else None
-                return fmt.chat_chunk(rid, self.model_name, created, {"content": d.text}, d.finish_reason, lp, index)
+                deltas, finish = streams[index].add(d.text, fmt.finish_str(d.finish_reason))
+                if not deltas and (lp or finish):
+                    deltas = [{}]
+                return [fmt.chat_chunk(rid, self.model_name, created, delta, finish if j == len(deltas) - 1 else None,
+                                       lp if j == 0 else None, index) for j, delta in enumerate(deltas)]
 
             return await self._stream(rid, subs, body.n, body.cache_salt, include_usage, chunk,
                                       "chat.completion.chunk", chat=True)
         accs = await self._collect(rid, subs, body.cache_salt)
-        return fmt.chat_body(rid, self.model_name, accs, body.logprobs)
+        return fmt.chat_body(rid, self.model_name, accs, body.logprobs, tools)
 
     # -- internals -----------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -402,9 +410,9 @@ class OpenAIIngress:
                         yield fmt.sse({"error": {"message": d.error, "type": "server_error", "param": None,
                                                  "code": "request_failed"}})
                         break
-                    out = make_chunk(d, accs[i], created, offsets[i], i)
-                    yield fmt.sse(out)
-                    offsets[i] += len(out["choices"][0].get("text") or "")  # completions' text_offset
+                    for out in make_chunk(d, accs[i], created, offsets[i], i):  # 0 or more chunks
+                        yield fmt.sse(out)
+                        offsets[i] += len(out["choices"][0].get("text") or "")  # completions' text_offset
                     if d.finished:
                         running -= 1
                         if not running:

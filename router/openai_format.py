@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from router.openai_models import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChoiceLogprobs,
                                   CompletionChoice, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
                                   TokenLogprob, TopLogprob, Usage)
+from router.tool_calls import ToolPlan
 from workers.protocol import FinishReason, TokenDelta
 
 
@@ -126,10 +127,18 @@ def completion_body(rid: str, model: str, accs: list[Accumulator], want_logprobs
                               choices=choices)
 
 
-def chat_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool) -> ChatCompletionResponse:
-    choices = [ChatChoice(index=i, message=AssistantMessage(content=acc.text), finish_reason=finish_str(acc.finish_reason),
-                          logprobs=chat_logprobs(acc, acc.token_ids, acc.logprobs, acc.top_logprobs)
-                          if want_logprobs else None) for i, acc in enumerate(accs)]
+def chat_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool,
+              tools: ToolPlan | None = None) -> ChatCompletionResponse:
+    """``tools``: how the request used its tools (router/tool_calls.py): its calls out of the text."""
+    choices = []
+    for i, acc in enumerate(accs):
+        content, calls, finish = acc.text, None, finish_str(acc.finish_reason)
+        if tools is not None:
+            content, calls, finish = tools.message(acc.text, finish)
+        choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls),
+                                  finish_reason=finish, logprobs=chat_logprobs(acc, acc.token_ids, acc.logprobs,
+                                                                               acc.top_logprobs)
+                                  if want_logprobs else None))
     return ChatCompletionResponse(id=rid, created=int(time.time()), model=model, usage=usage(accs), choices=choices)
 
 
@@ -151,9 +160,9 @@ def completion_chunk(rid: str, model: str, created: int, d: TokenDelta, acc: Acc
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: FinishReason | None,
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: FinishReason | str | None,
                logprobs: ChoiceLogprobs | None = None, index: int = 0) -> dict:
-    choice = {"index": index, "delta": delta, "finish_reason": finish_str(finish),
+    choice = {"index": index, "delta": delta, "finish_reason": finish.value if isinstance(finish, FinishReason) else finish,
               "logprobs": logprobs.model_dump() if logprobs else None}
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 

@@ -193,6 +193,9 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's calls (passed to the template)")
+    tool_call_id: str | None = Field(None, description="A tool turn: the call it answers")
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -200,6 +203,25 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+    def for_template(self) -> dict:
+        """The message as chat templates take it: text content; a call's arguments as an object
+        when they parse (templates write them with tojson), else as sent."""
+        m = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                try:
+                    args = json.loads(c.function.arguments)
+                except ValueError:
+                    args = c.function.arguments
+                calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
+            m["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            m["name"] = self.name
+        return m
 
 
 class ContentPart(BaseModel):
@@ -224,23 +246,65 @@ class ChatTemplateOptions(BaseModel):
         return self
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments; none: no arguments")
+    strict: StrictBool | None = Field(None, description="Accepted; a forced call's arguments always follow the schema")
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(..., description="JSON text")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatCompletionRequest(_Request, ChatTemplateOptions):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # tool / function calling is not built: a request that offers tools is refused, not answered as
-    # if it had none
-    tools: list | None = Field(None, max_length=0, description="Not supported: must be empty")
-    tool_choice: Literal["none"] | None = Field(None, description="Not supported beyond 'none'")
-    functions: list | None = Field(None, max_length=0, description="Not supported: must be empty")
-    function_call: Literal["none"] | None = Field(None, description="Not supported beyond 'none'")
+    tools: list[Tool] | None = Field(None, max_length=128, description="Functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools: needs server.tool_call_parser), required (at least "
+                          "one call, any model) or a named function (that call, any model)")
+    parallel_tool_calls: StrictBool = Field(True, description="false: at most one call")
+    # OpenAI's deprecated forms of tools are refused, not answered as if there were none
+    functions: list | None = Field(None, max_length=0, description="Deprecated by OpenAI: use tools")
+    function_call: Literal["none"] | None = Field(None, description="Deprecated by OpenAI: use tool_choice")
 
-    @field_validator("tools", "functions", mode="before")
+    @field_validator("functions", mode="before")
     @classmethod
-    def _no_tools(cls, v):
+    def _no_functions(cls, v):
         if isinstance(v, list) and v:
-            raise ValueError("tool and function calling are not supported by pdserve")
+            raise ValueError("the deprecated functions field is not supported: send tools")
         return v
 
 
@@ -332,12 +396,13 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
     logprobs: ChoiceLogprobs | None = None
 
 

@@ -36,11 +36,14 @@ def check_token_ids(ids, vocab_size: int, what: str, param: str) -> None:
         raise InvalidRequestError(f"{what} must be in [0, {vocab_size})", param)
 
 
-def chat_prompt(tokenizer, body: ChatCompletionRequest | TokenizeRequest) -> list[int]:
+def chat_prompt(tokenizer, body: ChatCompletionRequest | TokenizeRequest, tools: list[dict] | None = None) -> list[int]:
+    """``tools``: what the template gets as its tools (router/tool_calls.py's ToolPlan)."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [m.for_template() for m in body.messages]
     extra = dict(body.chat_template_kwargs or {})
+    if tools is not None and "tools" in extra:
+        raise InvalidRequestError("send the tools in tools, not in chat_template_kwargs", "chat_template_kwargs")
     taken = sorted(set(extra) & _reserved_template_args(type(tokenizer))) if extra else []
     if taken:
         raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(taken)}: they are arguments of the "
@@ -48,7 +51,7 @@ def chat_prompt(tokenizer, body: ChatCompletionRequest | TokenizeRequest) -> lis
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
                                              continue_final_message=body.continue_final_message, tokenize=False,
-                                             **extra)
+                                             **({"tools": tools} if tools is not None else {}), **extra)
     except Exception as e:  # template errors are about the messages (or variables) the client sent
         raise InvalidRequestError(f"the chat template rejected these messages: {e}", "messages") from e
     return list(tokenizer(text, add_special_tokens=False).input_ids)
@@ -63,7 +66,10 @@ def _reserved_template_args(tokenizer_class: type) -> frozenset[str]:
 
 
 def sampling_params(body: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int, max_model_len: int,
-                    limits: LimitsConfig, default_max_tokens: int | None) -> SamplingParams:
+                    limits: LimitsConfig, default_max_tokens: int | None,
+                    tool_constraint: StructuredOutput | None = None) -> SamplingParams:
+    """``tool_constraint``: a forced tool call's grammar (router/tool_calls.py), which excludes
+    any other structured output."""
     if num_prompt_tokens > limits.max_prompt_tokens:
         raise InvalidRequestError(
             f"the prompt has {num_prompt_tokens} tokens; the limit is {limits.max_prompt_tokens}", "prompt")
@@ -92,10 +98,18 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, num_prompt_
         logprobs=logprobs, top_logprobs=top, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
         logit_bias=body.logit_bias_pairs(), min_tokens=body.min_tokens, prompt_logprobs=prompt_logprobs,
-        priority=body.priority, structured=checked_structured_output(body.structured_output()),
+        priority=body.priority, structured=checked_structured_output(_one_constraint(body, tool_constraint)),
     )
     params.validate()
     return params
+
+
+def _one_constraint(body, tool_constraint: StructuredOutput | None) -> StructuredOutput | None:
+    spec = body.structured_output()
+    if spec is not None and tool_constraint is not None:
+        raise InvalidRequestError(f"a forced tool call (tool_choice) is already a structured output; it cannot be "
+                                  f"combined with {spec.param}", spec.param)
+    return spec or tool_constraint
 
 
 @functools.lru_cache(maxsize=256)

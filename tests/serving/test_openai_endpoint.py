@@ -110,12 +110,13 @@ def test_errors_are_openai_shaped(client, cluster):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(**args)
         assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
-    # what pdserve cannot honour is refused, not ignored: tools, suffix, best_of; and a structured
+    # what pdserve cannot honour is refused, not ignored: tool_choice auto without a parser, suffix,
+    # best_of; and a structured
     # output whose schema, regex or grammar does not compile is the client's mistake
     chat = dict(model=model_name(cluster), messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    with pytest.raises(openai.BadRequestError) as e:
+    with pytest.raises(openai.BadRequestError) as e:  # auto (the default) needs server.tool_call_parser
         client.chat.completions.create(**chat, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert e.value.body["param"] == "tools" and "not supported" in e.value.body["message"], e.value.body
+    assert e.value.body["param"] == "tool_choice" and "server.tool_call_parser" in e.value.body["message"], e.value.body
     for bad, param, says in [
             (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}),
              "response_format", 'Unsupported type "nope"'),
