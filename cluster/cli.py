@@ -1,7 +1,8 @@
 """The `pdserve` command line.
 
     pdserve up [--config FILE] [--model DIR] [--prefill N] [--decode N] [--host H] [--port P]
-               [--admin-port P] [--served-model-name NAME] [--cluster-name NAME] [--ray-address ADDR] [--detach]
+               [--admin-port P] [--served-model-name NAME] [--cluster-name NAME] [--ray-address ADDR]
+               [--tool-call-parser hermes] [--detach]
     pdserve down [--cluster-name NAME]
     pdserve cluster status|workers|scale|drain|remove|quota ...   (client of the management API)
 """
@@ -24,13 +25,16 @@ def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster-name", help="cluster name (etcd prefix, Ray namespace)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--ray-address", help="join an existing Ray cluster ('auto' on a ray up / KubeRay head)")
+    p.add_argument("--tool-call-parser", choices=["hermes"],
+                   help="how the model writes tool calls (chat tool_choice 'auto'); see server.tool_call_parser")
     p.add_argument("--detach", action="store_true", help="run in the background; stop with `pdserve down`")
 
 
 def _overrides(a: argparse.Namespace) -> dict:
     pairs = {"model.path": a.model, "model.served_model_name": a.served_model_name, "model.device": a.device,
              "pools.prefill.replicas": a.prefill, "pools.decode.replicas": a.decode, "server.host": a.host,
-             "server.port": a.port, "server.admin_port": a.admin_port, "cluster_name": a.cluster_name}
+             "server.port": a.port, "server.admin_port": a.admin_port, "cluster_name": a.cluster_name,
+             "server.tool_call_parser": a.tool_call_parser}
     out = {k: v for k, v in pairs.items() if v is not None}
     for role in ("prefill", "decode"):  # a replica count outside the pool's bounds widens them
         n = out.get(f"pools.{role}.replicas")

@@ -187,3 +187,19 @@ def test_pool_engine_settings_override_the_engine_section(tmp_path):
     assert (prefill.max_num_batched_tokens, prefill.max_num_seqs, prefill.block_size) == (8192, 4, 8)
     assert (decode.max_num_batched_tokens, decode.max_num_seqs, decode.num_kv_blocks) == (512, 32, 2048)
     assert c.engine.num_kv_blocks == 512 and c.engine.max_num_seqs == 32  # the section itself is unchanged
+
+
+def test_tool_call_parser_from_the_command_line(tmp_path):
+    """`pdserve up --tool-call-parser hermes` sets server.tool_call_parser; off by default; an unknown
+    parser is a config error that names the key."""
+    import argparse
+
+    from cluster.cli import _overrides, _up_args
+
+    p = argparse.ArgumentParser()
+    _up_args(p)
+    assert load_config(None, _overrides(p.parse_args(["--tool-call-parser", "hermes"]))).server.tool_call_parser == \
+        "hermes"
+    assert load_config(None, _overrides(p.parse_args([]))).server.tool_call_parser is None
+    with pytest.raises(ConfigError, match="server.tool_call_parser"):
+        load_config(None, {"server.tool_call_parser": "mistral"})
