@@ -103,6 +103,16 @@ def test_layerwise_equals_whole_request_and_colocated(cluster, workers):
     assert_no_leaks(cluster.url)
 
 
+def assert_remote_prefills_give(decode, pf, prompt, sampling, want) -> None:
+    """Prefilled on pf, layer-wise and then whole-request READ: the tokens ``want``."""
+    assert generate(decode, prompt, [pf], sampling=sampling) == want  # layer-wise
+    set_layerwise(decode, False)
+    try:
+        assert generate(decode, prompt, [pf], sampling=sampling) == want  # whole-request READ
+    finally:
+        set_layerwise(decode, True)
+
+
 PENALTIES = dict(frequency_penalty=1.0, presence_penalty=1.0, repetition_penalty=1.5)
 
 
@@ -121,12 +131,7 @@ def test_penalties_through_the_api_and_every_transfer_mode(cluster, workers):
     for prompt in PROMPTS[:2]:
         colocated = generate(decode, prompt, sampling=penalised)
         assert colocated != generate(decode, prompt), "the penalties should change this prompt's greedy output"
-        assert generate(decode, prompt, [pf], sampling=penalised) == colocated  # layer-wise
-        set_layerwise(decode, False)
-        try:
-            assert generate(decode, prompt, [pf], sampling=penalised) == colocated  # whole-request READ
-        finally:
-            set_layerwise(decode, True)
+        assert_remote_prefills_give(decode, pf, prompt, penalised, colocated)
         before = counters(decode)
         r = client.completions.create(model=model, prompt=prompt, max_tokens=GREEDY.max_tokens, temperature=0,
                                       frequency_penalty=PENALTIES["frequency_penalty"],
@@ -177,12 +182,7 @@ def test_structured_output_through_the_api_and_every_transfer_mode(cluster, work
     prompt = PROMPTS[0]
     colocated = generate(decode, prompt, sampling=sampling)
     jsonschema.validate(json.loads(tokenizer.decode(colocated, skip_special_tokens=True)), SCHEMA)
-    assert generate(decode, prompt, [pf], sampling=sampling) == colocated  # layer-wise
-    set_layerwise(decode, False)
-    try:
-        assert generate(decode, prompt, [pf], sampling=sampling) == colocated  # whole-request READ
-    finally:
-        set_layerwise(decode, True)
+    assert_remote_prefills_give(decode, pf, prompt, sampling, colocated)
 
     client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     model = cluster.config.model.served_model_name
