@@ -157,8 +157,8 @@ class ClusterView:
     # -- routing -------------------------------------------------------------------------------
     def plan(self, prompt_token_ids: list[int], cache_salt: str | None, attempt_key: str,
              exclude: frozenset[str] = frozenset(), prompt_logprobs: bool = False) -> tuple[RoutePlan, tuple[str, ...]]:
-        """Choose a decode worker and a ranked list of prefill workers (empty: prefill locally;
-        always for a request with ``prompt_logprobs``, see router/policy.py). The prompt's uncached
+        """Choose a decode worker and a ranked list of prefill workers (empty: prefill locally; a
+        request with ``prompt_logprobs`` has no cached prefix, see router/policy.py). The prompt's uncached
         tokens count as pending on the worker that prefills it until ``prefill_done(attempt_key)``,
         which the caller must call once the first token arrived or the attempt ended (it may call
         it more than once)."""

@@ -56,6 +56,8 @@ class _ClusterCollector:
             "num_prefill_retries": ("pdserve_prefill_retries", "Remote prefills retried on another worker"),
             "num_preemptions": ("pdserve_preemptions", "Requests preempted for lack of KV blocks"),
             "num_import_waits": ("pdserve_import_waits", "KV imports that waited for free blocks on a decode worker"),
+            "num_final_first_tokens": ("pdserve_final_first_tokens",
+                                       "Remote prefills whose first token ended the request: no KV moved"),
             "num_prompt_tokens_cached": ("pdserve_prompt_tokens_cached", "Prompt tokens served from the prefix cache"),
         }
         families = {k: CounterMetricFamily(n, h, labels=["worker"]) for k, (n, h) in counters.items()}

@@ -26,9 +26,9 @@ Ties break deterministically: fewer queued requests, then the smaller worker id.
 never chosen. Each choice returns a RoutingDecision (chosen id, every candidate's score, the reason)
 so the endpoint can count decisions and show recent ones.
 
-A request that wants prompt logprobs is prefilled by its decode worker, always (reason
-prompt_logprobs): only the engine that computes the whole prompt has them, and it computes all of
-it (no cached prefix), so its decode worker is chosen on load alone (no overlap counts).
+A request that wants prompt logprobs has its whole prompt computed wherever it is prefilled (no
+cached prefix counts), so every worker is chosen for it on load alone (no overlap counts); the
+prefill worker's KVHandle carries the logprobs to the decode worker.
 
 Conditional disaggregation: the chosen decode worker prefills locally when the prompt tokens
 missing from *its own* cache are below a threshold, when no prefill worker is eligible, or by
@@ -121,7 +121,7 @@ class RoutePlan:
     decode: RoutingDecision
     prefill: RoutingDecision | None
     num_uncached_tokens: int  # prompt tokens missing from the decode worker's cache
-    # disaggregated | uncached_below_threshold | no_prefill_worker | prefill_queue_full | ttft_local | prompt_logprobs
+    # disaggregated | uncached_below_threshold | no_prefill_worker | prefill_queue_full | ttft_local
     reason: str
     ttft: TTFTEstimate | None = None  # conditional_disaggregation: ttft, once both paths were weighed
     num_remote_uncached_tokens: int = 0  # prompt tokens missing from the prefill worker's cache
@@ -264,7 +264,7 @@ def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Seque
     ``prefill_rates``: prompt tokens per second by worker id (conditional_disaggregation ttft); a
     worker missing from it is taken at its role's configured prior.
     With no eligible prefill worker the decode worker prefills locally (reason no_prefill_worker).
-    ``prompt_logprobs``: the request wants them: local, the whole prompt uncached (module docstring).
+    ``prompt_logprobs``: the request wants them: the whole prompt uncached (module docstring).
     Raises NoWorkerAvailable when no decode worker is eligible.
     """
     request_blocks = num_blocks(num_prompt_tokens, block_size)
@@ -282,8 +282,6 @@ def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Seque
     # [0, cached) on the decode worker | [cached, num_prompt_tokens) to prefill
     num_cached = min(decode.overlap_blocks * block_size, num_prompt_tokens)
     num_uncached = num_prompt_tokens - num_cached
-    if prompt_logprobs:
-        return RoutePlan(decode, None, num_uncached, "prompt_logprobs")
     if should_prefill_locally(num_uncached, config.local_prefill_threshold_tokens):
         return RoutePlan(decode, None, num_uncached, "uncached_below_threshold")
     if not any(not w.is_draining for w in prefill_candidates):

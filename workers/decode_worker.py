@@ -166,12 +166,14 @@ class DecodeWorkerImpl(LayerwiseImport, WorkerBase):
     async def _start(self, req: GenerateRequest, deadline: float) -> TokenDelta | None:
         """Get the request going; returns the first delta when it came from a remote prefill."""
         rid, prompt = req.request_id, list(req.prompt_token_ids)
-        if req.prefill_candidates and req.sampling.prompt_logprobs is None:
+        if req.prefill_candidates:
             with self.hops.time("cache_lookup"):
                 # read here, not through the engine thread: a round trip there waits for the running
                 # step to end (14-18 ms p50 at 64 req/s on an H200); the count only picks local vs
-                # remote prefill, and reserve_import / add_request recheck the cache exactly
-                cached = self.engine.num_cached_prompt_tokens(prompt, req.cache_salt)
+                # remote prefill, and reserve_import / add_request recheck the cache exactly. A prompt
+                # whose logprobs are wanted is computed whole wherever it is prefilled.
+                cached = (self.engine.num_cached_prompt_tokens(prompt, req.cache_salt)
+                          if req.sampling.prompt_logprobs is None else 0)
             if len(prompt) - cached >= self.spec.local_prefill_threshold_tokens:
                 for attempt, prefill_id in enumerate(req.prefill_candidates[: self.spec.max_prefill_attempts]):
                     if attempt:
@@ -196,7 +198,8 @@ class DecodeWorkerImpl(LayerwiseImport, WorkerBase):
     async def _remote_prefill(self, req: GenerateRequest, prefill_id: str, deadline: float) -> TokenDelta:
         prefill = self._prefill_actor(prefill_id)
         try:
-            if self.spec.transfer.layerwise:
+            # one token (lm-eval's loglikelihood, a classifier): the first token ends it, no KV moves
+            if self.spec.transfer.layerwise and req.sampling.max_tokens > 1:
                 return await self._remote_prefill_layerwise(req, prefill_id, prefill, deadline)
             return await self._remote_prefill_read(req, prefill_id, prefill, deadline)
         except BaseException:
@@ -228,12 +231,15 @@ class DecodeWorkerImpl(LayerwiseImport, WorkerBase):
             ray.cancel(ref)  # the prefill side aborts; a handle made in the meantime expires with its lease
             _release_quietly(prefill, rid)
             raise
+        if handle.final:  # its first token ended the request: no blocks pinned there, nothing to READ
+            self.counters["num_final_first_tokens"] += 1
+            return await self.loop.call(lambda e: e.finish_import(rid, list(req.prompt_token_ids), req.sampling,
+                                                                  handle, req.cache_salt))
         reservation, released, release_later = None, False, False
         call_s = self.spec.transfer.deadline_s  # any one call to the prefill worker around the READ
 
         def commit(e):
-            return e.commit_import(rid, handle.first_token_id, handle.first_logprob, handle.first_top_logprobs,
-                                   handle.num_cached_tokens)
+            return e.commit_import(rid, handle=handle)
 
         try:
             with self.hops.time("reserve"):

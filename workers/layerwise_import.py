@@ -62,8 +62,7 @@ class LayerwiseImport:
                 raise PeerGoneError(f"prefill worker {prefill_id} died during the layer-wise transfer of {rid}",
                                     request_id=rid, peer=prefill_id) from e
             raise
-        return await self.loop.call(lambda e: e.commit_import(
-            rid, handle.first_token_id, handle.first_logprob, handle.first_top_logprobs, handle.num_cached_tokens))
+        return await self.loop.call(lambda e: e.commit_import(rid, handle=handle))
 
     async def _abandon_layerwise(self, rid: str, prefill_id: str, prefill) -> None:
         """Our reserved blocks may still receive a WRITE: keep them (under another key, so the

@@ -77,6 +77,8 @@ class PrefillWorkerImpl(WorkerBase):
                 raise RequestFailedError(f"{rid}: released by its reader before the prefill finished")
             if req.reader_id is not None and req.reader_id in self.dead_readers:
                 raise RequestFailedError(f"{rid}: its reader {req.reader_id} died before the prefill finished")
+            if handle.final:  # the first token ended the request: its blocks are already free
+                return handle
             expires_at = self.leases.pin(rid, handle.block_ids, req.lease_ttl_s)
             if req.reader_id is not None:
                 self.readers[rid] = req.reader_id

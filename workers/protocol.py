@@ -248,6 +248,13 @@ class KVHandle:
     lease_ttl_s: float
     expires_at: float  # unix time
     num_cached_tokens: int = 0  # prompt tokens the prefill worker already had cached
+    # SamplingParams.prompt_logprobs, computed by the prefill: as in TokenDelta (the decode side's
+    # first delta carries them on)
+    prompt_logprobs: tuple[float | None, ...] | None = None
+    prompt_top_logprobs: tuple[tuple[tuple[int, float], ...] | None, ...] | None = None
+    # the first token ended the request (max_tokens 1, a stop token, EOS): the blocks are already
+    # freed (block_ids empty, nothing to READ or release); the decode side only reports the token
+    final: bool = False
 
 
 @dataclass(frozen=True)
@@ -347,6 +354,7 @@ class WorkerCounters:
     num_leases_expired: int = 0
     num_preemptions: int = 0
     num_import_waits: int = 0  # decode: imports that found too few free KV blocks and waited
+    num_final_first_tokens: int = 0  # decode: a remote prefill's first token ended the request (no KV moved)
 
 
 @dataclass(frozen=True)

@@ -206,18 +206,19 @@ def test_plan_route_cache_aware_picks_both_roles_by_the_same_rule():
         RouterConfig(policy="cache_aware", cache_threshold=2)
 
 
-@pytest.mark.parametrize("mode", [{}, {"conditional_disaggregation": "ttft"}])
-def test_plan_route_prefills_prompt_logprobs_locally_on_load_alone(mode):
-    """A request with prompt logprobs stays on its decode worker whatever else holds: the whole
-    prompt is computed there (no cache counted), so the decode choice ignores the overlaps."""
-    cfg = RouterConfig(policy="cache_aware", local_prefill_threshold_tokens=0, **mode)
+def test_plan_route_takes_prompt_logprobs_on_load_alone():
+    """A request with prompt logprobs has its whole prompt computed wherever it is prefilled (no
+    cache counted): both choices ignore the overlaps, and it is disaggregated as any other (the
+    prefill worker's handle carries the logprobs)."""
+    cfg = RouterConfig(policy="cache_aware", local_prefill_threshold_tokens=0)
     decodes = [decode("d1", used=400, running=1), decode("d2")]
-    prefills = [prefill("p1"), prefill("p2")]
-    overlaps = {"d1": 9, "p1": 9}  # 9 of 10 blocks cached on d1: a cache hit, were it usable
-    assert plan_route(160, 16, decodes, prefills, overlaps, cfg).decode.worker_id == "d1"
+    prefills = [prefill("p1", running=1), prefill("p2")]
+    overlaps = {"d1": 9, "p1": 9}  # 9 of 10 blocks cached on d1 and p1: a cache hit, were it usable
+    plan = plan_route(160, 16, decodes, prefills, overlaps, cfg)
+    assert (plan.decode.worker_id, plan.prefill.worker_id, plan.prefill.reason) == ("d1", "p1", "cache_hit")
     plan = plan_route(160, 16, decodes, prefills, overlaps, cfg, prompt_logprobs=True)
     assert (plan.decode.worker_id, plan.decode.reason, plan.decode.overlap_blocks) == ("d2", "least_loaded", 0)
-    assert (plan.prefill, plan.reason, plan.num_uncached_tokens) == (None, "prompt_logprobs", 160)
+    assert (plan.prefill.worker_id, plan.reason, plan.num_uncached_tokens) == ("p2", "disaggregated", 160)
 
 
 # -- zero-overlap alarm ----------------------------------------------------------------------------

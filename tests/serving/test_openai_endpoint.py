@@ -242,7 +242,8 @@ def test_echo_with_logprobs_is_lm_eval_loglikelihood(client, cluster, model_dir,
     the disaggregated cluster: each choice's text is its prompt then the greedy token; its
     logprobs cover the prompt (the first None, the others equal to a transformers forward, the
     top-1 that forward's argmax) then the token; max_tokens 0 gives the prompt alone (no completion
-    tokens); streamed, the prompt comes first; such requests prefill on their decode worker."""
+    tokens); streamed, the prompt comes first; such requests are routed as others, their whole
+    prompt counted uncached."""
     import torch
 
     from tests.workers.engine.test_prompt_logprobs import ATOL, reference
@@ -263,7 +264,8 @@ def test_echo_with_logprobs_is_lm_eval_loglikelihood(client, cluster, model_dir,
                                    top_vals[:, 0], atol=ATOL, rtol=0)
     assert r.usage.prompt_tokens == sum(map(len, ids)) and r.usage.completion_tokens == 2
     decisions = httpx.get(cluster.url + "/v1/routing/recent", timeout=30).json()["decisions"][-2:]
-    assert [(d["reason"], d["prefill"]) for d in decisions] == [("prompt_logprobs", None)] * 2, decisions
+    threshold = cluster.config.router.local_prefill_threshold_tokens  # the whole prompt counts as uncached
+    assert [d["prefill"] is not None for d in decisions] == [len(i) >= threshold for i in ids], decisions
     only = client.completions.create(model=model_name(cluster), prompt=PROMPTS[0], echo=True, logprobs=0, max_tokens=0,
                                      temperature=0)
     assert only.choices[0].text == PROMPTS[0] and only.usage.completion_tokens == 0

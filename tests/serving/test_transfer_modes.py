@@ -5,7 +5,8 @@ for token; a stale handshake renewed once inside a READ; a prefill worker killed
 After each, no KV block is used or pinned on any worker. Penalties (presence, frequency,
 repetition) through the endpoint with the official openai client, and the same penalised request
 colocated, whole-request and layer-wise: the same tokens; so with structured output (a JSON
-schema). Prompt logprobs: prefilled on the decode worker, equal to an engine alone's.
+schema). Prompt logprobs: computed by the prefill worker, handed on in its KV handle, equal to an
+engine alone's; a one-token request moves no KV.
 
 Requests go straight to the decode worker's generate (a GenerateRequest naming the prefill
 worker, or none for colocated), each with its own cache salt so no run reuses another's blocks.
@@ -211,12 +212,16 @@ def test_structured_output_through_the_api_and_every_transfer_mode(cluster, work
 ECHO = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=3)  # lm-eval's loglikelihood request
 
 
-def first_delta(decode, prompt, prefill_ids, sampling):
+def all_deltas(decode, prompt, prefill_ids, sampling):
     req = GenerateRequest(f"t-{uuid.uuid4().hex[:8]}", tuple(prompt), sampling, cache_salt=uuid.uuid4().hex,
                           prefill_candidates=tuple(prefill_ids))
     deltas = [ray.get(ref, timeout=120) for ref in decode.generate.options(num_returns="streaming").remote(req)]
     assert all(d.error is None for d in deltas) and deltas[0].token_ids
-    return deltas[0]
+    return deltas
+
+
+def first_delta(decode, prompt, prefill_ids, sampling):
+    return all_deltas(decode, prompt, prefill_ids, sampling)[0]
 
 
 def assert_same_prompt_logprobs(got, want) -> None:
@@ -226,13 +231,13 @@ def assert_same_prompt_logprobs(got, want) -> None:
         [[i for i, _ in t] for t in want.prompt_top_logprobs[1:]]
 
 
-async def test_prompt_logprobs_are_prefilled_on_the_decode_worker(cluster, workers, tiny_checkpoint):
-    """Prompt logprobs in a disaggregated cluster (local_prefill_threshold_tokens 0: every other
-    prompt here goes to a prefill worker): through the router's own path (ClusterView.plan +
-    serve_request, run in this process over the cluster's workers) the request is routed to its
-    decode worker with reason prompt_logprobs, and a decode worker told to use a prefill worker
-    prefills it itself; both give the prompt logprobs of an engine alone (300 tokens: chunked).
-    The prompt's blocks are then in the decode worker's cache for others."""
+async def test_prompt_logprobs_are_computed_by_the_prefill_worker(cluster, workers, tiny_checkpoint):
+    """Prompt logprobs in a disaggregated cluster (local_prefill_threshold_tokens 0): the prefill
+    worker computes them (300 tokens: chunked) and its handle carries them to the decode worker's
+    first delta, equal to an engine alone's. lm-eval's one-token request ends at the prefill's
+    first token: no KV is read (the handle is final). With more tokens: layer-wise and whole-READ
+    imports, the rest token-identical to colocated. Through the router's own path (ClusterView.plan
+    + serve_request, run here over the cluster's workers): routed to a prefill worker as any other."""
     from router.cluster_view import ClusterView
     from router.request_flow import serve_request
     from router.token_streams import token_streams
@@ -243,6 +248,20 @@ async def test_prompt_logprobs_are_prefilled_on_the_decode_worker(cluster, worke
     alone = run(make_engine(tiny_checkpoint("llama")), {"r": (prompt, ECHO)})["r"][1]
     before = counters(decode)
     assert_same_prompt_logprobs(first_delta(decode, prompt, [pf], ECHO), alone)
+    after = counters(decode)
+    assert after["num_final_first_tokens"] - before["num_final_first_tokens"] == 1
+    assert (after["num_transfers"], after["num_local_prefills"]) == (before["num_transfers"],
+                                                                     before["num_local_prefills"])
+    longer = dataclasses.replace(ECHO, max_tokens=4)
+    colocated = generate(decode, prompt, sampling=longer)
+    for layerwise in (True, False):
+        set_layerwise(decode, layerwise)
+        try:
+            deltas = all_deltas(decode, prompt, [pf], longer)
+        finally:
+            set_layerwise(decode, True)
+        assert_same_prompt_logprobs(deltas[0], alone)
+        assert [t for d in deltas for t in d.token_ids] == colocated
     cfg = cluster.config
     view = ClusterView(cfg.cluster_name, cfg.etcd, cfg.router, cfg.engine.block_size)
     await view.start()
@@ -252,19 +271,14 @@ async def test_prompt_logprobs_are_prefilled_on_the_decode_worker(cluster, worke
                 break
             await asyncio.sleep(0.1)
         deltas = [d async for d in serve_request(view, "plp", prompt, ECHO, "plp-salt", cfg.limits)]
-        assert view.decisions[-1]["reason"] == "prompt_logprobs" and view.decisions[-1]["prefill"] is None
-        plain = [d async for d in serve_request(view, "plain", prompt, GREEDY, "plp-salt", cfg.limits)]
-        assert view.decisions[-1]["reason"] == "disaggregated"
+        assert view.decisions[-1]["reason"] == "disaggregated" and view.decisions[-1]["prefill"] is not None
     finally:
         for stream in token_streams(view).streams.values():
             stream.close("test over")
         await view.stop()
     assert_same_prompt_logprobs(deltas[0], alone)
-    assert [d.prompt_logprobs for d in deltas[1:] + plain] == [None] * (len(deltas) - 1 + len(plain))
-    # the echo request computed its whole prompt and then published it: the plain one found it all
-    assert (deltas[0].num_cached_tokens, plain[0].num_cached_tokens) == (0, len(prompt))
-    after = counters(decode)
-    assert after["num_local_prefills"] - before["num_local_prefills"] == 2  # the two echo requests
+    assert [d.prompt_logprobs for d in deltas[1:]] == [None] * (len(deltas) - 1)
+    assert counters(decode)["num_local_prefills"] == before["num_local_prefills"] + 1  # the colocated run only
     assert decode_engine_requests(decode) == []
     assert_no_leaks(cluster.url)
 

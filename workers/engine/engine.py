@@ -17,9 +17,9 @@ Single-threaded: one owner calls every method (a worker's engine thread). Three 
 The engine never moves KV between processes; kv_transfer/ does, addressing blocks by id.
 
 Prompt logprobs (SamplingParams.prompt_logprobs, workers/engine/prompt_logprobs.py): such a request
-computes its whole prompt here (no prefix-cache hit; refused as prefill-only or imported), every
-step carrying its prompt chunks runs eagerly with the final hidden states kept
-(ModelRunner.execute_with_hidden), and its first token's delta carries them.
+computes its whole prompt where it is prefilled (no prefix-cache hit), every step carrying its
+prompt chunks runs eagerly with the final hidden states kept (ModelRunner.execute_with_hidden), and
+its first token's delta carries them (prefill-only: its KVHandle, which the import hands on).
 
 Async scheduling (EngineConfig.async_scheduling): step() launches step n+1 before it reads step
 n's sampled tokens back, so the host's work overlaps the GPU's; a request's newest token may be
@@ -340,13 +340,9 @@ class Engine(SplitPoints):
         prompt = check_new_request(prompt_token_ids, sampling, has_tokenizer=self.tokenizer is not None,
                                    vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                                    block_size=self.block_size, num_blocks=self.kv_cache.num_blocks)
-        if sampling.prompt_logprobs is not None:
-            if self.runner.prompt_logprobs_unsupported:
-                raise InvalidRequestError(f"prompt_logprobs is not supported here: "
-                                          f"{self.runner.prompt_logprobs_unsupported}", "prompt_logprobs")
-            if prefill_only:  # a KVHandle carries the first token only
-                raise InvalidRequestError("prompt_logprobs needs the prompt computed where the request decodes: "
-                                          "prefill it locally, not on a prefill worker", "prompt_logprobs")
+        if sampling.prompt_logprobs is not None and self.runner.prompt_logprobs_unsupported:
+            raise InvalidRequestError(f"prompt_logprobs is not supported here: "
+                                      f"{self.runner.prompt_logprobs_unsupported}", "prompt_logprobs")
         req = Request(request_id, prompt, sampling, self.block_size, cache_salt, prefill_only)
         if sampling.structured is not None:
             if self.grammars is None:
@@ -388,6 +384,13 @@ class Engine(SplitPoints):
                 stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.runner.eos_token_ids)
                 bans = (bans or []) + [(i, t) for t in sorted(stops) if t < self.vocab_size]
         return bans
+
+    def _ends_at(self, req: Request, token_id: int) -> bool:
+        """Whether this next token surely ends the request (by length, a stop token or EOS), as
+        _append_token would find: a prefill worker's first token that does needs no KV moved."""
+        sp = req.sampling
+        return (len(req.output_token_ids) + 1 >= sp.max_tokens or req.num_tokens + 1 >= self.max_model_len
+                or token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.runner.eos_token_ids))
 
     def _append_token(self, req: Request, token_id: int, logprob, top) -> TokenDelta:
         grammar_done = False

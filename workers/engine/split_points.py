@@ -13,12 +13,13 @@ _launched, _new_request, _publish_blocks and _append_token.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from workers.engine.block_pool import NoFreeBlocks
 from workers.engine.outputs import ImportReservation
 from workers.engine.request import Request, RequestStatus
-from workers.protocol import InvalidRequestError, KVHandle, SamplingParams, TokenDelta
+from workers.protocol import KVHandle, SamplingParams, TokenDelta
 
 
 class SplitPoints:
@@ -45,9 +46,7 @@ class SplitPoints:
         """Allocate blocks for a prompt whose KV will be written into them from elsewhere.
         Raises NoFreeBlocks when they are not free right now (nothing is held then)."""
         req = self._new_request(request_id, prompt_token_ids, sampling, cache_salt, prefill_only=False)
-        if req.prompt_logprobs is not None:
-            raise InvalidRequestError("prompt_logprobs needs the prompt computed here: prefill it locally, not "
-                                      "imported", "prompt_logprobs")
+        req.prompt_logprobs = None  # computed where it was prefilled: they come with commit_import
         n = req.num_prompt_tokens
         hits = self.pool.lookup(req.block_hashes())[: n // self.block_size] if self.config.enable_prefix_caching else []
         need = -(-n // self.block_size) - len(hits)
@@ -76,31 +75,78 @@ class SplitPoints:
         self.requests[key] = req
         return key
 
-    def commit_import(self, request_id: str, first_token_id: int, first_logprob: float | None = None,
-                      first_top_logprobs=None, num_cached_tokens: int | None = None) -> TokenDelta:
-        """The reserved blocks now hold the prompt's KV: continue from the first sampled token."""
+    def commit_import(self, request_id: str, first_token_id: int | None = None, first_logprob: float | None = None,
+                      first_top_logprobs=None, num_cached_tokens: int | None = None,
+                      handle: KVHandle | None = None) -> TokenDelta:
+        """The reserved blocks now hold the prompt's KV: continue from the first sampled token,
+        given as is or as the prefill side's ``handle`` (its first token, cached-token count and
+        prompt logprobs)."""
         req = self.requests.get(request_id)
         if req is None or req.status != RequestStatus.RESERVED:
             raise KeyError(f"no reserved import for request {request_id!r}")
+        if handle is not None:
+            first_token_id, first_logprob, first_top_logprobs = (handle.first_token_id, handle.first_logprob,
+                                                                  handle.first_top_logprobs)
+            num_cached_tokens = handle.num_cached_tokens
+        elif first_token_id is None:
+            raise ValueError("commit_import needs the first token or the handle")
         req.num_computed_tokens = req.num_prompt_tokens
         if num_cached_tokens is not None:
             req.num_cached_tokens = max(req.num_cached_tokens, num_cached_tokens)
         self._publish_blocks(req)
         self.scheduler.add_running(req)
-        return self._append_token(req, first_token_id, first_logprob, first_top_logprobs)
+        return _with_prompt_logprobs(self._append_token(req, first_token_id, first_logprob, first_top_logprobs),
+                                     handle)
+
+    def finish_import(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                      handle: KVHandle, cache_salt: str | None = None) -> TokenDelta:
+        """A remote prefill whose first token ended the request (handle.final: the prefill side
+        freed its blocks): that token's final delta, with no KV moved and no block taken here."""
+        if not handle.final:
+            raise ValueError(f"{request_id}: the handle holds blocks; import it (reserve_import, commit_import)")
+        req = self._new_request(request_id, prompt_token_ids, sampling, cache_salt, prefill_only=False)
+        req.prompt_logprobs = None
+        req.num_cached_tokens = handle.num_cached_tokens
+        req.status = RequestStatus.RUNNING
+        self.requests[request_id] = req
+        delta = self._append_token(req, handle.first_token_id, handle.first_logprob, handle.first_top_logprobs)
+        if not delta.finished:  # the prefill side's _ends_at said it would
+            self.requests.pop(request_id, None)
+            raise RuntimeError(f"internal: {request_id}'s first token did not end it here")
+        return _with_prompt_logprobs(delta, handle)
 
     def _num_held_blocks(self) -> int:
         return sum(len(r.block_ids) for r in self.requests.values()
                    if r.status in (RequestStatus.PINNED, RequestStatus.RESERVED))
 
     def _pin(self, req: Request, token_id: int, logprob, top) -> KVHandle:
+        """The handle of a prefill-only request's first token; its blocks stay pinned for a peer's
+        READ, unless that token ends the request (then nobody needs the KV: the blocks are freed
+        now, cached as any finished request's, and the handle is final). A layer-wise request keeps
+        them pinned: its WRITEs may still be reading them."""
         self.scheduler.running.remove(req)
         req.status = RequestStatus.PINNED
-        now = time.time()
-        return KVHandle(
-            request_id=req.request_id, worker_id=self.worker_id, block_ids=tuple(req.block_ids),
+        final = req.layer_hook_factory is None and self._ends_at(req, token_id)
+        prompt_lps = prompt_tops = None
+        if req.prompt_logprobs is not None:
+            prompt_lps, prompt_tops = req.prompt_logprobs.result()
+            req.prompt_logprobs = None
+        handle = KVHandle(
+            request_id=req.request_id, worker_id=self.worker_id, block_ids=() if final else tuple(req.block_ids),
             num_tokens=req.num_prompt_tokens, first_token_id=token_id, first_logprob=logprob,
             first_top_logprobs=tuple(top) if top else None, compat_hash=self.layout.compat_hash(),
-            kv_epoch=self.kv_cache.epoch, lease_ttl_s=0.0, expires_at=now,
-            num_cached_tokens=req.num_cached_tokens,
+            kv_epoch=self.kv_cache.epoch, lease_ttl_s=0.0, expires_at=time.time(),
+            num_cached_tokens=req.num_cached_tokens, prompt_logprobs=prompt_lps, prompt_top_logprobs=prompt_tops,
+            final=final,
         )
+        if final:
+            self.release_handle(req.request_id)
+        return handle
+
+
+def _with_prompt_logprobs(delta: TokenDelta, handle: KVHandle | None) -> TokenDelta:
+    """The first delta of an imported request, with the prompt logprobs its prefill computed."""
+    if handle is None or handle.prompt_logprobs is None:
+        return delta
+    return dataclasses.replace(delta, prompt_logprobs=handle.prompt_logprobs,
+                               prompt_top_logprobs=handle.prompt_top_logprobs)

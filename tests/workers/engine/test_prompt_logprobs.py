@@ -10,9 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from tests.workers.engine.helpers import GREEDY, PROMPTS, assert_all_blocks_free, hf_greedy, hf_model, make_engine
-from tests.workers.engine.test_split import prefill
-from workers.protocol import InvalidRequestError, SamplingParams, TokenDelta, merge_deltas
+from tests.workers.engine.helpers import (GREEDY, PROMPTS, assert_all_blocks_free, drain, hf_greedy, hf_model,
+                                          make_engine)
+from tests.workers.engine.test_split import prefill, transfer
+from workers.protocol import SamplingParams, TokenDelta, merge_deltas
 
 LONG = [(i * 7) % 300 + 3 for i in range(70)]  # 70 tokens > max_num_batched_tokens (16): five chunks
 ECHO = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=5)  # what lm-eval's loglikelihood asks
@@ -109,13 +110,32 @@ def test_a_request_preempted_inside_its_prompt_starts_over(model_dir):
     assert_all_blocks_free(engine)
 
 
-def test_refused_where_the_prompt_is_not_computed_here(model_dir):
-    engine = make_engine(model_dir)
-    with pytest.raises(InvalidRequestError, match="prefill it locally"):
-        prefill(engine, [PROMPTS[0]], ECHO)
-    with pytest.raises(InvalidRequestError, match="prefill it locally"):
-        engine.reserve_import("imp", PROMPTS[0], ECHO)
-    assert_all_blocks_free(engine)
+def test_prefilled_on_a_prefill_engine_and_handed_on_by_the_import(model_dir):
+    """Prefill-only on engine A computes them and its KVHandle carries them; engine B's import
+    puts them on the first delta. One token (lm-eval's loglikelihood): the handle is final, A
+    already freed the blocks, B takes none (finish_import). More tokens: an import as usual."""
+    a, b = make_engine(model_dir, worker_id="A"), make_engine(model_dir, worker_id="B")
+    colocated = run(make_engine(model_dir), {"one": (LONG, ECHO), "more": (PROMPTS[2], dataclasses.replace(
+        ECHO, max_tokens=6))})
+    handles = prefill(a, [LONG], ECHO, prefix="one")
+    handle = handles["one0"]
+    assert handle.final and handle.block_ids == () and a.stats().num_pinned == 0 and not a.requests
+    first = b.finish_import("one0", LONG, ECHO, handle)
+    assert first.finished and first.token_ids == colocated["one"][1].token_ids
+    check(model_dir, LONG, first, 5)
+    assert b.stats().num_used_blocks == 0 and not b.requests
+    more = dataclasses.replace(ECHO, max_tokens=6)
+    handle = prefill(a, [PROMPTS[2]], more, prefix="more")["more0"]
+    assert not handle.final and handle.block_ids and handle.prompt_logprobs is not None
+    first = transfer(a, b, handle, PROMPTS[2], more)
+    check(model_dir, PROMPTS[2], first, 5)
+    out = {"more0": list(first.token_ids)}
+    drain(b, out)
+    assert out["more0"] == colocated["more"][0]
+    with pytest.raises(ValueError, match="holds blocks"):
+        b.finish_import("x", PROMPTS[2], more, handle)
+    assert_all_blocks_free(a)
+    assert_all_blocks_free(b)
 
 
 def test_deltas_merged_for_one_message_keep_the_prompt_logprobs():

@@ -16,7 +16,7 @@ def transfer(a, b, handle, prompt, sampling=GREEDY):
     n = res.num_local_cached_blocks
     b.kv_cache.write_blocks(list(res.block_ids[n:]), a.kv_cache.read_blocks(list(handle.block_ids[n:])))
     assert a.release_handle(handle.request_id)
-    return b.commit_import(handle.request_id, handle.first_token_id, handle.first_logprob)
+    return b.commit_import(handle.request_id, handle=handle)
 
 
 def prefill(a, prompts, sampling=GREEDY, prefix="r"):
@@ -67,15 +67,25 @@ def test_import_reuses_local_prefix_cache(tiny_checkpoint):
 
 
 def test_first_token_can_finish_the_request(tiny_checkpoint):
+    """A prefill whose first token ends the request (max_tokens 1, a stop token): its handle is
+    final, the prefill engine already freed (and cached) the blocks, and the decode engine reports
+    the token without taking a block (finish_import): no KV to move."""
     model_dir = tiny_checkpoint("llama")
     a, b = make_engine(model_dir, worker_id="A"), make_engine(model_dir, worker_id="B")
     one = SamplingParams(max_tokens=1, temperature=0)
     h = prefill(a, [PROMPTS[0]], one)["r0"]
-    first = transfer(a, b, h, PROMPTS[0], one)
+    assert h.final and h.block_ids == () and a.stats().num_pinned == 0 and not a.requests
+    first = b.finish_import("r0", PROMPTS[0], one, h)
     assert first.finish_reason == FinishReason.LENGTH and first.token_ids == (h.first_token_id,)
+    stop = SamplingParams(max_tokens=8, temperature=0, stop_token_ids=(h.first_token_id,))
+    h2 = prefill(a, [PROMPTS[0]], stop, prefix="s")["s0"]
+    assert h2.final and h2.num_cached_tokens == 4  # the first prefill's full block stayed cached
+    first = b.finish_import("s0", PROMPTS[0], stop, h2)
+    assert first.finish_reason == FinishReason.STOP and first.token_ids == (h.first_token_id,)
     assert not b.has_work()
     assert_all_blocks_free(a)
     assert_all_blocks_free(b)
+    assert b.stats().num_free_blocks == b.stats().num_total_blocks and b.stats().num_cached_free_blocks == 0
 
 
 def test_seeded_sampling_same_when_split(tiny_checkpoint):
