@@ -51,13 +51,14 @@ def run(engine: Engine, prompts, sampling: SamplingParams, tag: str) -> tuple[fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(Path.home() / ".cache/pdserve/models/SmolLM2-135M-Instruct"),
-                    help="a checkpoint directory (with a tokenizer) or a shape name of benchmarks/model_shapes.py")
+                    help="a checkpoint directory (with a tokenizer), 'tiny' or a shape of benchmarks/model_shapes.py")
+    ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"), help="where shapes are built")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--out-len", type=int, default=64)
     args = ap.parse_args()
-    model = checkpoint(args.model, REPO / ".cache" / "bench-models")
+    model = checkpoint(args.model, Path(args.cache_dir))
     engine = Engine(ModelConfig(device=args.device), EngineConfig(block_size=16, num_kv_blocks=1024,
                                                                   max_num_seqs=max(64, args.batch)), model)
     vocab = engine.vocab_size
