@@ -1,6 +1,7 @@
 """The OpenAI-compatible endpoint: a Ray Serve deployment with a FastAPI app.
 
     POST /v1/completions, /v1/chat/completions (SSE streaming with usage), GET /v1/models
+    POST /v1/responses (OpenAI's Responses API, stateless, on the chat path)
     POST /tokenize, /detokenize, GET /tokenizer_info (vLLM's; lm-eval-harness's remote tokenizer)
     GET /health (process up), /ready (503 until the minimum workers are registered), /metrics
     GET /v1/routing/recent (this endpoint's workers with their KV use, recent routing decisions)
@@ -37,6 +38,7 @@ from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse,
 from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
 from router.request_parsing import chat_prompt, check_token_ids, completion_prompts, sampling_params
+from router.responses_api import ResponseBuilder, ResponsesRequest, sse_event
 from router.tool_calls import ToolPlan
 from router.http_errors import ApiKeyAuth, BodyLimit, HTTPError, error_response
 from workers.protocol import IngressSnapshot, InvalidRequestError, RequestFailedError, SamplingParams
@@ -281,6 +283,51 @@ class OpenAIIngress:
         accs = await self._collect(rid, subs, body.cache_salt)
         return fmt.chat_body(rid, self.model_name, accs, body.logprobs, tools)
 
+    @app.post("/v1/responses", responses={**_ERRORS, 200: {"content": _SSE}})
+    async def responses(self, body: ResponsesRequest):
+        """OpenAI's Responses API, stateless, on the chat path (router/responses_api.py)."""
+        self._check_model(body.model)
+        chat = body.to_chat()
+        tools = ToolPlan.of(chat, self.config.server.tool_call_parser)
+        prompt = chat_prompt(self.tokenizer, chat, tools.template_tools)
+        sampling = sampling_params(chat, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=None,
+                                   tool_constraint=tools.constraint)
+        (sub,) = self._fanout(1, [(prompt, sampling)])
+        rid = f"resp_{uuid.uuid4().hex}"
+        builder = ResponseBuilder(rid, self.model_name, body, tools)
+        if not body.stream:
+            (acc,) = await self._collect(rid, [sub], None)
+            return builder.finished(acc)
+        view = await self._admit()
+        deltas = self._deltas(view, rid, *sub, None)
+        first = await self._first_delta(deltas)
+        acc = fmt.Accumulator(self.tokenizer)
+
+        async def events():
+            for e in builder.start():
+                yield sse_event(e)
+            try:
+                d = first
+                while True:
+                    acc.add(d)
+                    if d.error:
+                        for e in builder.failed(d.error, "request_failed"):
+                            yield sse_event(e)
+                        return
+                    for e in builder.add(d.text, fmt.finish_str(d.finish_reason), acc):
+                        yield sse_event(e)
+                    if d.finished:
+                        return
+                    d = await deltas.__anext__()
+            except Exception as e:  # the status line is sent: the stream itself must say it failed
+                err = _stream_error(rid, e)
+                for ev in builder.failed(err["message"], err["code"]):
+                    yield sse_event(ev)
+            finally:
+                await deltas.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     # -- internals -----------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -379,6 +426,18 @@ class OpenAIIngress:
             raise HTTPError(504, str(e), "timeout_error", code="request_timeout") from e
         return accs
 
+    async def _first_delta(self, deltas):
+        """The stream's first item, awaited before any byte is sent: routing happens now, so "no
+        worker" is a proper 503 (and a timeout a 504), not an error event."""
+        try:
+            return await deltas.__anext__()
+        except _UNAVAILABLE as e:
+            await deltas.aclose()
+            raise HTTPError(503, str(e), "service_unavailable", code="no_worker") from e
+        except RequestTimedOut as e:
+            await deltas.aclose()
+            raise HTTPError(504, str(e), "timeout_error", code="request_timeout") from e
+
     async def _stream(self, rid, subs, per_prompt, salt, include_usage, make_chunk, obj, chat: bool,
                       hide_output: bool = False):
         view = await self._admit(len(subs))
@@ -387,14 +446,7 @@ class OpenAIIngress:
         accs = [fmt.Accumulator(self.tokenizer) for _ in subs]
         deltas = fanout.merge([self._deltas(view, self._sub_id(rid, i, n), p, s, salt, hide_output)
                                for i, (p, s) in enumerate(subs)])
-        try:  # route now, so that "no worker" is a proper 503 before any byte is streamed
-            first = await deltas.__anext__()
-        except _UNAVAILABLE as e:
-            await deltas.aclose()
-            raise HTTPError(503, str(e), "service_unavailable", code="no_worker") from e
-        except RequestTimedOut as e:
-            await deltas.aclose()
-            raise HTTPError(504, str(e), "timeout_error", code="request_timeout") from e
+        first = await self._first_delta(deltas)
 
         async def events():
             offsets, running = [0] * n, n
@@ -420,20 +472,24 @@ class OpenAIIngress:
                     i, d = await deltas.__anext__()
                 if include_usage:
                     yield fmt.sse(fmt.usage_chunk(rid, self.model_name, created, obj, accs, per_prompt))
-            except _UNAVAILABLE as e:
-                yield fmt.sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": "no_worker"}})
-            except RequestTimedOut as e:
-                yield fmt.sse({"error": {"message": str(e), "type": "timeout_error", "param": None,
-                                         "code": "request_timeout"}})
             except Exception as e:  # the status line is sent: the stream itself must say it failed
-                log.exception("stream %s failed", rid)
-                yield fmt.sse({"error": {"message": f"internal error: {type(e).__name__}", "type": "server_error",
-                                         "param": None, "code": "internal_error"}})
+                yield fmt.sse({"error": _stream_error(rid, e)})
             finally:
                 await deltas.aclose()
             yield fmt.SSE_DONE
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _stream_error(rid: str, e: Exception) -> dict:
+    """What a stream that already sent its status line says when it fails."""
+    if isinstance(e, _UNAVAILABLE):
+        return {"message": str(e), "type": "server_error", "param": None, "code": "no_worker"}
+    if isinstance(e, RequestTimedOut):
+        return {"message": str(e), "type": "timeout_error", "param": None, "code": "request_timeout"}
+    log.exception("stream %s failed", rid)
+    return {"message": f"internal error: {type(e).__name__}", "type": "server_error", "param": None,
+            "code": "internal_error"}
 
 
 def build_app(args: dict | None = None):

@@ -48,8 +48,8 @@ def grammar_of(spec: StructuredOutput):
     xgr = _xgrammar()
     try:
         if spec.kind == "json_schema":
-            return xgr.Grammar.from_json_schema(spec.spec, any_whitespace=True,
-                                                max_whitespace_cnt=MAX_JSON_WHITESPACE)
+            return _json_strings_fixed(xgr, xgr.Grammar.from_json_schema(spec.spec, any_whitespace=True,
+                                                                         max_whitespace_cnt=MAX_JSON_WHITESPACE))
         if spec.kind == "json_object":  # any JSON object (OpenAI's json_object mode)
             return xgr.Grammar.from_json_schema('{"type": "object"}', strict_mode=False, any_whitespace=True,
                                                 max_whitespace_cnt=MAX_JSON_WHITESPACE)
@@ -66,6 +66,19 @@ def grammar_of(spec: StructuredOutput):
         raise InvalidRequestError(f"the {spec.kind.replace('_', ' ')} for structured output is not valid: {message}",
                                   spec.param) from e
     raise InvalidRequestError(f"unknown structured output kind {spec.kind!r}", spec.param)
+
+
+# xgrammar 0.2.9 writes a string with minLength/maxLength as [^"\\\r\n]{m,n}: raw control
+# characters (a tab, \x0b) allowed inside it, which is not JSON (json.loads refuses it; a random
+# model found it). Such classes become JSON's own: no character below 0x20, no quote, no backslash.
+_LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
+
+
+def _json_strings_fixed(xgr, grammar):
+    text = str(grammar)
+    return xgr.Grammar.from_ebnf(text.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)) if _LOOSE_STRING_CHAR in text \
+        else grammar
 
 
 class Grammars:

@@ -139,3 +139,20 @@ def test_bad_specs_are_invalid_requests(model_dir, spec, says):
     with pytest.raises(InvalidRequestError, match="min_tokens cannot be combined"):
         engine.add_request("bad", PROMPT, SamplingParams(structured=SPECS["regex"], min_tokens=2))
     assert_all_blocks_free(engine)
+
+
+def test_json_strings_with_a_length_hold_no_raw_control_characters(model_dir):
+    """xgrammar 0.2.9 lets a string with minLength/maxLength hold raw control characters (not
+    JSON: a random model wrote a \\x0b there and json.loads refused the answer); pdserve's grammar
+    takes JSON's own characters there, and the engine's output parses."""
+    engine = make_engine(model_dir)
+    spec = StructuredOutput("json_schema", json.dumps({"type": "string", "minLength": 1, "maxLength": 12}))
+    m = engine.grammars.matcher(spec)
+    assert m.accept_string('"') and not m.accept_string("\x0b") and not m.accept_string("\t")
+    assert m.accept_string("ok é") and m.accept_string('"')
+    sampling = SamplingParams(max_tokens=40, temperature=1.0, seed=0, structured=spec)
+    got = collect(engine, {f"r{i}": ([5 + i, 6, 7], dataclasses.replace(sampling, seed=i)) for i in range(8)})
+    for tokens, finish, _ in got.values():
+        assert finish == FinishReason.STOP
+        assert 1 <= len(json.loads(engine.tokenizer.decode(tokens[:-1]))) <= 12
+    assert_all_blocks_free(engine)

@@ -1,12 +1,16 @@
-"""Tool calling through the endpoint with the official openai client (real cluster: etcd, Ray,
-NIXL, 1 prefill + 1 decode worker, tiny llama; server.tool_call_parser: hermes).
+"""Tool calling and the Responses API through the endpoint with the official openai client (real
+cluster: etcd, Ray, NIXL, 1 prefill + 1 decode worker, tiny llama; server.tool_call_parser: hermes).
 
 A named tool_choice and "required" constrain the output to the tools' schemas, so even a random
 model makes well-formed calls: their arguments parse and follow the schema, streamed or not.
 "auto" parses the model's own <tool_call> blocks (hermes): the tiny model is made to write one by
 a guided_choice (what a model trained for tools writes by itself), and the endpoint turns it into
 tool_calls. The tools reach the chat template, and earlier calls and tool results in the history
-are rendered by it."""
+are rendered by it.
+
+The Responses API (client.responses) runs on the chat path: the same text as the chat request it
+means, whole and as its event stream; function calls as function_call items; text.format as a
+JSON schema; what it cannot do (stored responses, non-text input) is a 400."""
 
 import json
 
@@ -176,3 +180,74 @@ def test_the_template_gets_the_tools_and_the_calls(tiny_checkpoint):
     text = tok.decode(chat_prompt(tok, body, ToolPlan.of(body, None).template_tools))
     assert f"TOOL get_weather {json.dumps(WEATHER)}" in text and "TOOL get_time" in text
     assert "assistant:  CALL get_weather(Oslo)" in text
+
+
+# -- the Responses API -----------------------------------------------------------------------------
+def responses_events(client, cluster, **kwargs):
+    stream = client.responses.create(model=cluster.config.model.served_model_name, stream=True, **kwargs)
+    return list(stream)
+
+
+def test_responses_text_equals_the_chat_answer_whole_and_streamed(client, cluster):
+    model = cluster.config.model.served_model_name
+    kwargs = dict(instructions="Be brief.", input="What is the weather in Paris?", max_output_tokens=8,
+                  temperature=0)
+    r = client.responses.create(model=model, **kwargs)
+    chat = client.chat.completions.create(model=model, max_tokens=8, temperature=0, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the weather in Paris?"}])
+    assert r.output_text == chat.choices[0].message.content and r.output_text
+    assert (r.status, r.incomplete_details.reason) == ("incomplete", "max_output_tokens")  # 8 tokens, cut
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, 8)
+    assert r.id.startswith("resp_") and r.output[0].type == "message" and r.output[0].role == "assistant"
+    events = responses_events(client, cluster, **kwargs)
+    types = [e.type for e in events]
+    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"], types
+    assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"], types
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert events[-1].response.output_text == r.output_text and events[-1].response.usage.output_tokens == 8
+
+
+def test_responses_function_calls_and_their_outputs(client, cluster):
+    tools = [{"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": WEATHER}]
+    kwargs = dict(input="What is the weather in Paris?", tools=tools, max_output_tokens=150, temperature=0,
+                  tool_choice={"type": "function", "name": "get_weather"})
+    r = client.responses.create(model=cluster.config.model.served_model_name, **kwargs)
+    (call,) = [o for o in r.output if o.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id.startswith("call_") and r.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    events = responses_events(client, cluster, **kwargs)
+    pieces = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert pieces == done.arguments == call.arguments and events[-1].type == "response.completed"
+    # the call and its output go back as input items: the model sees them (a longer prompt)
+    turn = [{"role": "user", "content": "What is the weather in Paris?"},
+            {"type": "function_call", "call_id": call.call_id, "name": "get_weather", "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'}]
+    again = client.responses.create(model=cluster.config.model.served_model_name, input=turn, tools=tools,
+                                    tool_choice="none", max_output_tokens=4, temperature=0)
+    assert again.output[0].type == "message" and again.usage.input_tokens > r.usage.input_tokens
+
+
+def test_responses_text_format_json_schema(client, cluster):
+    r = client.responses.create(model=cluster.config.model.served_model_name, input="the weather, as JSON",
+                                max_output_tokens=150, temperature=0,
+                                text={"format": {"type": "json_schema", "name": "weather", "schema": WEATHER}})
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), WEATHER)
+
+
+@pytest.mark.parametrize("kwargs, status, param", [
+    (dict(input="hi", previous_response_id="resp_123"), 400, "previous_response_id"),
+    (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]), 400, None),
+    (dict(input="hi", model="no-such-model"), 404, "model"),
+    (dict(input="hi", tool_choice="required"), 400, "tool_choice"),
+])
+def test_responses_mistakes(client, cluster, kwargs, status, param):
+    with pytest.raises(openai.APIStatusError) as e:
+        client.responses.create(**({"model": cluster.config.model.served_model_name, "max_output_tokens": 4} | kwargs))
+    assert e.value.status_code == status and e.value.body["type"] == "invalid_request_error", e.value.body
+    if param is not None:
+        assert e.value.body["param"] == param, e.value.body

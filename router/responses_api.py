@@ -1,0 +1,302 @@
+"""OpenAI's Responses API (POST /v1/responses), on the chat path: a request becomes the chat
+request it means (instructions as the system message, input items as turns, function calls and
+their outputs as assistant tool_calls and tool turns, text.format as response_format, flat tools
+as chat tools), runs as one, and its output comes back as Responses output items (a message with
+output_text, function_call items), whole or as the Responses stream's events.
+
+Stateless: pdserve stores no response, so ``previous_response_id`` (and a stored conversation) is
+a 400, and every answer says ``"store": false``. Input other than text (images, files) is a 400.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+
+from router.openai_format import Accumulator
+from router.openai_models import ChatCompletionRequest, FunctionDef
+from router.tool_calls import ToolPlan
+from workers.protocol import InvalidRequestError
+
+
+class InputText(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputText]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionCallItem(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+class ResponsesTool(FunctionDef):
+    type: Literal["function"]
+
+
+class NamedFunction(BaseModel):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, min_length=1, max_length=64)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(BaseModel):
+    """What pdserve takes of a Responses request; other fields are ignored, as in the chat API."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem] = Field(
+        ..., description="Text, or turns: messages (text parts), function_call and function_call_output items")
+    instructions: str | None = Field(None, description="The system message")
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stream: StrictBool = False
+    tools: list[ResponsesTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: StrictBool = True
+    text: TextConfig | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    user: str | None = None
+    seed: int | None = None
+    previous_response_id: str | None = Field(None, description="Not supported: pdserve stores no responses")
+    store: StrictBool | None = Field(None, description="Accepted; nothing is stored (the answer says store: false)")
+
+    def to_chat(self) -> ChatCompletionRequest:
+        """The chat request this one means; InvalidRequestError for what it cannot be."""
+        if self.previous_response_id is not None:
+            raise InvalidRequestError("previous_response_id is not supported: pdserve stores no responses; send the "
+                                      "whole conversation as input", "previous_response_id")
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
+        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        for item in items:
+            if isinstance(item, InputMessage):
+                messages.append({"role": item.role, "content": item.text()})
+            elif isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "type": "function", "function": {"name": item.name,
+                                                                            "arguments": item.arguments}}
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
+                    last["tool_calls"].append(call)  # consecutive calls: one assistant turn
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            else:
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        if not messages or messages[-1]["role"] == "system":
+            raise InvalidRequestError("input has no turn to answer", "input")
+        chat = {"model": self.model, "messages": messages, "max_completion_tokens": self.max_output_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                "parallel_tool_calls": self.parallel_tool_calls}
+        if self.tools:
+            chat["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                             for t in self.tools]
+        if isinstance(self.tool_choice, NamedFunction):
+            chat["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        elif self.tool_choice is not None:
+            chat["tool_choice"] = self.tool_choice
+        fmt = self.text.format if self.text is not None else None
+        if fmt is not None and fmt.type == "json_schema":
+            chat["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": fmt.name or "output", "schema": fmt.schema_, "strict": fmt.strict}}
+        elif fmt is not None:
+            chat["response_format"] = {"type": fmt.type}
+        try:
+            return ChatCompletionRequest.model_validate(chat)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise InvalidRequestError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}", "input") from e
+
+
+def _usage(acc: Accumulator) -> dict:
+    return {"input_tokens": acc.num_prompt_tokens, "input_tokens_details": {"cached_tokens": acc.num_cached_tokens},
+            "output_tokens": len(acc.token_ids), "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": acc.num_prompt_tokens + len(acc.token_ids)}
+
+
+def message_item(item_id: str, text: str, status: str = "completed") -> dict:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if text or
+            status == "completed" else []}
+
+
+def call_item(item_id: str, call: dict, status: str = "completed") -> dict:
+    return {"type": "function_call", "id": item_id, "call_id": call["id"], "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"], "status": status}
+
+
+def item_id(kind: str) -> str:
+    return f"{kind}_{uuid.uuid4().hex[:24]}"
+
+
+class ResponseBuilder:
+    """One request's Responses answer: the response object, whole or as stream events."""
+
+    def __init__(self, rid: str, model: str, body: ResponsesRequest, plan: ToolPlan):
+        self.rid, self.model, self.body, self.plan = rid, model, body, plan
+        self.created = int(time.time())
+        self.seq = 0
+        self.stream = plan.streamer()
+        self.output: list[dict] = []  # items done so far (streaming)
+        self.open_message: dict | None = None  # {"id", "text"}
+        self.open_call: dict | None = None  # a named call's {"id", "call"} while its arguments stream
+
+    def response(self, status: str, output: list[dict], acc: Accumulator | None = None,
+                 incomplete: str | None = None, error: dict | None = None) -> dict:
+        b = self.body
+        return {
+            "id": self.rid, "object": "response", "created_at": self.created, "model": self.model, "status": status,
+            "output": output, "usage": _usage(acc) if acc is not None else None,
+            "incomplete_details": {"reason": incomplete} if incomplete else None, "error": error,
+            "instructions": b.instructions, "max_output_tokens": b.max_output_tokens, "temperature": b.temperature,
+            "top_p": b.top_p, "tools": [t.model_dump(exclude_none=True) for t in b.tools or ()],
+            "tool_choice": b.tool_choice.model_dump() if isinstance(b.tool_choice, NamedFunction)
+            else (b.tool_choice or "auto"), "parallel_tool_calls": b.parallel_tool_calls,
+            "text": {"format": b.text.format.model_dump(by_alias=True, exclude_none=True)}
+            if b.text is not None and b.text.format is not None else {"format": {"type": "text"}},
+            "metadata": b.metadata or {}, "store": False, "previous_response_id": None, "user": b.user,
+        }
+
+    def finished(self, acc: Accumulator) -> dict:
+        """The whole response of a finished request."""
+        finish = acc.finish_reason.value if acc.finish_reason is not None else None
+        content, calls, _ = self.plan.message(acc.text, finish)
+        output = [message_item(item_id("msg"), content)] if content or not calls else []
+        output += [call_item(item_id("fc"), c) for c in calls or ()]
+        return self._final(acc, output)
+
+    def _final(self, acc: Accumulator, output: list[dict]) -> dict:
+        length = acc.finish_reason is not None and acc.finish_reason.value == "length"
+        return self.response("incomplete" if length else "completed", output, acc,
+                             incomplete="max_output_tokens" if length else None)
+
+    # -- streaming -------------------------------------------------------------------------------
+    def event(self, kind: str, **fields) -> dict:
+        e = {"type": kind, "sequence_number": self.seq, **fields}
+        self.seq += 1
+        return e
+
+    def start(self) -> list[dict]:
+        r = self.response("in_progress", [])
+        return [self.event("response.created", response=r), self.event("response.in_progress", response=r)]
+
+    def add(self, text: str, finish: str | None, acc: Accumulator) -> list[dict]:
+        """The events for a delta's text (and, when it is the last, the closing ones)."""
+        deltas, _ = self.stream.add(text, finish)
+        events = []
+        for d in deltas:
+            if d.get("content"):
+                events += self._text(d["content"])
+            for call in d.get("tool_calls") or ():
+                events += self._call(call)
+        if finish is not None:
+            events += self._close_message() + self._close_call()
+            final = self._final(acc, self.output)
+            events.append(self.event("response.incomplete" if final["status"] == "incomplete"
+                                     else "response.completed", response=final))
+        return events
+
+    def failed(self, message: str, code: str) -> list[dict]:
+        error = {"code": code, "message": message}
+        return [self.event("response.failed", response=self.response("failed", self.output, error=error))]
+
+    def _text(self, text: str) -> list[dict]:
+        events = self._close_call()
+        if self.open_message is None:
+            self.open_message = {"id": item_id("msg"), "text": ""}
+            mid, index = self.open_message["id"], len(self.output)
+            events += [self.event("response.output_item.added", output_index=index,
+                                  item=message_item(mid, "", "in_progress")),
+                       self.event("response.content_part.added", item_id=mid, output_index=index, content_index=0,
+                                  part={"type": "output_text", "text": "", "annotations": []})]
+        self.open_message["text"] += text
+        return events + [self.event("response.output_text.delta", item_id=self.open_message["id"],
+                                    output_index=len(self.output), content_index=0, delta=text, logprobs=[])]
+
+    def _close_message(self) -> list[dict]:
+        if self.open_message is None:
+            return []
+        mid, text, index = self.open_message["id"], self.open_message["text"], len(self.output)
+        self.open_message = None
+        item = message_item(mid, text)
+        self.output.append(item)
+        return [self.event("response.output_text.done", item_id=mid, output_index=index, content_index=0, text=text,
+                           logprobs=[]),
+                self.event("response.content_part.done", item_id=mid, output_index=index, content_index=0,
+                           part=item["content"][0]),
+                self.event("response.output_item.done", output_index=index, item=item)]
+
+    def _call(self, delta: dict) -> list[dict]:
+        """A tool_calls delta of the chat stream: a whole call (auto, required), or a named call's
+        start (id, name) and then its argument pieces."""
+        events = self._close_message()
+        fn = delta.get("function") or {}
+        if delta.get("id") is not None:  # a new call
+            events += self._close_call()
+            self.open_call = {"id": item_id("fc"), "call": {"id": delta["id"], "function": {
+                "name": fn.get("name", ""), "arguments": ""}}}
+            events.append(self.event("response.output_item.added", output_index=len(self.output),
+                                     item=call_item(self.open_call["id"], self.open_call["call"], "in_progress")))
+        if fn.get("arguments"):
+            self.open_call["call"]["function"]["arguments"] += fn["arguments"]
+            events.append(self.event("response.function_call_arguments.delta", item_id=self.open_call["id"],
+                                     output_index=len(self.output), delta=fn["arguments"]))
+        if self.plan.mode != "named":  # auto / required calls come whole: done at once
+            events += self._close_call()
+        return events
+
+    def _close_call(self) -> list[dict]:
+        if self.open_call is None:
+            return []
+        fid, call, index = self.open_call["id"], self.open_call["call"], len(self.output)
+        self.open_call = None
+        item = call_item(fid, call)
+        self.output.append(item)
+        return [self.event("response.function_call_arguments.done", item_id=fid, output_index=index,
+                           arguments=call["function"]["arguments"]),
+                self.event("response.output_item.done", output_index=index, item=item)]
+
+
+def sse_event(e: dict) -> str:
+    return f"event: {e['type']}\ndata: {json.dumps(e, separators=(',', ':'))}\n\n"
