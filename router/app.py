@@ -57,6 +57,19 @@ _SSE = {"text/event-stream": {"schema": {
 _UNAVAILABLE = (NoWorkerAvailable, MigrationsExhausted, RequestFailedError)
 
 
+# (above the deployment class: Serve pickles the class when it is decorated, with the module
+# globals that exist by then)
+def _stream_error(rid: str, e: Exception) -> dict:
+    """What a stream that already sent its status line says when it fails."""
+    if isinstance(e, _UNAVAILABLE):
+        return {"message": str(e), "type": "server_error", "param": None, "code": "no_worker"}
+    if isinstance(e, RequestTimedOut):
+        return {"message": str(e), "type": "timeout_error", "param": None, "code": "request_timeout"}
+    log.exception("stream %s failed", rid)
+    return {"message": f"internal error: {type(e).__name__}", "type": "server_error", "param": None,
+            "code": "internal_error"}
+
+
 @app.exception_handler(HTTPError)
 async def _http_error(request: Request, e: HTTPError):
     return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
@@ -479,17 +492,6 @@ class OpenAIIngress:
             yield fmt.SSE_DONE
 
         return StreamingResponse(events(), media_type="text/event-stream")
-
-
-def _stream_error(rid: str, e: Exception) -> dict:
-    """What a stream that already sent its status line says when it fails."""
-    if isinstance(e, _UNAVAILABLE):
-        return {"message": str(e), "type": "server_error", "param": None, "code": "no_worker"}
-    if isinstance(e, RequestTimedOut):
-        return {"message": str(e), "type": "timeout_error", "param": None, "code": "request_timeout"}
-    log.exception("stream %s failed", rid)
-    return {"message": f"internal error: {type(e).__name__}", "type": "server_error", "param": None,
-            "code": "internal_error"}
 
 
 def build_app(args: dict | None = None):
