@@ -110,12 +110,11 @@ class ToolPlan:
 
     def _parse(self, text: str) -> tuple[str | None, list[dict]] | None:
         """(content, calls) from a required or auto output; None when it holds no call."""
-        if self.mode == "required":
+        if self.mode == "required":  # the grammar's array, unless a stop string cut it short
             try:
-                items = json.loads(text)
-            except ValueError:
+                return None, [self._call(i["name"], json.dumps(i["parameters"])) for i in json.loads(text)]
+            except (ValueError, KeyError, TypeError):
                 return None
-            return None, [self._call(i["name"], json.dumps(i["parameters"])) for i in items]
         calls = []
         for body in HERMES_CALL.findall(text):
             try:
