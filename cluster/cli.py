@@ -2,7 +2,7 @@
 
     pdserve up [--config FILE] [--model DIR] [--prefill N] [--decode N] [--host H] [--port P]
                [--admin-port P] [--served-model-name NAME] [--cluster-name NAME] [--ray-address ADDR]
-               [--tool-call-parser hermes] [--detach]
+               [--tool-call-parser hermes] [--reasoning-parser qwen3|deepseek_r1] [--detach]
     pdserve down [--cluster-name NAME]
     pdserve cluster status|workers|scale|drain|remove|quota ...   (client of the management API)
 """
@@ -27,6 +27,8 @@ def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", help="join an existing Ray cluster ('auto' on a ray up / KubeRay head)")
     p.add_argument("--tool-call-parser", choices=["hermes"],
                    help="how the model writes tool calls (chat tool_choice 'auto'); see server.tool_call_parser")
+    p.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"],
+                   help="keep a thinking model's <think>...</think> apart from its answer; see server.reasoning_parser")
     p.add_argument("--detach", action="store_true", help="run in the background; stop with `pdserve down`")
 
 
@@ -34,7 +36,7 @@ def _overrides(a: argparse.Namespace) -> dict:
     pairs = {"model.path": a.model, "model.served_model_name": a.served_model_name, "model.device": a.device,
              "pools.prefill.replicas": a.prefill, "pools.decode.replicas": a.decode, "server.host": a.host,
              "server.port": a.port, "server.admin_port": a.admin_port, "cluster_name": a.cluster_name,
-             "server.tool_call_parser": a.tool_call_parser}
+             "server.tool_call_parser": a.tool_call_parser, "server.reasoning_parser": a.reasoning_parser}
     out = {k: v for k, v in pairs.items() if v is not None}
     for role in ("prefill", "decode"):  # a replica count outside the pool's bounds widens them
         n = out.get(f"pools.{role}.replicas")

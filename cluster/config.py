@@ -164,6 +164,9 @@ class ServerConfig(_Section):
         None, description="How this model writes tool calls in its text, for chat tool_choice 'auto' (OpenAI's "
                           "default with tools): hermes (<tool_call>{...}</tool_call>: Hermes, Qwen 2.5/3). None: "
                           "'auto' is a 400; a named function and 'required' work with any model")
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = Field(
+        None, description="Keep a thinking model's <think>...</think> apart from its answer: chat's "
+                          "message.reasoning_content, the Responses API's reasoning item")
 
     @field_validator("api_keys")
     @classmethod

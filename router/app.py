@@ -38,6 +38,7 @@ from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse,
 from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
 from router.request_parsing import chat_prompt, check_token_ids, completion_prompts, sampling_params
+from router.reasoning import ReasoningStream, opened_by_prompt
 from router.responses_api import ResponseBuilder, ResponsesRequest, sse_event
 from router.tool_calls import ToolPlan
 from router.http_errors import ApiKeyAuth, BodyLimit, HTTPError, error_response
@@ -278,14 +279,19 @@ class OpenAIIngress:
                                    tool_constraint=tools.constraint)
         subs = self._fanout(body.n, [(prompt, sampling)])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        reasoning = self._reasoning_opened(prompt)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             streams = [tools.streamer() for _ in subs]
+            thoughts = [ReasoningStream(reasoning) for _ in subs] if reasoning is not None else None
 
             def chunk(d, acc, created, offset, index):
                 lp = fmt.chat_logprobs(acc, list(d.token_ids), list(d.logprobs or ()), d.top_logprobs) \
                     if body.logprobs and d.token_ids else None
-                deltas, finish = streams[index].add(d.text, fmt.finish_str(d.finish_reason))
+                thought, text = thoughts[index].add(d.text, d.finished) if thoughts else ("", d.text)
+                deltas, finish = streams[index].add(text, fmt.finish_str(d.finish_reason))
+                if thought:
+                    deltas = [{"reasoning_content": thought}] + [x for x in deltas if x != {"content": ""}]
                 if not deltas and (lp or finish):
                     deltas = [{}]
                 return [fmt.chat_chunk(rid, self.model_name, created, delta, finish if j == len(deltas) - 1 else None,
@@ -294,7 +300,7 @@ class OpenAIIngress:
             return await self._stream(rid, subs, body.n, body.cache_salt, include_usage, chunk,
                                       "chat.completion.chunk", chat=True)
         accs = await self._collect(rid, subs, body.cache_salt)
-        return fmt.chat_body(rid, self.model_name, accs, body.logprobs, tools)
+        return fmt.chat_body(rid, self.model_name, accs, body.logprobs, tools, reasoning)
 
     @app.post("/v1/responses", responses={**_ERRORS, 200: {"content": _SSE}})
     async def responses(self, body: ResponsesRequest):
@@ -307,7 +313,7 @@ class OpenAIIngress:
                                    tool_constraint=tools.constraint)
         (sub,) = self._fanout(1, [(prompt, sampling)])
         rid = f"resp_{uuid.uuid4().hex}"
-        builder = ResponseBuilder(rid, self.model_name, body, tools)
+        builder = ResponseBuilder(rid, self.model_name, body, tools, self._reasoning_opened(prompt))
         if not body.stream:
             (acc,) = await self._collect(rid, [sub], None)
             return builder.finished(acc)
@@ -342,6 +348,13 @@ class OpenAIIngress:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     # -- internals -----------------------------------------------------------------------------
+    def _reasoning_opened(self, prompt: list[int]) -> bool | None:
+        """None without server.reasoning_parser; else whether the chat template opened the model's
+        reasoning at the end of the prompt (router/reasoning.py)."""
+        if self.config.server.reasoning_parser is None:
+            return None
+        return opened_by_prompt(self.tokenizer.decode(prompt[-8:]))
+
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
             raise HTTPError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",

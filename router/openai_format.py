@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from router.openai_models import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChoiceLogprobs,
                                   CompletionChoice, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
                                   TokenLogprob, TopLogprob, Usage)
+from router.reasoning import split as split_reasoning
 from router.tool_calls import ToolPlan
 from workers.protocol import FinishReason, TokenDelta
 
@@ -128,14 +129,17 @@ def completion_body(rid: str, model: str, accs: list[Accumulator], want_logprobs
 
 
 def chat_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool,
-              tools: ToolPlan | None = None) -> ChatCompletionResponse:
-    """``tools``: how the request used its tools (router/tool_calls.py): its calls out of the text."""
+              tools: ToolPlan | None = None, reasoning: bool | None = None) -> ChatCompletionResponse:
+    """``tools``: how the request used its tools (router/tool_calls.py): its calls out of the text;
+    ``reasoning``: None, or whether the prompt opened the model's reasoning (router/reasoning.py)."""
     choices = []
     for i, acc in enumerate(accs):
-        content, calls, finish = acc.text, None, finish_str(acc.finish_reason)
+        thought, text = split_reasoning(acc.text, reasoning) if reasoning is not None else (None, acc.text)
+        content, calls, finish = text, None, finish_str(acc.finish_reason)
         if tools is not None:
-            content, calls, finish = tools.message(acc.text, finish)
-        choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls),
+            content, calls, finish = tools.message(text, finish)
+        choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, reasoning_content=thought,
+                                                                    tool_calls=calls),
                                   finish_reason=finish, logprobs=chat_logprobs(acc, acc.token_ids, acc.logprobs,
                                                                                acc.top_logprobs)
                                   if want_logprobs else None))

@@ -396,6 +396,7 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(None, description="With server.reasoning_parser: the model's thinking")
     tool_calls: list[ToolCall] | None = None
 
 

@@ -15,12 +15,13 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from router.openai_format import Accumulator
-from router.openai_models import ChatCompletionRequest, FunctionDef
+from router.openai_models import ChatCompletionRequest, FunctionDef, StructuredOutputs
+from router.reasoning import ReasoningStream, split
 from router.tool_calls import ToolPlan
-from workers.protocol import InvalidRequestError
+from workers.protocol import MAX_PRIORITY, MIN_PRIORITY, InvalidRequestError
 
 
 class InputText(BaseModel):
@@ -101,6 +102,9 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, str] | None = Field(None, max_length=16)
     user: str | None = None
     seed: int | None = None
+    # vLLM's extras, as on chat completions
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: one constraint (see chat)")
+    priority: StrictInt = Field(0, ge=MIN_PRIORITY, le=MAX_PRIORITY, description="vLLM's: lower is served first")
     previous_response_id: str | None = Field(None, description="Not supported: pdserve stores no responses")
     store: StrictBool | None = Field(None, description="Accepted; nothing is stored (the answer says store: false)")
 
@@ -128,7 +132,9 @@ class ResponsesRequest(BaseModel):
             raise InvalidRequestError("input has no turn to answer", "input")
         chat = {"model": self.model, "messages": messages, "max_completion_tokens": self.max_output_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                "parallel_tool_calls": self.parallel_tool_calls}
+                "parallel_tool_calls": self.parallel_tool_calls, "priority": self.priority}
+        if self.structured_outputs is not None:
+            chat["structured_outputs"] = self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
         if self.tools:
             chat["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                              for t in self.tools]
@@ -166,6 +172,11 @@ def call_item(item_id: str, call: dict, status: str = "completed") -> dict:
             "arguments": call["function"]["arguments"], "status": status}
 
 
+def reasoning_item(item_id: str, text: str, status: str = "completed") -> dict:
+    return {"type": "reasoning", "id": item_id, "status": status, "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}] if status == "completed" else []}
+
+
 def item_id(kind: str) -> str:
     return f"{kind}_{uuid.uuid4().hex[:24]}"
 
@@ -173,11 +184,14 @@ def item_id(kind: str) -> str:
 class ResponseBuilder:
     """One request's Responses answer: the response object, whole or as stream events."""
 
-    def __init__(self, rid: str, model: str, body: ResponsesRequest, plan: ToolPlan):
-        self.rid, self.model, self.body, self.plan = rid, model, body, plan
+    def __init__(self, rid: str, model: str, body: ResponsesRequest, plan: ToolPlan, reasoning: bool | None = None):
+        """``reasoning``: None, or whether the prompt opened the model's reasoning (router/reasoning.py)."""
+        self.rid, self.model, self.body, self.plan, self.reasoning = rid, model, body, plan, reasoning
         self.created = int(time.time())
         self.seq = 0
         self.stream = plan.streamer()
+        self.thought = ReasoningStream(reasoning) if reasoning is not None else None
+        self.open_reasoning: dict | None = None  # {"id", "text"}
         self.output: list[dict] = []  # items done so far (streaming)
         self.open_message: dict | None = None  # {"id", "text"}
         self.open_call: dict | None = None  # a named call's {"id", "call"} while its arguments stream
@@ -201,8 +215,10 @@ class ResponseBuilder:
     def finished(self, acc: Accumulator) -> dict:
         """The whole response of a finished request."""
         finish = acc.finish_reason.value if acc.finish_reason is not None else None
-        content, calls, _ = self.plan.message(acc.text, finish)
-        output = [message_item(item_id("msg"), content)] if content or not calls else []
+        thought, text = split(acc.text, self.reasoning) if self.reasoning is not None else (None, acc.text)
+        content, calls, _ = self.plan.message(text, finish)
+        output = [reasoning_item(item_id("rs"), thought)] if thought else []
+        output += [message_item(item_id("msg"), content)] if content or not calls else []
         output += [call_item(item_id("fc"), c) for c in calls or ()]
         return self._final(acc, output)
 
@@ -223,15 +239,19 @@ class ResponseBuilder:
 
     def add(self, text: str, finish: str | None, acc: Accumulator) -> list[dict]:
         """The events for a delta's text (and, when it is the last, the closing ones)."""
-        deltas, _ = self.stream.add(text, finish)
         events = []
+        if self.thought is not None:
+            thought, text = self.thought.add(text, finish is not None)
+            if thought:
+                events += self._reasoning(thought)
+        deltas, _ = self.stream.add(text, finish)
         for d in deltas:
             if d.get("content"):
                 events += self._text(d["content"])
             for call in d.get("tool_calls") or ():
                 events += self._call(call)
         if finish is not None:
-            events += self._close_message() + self._close_call()
+            events += self._close_reasoning() + self._close_message() + self._close_call()
             final = self._final(acc, self.output)
             events.append(self.event("response.incomplete" if final["status"] == "incomplete"
                                      else "response.completed", response=final))
@@ -241,8 +261,29 @@ class ResponseBuilder:
         error = {"code": code, "message": message}
         return [self.event("response.failed", response=self.response("failed", self.output, error=error))]
 
+    def _reasoning(self, text: str) -> list[dict]:
+        events = []
+        if self.open_reasoning is None:
+            self.open_reasoning = {"id": item_id("rs"), "text": ""}
+            events.append(self.event("response.output_item.added", output_index=len(self.output),
+                                     item=reasoning_item(self.open_reasoning["id"], "", "in_progress")))
+        self.open_reasoning["text"] += text
+        return events + [self.event("response.reasoning_text.delta", item_id=self.open_reasoning["id"],
+                                    output_index=len(self.output), content_index=0, delta=text)]
+
+    def _close_reasoning(self) -> list[dict]:
+        if self.open_reasoning is None:
+            return []
+        rid, text, index = self.open_reasoning["id"], self.open_reasoning["text"], len(self.output)
+        self.open_reasoning = None
+        item = reasoning_item(rid, text)
+        self.output.append(item)
+        return [self.event("response.reasoning_text.done", item_id=rid, output_index=index, content_index=0,
+                           text=text),
+                self.event("response.output_item.done", output_index=index, item=item)]
+
     def _text(self, text: str) -> list[dict]:
-        events = self._close_call()
+        events = self._close_reasoning() + self._close_call()
         if self.open_message is None:
             self.open_message = {"id": item_id("msg"), "text": ""}
             mid, index = self.open_message["id"], len(self.output)
@@ -270,7 +311,7 @@ class ResponseBuilder:
     def _call(self, delta: dict) -> list[dict]:
         """A tool_calls delta of the chat stream: a whole call (auto, required), or a named call's
         start (id, name) and then its argument pieces."""
-        events = self._close_message()
+        events = self._close_reasoning() + self._close_message()
         fn = delta.get("function") or {}
         if delta.get("id") is not None:  # a new call
             events += self._close_call()

@@ -189,9 +189,9 @@ def test_pool_engine_settings_override_the_engine_section(tmp_path):
     assert c.engine.num_kv_blocks == 512 and c.engine.max_num_seqs == 32  # the section itself is unchanged
 
 
-def test_tool_call_parser_from_the_command_line(tmp_path):
-    """`pdserve up --tool-call-parser hermes` sets server.tool_call_parser; off by default; an unknown
-    parser is a config error that names the key."""
+def test_parsers_from_the_command_line(tmp_path):
+    """`pdserve up --tool-call-parser hermes` sets server.tool_call_parser (off by default),
+    --reasoning-parser server.reasoning_parser; an unknown parser is a config error that names the key."""
     import argparse
 
     from cluster.cli import _overrides, _up_args
@@ -201,5 +201,7 @@ def test_tool_call_parser_from_the_command_line(tmp_path):
     assert load_config(None, _overrides(p.parse_args(["--tool-call-parser", "hermes"]))).server.tool_call_parser == \
         "hermes"
     assert load_config(None, _overrides(p.parse_args([]))).server.tool_call_parser is None
+    assert load_config(None, _overrides(p.parse_args(["--reasoning-parser", "qwen3"]))).server.reasoning_parser == \
+        "qwen3"
     with pytest.raises(ConfigError, match="server.tool_call_parser"):
         load_config(None, {"server.tool_call_parser": "mistral"})

@@ -1,5 +1,6 @@
 """Tool calling and the Responses API through the endpoint with the official openai client (real
-cluster: etcd, Ray, NIXL, 1 prefill + 1 decode worker, tiny llama; server.tool_call_parser: hermes).
+cluster: etcd, Ray, NIXL, 1 prefill + 1 decode worker, tiny llama; server.tool_call_parser: hermes,
+server.reasoning_parser: qwen3).
 
 A named tool_choice and "required" constrain the output to the tools' schemas, so even a random
 model makes well-formed calls: their arguments parse and follow the schema, streamed or not.
@@ -7,6 +8,9 @@ model makes well-formed calls: their arguments parse and follow the schema, stre
 a guided_choice (what a model trained for tools writes by itself), and the endpoint turns it into
 tool_calls. The tools reach the chat template, and earlier calls and tool results in the history
 are rendered by it.
+
+A thinking model's <think>...</think> (forced by a guided_choice here) comes back apart from the
+answer: chat's reasoning_content, the Responses API's reasoning item, streamed or not.
 
 The Responses API (client.responses) runs on the chat path: the same text as the chat request it
 means, whole and as its event stream; function calls as function_call items; text.format as a
@@ -34,7 +38,8 @@ HERMES_OUTPUT = 'Let me look.<tool_call>\n{"name": "get_weather", "arguments": {
 
 @pytest.fixture(scope="module")
 def cluster(pdserve_cluster, tiny_checkpoint):
-    c = pdserve_cluster(tiny_checkpoint("llama"), prefix="tools", server__tool_call_parser="hermes")
+    c = pdserve_cluster(tiny_checkpoint("llama"), prefix="tools", server__tool_call_parser="hermes",
+                        server__reasoning_parser="qwen3")
     yield c
     c.stop()
 
@@ -251,3 +256,38 @@ def test_responses_mistakes(client, cluster, kwargs, status, param):
     assert e.value.status_code == status and e.value.body["type"] == "invalid_request_error", e.value.body
     if param is not None:
         assert e.value.body["param"] == param, e.value.body
+
+
+# -- reasoning (server.reasoning_parser) -------------------------------------------------------------
+THOUGHT = "<think>\nThe user asks about Paris.\n</think>\n\n"
+
+
+def test_reasoning_comes_apart_from_the_answer_and_the_calls(client, cluster):
+    forced = {"extra_body": {"guided_choice": [THOUGHT + "Sunny in Paris."]}, "tool_choice": "none"}
+    r = chat(client, cluster, **forced)
+    message = r.choices[0].message
+    assert (message.reasoning_content, message.content) == ("\nThe user asks about Paris.\n", "Sunny in Paris.")
+    thought, text = "", ""
+    for c in client.chat.completions.create(model=cluster.config.model.served_model_name, messages=ASK, max_tokens=150,
+                                            temperature=0, stream=True, tools=TOOLS, **forced):
+        if c.choices:
+            thought += getattr(c.choices[0].delta, "reasoning_content", None) or ""
+            text += c.choices[0].delta.content or ""
+    assert (thought, text) == (message.reasoning_content, message.content)
+    # auto tool choice: the call is parsed from the answer, after the reasoning
+    r = chat(client, cluster, extra_body={"guided_choice": [THOUGHT + HERMES_OUTPUT]})
+    message = r.choices[0].message
+    assert message.reasoning_content == "\nThe user asks about Paris.\n" and message.content == "Let me look."
+    assert [c.function.name for c in message.tool_calls] == ["get_weather"] and r.choices[0].finish_reason == "tool_calls"
+
+
+def test_responses_reasoning_item(client, cluster):
+    kwargs = dict(input="What is the weather in Paris?", max_output_tokens=150, temperature=0,
+                  extra_body={"structured_outputs": {"choice": [THOUGHT + "Sunny in Paris."]}})
+    r = client.responses.create(model=cluster.config.model.served_model_name, **kwargs)
+    assert [o.type for o in r.output] == ["reasoning", "message"] and r.output_text == "Sunny in Paris."
+    assert r.output[0].content[0].text == "\nThe user asks about Paris.\n"
+    events = responses_events(client, cluster, **kwargs)
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == r.output[0].content[0].text
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Sunny in Paris."
+    assert [o.type for o in events[-1].response.output] == ["reasoning", "message"]
