@@ -57,6 +57,8 @@ class _Request(BaseModel):  # booleans are JSON booleans (StrictBool): 0.0 or "y
                                       description="vLLM's (transformers' processor): a token of the prompt or output "
                                                   "has its logit divided by it if positive, multiplied if negative")
     top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1, description="vLLM's: tokens less likely than min_p x the most likely "
+                                                      "one's probability are not sampled (0: off)")
     min_tokens: int = Field(0, ge=0, description="vLLM's: until this many tokens are out, EOS and stop_token_ids "
                                                  "cannot be sampled (at most max_tokens)")
     ignore_eos: StrictBool = False

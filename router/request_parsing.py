@@ -93,7 +93,8 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, num_prompt_
         if body.top_logprobs and not body.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs: true", "top_logprobs")
     params = SamplingParams(
-        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        seed=body.seed,
         stop=body.stop_list(), stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
         logprobs=logprobs, top_logprobs=top, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,

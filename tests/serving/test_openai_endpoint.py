@@ -481,3 +481,17 @@ def test_stream_interval_sends_tokens_in_chunks(second_endpoint, cluster, model_
     assert len(per_chunk) <= 1 + -(-(n - 1) // 4), per_chunk  # fewer messages than tokens
     want = tokenizer.decode(hf_greedy(model_dir, ids, n), skip_special_tokens=True)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+
+
+def test_min_p(client, cluster):
+    """vLLM's min_p through the endpoint: at 1 only the most likely token survives, so a seeded
+    sample at temperature 1 is the greedy output; outside [0, 1] a 400 naming it."""
+    kwargs = dict(model=model_name(cluster), prompt=PROMPTS[0], max_tokens=8, extra_body={"ignore_eos": True})
+    greedy = client.completions.create(temperature=0, **kwargs).choices[0].text
+    sampled = client.completions.create(temperature=1.0, seed=3, **kwargs).choices[0].text
+    kwargs["extra_body"] = kwargs["extra_body"] | {"min_p": 1.0}
+    assert sampled != greedy  # the seed really samples
+    assert client.completions.create(temperature=1.0, seed=3, **kwargs).choices[0].text == greedy
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(temperature=1.0, **(kwargs | {"extra_body": {"min_p": 1.5}}))
+    assert e.value.body["param"] == "min_p", e.value.body

@@ -5,7 +5,8 @@ sync later.
 
 Order, as vLLM's: min_tokens' bans (EOS and stop tokens at -inf), then logit_bias, repetition,
 frequency and presence penalties on the model's logits (rows that have one:
-workers/engine/penalties.py), then the greedy argmax or temperature, top-k, top-p and the draw.
+workers/engine/penalties.py), then the greedy argmax or temperature, top-k, min-p, top-p and the
+draw (top-k and min-p each keep the most likely tokens: either order gives the same set).
 Logprobs are always those of the model's own logits (before any of these).
 
 Seeded requests draw their randomness from (seed, output position), so the same seed gives the
@@ -117,7 +118,7 @@ class Sampler:
 
     def _sample_rows(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
                      greedy: list[bool]) -> torch.Tensor:
-        """Temperature, top-k, top-p and Gumbel-max for every row (greedy rows get neutral
+        """Temperature, top-k, min-p, top-p and Gumbel-max for every row (greedy rows get neutral
         parameters; the caller keeps their argmax). Each op is the row-wise batched form of the
         per-request reference (tests/workers/engine/sampler_reference.py) and gives the same
         values: on CUDA ``x / python_float`` is computed as ``x * (1/t in fp32)``, so the
@@ -143,6 +144,16 @@ class Sampler:
                 kth = kth.masked_fill(off, float("-inf"))  # top-k off: keep everything
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
+        min_ps = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
+        if any(min_ps):  # vLLM's min_p: below min_p x the row's top probability, dropped
+            floor = upload([[m] for m in min_ps], torch.float32, device) * probs.amax(dim=-1, keepdim=True)
+            kept = probs.masked_fill(probs < floor, 0.0)
+            kept = kept / kept.sum(dim=-1, keepdim=True)
+            if all(min_ps):
+                probs = kept
+            else:  # rows without min_p keep their probs untouched (no renormalisation rounding)
+                use = upload([[m > 0] for m in min_ps], torch.bool, device)
+                probs = torch.where(use, kept, probs)
         if any(p < 1.0 for p in top_ps):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             cum = sorted_probs.cumsum(-1)

@@ -1,6 +1,6 @@
 """The engine's sampler as it was before sampling was batched on the device: one request at a
 time, kept as the reference the batched sampler must reproduce token for token (tests and
-benchmarks/gpu_check.py). Greedy, temperature, top-k, top-p, per-request seeds, logprobs, and the
+benchmarks/gpu_check.py). Greedy, temperature, top-k, min-p, top-p, per-request seeds, logprobs, and the
 penalties by their definitions (``penalize``): transformers' RepetitionPenaltyLogitsProcessor over
 the prompt and output tokens, OpenAI's frequency/presence formula over the output tokens, computed
 from the request's token lists (the batched sampler keeps counts on the device instead).
@@ -74,6 +74,9 @@ class ReferenceSampler:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
+        if p.min_p > 0:  # transformers' MinPLogitsWarper's rule, on the probabilities
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+            probs = probs / probs.sum()
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             cum = sorted_probs.cumsum(-1)
@@ -132,13 +135,14 @@ def random_penalties(rng: random.Random, vocab: int | None = None) -> dict:
 
 
 def random_params(rng: random.Random, seeded_only: bool = True) -> SamplingParams:
-    kind = rng.choice(["greedy", "temp", "top_k", "top_p", "both", "top_k1"])
+    kind = rng.choice(["greedy", "temp", "top_k", "top_p", "both", "top_k1", "min_p", "min_p_top_p"])
     seed = rng.randrange(10**6) if (seeded_only or rng.random() < 0.5) else None
     lp = rng.random() < 0.3
     return SamplingParams(
         temperature=0.0 if kind == "greedy" else rng.choice([0.3, 0.7, 1.0, 1.5, 2.0]),
         top_k={"top_k": rng.choice([2, 5, 50]), "both": 7, "top_k1": 1}.get(kind, 0),
-        top_p={"top_p": rng.choice([0.5, 0.9, 0.99]), "both": 0.8}.get(kind, 1.0),
+        top_p={"top_p": rng.choice([0.5, 0.9, 0.99]), "both": 0.8, "min_p_top_p": 0.9}.get(kind, 1.0),
+        min_p={"min_p": rng.choice([0.05, 0.3, 1.0]), "min_p_top_p": 0.1}.get(kind, 0.0),
         seed=seed, logprobs=lp, top_logprobs=rng.choice([0, 3]) if lp else 0,
         output_position_offset=rng.choice([0, 0, 5]),
     )

@@ -43,3 +43,19 @@ def test_reference_penalties_are_transformers_and_openai():
     for t, count in ((7, 1), (9, 3), (3, 1)):
         want[t] -= 0.5 * count - 1.0
     assert torch.allclose(got, want) and torch.equal(got[[1, 2]], logits[[1, 2]])  # prompt only: untouched
+
+
+def test_reference_min_p_is_transformers():
+    """The reference's min_p keeps what transformers' MinPLogitsWarper keeps, and the batched
+    sampler only ever draws from that set."""
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(1)) * 2
+    want = MinPLogitsWarper(0.2)(None, logits.clone()) > float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    assert torch.equal(probs >= 0.2 * probs.max(dim=-1, keepdim=True).values, want)
+    sampler = Sampler(torch.device("cpu"))
+    params = [SamplingParams(min_p=0.2), SamplingParams(min_p=0.2, seed=5)]
+    for _ in range(50):
+        ids = sampler(logits, params, [0, 0]).token_ids
+        assert want[0, ids[0]] and want[1, ids[1]]
