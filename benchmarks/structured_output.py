@@ -71,9 +71,9 @@ def main() -> None:
     fills = []
     fill = engine_module.fill_bitmasks
 
-    def timed_fill(matchers, vocab_size):
+    def timed_fill(rows, vocab_size):
         t = time.perf_counter()
-        out = fill(matchers, vocab_size)
+        out = fill(rows, vocab_size)
         fills.append(time.perf_counter() - t)
         return out
 

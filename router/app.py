@@ -37,7 +37,7 @@ from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse,
                                   ModelList, TokenizeRequest, TokenizeResponse)
 from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
-from router.request_parsing import chat_prompt, check_token_ids, completion_prompts, sampling_params
+from router.request_parsing import chat_prompt, check_token_ids, completion_prompts, sampling_params, truncated
 from router.reasoning import ReasoningStream, opened_by_prompt
 from router.responses_api import ResponseBuilder, ResponsesRequest, sse_event
 from router.tool_calls import ToolPlan
@@ -274,7 +274,7 @@ class OpenAIIngress:
     async def chat_completions(self, body: ChatCompletionRequest):
         self._check_model(body.model)
         tools = ToolPlan.of(body, self.config.server.tool_call_parser)
-        prompt = chat_prompt(self.tokenizer, body, tools.template_tools)
+        prompt = truncated(chat_prompt(self.tokenizer, body, tools.template_tools), body)
         sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=None,
                                    tool_constraint=tools.constraint)
         subs = self._fanout(body.n, [(prompt, sampling)])
@@ -368,6 +368,8 @@ class OpenAIIngress:
         choice is a request of its own in the cluster and counts against the concurrency limit."""
         if any(t >= self.vocab_size for t, _ in prompts[0][1].logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
+        if any(t >= self.vocab_size for t in prompts[0][1].allowed_token_ids):
+            raise InvalidRequestError(f"allowed_token_ids must be in [0, {self.vocab_size})", "allowed_token_ids")
         limit, count = self.config.limits.max_concurrent_requests, len(prompts) * n
         if count > limit:
             what = f"n={n}" if len(prompts) == 1 else f"{len(prompts)} prompts x n={n}"

@@ -65,9 +65,26 @@ class _Request(BaseModel):  # booleans are JSON booleans (StrictBool): 0.0 or "y
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=256,
                                    description="Requests with different salts never share cached KV")
+    include_stop_str_in_output: StrictBool = Field(False, description="vLLM's: keep the stop string that ended "
+                                                                      "the text")
+    skip_special_tokens: StrictBool = Field(True, description="vLLM's: false keeps special tokens' text")
+    allowed_token_ids: list[int] | None = Field(None, min_length=1, max_length=1 << 17,
+                                                description="vLLM's: only these tokens may be sampled")
+    truncate_prompt_tokens: int | None = Field(None, ge=1, description="vLLM's: keep only the prompt's last k tokens")
+    # vLLM extras pdserve does not do: refused, not ignored
+    bad_words: list[str] | None = Field(None, max_length=0, description="Not supported")
+    use_beam_search: Literal[False] = Field(False, description="Not supported")
+    logits_processors: list | None = Field(None, max_length=0, description="Not supported")
     priority: StrictInt = Field(0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
                           description="vLLM's: lower is served first (orders admission and picks preemption victims "
                                       "on every worker; first come, first served among equals)")
+
+    @field_validator("bad_words", "use_beam_search", "logits_processors", mode="before")
+    @classmethod
+    def _not_supported(cls, v, info):
+        if v:
+            raise ValueError(f"{info.field_name} is not supported by pdserve")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -290,6 +307,8 @@ class ToolCall(BaseModel):
 
 class ChatCompletionRequest(_Request, ChatTemplateOptions):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    chat_template: str | None = Field(None, max_length=0, description="Not supported: the model's own template is "
+                                                                      "used")
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -307,6 +326,13 @@ class ChatCompletionRequest(_Request, ChatTemplateOptions):
     def _no_functions(cls, v):
         if isinstance(v, list) and v:
             raise ValueError("the deprecated functions field is not supported: send tools")
+        return v
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _own_template(cls, v):
+        if v:
+            raise ValueError("a chat template in the request is not supported: the model's own template is used")
         return v
 
 

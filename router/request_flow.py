@@ -37,7 +37,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from router.cluster_view import ClusterView
 from router.config import LimitsConfig
 from router.token_streams import StreamLost, token_streams
-from workers.engine.detokenizer import Detokenizer
+from workers.engine.detokenizer import request_detokenizer
 from workers.protocol import FinishReason, GenerateRequest, SamplingParams, TokenDelta, WorkerDrainingError
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ async def serve_request(view: ClusterView, request_id: str, prompt_token_ids: li
             log.warning("decode worker %s failed during request %s after %d tokens (%s); migrating", decode_id,
                         request_id, len(generated), e)
             if generated and text is None and tokenizer is not None:
-                text = _ResumedText(tokenizer, prompt_token_ids, sampling.stop, generated)
+                text = _ResumedText(tokenizer, prompt_token_ids, sampling, generated)
         finally:
             view.note_routed(decode_id, -1)
             view.prefill_done(attempt_id)
@@ -220,8 +220,8 @@ class _ResumedText:
     strings included. A stop string found here ends the request (the worker's stream is cancelled).
     """
 
-    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...], generated: list[int]):
-        self.detok = Detokenizer(tokenizer, stop, list(prompt_token_ids[-6:]))
+    def __init__(self, tokenizer, prompt_token_ids: list[int], sampling: SamplingParams, generated: list[int]):
+        self.detok = request_detokenizer(tokenizer, sampling, prompt_token_ids)
         for t in generated:
             self.detok.add([t])
         self.detok.take_delta(final=False)  # == the text the client already has

@@ -23,12 +23,18 @@ def completion_prompts(tokenizer, body: CompletionRequest, vocab_size: int) -> l
     prompts = []
     for i, item in enumerate(items):
         name = "prompt" if single else f"prompt[{i}]"
-        ids = list(tokenizer(item).input_ids) if isinstance(item, str) else list(item)
+        ids = truncated(list(tokenizer(item).input_ids) if isinstance(item, str) else list(item), body)
         if not ids:
             raise InvalidRequestError(f"{name} must not be empty", "prompt")
         check_token_ids(ids, vocab_size, f"{name}: token ids", "prompt")
         prompts.append((ids, item if isinstance(item, str) else None))
     return prompts
+
+
+def truncated(ids: list[int], body) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens (all of them without it)."""
+    k = getattr(body, "truncate_prompt_tokens", None)
+    return ids[-k:] if k is not None else ids
 
 
 def check_token_ids(ids, vocab_size: int, what: str, param: str) -> None:
@@ -99,6 +105,8 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, num_prompt_
         logprobs=logprobs, top_logprobs=top, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
         logit_bias=body.logit_bias_pairs(), min_tokens=body.min_tokens, prompt_logprobs=prompt_logprobs,
+        include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
+        allowed_token_ids=tuple(body.allowed_token_ids or ()),
         priority=body.priority, structured=checked_structured_output(_one_constraint(body, tool_constraint)),
     )
     params.validate()

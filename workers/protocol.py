@@ -104,6 +104,11 @@ class SamplingParams:
     # vLLM's extra: until the request has this many output tokens, EOS (unless ignore_eos) and its
     # stop_token_ids cannot be sampled (stop strings still apply)
     min_tokens: int = 0
+    # vLLM's text options: keep the stop string that ended the output; keep special tokens' text
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # vLLM's allowed_token_ids: only these tokens may be sampled (empty: any)
+    allowed_token_ids: tuple[int, ...] = ()
     # Output tokens this request already produced elsewhere (a migrated request resumes with them
     # as the prompt's tail): seeded sampling draws the next token at output position
     # output_position_offset + i, so a migration does not change what a seed samples, and the
@@ -174,6 +179,8 @@ class SamplingParams:
         if not isinstance(p, int) or isinstance(p, bool) or not MIN_PRIORITY <= p <= MAX_PRIORITY:
             raise InvalidRequestError(f"priority must be an integer in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {p!r}",
                                       "priority")
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.allowed_token_ids):
+            raise InvalidRequestError("allowed_token_ids must be token ids >= 0", "allowed_token_ids")
         if self.structured is not None:
             if not isinstance(self.structured, StructuredOutput):
                 raise InvalidRequestError("structured must be a StructuredOutput", "response_format")

@@ -495,3 +495,34 @@ def test_min_p(client, cluster):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(temperature=1.0, **(kwargs | {"extra_body": {"min_p": 1.5}}))
     assert e.value.body["param"] == "min_p", e.value.body
+
+
+def test_vllm_text_and_prompt_options(client, cluster, tokenizer):
+    """vLLM's include_stop_str_in_output, truncate_prompt_tokens and allowed_token_ids through the
+    endpoint; its extras pdserve does not do are a 400, not ignored."""
+    model = model_name(cluster)
+    base = dict(model=model, prompt=PROMPTS[2], max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**base).choices[0].text
+    stop = full[2:5]
+    cut = client.completions.create(**(base | {"stop": [stop]})).choices[0].text
+    kept = client.completions.create(**(base | {"stop": [stop], "extra_body": {"ignore_eos": True,
+                                                                             "include_stop_str_in_output": True}}))
+    assert cut + stop == kept.choices[0].text and full.startswith(kept.choices[0].text)
+    ids = tokenizer(PROMPTS[2]).input_ids
+    short = client.completions.create(**(base | {"extra_body": {"ignore_eos": True, "truncate_prompt_tokens": 5}}))
+    assert short.usage.prompt_tokens == 5
+    assert short.choices[0].text == client.completions.create(**(base | {"prompt": ids[-5:]})).choices[0].text
+    allowed = list(range(100, 140))
+    r = client.completions.create(**(base | {"logprobs": 0, "extra_body": {"ignore_eos": True,
+                                                                          "allowed_token_ids": allowed}}))
+    assert r.usage.completion_tokens == 12
+    assert set(tokenizer.decode([i]) for i in allowed) >= set(r.choices[0].logprobs.tokens)
+    for bad, param in [({"allowed_token_ids": [5, 10**6]}, "allowed_token_ids"), ({"bad_words": ["x"]}, "bad_words"),
+                       ({"use_beam_search": True}, "use_beam_search"), ({"logits_processors": ["m"]}, "logits_processors")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**(base | {"extra_body": bad}))
+        assert e.value.body["param"] == param, e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       extra_body={"chat_template": "{{ messages }}"})
+    assert e.value.body["param"] == "chat_template" and "own template" in e.value.body["message"]

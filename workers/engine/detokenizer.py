@@ -19,18 +19,23 @@ except ImportError:  # tokenizers < 0.21: the window decode only
     DecodeStream = None
 
 
-def _decode_stream(prefill: list[int]):
+def _decode_stream(prefill: list[int], skip_special_tokens: bool = True):
     """A DecodeStream primed with the prompt tail (tokenizers >= 0.22 take ids); None before that."""
     try:
-        return DecodeStream(list(prefill), True)
+        return DecodeStream(list(prefill), skip_special_tokens)
     except TypeError:
         return None
 
 
 class Detokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), prompt_tail: list[int] | None = None):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), prompt_tail: list[int] | None = None,
+                 include_stop: bool = False, skip_special_tokens: bool = True):
+        """``include_stop``: the text keeps the stop string that ended it (vLLM's
+        include_stop_str_in_output); ``skip_special_tokens`` False: special tokens' text is kept."""
         self.tokenizer = tokenizer
         self.stop = stop
+        self.include_stop = include_stop
+        self.skip_special_tokens = skip_special_tokens
         self._holdback = max((len(s) for s in stop), default=1) - 1
         # Start the window on a few prompt tokens so the first output token decodes with its
         # leading space exactly as it does in the full text.
@@ -45,7 +50,7 @@ class Detokenizer:
             self._rust = None  # transformers' decode edits spaces the Rust decode keeps
         if self._rust is not None and self._ids and tokenizer.decode(self._ids).endswith("\ufffd"):
             self._rust = None  # DecodeStream re-emits a prompt tail that ends inside a character
-        self._stream = _decode_stream(self._ids) if self._rust is not None else None
+        self._stream = _decode_stream(self._ids, skip_special_tokens) if self._rust is not None else None
         self._rust = self._rust if self._stream is not None else None
 
     def add(self, token_ids: list[int], final: bool = False) -> None:
@@ -67,8 +72,9 @@ class Detokenizer:
             token_ids = []  # the final flush of an incomplete character: the window decode
         self._ids.extend(token_ids)
         decode = self.tokenizer.decode
-        prefix = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-        full = decode(self._ids[self._prefix_offset:], skip_special_tokens=True)
+        skip = self.skip_special_tokens
+        prefix = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=skip)
+        full = decode(self._ids[self._prefix_offset:], skip_special_tokens=skip)
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             new = full[len(prefix):]
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
@@ -80,7 +86,7 @@ class Detokenizer:
         for s in self.stop:
             i = self.text.find(s, start)
             if i >= 0:
-                self.text = self.text[:i]
+                self.text = self.text[:i + len(s) if self.include_stop else i]
                 self.stopped = True
                 break
 
@@ -92,3 +98,10 @@ class Detokenizer:
         delta = self.text[self._emitted:end]
         self._emitted = end
         return delta
+
+
+def request_detokenizer(tokenizer, sampling, prompt_token_ids) -> Detokenizer:
+    """A request's detokenizer: its stop strings and text options, started on its prompt's tail
+    (the engine's, and the router's for a migrated request: the same text either way)."""
+    return Detokenizer(tokenizer, sampling.stop, list(prompt_token_ids[-6:]), sampling.include_stop_str_in_output,
+                       sampling.skip_special_tokens)

@@ -36,7 +36,7 @@ from kv_transfer.layout import KVLayout, dtype_name
 from workers.engine.attention import TokenFill
 from workers.engine.block_pool import BlockPool, NoFreeBlocks
 from workers.engine.config import EngineConfig, ModelConfig
-from workers.engine.detokenizer import Detokenizer
+from workers.engine.detokenizer import request_detokenizer
 from workers.engine.device_transfer import DeviceMark
 from workers.engine.kv_cache import KVCache
 from workers.engine.launched_step import LaunchedStep, LaunchedSteps
@@ -51,7 +51,7 @@ from workers.engine.sampler import Sampler
 from workers.engine.scheduler import Scheduler
 from workers.engine.split_points import SplitPoints
 from workers.engine.step_inputs import StepInputs
-from workers.engine.structured_output import Grammars, fill_bitmasks
+from workers.engine.structured_output import Grammars, fill_bitmasks, token_bitmask
 from workers.protocol import FinishReason, InvalidRequestError, KVEvent, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -222,13 +222,13 @@ class Engine(SplitPoints):
             # the output index of the token sampled now counts a pending one (seeded sampling); so
             # do the penalties' token counts, kept on the device (workers/engine/penalties.py)
             positions = [len(r.output_token_ids) + r.num_pending for r in sampled]
-            allowed = self._grammar_masks(sampled)
+            allowed, grammar = self._allowed_masks(sampled)
             sample = self.sampler.sample(logits, [r.sampling for r in sampled], positions,
                                          self.token_counts.rows(sampled), self._min_tokens_bans(sampled, positions),
                                          allowed)
             # a grammar's next mask needs this token on the host: such a step is resolved at once
             step = LaunchedStep(set(batch.requests), sampled, sample, sample.mark,
-                                resolve_now=bool(hooks) or allowed is not None or any(r.prefill_only for r in sampled))
+                                resolve_now=bool(hooks) or grammar or any(r.prefill_only for r in sampled))
         else:
             step = LaunchedStep(set(batch.requests), [], None, DeviceMark(self.runner.device))
         for i, req in enumerate(sampled):
@@ -237,16 +237,19 @@ class Engine(SplitPoints):
         self._launched.add(step)
         return step
 
-    def _grammar_masks(self, sampled: list[Request]):
-        """(rows, bitmask) for the sampled rows with a grammar, or None: which tokens each may take
-        next (workers/engine/structured_output.py). Every token of such a request is on the host:
-        the steps that sample it are resolved before the next one is launched."""
-        rows = [i for i, r in enumerate(sampled) if r.grammar is not None]
+    def _allowed_masks(self, sampled: list[Request]):
+        """((rows, bitmask) or None, whether a grammar is among them): the tokens each sampled row
+        with a grammar or allowed_token_ids may take next (workers/engine/structured_output.py).
+        Every token of a request with a grammar is on the host: the steps that sample it are
+        resolved before the next one is launched."""
+        rows = [i for i, r in enumerate(sampled) if r.grammar is not None or r.allowed_mask is not None]
         if not rows:
-            return None
-        if any(sampled[i].num_pending for i in rows):
+            return None, False
+        grammar = any(sampled[i].grammar is not None for i in rows)
+        if grammar and any(sampled[i].num_pending for i in rows if sampled[i].grammar is not None):
             raise RuntimeError("internal: a grammar-constrained request has a pending token")
-        return rows, fill_bitmasks([sampled[i].grammar for i in rows], self.vocab_size)
+        masks = fill_bitmasks([(sampled[i].grammar, sampled[i].allowed_mask) for i in rows], self.vocab_size)
+        return (rows, masks), grammar
 
     def _score_prompt_rows(self, inputs: StepInputs, hidden) -> None:
         """Queue the prompt logprobs of the step's prompt rows (hidden: their final hidden states)
@@ -344,6 +347,10 @@ class Engine(SplitPoints):
             raise InvalidRequestError(f"prompt_logprobs is not supported here: "
                                       f"{self.runner.prompt_logprobs_unsupported}", "prompt_logprobs")
         req = Request(request_id, prompt, sampling, self.block_size, cache_salt, prefill_only)
+        if sampling.allowed_token_ids:
+            if max(sampling.allowed_token_ids) >= self.vocab_size:
+                raise InvalidRequestError(f"allowed_token_ids must be in [0, {self.vocab_size})", "allowed_token_ids")
+            req.allowed_mask = token_bitmask(sampling.allowed_token_ids, self.vocab_size)
         if sampling.structured is not None:
             if self.grammars is None:
                 raise InvalidRequestError("structured output needs a tokenizer; this model has none",
@@ -395,13 +402,15 @@ class Engine(SplitPoints):
     def _append_token(self, req: Request, token_id: int, logprob, top) -> TokenDelta:
         grammar_done = False
         if req.grammar is not None:
-            if not req.grammar.accept_token(token_id):  # sampled under its mask: cannot happen
-                return self._fail(req, f"internal: token {token_id} does not follow the request's grammar")
+            if not req.grammar.accept_token(token_id):  # sampled under its mask: only if that was empty
+                return self._fail(req, "its grammar and allowed_token_ids leave no token to sample"
+                                  if req.allowed_mask is not None else
+                                  f"internal: token {token_id} does not follow the request's grammar")
             grammar_done = req.grammar.is_terminated()  # complete, and the model chose EOS
         req.append_output(token_id)
         sp, detok = req.sampling, req.detok
         if detok is None and self.tokenizer is not None:
-            detok = req.detok = Detokenizer(self.tokenizer, sp.stop, req.prompt_token_ids[-6:])
+            detok = req.detok = request_detokenizer(self.tokenizer, sp, req.prompt_token_ids)
         finish = None
         if (token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.runner.eos_token_ids)
                 or grammar_done):

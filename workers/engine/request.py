@@ -61,6 +61,7 @@ class Request:
         # SamplingParams.structured: an xgrammar GrammarMatcher past every output token the host
         # knows (Engine._new_request, _append_token); None without a grammar
         self.grammar = None
+        self.allowed_mask = None  # SamplingParams.allowed_token_ids as a token bitmask (Engine._new_request)
         if sampling.prompt_logprobs is not None:
             self.prompt_logprobs = PromptLogprobs(len(self.prompt_token_ids), sampling.prompt_logprobs)
 

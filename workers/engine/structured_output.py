@@ -6,8 +6,9 @@ that says, before each sampled token, which tokens keep the output inside the gr
                                checks a request with (a bad schema/regex/grammar is a 400)
     Grammars(tokenizer, ...)   an engine's compiler: matcher(spec) -> a GrammarMatcher for one
                                request; compiled grammars cached by spec
-    fill_bitmasks(matchers, vocab_size)
-                               the next-token bitmask of each matcher, int32 [n, ceil(vocab / 32)]
+    fill_bitmasks(rows, vocab_size)
+                               the next-token bitmask of each row (its matcher's next tokens, and
+                               only those of its allowed_token_ids), int32 [n, ceil(vocab / 32)]
     apply_bitmask(logits, rows, bitmask)
                                those rows' disallowed tokens at -inf (out of place)
 
@@ -24,6 +25,7 @@ import json
 import re
 import threading
 
+import numpy as np
 import torch
 
 from workers.protocol import InvalidRequestError, StructuredOutput
@@ -129,13 +131,25 @@ class Grammars:
         return m
 
 
-def fill_bitmasks(matchers, vocab_size: int) -> torch.Tensor:
-    """int32 [len(matchers), ceil(vocab_size / 32)] on the CPU: bit j of row i set = matchers[i]
-    allows token j next."""
-    mask = torch.empty((len(matchers), -(-vocab_size // 32)), dtype=torch.int32)
-    for i, m in enumerate(matchers):
-        m.fill_next_token_bitmask(mask, i)
+def fill_bitmasks(rows, vocab_size: int) -> torch.Tensor:
+    """int32 [len(rows), ceil(vocab_size / 32)] on the CPU: bit j of row i set = token j allowed
+    next. Each row is (grammar matcher or None, static token bitmask or None): the matcher's next
+    tokens, and only those of the static mask (allowed_token_ids)."""
+    mask = torch.full((len(rows), -(-vocab_size // 32)), -1, dtype=torch.int32)
+    for i, (matcher, static) in enumerate(rows):
+        if matcher is not None:
+            matcher.fill_next_token_bitmask(mask, i)
+        if static is not None:
+            mask[i] &= static
     return mask
+
+
+def token_bitmask(token_ids, vocab_size: int) -> torch.Tensor:
+    """int32 [ceil(vocab_size / 32)]: the bits of these tokens set."""
+    words = np.zeros(-(-vocab_size // 32), dtype=np.uint32)
+    ids = np.asarray(sorted(set(token_ids)), dtype=np.int64)
+    np.bitwise_or.at(words, ids // 32, (np.uint32(1) << (ids % 32).astype(np.uint32)))
+    return torch.from_numpy(words.view(np.int32).copy())
 
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}

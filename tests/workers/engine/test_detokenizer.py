@@ -70,3 +70,23 @@ def test_final_flush_of_an_incomplete_character(tiny_checkpoint):
     slow, _ = _run(WindowOnly(tok), cut, [], (), len(cut))
     assert fast == slow
     assert "".join(fast) == tok.decode(cut, skip_special_tokens=True)
+
+
+def test_include_stop_and_special_tokens(tiny_checkpoint):
+    """vLLM's include_stop_str_in_output keeps the stop string that ended the text; with
+    skip_special_tokens false a special token's text stays (both decode paths)."""
+    for tok in _tokenizers(tiny_checkpoint):
+        ids = tok("The capital of France is Paris.", add_special_tokens=False)["input_ids"]
+        for t in (tok, WindowOnly(tok)):
+            d = Detokenizer(t, ("France",), include_stop=True)
+            d.add(ids)
+            assert d.stopped and d.take_delta(final=True) == "The capital of France"
+            d = Detokenizer(t, ("France",))
+            d.add(ids)
+            assert d.take_delta(final=True) == "The capital of "
+        special = tok.convert_tokens_to_ids(tok.eos_token)
+        for skip, want in ((True, "Paris."), (False, "Paris." + tok.eos_token)):
+            for t in (tok, WindowOnly(tok)):
+                d = Detokenizer(t, skip_special_tokens=skip)
+                d.add(tok("Paris.", add_special_tokens=False)["input_ids"] + [special])
+                assert d.take_delta(final=True) == want, (skip, type(t))

@@ -156,3 +156,29 @@ def test_json_strings_with_a_length_hold_no_raw_control_characters(model_dir):
         assert finish == FinishReason.STOP
         assert 1 <= len(json.loads(engine.tokenizer.decode(tokens[:-1]))) <= 12
     assert_all_blocks_free(engine)
+
+
+def test_allowed_token_ids_alone_and_with_a_grammar(model_dir):
+    """vLLM's allowed_token_ids: only those tokens come out, seeded or greedy, beside free requests
+    (which stay generate's), and together with a grammar both hold; out of the vocabulary: a 400."""
+    engine = make_engine(model_dir)
+    allowed = tuple(range(40, 60)) + (300, 383)
+    chars = engine.tokenizer.convert_tokens_to_ids(list("0123456789-abc")) + list(engine.runner.eos_token_ids)
+    requests = {
+        "greedy": (PROMPT, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, allowed_token_ids=allowed)),
+        "seeded": (PROMPT, SamplingParams(max_tokens=12, temperature=1.0, seed=4, ignore_eos=True,
+                                          allowed_token_ids=allowed)),
+        "free": (PROMPT, GREEDY),
+        "both": (PROMPT, constrained("regex", allowed_token_ids=tuple(chars))),
+        "none left": (PROMPT, constrained("regex", allowed_token_ids=tuple(chars[:10])))}  # no "-" after 3 digits
+    got = collect(engine, requests)
+    for rid in ("greedy", "seeded"):
+        assert got[rid][1] == FinishReason.LENGTH and set(got[rid][0]) <= set(allowed), got[rid]
+    assert got["free"][0] == hf_greedy(model_dir, PROMPT, GREEDY.max_tokens)
+    assert got["both"][1] == FinishReason.STOP and set(got["both"][0]) <= set(chars)  # one character a token
+    assert_follows(engine, "regex", got["both"][0])
+    assert got["none left"][1:] == (FinishReason.ERROR, "its grammar and allowed_token_ids leave no token to sample")
+    assert len(got["none left"][0]) == 3
+    with pytest.raises(InvalidRequestError, match="allowed_token_ids"):
+        engine.add_request("bad", PROMPT, SamplingParams(allowed_token_ids=(5, 10_000)))
+    assert_all_blocks_free(engine)
