@@ -39,7 +39,7 @@ from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
 from router.request_parsing import chat_prompt, check_token_ids, completion_prompts, sampling_params, truncated
 from router.reasoning import ReasoningStream, opened_by_prompt
-from router.responses_api import ResponseBuilder, ResponsesRequest, sse_event
+from router.responses_api import ResponseBuilder, ResponsesRequest, event_stream
 from router.tool_calls import ToolPlan
 from router.http_errors import ApiKeyAuth, BodyLimit, HTTPError, error_response
 from workers.protocol import IngressSnapshot, InvalidRequestError, RequestFailedError, SamplingParams
@@ -320,32 +320,8 @@ class OpenAIIngress:
         view = await self._admit()
         deltas = self._deltas(view, rid, *sub, None)
         first = await self._first_delta(deltas)
-        acc = fmt.Accumulator(self.tokenizer)
-
-        async def events():
-            for e in builder.start():
-                yield sse_event(e)
-            try:
-                d = first
-                while True:
-                    acc.add(d)
-                    if d.error:
-                        for e in builder.failed(d.error, "request_failed"):
-                            yield sse_event(e)
-                        return
-                    for e in builder.add(d.text, fmt.finish_str(d.finish_reason), acc):
-                        yield sse_event(e)
-                    if d.finished:
-                        return
-                    d = await deltas.__anext__()
-            except Exception as e:  # the status line is sent: the stream itself must say it failed
-                err = _stream_error(rid, e)
-                for ev in builder.failed(err["message"], err["code"]):
-                    yield sse_event(ev)
-            finally:
-                await deltas.aclose()
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        events = event_stream(builder, fmt.Accumulator(self.tokenizer), first, deltas, lambda e: _stream_error(rid, e))
+        return StreamingResponse(events, media_type="text/event-stream")
 
     # -- internals -----------------------------------------------------------------------------
     def _reasoning_opened(self, prompt: list[int]) -> bool | None:

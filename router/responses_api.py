@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-from router.openai_format import Accumulator
+from router.openai_format import Accumulator, finish_str
 from router.openai_models import ChatCompletionRequest, FunctionDef, StructuredOutputs
 from router.reasoning import ReasoningStream, split
 from router.tool_calls import ToolPlan
@@ -341,3 +341,30 @@ class ResponseBuilder:
 
 def sse_event(e: dict) -> str:
     return f"event: {e['type']}\ndata: {json.dumps(e, separators=(',', ':'))}\n\n"
+
+
+async def event_stream(builder: ResponseBuilder, acc: Accumulator, first, deltas, stream_error):
+    """The Responses stream (SSE text) of one request's deltas: ``first`` already awaited (routed),
+    the rest from ``deltas``, which is closed at the end; a failure once the status line is sent is
+    a response.failed event, with stream_error(exception)'s message and code."""
+    for e in builder.start():
+        yield sse_event(e)
+    try:
+        d = first
+        while True:
+            acc.add(d)
+            if d.error:
+                for e in builder.failed(d.error, "request_failed"):
+                    yield sse_event(e)
+                return
+            for e in builder.add(d.text, finish_str(d.finish_reason), acc):
+                yield sse_event(e)
+            if d.finished:
+                return
+            d = await deltas.__anext__()
+    except Exception as e:
+        err = stream_error(e)
+        for ev in builder.failed(err["message"], err["code"]):
+            yield sse_event(ev)
+    finally:
+        await deltas.aclose()

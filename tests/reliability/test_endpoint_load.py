@@ -129,11 +129,14 @@ async def test_a_request_past_its_deadline_ends_with_504_and_frees_its_blocks(cl
         async with httpx.AsyncClient(base_url=limited_url, timeout=60) as http:
             body = completion("past the deadline", max_tokens=8, ignore_eos=True)
 
-            async def streamed():
-                async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            async def streamed(path, payload):
+                async with http.stream("POST", path, json={**payload, "stream": True}) as r:
                     return r.status_code, [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
 
-            plain, (status, events) = await asyncio.gather(http.post("/v1/completions", json=body), streamed())
+            response = {"model": MODEL, "input": "past the deadline", "max_output_tokens": 8, "ignore_eos": True}
+            plain, (status, events) = await asyncio.gather(http.post("/v1/completions", json=body),
+                                                           streamed("/v1/completions", body))
+            r_status, r_events = await streamed("/v1/responses", response)  # (the limit: 2 requests at once)
     finally:
         slow_engine_steps(decode, 0)
         # the next test's load must not start while the router counts a worker out (its first
@@ -143,6 +146,9 @@ async def test_a_request_past_its_deadline_ends_with_504_and_frees_its_blocks(cl
     assert_openai_error(plain, 504, "timeout_error")
     assert status == 200 and events[-1] == "[DONE]", events
     assert json.loads(events[-2])["error"]["code"] == "request_timeout", events
+    failed = json.loads(r_events[-1])  # the Responses stream ends with response.failed
+    assert r_status == 200 and failed["type"] == "response.failed", r_events
+    assert failed["response"]["status"] == "failed" and failed["response"]["error"]["code"] == "request_timeout"
     assert_no_leaks(cluster.url)
 
 
