@@ -2,8 +2,9 @@
 
 - Input limits from config (a second endpoint with tiny limits over the same workers): prompt
   tokens and max_tokens (400), body size (413, with and without Content-Length), concurrent
-  requests (429 with Retry-After), the request deadline (504, or an error event once streaming;
-  the blocks it held are freed); every error body OpenAI-shaped.
+  requests (429 with Retry-After), the request deadline (504, or an error event once streaming,
+  response.failed on the Responses API; the blocks it held are freed); every error body
+  OpenAI-shaped.
 - A decode worker whose engine steps each outlast three of that endpoint's (short) polls stays
   healthy and routable throughout: polls answer from what the engine last published.
 - 1,000 requests at concurrency 64, mixed streaming / not, completions / chat, prompt lengths and
