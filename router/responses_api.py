@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from router.openai_format import Accumulator, finish_str
 from router.openai_models import ChatCompletionRequest, FunctionDef, StructuredOutputs
 from router.reasoning import ReasoningStream, split
-from router.tool_calls import ToolPlan
+from router.tool_calls import ToolPlan, call_id
 from workers.protocol import MAX_PRIORITY, MIN_PRIORITY, InvalidRequestError
 
 
@@ -191,10 +191,8 @@ class ResponseBuilder:
         self.seq = 0
         self.stream = plan.streamer()
         self.thought = ReasoningStream(reasoning) if reasoning is not None else None
-        self.open_reasoning: dict | None = None  # {"id", "text"}
         self.output: list[dict] = []  # items done so far (streaming)
-        self.open_message: dict | None = None  # {"id", "text"}
-        self.open_call: dict | None = None  # a named call's {"id", "call"} while its arguments stream
+        self.open: dict | None = None  # the item being streamed: {"kind", "id", "text"} (a call's: + "call")
 
     def response(self, status: str, output: list[dict], acc: Accumulator | None = None,
                  incomplete: str | None = None, error: dict | None = None) -> dict:
@@ -251,7 +249,7 @@ class ResponseBuilder:
             for call in d.get("tool_calls") or ():
                 events += self._call(call)
         if finish is not None:
-            events += self._close_reasoning() + self._close_message() + self._close_call()
+            events += self._close()
             final = self._final(acc, self.output)
             events.append(self.event("response.incomplete" if final["status"] == "incomplete"
                                      else "response.completed", response=final))
@@ -262,81 +260,66 @@ class ResponseBuilder:
         return [self.event("response.failed", response=self.response("failed", self.output, error=error))]
 
     def _reasoning(self, text: str) -> list[dict]:
-        events = []
-        if self.open_reasoning is None:
-            self.open_reasoning = {"id": item_id("rs"), "text": ""}
-            events.append(self.event("response.output_item.added", output_index=len(self.output),
-                                     item=reasoning_item(self.open_reasoning["id"], "", "in_progress")))
-        self.open_reasoning["text"] += text
-        return events + [self.event("response.reasoning_text.delta", item_id=self.open_reasoning["id"],
+        events = [] if self._is_open("reasoning") else self._open("reasoning", reasoning_item(item_id("rs"), "",
+                                                                                               "in_progress"))
+        self.open["text"] += text
+        return events + [self.event("response.reasoning_text.delta", item_id=self.open["id"],
                                     output_index=len(self.output), content_index=0, delta=text)]
 
-    def _close_reasoning(self) -> list[dict]:
-        if self.open_reasoning is None:
-            return []
-        rid, text, index = self.open_reasoning["id"], self.open_reasoning["text"], len(self.output)
-        self.open_reasoning = None
-        item = reasoning_item(rid, text)
-        self.output.append(item)
-        return [self.event("response.reasoning_text.done", item_id=rid, output_index=index, content_index=0,
-                           text=text),
-                self.event("response.output_item.done", output_index=index, item=item)]
-
     def _text(self, text: str) -> list[dict]:
-        events = self._close_reasoning() + self._close_call()
-        if self.open_message is None:
-            self.open_message = {"id": item_id("msg"), "text": ""}
-            mid, index = self.open_message["id"], len(self.output)
-            events += [self.event("response.output_item.added", output_index=index,
-                                  item=message_item(mid, "", "in_progress")),
-                       self.event("response.content_part.added", item_id=mid, output_index=index, content_index=0,
-                                  part={"type": "output_text", "text": "", "annotations": []})]
-        self.open_message["text"] += text
-        return events + [self.event("response.output_text.delta", item_id=self.open_message["id"],
+        events = []
+        if not self._is_open("message"):
+            events = self._open("message", message_item(item_id("msg"), "", "in_progress"))
+            events.append(self.event("response.content_part.added", item_id=self.open["id"],
+                                     output_index=len(self.output), content_index=0,
+                                     part={"type": "output_text", "text": "", "annotations": []}))
+        self.open["text"] += text
+        return events + [self.event("response.output_text.delta", item_id=self.open["id"],
                                     output_index=len(self.output), content_index=0, delta=text, logprobs=[])]
-
-    def _close_message(self) -> list[dict]:
-        if self.open_message is None:
-            return []
-        mid, text, index = self.open_message["id"], self.open_message["text"], len(self.output)
-        self.open_message = None
-        item = message_item(mid, text)
-        self.output.append(item)
-        return [self.event("response.output_text.done", item_id=mid, output_index=index, content_index=0, text=text,
-                           logprobs=[]),
-                self.event("response.content_part.done", item_id=mid, output_index=index, content_index=0,
-                           part=item["content"][0]),
-                self.event("response.output_item.done", output_index=index, item=item)]
 
     def _call(self, delta: dict) -> list[dict]:
         """A tool_calls delta of the chat stream: a whole call (auto, required), or a named call's
         start (id, name) and then its argument pieces."""
-        events = self._close_reasoning() + self._close_message()
-        fn = delta.get("function") or {}
-        if delta.get("id") is not None:  # a new call
-            events += self._close_call()
-            self.open_call = {"id": item_id("fc"), "call": {"id": delta["id"], "function": {
-                "name": fn.get("name", ""), "arguments": ""}}}
-            events.append(self.event("response.output_item.added", output_index=len(self.output),
-                                     item=call_item(self.open_call["id"], self.open_call["call"], "in_progress")))
+        fn, events = delta.get("function") or {}, []
+        if delta.get("id") is not None or not self._is_open("function_call"):  # a new call
+            call = {"id": delta.get("id") or call_id(), "function": {"name": fn.get("name", ""), "arguments": ""}}
+            events = self._open("function_call", call_item(item_id("fc"), call, "in_progress"), call=call)
         if fn.get("arguments"):
-            self.open_call["call"]["function"]["arguments"] += fn["arguments"]
-            events.append(self.event("response.function_call_arguments.delta", item_id=self.open_call["id"],
+            self.open["call"]["function"]["arguments"] += fn["arguments"]
+            events.append(self.event("response.function_call_arguments.delta", item_id=self.open["id"],
                                      output_index=len(self.output), delta=fn["arguments"]))
         if self.plan.mode != "named":  # auto / required calls come whole: done at once
-            events += self._close_call()
+            events += self._close()
         return events
 
-    def _close_call(self) -> list[dict]:
-        if self.open_call is None:
+    # the one output item being streamed: opening another closes it
+    def _is_open(self, kind: str) -> bool:
+        return self.open is not None and self.open["kind"] == kind
+
+    def _open(self, kind: str, item: dict, **state) -> list[dict]:
+        events = self._close()
+        self.open = {"kind": kind, "id": item["id"], "text": "", **state}
+        return events + [self.event("response.output_item.added", output_index=len(self.output), item=item)]
+
+    def _close(self) -> list[dict]:
+        """The open item's closing events (none when nothing is open); it joins the output."""
+        o, self.open = self.open, None
+        if o is None:
             return []
-        fid, call, index = self.open_call["id"], self.open_call["call"], len(self.output)
-        self.open_call = None
-        item = call_item(fid, call)
+        index, at = len(self.output), {"item_id": o["id"], "output_index": len(self.output)}
+        if o["kind"] == "reasoning":
+            item = reasoning_item(o["id"], o["text"])
+            done = [self.event("response.reasoning_text.done", **at, content_index=0, text=o["text"])]
+        elif o["kind"] == "message":
+            item = message_item(o["id"], o["text"])
+            done = [self.event("response.output_text.done", **at, content_index=0, text=o["text"], logprobs=[]),
+                    self.event("response.content_part.done", **at, content_index=0, part=item["content"][0])]
+        else:
+            item = call_item(o["id"], o["call"])
+            done = [self.event("response.function_call_arguments.done", **at,
+                               arguments=o["call"]["function"]["arguments"])]
         self.output.append(item)
-        return [self.event("response.function_call_arguments.done", item_id=fid, output_index=index,
-                           arguments=call["function"]["arguments"]),
-                self.event("response.output_item.done", output_index=index, item=item)]
+        return done + [self.event("response.output_item.done", output_index=index, item=item)]
 
 
 def sse_event(e: dict) -> str:
