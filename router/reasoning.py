@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PARSERS = ("qwen3", "deepseek_r1")  # both write <think> ... </think>
+# server.reasoning_parser qwen3 and deepseek_r1: both write <think> ... </think>
 START, END = "<think>", "</think>"
 
 

@@ -31,7 +31,6 @@ from workers.protocol import InvalidRequestError, StructuredOutput
 
 HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 HERMES_OPEN = "<tool_call>"
-PARSERS = ("hermes",)
 
 
 def call_id() -> str:
