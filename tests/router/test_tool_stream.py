@@ -1,7 +1,7 @@
 """Tool calls streamed (router/tool_calls.py, pure): an output cut into any pieces gives, through
-ToolStream, the content (up to surrounding whitespace) and calls its whole text gives (ToolPlan.message) for each tool_choice
-mode; before the end, auto's content never shows a piece of "<tool_call>" (a malformed or cut
-block goes out as text at the end)."""
+ToolStream, the content (up to surrounding whitespace) and calls that its whole text gives
+(ToolPlan.message), in every tool_choice mode; before the end, auto's content never shows a piece
+of "<tool_call>" (a malformed or cut block goes out as text at the end)."""
 
 import json
 import random
