@@ -292,11 +292,11 @@ class Engine(SplitPoints):
         scheduler now, exactly when the synchronous path would drop them: they take no slot in
         the next step and their blocks are free for it (the device runs it after prev, in order).
         Their token is emitted when prev is resolved."""
-        finished, max_model_len = RequestStatus.FINISHED, self.max_model_len
+        finished = RequestStatus.FINISHED
         for req in prev.sampled:
             if req.num_pending != 1 or req.status == finished or req.prefill_only:
                 continue
-            if len(req.output_token_ids) + 1 >= req.sampling.max_tokens or req.num_tokens + 1 >= max_model_len:
+            if self._next_is_last_by_length(req):
                 self._publish_blocks(req)
                 self.scheduler.remove(req)
                 req.retired = True
@@ -392,12 +392,13 @@ class Engine(SplitPoints):
                 bans = (bans or []) + [(i, t) for t in sorted(stops) if t < self.vocab_size]
         return bans
 
-    def _ends_at(self, req: Request, token_id: int) -> bool:
-        """Whether this next token surely ends the request (by length, a stop token or EOS), as
-        _append_token would find: a prefill worker's first token that does needs no KV moved."""
-        sp = req.sampling
-        return (len(req.output_token_ids) + 1 >= sp.max_tokens or req.num_tokens + 1 >= self.max_model_len
-                or token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.runner.eos_token_ids))
+    def _next_is_last_by_length(self, req: Request) -> bool:
+        """The request's next output token (the host's count) reaches max_tokens or the context."""
+        return len(req.output_token_ids) + 1 >= req.sampling.max_tokens or req.num_tokens + 1 >= self.max_model_len
+
+    def _is_stop_token(self, sp: SamplingParams, token_id: int) -> bool:
+        """One of the request's stop_token_ids, or an EOS it does not ignore."""
+        return token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.runner.eos_token_ids)
 
     def _append_token(self, req: Request, token_id: int, logprob, top) -> TokenDelta:
         grammar_done = False
@@ -407,19 +408,19 @@ class Engine(SplitPoints):
                                   if req.allowed_mask is not None else
                                   f"internal: token {token_id} does not follow the request's grammar")
             grammar_done = req.grammar.is_terminated()  # complete, and the model chose EOS
+        by_length = self._next_is_last_by_length(req)
         req.append_output(token_id)
         sp, detok = req.sampling, req.detok
         if detok is None and self.tokenizer is not None:
             detok = req.detok = request_detokenizer(self.tokenizer, sp, req.prompt_token_ids)
         finish = None
-        if (token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.runner.eos_token_ids)
-                or grammar_done):
+        if self._is_stop_token(sp, token_id) or grammar_done:
             finish = FinishReason.STOP
         elif detok is not None:
             detok.add([token_id])
             if detok.stopped:
                 finish = FinishReason.STOP
-        if finish is None and (len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len):
+        if finish is None and by_length:
             finish = FinishReason.LENGTH
         if logprob is not None:
             req.logprobs.append(logprob)

@@ -8,7 +8,7 @@ scheduler holds the blocks it asked for back from requests that come after it (a
 value, or equal and arrived later: want_for_import).
 
 Uses Engine's pool, scheduler, requests, block_size, config, layout, kv_cache, worker_id,
-_launched, _new_request, _publish_blocks and _append_token.
+_launched, _new_request, _publish_blocks, _append_token, _next_is_last_by_length and _is_stop_token.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class SplitPoints:
         req.status = RequestStatus.RUNNING
         self.requests[request_id] = req
         delta = self._append_token(req, handle.first_token_id, handle.first_logprob, handle.first_top_logprobs)
-        if not delta.finished:  # the prefill side's _ends_at said it would
+        if not delta.finished:  # the prefill side's _pin said it would
             self.requests.pop(request_id, None)
             raise RuntimeError(f"internal: {request_id}'s first token did not end it here")
         return _with_prompt_logprobs(delta, handle)
@@ -126,7 +126,9 @@ class SplitPoints:
         them pinned: its WRITEs may still be reading them."""
         self.scheduler.running.remove(req)
         req.status = RequestStatus.PINNED
-        final = req.layer_hook_factory is None and self._ends_at(req, token_id)
+        # what _append_token would end the request by, on the decode side (stop strings aside)
+        final = req.layer_hook_factory is None and (self._next_is_last_by_length(req)
+                                                    or self._is_stop_token(req.sampling, token_id))
         prompt_lps = prompt_tops = None
         if req.prompt_logprobs is not None:
             prompt_lps, prompt_tops = req.prompt_logprobs.result()
