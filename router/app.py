@@ -273,10 +273,7 @@ class OpenAIIngress:
               responses={**_ERRORS, 200: {"content": _SSE}})
     async def chat_completions(self, body: ChatCompletionRequest):
         self._check_model(body.model)
-        tools = ToolPlan.of(body, self.config.server.tool_call_parser)
-        prompt = truncated(chat_prompt(self.tokenizer, body, tools.template_tools), body)
-        sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=None,
-                                   tool_constraint=tools.constraint)
+        tools, prompt, sampling = self._chat_request(body)
         subs = self._fanout(body.n, [(prompt, sampling)])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         reasoning = self._reasoning_opened(prompt)
@@ -306,11 +303,7 @@ class OpenAIIngress:
     async def responses(self, body: ResponsesRequest):
         """OpenAI's Responses API, stateless, on the chat path (router/responses_api.py)."""
         self._check_model(body.model)
-        chat = body.to_chat()
-        tools = ToolPlan.of(chat, self.config.server.tool_call_parser)
-        prompt = chat_prompt(self.tokenizer, chat, tools.template_tools)
-        sampling = sampling_params(chat, len(prompt), self.max_model_len, self.config.limits, default_max_tokens=None,
-                                   tool_constraint=tools.constraint)
+        tools, prompt, sampling = self._chat_request(body.to_chat())
         (sub,) = self._fanout(1, [(prompt, sampling)])
         rid = f"resp_{uuid.uuid4().hex}"
         builder = ResponseBuilder(rid, self.model_name, body, tools, self._reasoning_opened(prompt))
@@ -324,6 +317,13 @@ class OpenAIIngress:
         return StreamingResponse(events, media_type="text/event-stream")
 
     # -- internals -----------------------------------------------------------------------------
+    def _chat_request(self, body: ChatCompletionRequest) -> tuple[ToolPlan, list[int], SamplingParams]:
+        """A chat request's tool plan, prompt ids (the template's, tools included) and sampling."""
+        tools = ToolPlan.of(body, self.config.server.tool_call_parser)
+        prompt = truncated(chat_prompt(self.tokenizer, body, tools.template_tools), body)
+        return tools, prompt, sampling_params(body, len(prompt), self.max_model_len, self.config.limits,
+                                              default_max_tokens=None, tool_constraint=tools.constraint)
+
     def _reasoning_opened(self, prompt: list[int]) -> bool | None:
         """None without server.reasoning_parser; else whether the chat template opened the model's
         reasoning at the end of the prompt (router/reasoning.py)."""

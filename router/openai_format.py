@@ -164,9 +164,9 @@ def completion_chunk(rid: str, model: str, created: int, d: TokenDelta, acc: Acc
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: FinishReason | str | None,
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None,
                logprobs: ChoiceLogprobs | None = None, index: int = 0) -> dict:
-    choice = {"index": index, "delta": delta, "finish_reason": finish.value if isinstance(finish, FinishReason) else finish,
+    choice = {"index": index, "delta": delta, "finish_reason": finish,
               "logprobs": logprobs.model_dump() if logprobs else None}
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 

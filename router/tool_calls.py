@@ -50,7 +50,6 @@ class ToolPlan:
     template_tools: list[dict] | None = None  # what the chat template gets as tools=
     name: str | None = None  # the named choice's function
     constraint: StructuredOutput | None = None
-    parser: str | None = None  # auto: the text format to parse
     parallel: bool = True
 
     @classmethod
@@ -72,7 +71,7 @@ class ToolPlan:
                     "tool_choice 'auto' (the default with tools) needs the server's tool-call parser: set "
                     "server.tool_call_parser (e.g. hermes) for this model, or send tool_choice 'required' or a "
                     "named function, which work with any model", "tool_choice")
-            return cls("auto", template_tools, parser=parser, parallel=body.parallel_tool_calls)
+            return cls("auto", template_tools, parallel=body.parallel_tool_calls)  # hermes: the one parser
         if choice == "required":
             cases = [{"type": "object", "properties": {"name": {"const": t.function.name},
                                                        "parameters": _parameters(t.function)},
