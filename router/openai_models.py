@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, field_validator,
                       model_validator)
 
-from workers.protocol import MAX_LOGIT_BIAS, MAX_PRIORITY, MIN_PRIORITY, InvalidRequestError, StructuredOutput
+from router.output_constraints import ResponseFormat, StructuredOutputs, one_constraint
+from workers.protocol import MAX_LOGIT_BIAS, MAX_PRIORITY, MIN_PRIORITY, StructuredOutput
 
 
 # OpenAI allows 4; vLLM any number, and lm-eval-harness's completions requests send a task's whole
@@ -97,24 +98,9 @@ class _Request(BaseModel):  # booleans are JSON booleans (StrictBool): 0.0 or "y
         return v
 
     def structured_output(self) -> StructuredOutput | None:
-        """The request's one output constraint, from whichever field sent it (None: free text);
-        InvalidRequestError when several are sent."""
-        found = []
-        rf = self.response_format
-        if rf is not None and rf.type == "json_object":
-            found.append(StructuredOutput("json_object", "", "response_format"))
-        elif rf is not None and rf.type == "json_schema":
-            schema = rf.json_schema.schema_
-            found.append(StructuredOutput("json_schema", json.dumps(schema), "response_format") if schema is not None
-                         else StructuredOutput("json_object", "", "response_format"))
-        if self.structured_outputs is not None:
-            found += self.structured_outputs.specs("structured_outputs")
-        found += _constraints(self.guided_json, None, self.guided_regex, self.guided_choice, self.guided_grammar,
-                              "guided_")
-        if len(found) > 1:
-            raise InvalidRequestError(f"one structured output constraint per request; got {len(found)} ("
-                                      f"{', '.join(sorted({s.param for s in found}))})", found[1].param)
-        return found[0] if found else None
+        """The request's one output constraint (router/output_constraints.py), None: free text."""
+        return one_constraint(self.response_format, self.structured_outputs, self.guided_json, self.guided_regex,
+                              self.guided_choice, self.guided_grammar)
 
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         """(token id, bias) sorted by token id; "05" and "5" both name token 5 (SamplingParams refuses
@@ -123,64 +109,6 @@ class _Request(BaseModel):  # booleans are JSON booleans (StrictBool): 0.0 or "y
 
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-
-
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-    name: str = Field(..., min_length=1, max_length=64)
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema", description="Without one: any JSON object")
-    strict: StrictBool | None = Field(None, description="Accepted; the schema is always enforced")
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_with_its_type(self):
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("response_format json_schema goes with type 'json_schema' (and only with it)")
-        return self
-
-
-class StructuredOutputs(BaseModel):
-    """vLLM's structured_outputs: one constraint (unknown keys are refused: a constraint we would
-    not enforce must not pass silently)."""
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    json_: dict[str, Any] | str | None = Field(None, alias="json", description="A JSON schema (object or JSON text)")
-    json_object: StrictBool | None = None
-    regex: str | None = None
-    choice: list[str] | None = Field(None, min_length=1)
-    grammar: str | None = Field(None, description="EBNF (xgrammar's dialect, GBNF-like), rule root")
-
-    def specs(self, param: str) -> list[StructuredOutput]:
-        return _constraints(self.json_, self.json_object, self.regex, self.choice, self.grammar, param)
-
-
-def _constraints(schema, json_object, regex, choice, grammar, param: str) -> list[StructuredOutput]:
-    """The constraints set among these (vLLM's field names; param: structured_outputs, or the
-    prefix of the guided_* fields)."""
-    name = (lambda f: param + f) if param.endswith("_") else (lambda f: param)
-    found = []
-    if schema is not None:
-        found.append(StructuredOutput("json_schema", schema if isinstance(schema, str) else json.dumps(schema),
-                                      name("json")))
-    if json_object:
-        found.append(StructuredOutput("json_object", "", name("json_object")))
-    if regex is not None:
-        found.append(StructuredOutput("regex", regex, name("regex")))
-    if choice is not None:
-        if not choice or any(not c for c in choice):
-            raise InvalidRequestError("choice needs at least one non-empty string", name("choice"))
-        found.append(StructuredOutput("choice", json.dumps(choice), name("choice")))
-    if grammar is not None:
-        found.append(StructuredOutput("grammar", grammar, name("grammar")))
-    return found
 
 
 class StreamOptions(BaseModel):
@@ -468,5 +396,5 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-for _m in (_Request, CompletionRequest, ChatMessage, ChatCompletionRequest, Usage, ResponseFormat):
+for _m in (_Request, CompletionRequest, ChatMessage, ChatCompletionRequest, Usage):
     _m.model_rebuild()

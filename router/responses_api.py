@@ -18,7 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from router.openai_format import Accumulator, finish_str
-from router.openai_models import ChatCompletionRequest, FunctionDef, StructuredOutputs
+from router.openai_models import ChatCompletionRequest, FunctionDef
+from router.output_constraints import StructuredOutputs
 from router.reasoning import ReasoningStream, split
 from router.tool_calls import ToolPlan, call_id
 from workers.protocol import MAX_PRIORITY, MIN_PRIORITY, InvalidRequestError
