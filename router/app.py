@@ -38,7 +38,7 @@ from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse,
 from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
 from router.request_parsing import chat_prompt, check_token_ids, completion_prompts, sampling_params, truncated
-from router.reasoning import ReasoningStream, opened_by_prompt
+from router.reasoning import opened_by_prompt
 from router.responses_api import ResponseBuilder, ResponsesRequest, event_stream
 from router.tool_calls import ToolPlan
 from router.http_errors import ApiKeyAuth, BodyLimit, HTTPError, error_response
@@ -279,14 +279,12 @@ class OpenAIIngress:
         reasoning = self._reasoning_opened(prompt)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            streams = [tools.streamer() for _ in subs]
-            thoughts = [ReasoningStream(reasoning) for _ in subs] if reasoning is not None else None
+            streams = [fmt.AnswerStream(tools, reasoning) for _ in subs]
 
             def chunk(d, acc, created, offset, index):
                 lp = fmt.chat_logprobs(acc, list(d.token_ids), list(d.logprobs or ()), d.top_logprobs) \
                     if body.logprobs and d.token_ids else None
-                thought, text = thoughts[index].add(d.text, d.finished) if thoughts else ("", d.text)
-                deltas, finish = streams[index].add(text, fmt.finish_str(d.finish_reason))
+                thought, deltas, finish = streams[index].add(d.text, fmt.finish_str(d.finish_reason))
                 if thought:
                     deltas = [{"reasoning_content": thought}] + [x for x in deltas if x != {"content": ""}]
                 if not deltas and (lp or finish):

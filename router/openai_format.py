@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from router.openai_models import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChoiceLogprobs,
                                   CompletionChoice, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
                                   TokenLogprob, TopLogprob, Usage)
-from router.reasoning import split as split_reasoning
+from router.reasoning import ReasoningStream, split as split_reasoning
 from router.tool_calls import ToolPlan
 from workers.protocol import FinishReason, TokenDelta
 
@@ -128,16 +128,34 @@ def completion_body(rid: str, model: str, accs: list[Accumulator], want_logprobs
                               choices=choices)
 
 
-def chat_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool,
-              tools: ToolPlan | None = None, reasoning: bool | None = None) -> ChatCompletionResponse:
-    """``tools``: how the request used its tools (router/tool_calls.py): its calls out of the text;
-    ``reasoning``: None, or whether the prompt opened the model's reasoning (router/reasoning.py)."""
+def answer_parts(text: str, finish: str | None, tools: ToolPlan,
+                 reasoning: bool | None) -> tuple[str | None, str | None, list[dict] | None, str | None]:
+    """(reasoning, content, tool calls, finish_reason) of a finished output: the reasoning apart
+    (``reasoning``: None, or whether the prompt opened it; router/reasoning.py), then the calls out
+    of the answer (router/tool_calls.py)."""
+    thought, text = split_reasoning(text, reasoning) if reasoning is not None else (None, text)
+    return thought, *tools.message(text, finish)
+
+
+class AnswerStream:
+    """One streamed choice's text split as answer_parts splits the whole: add(text, finish) ->
+    (reasoning delta, chat deltas of content and tool calls, finish_reason)."""
+
+    def __init__(self, tools: ToolPlan, reasoning: bool | None):
+        self.thought = ReasoningStream(reasoning) if reasoning is not None else None
+        self.tools = tools.streamer()
+
+    def add(self, text: str, finish: str | None) -> tuple[str, list[dict], str | None]:
+        thought, text = self.thought.add(text, finish is not None) if self.thought is not None else ("", text)
+        return (thought, *self.tools.add(text, finish))
+
+
+def chat_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool, tools: ToolPlan,
+              reasoning: bool | None = None) -> ChatCompletionResponse:
+    """``tools`` and ``reasoning``: as answer_parts takes them."""
     choices = []
     for i, acc in enumerate(accs):
-        thought, text = split_reasoning(acc.text, reasoning) if reasoning is not None else (None, acc.text)
-        content, calls, finish = text, None, finish_str(acc.finish_reason)
-        if tools is not None:
-            content, calls, finish = tools.message(text, finish)
+        thought, content, calls, finish = answer_parts(acc.text, finish_str(acc.finish_reason), tools, reasoning)
         choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, reasoning_content=thought,
                                                                     tool_calls=calls),
                                   finish_reason=finish, logprobs=chat_logprobs(acc, acc.token_ids, acc.logprobs,

@@ -17,10 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-from router.openai_format import Accumulator, finish_str
+from router.openai_format import Accumulator, AnswerStream, answer_parts, finish_str
 from router.openai_models import ChatCompletionRequest, FunctionDef
 from router.output_constraints import StructuredOutputs
-from router.reasoning import ReasoningStream, split
 from router.tool_calls import ToolPlan, call_id
 from workers.protocol import MAX_PRIORITY, MIN_PRIORITY, InvalidRequestError
 
@@ -190,8 +189,7 @@ class ResponseBuilder:
         self.rid, self.model, self.body, self.plan, self.reasoning = rid, model, body, plan, reasoning
         self.created = int(time.time())
         self.seq = 0
-        self.stream = plan.streamer()
-        self.thought = ReasoningStream(reasoning) if reasoning is not None else None
+        self.stream = AnswerStream(plan, reasoning)
         self.output: list[dict] = []  # items done so far (streaming)
         self.open: dict | None = None  # the item being streamed: {"kind", "id", "text"} (a call's: + "call")
 
@@ -213,9 +211,8 @@ class ResponseBuilder:
 
     def finished(self, acc: Accumulator) -> dict:
         """The whole response of a finished request."""
-        finish = acc.finish_reason.value if acc.finish_reason is not None else None
-        thought, text = split(acc.text, self.reasoning) if self.reasoning is not None else (None, acc.text)
-        content, calls, _ = self.plan.message(text, finish)
+        finish = finish_str(acc.finish_reason)
+        thought, content, calls, _ = answer_parts(acc.text, finish, self.plan, self.reasoning)
         output = [reasoning_item(item_id("rs"), thought)] if thought else []
         output += [message_item(item_id("msg"), content)] if content or not calls else []
         output += [call_item(item_id("fc"), c) for c in calls or ()]
@@ -238,12 +235,8 @@ class ResponseBuilder:
 
     def add(self, text: str, finish: str | None, acc: Accumulator) -> list[dict]:
         """The events for a delta's text (and, when it is the last, the closing ones)."""
-        events = []
-        if self.thought is not None:
-            thought, text = self.thought.add(text, finish is not None)
-            if thought:
-                events += self._reasoning(thought)
-        deltas, _ = self.stream.add(text, finish)
+        thought, deltas, _ = self.stream.add(text, finish)
+        events = self._reasoning(thought) if thought else []
         for d in deltas:
             if d.get("content"):
                 events += self._text(d["content"])
