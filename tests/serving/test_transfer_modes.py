@@ -220,9 +220,6 @@ def all_deltas(decode, prompt, prefill_ids, sampling):
     return deltas
 
 
-def first_delta(decode, prompt, prefill_ids, sampling):
-    return all_deltas(decode, prompt, prefill_ids, sampling)[0]
-
 
 def assert_same_prompt_logprobs(got, want) -> None:
     assert got.prompt_logprobs[0] is None and len(got.prompt_logprobs) == len(want.prompt_logprobs)
@@ -247,7 +244,7 @@ async def test_prompt_logprobs_are_computed_by_the_prefill_worker(cluster, worke
     decode, pf, prompt = workers["decode"], workers["prefill_ids"][0], PROMPTS[2]
     alone = run(make_engine(tiny_checkpoint("llama")), {"r": (prompt, ECHO)})["r"][1]
     before = counters(decode)
-    assert_same_prompt_logprobs(first_delta(decode, prompt, [pf], ECHO), alone)
+    assert_same_prompt_logprobs(all_deltas(decode, prompt, [pf], ECHO)[0], alone)
     after = counters(decode)
     assert after["num_final_first_tokens"] - before["num_final_first_tokens"] == 1
     assert (after["num_transfers"], after["num_local_prefills"]) == (before["num_transfers"],
