@@ -9,16 +9,20 @@ Each of N requests (random token-id prompts, greedy, EOS ignored) decodes --out-
               resolved before the next is launched (async scheduling pauses)
 
 Prints one JSON line: tokens/s of both, their ratio (grammar / free), the mean time per step of
-filling the bitmasks (host), and the compile time of the schema (first request, then cached).
+filling the bitmasks (host), the compile time of the schema (first request, then cached), and
+``grammar_valid``: every grammar request's output replayed through a fresh matcher of the schema
+(a mask that let a wrong token through, on any device, fails it; the run then exits 1).
 
     .venv/bin/python benchmarks/structured_output.py                     # default model, CPU
-    python3 benchmarks/structured_output.py --device cuda --model llama-1b-shape --batch 32
+    python3 benchmarks/structured_output.py --device cuda --model llama-1b-shape --batch 32 \
+        --tokenizer-from DIR      # a shape's word-level tokenizer has no JSON characters: borrow one
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,20 +36,37 @@ from benchmarks.model_shapes import checkpoint  # noqa: E402
 from workers.engine import engine as engine_module  # noqa: E402
 from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
-from workers.protocol import SamplingParams, StructuredOutput  # noqa: E402
+from workers.protocol import InvalidRequestError, SamplingParams, StructuredOutput  # noqa: E402
 
 SCHEMA = {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 1000}
 
 
-def run(engine: Engine, prompts, sampling: SamplingParams, tag: str) -> tuple[float, int]:
+def run(engine: Engine, prompts, sampling: SamplingParams, tag: str) -> tuple[float, int, dict[str, list[int]]]:
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", p, sampling)
-    n, t0 = 0, time.perf_counter()
+    outputs: dict[str, list[int]] = {f"{tag}-{i}": [] for i in range(len(prompts))}
+    t0 = time.perf_counter()
     while engine.has_work():
-        n += sum(len(d.token_ids) for d in engine.step().deltas)
+        for d in engine.step().deltas:
+            outputs[d.request_id].extend(d.token_ids)
     if engine.runner.device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0, n
+    return time.perf_counter() - t0, sum(map(len, outputs.values())), outputs
+
+
+def with_tokenizer(model: str, source: str, cache: Path) -> str:
+    """A checkpoint dir: ``model``'s config and weights (links) with ``source``'s tokenizer files."""
+    out = cache / f"{Path(model).name}+tokenizer-of-{Path(source).name}"
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                       "vocab.json", "merges.txt"}
+    for f in Path(model).iterdir():
+        if f.name not in tokenizer_files and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    for name in tokenizer_files:
+        if (Path(source) / name).exists():
+            shutil.copy(Path(source) / name, out / name)
+    return str(out)
 
 
 def main() -> None:
@@ -57,8 +78,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--out-len", type=int, default=64)
+    ap.add_argument("--tokenizer-from", help="a checkpoint dir whose tokenizer replaces the model's")
+    ap.add_argument("--profile", action="store_true", help="cProfile the grammar run: top functions to stderr")
     args = ap.parse_args()
     model = checkpoint(args.model, Path(args.cache_dir))
+    if args.tokenizer_from:
+        model = with_tokenizer(model, args.tokenizer_from, Path(args.cache_dir))
     engine = Engine(ModelConfig(device=args.device), EngineConfig(block_size=16, num_kv_blocks=1024,
                                                                   max_num_seqs=max(64, args.batch)), model)
     vocab = engine.vocab_size
@@ -81,16 +106,33 @@ def main() -> None:
     free = SamplingParams(max_tokens=args.out_len, temperature=0, ignore_eos=True)
     constrained = SamplingParams(max_tokens=args.out_len, temperature=0, ignore_eos=True, structured=spec)
     run(engine, prompts, free, "warm")  # kernels, caches
-    free_s, free_n = run(engine, prompts, free, "free")
-    grammar_s, grammar_n = run(engine, prompts, constrained, "grammar")
+    free_s, free_n, _ = run(engine, prompts, free, "free")
+    if args.profile:
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as prof:
+            run(engine, prompts, constrained, "profiled")
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(20)
+    grammar_s, grammar_n, outputs = run(engine, prompts, constrained, "grammar")
+    valid = 0
+    for tokens in outputs.values():
+        try:
+            engine.grammars.matcher(spec, tokens)
+            valid += 1
+        except InvalidRequestError:
+            pass
     print(json.dumps({
         "benchmark": "structured_output", "device": args.device, "model": Path(model).name, "batch": args.batch,
         "prompt_len": args.prompt_len, "out_len": args.out_len, "async_scheduling": engine.async_scheduling,
         "free_tok_s": round(free_n / free_s, 1), "grammar_tok_s": round(grammar_n / grammar_s, 1),
         "ratio": round((grammar_n / grammar_s) / (free_n / free_s), 3), "tokens": [free_n, grammar_n],
         "fill_bitmask_ms_per_step": round(1e3 * sum(fills) / max(1, len(fills)), 3),
-        "compile_ms": round(1e3 * compile_s, 2),
+        "compile_ms": round(1e3 * compile_s, 2), "grammar_valid": f"{valid}/{len(outputs)}",
+        "text_0": engine.tokenizer.decode(outputs["grammar-0"])[:120],
     }))
+    if valid != len(outputs):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from kv_transfer.layout import KVLayout, dtype_name
 from workers.engine.attention import TokenFill
 from workers.engine.block_pool import BlockPool, NoFreeBlocks
@@ -175,8 +177,8 @@ class Engine(SplitPoints):
         if prev is not None:
             self._retire_length_finished(prev)
         batch = self.scheduler.schedule()
-        launched = self._launch(batch, prev) if batch.requests else None
-        if prev is not None:
+        launched = self._launch(batch, prev, out) if batch.requests else None
+        if prev is not None and not prev.resolved:
             self._resolve(prev, out)
         for req in batch.capacity_exhausted:
             if req.status == RequestStatus.FINISHED:
@@ -194,8 +196,11 @@ class Engine(SplitPoints):
                 self._resolve(launched, out)
         return out
 
-    def _launch(self, batch, prev: LaunchedStep | None) -> LaunchedStep:
-        """Stage the batch, queue its forward pass and sampling; no host sync."""
+    def _launch(self, batch, prev: LaunchedStep | None, out: StepOutput) -> LaunchedStep:
+        """Stage the batch, queue its forward pass and sampling; no host sync, except where a
+        grammar's mask needs a token of ``prev`` (in flight): prev is resolved into ``out`` after
+        the forward pass is queued, so the device runs it while the host reads prev's tokens,
+        advances the grammars and fills their masks; only the sampling waits for those."""
         inputs = StepInputs.pack(batch.requests, batch.num_new_tokens)
         sampled = inputs.sampled
         hooks = [h for req in sampled if req.layer_hook_factory is not None for h in make_layer_hook(req)]
@@ -218,38 +223,42 @@ class Engine(SplitPoints):
             c = req.num_computed_tokens = req.num_computed_tokens + n
             if (c if c < req.num_tokens else req.num_tokens) // bs > req.num_hashed_blocks:
                 self._publish_blocks(req)  # a block just filled (see _publish_blocks)
+        # the step is known as launched before prev may be resolved below: blocks that prev's
+        # tokens free (a stop) are still written by this step's forward (LaunchedSteps.released)
+        step = LaunchedStep(set(batch.requests), sampled, None, None,
+                            resolve_now=bool(hooks) or any(r.prefill_only for r in sampled))
+        self._launched.add(step)  # its mark is set below: nothing waits on it before
         if sampled:
+            if prev is not None and prev.sample is not None and any(r.grammar is not None and r.num_pending
+                                                                     for r in sampled):
+                self._resolve(prev, out)  # the grammars take prev's tokens; this forward runs meanwhile
             # the output index of the token sampled now counts a pending one (seeded sampling); so
             # do the penalties' token counts, kept on the device (workers/engine/penalties.py)
             positions = [len(r.output_token_ids) + r.num_pending for r in sampled]
-            allowed, grammar = self._allowed_masks(sampled)
             sample = self.sampler.sample(logits, [r.sampling for r in sampled], positions,
                                          self.token_counts.rows(sampled), self._min_tokens_bans(sampled, positions),
-                                         allowed)
-            # a grammar's next mask needs this token on the host: such a step is resolved at once
-            step = LaunchedStep(set(batch.requests), sampled, sample, sample.mark,
-                                resolve_now=bool(hooks) or grammar or any(r.prefill_only for r in sampled))
+                                         self._allowed_masks(sampled))
+            step.sample, step.mark = sample, sample.mark
         else:
-            step = LaunchedStep(set(batch.requests), [], None, DeviceMark(self.runner.device))
+            step.mark = DeviceMark(self.runner.device)
         for i, req in enumerate(sampled):
             req.num_pending += 1
             req.pending_row = i
-        self._launched.add(step)
         return step
 
-    def _allowed_masks(self, sampled: list[Request]):
-        """((rows, bitmask) or None, whether a grammar is among them): the tokens each sampled row
-        with a grammar or allowed_token_ids may take next (workers/engine/structured_output.py).
-        Every token of a request with a grammar is on the host: the steps that sample it are
-        resolved before the next one is launched."""
-        rows = [i for i, r in enumerate(sampled) if r.grammar is not None or r.allowed_mask is not None]
-        if not rows:
-            return None, False
-        grammar = any(sampled[i].grammar is not None for i in rows)
-        if grammar and any(sampled[i].num_pending for i in rows if sampled[i].grammar is not None):
+    def _allowed_masks(self, sampled: list[Request]) -> torch.Tensor | None:
+        """int32 bitmask [len(sampled), words] on the host, or None when no row is constrained:
+        the tokens each row with a grammar or allowed_token_ids may take next, all bits set for
+        the others (workers/engine/structured_output.py). A request with a grammar has every
+        token on the host here (_launch resolved the step in flight first); one that finished
+        meanwhile (its token will be dropped) is left unmasked."""
+        finished = RequestStatus.FINISHED
+        rows = [(r.grammar, r.allowed_mask) if r.status != finished else (None, None) for r in sampled]
+        if not any(g is not None or m is not None for g, m in rows):
+            return None
+        if any(r.num_pending for r, (g, _) in zip(sampled, rows) if g is not None):
             raise RuntimeError("internal: a grammar-constrained request has a pending token")
-        masks = fill_bitmasks([(sampled[i].grammar, sampled[i].allowed_mask) for i in rows], self.vocab_size)
-        return (rows, masks), grammar
+        return fill_bitmasks(rows, self.vocab_size)
 
     def _score_prompt_rows(self, inputs: StepInputs, hidden) -> None:
         """Queue the prompt logprobs of the step's prompt rows (hidden: their final hidden states)
@@ -263,6 +272,7 @@ class Engine(SplitPoints):
 
     def _resolve(self, step: LaunchedStep, out: StepOutput) -> None:
         """Read the step's tokens back (the step's one device->host sync) and apply them."""
+        step.resolved = True
         res = step.sample.result()
         self._launched.synced(step)
         token_ids, logprobs, tops = res.token_ids, res.logprobs, res.top_logprobs

@@ -27,8 +27,9 @@ class LaunchedStep:
     requests: set[Request]  # every request the step computes (writes KV for)
     sampled: list[Request]  # row i of the sample is sampled[i]'s next token
     sample: DeviceSample | None  # None: the step samples nothing (prefill chunks only)
-    mark: DeviceMark  # everything the step queued has run once mark.wait() returns
+    mark: DeviceMark | None  # everything the step queued has run once mark.wait() returns (set at launch)
     resolve_now: bool = False  # see Engine.step: never left in flight
+    resolved: bool = False  # its tokens were read back (Engine._resolve)
     freed_blocks: set[int] = field(default_factory=set)
 
 

@@ -104,8 +104,10 @@ class TokenCounts:
 
     def rows(self, requests: list[Request]) -> PenaltyRows | None:
         """What the penalties of a step's sampled requests (row i samples requests[i]) need; None
-        when none of them has a penalty (the common case costs one scan of a flag)."""
-        rows = [i for i, r in enumerate(requests) if r.has_penalties]
+        when none of them has a penalty (the common case costs one scan of a flag). A request
+        that finished after the step's forward was queued (Engine._launch resolves the step in flight
+        there for a grammar) is left out: its token is dropped, and _take_slot may hand its slot on."""
+        rows = [i for i, r in enumerate(requests) if r.has_penalties and r.status != RequestStatus.FINISHED]
         if not rows:
             return None
         slots, any_repetition, any_openai, any_bias = [], False, False, False

@@ -8,9 +8,10 @@ that says, before each sampled token, which tokens keep the output inside the gr
                                request; compiled grammars cached by spec
     fill_bitmasks(rows, vocab_size)
                                the next-token bitmask of each row (its matcher's next tokens, and
-                               only those of its allowed_token_ids), int32 [n, ceil(vocab / 32)]
-    apply_bitmask(logits, rows, bitmask)
-                               those rows' disallowed tokens at -inf (out of place)
+                               only those of its allowed_token_ids; all set for a free row),
+                               int32 [n, ceil(vocab / 32)]
+    apply_bitmask(logits, bitmask)
+                               every row's disallowed tokens at -inf (out of place)
 
 A matcher's state is the request's output so far: it accepts each token as the engine appends it,
 and a request resumed elsewhere (imported after a remote prefill, migrated) replays the tokens it
@@ -134,7 +135,9 @@ class Grammars:
 def fill_bitmasks(rows, vocab_size: int) -> torch.Tensor:
     """int32 [len(rows), ceil(vocab_size / 32)] on the CPU: bit j of row i set = token j allowed
     next. Each row is (grammar matcher or None, static token bitmask or None): the matcher's next
-    tokens, and only those of the static mask (allowed_token_ids)."""
+    tokens, and only those of the static mask (allowed_token_ids). One matcher after another: on
+    an H200 host (16 cores) xgrammar's BatchGrammarMatcher on 8 threads took 2.2 ms a step for 32
+    JSON-schema matchers against 1.4 ms one by one, and Python threads gain nothing either."""
     mask = torch.full((len(rows), -(-vocab_size // 32)), -1, dtype=torch.int32)
     for i, (matcher, static) in enumerate(rows):
         if matcher is not None:
@@ -155,10 +158,12 @@ def token_bitmask(token_ids, vocab_size: int) -> torch.Tensor:
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
-def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """logits [n, vocab] with, in each of ``rows`` (int64 on the device), every token its row of
-    ``bitmask`` (int32 [len(rows), words], on the device) does not allow at -inf; a new tensor
-    (the model's own logits stay for the logprobs)."""
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [n, vocab] with every token its row of ``bitmask`` (int32 [n, words], on the
+    device) does not allow at -inf; a new tensor (the model's own logits stay for the logprobs).
+    One masked_fill over the whole batch (a free row's mask is all set): no index_select /
+    index_copy of the constrained rows, which blocked the host until the forward pass finished
+    on an H200 (~1 ms a step at batch 1)."""
     shifts = _SHIFTS.get(logits.device)
     if shifts is None:
         shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
@@ -166,5 +171,4 @@ def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tenso
     allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
     if allowed.shape[1] < vocab:  # tokens past the grammar's vocabulary: never allowed
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
-    sub = logits.index_select(0, rows).masked_fill(~allowed[:, :vocab], float("-inf"))
-    return logits.index_copy(0, rows, sub)
+    return logits.masked_fill(~allowed[:, :vocab], float("-inf"))

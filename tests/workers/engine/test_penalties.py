@@ -187,3 +187,22 @@ def test_no_penalised_request_allocates_nothing(tiny_checkpoint):
     engine = make_engine(tiny_checkpoint("llama"))
     run_all(engine, PROMPTS)
     assert engine.token_counts.num_slots == 0 and not engine.token_counts.slots
+
+
+def test_a_request_finished_in_flight_is_no_penalty_row_and_passes_its_slot_on():
+    """A step may sample a request that finished after the step's forward was queued (a grammar's
+    step reads the step in flight there: Engine._launch); its token is dropped, so it takes no
+    penalty row, and a new request in the same step may take its slot without sharing it."""
+    from workers.engine.penalties import TokenCounts
+    from workers.engine.request import Request, RequestStatus
+
+    counts = TokenCounts(vocab_size=16, device=torch.device("cpu"), num_slots=2)
+    old = [Request(f"old{i}", [1, 2], OPENAI, block_size=4) for i in range(2)]
+    first = counts.rows(old)
+    assert first.rows is None and sorted(first.slots.tolist()) == [0, 1] and not counts.free_slots
+    old[0].status = RequestStatus.FINISHED  # its last token was read while this step was queued
+    slot = counts.slots[old[0]]
+    new = Request("new", [3], OPENAI, block_size=4)
+    rows = counts.rows([old[0], old[1], new])
+    assert rows.rows.tolist() == [1, 2] and rows.slots.tolist() == [counts.slots[old[1]], slot]
+    assert old[0] not in counts.slots and counts.slots[new] == slot  # its slot went to the new request

@@ -182,3 +182,27 @@ def test_allowed_token_ids_alone_and_with_a_grammar(model_dir):
     with pytest.raises(InvalidRequestError, match="allowed_token_ids"):
         engine.add_request("bad", PROMPT, SamplingParams(allowed_token_ids=(5, 10_000)))
     assert_all_blocks_free(engine)
+
+
+def test_grammar_steps_stay_in_flight_and_equal_the_synchronous_engine(model_dir):
+    """Async scheduling keeps a constrained request's steps in flight: the step in flight is read
+    back after the next forward pass is queued and before that step's sampling (whose mask needs
+    its token). Tokens equal the synchronous engine's, with more requests than slots (new ones
+    start as others finish, while a step that computes the finished ones is queued), requests
+    finishing at different steps, penalties (the slot of a finished request passes on untouched)
+    and a stop string."""
+    requests = {f"{kind}-{seed}": (PROMPT[seed:], constrained(kind, temperature=1.0, seed=seed, max_tokens=40,
+                                                            presence_penalty=0.5 * seed))
+                for kind in SPECS for seed in (0, 1)}
+    requests["stop"] = (PROMPT, constrained("grammar", stop=[","]))
+    requests["free"] = (PROMPT[::-1], SamplingParams(max_tokens=30, temperature=0, repetition_penalty=1.3))
+    got, overlapped = {}, {}
+    for mode in (False, True):
+        engine = make_engine(model_dir, async_scheduling=mode, max_num_seqs=4)
+        got[mode] = collect(engine, requests)
+        overlapped[mode] = engine.num_overlapped_steps
+        assert_all_blocks_free(engine)
+    assert got[True] == got[False]
+    assert got[True]["stop"][1] == FinishReason.STOP and len({tuple(t) for t, *_ in got[True].values()}) > 8
+    assert overlapped[False] == 0 and overlapped[True] > 20, overlapped
+
