@@ -21,6 +21,7 @@ filling the bitmasks (host), the compile time of the schema (first request, then
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -75,7 +76,7 @@ def main() -> None:
                     help="a checkpoint directory (with a tokenizer), 'tiny' or a shape of benchmarks/model_shapes.py")
     ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "bench-models"), help="where shapes are built")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", default="8", help="requests decoded together; a comma list runs each in turn")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--out-len", type=int, default=64)
     ap.add_argument("--tokenizer-from", help="a checkpoint dir whose tokenizer replaces the model's")
@@ -84,11 +85,9 @@ def main() -> None:
     model = checkpoint(args.model, Path(args.cache_dir))
     if args.tokenizer_from:
         model = with_tokenizer(model, args.tokenizer_from, Path(args.cache_dir))
+    batches = [int(b) for b in str(args.batch).split(",")]
     engine = Engine(ModelConfig(device=args.device), EngineConfig(block_size=16, num_kv_blocks=1024,
-                                                                  max_num_seqs=max(64, args.batch)), model)
-    vocab = engine.vocab_size
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(10, vocab - 10, (args.batch, args.prompt_len), generator=g).tolist()
+                                                                  max_num_seqs=max(64, *batches)), model)
     spec = StructuredOutput("json_schema", json.dumps(SCHEMA))
     t0 = time.perf_counter()
     engine.grammars.compile(spec)
@@ -105,33 +104,40 @@ def main() -> None:
     engine_module.fill_bitmasks = timed_fill
     free = SamplingParams(max_tokens=args.out_len, temperature=0, ignore_eos=True)
     constrained = SamplingParams(max_tokens=args.out_len, temperature=0, ignore_eos=True, structured=spec)
-    run(engine, prompts, free, "warm")  # kernels, caches
-    free_s, free_n, _ = run(engine, prompts, free, "free")
-    if args.profile:
-        import cProfile
-        import pstats
+    g = torch.Generator().manual_seed(0)
+    failed = False
+    for batch in batches:
+        prompts = torch.randint(10, engine.vocab_size - 10, (batch, args.prompt_len), generator=g).tolist()
+        run(engine, prompts, free, "warm")  # kernels, caches; then the grammar path's first use
+        run(engine, prompts, dataclasses.replace(constrained, max_tokens=8), "warm-grammar")
+        free_s, free_n, _ = run(engine, prompts, free, "free")
+        if args.profile:
+            import cProfile
+            import pstats
 
-        with cProfile.Profile() as prof:
-            run(engine, prompts, constrained, "profiled")
-        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(20)
-    grammar_s, grammar_n, outputs = run(engine, prompts, constrained, "grammar")
-    valid = 0
-    for tokens in outputs.values():
-        try:
-            engine.grammars.matcher(spec, tokens)
-            valid += 1
-        except InvalidRequestError:
-            pass
-    print(json.dumps({
-        "benchmark": "structured_output", "device": args.device, "model": Path(model).name, "batch": args.batch,
-        "prompt_len": args.prompt_len, "out_len": args.out_len, "async_scheduling": engine.async_scheduling,
-        "free_tok_s": round(free_n / free_s, 1), "grammar_tok_s": round(grammar_n / grammar_s, 1),
-        "ratio": round((grammar_n / grammar_s) / (free_n / free_s), 3), "tokens": [free_n, grammar_n],
-        "fill_bitmask_ms_per_step": round(1e3 * sum(fills) / max(1, len(fills)), 3),
-        "compile_ms": round(1e3 * compile_s, 2), "grammar_valid": f"{valid}/{len(outputs)}",
-        "text_0": engine.tokenizer.decode(outputs["grammar-0"])[:120],
-    }))
-    if valid != len(outputs):
+            with cProfile.Profile() as prof:
+                run(engine, prompts, constrained, "profiled")
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(20)
+        fills.clear()
+        grammar_s, grammar_n, outputs = run(engine, prompts, constrained, "grammar")
+        valid = 0
+        for tokens in outputs.values():
+            try:
+                engine.grammars.matcher(spec, tokens)
+                valid += 1
+            except InvalidRequestError:
+                pass
+        failed |= valid != len(outputs)
+        print(json.dumps({
+            "benchmark": "structured_output", "device": args.device, "model": Path(model).name, "batch": batch,
+            "prompt_len": args.prompt_len, "out_len": args.out_len, "async_scheduling": engine.async_scheduling,
+            "free_tok_s": round(free_n / free_s, 1), "grammar_tok_s": round(grammar_n / grammar_s, 1),
+            "ratio": round((grammar_n / grammar_s) / (free_n / free_s), 3), "tokens": [free_n, grammar_n],
+            "fill_bitmask_ms_per_step": round(1e3 * sum(fills) / max(1, len(fills)), 3),
+            "compile_ms": round(1e3 * compile_s, 2), "grammar_valid": f"{valid}/{len(outputs)}",
+            "text_0": engine.tokenizer.decode(outputs["grammar-0"])[:120],
+        }), flush=True)
+    if failed:
         raise SystemExit(1)
 
 
