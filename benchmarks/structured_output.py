@@ -5,10 +5,11 @@ Each of N requests (random token-id prompts, greedy, EOS ignored) decodes --out-
   free        no constraint
   grammar     a JSON schema that cannot end before --out-len tokens (an array of at least 1000
               strings), so both runs decode the same number of tokens; every step fills each
-              request's next-token bitmask (xgrammar) and masks its logits; such steps are
-              resolved before the next is launched (async scheduling pauses)
+              request's next-token bitmask (xgrammar) and masks its logits; the token a mask
+              needs is read after the next step's forward pass is queued (the host's grammar
+              work overlaps it)
 
-Prints one JSON line: tokens/s of both, their ratio (grammar / free), the mean time per step of
+Prints one JSON line per batch size (``--batch 1,8,32``: one engine, each in turn): tokens/s of both, their ratio (grammar / free), the mean time per step of
 filling the bitmasks (host), the compile time of the schema (first request, then cached), and
 ``grammar_valid``: every grammar request's output replayed through a fresh matcher of the schema
 (a mask that let a wrong token through, on any device, fails it; the run then exits 1).

@@ -229,8 +229,7 @@ class Engine(SplitPoints):
                             resolve_now=bool(hooks) or any(r.prefill_only for r in sampled))
         self._launched.add(step)  # its mark is set below: nothing waits on it before
         if sampled:
-            if prev is not None and prev.sample is not None and any(r.grammar is not None and r.num_pending
-                                                                     for r in sampled):
+            if prev is not None and any(r.grammar is not None and r.num_pending for r in sampled):
                 self._resolve(prev, out)  # the grammars take prev's tokens; this forward runs meanwhile
             # the output index of the token sampled now counts a pending one (seeded sampling); so
             # do the penalties' token counts, kept on the device (workers/engine/penalties.py)
@@ -258,7 +257,7 @@ class Engine(SplitPoints):
             return None
         if any(r.num_pending for r, (g, _) in zip(sampled, rows) if g is not None):
             raise RuntimeError("internal: a grammar-constrained request has a pending token")
-        return fill_bitmasks(rows, self.vocab_size)
+        return fill_bitmasks(rows, self.vocab_size, pin=self.runner.device.type == "cuda")
 
     def _score_prompt_rows(self, inputs: StepInputs, hidden) -> None:
         """Queue the prompt logprobs of the step's prompt rows (hidden: their final hidden states)
