@@ -96,9 +96,9 @@ def main() -> None:
     fills = []
     fill = engine_module.fill_bitmasks
 
-    def timed_fill(rows, vocab_size):
+    def timed_fill(rows, vocab_size, **kw):
         t = time.perf_counter()
-        out = fill(rows, vocab_size)
+        out = fill(rows, vocab_size, **kw)
         fills.append(time.perf_counter() - t)
         return out
 
