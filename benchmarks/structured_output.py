@@ -38,6 +38,7 @@ from benchmarks.model_shapes import checkpoint  # noqa: E402
 from workers.engine import engine as engine_module  # noqa: E402
 from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
+from workers.engine.structured_output import GrammarState  # noqa: E402
 from workers.protocol import InvalidRequestError, SamplingParams, StructuredOutput  # noqa: E402
 
 SCHEMA = {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 1000}
@@ -124,7 +125,7 @@ def main() -> None:
         valid = 0
         for tokens in outputs.values():
             try:
-                engine.grammars.matcher(spec, tokens)
+                GrammarState(engine.grammars.matcher(spec)).resume(tokens, spec.param)
                 valid += 1
             except InvalidRequestError:
                 pass

@@ -38,7 +38,7 @@ from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse,
 from router.policy import NoWorkerAvailable
 from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
 from router.request_parsing import chat_prompt, check_token_ids, completion_prompts, sampling_params, truncated
-from router.reasoning import opened_by_prompt
+from router.reasoning import constraint_markers, marker_ids, opened_by_prompt
 from router.responses_api import ResponseBuilder, ResponsesRequest, event_stream
 from router.tool_calls import ToolPlan
 from router.http_errors import ApiKeyAuth, BodyLimit, HTTPError, error_response
@@ -127,6 +127,7 @@ class OpenAIIngress:
         model_path = resolve_model_path(self.config.model.path)
         self.model_name = served_model_name(model_path, self.config.model.served_model_name)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._think_ids = marker_ids(self.tokenizer)  # <think>, </think> as tokens, or None
         from workers.engine.model_runner import load_hf_config
 
         text_config = load_hf_config(model_path).get_text_config()
@@ -319,8 +320,13 @@ class OpenAIIngress:
         """A chat request's tool plan, prompt ids (the template's, tools included) and sampling."""
         tools = ToolPlan.of(body, self.config.server.tool_call_parser)
         prompt = truncated(chat_prompt(self.tokenizer, body, tools.template_tools), body)
-        return tools, prompt, sampling_params(body, len(prompt), self.max_model_len, self.config.limits,
-                                              default_max_tokens=None, tool_constraint=tools.constraint)
+        sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits,
+                                   default_max_tokens=None, tool_constraint=tools.constraint)
+        if sampling.structured is not None and self.config.server.reasoning_parser is not None:
+            markers = constraint_markers(self._think_ids, self.tokenizer.decode(prompt[-8:]))
+            if markers is not None:  # the grammar holds on the answer, after the reasoning
+                sampling = dataclasses.replace(sampling, reasoning=markers)
+        return tools, prompt, sampling
 
     def _reasoning_opened(self, prompt: list[int]) -> bool | None:
         """None without server.reasoning_parser; else whether the chat template opened the model's

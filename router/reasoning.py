@@ -8,11 +8,17 @@ The reasoning starts either with the output's own <think> or, when the chat temp
 opened it (the prompt ends with <think>, as DeepSeek-R1's and Qwen3's thinking templates do), at
 the first token. Output with no <think> at either place is all answer; a reasoning never closed
 (cut by max_tokens) is all reasoning.
+
+A structured-output constraint (response_format, structured_outputs, a required tool call) holds
+on the answer: the reasoning before it stays free (constraint_markers -> SamplingParams.reasoning;
+the engine's GrammarState), where the tokenizer has <think> and </think> as tokens of their own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from workers.protocol import ReasoningMarkers
 
 # server.reasoning_parser qwen3 and deepseek_r1: both write <think> ... </think>
 START, END = "<think>", "</think>"
@@ -20,6 +26,25 @@ START, END = "<think>", "</think>"
 
 def opened_by_prompt(prompt_text: str) -> bool:
     return prompt_text.rstrip().endswith(START)
+
+
+def marker_ids(tokenizer) -> tuple[int, int] | None:
+    """(<think>'s id, </think>'s id) where the tokenizer has each as a token of its own (Qwen3,
+    DeepSeek-R1), else None."""
+    ids = [tokenizer.encode(m, add_special_tokens=False) for m in (START, END)]
+    return (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
+
+
+def constraint_markers(ids: tuple[int, int] | None, prompt_tail: str) -> ReasoningMarkers | None:
+    """What a constrained request carries so that its grammar holds after the reasoning
+    (SamplingParams.reasoning): None where the prompt already closed the reasoning (a template
+    with thinking off ends with </think>) or the tokenizer has no marker tokens (``ids`` None:
+    the constraint then covers the whole output); else the markers, opened when the prompt ends
+    with <think> (otherwise the model's first token may open it)."""
+    tail = prompt_tail.rstrip()
+    if ids is None or tail.endswith(END):
+        return None
+    return ReasoningMarkers(ids[0], ids[1], opened=tail.endswith(START))
 
 
 def split(text: str, in_reasoning: bool) -> tuple[str | None, str]:

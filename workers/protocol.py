@@ -76,6 +76,23 @@ class StructuredOutput:
 
 
 @dataclass(frozen=True)
+class ReasoningMarkers:
+    """A reasoning model's markers as token ids (<think>, </think>; server.reasoning_parser): a
+    structured-output constraint holds after the reasoning, which stays free. ``opened``: the
+    prompt opened the reasoning (the chat template ends with the start marker); otherwise the
+    model's first token may open it (the start marker, besides what the grammar allows)."""
+
+    start: int
+    end: int
+    opened: bool = False
+
+    def validate(self) -> None:
+        ids = (self.start, self.end)
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids) or self.start == self.end:
+            raise InvalidRequestError("reasoning markers must be two different token ids >= 0", "reasoning")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
@@ -129,6 +146,9 @@ class SamplingParams:
     # the prefill worker's first one included, keeps the output inside this grammar; the output
     # ends ("stop") when the grammar is complete and the model chose EOS
     structured: StructuredOutput | None = None
+    # with ``structured``: the constraint starts after the model's reasoning (set by the endpoint
+    # when server.reasoning_parser is on and the tokenizer has the markers as tokens of their own)
+    reasoning: ReasoningMarkers | None = None
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -187,6 +207,10 @@ class SamplingParams:
             self.structured.validate()
             if self.min_tokens:  # the grammar may allow nothing but EOS before min_tokens
                 raise InvalidRequestError("min_tokens cannot be combined with structured output", "min_tokens")
+        if self.reasoning is not None:
+            if not isinstance(self.reasoning, ReasoningMarkers):
+                raise InvalidRequestError("reasoning must be ReasoningMarkers", "reasoning")
+            self.reasoning.validate()
         if not isinstance(self.output_position_offset, int) or self.output_position_offset < 0:
             raise InvalidRequestError(f"output_position_offset must be an integer >= 0, got "
                                       f"{self.output_position_offset!r}", "output_position_offset")

@@ -44,3 +44,23 @@ def test_any_streamed_pieces_give_the_same_split(case, want):
 def test_opened_by_prompt():
     assert opened_by_prompt("<|im_start|>assistant\n<think>\n")
     assert not opened_by_prompt("<|im_start|>assistant\n") and not opened_by_prompt("<think>x</think>")
+
+
+def test_a_constraint_holds_after_the_reasoning_where_the_tokenizer_has_the_markers(tiny_checkpoint):
+    """marker_ids: <think> / </think> as tokens of their own, else None (the constraint then covers
+    the whole output); constraint_markers: opened after a template that ends with <think>, none
+    after one that closed the reasoning (thinking off), else the first token may open it."""
+    from transformers import AutoTokenizer
+
+    from router.reasoning import constraint_markers, marker_ids
+    from workers.protocol import ReasoningMarkers
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint("llama"))
+    assert marker_ids(tokenizer) is None  # the tiny BPE splits them
+    tokenizer.add_tokens(["<think>", "</think>"], special_tokens=True)
+    start, end = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    assert marker_ids(tokenizer) == (start, end)
+    assert constraint_markers((start, end), "<|assistant|>\n<think>\n") == ReasoningMarkers(start, end, opened=True)
+    assert constraint_markers((start, end), "<|assistant|>\n") == ReasoningMarkers(start, end, opened=False)
+    assert constraint_markers((start, end), "<think>\n\n</think>\n\n") is None
+    assert constraint_markers(None, "<|assistant|>\n<think>\n") is None

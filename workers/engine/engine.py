@@ -53,7 +53,7 @@ from workers.engine.sampler import Sampler
 from workers.engine.scheduler import Scheduler
 from workers.engine.split_points import SplitPoints
 from workers.engine.step_inputs import StepInputs
-from workers.engine.structured_output import Grammars, fill_bitmasks, token_bitmask
+from workers.engine.structured_output import GrammarState, Grammars, fill_bitmasks, token_bitmask
 from workers.protocol import FinishReason, InvalidRequestError, KVEvent, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -364,9 +364,10 @@ class Engine(SplitPoints):
             if self.grammars is None:
                 raise InvalidRequestError("structured output needs a tokenizer; this model has none",
                                           sampling.structured.param)
-            # a resumed request (migration) replays the output it already has (the prompt's tail)
+            # a resumed request (migration, import) replays the output it already has (the prompt's tail)
             offset = sampling.output_position_offset
-            req.grammar = self.grammars.matcher(sampling.structured, prompt[len(prompt) - offset:] if offset else ())
+            req.grammar = GrammarState(self.grammars.matcher(sampling.structured), sampling.reasoning).resume(
+                prompt[len(prompt) - offset:] if offset else (), sampling.structured.param)
         return req
 
     def _publish_blocks(self, req: Request) -> None:

@@ -58,8 +58,8 @@ class Request:
         # SamplingParams.prompt_logprobs: collected while the prompt is computed, until its first
         # delta takes them (then None). While set, the prompt gets no prefix-cache hit (scheduler)
         self.prompt_logprobs: PromptLogprobs | None = None
-        # SamplingParams.structured: an xgrammar GrammarMatcher past every output token the host
-        # knows (Engine._new_request, _append_token); None without a grammar
+        # SamplingParams.structured: a GrammarState (its xgrammar matcher, after any reasoning)
+        # past every output token the host knows (Engine._new_request, _append_token); None without
         self.grammar = None
         self.allowed_mask = None  # SamplingParams.allowed_token_ids as a token bitmask (Engine._new_request)
         if sampling.prompt_logprobs is not None:

@@ -6,6 +6,9 @@ that says, before each sampled token, which tokens keep the output inside the gr
                                checks a request with (a bad schema/regex/grammar is a 400)
     Grammars(tokenizer, ...)   an engine's compiler: matcher(spec) -> a GrammarMatcher for one
                                request; compiled grammars cached by spec
+    GrammarState(matcher, reasoning)
+                               a request's matcher after the reasoning it leaves free (a reasoning
+                               model's <think> ... </think> before a constrained answer)
     fill_bitmasks(rows, vocab_size)
                                the next-token bitmask of each row (its matcher's next tokens, and
                                only those of its allowed_token_ids; all set for a free row),
@@ -121,31 +124,83 @@ class Grammars:
                 self._compiled.popitem(last=False)
         return compiled
 
-    def matcher(self, spec: StructuredOutput, output_so_far=()):
-        """A matcher for one request, past the output tokens it already has (a resumed request);
-        InvalidRequestError if they do not follow the grammar."""
-        m = _xgrammar().GrammarMatcher(self.compile(spec))
-        for t in output_so_far:
-            if not m.accept_token(int(t)):
-                raise InvalidRequestError("the output tokens this request resumes with do not follow its "
-                                          "structured-output grammar", spec.param)
-        return m
+    def matcher(self, spec: StructuredOutput):
+        """A fresh matcher of the spec's grammar (one request's)."""
+        return _xgrammar().GrammarMatcher(self.compile(spec))
+
+
+class GrammarState:
+    """One request's grammar matcher, after the reasoning it leaves free (ReasoningMarkers):
+
+        phase None        the grammar holds: each token goes through the matcher
+        phase "thinking"  free tokens until the end marker; the grammar holds from the next token
+        phase "maybe"     the first output token: the start marker (-> thinking) or what the
+                          grammar allows (-> None)
+
+    ``accept_token`` / ``is_terminated`` as the matcher's; ``mask_parts()`` what fill_bitmasks
+    needs."""
+
+    __slots__ = ("matcher", "phase", "start", "end")
+
+    def __init__(self, matcher, reasoning=None):
+        self.matcher = matcher
+        self.phase = None if reasoning is None else ("thinking" if reasoning.opened else "maybe")
+        self.start, self.end = (reasoning.start, reasoning.end) if reasoning is not None else (None, None)
+
+    def accept_token(self, token: int) -> bool:
+        if self.phase == "thinking":
+            if token == self.end:
+                self.phase = None
+            return True
+        if self.phase == "maybe":
+            if token == self.start:
+                self.phase = "thinking"
+                return True
+            self.phase = None
+        return self.matcher.accept_token(token)
+
+    def is_terminated(self) -> bool:
+        return self.phase is None and self.matcher.is_terminated()
+
+    def resume(self, output_so_far, param: str) -> GrammarState:
+        """Past the output tokens a resumed request already has (a migration, an import);
+        InvalidRequestError (``param``: the request field) if they do not follow the grammar."""
+        if not all(self.accept_token(int(t)) for t in output_so_far):
+            raise InvalidRequestError("the output tokens this request resumes with do not follow its "
+                                      "structured-output grammar", param)
+        return self
+
+    def mask_parts(self):
+        """(matcher whose next tokens are allowed, or None: any token; one more allowed token or None)."""
+        if self.phase == "thinking":
+            return None, None
+        return self.matcher, (self.start if self.phase == "maybe" else None)
 
 
 def fill_bitmasks(rows, vocab_size: int, pin: bool = False) -> torch.Tensor:
     """int32 [len(rows), ceil(vocab_size / 32)] on the CPU (in pinned memory with ``pin``: its
     upload to a GPU copies it once, not twice): bit j of row i set = token j allowed
-    next. Each row is (grammar matcher or None, static token bitmask or None): the matcher's next
-    tokens, and only those of the static mask (allowed_token_ids). One matcher after another: on
+    next. Each row is (GrammarState or None, static token bitmask or None): the tokens its
+    grammar allows next (GrammarState.mask_parts), and only those of the static mask
+    (allowed_token_ids). One matcher after another: on
     an H200 host (16 cores) xgrammar's BatchGrammarMatcher on 8 threads took 2.2 ms a step for 32
     JSON-schema matchers against 1.4 ms one by one, and Python threads gain nothing either."""
     mask = torch.full((len(rows), -(-vocab_size // 32)), -1, dtype=torch.int32, pin_memory=pin)
-    for i, (matcher, static) in enumerate(rows):
-        if matcher is not None:
-            matcher.fill_next_token_bitmask(mask, i)
+    for i, (grammar, static) in enumerate(rows):
+        if grammar is not None:
+            matcher, extra = grammar.mask_parts()
+            if matcher is not None:
+                matcher.fill_next_token_bitmask(mask, i)
+            if extra is not None and extra < vocab_size:
+                mask[i, extra // 32] |= _bit(extra % 32)
         if static is not None:
             mask[i] &= static
     return mask
+
+
+def _bit(j: int) -> int:
+    """Bit j of an int32 word, as a (signed) Python int."""
+    return -(1 << 31) if j == 31 else 1 << j
 
 
 def token_bitmask(token_ids, vocab_size: int) -> torch.Tensor:

@@ -3,7 +3,9 @@ follows its grammar and ends with "stop" once complete (greedy and seeded); gram
 batch with free ones, whose outputs stay generate's; prefill on engine A + import into engine B
 equals colocated (the prefill side's first token is masked too); a resumed request (migration:
 its output so far as the prompt's tail) continues token for token; bad specs and resumed tokens
-that break the grammar are InvalidRequestError. No block is left in use. Both scheduling modes."""
+that break the grammar are InvalidRequestError; a reasoning model's thinking before the answer
+stays free (SamplingParams.reasoning: the grammar holds after the end marker). No block is left in
+use. Both scheduling modes."""
 
 import dataclasses
 import json
@@ -11,10 +13,11 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from tests.workers.engine.helpers import GREEDY, assert_all_blocks_free, collect, drain, hf_greedy, make_engine
 from tests.workers.engine.test_split import prefill, transfer
-from workers.protocol import FinishReason, InvalidRequestError, SamplingParams, StructuredOutput
+from workers.protocol import FinishReason, InvalidRequestError, ReasoningMarkers, SamplingParams, StructuredOutput
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
                                            "tag": {"enum": ["red", "green"]}, "ok": {"type": "boolean"}},
@@ -206,3 +209,84 @@ def test_grammar_steps_stay_in_flight_and_equal_the_synchronous_engine(model_dir
     assert got[True]["stop"][1] == FinishReason.STOP and len({tuple(t) for t, *_ in got[True].values()}) > 8
     assert overlapped[False] == 0 and overlapped[True] > 20, overlapped
 
+
+
+# -- a reasoning model's thinking before a constrained answer (SamplingParams.reasoning) -------------
+S, E = 300, 301  # stand-ins for <think> / </think>: two tokens of the tiny vocabulary
+
+
+def thinking(kind: str, opened: bool, **kw) -> SamplingParams:
+    return constrained(kind, reasoning=ReasoningMarkers(S, E, opened=opened), **kw)
+
+
+def split_at_end(tokens: list[int]) -> tuple[list[int], list[int]]:
+    i = tokens.index(E)
+    return tokens[:i], tokens[i + 1:]
+
+
+def test_the_reasoning_stays_free_and_the_grammar_holds_after_it(model_dir):
+    """Prompt opened the reasoning: free tokens up to the end marker (the tiny model is pushed
+    towards it by a logit_bias), then the grammar holds to EOS; a resumed request (inside the
+    reasoning, and after it) and prefill on A + import into B continue token for token."""
+    engine = make_engine(model_dir)
+    sampling = thinking("regex", opened=True, temperature=1.0, seed=2, logit_bias=((E, 4.0),))
+    (tokens, finish, error), = collect(engine, {"r": (PROMPT, sampling)}).values()
+    thought, answer = split_at_end(tokens)
+    assert (finish, error) == (FinishReason.STOP, None) and len(thought) >= 2
+    m = engine.grammars.matcher(SPECS["regex"])
+    assert not all(m.accept_token(t) for t in thought)  # the reasoning was not held to the grammar
+    assert_follows(engine, "regex", answer)
+    for k in (1, len(thought) + 2):  # resumed inside the reasoning, then inside the answer
+        resumed = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - k, output_position_offset=k)
+        assert collect(engine, {f"again{k}": (PROMPT + tokens[:k], resumed)})[f"again{k}"] == (tokens[k:], finish,
+                                                                                                 None)
+    a, b = make_engine(model_dir, worker_id="A"), make_engine(model_dir, worker_id="B")
+    handle = prefill(a, [PROMPT], sampling)["r0"]
+    out = {"r0": list(transfer(a, b, handle, PROMPT, sampling).token_ids)}
+    drain(b, out)
+    assert out["r0"] == tokens
+    for e in (engine, a, b):
+        assert_all_blocks_free(e)
+
+
+def test_the_first_token_may_open_the_reasoning(model_dir):
+    """Prompt did not open it: the first token is the start marker or what the grammar allows.
+    Pushed towards both markers, the model opens, thinks, closes and answers under the grammar;
+    left alone, it answers under the grammar from its first token."""
+    engine = make_engine(model_dir)
+    got = collect(engine, {
+        "opens": (PROMPT, thinking("json_schema", opened=False, temperature=1.0, seed=1,
+                                   logit_bias=((S, 8.0), (E, 8.0)))),
+        "answers": (PROMPT, thinking("regex", opened=False))})
+    tokens, finish, _ = got["opens"]
+    thought, answer = split_at_end(tokens)
+    assert thought[0] == S and finish == FinishReason.STOP
+    assert_follows(engine, "json_schema", answer)
+    tokens, finish, _ = got["answers"]
+    assert S not in tokens[:1] and finish == FinishReason.STOP
+    assert_follows(engine, "regex", tokens)
+    assert_all_blocks_free(engine)
+
+
+def test_grammar_state_masks_and_phases(model_dir):
+    """GrammarState's rows for fill_bitmasks: the grammar's tokens plus the start marker first
+    (maybe), every token while thinking, the grammar's after the end marker."""
+    from workers.engine.structured_output import GrammarState, fill_bitmasks
+
+    engine = make_engine(model_dir)
+    vocab = engine.vocab_size
+    grammar_only = fill_bitmasks([(GrammarState(engine.grammars.matcher(SPECS["regex"])), None)], vocab)
+
+    def allowed(mask) -> set[int]:
+        bits = ((mask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).flatten()
+        return set(torch.nonzero(bits[:vocab]).flatten().tolist())
+
+    state = GrammarState(engine.grammars.matcher(SPECS["regex"]), ReasoningMarkers(S, E, opened=False))
+    assert allowed(fill_bitmasks([(state, None)], vocab)) == allowed(grammar_only) | {S}
+    assert state.accept_token(S) and state.phase == "thinking" and not state.is_terminated()
+    assert allowed(fill_bitmasks([(state, None)], vocab)) == set(range(vocab))
+    assert state.accept_token(S) and state.accept_token(E) and state.phase is None
+    assert allowed(fill_bitmasks([(state, None)], vocab)) == allowed(grammar_only)
+    digit = engine.tokenizer.convert_tokens_to_ids("7")
+    straight = GrammarState(engine.grammars.matcher(SPECS["regex"]), ReasoningMarkers(S, E, opened=False))
+    assert straight.accept_token(digit) and straight.phase is None and not straight.accept_token(S)
