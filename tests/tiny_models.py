@@ -25,7 +25,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 384):
+# a thinking model's template (DeepSeek-R1's habit): the generation prompt opens the reasoning
+THINK_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}",
+                                            "<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 384, think: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,7 +43,9 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 384):
     tok.train_from_iterator(_CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
+    if think:  # tokens of their own, but text (not special), as in Qwen3's and DeepSeek-R1's tokenizers
+        fast.add_tokens(["<think>", "</think>"])
+    fast.chat_template = THINK_CHAT_TEMPLATE if think else CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     return fast
 
@@ -61,15 +68,17 @@ def _config(family: str, vocab_size: int, eos_id: int):
     raise ValueError(family)
 
 
-def build_tiny_checkpoint(family: str, out_dir: str | os.PathLike, seed: int | None = None) -> Path:
-    """Save a seeded random model + tokenizer; returns the directory. Idempotent."""
+def build_tiny_checkpoint(family: str, out_dir: str | os.PathLike, seed: int | None = None,
+                          think: bool = False) -> Path:
+    """Save a seeded random model + tokenizer; returns the directory. Idempotent. ``think``: a
+    thinking model's tokenizer (<think> and </think> tokens, a template that opens the reasoning)."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out)
+    tok = build_tokenizer(out, think=think)
     seed = FAMILIES.index(family) if seed is None else seed
     torch.manual_seed(seed)
     cfg = _config(family, len(tok), tok.convert_tokens_to_ids("<|im_end|>"))
