@@ -245,19 +245,20 @@ class Engine(SplitPoints):
             req.pending_row = i
         return step
 
-    def _allowed_masks(self, sampled: list[Request]) -> torch.Tensor | None:
-        """int32 bitmask [len(sampled), words] on the host, or None when no row is constrained:
-        the tokens each row with a grammar or allowed_token_ids may take next, all bits set for
-        the others (workers/engine/structured_output.py). A request with a grammar has every
-        token on the host here (_launch resolved the step in flight first); one that finished
-        meanwhile (its token will be dropped) is left unmasked."""
+    def _allowed_masks(self, sampled: list[Request]) -> tuple[list[int], torch.Tensor] | None:
+        """(rows, int32 bitmask [len(rows), words] on the host) or None: the tokens each sampled
+        row with a grammar or allowed_token_ids may take next (workers/engine/structured_output.py).
+        A request with a grammar has every token on the host here (_launch resolved the step in
+        flight first); one that finished meanwhile (its token will be dropped) is left unmasked."""
         finished = RequestStatus.FINISHED
-        rows = [(r.grammar, r.allowed_mask) if r.status != finished else (None, None) for r in sampled]
-        if not any(g is not None or m is not None for g, m in rows):
+        rows = [i for i, r in enumerate(sampled)
+                if (r.grammar is not None or r.allowed_mask is not None) and r.status != finished]
+        if not rows:
             return None
-        if any(r.num_pending for r, (g, _) in zip(sampled, rows) if g is not None):
+        if any(sampled[i].num_pending for i in rows if sampled[i].grammar is not None):
             raise RuntimeError("internal: a grammar-constrained request has a pending token")
-        return fill_bitmasks(rows, self.vocab_size, pin=self.runner.device.type == "cuda")
+        return rows, fill_bitmasks([(sampled[i].grammar, sampled[i].allowed_mask) for i in rows], self.vocab_size,
+                                   pin=self.runner.device.type == "cuda")
 
     def _score_prompt_rows(self, inputs: StepInputs, hidden) -> None:
         """Queue the prompt logprobs of the step's prompt rows (hidden: their final hidden states)

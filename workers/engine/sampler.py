@@ -77,16 +77,19 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
                penalties: PenaltyRows | None = None, banned: list[tuple[int, int]] | None = None,
-               allowed: torch.Tensor | None = None) -> DeviceSample:
+               allowed: tuple[list[int], torch.Tensor] | None = None) -> DeviceSample:
         """Queue the sampling of every row; no host sync (see ``DeviceSample``). ``penalties``: the
         batch's penalised rows (TokenCounts.rows), None when it has none; their chosen tokens are
         counted on the device before this returns. ``banned``: (row, token) pairs that row must not
-        choose (min_tokens: EOS and stop tokens), first of all; ``allowed``: int32 bitmask [rows,
-        words] on the host, the only tokens each row may choose (structured output's grammars,
-        allowed_token_ids; all bits set for a free row), as first; logprobs stay the model's."""
+        choose (min_tokens: EOS and stop tokens), first of all; ``allowed``: (rows, int32 bitmask
+        [len(rows), words] on the host), the only tokens those rows may choose (structured output's
+        grammars, allowed_token_ids), as first; logprobs stay the model's."""
         logits = raw = logits.float()
         if allowed is not None:
-            logits = apply_bitmask(logits, upload(allowed, torch.int32, logits.device))
+            rows, bitmask = allowed
+            bitmask = upload(bitmask, torch.int32, logits.device)
+            logits = apply_bitmask(logits, bitmask, None if len(rows) == len(params) else
+                                   upload(rows, torch.int64, logits.device))
         if banned:
             rows, tokens = upload(list(zip(*banned)), torch.int64, logits.device)
             logits = logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=logits.device))

@@ -10,11 +10,10 @@ that says, before each sampled token, which tokens keep the output inside the gr
                                a request's matcher after the reasoning it leaves free (a reasoning
                                model's <think> ... </think> before a constrained answer)
     fill_bitmasks(rows, vocab_size)
-                               the next-token bitmask of each row (its matcher's next tokens, and
-                               only those of its allowed_token_ids; all set for a free row),
-                               int32 [n, ceil(vocab / 32)]
-    apply_bitmask(logits, bitmask)
-                               every row's disallowed tokens at -inf (out of place)
+                               the next-token bitmask of each row (its grammar's next tokens, and
+                               only those of its allowed_token_ids), int32 [n, ceil(vocab / 32)]
+    apply_bitmask(logits, bitmask, rows)
+                               those rows' disallowed tokens at -inf (out of place)
 
 A matcher's state is the request's output so far: it accepts each token as the engine appends it,
 and a request resumed elsewhere (imported after a remote prefill, migrated) replays the tokens it
@@ -214,10 +213,12 @@ def token_bitmask(token_ids, vocab_size: int) -> torch.Tensor:
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """logits [n, vocab] with every token its row of ``bitmask`` (int32 [n, words], on the
-    device) does not allow at -inf; a new tensor (the model's own logits stay for the logprobs).
-    One masked_fill over the whole batch (a free row's mask is all set)."""
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [n, vocab] with every token that ``bitmask`` (int32 [len(rows), words], on the
+    device) does not allow at -inf in its row (``rows``: int64 row indices on the device; None:
+    every row, in order); a new tensor (the model's own logits stay for the logprobs). Only the
+    constrained rows are unpacked (a word is 32 tokens: the unpacked mask of a batch of 256 rows over
+    a 128k vocabulary would be 131 MB of int32)."""
     shifts = _SHIFTS.get(logits.device)
     if shifts is None:
         shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
@@ -225,4 +226,7 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
     if allowed.shape[1] < vocab:  # tokens past the grammar's vocabulary: never allowed
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
-    return logits.masked_fill(~allowed[:, :vocab], float("-inf"))
+    if rows is None:
+        return logits.masked_fill(~allowed[:, :vocab], float("-inf"))
+    sub = logits.index_select(0, rows).masked_fill(~allowed[:, :vocab], float("-inf"))
+    return logits.index_copy(0, rows, sub)
