@@ -249,10 +249,11 @@ class Engine(SplitPoints):
         """(rows, int32 bitmask [len(rows), words] on the host) or None: the tokens each sampled
         row with a grammar or allowed_token_ids may take next (workers/engine/structured_output.py).
         A request with a grammar has every token on the host here (_launch resolved the step in
-        flight first); one that finished meanwhile (its token will be dropped) is left unmasked."""
+        flight first); one that finished meanwhile (its token will be dropped) or that is still
+        thinking (GrammarState: free until </think>) is left unmasked."""
         finished = RequestStatus.FINISHED
-        rows = [i for i, r in enumerate(sampled)
-                if (r.grammar is not None or r.allowed_mask is not None) and r.status != finished]
+        rows = [i for i, r in enumerate(sampled) if r.status != finished and (
+                r.allowed_mask is not None or (r.grammar is not None and r.grammar.phase != "thinking"))]
         if not rows:
             return None
         if any(sampled[i].num_pending for i in rows if sampled[i].grammar is not None):
