@@ -290,3 +290,24 @@ def test_grammar_state_masks_and_phases(model_dir):
     digit = engine.tokenizer.convert_tokens_to_ids("7")
     straight = GrammarState(engine.grammars.matcher(SPECS["regex"]), ReasoningMarkers(S, E, opened=False))
     assert straight.accept_token(digit) and straight.phase is None and not straight.accept_token(S)
+
+
+def test_constrained_requests_survive_preemption_in_both_modes(model_dir):
+    """12 blocks of 4 tokens for five constrained requests (greedy and seeded, one thinking
+    first): preempted requests recompute their KV with their grammar state kept; async ==
+    sync == unpressured, and every output follows its grammar."""
+    prompts = [PROMPT[i:] + PROMPT[:i] for i in range(5)]
+    requests = {f"r{i}": (p, constrained("regex" if i % 2 else "choice", max_tokens=30,
+                                         **({"temperature": 1.0, "seed": i} if i % 3 else {})))
+                for i, p in enumerate(prompts)}
+    requests["thinking"] = (PROMPT, thinking("regex", opened=True, temperature=1.0, seed=2, logit_bias=((E, 4.0),)))
+    want = collect(make_engine(model_dir, async_scheduling=False), requests)
+    for mode in (False, True):
+        engine = make_engine(model_dir, async_scheduling=mode, num_kv_blocks=12, blocks_per_segment=4, max_num_seqs=5)
+        assert collect(engine, requests) == want
+        assert engine.stats().num_preemptions > 0
+        assert_all_blocks_free(engine)
+    for rid, (tokens, finish, error) in want.items():
+        kind = "choice" if rid in ("r0", "r2", "r4") else "regex"
+        assert error is None and finish == FinishReason.STOP, rid
+        assert_follows(engine, kind, split_at_end(tokens)[1] if rid == "thinking" else tokens)
