@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.model_shapes import checkpoint  # noqa: E402
-from workers.engine import engine as engine_module  # noqa: E402
+from workers.engine import sampling_constraints  # noqa: E402
 from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.structured_output import GrammarState  # noqa: E402
@@ -95,7 +95,7 @@ def main() -> None:
     engine.grammars.compile(spec)
     compile_s = time.perf_counter() - t0
     fills = []
-    fill = engine_module.fill_bitmasks
+    fill = sampling_constraints.fill_bitmasks
 
     def timed_fill(rows, vocab_size, **kw):
         t = time.perf_counter()
@@ -103,7 +103,7 @@ def main() -> None:
         fills.append(time.perf_counter() - t)
         return out
 
-    engine_module.fill_bitmasks = timed_fill
+    sampling_constraints.fill_bitmasks = timed_fill
     free = SamplingParams(max_tokens=args.out_len, temperature=0, ignore_eos=True)
     constrained = SamplingParams(max_tokens=args.out_len, temperature=0, ignore_eos=True, structured=spec)
     g = torch.Generator().manual_seed(0)

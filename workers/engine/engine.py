@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from kv_transfer.layout import KVLayout, dtype_name
 from workers.engine.attention import TokenFill
 from workers.engine.block_pool import BlockPool, NoFreeBlocks
@@ -52,8 +50,9 @@ from workers.engine.resizer import SegmentResizer
 from workers.engine.sampler import Sampler
 from workers.engine.scheduler import Scheduler
 from workers.engine.split_points import SplitPoints
+from workers.engine.sampling_constraints import allowed_masks, min_tokens_bans
 from workers.engine.step_inputs import StepInputs
-from workers.engine.structured_output import GrammarState, Grammars, fill_bitmasks, token_bitmask
+from workers.engine.structured_output import GrammarState, Grammars, token_bitmask
 from workers.protocol import FinishReason, InvalidRequestError, KVEvent, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -234,9 +233,10 @@ class Engine(SplitPoints):
             # the output index of the token sampled now counts a pending one (seeded sampling); so
             # do the penalties' token counts, kept on the device (workers/engine/penalties.py)
             positions = [len(r.output_token_ids) + r.num_pending for r in sampled]
-            sample = self.sampler.sample(logits, [r.sampling for r in sampled], positions,
-                                         self.token_counts.rows(sampled), self._min_tokens_bans(sampled, positions),
-                                         self._allowed_masks(sampled))
+            sample = self.sampler.sample(
+                logits, [r.sampling for r in sampled], positions, self.token_counts.rows(sampled),
+                min_tokens_bans(sampled, positions, self.runner.eos_token_ids, self.vocab_size),
+                allowed_masks(sampled, self.vocab_size, pin=self.runner.device.type == "cuda"))
             step.sample, step.mark = sample, sample.mark
         else:
             step.mark = DeviceMark(self.runner.device)
@@ -244,22 +244,6 @@ class Engine(SplitPoints):
             req.num_pending += 1
             req.pending_row = i
         return step
-
-    def _allowed_masks(self, sampled: list[Request]) -> tuple[list[int], torch.Tensor] | None:
-        """(rows, int32 bitmask [len(rows), words] on the host) or None: the tokens each sampled
-        row with a grammar or allowed_token_ids may take next (workers/engine/structured_output.py).
-        A request with a grammar has every token on the host here (_launch resolved the step in
-        flight first); one that finished meanwhile (its token will be dropped) or that is still
-        thinking (GrammarState: free until </think>) is left unmasked."""
-        finished = RequestStatus.FINISHED
-        rows = [i for i, r in enumerate(sampled) if r.status != finished and (
-                r.allowed_mask is not None or (r.grammar is not None and r.grammar.phase != "thinking"))]
-        if not rows:
-            return None
-        if any(sampled[i].num_pending for i in rows if sampled[i].grammar is not None):
-            raise RuntimeError("internal: a grammar-constrained request has a pending token")
-        return rows, fill_bitmasks([(sampled[i].grammar, sampled[i].allowed_mask) for i in rows], self.vocab_size,
-                                   pin=self.runner.device.type == "cuda")
 
     def _score_prompt_rows(self, inputs: StepInputs, hidden) -> None:
         """Queue the prompt logprobs of the step's prompt rows (hidden: their final hidden states)
@@ -390,19 +374,6 @@ class Engine(SplitPoints):
         req.status = RequestStatus.FINISHED
         req.finish_reason = FinishReason.ERROR
         return self._delta(req, (), None, None, FinishReason.ERROR, error=error)
-
-    def _min_tokens_bans(self, sampled: list[Request], positions: list[int]) -> list[tuple[int, int]] | None:
-        """(row, token) pairs the sampler must not choose now: EOS (unless ignore_eos) and the
-        stop_token_ids of each request that has fewer than min_tokens output tokens (positions[i]:
-        row i's output index, a pending token counted; after a migration, plus those generated
-        before it). None when none has."""
-        bans = None
-        for i, (r, position) in enumerate(zip(sampled, positions)):
-            sp = r.sampling
-            if sp.min_tokens and sp.output_position_offset + position < sp.min_tokens:
-                stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.runner.eos_token_ids)
-                bans = (bans or []) + [(i, t) for t in sorted(stops) if t < self.vocab_size]
-        return bans
 
     def _next_is_last_by_length(self, req: Request) -> bool:
         """The request's next output token (the host's count) reaches max_tokens or the context."""
