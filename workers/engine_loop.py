@@ -160,6 +160,8 @@ class EngineLoop:
                         if out.handles:
                             self.hops.add("engine.handle_step", done - t0)  # the step that finished a prefill
                     self._dispatch(out.deltas, out.handles, done)
+                elif self.engine.reap_retired_segments():  # idle: a shrink finishes without a next step
+                    self._publish()
                 self._events.extend(self.engine.take_kv_events())
         except BaseException as e:  # the engine is broken: fail every waiter loudly
             log.exception("engine thread died")

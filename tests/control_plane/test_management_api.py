@@ -112,12 +112,13 @@ def test_scale_up_workers_register_and_take_traffic(cluster, admin, oai):
             break
     assert {"decode-1", "decode-2"} & seen, seen
     # the KV resizer keeps the node in its budget now that 4 workers share it
-    def in_budget():
+    def in_budget():  # the workers' allocations and a resizer round that planned all four
         kv = [w["kv"] for w in admin.get("/cluster/workers").json()["workers"] if w["kv"]]
-        return len(kv) == 4 and sum(k["num_blocks"] for k in kv) <= BLOCK_BUDGET
-    eventually(in_budget, 60, what=f"the node's KV allocation within {BLOCK_BUDGET} blocks")
-    node = admin.get("/cluster/kv-quota").json()["resizer"]["nodes"][0]
-    assert node["budget_blocks"] == BLOCK_BUDGET and len(node["targets"]) == 4
+        nodes = admin.get("/cluster/kv-quota").json()["resizer"]["nodes"]
+        return (len(kv) == 4 and sum(k["num_blocks"] for k in kv) <= BLOCK_BUDGET and nodes
+                and len(nodes[0]["targets"]) == 4 and nodes[0])
+    node = eventually(in_budget, 60, what=f"the node's KV allocation within {BLOCK_BUDGET} blocks, planned for 4")
+    assert node["budget_blocks"] == BLOCK_BUDGET
 
 
 def test_drain_lets_the_stream_through_it_finish_then_the_worker_leaves(cluster, admin, oai):

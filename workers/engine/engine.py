@@ -172,7 +172,7 @@ class Engine(SplitPoints):
         blocks are freed when the stop is seen."""
         out = StepOutput([], [])
         prev, self._in_flight = self._in_flight, None
-        self.resizer.reap(before_free=self._launched.wait_all)  # a queued step may still write a segment
+        self.reap_retired_segments()
         if prev is not None:
             self._retire_length_finished(prev)
         batch = self.scheduler.schedule()
@@ -297,6 +297,13 @@ class Engine(SplitPoints):
                 req.retired = True
 
     # -- KV quota ------------------------------------------------------------------------------
+    def reap_retired_segments(self) -> bool:
+        """Return the memory of shrunk-away segments whose last block is free now; True if any
+        went. step() does it first; an idle engine's owner calls it too (EngineLoop), since the
+        blocks freed by the last step or by a command (a released KV handle) would otherwise keep
+        their segment until the next request."""
+        return self.resizer.reap(before_free=self._launched.wait_all)  # a queued step may still write a segment
+
     def resize(self, num_blocks: int):
         """Set the KV quota (rounded up to whole segments). Growing is immediate; shrinking evicts
         free cached blocks, never touches a block in use, and finishes as in-use blocks free up.

@@ -65,9 +65,11 @@ class SegmentResizer:
         self.reap(before_free)
         return self.result()
 
-    def reap(self, before_free=None) -> None:
-        """Return the memory of retiring segments whose blocks are all free. before_free() is
-        called once before the first segment goes (the engine waits there for queued steps)."""
+    def reap(self, before_free=None) -> bool:
+        """Return the memory of retiring segments whose blocks are all free; True if any went.
+        before_free() is called once before the first segment goes (the engine waits there for
+        queued steps)."""
+        returned = False
         for index in sorted(self.retiring):
             ids = list(self.kv_cache.block_ids_of(index))
             if all(self.pool.is_retired(b) for b in ids):
@@ -77,6 +79,8 @@ class SegmentResizer:
                 self.pool.drop_blocks(ids)
                 self.kv_cache.remove_segment(index)
                 self.retiring.discard(index)
+                returned = True
+        return returned
 
     def result(self) -> ResizeResult:
         total = self.kv_cache.num_blocks
