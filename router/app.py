@@ -274,10 +274,9 @@ class OpenAIIngress:
               responses={**_ERRORS, 200: {"content": _SSE}})
     async def chat_completions(self, body: ChatCompletionRequest):
         self._check_model(body.model)
-        tools, prompt, sampling = self._chat_request(body)
+        tools, prompt, sampling, reasoning = self._chat_request(body)
         subs = self._fanout(body.n, [(prompt, sampling)])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        reasoning = self._reasoning_opened(prompt)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             streams = [fmt.AnswerStream(tools, reasoning) for _ in subs]
@@ -302,10 +301,10 @@ class OpenAIIngress:
     async def responses(self, body: ResponsesRequest):
         """OpenAI's Responses API, stateless, on the chat path (router/responses_api.py)."""
         self._check_model(body.model)
-        tools, prompt, sampling = self._chat_request(body.to_chat())
+        tools, prompt, sampling, reasoning = self._chat_request(body.to_chat())
         (sub,) = self._fanout(1, [(prompt, sampling)])
         rid = f"resp_{uuid.uuid4().hex}"
-        builder = ResponseBuilder(rid, self.model_name, body, tools, self._reasoning_opened(prompt))
+        builder = ResponseBuilder(rid, self.model_name, body, tools, reasoning)
         if not body.stream:
             (acc,) = await self._collect(rid, [sub], None)
             return builder.finished(acc)
@@ -316,24 +315,21 @@ class OpenAIIngress:
         return StreamingResponse(events, media_type="text/event-stream")
 
     # -- internals -----------------------------------------------------------------------------
-    def _chat_request(self, body: ChatCompletionRequest) -> tuple[ToolPlan, list[int], SamplingParams]:
-        """A chat request's tool plan, prompt ids (the template's, tools included) and sampling."""
+    def _chat_request(self, body: ChatCompletionRequest) -> tuple[ToolPlan, list[int], SamplingParams, bool | None]:
+        """A chat request's tool plan, prompt ids (the template's, tools included), sampling, and
+        whether the template opened the model's reasoning (None without server.reasoning_parser;
+        router/reasoning.py). With a reasoning parser a constraint holds after the reasoning."""
         tools = ToolPlan.of(body, self.config.server.tool_call_parser)
         prompt = truncated(chat_prompt(self.tokenizer, body, tools.template_tools), body)
         sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits,
                                    default_max_tokens=None, tool_constraint=tools.constraint)
-        if sampling.structured is not None and self.config.server.reasoning_parser is not None:
-            markers = constraint_markers(self._think_ids, self.tokenizer.decode(prompt[-8:]))
-            if markers is not None:  # the grammar holds on the answer, after the reasoning
-                sampling = dataclasses.replace(sampling, reasoning=markers)
-        return tools, prompt, sampling
-
-    def _reasoning_opened(self, prompt: list[int]) -> bool | None:
-        """None without server.reasoning_parser; else whether the chat template opened the model's
-        reasoning at the end of the prompt (router/reasoning.py)."""
         if self.config.server.reasoning_parser is None:
-            return None
-        return opened_by_prompt(self.tokenizer.decode(prompt[-8:]))
+            return tools, prompt, sampling, None
+        tail = self.tokenizer.decode(prompt[-8:])
+        markers = constraint_markers(self._think_ids, tail) if sampling.structured is not None else None
+        if markers is not None:  # the grammar holds on the answer, after the reasoning
+            sampling = dataclasses.replace(sampling, reasoning=markers)
+        return tools, prompt, sampling, opened_by_prompt(tail)
 
     def _check_model(self, model: str) -> None:
         if model != self.model_name:

@@ -41,10 +41,9 @@ def constraint_markers(ids: tuple[int, int] | None, prompt_tail: str) -> Reasoni
     with thinking off ends with </think>) or the tokenizer has no marker tokens (``ids`` None:
     the constraint then covers the whole output); else the markers, opened when the prompt ends
     with <think> (otherwise the model's first token may open it)."""
-    tail = prompt_tail.rstrip()
-    if ids is None or tail.endswith(END):
+    if ids is None or prompt_tail.rstrip().endswith(END):
         return None
-    return ReasoningMarkers(ids[0], ids[1], opened=tail.endswith(START))
+    return ReasoningMarkers(ids[0], ids[1], opened=opened_by_prompt(prompt_tail))
 
 
 def split(text: str, in_reasoning: bool) -> tuple[str | None, str]:

@@ -20,7 +20,7 @@ def allowed_masks(sampled: list[Request], vocab_size: int, pin: bool = False) ->
     unmasked."""
     finished = RequestStatus.FINISHED
     rows = [i for i, r in enumerate(sampled) if r.status != finished and (
-            r.allowed_mask is not None or (r.grammar is not None and r.grammar.phase != "thinking"))]
+            r.allowed_mask is not None or (r.grammar is not None and r.grammar.constrains))]
     if not rows:
         return None
     if any(sampled[i].num_pending for i in rows if sampled[i].grammar is not None):

@@ -169,9 +169,14 @@ class GrammarState:
                                       "structured-output grammar", param)
         return self
 
+    @property
+    def constrains(self) -> bool:
+        """Whether the next token is held to anything (not while thinking)."""
+        return self.phase != "thinking"
+
     def mask_parts(self):
         """(matcher whose next tokens are allowed, or None: any token; one more allowed token or None)."""
-        if self.phase == "thinking":
+        if not self.constrains:
             return None, None
         return self.matcher, (self.start if self.phase == "maybe" else None)
 
@@ -191,15 +196,10 @@ def fill_bitmasks(rows, vocab_size: int, pin: bool = False) -> torch.Tensor:
             if matcher is not None:
                 matcher.fill_next_token_bitmask(mask, i)
             if extra is not None and extra < vocab_size:
-                mask[i, extra // 32] |= _bit(extra % 32)
+                mask[i] |= token_bitmask((extra,), vocab_size)
         if static is not None:
             mask[i] &= static
     return mask
-
-
-def _bit(j: int) -> int:
-    """Bit j of an int32 word, as a (signed) Python int."""
-    return -(1 << 31) if j == 31 else 1 << j
 
 
 def token_bitmask(token_ids, vocab_size: int) -> torch.Tensor:
