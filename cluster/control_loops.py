@@ -51,6 +51,6 @@ def start_control_loops(manager: "ClusterManagerImpl") -> tuple["PoolKeeper | No
             return [QuotaWorker(w.worker_id, w.role, p, w.state == "draining") for w, p in await manager.probe_all()]
 
         kv_resizer = KVResizer(c.kv_quota, c.engine.blocks_per_segment, quota_workers, manager.kv_overrides,
-                               manager.resize_worker_kv)
+                               manager.resize_worker_kv, lock=manager.kv_quota_lock)
         kv_resizer.start()
     return pool_keeper, autoscaler, kv_resizer

@@ -19,6 +19,7 @@ Every kv_quota.interval_s, per node (workers grouped by the Ray node they run on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -95,16 +96,19 @@ def grow_grants(wants: Mapping[str, int], room_blocks: int, granularity: int) ->
 # -- the loop -----------------------------------------------------------------------------------
 class KVResizer(PeriodicLoop):
     """workers() -> the ready workers with fresh probes; overrides() -> {worker_id: num_blocks};
-    resize(worker_id, num_blocks) -> the worker's ResizeResult."""
+    resize(worker_id, num_blocks) -> the worker's ResizeResult. ``lock``: held for a whole round;
+    a manual quota change (the manager's set/clear) takes it too, so that no round plans on the
+    overrides it read before the change and undoes it."""
     loop_name = "pdserve-kv-resizer"
 
 
     def __init__(self, config: KVQuotaConfig, block_granularity: int,
                  workers: Callable[[], Awaitable[Sequence[QuotaWorker]]],
                  overrides: Callable[[], Awaitable[Mapping[str, int]]],
-                 resize: Callable[[str, int], Awaitable[object]]):
+                 resize: Callable[[str, int], Awaitable[object]], lock: asyncio.Lock | None = None):
         super().__init__(config.interval_s)  # config's thresholds are validated by KVQuotaConfig
         self.config = config
+        self.lock = lock or asyncio.Lock()
         self.granularity = block_granularity
         self._workers, self._overrides, self._resize = workers, overrides, resize
         self.nodes: dict[str, NodePlan] = {}
@@ -119,6 +123,10 @@ class KVResizer(PeriodicLoop):
         return None
 
     async def step(self) -> dict[str, NodePlan]:
+        async with self.lock:
+            return await self._round()
+
+    async def _round(self) -> dict[str, NodePlan]:
         workers = [w for w in await self._workers() if w.probe.ok and w.probe.block_bytes]
         overrides = dict(await self._overrides())
         by_node: dict[str, list[QuotaWorker]] = {}

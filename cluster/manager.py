@@ -95,6 +95,7 @@ class ClusterManagerImpl:
         self.registered_at: dict[str, float] = {}  # worker id -> when this manager saw it register
         self.autoscaler = None
         self.kv_resizer = None
+        self.kv_quota_lock = asyncio.Lock()  # a manual quota change vs a KV resizer round (KVResizer.lock)
         self.pool_keeper = None
         # the OpenAI endpoint (the autoscaler's latencies, the traffic view); set_endpoint_url
         # overrides it when the app is served under another route prefix
@@ -325,13 +326,15 @@ class ClusterManagerImpl:
         w = self._get(worker_id)
         if w.state not in ("ready", "draining"):
             raise WorkerStateConflict(f"worker {worker_id} is {w.state}; its KV quota can be set once it is ready")
-        await self.records.set_kv_override(worker_id, num_blocks)
-        return await w.actor.resize.remote(num_blocks)
+        async with self.kv_quota_lock:  # not in the middle of a resizer round that read the overrides before
+            await self.records.set_kv_override(worker_id, num_blocks)
+            return await w.actor.resize.remote(num_blocks)
 
     async def clear_kv_quota(self, worker_id: str) -> bool:
         """Hand the worker's quota back to the resizer. True if there was an override."""
         self._get(worker_id)
-        return await self.records.clear_kv_override(worker_id)
+        async with self.kv_quota_lock:
+            return await self.records.clear_kv_override(worker_id)
 
     async def resize_worker_kv(self, worker_id: str, num_blocks: int):
         """The KV resizer's resize (a worker's ResizeResult)."""

@@ -3,6 +3,8 @@ and rounds of the loop over in-process worker doubles that resize like the engin
 segments; blocks in use stay until freed): budget per node, shrink before grow, sticky overrides,
 draining workers left alone, memory pressure."""
 
+import asyncio
+
 import pytest
 from pydantic import ValidationError
 
@@ -139,6 +141,41 @@ async def test_overrides_are_sticky_and_come_off_the_budget():
     node.overrides.clear()  # DELETE /cluster/kv-quota/decode-0: the planner takes it back
     await r.step()
     assert "decode-0" in r.nodes["n1"].targets
+
+
+async def test_a_manual_quota_set_during_a_round_is_not_undone_by_it():
+    """PUT /cluster/kv-quota during a round that read the overrides before it: the manager's set
+    waits for the round (KVResizer.lock), so the round does not grow the worker back to its plan
+    (a live cluster showed the override's target 320 blocks instead of 64 right after the PUT)."""
+    a = Worker("decode-0", Role.DECODE, 128)
+    node = Node(a)
+    probing, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_list():  # the round's probes take a while
+        probing.set()
+        await release.wait()
+        return await node.list()
+
+    r = KVResizer(KVQuotaConfig(enabled=True, node_kv_budget_bytes=320 * BLOCK_BYTES, min_blocks_per_worker=BPS),
+                  BPS, slow_list, node.get_overrides, node.resize)
+
+    async def set_quota(n):  # what Manager.set_kv_quota does, under the same lock
+        async with r.lock:
+            node.overrides["decode-0"] = n
+            return await node.resize("decode-0", n)
+
+    round_ = asyncio.create_task(r.step())
+    await probing.wait()
+    manual = asyncio.create_task(set_quota(64))
+    await asyncio.sleep(0.01)
+    assert not manual.done()  # held while the round runs
+    release.set()
+    await round_
+    await manual
+    assert node.calls[0][2] > 128 and node.calls[-1][2] == 64  # the round's growth, then the override
+    assert a.target == 64
+    await r.step()
+    assert a.target == 64  # the next round sees the override
 
 
 async def test_draining_workers_are_left_alone_and_nodes_are_planned_apart():
