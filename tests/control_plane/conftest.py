@@ -53,6 +53,22 @@ def admin(cluster):
         yield c
 
 
+@pytest.fixture(autouse=True)
+def clear_kv_quota_overrides(request):
+    """After each test on the shared cluster, hands every worker's KV quota back to the resizer: an
+    override left by a test that failed midway would make the next module's resizer plan one worker
+    fewer. Tests that do not use the cluster do not start it."""
+    if "cluster" not in request.fixturenames:
+        yield
+        return
+    import ray
+
+    cluster, admin = request.getfixturevalue("cluster"), request.getfixturevalue("admin")
+    yield
+    for worker_id in ray.get(cluster.manager.kv_overrides.remote()):  # etcd, as the resizer reads them
+        admin.delete(f"/cluster/kv-quota/{worker_id}")  # a worker already gone had its override dropped
+
+
 @pytest.fixture(scope="package")
 def oai(cluster):
     return openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=120)
