@@ -66,6 +66,14 @@ class EngineConfig(BaseModel):
                            "but left the Llama-1B batch-1 graph at 1.40 ms (cuBLAS 1.39), and one "
                            "benchmarks/engine.py run with it hit an illegal memory access not reproduced since "
                            "(benchmarks/README.md).")
+    fused_decode: bool | Literal["auto"] = Field(
+        False, description="Decode steps of <= fused_decode_max_batch rows run as our own Triton kernels (norm + "
+                           "GEMV, RoPE, the paged attention, GEMV + residual, norm + gate|up GEMV + SiLU, down + "
+                           "residual; under programmatic dependent launch on sm_90+) instead of transformers' "
+                           "modules, in the decode CUDA graphs (workers/engine/fused_decode.py; Llama, Mistral, "
+                           "Qwen2, Qwen3; CUDA with cuda_graphs). true: an unsupported model is an error; 'auto': "
+                           "on where supported. Opt-in until measured in the engine (benchmarks/README.md).")
+    fused_decode_max_batch: int = Field(1, ge=1, le=8, description="Largest decode batch engine.fused_decode runs")
     async_scheduling: bool | Literal["auto"] = Field(
         "auto", description="Overlap the host's work for step n+1 (scheduling, staging) with the GPU running "
                             "step n: step n+1 is launched with its new input tokens read on the device from "

@@ -35,9 +35,12 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, backend, sizes: list[int], compile_model: bool = False,
-                 tune_batch1: bool = False):
+                 tune_batch1: bool = False, fused=None):
         self.model = model
         self.backend = backend
+        # engine.fused_decode (workers/engine/fused_decode.py): sizes up to fused.max_batch capture
+        # its kernels instead of the model's forward
+        self.fused = fused
         # compiled once with a symbolic batch size (batch 1 gets its own specialisation), then each
         # size is captured; the compiled code runs only inside captures and replays
         self.forward = torch.compile(self._forward, dynamic=True) if compile_model else self._forward
@@ -59,6 +62,12 @@ class DecodeGraphs:
                          pdserve_backend=self.backend)
         return out.logits[0].float()
 
+    def forward_for(self, size: int):
+        """What a graph of ``size`` rows captures: the fused decode step or the (compiled) model."""
+        if self.fused is not None and size <= self.fused.max_batch:
+            return self.fused
+        return self.forward
+
     def _tuning(self, size: int):
         """The inductor settings a size's compile runs under (size 1 is compiled at its first call,
         in the warm-up, as its own specialisation): coordinate-descent tuning for batch 1 with
@@ -79,11 +88,11 @@ class DecodeGraphs:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), self._tuning(size):  # warm-up: Triton compiles, cuBLAS picks its kernels
                 for _ in range(2):
-                    self.forward(ids, pos)
+                    self.forward_for(size)(ids, pos)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool), self._tuning(size):
-                logits = self.forward(ids, pos)
+                logits = self.forward_for(size)(ids, pos)
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.sizes, time.perf_counter() - t0)

@@ -194,8 +194,12 @@ class ModelRunner:
                 from workers.engine import gemv
 
                 self.gemv_choices = gemv.choose(self.model)
+            from workers.engine import fused_decode
+
+            fused = fused_decode.build(self.model, self.hf_config.model_type, self.backend,
+                                       min(cfg.fused_decode_max_batch, cfg.max_num_seqs), cfg.fused_decode)
             self.graphs = DecodeGraphs(self.model, self.backend, capture_sizes(cfg.max_num_seqs), cfg.compile_decode,
-                                       cfg.tune_batch1)
+                                       cfg.tune_batch1, fused)
             self.graphs.capture()
         if self.compiled_general and min(cfg.max_num_seqs, self.backend.max_tokens) >= 2:
             self.pad_general = True

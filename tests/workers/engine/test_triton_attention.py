@@ -15,6 +15,7 @@ DECODE_CASES = Path(__file__).with_name("triton_decode_cases.py")
 # engine cases run in each scheduling mode; kernel-only cases once (their ids end with "-once]")
 CASE_NAMES = ("test_engine_on_triton_backend_matches_generate", "test_padded_decode_steps_match_generate",
               "test_engine_with_gemv_projections_matches_generate", "test_padded_general_steps_match_generate")
+ASYNC_CASE_NAMES = ("test_engine_fused_decode_matches_generate",)  # run in the async mode only
 KERNEL_CASE_NAMES = ("test_kernels_match_torch_reference", "test_padded_decode_rows_write_nothing",
                      "test_gemv_matches_linear")
 DECODE_CASE_NAMES = ("test_split_decode_matches_reference", "test_split_decode_auto_splits_bf16",
@@ -84,7 +85,8 @@ def test_split_decode_kernel_under_the_interpreter(interpreter_runs):
 
 def test_triton_kernels_under_the_interpreter(scheduling, interpreter_runs):
     r = _interpret(interpreter_runs, "kernels")
-    for mode, names in [(m, CASE_NAMES) for m in scheduling.split(",")] + [("once", KERNEL_CASE_NAMES)]:
+    for mode, names in [(m, CASE_NAMES) for m in scheduling.split(",")] + [("once", KERNEL_CASE_NAMES),
+                                                                          ("async", ASYNC_CASE_NAMES)]:
         ran = {line.split("::", 1)[1].split("[", 1)[0] for line in r.stdout.splitlines()
                if "::" in line and (f"[{mode}" in line or f"-{mode}]" in line) and "PASSED" in line}
         assert ran >= set(names), (mode, ran, r.stdout[-3000:])

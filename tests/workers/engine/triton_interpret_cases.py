@@ -262,3 +262,36 @@ def test_padded_general_steps_match_generate(tiny_checkpoint):
     assert any(pad_to == 2 for _, pad_to, _ in calls)  # a 1-token step ran padded
     assert shapes and all(rows == wanted for rows, wanted in shapes)  # padding rows never reach the sampler
     assert_all_blocks_free(engine)
+
+
+@shallow_stack
+@pytest.mark.parametrize("scheduling", ["async"])  # one mode (~50 s of interpreter): the graphs' TokenFill path
+@pytest.mark.parametrize("family,fuse,max_batch", [("llama", True, 2), ("qwen3", False, 1), ("mistral", True, 1),
+                                                   ("qwen2", False, 2)])
+def test_engine_fused_decode_matches_generate(tiny_checkpoint, scheduling, family, fuse, max_batch):
+    """engine.fused_decode's kernels (workers/engine/fused_decode.py) for decode steps of up to
+    ``max_batch`` rows, run eagerly over the graphs' padded inputs as DecodeGraphs would capture
+    them (larger steps take the model's forward): generate's tokens for Llama (fused q|k|v and
+    gate|up), Qwen3 (q/k norms, separate projections), Mistral (sliding window) and Qwen2 (q|k|v
+    bias)."""
+    from workers.engine.cuda_graphs import DecodeGraphs
+    from workers.engine.fused_decode import FusedDecode, supported
+
+    class EagerPadded(DecodeGraphs):
+        def _replay(self, size, ids, pos):
+            return self.forward_for(size)(ids, pos)
+
+    model_dir = tiny_checkpoint(family)
+    engine = make_engine(model_dir, attention_backend="triton", max_num_seqs=3, blocks_per_segment=4,
+                         fuse_projections=fuse)
+    runner = engine.runner
+    assert supported(runner.model, family) is None
+    fused = FusedDecode(runner.model, runner.backend, max_batch=max_batch)
+    runner.graphs = EagerPadded(runner.model, runner.backend, [1, 2, 3], fused=fused)
+    want = {i: hf_greedy(model_dir, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS[:3])}
+    for group in ([0], [1, 2]):  # decode batches of 1 and 2
+        before = fused.num_calls
+        got = run_all(engine, [PROMPTS[i] for i in group])
+        assert got == {f"r{j}": want[i] for j, i in enumerate(group)}, group
+        assert (fused.num_calls > before) == (len(group) <= max_batch), group
+        assert_all_blocks_free(engine)

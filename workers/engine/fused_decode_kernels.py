@@ -1,0 +1,129 @@
+"""Triton kernels of the fused small-batch decode step (workers/engine/fused_decode.py), in a module
+of their own: Triton resolves a @jit function's callees from its module's globals.
+
+Each kernel may be launched with programmatic dependent launch (PDL=True, launch_pdl=True; sm_90+):
+it lets the next kernel launch at its start (griddepcontrol.launch_dependents) and reads nothing
+an earlier kernel wrote before griddepcontrol.wait. The GEMV loads its first weight chunk before
+that wait, so weights stream in while the previous kernel finishes. Without PDL both instructions
+are not emitted. Rounding follows transformers' eager modules: every op's result is rounded to the
+model's dtype where the module's would be (a no-op in fp32).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def _rms_scale(x_ptr, K: tl.constexpr, eps, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of one row of K values, in fp32."""
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        ss += xv * xv
+    return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+
+
+@triton.jit
+def _input_chunk(x_ptr, norm_ptr, cols, K, r, NORM: tl.constexpr):
+    """One chunk of the GEMV's input row: raw, or RMS-normalised as LlamaRMSNorm rounds it."""
+    xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+    if NORM:
+        dt = xv.dtype
+        xv = (xv.to(tl.float32) * r).to(dt)
+        xv = (xv.to(tl.float32) * tl.load(norm_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)).to(dt)
+    return xv.to(tl.float32)
+
+
+@triton.jit
+def fused_gemv_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, stride_ym, res_ptr, stride_rm,
+                      norm_ptr, N, eps, M: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    """For each of M rows: y[rows] = (res[rows] +) W[rows] . norm?(x) (+ b); with GLU,
+    y[rows] = silu(W[rows] . h + b) * (W2[rows] . h + b2). One program per BLOCK_N rows of W."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = rows.to(tl.int64)[:, None] * K
+    cols0 = tl.arange(0, BLOCK_K)
+    m0 = row_ok[:, None] & (cols0 < K)[None, :]
+    if PDL:
+        gdc_launch_dependents()
+    # the first chunk of weights depends on no earlier kernel: in flight before the wait
+    w_first = tl.load(w_ptr + w_rows + cols0[None, :], mask=m0, other=0.0)
+    if GLU:
+        w2_first = tl.load(w2_ptr + w_rows + cols0[None, :], mask=m0, other=0.0)
+    if PDL:
+        gdc_wait()
+    dt = w_first.dtype
+    for m in tl.static_range(M):
+        x_row = x_ptr + m * stride_xm
+        r = 1.0
+        if NORM:
+            r = _rms_scale(x_row, K, eps, BLOCK_K)
+        xv = _input_chunk(x_row, norm_ptr, cols0, K, r, NORM)
+        acc = tl.sum(w_first.to(tl.float32) * xv[None, :], axis=1)
+        if GLU:
+            acc2 = tl.sum(w2_first.to(tl.float32) * xv[None, :], axis=1)
+        for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
+            cols = k0 + cols0
+            mk = row_ok[:, None] & (cols < K)[None, :]
+            xv = _input_chunk(x_row, norm_ptr, cols, K, r, NORM)
+            acc += tl.sum(tl.load(w_ptr + w_rows + cols[None, :], mask=mk, other=0.0).to(tl.float32) * xv[None, :],
+                          axis=1)
+            if GLU:
+                acc2 += tl.sum(tl.load(w2_ptr + w_rows + cols[None, :], mask=mk, other=0.0).to(tl.float32)
+                               * xv[None, :], axis=1)
+        if HAS_BIAS:  # F.linear adds the bias before rounding its output
+            acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        out = acc.to(dt).to(tl.float32)
+        if GLU:
+            if HAS_BIAS:
+                acc2 += tl.load(b2_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            up = acc2.to(dt).to(tl.float32)
+            out = (out / (1.0 + tl.exp(-out))).to(dt).to(tl.float32) * up
+            out = out.to(dt).to(tl.float32)
+        if RESIDUAL:
+            out = (tl.load(res_ptr + m * stride_rm + rows, mask=row_ok, other=0.0).to(tl.float32) + out).to(dt)
+        tl.store(y_ptr + m * stride_ym + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def rope_kernel(qkv_ptr, stride_m, pos_ptr, cos_ptr, sin_ptr, stride_cos, qn_ptr, kn_ptr, eps, HQ, HALF: tl.constexpr,
+                HEAD_NORM: tl.constexpr, PDL: tl.constexpr):
+    """In place on q and k heads of one row (grid: rows, HQ + HKV): optional per-head RMSNorm
+    (Qwen3's q_norm / k_norm), then x * cos + rotate_half(x) * sin at the row's position."""
+    m = tl.program_id(0)
+    h = tl.program_id(1)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    half = tl.arange(0, HALF)
+    base = qkv_ptr + m * stride_m + h * 2 * HALF
+    x1 = tl.load(base + half)
+    x2 = tl.load(base + HALF + half)
+    dt = x1.dtype
+    if HEAD_NORM:
+        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+        r = tl.rsqrt((tl.sum(x1f * x1f, axis=0) + tl.sum(x2f * x2f, axis=0)) / (2 * HALF) + eps)
+        if h < HQ:
+            n1 = tl.load(qn_ptr + half).to(tl.float32)
+            n2 = tl.load(qn_ptr + HALF + half).to(tl.float32)
+        else:
+            n1 = tl.load(kn_ptr + half).to(tl.float32)
+            n2 = tl.load(kn_ptr + HALF + half).to(tl.float32)
+        x1 = ((x1f * r).to(dt).to(tl.float32) * n1).to(dt)
+        x2 = ((x2f * r).to(dt).to(tl.float32) * n2).to(dt)
+    p = tl.load(pos_ptr + m).to(tl.int64)
+    c1 = tl.load(cos_ptr + p * stride_cos + half).to(tl.float32)
+    c2 = tl.load(cos_ptr + p * stride_cos + HALF + half).to(tl.float32)
+    s1 = tl.load(sin_ptr + p * stride_cos + half).to(tl.float32)
+    s2 = tl.load(sin_ptr + p * stride_cos + HALF + half).to(tl.float32)
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    o1 = (a1 * c1).to(dt).to(tl.float32) + (-a2 * s1).to(dt).to(tl.float32)
+    o2 = (a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)
+    tl.store(base + half, o1.to(dt))
+    tl.store(base + HALF + half, o2.to(dt))
