@@ -20,91 +20,36 @@ import sys
 import time
 import uuid
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import Info, generate_latest
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import PdserveConfig, load_config, parse_config
 from router import fanout
 from router import openai_format as fmt
 from router.cluster_view import ClusterView
+from router.endpoint_errors import ERROR_RESPONSES, UNAVAILABLE, first_delta, install_error_handlers, stream_error
 from router.metrics import EndpointMetrics
 from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                   CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard,
                                   ModelList, TokenizeRequest, TokenizeResponse)
-from router.policy import NoWorkerAvailable
-from router.request_flow import MigrationsExhausted, RequestTimedOut, serve_request
+from router.request_flow import RequestTimedOut, serve_request
 from router.request_parsing import chat_prompt, check_token_ids, completion_prompts, sampling_params, truncated
 from router.reasoning import constraint_markers, marker_ids, opened_by_prompt
 from router.responses_api import ResponseBuilder, ResponsesRequest, event_stream
 from router.tool_calls import ToolPlan
 from router.http_errors import ApiKeyAuth, BodyLimit, HTTPError, error_response
-from workers.protocol import IngressSnapshot, InvalidRequestError, RequestFailedError, SamplingParams
-
-log = logging.getLogger(__name__)
-SEED_MODULUS = 1 << 63  # choice i of a seeded request samples with (seed + i) mod this
+from workers.protocol import IngressSnapshot, SamplingParams
 
 app = FastAPI(title="pdserve OpenAI-compatible API", version="0.1.0")
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503, 504)}
 # stream: true answers with server-sent events instead of the JSON body; the schema describes one
 # event: its data is a JSON chunk (or {"error": ...}), and the last one is [DONE]
 _SSE = {"text/event-stream": {"schema": {
     "type": "object", "required": ["data"],
     "properties": {"data": {"type": "string", "description": "a JSON chunk, an error object, or [DONE]"}}}}}
-# what ends a request with a 503 (no byte streamed yet) or an SSE error event (streaming)
-_UNAVAILABLE = (NoWorkerAvailable, MigrationsExhausted, RequestFailedError)
 
-
-# (above the deployment class: Serve pickles the class when it is decorated, with the module
-# globals that exist by then)
-def _stream_error(rid: str, e: Exception) -> dict:
-    """What a stream that already sent its status line says when it fails."""
-    if isinstance(e, _UNAVAILABLE):
-        return {"message": str(e), "type": "server_error", "param": None, "code": "no_worker"}
-    if isinstance(e, RequestTimedOut):
-        return {"message": str(e), "type": "timeout_error", "param": None, "code": "request_timeout"}
-    log.exception("stream %s failed", rid)
-    return {"message": f"internal error: {type(e).__name__}", "type": "server_error", "param": None,
-            "code": "internal_error"}
-
-
-@app.exception_handler(HTTPError)
-async def _http_error(request: Request, e: HTTPError):
-    return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, e: RequestValidationError):
-    first = e.errors()[0] if e.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    msg = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}"
-                    for err in e.errors())
-    return error_response(400, msg or "invalid request", "invalid_request_error", ".".join(loc) or None)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _starlette_error(request: Request, e: StarletteHTTPException):
-    # FastAPI's own errors (a body it cannot decode, an unknown path, a wrong method), OpenAI-shaped
-    type_ = "invalid_request_error" if e.status_code < 500 else "server_error"
-    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-    return error_response(e.status_code, str(e.detail), type_, code=code, headers=getattr(e, "headers", None))
-
-
-@app.exception_handler(InvalidRequestError)
-async def _invalid(request: Request, e: InvalidRequestError):
-    # also a worker's InvalidRequestError (Ray re-raises it as a subclass with the same attributes)
-    return error_response(400, getattr(e, "message", str(e)), "invalid_request_error", getattr(e, "param", None))
-
-
-@app.exception_handler(Exception)
-async def _internal(request: Request, e: Exception):
-    log.exception("%s %s failed", request.method, request.url.path)
-    return error_response(500, f"internal error: {type(e).__name__}", "server_error", code="internal_error")
-
-
+install_error_handlers(app)
 app.add_middleware(BodyLimit)
 app.add_middleware(ApiKeyAuth)  # added last: runs first, so a request without a key never sends its body
 
@@ -195,7 +140,7 @@ class OpenAIIngress:
         self._check_model(model)
         return ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         """The ids the endpoint would run for this prompt (completions) or these messages (chat)."""
         if body.model is not None:
@@ -207,7 +152,7 @@ class OpenAIIngress:
         strs = self.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         if body.model is not None:
             self._check_model(body.model)
@@ -244,7 +189,8 @@ class OpenAIIngress:
                 "inflight_requests": self.num_inflight}
 
     # -- generation ----------------------------------------------------------------------------
-    @app.post("/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, 200: {"content": _SSE}})
+    @app.post("/v1/completions", response_model=CompletionResponse,
+              responses={**ERROR_RESPONSES, 200: {"content": _SSE}})
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model)
         items = completion_prompts(self.tokenizer, body, self.vocab_size)
@@ -271,7 +217,7 @@ class OpenAIIngress:
         return fmt.completion_body(rid, self.model_name, accs, want_lp, body.n, echoes)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses={**_ERRORS, 200: {"content": _SSE}})
+              responses={**ERROR_RESPONSES, 200: {"content": _SSE}})
     async def chat_completions(self, body: ChatCompletionRequest):
         self._check_model(body.model)
         tools, prompt, sampling, reasoning = self._chat_request(body)
@@ -297,7 +243,7 @@ class OpenAIIngress:
         accs = await self._collect(rid, subs, body.cache_salt)
         return fmt.chat_body(rid, self.model_name, accs, body.logprobs, tools, reasoning)
 
-    @app.post("/v1/responses", responses={**_ERRORS, 200: {"content": _SSE}})
+    @app.post("/v1/responses", responses={**ERROR_RESPONSES, 200: {"content": _SSE}})
     async def responses(self, body: ResponsesRequest):
         """OpenAI's Responses API, stateless, on the chat path (router/responses_api.py)."""
         self._check_model(body.model)
@@ -310,8 +256,8 @@ class OpenAIIngress:
             return builder.finished(acc)
         view = await self._admit()
         deltas = self._deltas(view, rid, *sub, None)
-        first = await self._first_delta(deltas)
-        events = event_stream(builder, fmt.Accumulator(self.tokenizer), first, deltas, lambda e: _stream_error(rid, e))
+        first = await first_delta(deltas)
+        events = event_stream(builder, fmt.Accumulator(self.tokenizer), first, deltas, lambda e: stream_error(rid, e))
         return StreamingResponse(events, media_type="text/event-stream")
 
     # -- internals -----------------------------------------------------------------------------
@@ -336,24 +282,9 @@ class OpenAIIngress:
             raise HTTPError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
                             "invalid_request_error", "model", "model_not_found")
 
-    def _fanout(self, n: int, prompts: list[tuple[list[int], SamplingParams]]) -> list[tuple[list[int], SamplingParams]]:
-        """(prompt, SamplingParams) of every choice: choice p * n + i answers prompt p (OpenAI's order),
-        and the checks that need this model (logit_bias ids). With a seed, choice i of each prompt
-        samples with seed + i (the same request gives the same n choices, which differ from each
-        other, and a prompt gives in a batch what it gives alone); greedy choices are equal. Each
-        choice is a request of its own in the cluster and counts against the concurrency limit."""
-        if any(t >= self.vocab_size for t, _ in prompts[0][1].logit_bias):
-            raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
-        if any(t >= self.vocab_size for t in prompts[0][1].allowed_token_ids):
-            raise InvalidRequestError(f"allowed_token_ids must be in [0, {self.vocab_size})", "allowed_token_ids")
-        limit, count = self.config.limits.max_concurrent_requests, len(prompts) * n
-        if count > limit:
-            what = f"n={n}" if len(prompts) == 1 else f"{len(prompts)} prompts x n={n}"
-            raise InvalidRequestError(f"{what} exceeds this server's limit of {limit} concurrent requests",
-                                      "n" if len(prompts) == 1 else "prompt")
-        return [(prompt, sampling if i == 0 or sampling.seed is None
-                 else dataclasses.replace(sampling, seed=(sampling.seed + i) % SEED_MODULUS))
-                for prompt, sampling in prompts for i in range(n)]
+    def _fanout(self, n: int, prompts: list[tuple[list[int], SamplingParams]]):
+        """fanout.choices with this model's vocabulary and limit."""
+        return fanout.choices(n, prompts, self.vocab_size, self.config.limits.max_concurrent_requests)
 
     @staticmethod
     def _sub_id(rid: str, index: int, n: int) -> str:
@@ -424,23 +355,11 @@ class OpenAIIngress:
 
         try:
             await fanout.run_all([one(i) for i in range(len(subs))])
-        except _UNAVAILABLE as e:
+        except UNAVAILABLE as e:
             raise HTTPError(503, str(e), "service_unavailable", code="no_worker") from e
         except RequestTimedOut as e:
             raise HTTPError(504, str(e), "timeout_error", code="request_timeout") from e
         return accs
-
-    async def _first_delta(self, deltas):
-        """The stream's first item, awaited before any byte is sent: routing happens now, so "no
-        worker" is a proper 503 (and a timeout a 504), not an error event."""
-        try:
-            return await deltas.__anext__()
-        except _UNAVAILABLE as e:
-            await deltas.aclose()
-            raise HTTPError(503, str(e), "service_unavailable", code="no_worker") from e
-        except RequestTimedOut as e:
-            await deltas.aclose()
-            raise HTTPError(504, str(e), "timeout_error", code="request_timeout") from e
 
     async def _stream(self, rid, subs, per_prompt, salt, include_usage, make_chunk, obj, chat: bool,
                       hide_output: bool = False):
@@ -450,39 +369,10 @@ class OpenAIIngress:
         accs = [fmt.Accumulator(self.tokenizer) for _ in subs]
         deltas = fanout.merge([self._deltas(view, self._sub_id(rid, i, n), p, s, salt, hide_output)
                                for i, (p, s) in enumerate(subs)])
-        first = await self._first_delta(deltas)
-
-        async def events():
-            offsets, running = [0] * n, n
-            if chat:
-                for i in range(n):
-                    yield fmt.sse(fmt.chat_chunk(rid, self.model_name, created, {"role": "assistant", "content": ""},
-                                                 None, index=i))
-            try:
-                i, d = first
-                while True:
-                    accs[i].add(d)
-                    if d.error:
-                        yield fmt.sse({"error": {"message": d.error, "type": "server_error", "param": None,
-                                                 "code": "request_failed"}})
-                        break
-                    for out in make_chunk(d, accs[i], created, offsets[i], i):  # 0 or more chunks
-                        yield fmt.sse(out)
-                        offsets[i] += len(out["choices"][0].get("text") or "")  # completions' text_offset
-                    if d.finished:
-                        running -= 1
-                        if not running:
-                            break
-                    i, d = await deltas.__anext__()
-                if include_usage:
-                    yield fmt.sse(fmt.usage_chunk(rid, self.model_name, created, obj, accs, per_prompt))
-            except Exception as e:  # the status line is sent: the stream itself must say it failed
-                yield fmt.sse({"error": _stream_error(rid, e)})
-            finally:
-                await deltas.aclose()
-            yield fmt.SSE_DONE
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        first = await first_delta(deltas)
+        events = fmt.chunk_events(rid, self.model_name, created, chat, first, deltas, accs, make_chunk,
+                                  obj if include_usage else None, per_prompt, lambda e: stream_error(rid, e))
+        return StreamingResponse(events, media_type="text/event-stream")
 
 
 def build_app(args: dict | None = None):

@@ -1,5 +1,7 @@
 """Several sub-requests of one OpenAI request (``n`` > 1 choices), run side by side.
 
+    choices(n, prompts)   the (prompt, SamplingParams) of every choice, checked against the
+                          model's vocabulary and the concurrency limit
     run_all(coroutines)   every one to completion, or the first failure raised and the rest cancelled
     merge(generators)     one async stream of (index, item) from several async generators, in the
                           order items arrive; closing it cancels and closes every generator
@@ -10,10 +12,35 @@ With one coroutine or generator neither makes a task: ``n = 1`` costs what it di
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from typing import TypeVar
 
+from workers.protocol import InvalidRequestError, SamplingParams
+
 T = TypeVar("T")
+SEED_MODULUS = 1 << 63  # choice i of a seeded request samples with (seed + i) mod this
+
+
+def choices(n: int, prompts: list[tuple[list[int], SamplingParams]], vocab_size: int,
+            max_concurrent_requests: int) -> list[tuple[list[int], SamplingParams]]:
+    """(prompt, SamplingParams) of every choice: choice p * n + i answers prompt p (OpenAI's order),
+    and the checks that need this model (logit_bias ids). With a seed, choice i of each prompt
+    samples with seed + i (the same request gives the same n choices, which differ from each
+    other, and a prompt gives in a batch what it gives alone); greedy choices are equal. Each
+    choice is a request of its own in the cluster and counts against the concurrency limit."""
+    if any(t >= vocab_size for t, _ in prompts[0][1].logit_bias):
+        raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab_size})", "logit_bias")
+    if any(t >= vocab_size for t in prompts[0][1].allowed_token_ids):
+        raise InvalidRequestError(f"allowed_token_ids must be in [0, {vocab_size})", "allowed_token_ids")
+    limit, count = max_concurrent_requests, len(prompts) * n
+    if count > limit:
+        what = f"n={n}" if len(prompts) == 1 else f"{len(prompts)} prompts x n={n}"
+        raise InvalidRequestError(f"{what} exceeds this server's limit of {limit} concurrent requests",
+                                  "n" if len(prompts) == 1 else "prompt")
+    return [(prompt, sampling if i == 0 or sampling.seed is None
+             else dataclasses.replace(sampling, seed=(sampling.seed + i) % SEED_MODULUS))
+            for prompt, sampling in prompts for i in range(n)]
 
 
 async def run_all(coroutines: Sequence[Awaitable[T]]) -> list[T]:

@@ -193,3 +193,40 @@ def usage_chunk(rid: str, model: str, created: int, obj: str, accs: list[Accumul
                 per_prompt: int | None = None) -> dict:
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
             "usage": usage(accs, per_prompt).model_dump()}
+
+
+async def chunk_events(rid: str, model: str, created: int, chat: bool, first, deltas, accs: list[Accumulator],
+                       make_chunk, usage_obj: str | None, per_prompt: int, stream_error):
+    """The SSE text of a completions or chat stream of len(accs) choices: ``first`` (index, delta)
+    already awaited (routed), the rest from ``deltas`` (fanout.merge), which is closed at the end.
+    make_chunk(d, acc, created, text_offset, index) gives a delta's chunks; ``usage_obj``: the
+    object of a last usage chunk (None: none). A failure once the status line is sent is an error
+    event with stream_error(exception), then [DONE]."""
+    n = len(accs)
+    offsets, running = [0] * n, n
+    if chat:
+        for i in range(n):
+            yield sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None, index=i))
+    try:
+        i, d = first
+        while True:
+            accs[i].add(d)
+            if d.error:
+                yield sse({"error": {"message": d.error, "type": "server_error", "param": None,
+                                     "code": "request_failed"}})
+                break
+            for out in make_chunk(d, accs[i], created, offsets[i], i):  # 0 or more chunks
+                yield sse(out)
+                offsets[i] += len(out["choices"][0].get("text") or "")  # completions' text_offset
+            if d.finished:
+                running -= 1
+                if not running:
+                    break
+            i, d = await deltas.__anext__()
+        if usage_obj is not None:
+            yield sse(usage_chunk(rid, model, created, usage_obj, accs, per_prompt))
+    except Exception as e:  # the status line is sent: the stream itself must say it failed
+        yield sse({"error": stream_error(e)})
+    finally:
+        await deltas.aclose()
+    yield SSE_DONE
