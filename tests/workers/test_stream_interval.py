@@ -1,5 +1,5 @@
 """The decode worker's automatic stream interval (pure logic; the serving path with a fixed interval
-is tests/serving/test_openai_endpoint.py::test_stream_interval_sends_tokens_in_chunks)."""
+is tests/serving/endpoint/test_openai_endpoint.py::test_stream_interval_sends_tokens_in_chunks)."""
 
 from workers.decode_worker import AUTO_STREAMS_PER_TOKEN, auto_stream_interval
 
