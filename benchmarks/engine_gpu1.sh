@@ -33,6 +33,8 @@
 #            specialisation under coordinate-descent tuning) against off, batch 1 and 32, then the
 #            checks with it on (graphs == eager, fp32 exact, bf16 1B) and the sampler with penalties
 #            and logit_bias on CUDA (check_same), then engine.py with it on
+#   fused_a / fused_b: engine.fused_decode's CUDA checks and decode graphs beside the default, then
+#            the bf16 1B check and engine.py with it
 #   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
@@ -158,6 +160,18 @@ case $part in
     step check 200 python3 benchmarks/gpu_check.py --only sampler,graphs,fp32-exact,bf16-1b-fused --tune-batch1
     step engine $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads decode_b1,batch --scheduling async --tune-batch1
+    ;;
+  fused_a)
+    # engine.fused_decode (seventeenth session): CUDA checks with it on (4 families fp32 token-exact
+    # vs generate, decode graphs == eager), then the decode graphs with and without it
+    step check_fused 200 python3 benchmarks/gpu_check.py --only fp32-exact,graphs --fused-decode 2
+    step prof_fused 200 python3 benchmarks/profile_decode.py --batch-sizes 1,2,4,32 --fused-decode 4
+    step prof_base $((570 - (SECONDS - t0))) python3 benchmarks/profile_decode.py --batch-sizes 1,2,4,32
+    ;;
+  fused_b)
+    step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1
+    step engine_fused $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
+      --workloads decode_b1,batch --scheduling async --fused-decode 1
     ;;
   gemv)
     step host 120 python3 benchmarks/host_profile.py --batch-sizes 1,32
