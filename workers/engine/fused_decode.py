@@ -2,11 +2,12 @@
 
 A batch-1 decode step reads every weight once and is bound by that: ~2.47 GB for the Llama-3.2-1B
 shape. Through transformers' modules (compiled, cuBLAS) a layer is ~10 kernels, and the small
-q|k|v and o GEMMs cost a fixed ~6 µs each whatever their bytes. Here a layer is six launches:
+q|k|v and o GEMMs cost a fixed ~6 µs each whatever their bytes. Here a layer is five launches:
 
-    norm + q|k|v GEMV (+ bias)  ->  per-head norm (Qwen3) + RoPE  ->  KV write + attention (the
-    backend's own decode kernel)  ->  o GEMV + residual  ->  norm + gate|up GEMV + SiLU*mul  ->
-    down GEMV + residual
+    norm + q|k|v GEMV (+ bias) + RoPE  ->  KV write + attention (the backend's own decode kernel)
+    ->  o GEMV + residual  ->  norm + gate|up GEMV + SiLU*mul  ->  down GEMV + residual
+
+(Qwen3's per-head q/k norms come before RoPE: its rotation is a kernel of its own after the GEMV.)
 
 then the final norm + lm_head GEMV. Each GEMV program owns a few rows of W, reads them once and
 applies them to every row of the (small) batch; the RMSNorm before a projection is recomputed by
@@ -130,12 +131,19 @@ class FusedDecode:
         qkv = x.new_empty(rows, self.qkv_width)
         hq_d = self.hq * self.head_dim
         for lw in self.layers:
-            self._project(x, lw["qkv"], qkv, norm=lw["n1"])
-            self._rope(qkv, pos[0], lw["q_norm"], lw["k_norm"])
+            if lw["q_norm"] is None:  # RoPE in the q|k GEMV's epilogue
+                self._project(x, lw["qkv"], qkv, lw["n1"], pos[0])
+            else:  # per-head norms first: a kernel of its own over whole heads
+                self._project(x, lw["qkv"], qkv, lw["n1"], None)
+                self._rope(qkv, pos[0], lw["q_norm"], lw["k_norm"])
             q = qkv[:, :hq_d].view(1, rows, self.hq, self.head_dim).transpose(1, 2)
             k = qkv[:, hq_d:hq_d + self.hkv * self.head_dim].view(1, rows, self.hkv, self.head_dim).transpose(1, 2)
             v = qkv[:, hq_d + self.hkv * self.head_dim:].view(1, rows, self.hkv, self.head_dim).transpose(1, 2)
-            out = self.backend._forward(lw["layer"], q, k, v, lw["scaling"], lw["window"])  # [1, B, Hq, D]
+            self.backend.decode_pdl = self.pdl  # the attention lets the o GEMV launch (and load W) meanwhile
+            try:
+                out = self.backend._forward(lw["layer"], q, k, v, lw["scaling"], lw["window"])  # [1, B, Hq, D]
+            finally:
+                self.backend.decode_pdl = False
             self._gemv(out.view(rows, hq_d), *lw["o"], x, residual=x)
             act = x.new_empty(rows, lw["gate"][0].shape[0])
             self._gemv(x, *lw["gate"], act, norm=lw["n2"], glu=lw["up"])
@@ -144,29 +152,40 @@ class FusedDecode:
         self._gemv(x, self.lm_head, None, logits, norm=self.norm, tile=TILE_LM_HEAD)
         return logits
 
-    def _project(self, x, weights, out, norm):
-        """q|k|v into ``out``'s columns: one GEMV per weight of the group."""
+    def _project(self, x, weights, out, norm, pos):
+        """q|k|v into ``out``'s columns, one GEMV per weight of the group; with ``pos``, the q and k
+        columns (whole heads, the first (Hq + Hkv) * D) come out rotated."""
+        rotated = (self.hq + self.hkv) * self.head_dim if pos is not None else 0
         col = 0
         for w, b in weights:
-            self._gemv(x, w, b, out[:, col:col + w.shape[0]], norm=norm)
-            col += w.shape[0]
+            lo, hi = col, col + w.shape[0]
+            split = min(max(rotated, lo), hi) - lo  # this weight's first ``split`` rows are rotated
+            for a, z, rope in ((0, split, True), (split, hi - lo, False)):
+                if z > a:
+                    self._gemv(x, w[a:z], None if b is None else b[a:z], out[:, lo + a:lo + z], norm=norm,
+                               rope=pos if rope else None)
+            col = hi
 
-    def _gemv(self, x, w, b, y, norm=None, glu=None, residual=None, tile=None):
+    def _gemv(self, x, w, b, y, norm=None, glu=None, residual=None, rope=None, tile=None):
         n, k = w.shape
         block_n, warps = tile or (TILE_SMALL_K if k <= 4096 else TILE_LARGE_K)
         block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
         if self.interpret:
             block_n, block_k = max(block_n, 16), min(block_k, 64)  # few programs and chunks for the interpreter
         w2, b2 = glu if glu is not None else (w, b)
+        if rope is not None:
+            n //= 2  # (r, r + D/2) pairs of each head
         launch = {"launch_pdl": True} if self.pdl else {}
         from workers.engine.fused_decode_kernels import fused_gemv_kernel
 
         fused_gemv_kernel[(triton.cdiv(n, block_n),)](
             x, x.stride(0), w, w if b is None else b, w2, w2 if b2 is None else b2, y, y.stride(0),
             y if residual is None else residual, 0 if residual is None else residual.stride(0),
-            w if norm is None else norm.weight, n, float(norm.variance_epsilon) if norm is not None else 0.0,
+            w if norm is None else norm.weight, self.cos if rope is None else rope, self.cos, self.sin,
+            self.cos.stride(0), n, float(norm.variance_epsilon) if norm is not None else 0.0,
             M=x.shape[0], K=k, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm is not None, GLU=glu is not None,
-            RESIDUAL=residual is not None, HAS_BIAS=b is not None, PDL=self.pdl, num_warps=warps, **launch)
+            ROPE=rope is not None, HALF=self.head_dim // 2 if rope is not None else 1, RESIDUAL=residual is not None,
+            HAS_BIAS=b is not None, PDL=self.pdl, num_warps=warps, **launch)
 
     def _rope(self, qkv, pos, q_norm, k_norm):
         from workers.engine.fused_decode_kernels import rope_kernel

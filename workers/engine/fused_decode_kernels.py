@@ -40,22 +40,32 @@ def _input_chunk(x_ptr, norm_ptr, cols, K, r, NORM: tl.constexpr):
 
 @triton.jit
 def fused_gemv_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, stride_ym, res_ptr, stride_rm,
-                      norm_ptr, N, eps, M: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
-    """For each of M rows: y[rows] = (res[rows] +) W[rows] . norm?(x) (+ b); with GLU,
-    y[rows] = silu(W[rows] . h + b) * (W2[rows] . h + b2). One program per BLOCK_N rows of W."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+                      norm_ptr, pos_ptr, cos_ptr, sin_ptr, stride_cos, N, eps, M: tl.constexpr, K: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+                      ROPE: tl.constexpr, HALF: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      PDL: tl.constexpr):
+    """For each of M rows: y[rows] = (res[rows] +) W[rows] . norm?(x) (+ b); one program per BLOCK_N
+    outputs. GLU: y[rows] = silu(W[rows] . h + b) * (W2[rows] . h + b2). ROPE (W = whole heads of
+    2 * HALF rows, N = pairs): output pairs (r, r + HALF) of a head, rotated as transformers'
+    apply_rotary_pos_emb does at the row's position (cos/sin tables [positions, 2 * HALF])."""
+    idx = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = idx < N
+    if ROPE:
+        rows = (idx // HALF) * (2 * HALF) + idx % HALF
+        rows2 = rows + HALF
+    else:
+        rows = idx
+        rows2 = idx
     w_rows = rows.to(tl.int64)[:, None] * K
+    w2_rows = rows2.to(tl.int64)[:, None] * K
     cols0 = tl.arange(0, BLOCK_K)
     m0 = row_ok[:, None] & (cols0 < K)[None, :]
     if PDL:
         gdc_launch_dependents()
     # the first chunk of weights depends on no earlier kernel: in flight before the wait
     w_first = tl.load(w_ptr + w_rows + cols0[None, :], mask=m0, other=0.0)
-    if GLU:
-        w2_first = tl.load(w2_ptr + w_rows + cols0[None, :], mask=m0, other=0.0)
+    if GLU or ROPE:
+        w2_first = tl.load(w2_ptr + w2_rows + cols0[None, :], mask=m0, other=0.0)
     if PDL:
         gdc_wait()
     dt = w_first.dtype
@@ -66,7 +76,7 @@ def fused_gemv_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
             r = _rms_scale(x_row, K, eps, BLOCK_K)
         xv = _input_chunk(x_row, norm_ptr, cols0, K, r, NORM)
         acc = tl.sum(w_first.to(tl.float32) * xv[None, :], axis=1)
-        if GLU:
+        if GLU or ROPE:
             acc2 = tl.sum(w2_first.to(tl.float32) * xv[None, :], axis=1)
         for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
             cols = k0 + cols0
@@ -74,18 +84,29 @@ def fused_gemv_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
             xv = _input_chunk(x_row, norm_ptr, cols, K, r, NORM)
             acc += tl.sum(tl.load(w_ptr + w_rows + cols[None, :], mask=mk, other=0.0).to(tl.float32) * xv[None, :],
                           axis=1)
-            if GLU:
-                acc2 += tl.sum(tl.load(w2_ptr + w_rows + cols[None, :], mask=mk, other=0.0).to(tl.float32)
+            if GLU or ROPE:
+                acc2 += tl.sum(tl.load(w2_ptr + w2_rows + cols[None, :], mask=mk, other=0.0).to(tl.float32)
                                * xv[None, :], axis=1)
         if HAS_BIAS:  # F.linear adds the bias before rounding its output
             acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            if GLU or ROPE:
+                acc2 += tl.load(b2_ptr + rows2, mask=row_ok, other=0.0).to(tl.float32)
         out = acc.to(dt).to(tl.float32)
+        if GLU or ROPE:
+            out2 = acc2.to(dt).to(tl.float32)
         if GLU:
-            if HAS_BIAS:
-                acc2 += tl.load(b2_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            up = acc2.to(dt).to(tl.float32)
-            out = (out / (1.0 + tl.exp(-out))).to(dt).to(tl.float32) * up
+            out = (out / (1.0 + tl.exp(-out))).to(dt).to(tl.float32) * out2
             out = out.to(dt).to(tl.float32)
+        if ROPE:  # x * cos + rotate_half(x) * sin, each product rounded as the eager ops round it
+            at = tl.load(pos_ptr + m).to(tl.int64) * stride_cos + idx % HALF
+            c1 = tl.load(cos_ptr + at, mask=row_ok, other=0.0).to(tl.float32)
+            c2 = tl.load(cos_ptr + at + HALF, mask=row_ok, other=0.0).to(tl.float32)
+            s1 = tl.load(sin_ptr + at, mask=row_ok, other=0.0).to(tl.float32)
+            s2 = tl.load(sin_ptr + at + HALF, mask=row_ok, other=0.0).to(tl.float32)
+            a, b = out, out2
+            out = ((a * c1).to(dt).to(tl.float32) + (-b * s1).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            out2 = ((b * c2).to(dt).to(tl.float32) + (a * s2).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            tl.store(y_ptr + m * stride_ym + rows2, out2.to(y_ptr.dtype.element_ty), mask=row_ok)
         if RESIDUAL:
             out = (tl.load(res_ptr + m * stride_rm + rows, mask=row_ok, other=0.0).to(tl.float32) + out).to(dt)
         tl.store(y_ptr + m * stride_ym + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)

@@ -127,6 +127,7 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
         self.decode_stages: int | None = None  # software pipelining depth (None: Triton's default)
         self.decode_combine = "last"  # merge the splits in the last program to finish, or "kernel": a second launch
         self.decode_fuse_write = True  # False: write_kv_kernel writes the new K/V first
+        self.decode_pdl = False  # set by engine.fused_decode around its calls: the split kernel under PDL
         self.block_q = 1
         self.num_qblocks = 0
         self.num_tokens = 0
@@ -256,6 +257,8 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
         part_m, part_l, part_acc, arrivals = self._scratch
         block_g, block_d = _pow2(G), _pow2(self.D)
         stages = {} if launch.stages is None else {"num_stages": int(launch.stages)}
+        if self.decode_pdl:
+            stages["launch_pdl"] = True
         window = int(sliding_window or 0)
         paged_decode_kernel[(launch.rows, self.H, launch.splits)](
             q, q.stride(1), q.stride(0), k, k.stride(1), k.stride(0), v, v.stride(1), v.stride(0),
@@ -265,7 +268,7 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
             launch.max_chunks, G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs, BLOCK_M=max(16, block_g),
             BLOCK_N=launch.block_n, CHUNK_KEYS=launch.chunk_keys, BLOCK_G=block_g, USE_WINDOW=bool(sliding_window),
             WRITE_KV=launch.fuse_write, COMBINE_LAST=launch.merge_last, ALL_DECODE=launch.all_decode,
-            INTERPRET=INTERPRET, DOT_PRECISION=precision, num_warps=launch.warps, **stages,
+            INTERPRET=INTERPRET, DOT_PRECISION=precision, PDL=self.decode_pdl, num_warps=launch.warps, **stages,
         )
         if not launch.merge_last:
             decode_combine_kernel[(launch.rows, self.H)](

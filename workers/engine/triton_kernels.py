@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -286,11 +287,16 @@ def paged_decode_kernel(
     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_KEYS: tl.constexpr, BLOCK_G: tl.constexpr,
     USE_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, COMBINE_LAST: tl.constexpr, ALL_DECODE: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program (i, kvh, j) of a (rows, HKV, SPLITS) grid: decode row i (ALL_DECODE: sequence i,
     token i; else sequence dec_seq[i], token seq_q_start[s]), the G query heads of KV head kvh,
-    chunks j, j + SPLITS, ... of the row (programs past its chunks do nothing)."""
+    chunks j, j + SPLITS, ... of the row (programs past its chunks do nothing). PDL (launched with
+    programmatic dependent launch, engine.fused_decode): the next kernel may launch at once (its
+    weights load meanwhile); this one waits for the previous kernel's writes before reading."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     i = tl.program_id(0)
     kvh = tl.program_id(1)
     j = tl.program_id(2)
