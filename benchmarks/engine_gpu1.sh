@@ -168,6 +168,17 @@ case $part in
     step prof_fused 200 python3 benchmarks/profile_decode.py --batch-sizes 1,2,4,32 --fused-decode 4
     step prof_base $((570 - (SECONDS - t0))) python3 benchmarks/profile_decode.py --batch-sizes 1,2,4,32
     ;;
+  fused_c)
+    step check_fused2 200 python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused --fused-decode 2
+    step prof_fused2 200 python3 benchmarks/profile_decode.py --batch-sizes 1,2 --fused-decode 2
+    step engine_fused2 $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
+      --workloads decode_b1 --scheduling async --fused-decode 1
+    ;;
+  fused_d)
+    step check_fused3 330 python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused --fused-decode 2
+    step tiles_fused $((560 - (SECONDS - t0))) python3 benchmarks/profile_decode.py --batch-sizes 1 --fused-decode 1 \
+      --fused-tiles ";small_k=4x8;small_k=4x4,large_k=2x8;lm_head=8x8;lm_head=8x4,small_k=1x4;large_k=1x4;small_k=8x8,large_k=2x8,lm_head=8x8"
+    ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1
     step engine_fused $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \

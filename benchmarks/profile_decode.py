@@ -111,6 +111,35 @@ def sweep_variants(engine: Engine, batch: int, size: int, specs: list[str]) -> N
     graphs.capture()
 
 
+def sweep_fused_tiles(engine: Engine, batch: int, size: int, specs: list[str]) -> None:
+    """engine.fused_decode's GEMV tiles: per spec ('small_k=2x4,large_k=1x8,lm_head=4x4'; kinds
+    not named keep the default), recapture the graph of ``size``, run real steps, time the replay."""
+    graphs = engine.runner.graphs
+    fused = graphs.fused
+    defaults = dict(fused.tiles)
+    engine.async_scheduling = False
+    all_sizes, graphs.sizes = graphs.sizes, [size]
+    for spec in specs:
+        fused.tiles = dict(defaults)
+        for item in filter(None, spec.split(",")):
+            kind, _, tile = item.partition("=")
+            if kind not in defaults:
+                raise SystemExit(f"--fused-tiles {spec!r}: kinds are {sorted(defaults)}")
+            fused.tiles[kind] = tuple(int(v) for v in tile.split("x"))
+        engine.step()
+        graphs.capture()
+        for _ in range(3):
+            engine.step()
+        graph = graphs.graphs[size][0]
+        replay_ms(graph, 10)
+        print(json.dumps({"batch": batch, "graph_size": size, "fused_tiles": spec or "default",
+                          "graph_replay_ms": replay_ms(graph)}), flush=True)
+    fused.tiles = defaults
+    engine.step()
+    graphs.sizes = all_sizes
+    graphs.capture()
+
+
 def set_inductor(spec: str) -> dict[str, object]:
     """'max_autotune_gemm=1,max_autotune_gemm_backends=TRITON' -> those torch._inductor.config
     attributes set (an unknown key fails before anything is built)."""
@@ -145,6 +174,9 @@ def main() -> int:
     ap.add_argument("--decode-variants", default="",
                     help="';'-separated decode attention settings, each 'key=value,...' with keys "
                          f"{sorted(KNOBS)}; or 'default' (DEFAULT_VARIANTS)")
+    ap.add_argument("--fused-tiles", default="",
+                    help="';'-separated engine.fused_decode tile sets swept at batch sizes it runs, e.g. "
+                         "';small_k=4x8;lm_head=8x8' (an empty item: the defaults)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     spec = DEFAULT_VARIANTS if args.decode_variants == "default" else args.decode_variants
@@ -193,6 +225,8 @@ def main() -> int:
                           "kernels_us": [(name, round(us, 1)) for name, us in table]}), flush=True)
         if variants:
             sweep_variants(engine, n, size, variants)
+        if args.fused_tiles and graphs.fused is not None and size <= graphs.fused.max_batch:
+            sweep_fused_tiles(engine, n, size, args.fused_tiles.split(";"))
         while engine.has_work():
             engine.step()
     return 0

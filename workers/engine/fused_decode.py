@@ -38,8 +38,9 @@ from workers.engine.rope_table import RopeTable
 log = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-# (rows of W per program, warps) by the GEMV's input length; benchmarks/pdl_probe.py's default set
-TILE_SMALL_K, TILE_LARGE_K, TILE_LM_HEAD = (2, 4), (1, 8), (4, 4)
+# (outputs per program, warps) of a GEMV by its kind: input length <= 4096, longer, the lm_head;
+# benchmarks/pdl_probe.py's default set (profile_decode.py --fused-tiles sweeps others)
+TILES = {"small_k": (2, 4), "large_k": (1, 8), "lm_head": (4, 4)}
 MAX_BLOCK_K = 8192  # a program's first weight chunk (held in registers across the PDL wait)
 
 
@@ -120,6 +121,7 @@ class FusedDecode:
         # PDL needs sm_90+ (Hopper); elsewhere the same kernels run with plain stream order
         self.pdl = (not self.interpret and torch.cuda.get_device_capability(dev)[0] >= 9) if pdl is None else pdl
         self.qkv_width = (self.hq + 2 * self.hkv) * self.head_dim
+        self.tiles = dict(TILES)  # read at capture: a captured graph keeps its launches
         self.num_calls = 0
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -149,7 +151,7 @@ class FusedDecode:
             self._gemv(x, *lw["gate"], act, norm=lw["n2"], glu=lw["up"])
             self._gemv(act, *lw["down"], x, residual=x)
         logits = torch.empty(rows, self.lm_head.shape[0], dtype=torch.float32, device=x.device)
-        self._gemv(x, self.lm_head, None, logits, norm=self.norm, tile=TILE_LM_HEAD)
+        self._gemv(x, self.lm_head, None, logits, norm=self.norm, tile=self.tiles["lm_head"])
         return logits
 
     def _project(self, x, weights, out, norm, pos):
@@ -168,7 +170,7 @@ class FusedDecode:
 
     def _gemv(self, x, w, b, y, norm=None, glu=None, residual=None, rope=None, tile=None):
         n, k = w.shape
-        block_n, warps = tile or (TILE_SMALL_K if k <= 4096 else TILE_LARGE_K)
+        block_n, warps = tile or self.tiles["small_k" if k <= 4096 else "large_k"]
         block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
         if self.interpret:
             block_n, block_k = max(block_n, 16), min(block_k, 64)  # few programs and chunks for the interpreter

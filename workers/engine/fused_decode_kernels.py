@@ -28,14 +28,18 @@ def _rms_scale(x_ptr, K: tl.constexpr, eps, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _input_chunk(x_ptr, norm_ptr, cols, K, r, NORM: tl.constexpr):
-    """One chunk of the GEMV's input row: raw, or RMS-normalised as LlamaRMSNorm rounds it."""
-    xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+def _normalised(xv, norm_ptr, cols, K, r, NORM: tl.constexpr):
+    """A chunk of the GEMV's input row in fp32: raw, or RMS-normalised as LlamaRMSNorm rounds it."""
     if NORM:
         dt = xv.dtype
         xv = (xv.to(tl.float32) * r).to(dt)
         xv = (xv.to(tl.float32) * tl.load(norm_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)).to(dt)
     return xv.to(tl.float32)
+
+
+@triton.jit
+def _input_chunk(x_ptr, norm_ptr, cols, K, r, NORM: tl.constexpr):
+    return _normalised(tl.load(x_ptr + cols, mask=cols < K, other=0.0), norm_ptr, cols, K, r, NORM)
 
 
 @triton.jit
@@ -72,9 +76,16 @@ def fused_gemv_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
     for m in tl.static_range(M):
         x_row = x_ptr + m * stride_xm
         r = 1.0
-        if NORM:
-            r = _rms_scale(x_row, K, eps, BLOCK_K)
-        xv = _input_chunk(x_row, norm_ptr, cols0, K, r, NORM)
+        if K <= BLOCK_K:  # one chunk: the row is loaded once, for its norm and the products
+            xv = tl.load(x_row + cols0, mask=cols0 < K, other=0.0)
+            if NORM:
+                xf = xv.to(tl.float32)
+                r = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
+            xv = _normalised(xv, norm_ptr, cols0, K, r, NORM)
+        else:
+            if NORM:
+                r = _rms_scale(x_row, K, eps, BLOCK_K)
+            xv = _input_chunk(x_row, norm_ptr, cols0, K, r, NORM)
         acc = tl.sum(w_first.to(tl.float32) * xv[None, :], axis=1)
         if GLU or ROPE:
             acc2 = tl.sum(w2_first.to(tl.float32) * xv[None, :], axis=1)
