@@ -252,15 +252,16 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-rope-table", action="store_true", help="engine.rope_table off (RoPE computed per forward)")
     ap.add_argument("--tune-batch1", action="store_true", help="engine.tune_batch1 on (batch 1 compiled under "
                     "inductor's coordinate-descent tuning; off by default)")
-    ap.add_argument("--fused-decode", type=int, default=0, metavar="MAX_BATCH",
-                    help="engine.fused_decode on for decode batches <= MAX_BATCH (0: off, the default)")
+    ap.add_argument("--fused-decode", type=int, default=None, metavar="MAX_BATCH",
+                    help="engine.fused_decode_max_batch (default: the config's, 1)")
+    ap.add_argument("--no-fused-decode", action="store_true", help="engine.fused_decode off (default: auto)")
 
 
 def engine_flag_settings(args) -> dict:
     """EngineConfig fields from add_engine_flags' flags."""
     return dict(fuse_projections=args.fuse_projections or "auto", gemv=args.gemv, rope_table=not args.no_rope_table,
-                tune_batch1=args.tune_batch1, fused_decode=args.fused_decode > 0,
-                fused_decode_max_batch=max(1, args.fused_decode))
+                tune_batch1=args.tune_batch1, fused_decode=False if args.no_fused_decode else "auto",
+                **({} if args.fused_decode is None else {"fused_decode_max_batch": args.fused_decode}))
 
 
 def main(argv=None) -> int:

@@ -33,8 +33,9 @@
 #            specialisation under coordinate-descent tuning) against off, batch 1 and 32, then the
 #            checks with it on (graphs == eager, fp32 exact, bf16 1B) and the sampler with penalties
 #            and logit_bias on CUDA (check_same), then engine.py with it on
-#   fused_a / fused_b: engine.fused_decode's CUDA checks and decode graphs beside the default, then
-#            the bf16 1B check and engine.py with it
+#   fused_a..fused_e: engine.fused_decode (seventeenth session): its CUDA checks and decode graphs
+#            beside the modules' graphs, the bf16 1B check and engine.py with it, a GEMV tile sweep,
+#            then (fused_e) the defaults once it was made the default
 #   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
@@ -166,7 +167,7 @@ case $part in
     # vs generate, decode graphs == eager), then the decode graphs with and without it
     step check_fused 200 python3 benchmarks/gpu_check.py --only fp32-exact,graphs --fused-decode 2
     step prof_fused 200 python3 benchmarks/profile_decode.py --batch-sizes 1,2,4,32 --fused-decode 4
-    step prof_base $((570 - (SECONDS - t0))) python3 benchmarks/profile_decode.py --batch-sizes 1,2,4,32
+    step prof_base $((570 - (SECONDS - t0))) python3 benchmarks/profile_decode.py --batch-sizes 1,2,4,32 --no-fused-decode
     ;;
   fused_c)
     step check_fused2 200 python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused --fused-decode 2
@@ -178,6 +179,12 @@ case $part in
     step check_fused3 330 python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused --fused-decode 2
     step tiles_fused $((560 - (SECONDS - t0))) python3 benchmarks/profile_decode.py --batch-sizes 1 --fused-decode 1 \
       --fused-tiles ";small_k=4x8;small_k=4x4,large_k=2x8;lm_head=8x8;lm_head=8x4,small_k=1x4;large_k=1x4;small_k=8x8,large_k=2x8,lm_head=8x8"
+    ;;
+  fused_e)
+    # the defaults as committed (engine.fused_decode: auto, batch 1): bf16 1B check, engine.py
+    step bf16_default 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused
+    step engine_default $((560 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
+      --workloads decode_b1,batch --scheduling async
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1

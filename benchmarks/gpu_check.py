@@ -330,12 +330,16 @@ def main() -> int:
     ap.add_argument("--only", help="comma list of checks to run (default: all)")
     ap.add_argument("--tune-batch1", action="store_true", help="engine.tune_batch1 on in every check's engines")
     ap.add_argument("--fused-decode", type=int, default=0, metavar="MAX_BATCH",
-                    help="engine.fused_decode on (decode batches <= MAX_BATCH) in every check's engines")
+                    help="engine.fused_decode: true with this max batch in every check's engines (default: the "
+                         "config's auto, batch 1)")
+    ap.add_argument("--no-fused-decode", action="store_true", help="engine.fused_decode off in every check's engines")
     args = ap.parse_args()
     if args.tune_batch1:
         ENGINE_EXTRA["tune_batch1"] = True
     if args.fused_decode:
         ENGINE_EXTRA.update(fused_decode=True, fused_decode_max_batch=args.fused_decode)
+    if args.no_fused_decode:
+        ENGINE_EXTRA["fused_decode"] = False
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device: run this on a GPU machine"}))
         return 2

@@ -67,13 +67,16 @@ class EngineConfig(BaseModel):
                            "benchmarks/engine.py run with it hit an illegal memory access not reproduced since "
                            "(benchmarks/README.md).")
     fused_decode: bool | Literal["auto"] = Field(
-        False, description="Decode steps of <= fused_decode_max_batch rows run as our own Triton kernels (norm + "
-                           "GEMV, RoPE, the paged attention, GEMV + residual, norm + gate|up GEMV + SiLU, down + "
-                           "residual; under programmatic dependent launch on sm_90+) instead of transformers' "
-                           "modules, in the decode CUDA graphs (workers/engine/fused_decode.py; Llama, Mistral, "
-                           "Qwen2, Qwen3; CUDA with cuda_graphs). true: an unsupported model is an error; 'auto': "
-                           "on where supported. Opt-in until measured in the engine (benchmarks/README.md).")
-    fused_decode_max_batch: int = Field(1, ge=1, le=8, description="Largest decode batch engine.fused_decode runs")
+        "auto", description="Decode steps of <= fused_decode_max_batch rows run as our own Triton kernels (norm + "
+                            "GEMV + RoPE, the paged attention, GEMV + residual, norm + gate|up GEMV + SiLU, down + "
+                            "residual; under programmatic dependent launch on sm_90+) instead of transformers' "
+                            "modules, in the decode CUDA graphs (workers/engine/fused_decode.py; Llama, Mistral, "
+                            "Qwen2, Qwen3; CUDA with cuda_graphs). 'auto' = on where the model is supported (the "
+                            "reason logged where not); true: an unsupported model is an error. One H200, Llama-1B "
+                            "shape: batch-1 decode graph 0.89 ms vs 1.14 ms through the modules (benchmarks/README.md)")
+    fused_decode_max_batch: int = Field(
+        1, ge=1, le=8, description="Largest decode batch engine.fused_decode runs (batch 2 measured even with the "
+                                   "modules' graph, batch 4 slower: 1.78 vs 1.16 ms)")
     async_scheduling: bool | Literal["auto"] = Field(
         "auto", description="Overlap the host's work for step n+1 (scheduling, staging) with the GPU running "
                             "step n: step n+1 is launched with its new input tokens read on the device from "

@@ -26,7 +26,6 @@ q|k|v bias, Qwen3 with q/k norms), SiLU MLP, RoPE over the whole head from a Rop
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import triton
@@ -39,8 +38,9 @@ log = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # (outputs per program, warps) of a GEMV by its kind: input length <= 4096, longer, the lm_head;
-# benchmarks/pdl_probe.py's default set (profile_decode.py --fused-tiles sweeps others)
-TILES = {"small_k": (2, 4), "large_k": (1, 8), "lm_head": (4, 4)}
+# the best of seven sets profile_decode.py --fused-tiles swept on one H200 (0.881 ms a batch-1 step,
+# the others 0.889-0.920)
+TILES = {"small_k": (4, 4), "large_k": (2, 8), "lm_head": (4, 4)}
 MAX_BLOCK_K = 8192  # a program's first weight chunk (held in registers across the PDL wait)
 
 
@@ -202,8 +202,8 @@ class FusedDecode:
 
 
 def build(model: nn.Module, model_type: str, backend, max_batch: int, setting) -> FusedDecode | None:
-    """engine.fused_decode: True (an unsupported model is an error), 'auto' (on for CUDA where
-    supported, else off with the reason logged), False."""
+    """engine.fused_decode for the decode graphs (CUDA): True (an unsupported model is an error),
+    'auto' (on where supported, else off with the reason logged), False."""
     if setting is False:
         return None
     why = supported(model, model_type)
@@ -212,7 +212,6 @@ def build(model: nn.Module, model_type: str, backend, max_batch: int, setting) -
             raise ValueError(f"engine.fused_decode: {why}; set engine.fused_decode: false")
         log.info("fused decode off: %s", why)
         return None
-    if setting == "auto" and model.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return None
-    log.info("fused decode step for batch sizes <= %d (PDL: %s)", max_batch, model.device.type == "cuda")
-    return FusedDecode(model, backend, max_batch)
+    fused = FusedDecode(model, backend, max_batch)
+    log.info("fused decode step for batch sizes <= %d (programmatic dependent launch: %s)", max_batch, fused.pdl)
+    return fused
