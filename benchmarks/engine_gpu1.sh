@@ -35,7 +35,8 @@
 #            and logit_bias on CUDA (check_same), then engine.py with it on
 #   fused_a..fused_e: engine.fused_decode (seventeenth session): its CUDA checks and decode graphs
 #            beside the modules' graphs, the bf16 1B check and engine.py with it, a GEMV tile sweep,
-#            then (fused_e) the defaults once it was made the default
+#            then (fused_e) the defaults once it was made the default; fused_f (not run yet): the
+#            tensor-core kernel for 2-32 rows
 #   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
@@ -185,6 +186,16 @@ case $part in
     step bf16_default 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused
     step engine_default $((560 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads decode_b1,batch --scheduling async
+    ;;
+  fused_f)
+    # (next session) the fused step's tensor-core kernel for 2-32 rows (fused_decode_max_batch 32),
+    # unmeasured when written: checks, the decode graphs beside the modules', tiles, engine.py batch32
+    step check_gemm 240 python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused --fused-decode 32
+    step prof_gemm 150 python3 benchmarks/profile_decode.py --batch-sizes 2,4,8,32 --fused-decode 32 \
+      --fused-tiles ";gemm=64x128x4;gemm=32x256x4;gemm=64x64x4;gemm=16x256x4;gemm_from=3"
+    step prof_modules 90 python3 benchmarks/profile_decode.py --batch-sizes 2,4,8,32 --no-fused-decode
+    step engine_gemm $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
+      --workloads decode_b1,batch --scheduling async --fused-decode 32
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1

@@ -112,19 +112,23 @@ def sweep_variants(engine: Engine, batch: int, size: int, specs: list[str]) -> N
 
 
 def sweep_fused_tiles(engine: Engine, batch: int, size: int, specs: list[str]) -> None:
-    """engine.fused_decode's GEMV tiles: per spec ('small_k=2x4,large_k=1x8,lm_head=4x4'; kinds
-    not named keep the default), recapture the graph of ``size``, run real steps, time the replay."""
+    """engine.fused_decode's GEMV / GEMM tiles: per spec ('small_k=2x4,large_k=1x8,lm_head=4x4,
+    gemm=32x128x4,gemm_from=4'; kinds not named keep the default; gemm_from: the rows from which the
+    tensor-core kernel runs), recapture the graph of ``size``, run real steps, time the replay."""
     graphs = engine.runner.graphs
     fused = graphs.fused
-    defaults = dict(fused.tiles)
+    defaults, default_from = dict(fused.tiles), fused.gemm_from
     engine.async_scheduling = False
     all_sizes, graphs.sizes = graphs.sizes, [size]
     for spec in specs:
-        fused.tiles = dict(defaults)
+        fused.tiles, fused.gemm_from = dict(defaults), default_from
         for item in filter(None, spec.split(",")):
             kind, _, tile = item.partition("=")
+            if kind == "gemm_from":
+                fused.gemm_from = int(tile)
+                continue
             if kind not in defaults:
-                raise SystemExit(f"--fused-tiles {spec!r}: kinds are {sorted(defaults)}")
+                raise SystemExit(f"--fused-tiles {spec!r}: kinds are {sorted(defaults)} and gemm_from")
             fused.tiles[kind] = tuple(int(v) for v in tile.split("x"))
         engine.step()
         graphs.capture()
@@ -134,7 +138,7 @@ def sweep_fused_tiles(engine: Engine, batch: int, size: int, specs: list[str]) -
         replay_ms(graph, 10)
         print(json.dumps({"batch": batch, "graph_size": size, "fused_tiles": spec or "default",
                           "graph_replay_ms": replay_ms(graph)}), flush=True)
-    fused.tiles = defaults
+    fused.tiles, fused.gemm_from = defaults, default_from
     engine.step()
     graphs.sizes = all_sizes
     graphs.capture()

@@ -75,8 +75,10 @@ class EngineConfig(BaseModel):
                             "reason logged where not); true: an unsupported model is an error. One H200, Llama-1B "
                             "shape: batch-1 decode graph 0.89 ms vs 1.14 ms through the modules (benchmarks/README.md)")
     fused_decode_max_batch: int = Field(
-        1, ge=1, le=8, description="Largest decode batch engine.fused_decode runs (batch 2 measured even with the "
-                                   "modules' graph, batch 4 slower: 1.78 vs 1.16 ms)")
+        1, ge=1, le=64, description="Largest decode batch engine.fused_decode runs. 1 row: a GEMV per projection; "
+                                    "2 and more: a tensor-core kernel of the same fusions (not measured on a GPU "
+                                    "yet; the GEMV's first build lost at 2 and 4 rows: 1.17 / 1.78 vs 1.15 / "
+                                    "1.16 ms through the modules)")
     async_scheduling: bool | Literal["auto"] = Field(
         "auto", description="Overlap the host's work for step n+1 (scheduling, staging) with the GPU running "
                             "step n: step n+1 is launched with its new input tokens read on the device from "

@@ -41,6 +41,10 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # the best of seven sets profile_decode.py --fused-tiles swept on one H200 (0.881 ms a batch-1 step,
 # the others 0.889-0.920)
 TILES = {"small_k": (4, 4), "large_k": (2, 8), "lm_head": (4, 4)}
+# steps of >= GEMM_FROM rows take fused_gemm_kernel (tensor cores; outputs x K chunk x warps per
+# program) instead of the GEMV (which re-reads and re-normalises its input per row): not measured
+# on a GPU yet, so engine.fused_decode_max_batch stays 1 by default
+GEMM_FROM, GEMM_TILE = 2, (32, 128, 4)
 MAX_BLOCK_K = 8192  # a program's first weight chunk (held in registers across the PDL wait)
 
 
@@ -121,7 +125,8 @@ class FusedDecode:
         # PDL needs sm_90+ (Hopper); elsewhere the same kernels run with plain stream order
         self.pdl = (not self.interpret and torch.cuda.get_device_capability(dev)[0] >= 9) if pdl is None else pdl
         self.qkv_width = (self.hq + 2 * self.hkv) * self.head_dim
-        self.tiles = dict(TILES)  # read at capture: a captured graph keeps its launches
+        self.tiles = dict(TILES, gemm=GEMM_TILE)  # read at capture: a captured graph keeps its launches
+        self.gemm_from = GEMM_FROM
         self.num_calls = 0
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -169,25 +174,37 @@ class FusedDecode:
             col = hi
 
     def _gemv(self, x, w, b, y, norm=None, glu=None, residual=None, rope=None, tile=None):
+        """y = (residual +) W . norm?(x) (+ b) over x's rows, with the GLU / RoPE epilogues; the GEMV
+        below gemm_from rows, the tensor-core kernel from there."""
+        from workers.engine.fused_decode_kernels import fused_gemm_kernel, fused_gemv_kernel
+
         n, k = w.shape
+        rows = x.shape[0]
+        w2, b2 = glu if glu is not None else (w, b)
+        if rope is not None:
+            n //= 2  # (r, r + D/2) pairs of each head
+        args = (x, x.stride(0), w, w if b is None else b, w2, w2 if b2 is None else b2, y, y.stride(0),
+                y if residual is None else residual, 0 if residual is None else residual.stride(0),
+                w if norm is None else norm.weight, self.cos if rope is None else rope, self.cos, self.sin,
+                self.cos.stride(0))
+        flags = dict(K=k, NORM=norm is not None, GLU=glu is not None, ROPE=rope is not None,
+                     HALF=self.head_dim // 2 if rope is not None else 1, RESIDUAL=residual is not None,
+                     HAS_BIAS=b is not None, PDL=self.pdl, **({"launch_pdl": True} if self.pdl else {}))
+        eps = float(norm.variance_epsilon) if norm is not None else 0.0
+        if rows >= self.gemm_from:
+            block_n, block_k, warps = self.tiles["gemm"]
+            block_k = min(block_k, triton.next_power_of_2(k))
+            precision = "ieee" if w.dtype == torch.float32 else "tf32"
+            fused_gemm_kernel[(triton.cdiv(n, block_n),)](
+                *args, rows, n, eps, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
+                BLOCK_K=block_k, DOT_PRECISION=precision, num_warps=warps, **flags)
+            return
         block_n, warps = tile or self.tiles["small_k" if k <= 4096 else "large_k"]
         block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
         if self.interpret:
             block_n, block_k = max(block_n, 16), min(block_k, 64)  # few programs and chunks for the interpreter
-        w2, b2 = glu if glu is not None else (w, b)
-        if rope is not None:
-            n //= 2  # (r, r + D/2) pairs of each head
-        launch = {"launch_pdl": True} if self.pdl else {}
-        from workers.engine.fused_decode_kernels import fused_gemv_kernel
-
-        fused_gemv_kernel[(triton.cdiv(n, block_n),)](
-            x, x.stride(0), w, w if b is None else b, w2, w2 if b2 is None else b2, y, y.stride(0),
-            y if residual is None else residual, 0 if residual is None else residual.stride(0),
-            w if norm is None else norm.weight, self.cos if rope is None else rope, self.cos, self.sin,
-            self.cos.stride(0), n, float(norm.variance_epsilon) if norm is not None else 0.0,
-            M=x.shape[0], K=k, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm is not None, GLU=glu is not None,
-            ROPE=rope is not None, HALF=self.head_dim // 2 if rope is not None else 1, RESIDUAL=residual is not None,
-            HAS_BIAS=b is not None, PDL=self.pdl, num_warps=warps, **launch)
+        fused_gemv_kernel[(triton.cdiv(n, block_n),)](*args, n, eps, M=rows, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                     num_warps=warps, **flags)
 
     def _rope(self, qkv, pos, q_norm, k_norm):
         from workers.engine.fused_decode_kernels import rope_kernel

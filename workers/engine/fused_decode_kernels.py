@@ -98,29 +98,114 @@ def fused_gemv_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
             if GLU or ROPE:
                 acc2 += tl.sum(tl.load(w2_ptr + w2_rows + cols[None, :], mask=mk, other=0.0).to(tl.float32)
                                * xv[None, :], axis=1)
-        if HAS_BIAS:  # F.linear adds the bias before rounding its output
-            acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            if GLU or ROPE:
-                acc2 += tl.load(b2_ptr + rows2, mask=row_ok, other=0.0).to(tl.float32)
-        out = acc.to(dt).to(tl.float32)
+        if not (GLU or ROPE):
+            acc2 = acc
+        ms = m + tl.arange(0, 1)
+        _finish(acc[None, :], acc2[None, :], ms, ms < M, idx, row_ok, rows, rows2, b_ptr, b2_ptr,
+                y_ptr, stride_ym, res_ptr, stride_rm, pos_ptr, cos_ptr, sin_ptr, stride_cos, dt, GLU, ROPE, HALF,
+                RESIDUAL, HAS_BIAS)
+
+
+@triton.jit
+def _finish(acc, acc2, ms, m_ok, idx, row_ok, rows, rows2, b_ptr, b2_ptr, y_ptr, stride_ym, res_ptr, stride_rm,
+            pos_ptr, cos_ptr, sin_ptr, stride_cos, dt, GLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
+            RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Bias, SiLU*mul (GLU) or RoPE, residual, store: fp32 products acc (acc2: up / the pair's
+    second half) [rows ms, outputs idx], rounded to ``dt`` where the eager modules round."""
+    ok = m_ok[:, None] & row_ok[None, :]
+    if HAS_BIAS:  # F.linear adds the bias before rounding its output
+        acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         if GLU or ROPE:
-            out2 = acc2.to(dt).to(tl.float32)
-        if GLU:
-            out = (out / (1.0 + tl.exp(-out))).to(dt).to(tl.float32) * out2
-            out = out.to(dt).to(tl.float32)
-        if ROPE:  # x * cos + rotate_half(x) * sin, each product rounded as the eager ops round it
-            at = tl.load(pos_ptr + m).to(tl.int64) * stride_cos + idx % HALF
-            c1 = tl.load(cos_ptr + at, mask=row_ok, other=0.0).to(tl.float32)
-            c2 = tl.load(cos_ptr + at + HALF, mask=row_ok, other=0.0).to(tl.float32)
-            s1 = tl.load(sin_ptr + at, mask=row_ok, other=0.0).to(tl.float32)
-            s2 = tl.load(sin_ptr + at + HALF, mask=row_ok, other=0.0).to(tl.float32)
-            a, b = out, out2
-            out = ((a * c1).to(dt).to(tl.float32) + (-b * s1).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-            out2 = ((b * c2).to(dt).to(tl.float32) + (a * s2).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-            tl.store(y_ptr + m * stride_ym + rows2, out2.to(y_ptr.dtype.element_ty), mask=row_ok)
-        if RESIDUAL:
-            out = (tl.load(res_ptr + m * stride_rm + rows, mask=row_ok, other=0.0).to(tl.float32) + out).to(dt)
-        tl.store(y_ptr + m * stride_ym + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
+            acc2 += tl.load(b2_ptr + rows2, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    out = acc.to(dt).to(tl.float32)
+    out2 = acc2.to(dt).to(tl.float32)
+    if GLU:
+        out = (out / (1.0 + tl.exp(-out))).to(dt).to(tl.float32) * out2
+        out = out.to(dt).to(tl.float32)
+    if ROPE:  # x * cos + rotate_half(x) * sin, each product rounded as the eager ops round it
+        at = tl.load(pos_ptr + ms, mask=m_ok, other=0).to(tl.int64)[:, None] * stride_cos + (idx % HALF)[None, :]
+        c1 = tl.load(cos_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + at + HALF, mask=ok, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + at + HALF, mask=ok, other=0.0).to(tl.float32)
+        a, b = out, out2
+        out = ((a * c1).to(dt).to(tl.float32) + (-b * s1).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        out2 = ((b * c2).to(dt).to(tl.float32) + (a * s2).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        tl.store(y_ptr + ms[:, None] * stride_ym + rows2[None, :], out2.to(y_ptr.dtype.element_ty), mask=ok)
+    if RESIDUAL:
+        res = tl.load(res_ptr + ms[:, None] * stride_rm + rows[None, :], mask=ok, other=0.0).to(tl.float32)
+        out = (res + out).to(dt)
+    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], out.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def fused_gemm_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, stride_ym, res_ptr, stride_rm,
+                      norm_ptr, pos_ptr, cos_ptr, sin_ptr, stride_cos, M, N, eps, K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+                      GLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, RESIDUAL: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, PDL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fused_gemv_kernel's outputs for M > 1 rows (<= BLOCK_M, padded to >= 16) on tensor cores:
+    one program per BLOCK_N outputs streams its W rows in BLOCK_K chunks (the first loaded before
+    the PDL wait) and multiplies each chunk with every row at once."""
+    idx = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = idx < N
+    if ROPE:
+        rows = (idx // HALF) * (2 * HALF) + idx % HALF
+        rows2 = rows + HALF
+    else:
+        rows = idx
+        rows2 = idx
+    w_rows = rows.to(tl.int64)[:, None] * K
+    w2_rows = rows2.to(tl.int64)[:, None] * K
+    ms = tl.arange(0, BLOCK_M)
+    m_ok = ms < M
+    cols0 = tl.arange(0, BLOCK_K)
+    if PDL:
+        gdc_launch_dependents()
+    w_first = tl.load(w_ptr + w_rows + cols0[None, :], mask=row_ok[:, None] & (cols0 < K)[None, :], other=0.0)
+    if GLU or ROPE:
+        w2_first = tl.load(w2_ptr + w2_rows + cols0[None, :], mask=row_ok[:, None] & (cols0 < K)[None, :], other=0.0)
+    if PDL:
+        gdc_wait()
+    dt = w_first.dtype
+    x_rows = x_ptr + ms[:, None] * stride_xm
+    r = tl.full([BLOCK_M], 1.0, tl.float32)
+    if NORM:
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + cols0
+            xf = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(xf * xf, axis=1)
+        r = tl.rsqrt(ss / K + eps)
+    xt = _gemm_input(x_rows, norm_ptr, cols0, m_ok, K, r, NORM)
+    acc = tl.dot(xt, tl.trans(w_first), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), input_precision=DOT_PRECISION)
+    if GLU or ROPE:
+        acc2 = tl.dot(xt, tl.trans(w2_first), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                      input_precision=DOT_PRECISION)
+    else:
+        acc2 = acc
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        cols = k0 + cols0
+        wmask = row_ok[:, None] & (cols < K)[None, :]
+        xt = _gemm_input(x_rows, norm_ptr, cols, m_ok, K, r, NORM)
+        acc = tl.dot(xt, tl.trans(tl.load(w_ptr + w_rows + cols[None, :], mask=wmask, other=0.0)), acc,
+                     input_precision=DOT_PRECISION)
+        if GLU or ROPE:
+            acc2 = tl.dot(xt, tl.trans(tl.load(w2_ptr + w2_rows + cols[None, :], mask=wmask, other=0.0)), acc2,
+                          input_precision=DOT_PRECISION)
+    _finish(acc, acc2, ms, m_ok, idx, row_ok, rows, rows2, b_ptr, b2_ptr, y_ptr, stride_ym, res_ptr, stride_rm,
+            pos_ptr, cos_ptr, sin_ptr, stride_cos, dt, GLU, ROPE, HALF, RESIDUAL, HAS_BIAS)
+
+
+@triton.jit
+def _gemm_input(x_rows, norm_ptr, cols, m_ok, K, r, NORM: tl.constexpr):
+    """A [BLOCK_M, BLOCK_K] chunk of the input rows in their dtype, RMS-normalised as the GEMV does."""
+    xt = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0)
+    if NORM:
+        dt = xt.dtype
+        xt = (xt.to(tl.float32) * r[:, None]).to(dt)
+        xt = (xt.to(tl.float32) * tl.load(norm_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]).to(dt)
+    return xt
 
 
 @triton.jit

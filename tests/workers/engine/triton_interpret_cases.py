@@ -266,14 +266,14 @@ def test_padded_general_steps_match_generate(tiny_checkpoint):
 
 @shallow_stack
 @pytest.mark.parametrize("scheduling", ["async"])  # one mode (~50 s of interpreter): the graphs' TokenFill path
-@pytest.mark.parametrize("family,fuse,max_batch", [("llama", True, 2), ("qwen3", False, 1), ("mistral", True, 1),
+@pytest.mark.parametrize("family,fuse,max_batch", [("llama", True, 3), ("qwen3", False, 1), ("mistral", True, 1),
                                                    ("qwen2", False, 2)])
 def test_engine_fused_decode_matches_generate(tiny_checkpoint, scheduling, family, fuse, max_batch):
     """engine.fused_decode's kernels (workers/engine/fused_decode.py) for decode steps of up to
-    ``max_batch`` rows, run eagerly over the graphs' padded inputs as DecodeGraphs would capture
-    them (larger steps take the model's forward): generate's tokens for Llama (fused q|k|v and
-    gate|up), Qwen3 (q/k norms, separate projections), Mistral (sliding window) and Qwen2 (q|k|v
-    bias)."""
+    ``max_batch`` rows (1 row: the GEMV; 2-3: the tensor-core kernel), run eagerly over the graphs'
+    padded inputs as DecodeGraphs would capture them (larger steps take the model's forward):
+    generate's tokens for Llama (fused q|k|v and gate|up), Qwen3 (q/k norms, separate projections),
+    Mistral (sliding window) and Qwen2 (q|k|v bias)."""
     from workers.engine.cuda_graphs import DecodeGraphs
     from workers.engine.fused_decode import FusedDecode, supported
 
@@ -289,7 +289,7 @@ def test_engine_fused_decode_matches_generate(tiny_checkpoint, scheduling, famil
     fused = FusedDecode(runner.model, runner.backend, max_batch=max_batch)
     runner.graphs = EagerPadded(runner.model, runner.backend, [1, 2, 3], fused=fused)
     want = {i: hf_greedy(model_dir, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS[:3])}
-    for group in ([0], [1, 2]):  # decode batches of 1 and 2
+    for group in ([0], [1, 2], [0, 1, 2])[:3 if max_batch >= 3 else 2]:  # decode batches of 1, 2 (and 3)
         before = fused.num_calls
         got = run_all(engine, [PROMPTS[i] for i in group])
         assert got == {f"r{j}": want[i] for j, i in enumerate(group)}, group
