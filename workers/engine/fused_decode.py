@@ -10,8 +10,9 @@ q|k|v and o GEMMs cost a fixed ~6 µs each whatever their bytes. Here a layer is
 (Qwen3's per-head q/k norms come before RoPE: its rotation is a kernel of its own after the GEMV.)
 
 then the final norm + lm_head GEMV. Each GEMV program owns a few rows of W, reads them once and
-applies them to every row of the (small) batch; the RMSNorm before a projection is recomputed by
-every program from the input row (a few KiB). On sm_90+ the kernels run under programmatic
+applies them to every row of the batch; the RMSNorm before a projection is recomputed by every
+program from the input row (a few KiB). Steps of several rows take a tensor-core kernel with the
+same fusions (fused_gemm_kernel: W streamed in chunks, each chunk multiplied with all rows at once). On sm_90+ the kernels run under programmatic
 dependent launch (fused_decode_kernels.py): a GEMV's weights are in flight while the kernel
 before it (the attention, the previous GEMV's tail) still runs. benchmarks/pdl_probe.py measured
 the stand-in on one H200: 0.71-0.86 ms a step against 1.40-1.57 ms through torch ops.
