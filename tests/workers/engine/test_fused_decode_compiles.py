@@ -1,0 +1,66 @@
+"""engine.fused_decode's kernels compile for Hopper (sm_90) on a machine without a GPU: Triton's
+compiler runs to PTX and a cubin here, as it would at a worker's graph capture, so a kernel that
+only the interpreter ever ran (triton_interpret_cases.py) cannot reach a GPU broken; and under PDL
+the code holds the grid dependency instructions (griddepcontrol)."""
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="triton is a test dependency: pip install -e '.[test]'")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from workers.engine import fused_decode_kernels as fk  # noqa: E402
+from workers.engine import triton_kernels as tk  # noqa: E402
+
+pytestmark = pytest.mark.parametrize("scheduling", ["once"])  # no engine: one run, not one per mode
+
+HOPPER = GPUTarget("cuda", 90, 32)
+BF16_PTRS = ("x_ptr", "w_ptr", "b_ptr", "w2_ptr", "b2_ptr", "y_ptr", "res_ptr", "norm_ptr", "cos_ptr", "sin_ptr",
+             "qkv_ptr", "qn_ptr", "kn_ptr")
+TYPES = {**{n: "*bf16" for n in BF16_PTRS}, "pos_ptr": "*i64", "eps": "fp32"}
+GEMV = dict(M=1, K=2048, BLOCK_N=4, BLOCK_K=2048, NORM=True, GLU=False, ROPE=False, HALF=1, RESIDUAL=False,
+            HAS_BIAS=False, PDL=True)
+GEMM = dict(GEMV, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, DOT_PRECISION="tf32")
+del GEMM["M"]
+CASES = {  # name -> (kernel, constexprs): each projection of a layer as fused_decode.py launches it
+    "gemv_qkv_rope_bias": (fk.fused_gemv_kernel, dict(GEMV, ROPE=True, HALF=32, HAS_BIAS=True)),
+    "gemv_gate_up": (fk.fused_gemv_kernel, dict(GEMV, GLU=True)),
+    "gemv_down_residual": (fk.fused_gemv_kernel, dict(GEMV, K=8192, BLOCK_N=2, BLOCK_K=8192, NORM=False,
+                                                      RESIDUAL=True)),
+    "gemv_two_chunks_two_rows": (fk.fused_gemv_kernel, dict(GEMV, M=2, K=14336, BLOCK_N=2, BLOCK_K=8192,
+                                                            RESIDUAL=True, PDL=False)),
+    "gemm_qkv_rope_bias": (fk.fused_gemm_kernel, dict(GEMM, ROPE=True, HALF=32, HAS_BIAS=True)),
+    "gemm_gate_up": (fk.fused_gemm_kernel, dict(GEMM, BLOCK_M=16, GLU=True)),
+    "gemm_down_residual": (fk.fused_gemm_kernel, dict(GEMM, K=8192, NORM=False, RESIDUAL=True)),
+    "rope_head_norm": (fk.rope_kernel, dict(HALF=64, HEAD_NORM=True, PDL=True)),
+}
+
+
+def _compile(fn, constexprs):
+    signature = {name: "constexpr" if name in constexprs else TYPES.get(name, "i32") for name in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=HOPPER,
+                          options={"num_warps": 4})
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_decode_kernels_compile_for_hopper(case):
+    fn, constexprs = CASES[case]
+    ptx = _compile(fn, constexprs).asm["ptx"]
+    assert ("griddepcontrol.wait" in ptx) == constexprs["PDL"], case
+    assert ("griddepcontrol.launch_dependents" in ptx) == constexprs["PDL"], case
+
+
+def test_split_decode_attention_compiles_under_pdl():
+    """The backend's split decode kernel as the fused step launches it (PDL=True)."""
+    consts = dict(G=4, HKV=8, D=64, BLOCK_D=64, BS=16, BLOCK_M=16, BLOCK_N=128, CHUNK_KEYS=256, BLOCK_G=4,
+                  USE_WINDOW=False, WRITE_KV=True, COMBINE_LAST=True, ALL_DECODE=True, INTERPRET=False,
+                  DOT_PRECISION="tf32", PDL=True)
+    types = {n: "*bf16" for n in ("Q", "K", "V", "O", "anchor")}
+    types.update({n: "*fp32" for n in ("part_m", "part_l", "part_acc")}, scale="fp32")
+    types.update({n: "*i32" for n in ("dec_seq", "seq_q_start", "seq_ctx_len", "seq_blk_start", "n_real", "arrivals")})
+    types.update(block_off="*i64", slot_off="*i64", layer_off="i64", kv_off="i64")
+    fn = tk.paged_decode_kernel
+    signature = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
+    ptx = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=HOPPER,
+                         options={"num_warps": 4}).asm["ptx"]
+    assert "griddepcontrol.wait" in ptx
