@@ -36,7 +36,6 @@ from kv_transfer.layout import KVLayout, dtype_name
 from workers.engine.attention import TokenFill
 from workers.engine.block_pool import BlockPool, NoFreeBlocks
 from workers.engine.config import EngineConfig, ModelConfig
-from workers.engine.detokenizer import request_detokenizer
 from workers.engine.device_transfer import DeviceMark
 from workers.engine.kv_cache import KVCache
 from workers.engine.launched_step import LaunchedStep, LaunchedSteps
@@ -53,6 +52,7 @@ from workers.engine.split_points import SplitPoints
 from workers.engine.sampling_constraints import allowed_masks, min_tokens_bans
 from workers.engine.step_inputs import StepInputs
 from workers.engine.structured_output import GrammarState, Grammars, token_bitmask
+from workers.engine.token_outcome import append_token, next_is_last_by_length, token_delta
 from workers.protocol import FinishReason, InvalidRequestError, KVEvent, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class Engine(SplitPoints):
             self.requests.pop(req.request_id, None)
             self.scheduler.free_blocks(req)
             req.status = RequestStatus.FINISHED
-            out.deltas.append(self._delta(req, (), None, None, FinishReason.LENGTH,
+            out.deltas.append(token_delta(req, (), None, None, FinishReason.LENGTH,
                                           error="request needs more KV blocks than this worker has"))
         if launched is not None and launched.sample is not None:
             if self.async_scheduling and not launched.resolve_now:
@@ -291,7 +291,7 @@ class Engine(SplitPoints):
         for req in prev.sampled:
             if req.num_pending != 1 or req.status == finished or req.prefill_only:
                 continue
-            if self._next_is_last_by_length(req):
+            if next_is_last_by_length(req, self.max_model_len):
                 self._publish_blocks(req)
                 self.scheduler.remove(req)
                 req.retired = True
@@ -380,58 +380,18 @@ class Engine(SplitPoints):
         self.scheduler.remove(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = FinishReason.ERROR
-        return self._delta(req, (), None, None, FinishReason.ERROR, error=error)
-
-    def _next_is_last_by_length(self, req: Request) -> bool:
-        """The request's next output token (the host's count) reaches max_tokens or the context."""
-        return len(req.output_token_ids) + 1 >= req.sampling.max_tokens or req.num_tokens + 1 >= self.max_model_len
-
-    def _is_stop_token(self, sp: SamplingParams, token_id: int) -> bool:
-        """One of the request's stop_token_ids, or an EOS it does not ignore."""
-        return token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.runner.eos_token_ids)
+        return token_delta(req, (), None, None, FinishReason.ERROR, error=error)
 
     def _append_token(self, req: Request, token_id: int, logprob, top) -> TokenDelta:
-        grammar_done = False
-        if req.grammar is not None:
-            if not req.grammar.accept_token(token_id):  # sampled under its mask: only if that was empty
-                return self._fail(req, "its grammar and allowed_token_ids leave no token to sample"
-                                  if req.allowed_mask is not None else
-                                  f"internal: token {token_id} does not follow the request's grammar")
-            grammar_done = req.grammar.is_terminated()  # complete, and the model chose EOS
-        by_length = self._next_is_last_by_length(req)
-        req.append_output(token_id)
-        sp, detok = req.sampling, req.detok
-        if detok is None and self.tokenizer is not None:
-            detok = req.detok = request_detokenizer(self.tokenizer, sp, req.prompt_token_ids)
-        finish = None
-        if self._is_stop_token(sp, token_id) or grammar_done:
-            finish = FinishReason.STOP
-        elif detok is not None:
-            detok.add([token_id])
-            if detok.stopped:
-                finish = FinishReason.STOP
-        if finish is None and by_length:
-            finish = FinishReason.LENGTH
-        if logprob is not None:
-            req.logprobs.append(logprob)
+        if req.grammar is not None and not req.grammar.accept_token(token_id):
+            # sampled under its mask: only if that was empty
+            return self._fail(req, "its grammar and allowed_token_ids leave no token to sample"
+                              if req.allowed_mask is not None else
+                              f"internal: token {token_id} does not follow the request's grammar")
+        finish = append_token(req, token_id, logprob, self.tokenizer, self.runner.eos_token_ids, self.max_model_len)
         if finish is not None:
             self.requests.pop(req.request_id, None)
             self.scheduler.remove(req)
             req.status = RequestStatus.FINISHED
             req.finish_reason = finish
-        return self._delta(req, (token_id,), logprob, top, finish)
-
-    def _delta(self, req: Request, token_ids: tuple[int, ...], logprob, top, finish, error=None) -> TokenDelta:
-        text = req.detok.take_delta(final=finish is not None) if req.detok is not None else ""
-        sp = req.sampling
-        prompt_lps = prompt_tops = None
-        if req.prompt_logprobs is not None and token_ids:  # the first token's delta
-            prompt_lps, prompt_tops = req.prompt_logprobs.result()
-            req.prompt_logprobs = None  # a later recompute (preemption) may use the prefix cache again
-        return TokenDelta(
-            request_id=req.request_id, token_ids=token_ids, text=text,
-            logprobs=(logprob,) if logprob is not None and (sp.logprobs or sp.top_logprobs) else None,
-            top_logprobs=(tuple(top),) if top else None, finish_reason=finish,
-            num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=req.num_cached_tokens, error=error,
-            prompt_logprobs=prompt_lps, prompt_top_logprobs=prompt_tops,
-        )
+        return token_delta(req, (token_id,), logprob, top, finish)

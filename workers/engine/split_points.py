@@ -8,7 +8,7 @@ scheduler holds the blocks it asked for back from requests that come after it (a
 value, or equal and arrived later: want_for_import).
 
 Uses Engine's pool, scheduler, requests, block_size, config, layout, kv_cache, worker_id,
-_launched, _new_request, _publish_blocks, _append_token, _next_is_last_by_length and _is_stop_token.
+_launched, max_model_len, runner.eos_token_ids, _new_request, _publish_blocks and _append_token.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 from workers.engine.block_pool import NoFreeBlocks
 from workers.engine.outputs import ImportReservation
 from workers.engine.request import Request, RequestStatus
+from workers.engine.token_outcome import is_stop_token, next_is_last_by_length
 from workers.protocol import KVHandle, SamplingParams, TokenDelta
 
 
@@ -127,8 +128,9 @@ class SplitPoints:
         self.scheduler.running.remove(req)
         req.status = RequestStatus.PINNED
         # what _append_token would end the request by, on the decode side (stop strings aside)
-        final = req.layer_hook_factory is None and (self._next_is_last_by_length(req)
-                                                    or self._is_stop_token(req.sampling, token_id))
+        final = req.layer_hook_factory is None and (
+            next_is_last_by_length(req, self.max_model_len)
+            or is_stop_token(req.sampling, token_id, self.runner.eos_token_ids))
         prompt_lps = prompt_tops = None
         if req.prompt_logprobs is not None:
             prompt_lps, prompt_tops = req.prompt_logprobs.result()
