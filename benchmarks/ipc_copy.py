@@ -107,7 +107,7 @@ def llama_request(mapped: torch.Tensor, dst: torch.Tensor, dev) -> dict:
 
 def _register(name: str, tensor: torch.Tensor):
     """A NIXL agent (UCX) with ``tensor`` registered, as NixlTransceiver registers KV segments."""
-    from kv_transfer.nixl_transceiver import load_nixl, start_agent
+    from kv_transfer.nixl_agent import load_nixl, start_agent
 
     api = load_nixl()
     config = api.nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=[],

@@ -169,7 +169,7 @@ def test_nixl_progress_thread_sleeps_between_rounds():
     native agent (if nixl stops building its config the way start_agent expects, this fails)."""
     import time
 
-    from kv_transfer.nixl_transceiver import load_nixl, start_agent
+    from kv_transfer.nixl_agent import load_nixl, start_agent
 
     api = load_nixl()
     threads = {}
