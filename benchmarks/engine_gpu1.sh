@@ -192,7 +192,7 @@ case $part in
     # unmeasured when written: checks, the decode graphs beside the modules', tiles, engine.py batch32
     step check_gemm 240 python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused --fused-decode 32
     step prof_gemm 150 python3 benchmarks/profile_decode.py --batch-sizes 2,4,8,32 --fused-decode 32 \
-      --fused-tiles ";gemm=64x128x4;gemm=32x256x4;gemm=64x64x4;gemm=16x256x4;gemm_from=3"
+      --fused-tiles ";gemm=128x64x4;gemm=64x128x8;gemm=128x128x8;gemm=64x64x4;gemm=32x128x4;gemm_from=3"
     step prof_modules 90 python3 benchmarks/profile_decode.py --batch-sizes 2,4,8,32 --no-fused-decode
     step engine_gemm $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads decode_b1,batch --scheduling async --fused-decode 32

@@ -45,7 +45,7 @@ TILES = {"small_k": (4, 4), "large_k": (2, 8), "lm_head": (4, 4)}
 # steps of >= GEMM_FROM rows take fused_gemm_kernel (tensor cores; outputs x K chunk x warps per
 # program) instead of the GEMV (which re-reads and re-normalises its input per row): not measured
 # on a GPU yet, so engine.fused_decode_max_batch stays 1 by default
-GEMM_FROM, GEMM_TILE = 2, (32, 128, 4)
+GEMM_FROM, GEMM_TILE = 2, (64, 128, 4)  # 64 rows of W: one Hopper wgmma tile high
 MAX_BLOCK_K = 8192  # a program's first weight chunk (held in registers across the PDL wait)
 
 

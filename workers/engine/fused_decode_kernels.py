@@ -146,7 +146,7 @@ def fused_gemm_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
                       HAS_BIAS: tl.constexpr, PDL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """fused_gemv_kernel's outputs for M > 1 rows (<= BLOCK_M, padded to >= 16) on tensor cores:
     one program per BLOCK_N outputs streams its W rows in BLOCK_K chunks (the first loaded before
-    the PDL wait) and multiplies each chunk with every row at once."""
+    the PDL wait) and multiplies each chunk with every row at once (W as the MMA's M side)."""
     idx = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = idx < N
     if ROPE:
@@ -177,22 +177,26 @@ def fused_gemm_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
             xf = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
             ss += tl.sum(xf * xf, axis=1)
         r = tl.rsqrt(ss / K + eps)
+    # W is the MMA's long side ([BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M]: "swap AB"), so a few rows
+    # still fill the tensor cores' M dimension; acc is transposed back for the epilogue
     xt = _gemm_input(x_rows, norm_ptr, cols0, m_ok, K, r, NORM)
-    acc = tl.dot(xt, tl.trans(w_first), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), input_precision=DOT_PRECISION)
+    acc = tl.dot(w_first, tl.trans(xt), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), input_precision=DOT_PRECISION)
     if GLU or ROPE:
-        acc2 = tl.dot(xt, tl.trans(w2_first), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+        acc2 = tl.dot(w2_first, tl.trans(xt), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
                       input_precision=DOT_PRECISION)
     else:
         acc2 = acc
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + cols0
         wmask = row_ok[:, None] & (cols < K)[None, :]
-        xt = _gemm_input(x_rows, norm_ptr, cols, m_ok, K, r, NORM)
-        acc = tl.dot(xt, tl.trans(tl.load(w_ptr + w_rows + cols[None, :], mask=wmask, other=0.0)), acc,
+        x_t = tl.trans(_gemm_input(x_rows, norm_ptr, cols, m_ok, K, r, NORM))
+        acc = tl.dot(tl.load(w_ptr + w_rows + cols[None, :], mask=wmask, other=0.0), x_t, acc,
                      input_precision=DOT_PRECISION)
         if GLU or ROPE:
-            acc2 = tl.dot(xt, tl.trans(tl.load(w2_ptr + w2_rows + cols[None, :], mask=wmask, other=0.0)), acc2,
+            acc2 = tl.dot(tl.load(w2_ptr + w2_rows + cols[None, :], mask=wmask, other=0.0), x_t, acc2,
                           input_precision=DOT_PRECISION)
+    acc = tl.trans(acc)
+    acc2 = tl.trans(acc2)
     _finish(acc, acc2, ms, m_ok, idx, row_ok, rows, rows2, b_ptr, b2_ptr, y_ptr, stride_ym, res_ptr, stride_rm,
             pos_ptr, cos_ptr, sin_ptr, stride_cos, dt, GLU, ROPE, HALF, RESIDUAL, HAS_BIAS)
 

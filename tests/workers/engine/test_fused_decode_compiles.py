@@ -20,7 +20,7 @@ BF16_PTRS = ("x_ptr", "w_ptr", "b_ptr", "w2_ptr", "b2_ptr", "y_ptr", "res_ptr", 
 TYPES = {**{n: "*bf16" for n in BF16_PTRS}, "pos_ptr": "*i64", "eps": "fp32"}
 GEMV = dict(M=1, K=2048, BLOCK_N=4, BLOCK_K=2048, NORM=True, GLU=False, ROPE=False, HALF=1, RESIDUAL=False,
             HAS_BIAS=False, PDL=True)
-GEMM = dict(GEMV, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, DOT_PRECISION="tf32")
+GEMM = dict(GEMV, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, DOT_PRECISION="tf32")
 del GEMM["M"]
 CASES = {  # name -> (kernel, constexprs): each projection of a layer as fused_decode.py launches it
     "gemv_qkv_rope_bias": (fk.fused_gemv_kernel, dict(GEMV, ROPE=True, HALF=32, HAS_BIAS=True)),
@@ -48,6 +48,8 @@ def test_fused_decode_kernels_compile_for_hopper(case):
     ptx = _compile(fn, constexprs).asm["ptx"]
     assert ("griddepcontrol.wait" in ptx) == constexprs["PDL"], case
     assert ("griddepcontrol.launch_dependents" in ptx) == constexprs["PDL"], case
+    if fn is fk.fused_gemm_kernel:  # 64 rows of W as the MMA's M side: Hopper's warpgroup MMA
+        assert "wgmma" in ptx, case
 
 
 def test_split_decode_attention_compiles_under_pdl():
