@@ -189,11 +189,13 @@ case $part in
     ;;
   fused_f)
     # (next session) the fused step's tensor-core kernel for 2-32 rows (fused_decode_max_batch 32),
-    # unmeasured when written: checks, the decode graphs beside the modules', tiles, engine.py batch32
+    # unmeasured when written: checks, the decode graphs beside the modules', tiles, the attention's
+    # L2 prefetch under PDL (decode_prefetch) at batch 1, engine.py batch32
     step check_gemm 240 python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused --fused-decode 32
     step prof_gemm 150 python3 benchmarks/profile_decode.py --batch-sizes 2,4,8,32 --fused-decode 32 \
       --fused-tiles ";gemm=128x64x4;gemm=64x128x8;gemm=128x128x8;gemm=64x64x4;gemm=32x128x4;gemm_from=3"
     step prof_modules 90 python3 benchmarks/profile_decode.py --batch-sizes 2,4,8,32 --no-fused-decode
+    step prefetch 90 python3 benchmarks/profile_decode.py --batch-sizes 1 --decode-variants "kernel=split;kernel=split,prefetch=1"
     step engine_gemm $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads decode_b1,batch --scheduling async --fused-decode 32
     ;;

@@ -37,7 +37,8 @@ from workers.protocol import SamplingParams  # noqa: E402
 # short name -> TritonPagedAttention attribute
 KNOBS = {"kernel": "decode_kernel", "splits": "decode_splits", "chunk_keys": "decode_chunk_keys",
          "block_n": "decode_split_block_n", "programs": "decode_programs", "warps": "decode_warps",
-         "stages": "decode_stages", "combine": "decode_combine", "fuse_write": "decode_fuse_write"}
+         "stages": "decode_stages", "combine": "decode_combine", "fuse_write": "decode_fuse_write",
+         "prefetch": "decode_prefetch"}
 # split: 256-key chunks of 64-key tiles, auto split count (~one program per SM, at most one per
 # chunk a row can have), 4 warps, merged by the last program, K/V written in the same launch; each
 # line changes one knob (or two: chunk_keys=32 needs 32- or 16-key tiles)

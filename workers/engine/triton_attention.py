@@ -128,6 +128,9 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
         self.decode_combine = "last"  # merge the splits in the last program to finish, or "kernel": a second launch
         self.decode_fuse_write = True  # False: write_kv_kernel writes the new K/V first
         self.decode_pdl = False  # set by engine.fused_decode around its calls: the split kernel under PDL
+        # under PDL, ask L2 for the first chunk's cached K/V before waiting for q/k/v (not measured on a
+        # GPU yet: off; profile_decode.py's decode variant prefetch=1)
+        self.decode_prefetch = False
         self.block_q = 1
         self.num_qblocks = 0
         self.num_tokens = 0
@@ -268,7 +271,9 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
             launch.max_chunks, G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs, BLOCK_M=max(16, block_g),
             BLOCK_N=launch.block_n, CHUNK_KEYS=launch.chunk_keys, BLOCK_G=block_g, USE_WINDOW=bool(sliding_window),
             WRITE_KV=launch.fuse_write, COMBINE_LAST=launch.merge_last, ALL_DECODE=launch.all_decode,
-            INTERPRET=INTERPRET, DOT_PRECISION=precision, PDL=self.decode_pdl, num_warps=launch.warps, **stages,
+            INTERPRET=INTERPRET, DOT_PRECISION=precision, PDL=self.decode_pdl,
+            PREFETCH_LINES=_pow2(-(-self.D * q.element_size() // 128)) if self.decode_pdl and self.decode_prefetch else 0,
+            num_warps=launch.warps, **stages,
         )
         if not launch.merge_last:
             decode_combine_kernel[(launch.rows, self.H)](

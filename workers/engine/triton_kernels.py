@@ -288,14 +288,21 @@ def paged_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_KEYS: tl.constexpr, BLOCK_G: tl.constexpr,
     USE_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, COMBINE_LAST: tl.constexpr, ALL_DECODE: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
+    PREFETCH_LINES: tl.constexpr = 0,
 ):
     """Program (i, kvh, j) of a (rows, HKV, SPLITS) grid: decode row i (ALL_DECODE: sequence i,
     token i; else sequence dec_seq[i], token seq_q_start[s]), the G query heads of KV head kvh,
     chunks j, j + SPLITS, ... of the row (programs past its chunks do nothing). PDL (launched with
     programmatic dependent launch, engine.fused_decode): the next kernel may launch at once (its
-    weights load meanwhile); this one waits for the previous kernel's writes before reading."""
+    weights load meanwhile); this one waits for the previous kernel's writes before reading. With
+    PREFETCH_LINES (> 0: 128-byte lines per cached key row), it first asks L2 for its first chunk's
+    cached K/V, which earlier steps wrote, not the kernels it waits for."""
     if PDL:
         gdc_launch_dependents()
+        if PREFETCH_LINES > 0:
+            _prefetch_chunk(tl.program_id(0), tl.program_id(1), tl.program_id(2), anchor, layer_off, kv_off,
+                            block_off, dec_seq, seq_ctx_len, seq_blk_start, window, HKV, D, BS, CHUNK_KEYS,
+                            USE_WINDOW, ALL_DECODE, PREFETCH_LINES)
         gdc_wait()
     i = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -360,6 +367,33 @@ def paged_decode_kernel(
                         tl.store(arrivals + i * HKV + kvh, 0)
                         _combine_chunks(part_m, part_l, part_acc, row0, n_chunks, O, o_off, o_stride_h, G, D,
                                         BLOCK_G, BLOCK_D, INTERPRET)
+
+
+_L2_PREFETCH = tl.constexpr("{ .reg .pred p; setp.ne.u32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }")
+
+
+@triton.jit
+def _prefetch_chunk(i, kvh, j, anchor, layer_off, kv_off, block_off, dec_seq, seq_ctx_len, seq_blk_start, window,
+                    HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, CHUNK_KEYS: tl.constexpr,
+                    USE_WINDOW: tl.constexpr, ALL_DECODE: tl.constexpr, LINES: tl.constexpr):
+    """L2 prefetch of the cached K and V rows of chunk j of decode row i, KV head kvh (the new key,
+    the last position, is not in the cache yet)."""
+    if ALL_DECODE:
+        s = i
+    else:
+        s = tl.load(dec_seq + i)
+    ctx = tl.load(seq_ctx_len + s)
+    lo, n_chunks = _decode_chunking(ctx, window, CHUNK_KEYS, USE_WINDOW)
+    n = lo + j * CHUNK_KEYS + tl.arange(0, CHUNK_KEYS)
+    live = (j < n_chunks) & (n < ctx - 1)
+    base = (tl.load(block_off + tl.load(seq_blk_start + s) + n // BS, mask=live, other=0) + layer_off
+            + (n % BS) * (HKV * D) + kvh * D)
+    lines = tl.arange(0, LINES) * (1024 // anchor.dtype.element_ty.primitive_bitwidth)  # elements a 128-byte line
+    at = anchor + base[:, None] + lines[None, :]
+    on = tl.broadcast_to(live[:, None], at.shape).to(tl.int32)
+    k = tl.inline_asm_elementwise(_L2_PREFETCH, "=r,l,r", [at, on], dtype=tl.int32, is_pure=False, pack=1)
+    v = tl.inline_asm_elementwise(_L2_PREFETCH, "=r,l,r", [at + kv_off, on], dtype=tl.int32, is_pure=False, pack=1)
+    return tl.sum(k + v)
 
 
 @triton.jit

@@ -53,10 +53,11 @@ def test_fused_decode_kernels_compile_for_hopper(case):
 
 
 def test_split_decode_attention_compiles_under_pdl():
-    """The backend's split decode kernel as the fused step launches it (PDL=True)."""
+    """The backend's split decode kernel as the fused step launches it (PDL=True), with the L2
+    prefetch of its first chunk (decode_prefetch)."""
     consts = dict(G=4, HKV=8, D=64, BLOCK_D=64, BS=16, BLOCK_M=16, BLOCK_N=128, CHUNK_KEYS=256, BLOCK_G=4,
                   USE_WINDOW=False, WRITE_KV=True, COMBINE_LAST=True, ALL_DECODE=True, INTERPRET=False,
-                  DOT_PRECISION="tf32", PDL=True)
+                  DOT_PRECISION="tf32", PDL=True, PREFETCH_LINES=1)
     types = {n: "*bf16" for n in ("Q", "K", "V", "O", "anchor")}
     types.update({n: "*fp32" for n in ("part_m", "part_l", "part_acc")}, scale="fp32")
     types.update({n: "*i32" for n in ("dec_seq", "seq_q_start", "seq_ctx_len", "seq_blk_start", "n_real", "arrivals")})
@@ -66,3 +67,4 @@ def test_split_decode_attention_compiles_under_pdl():
     ptx = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=HOPPER,
                          options={"num_warps": 4}).asm["ptx"]
     assert "griddepcontrol.wait" in ptx
+    assert "prefetch.global.L2" in ptx  # engine's decode_prefetch: the first chunk's cached K/V asked for first
