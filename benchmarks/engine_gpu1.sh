@@ -35,8 +35,8 @@
 #            and logit_bias on CUDA (check_same), then engine.py with it on
 #   fused_a..fused_e: engine.fused_decode (seventeenth session): its CUDA checks and decode graphs
 #            beside the modules' graphs, the bf16 1B check and engine.py with it, a GEMV tile sweep,
-#            then (fused_e) the defaults once it was made the default; fused_f (not run yet): the
-#            tensor-core kernel for 2-32 rows
+#            then (fused_e) the defaults once it was made the default; fused_f, fused_g (not run
+#            yet): the tensor-core kernel for 2-32 rows, the attention's L2 prefetch
 #   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
@@ -189,13 +189,17 @@ case $part in
     ;;
   fused_f)
     # (next session) the fused step's tensor-core kernel for 2-32 rows (fused_decode_max_batch 32),
-    # unmeasured when written: checks, the decode graphs beside the modules', tiles, the attention's
-    # L2 prefetch under PDL (decode_prefetch) at batch 1, engine.py batch32
-    step check_gemm 240 python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused --fused-decode 32
-    step prof_gemm 150 python3 benchmarks/profile_decode.py --batch-sizes 2,4,8,32 --fused-decode 32 \
+    # unmeasured when written: checks with it, then the decode graphs and a tile sweep beside the
+    # modules' graphs
+    step check_gemm 280 python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused --fused-decode 32
+    step prof_gemm 200 python3 benchmarks/profile_decode.py --batch-sizes 2,4,8,32 --fused-decode 32 \
       --fused-tiles ";gemm=128x64x4;gemm=64x128x8;gemm=128x128x8;gemm=64x64x4;gemm=32x128x4;gemm_from=3"
-    step prof_modules 90 python3 benchmarks/profile_decode.py --batch-sizes 2,4,8,32 --no-fused-decode
-    step prefetch 90 python3 benchmarks/profile_decode.py --batch-sizes 1 --decode-variants "kernel=split;kernel=split,prefetch=1"
+    step prof_modules $((570 - (SECONDS - t0))) python3 benchmarks/profile_decode.py --batch-sizes 2,4,8,32 --no-fused-decode
+    ;;
+  fused_g)
+    # the attention's L2 prefetch under PDL (decode_prefetch) at batch 1, then engine.py with the
+    # tensor-core kernel up to batch 32
+    step prefetch 200 python3 benchmarks/profile_decode.py --batch-sizes 1 --decode-variants "kernel=split;kernel=split,prefetch=1"
     step engine_gemm $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads decode_b1,batch --scheduling async --fused-decode 32
     ;;
