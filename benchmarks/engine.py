@@ -318,7 +318,9 @@ def main(argv=None) -> int:
                   compile_decode=ecfg.compile_decode and engine.runner.graphs is not None,
                   fuse_projections=engine.runner.fused_groups > 0,
                   gemv=[f"{r['shape'][0]}x{r['shape'][1]}:{r['kernel']}" for r in engine.runner.gemv_choices],
-                  engine_init_s=round(init_s, 2), hf_compiled=not args.hf_eager, rope_tables=engine.runner.rope_tables)
+                  engine_init_s=round(init_s, 2), hf_compiled=not args.hf_eager, rope_tables=engine.runner.rope_tables,
+                  # decode batches <= this run engine.fused_decode's kernels (0: none)
+                  fused_decode_max_batch=getattr(getattr(engine.runner.graphs, "fused", None), "max_batch", 0))
     if args.device == "cuda":
         common["card"] = torch.cuda.get_device_name()
     benches = {"decode_b1": bench_decode_b1, "batch": bench_batch, "many": bench_many}
