@@ -135,23 +135,28 @@ class FusedDecode:
         rows = ids.shape[1]
         if rows > self.max_batch:
             raise ValueError(f"fused decode runs <= {self.max_batch} rows, got {rows}")
-        x = self.embed(ids[0])  # [B, hidden], the residual stream (updated in place)
+        # the attention under PDL too (the o GEMV launches and loads W meanwhile), during this call only
+        self.backend.decode_pdl = self.pdl
+        try:
+            return self._step(ids[0], pos[0])
+        finally:
+            self.backend.decode_pdl = False
+
+    def _step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        rows = ids.shape[0]
+        x = self.embed(ids)  # [B, hidden], the residual stream (updated in place)
         qkv = x.new_empty(rows, self.qkv_width)
         hq_d = self.hq * self.head_dim
         for lw in self.layers:
             if lw["q_norm"] is None:  # RoPE in the q|k GEMV's epilogue
-                self._project(x, lw["qkv"], qkv, lw["n1"], pos[0])
+                self._project(x, lw["qkv"], qkv, lw["n1"], pos)
             else:  # per-head norms first: a kernel of its own over whole heads
                 self._project(x, lw["qkv"], qkv, lw["n1"], None)
-                self._rope(qkv, pos[0], lw["q_norm"], lw["k_norm"])
+                self._rope(qkv, pos, lw["q_norm"], lw["k_norm"])
             q = qkv[:, :hq_d].view(1, rows, self.hq, self.head_dim).transpose(1, 2)
             k = qkv[:, hq_d:hq_d + self.hkv * self.head_dim].view(1, rows, self.hkv, self.head_dim).transpose(1, 2)
             v = qkv[:, hq_d + self.hkv * self.head_dim:].view(1, rows, self.hkv, self.head_dim).transpose(1, 2)
-            self.backend.decode_pdl = self.pdl  # the attention lets the o GEMV launch (and load W) meanwhile
-            try:
-                out = self.backend._forward(lw["layer"], q, k, v, lw["scaling"], lw["window"])  # [1, B, Hq, D]
-            finally:
-                self.backend.decode_pdl = False
+            out = self.backend._forward(lw["layer"], q, k, v, lw["scaling"], lw["window"])  # [1, B, Hq, D]
             self._gemv(out.view(rows, hq_d), *lw["o"], x, residual=x)
             act = x.new_empty(rows, lw["gate"][0].shape[0])
             self._gemv(x, *lw["gate"], act, norm=lw["n2"], glu=lw["up"])

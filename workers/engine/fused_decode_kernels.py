@@ -29,17 +29,59 @@ def _rms_scale(x_ptr, K: tl.constexpr, eps, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _normalised(xv, norm_ptr, cols, K, r, NORM: tl.constexpr):
-    """A chunk of the GEMV's input row in fp32: raw, or RMS-normalised as LlamaRMSNorm rounds it."""
+    """A chunk of input (one row [BLOCK_K], or rows [BLOCK_M, BLOCK_K] with r [BLOCK_M, 1]) in its
+    dtype: raw, or RMS-normalised as LlamaRMSNorm rounds it."""
     if NORM:
         dt = xv.dtype
         xv = (xv.to(tl.float32) * r).to(dt)
         xv = (xv.to(tl.float32) * tl.load(norm_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)).to(dt)
-    return xv.to(tl.float32)
+    return xv
 
 
 @triton.jit
 def _input_chunk(x_ptr, norm_ptr, cols, K, r, NORM: tl.constexpr):
-    return _normalised(tl.load(x_ptr + cols, mask=cols < K, other=0.0), norm_ptr, cols, K, r, NORM)
+    """A chunk of the GEMV's input row in fp32."""
+    return _normalised(tl.load(x_ptr + cols, mask=cols < K, other=0.0), norm_ptr, cols, K, r, NORM).to(tl.float32)
+
+
+@triton.jit
+def _output_rows(N, K: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr):
+    """This program's outputs idx (< N), the W rows computing them and their element offsets: with
+    ROPE, output pair idx of a head = rows (r, r + HALF) of W; else row idx (twice)."""
+    idx = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROPE:
+        rows = (idx // HALF) * (2 * HALF) + idx % HALF
+        rows2 = rows + HALF
+    else:
+        rows = idx
+        rows2 = idx
+    return idx, idx < N, rows, rows2, rows.to(tl.int64)[:, None] * K, rows2.to(tl.int64)[:, None] * K
+
+
+@triton.jit
+def _weights_before_wait(w_ptr, w2_ptr, w_rows, w2_rows, row_ok, cols0, K, TWO: tl.constexpr, PDL: tl.constexpr):
+    """Under PDL: lets the next kernel launch, loads the first chunk of this program's W rows (and
+    W2's with TWO; else W's again), which no earlier kernel writes, then waits for the earlier
+    kernels' outputs."""
+    if PDL:
+        gdc_launch_dependents()
+    mask = row_ok[:, None] & (cols0 < K)[None, :]
+    w_first = tl.load(w_ptr + w_rows + cols0[None, :], mask=mask, other=0.0)
+    w2_first = w_first
+    if TWO:
+        w2_first = tl.load(w2_ptr + w2_rows + cols0[None, :], mask=mask, other=0.0)
+    if PDL:
+        gdc_wait()
+    return w_first, w2_first
+
+
+@triton.jit
+def _rotate(a, b, c1, c2, s1, s2, dt):
+    """(a, b) = x[r], x[r + HALF] -> x * cos + rotate_half(x) * sin at those places, each product
+    rounded to ``dt`` as transformers' eager apply_rotary_pos_emb rounds it."""
+    f32 = tl.float32
+    return (((a * c1).to(dt).to(f32) + (-b * s1).to(dt).to(f32)).to(dt),
+            ((b * c2).to(dt).to(f32) + (a * s2).to(dt).to(f32)).to(dt))
 
 
 @triton.jit
@@ -52,26 +94,9 @@ def fused_gemv_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
     outputs. GLU: y[rows] = silu(W[rows] . h + b) * (W2[rows] . h + b2). ROPE (W = whole heads of
     2 * HALF rows, N = pairs): output pairs (r, r + HALF) of a head, rotated as transformers'
     apply_rotary_pos_emb does at the row's position (cos/sin tables [positions, 2 * HALF])."""
-    idx = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = idx < N
-    if ROPE:
-        rows = (idx // HALF) * (2 * HALF) + idx % HALF
-        rows2 = rows + HALF
-    else:
-        rows = idx
-        rows2 = idx
-    w_rows = rows.to(tl.int64)[:, None] * K
-    w2_rows = rows2.to(tl.int64)[:, None] * K
+    idx, row_ok, rows, rows2, w_rows, w2_rows = _output_rows(N, K, BLOCK_N, ROPE, HALF)
     cols0 = tl.arange(0, BLOCK_K)
-    m0 = row_ok[:, None] & (cols0 < K)[None, :]
-    if PDL:
-        gdc_launch_dependents()
-    # the first chunk of weights depends on no earlier kernel: in flight before the wait
-    w_first = tl.load(w_ptr + w_rows + cols0[None, :], mask=m0, other=0.0)
-    if GLU or ROPE:
-        w2_first = tl.load(w2_ptr + w2_rows + cols0[None, :], mask=m0, other=0.0)
-    if PDL:
-        gdc_wait()
+    w_first, w2_first = _weights_before_wait(w_ptr, w2_ptr, w_rows, w2_rows, row_ok, cols0, K, GLU or ROPE, PDL)
     dt = w_first.dtype
     for m in tl.static_range(M):
         x_row = x_ptr + m * stride_xm
@@ -81,7 +106,7 @@ def fused_gemv_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
             if NORM:
                 xf = xv.to(tl.float32)
                 r = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
-            xv = _normalised(xv, norm_ptr, cols0, K, r, NORM)
+            xv = _normalised(xv, norm_ptr, cols0, K, r, NORM).to(tl.float32)
         else:
             if NORM:
                 r = _rms_scale(x_row, K, eps, BLOCK_K)
@@ -128,9 +153,8 @@ def _finish(acc, acc2, ms, m_ok, idx, row_ok, rows, rows2, b_ptr, b2_ptr, y_ptr,
         c2 = tl.load(cos_ptr + at + HALF, mask=ok, other=0.0).to(tl.float32)
         s1 = tl.load(sin_ptr + at, mask=ok, other=0.0).to(tl.float32)
         s2 = tl.load(sin_ptr + at + HALF, mask=ok, other=0.0).to(tl.float32)
-        a, b = out, out2
-        out = ((a * c1).to(dt).to(tl.float32) + (-b * s1).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        out2 = ((b * c2).to(dt).to(tl.float32) + (a * s2).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        out, out2 = _rotate(out, out2, c1, c2, s1, s2, dt)
+        out = out.to(tl.float32)
         tl.store(y_ptr + ms[:, None] * stride_ym + rows2[None, :], out2.to(y_ptr.dtype.element_ty), mask=ok)
     if RESIDUAL:
         res = tl.load(res_ptr + ms[:, None] * stride_rm + rows[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -147,26 +171,11 @@ def fused_gemm_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
     """fused_gemv_kernel's outputs for M > 1 rows (<= BLOCK_M, padded to >= 16) on tensor cores:
     one program per BLOCK_N outputs streams its W rows in BLOCK_K chunks (the first loaded before
     the PDL wait) and multiplies each chunk with every row at once (W as the MMA's M side)."""
-    idx = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = idx < N
-    if ROPE:
-        rows = (idx // HALF) * (2 * HALF) + idx % HALF
-        rows2 = rows + HALF
-    else:
-        rows = idx
-        rows2 = idx
-    w_rows = rows.to(tl.int64)[:, None] * K
-    w2_rows = rows2.to(tl.int64)[:, None] * K
+    idx, row_ok, rows, rows2, w_rows, w2_rows = _output_rows(N, K, BLOCK_N, ROPE, HALF)
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
     cols0 = tl.arange(0, BLOCK_K)
-    if PDL:
-        gdc_launch_dependents()
-    w_first = tl.load(w_ptr + w_rows + cols0[None, :], mask=row_ok[:, None] & (cols0 < K)[None, :], other=0.0)
-    if GLU or ROPE:
-        w2_first = tl.load(w2_ptr + w2_rows + cols0[None, :], mask=row_ok[:, None] & (cols0 < K)[None, :], other=0.0)
-    if PDL:
-        gdc_wait()
+    w_first, w2_first = _weights_before_wait(w_ptr, w2_ptr, w_rows, w2_rows, row_ok, cols0, K, GLU or ROPE, PDL)
     dt = w_first.dtype
     x_rows = x_ptr + ms[:, None] * stride_xm
     r = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -177,6 +186,7 @@ def fused_gemm_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
             xf = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
             ss += tl.sum(xf * xf, axis=1)
         r = tl.rsqrt(ss / K + eps)
+    r = r[:, None]
     # W is the MMA's long side ([BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M]: "swap AB"), so a few rows
     # still fill the tensor cores' M dimension; acc is transposed back for the epilogue
     xt = _gemm_input(x_rows, norm_ptr, cols0, m_ok, K, r, NORM)
@@ -203,13 +213,9 @@ def fused_gemm_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
 
 @triton.jit
 def _gemm_input(x_rows, norm_ptr, cols, m_ok, K, r, NORM: tl.constexpr):
-    """A [BLOCK_M, BLOCK_K] chunk of the input rows in their dtype, RMS-normalised as the GEMV does."""
-    xt = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0)
-    if NORM:
-        dt = xt.dtype
-        xt = (xt.to(tl.float32) * r[:, None]).to(dt)
-        xt = (xt.to(tl.float32) * tl.load(norm_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]).to(dt)
-    return xt
+    """A [BLOCK_M, BLOCK_K] chunk of the input rows (r: [BLOCK_M, 1]) in their dtype."""
+    return _normalised(tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0),
+                       norm_ptr, cols, K, r, NORM)
 
 
 @triton.jit
@@ -243,8 +249,6 @@ def rope_kernel(qkv_ptr, stride_m, pos_ptr, cos_ptr, sin_ptr, stride_cos, qn_ptr
     c2 = tl.load(cos_ptr + p * stride_cos + HALF + half).to(tl.float32)
     s1 = tl.load(sin_ptr + p * stride_cos + half).to(tl.float32)
     s2 = tl.load(sin_ptr + p * stride_cos + HALF + half).to(tl.float32)
-    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-    o1 = (a1 * c1).to(dt).to(tl.float32) + (-a2 * s1).to(dt).to(tl.float32)
-    o2 = (a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)
-    tl.store(base + half, o1.to(dt))
-    tl.store(base + HALF + half, o2.to(dt))
+    o1, o2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), c1, c2, s1, s2, dt)
+    tl.store(base + half, o1)
+    tl.store(base + HALF + half, o2)

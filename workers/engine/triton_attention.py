@@ -28,8 +28,8 @@ from workers.engine.triton_staging import (DECODE_COMBINES, DECODE_KERNELS, MAX_
 try:
     import triton
 
-    from workers.engine.triton_kernels import (decode_combine_kernel, paged_attention_kernel, paged_decode_kernel,
-                                               write_kv_kernel)
+    from workers.engine.triton_decode_kernels import decode_combine_kernel, paged_decode_kernel
+    from workers.engine.triton_kernels import paged_attention_kernel, write_kv_kernel
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(
         "attention_backend 'triton' needs the triton package (pip install triton; it ships with CUDA "
