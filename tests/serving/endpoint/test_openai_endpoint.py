@@ -1,6 +1,7 @@
 """The serving path end to end: real etcd, Ray, NIXL, a tiny transformers model; the official
 openai client against 1 prefill + 1 decode: greedy output token-identical to transformers'
-generate, the endpoint's options, routes and errors (n choices: test_choices.py)."""
+generate, the endpoint's options, routes and errors (n choices: test_choices.py; logit_bias,
+min_tokens, min_p: test_sampling_options.py)."""
 
 import httpx
 import openai
@@ -198,39 +199,6 @@ def test_echo_with_logprobs_is_lm_eval_loglikelihood(client, cluster, model_dir,
     assert "echo" in e.value.body["message"]
 
 
-def test_logit_bias(client, cluster, tokenizer):
-    """+100 on one token: every output token is that one (both endpoints); keys that are not token
-    ids, ids past the vocabulary and biases out of [-100, 100] are 400s naming logit_bias."""
-    t = tokenizer(" Paris").input_ids[-1]
-    r = client.completions.create(model=model_name(cluster), prompt=PROMPTS[0], max_tokens=5, temperature=0,
-                                  logit_bias={str(t): 100}, extra_body={"ignore_eos": True})
-    assert r.choices[0].text == tokenizer.decode([t] * 5)
-    c = client.chat.completions.create(model=model_name(cluster), messages=[{"role": "user", "content": "hi"}],
-                                       max_tokens=3, temperature=0.8, logit_bias={str(t): 100},
-                                       extra_body={"ignore_eos": True})
-    assert c.choices[0].message.content == tokenizer.decode([t] * 3)
-    for bad in ({"abc": 1}, {"5": 101}, {str(10**7): 1}, {"5": 1, "05": 2}):
-        with pytest.raises(openai.BadRequestError) as e:
-            client.completions.create(model=model_name(cluster), prompt="hi", max_tokens=2, logit_bias=bad)
-        assert "logit_bias" in (e.value.body.get("param") or "") + e.value.body["message"], e.value.body
-
-
-def test_min_tokens(client, cluster, model_dir, tokenizer):
-    """vLLM's min_tokens through the endpoint: the greedy 2nd token as a stop token ends a request
-    at 2 tokens, but not before min_tokens; min_tokens over max_tokens is a 400."""
-    ids = tokenizer(PROMPTS[0]).input_ids
-    second = hf_greedy(model_dir, ids, 2)[1]
-    kwargs = dict(model=model_name(cluster), prompt=ids, max_tokens=6, temperature=0, logprobs=0)
-    plain = client.completions.create(**kwargs, extra_body={"ignore_eos": True, "stop_token_ids": [second]})
-    held = client.completions.create(**kwargs, extra_body={"ignore_eos": True, "stop_token_ids": [second],
-                                                           "min_tokens": 4})
-    assert len(plain.choices[0].logprobs.tokens) == 2 and plain.choices[0].finish_reason == "stop"
-    assert len(held.choices[0].logprobs.tokens) >= 4
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=model_name(cluster), prompt="hi", max_tokens=2, extra_body={"min_tokens": 3})
-    assert e.value.body["param"] == "min_tokens"
-
-
 def test_priority(client, cluster, model_dir, tokenizer):
     """vLLM's priority extra: a request with one is served as without (greedy, token-identical to
     generate; chat too); a value that is not an int32 is a 400 naming priority."""
@@ -354,20 +322,6 @@ def test_stream_interval_sends_tokens_in_chunks(second_endpoint, cluster, model_
     assert len(per_chunk) <= 1 + -(-(n - 1) // 4), per_chunk  # fewer messages than tokens
     want = tokenizer.decode(hf_greedy(model_dir, ids, n), skip_special_tokens=True)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want
-
-
-def test_min_p(client, cluster):
-    """vLLM's min_p through the endpoint: at 1 only the most likely token survives, so a seeded
-    sample at temperature 1 is the greedy output; outside [0, 1] a 400 naming it."""
-    kwargs = dict(model=model_name(cluster), prompt=PROMPTS[0], max_tokens=8, extra_body={"ignore_eos": True})
-    greedy = client.completions.create(temperature=0, **kwargs).choices[0].text
-    sampled = client.completions.create(temperature=1.0, seed=3, **kwargs).choices[0].text
-    kwargs["extra_body"] = kwargs["extra_body"] | {"min_p": 1.0}
-    assert sampled != greedy  # the seed really samples
-    assert client.completions.create(temperature=1.0, seed=3, **kwargs).choices[0].text == greedy
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(temperature=1.0, **(kwargs | {"extra_body": {"min_p": 1.5}}))
-    assert e.value.body["param"] == "min_p", e.value.body
 
 
 def test_vllm_text_and_prompt_options(client, cluster, tokenizer):
