@@ -223,8 +223,8 @@ class Runner:
                     await asyncio.sleep(0.5)  # let the router's view of queues and counters settle
                     if ours:
                         after = await cluster_events(url)
-                        row["events"] = {k: after[k] - before[k] for k in after
-                                         if after[k] != before[k] and k != "kv_blocks_in_use"}
+                        row["events"] = {k: after[k] - before.get(k, 0.0) for k in after
+                                         if after[k] != before.get(k, 0.0) and k != "kv_blocks_in_use"}
                         row["kv_blocks_in_use_after"] = after["kv_blocks_in_use"]  # idle: 0, else a leak
                         row["worker_hops_ms"] = self.hop_times(url)
                     self.rows.append(row)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -144,10 +145,15 @@ EVENT_COUNTERS = {"pdserve_transfers_total": "kv_transfers", "pdserve_preemption
                   "pdserve_import_waits_total": "import_waits",
                   # a gauge: referenced KV blocks; once a run is over and idle, anything here is a leak
                   "pdserve_kv_used_blocks": "kv_blocks_in_use"}
+# counted by one label: routed_<reason> (the router's decisions), ttft_remote_<why> (why the ttft
+# rule did not keep a prompt on its decode worker)
+LABELLED_COUNTERS = {"pdserve_routing_decisions_total": ("reason", "routed_"),
+                     "pdserve_ttft_remote_prefills_total": ("why", "ttft_remote_")}
 
 
 async def cluster_events(url: str) -> dict[str, float]:
-    """EVENT_COUNTERS' current totals (Prometheus text format, one sample per worker)."""
+    """EVENT_COUNTERS' current totals (Prometheus text format, one sample per worker), and
+    LABELLED_COUNTERS' by their label's value (only those seen)."""
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         r = await client.get("/metrics")
         r.raise_for_status()
@@ -156,4 +162,10 @@ async def cluster_events(url: str) -> dict[str, float]:
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in EVENT_COUNTERS:
             out[EVENT_COUNTERS[name]] += float(line.rsplit(" ", 1)[1])
+        elif name in LABELLED_COUNTERS:
+            label, prefix = LABELLED_COUNTERS[name]
+            value = re.search(label + r'="([^"]*)"', line)
+            if value:
+                key = prefix + value.group(1)
+                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
     return out

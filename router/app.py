@@ -312,6 +312,8 @@ class OpenAIIngress:
         def on_event(kind, what):
             if kind == "routed":
                 self.metrics.routed.labels(what.decode.worker_id, what.reason).inc()
+                if what.ttft is not None and what.ttft.remote_because is not None:
+                    self.metrics.ttft_remote.labels(what.ttft.remote_because).inc()
             elif kind == "migrated":
                 self.metrics.migrations.inc()
 

@@ -330,6 +330,6 @@ def _ttft_fields(plan: RoutePlan) -> dict:
         return {}
     return {"ttft_local_s": round(e.local_s, 4), "ttft_remote_s": round(e.remote_s, 4),
             "local_pending_tokens": e.local_pending_tokens, "remote_pending_tokens": e.remote_pending_tokens,
-            "local_free_blocks": e.local_free_blocks,
+            "local_free_blocks": e.local_free_blocks, "remote_because": e.remote_because,
             "local_rate_tokens_per_s": round(e.local_rate_tokens_per_s), "remote_rate_tokens_per_s":
             round(e.remote_rate_tokens_per_s)}

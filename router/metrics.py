@@ -19,6 +19,8 @@ class EndpointMetrics:
         self.e2e = Histogram("pdserve_e2e_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("pdserve_queue_depth", "Requests in flight at this endpoint", registry=r)
         self.routed = Counter("pdserve_routing_decisions", "Routing decisions", ["decode_worker", "reason"], registry=r)
+        self.ttft_remote = Counter("pdserve_ttft_remote_prefills", "Prompts the ttft rule sent to a prefill worker, by "
+                                   "why not local: over_cap, short_of_blocks, slower", ["why"], registry=r)
         self.migrations = Counter("pdserve_migrations", "Requests migrated after a decode worker failed", registry=r)
         self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens served", registry=r)
         self.completion_tokens = Counter("pdserve_completion_tokens", "Completion tokens served", registry=r)

@@ -108,10 +108,22 @@ class TTFTEstimate:
     remote_rate_tokens_per_s: float
     local_free_blocks: int  # the decode worker's free KV blocks as last reported
     local_allowed: bool  # local_pending_tokens <= local_prefill_max_pending_tokens, and fit in local_free_blocks
+    local_over_cap: bool = False  # local_pending_tokens > local_prefill_max_pending_tokens
 
     @property
     def prefers_local(self) -> bool:
         return self.local_allowed and self.local_s < self.remote_s
+
+    @property
+    def remote_because(self) -> str | None:
+        """Why the prompt went to the prefill worker (None: it stays local): over_cap (the decode
+        worker's pending prefill tokens would pass the cap), short_of_blocks (they would not fit in
+        its free KV blocks), or slower (local was allowed but estimated slower)."""
+        if self.prefers_local:
+            return None
+        if not self.local_allowed:
+            return "over_cap" if self.local_over_cap else "short_of_blocks"
+        return "slower"
 
 
 @dataclass(frozen=True)
@@ -251,7 +263,7 @@ def estimate_ttft(decode: WorkerLoad, num_local_uncached: int, local_rate_tokens
                         remote_rate_tokens_per_s=remote_rate_tokens_per_s,
                         local_allowed=(local <= local_max_pending_tokens
                                        and num_blocks(local, block_size) <= free_blocks),
-                        local_free_blocks=free_blocks)
+                        local_free_blocks=free_blocks, local_over_cap=local > local_max_pending_tokens)
 
 
 def plan_route(num_prompt_tokens: int, block_size: int, decode_candidates: Sequence[WorkerLoad],

@@ -53,6 +53,10 @@ def test_serve_benchmark_smoke(tmp_path, tiny_checkpoint):
         # workers, and once the run is over no KV block is still referenced anywhere (no leak)
         assert (row["events"].get("kv_transfers", 0) > 0) == (row["mode"] == "disaggregated"), (where, row["events"])
         assert row["kv_blocks_in_use_after"] == 0, (where, row)
+        # the router's decisions, by reason: every request of the run was routed (a retry routes again)
+        routed = {k: v for k, v in row["events"].items() if k.startswith("routed_")}
+        assert sum(routed.values()) >= NUM_REQUESTS, (where, row["events"])
+        assert ("routed_disaggregated" in routed) == (row["mode"] == "disaggregated"), (where, routed)
         # the workers' own timings of the run: the decode worker stepped, p50 <= p90
         step = row["worker_hops_ms"]["decode.engine.step"]
         assert step["n"] > 0 and 0 < step["p50"] <= step["p90"], (where, row["worker_hops_ms"])

@@ -9,6 +9,7 @@ point while the test kills or freezes a process; nothing is mocked.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -140,6 +141,17 @@ def metric(url: str, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def metric_samples(url: str, name: str, label: str) -> dict[str, float]:
+    """A Prometheus metric's samples on the endpoint's /metrics, summed by one label's value."""
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + "{"):
+            value = re.search(label + r'="([^"]*)"', line)
+            if value:
+                out[value.group(1)] = out.get(value.group(1), 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):

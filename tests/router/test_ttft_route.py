@@ -31,11 +31,11 @@ def test_estimate_is_pending_plus_prompt_over_rate():
     # local: (600 + 400) / 2000 = 0.5 s; remote: (9000 + 1000) / 10000 + 0.01 = 1.01 s
     assert (e.local_pending_tokens, e.remote_pending_tokens) == (1000, 10000)
     assert e.local_s == pytest.approx(0.5) and e.remote_s == pytest.approx(1.01)
-    assert e.local_allowed and e.prefers_local
+    assert e.local_allowed and e.prefers_local and e.remote_because is None
     # one token over the cap: the decode worker's TPOT wins over this prompt's TTFT
     e = estimate_ttft(decode("d", pending=601), 400, 2000.0, prefill("p", pending=9000), 1000, 10000.0,
                       transfer_allowance_s=0.01, local_max_pending_tokens=1000, block_size=16)
-    assert not e.local_allowed and not e.prefers_local
+    assert not e.local_allowed and not e.prefers_local and e.remote_because == "over_cap"
     with pytest.raises(ValueError, match="rates"):
         estimate_ttft(decode("d"), 1, 0.0, prefill("p"), 1, 1.0, transfer_allowance_s=0, local_max_pending_tokens=1,
                       block_size=16)
@@ -63,6 +63,7 @@ def test_busy_prefill_worker_sends_the_prompt_to_its_decode_worker():
     # a long decode-side queue is slower than a short prefill-side one: (1500+512)/2000 > (8000+512)/10000
     plan = plan_route(512, 16, [decode("d1", pending=1500)], [prefill("p1", pending=8000)], {}, ttft_config())
     assert plan.reason == "disaggregated" and plan.ttft.local_s > plan.ttft.remote_s
+    assert plan.ttft.remote_because == "slower"
 
 
 def test_decode_worker_short_of_kv_blocks_keeps_the_prompt_disaggregated():
@@ -72,6 +73,7 @@ def test_decode_worker_short_of_kv_blocks_keeps_the_prompt_disaggregated():
     short = WorkerLoad("d1", Role.DECODE, 4, 0, 512 - 31, 512)
     plan = plan_route(512, 16, [short], busy, {}, ttft_config())
     assert plan.reason == "disaggregated" and not plan.ttft.local_allowed and plan.ttft.local_free_blocks == 31
+    assert plan.ttft.remote_because == "short_of_blocks"
     assert plan.ttft.local_s < plan.ttft.remote_s
     # the pending local prefill counts too: 16 blocks free, 256 pending + 256 new = 32 blocks
     plan = plan_route(256, 16, [WorkerLoad("d1", Role.DECODE, 4, 1, 512 - 16, 512, num_pending_prefill_tokens=256)],

@@ -163,11 +163,13 @@ def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(c
     sends some to the prefill worker and keeps others on their decode workers (reason ttft_local,
     both estimates in the decision). The prefill worker reports its pending prompt tokens; every
     output equals the disaggregated path's token for token; no KV block stays in use."""
+    import collections
     import concurrent.futures
 
     import ray
 
-    from tests.reliability.faults import actor_of, assert_no_leaks, counters, slow_engine_steps, workers_of
+    from tests.reliability.faults import (actor_of, assert_no_leaks, counters, metric_samples, slow_engine_steps,
+                                          workers_of)
 
     url = ttft_url
     model, block_size = cluster.config.model.served_model_name, cluster.config.engine.block_size
@@ -175,6 +177,7 @@ def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(c
     (prefill_id,) = workers_of(url, "prefill")
     prefill_actor = actor_of(cluster, prefill_id)
     before = sum(counters(a)["num_local_prefills"] for a in decodes)
+    counted_before = metric_samples(url, "pdserve_ttft_remote_prefills_total", "why")
     prompts = [f"Burst prompt {i}. " + STORY for i in range(8)]
     slow_engine_steps(prefill_actor, 0.3)
     try:
@@ -197,6 +200,14 @@ def test_ttft_rule_prefills_on_decode_workers_while_the_prefill_worker_is_busy(c
         fits = -(-d["local_pending_tokens"] // block_size) <= d["local_free_blocks"]
         local_allowed = d["local_pending_tokens"] <= 4096 and fits
         assert (d["reason"] == "ttft_local") == (local_allowed and d["ttft_local_s"] < d["ttft_remote_s"]), d
+        assert d["remote_because"] == (None if d["reason"] == "ttft_local" else
+                                       "slower" if local_allowed else
+                                       "over_cap" if d["local_pending_tokens"] > 4096 else "short_of_blocks"), d
+    # /metrics counts each prompt the rule sent away under its cause
+    sent_away = collections.Counter(d["remote_because"] for d in decisions if d["remote_because"])
+    counted = metric_samples(url, "pdserve_ttft_remote_prefills_total", "why")
+    assert all(counted.get(why, 0) - counted_before.get(why, 0) >= n for why, n in sent_away.items()), (
+        sent_away, counted, counted_before)
     after = sum(counters(a)["num_local_prefills"] for a in decodes)
     assert after - before >= reasons.count("ttft_local"), (before, after, reasons)
     # the same prompts, disaggregated (the default endpoint, idle prefill worker, fresh salts)
