@@ -19,6 +19,9 @@
 #   hybrid_vs_coloc: ttft with the 2048-token cap vs colocated at 96/112/128 req/s;
 #   itl_knee: the same two on one host (hybrid 96-160, colocated 32-96 req/s), for each mode's knee under both
 #   SLO readings (TTFT + TPOT mean, TTFT + every ITL)
+#   knees2: the hybrid at 64-96 and colocated at 40-56 req/s on one host (the rows count why the ttft
+#   rule sent prompts away), the hybrid with a 16k prefill budget at 96/112, then (issue 8) the
+#   attention's L2 prefetch at batch 1
 set -uo pipefail
 part=${1:-streams}
 out=${OUT:-/tmp/serve-gpu2}
@@ -36,7 +39,16 @@ run() {  # name, time limit (s), serve.py arguments...
 }
 ttft="--set router.conditional_disaggregation=ttft --set router.prefill_rate_prior_tokens_per_s=200000
   --set router.local_prefill_rate_prior_tokens_per_s=100000"
-if [ "$part" = itl_knee ]; then  # each mode's knee on one host, both SLO readings
+if [ "$part" = knees2 ]; then  # both knees on one host with the ttft rule's causes counted, then a prefill budget of 16k
+  run hybrid_ttft2k 160 $p8k --rates 64,80,96 $ttft --set router.local_prefill_max_pending_tokens=2048
+  run colocated 150 --modes colocated --rates 40,48,56
+  run hybrid16k_ttft2k 150 --modes disaggregated --set pools.prefill.engine.max_num_batched_tokens=16384 --rates 96,112 \
+    $ttft --set router.local_prefill_max_pending_tokens=2048
+  # the attention's L2 prefetch under PDL at batch 1 (issue 8; one GPU of the two)
+  timeout $((580-(SECONDS-t0))) python3 benchmarks/profile_decode.py --batch-sizes 1 \
+    --decode-variants "kernel=split;kernel=split,prefetch=1" > "$out/prefetch.jsonl" 2> "$out/prefetch.err"
+  echo "prefetch rc=$? t=$((SECONDS-t0))"
+elif [ "$part" = itl_knee ]; then  # each mode's knee on one host, both SLO readings
   run hybrid_ttft2k 250 $p8k --rates 96,128,160 $ttft --set router.local_prefill_max_pending_tokens=2048
   run colocated $((570-(SECONDS-t0))) --modes colocated --rates 32,48,64,96
 elif [ "$part" = hybrid_vs_coloc ]; then  # the ttft rule with a one-prompt cap vs 2 colocated workers past 96 req/s
@@ -65,7 +77,7 @@ fi
 python3 - "$out" <<'PY'
 import json, pathlib, sys
 for name in ("disagg", "disagg_per_request", "colocated", "hybrid_q4", "hybrid_q8", "hybrid_off", "hybrid_ttft4k",
-             "hybrid_ttft8k", "hybrid_ttft2k"):
+             "hybrid_ttft8k", "hybrid_ttft2k", "hybrid16k_ttft2k"):
     path = pathlib.Path(sys.argv[1]) / f"{name}.jsonl"
     if not path.exists():
         continue
