@@ -231,11 +231,12 @@ class Runner:
                     self.emit(row)
 
     def hop_times(self, url: str) -> dict[str, dict]:
-        """p50 / p90 / count (ms) of each worker hop since the last call, per role (engine.step: the
+        """p50 / p90 / max / count (ms) of each worker hop since the last call, per role (engine.step: the
         engine loop's cadence; read, commit, prefill_call ...: a request's path). Only for
         clusters this run started (it reads the workers through Ray)."""
         pooled = worker_hop_times(url, self.namespaces[url])
-        return {k: {"p50": round(percentile(v, 50) * 1e3, 3), "p90": round(percentile(v, 90) * 1e3, 3), "n": len(v)}
+        return {k: {"p50": round(percentile(v, 50) * 1e3, 3), "p90": round(percentile(v, 90) * 1e3, 3),
+                    "max": round(max(v) * 1e3, 3), "n": len(v)}
                 for k, v in sorted(pooled.items()) if v}
 
     def summaries(self) -> None:

@@ -19,6 +19,8 @@
 #   hybrid_vs_coloc: ttft with the 2048-token cap vs colocated at 96/112/128 req/s;
 #   itl_knee: the same two on one host (hybrid 96-160, colocated 32-96 req/s), for each mode's knee under both
 #   SLO readings (TTFT + TPOT mean, TTFT + every ITL)
+#   warm_up: the hybrid as the first cluster on the host with empty compile caches, engine.warm_up
+#   basic (64/80 req/s) vs the default full (64-96); the rows' jit.* hops are compiles inside the run
 #   knees2: the hybrid at 64-96 and colocated at 40-56 req/s on one host (the rows count why the ttft
 #   rule sent prompts away), the hybrid with a 16k prefill budget at 96/112, then (issue 8) the
 #   attention's L2 prefetch at batch 1
@@ -39,7 +41,12 @@ run() {  # name, time limit (s), serve.py arguments...
 }
 ttft="--set router.conditional_disaggregation=ttft --set router.prefill_rate_prior_tokens_per_s=200000
   --set router.local_prefill_rate_prior_tokens_per_s=100000"
-if [ "$part" = knees2 ]; then  # both knees on one host with the ttft rule's causes counted, then a prefill budget of 16k
+if [ "$part" = warm_up ]; then  # the first cluster on a host, basic vs full engine warm-up, each with empty compile caches
+  TRITON_CACHE_DIR=/tmp/tc_basic TORCHINDUCTOR_CACHE_DIR=/tmp/ic_basic \
+    run hybrid_basic 150 $p8k --rates 64,80 $ttft --set router.local_prefill_max_pending_tokens=2048 --set engine.warm_up=basic
+  TRITON_CACHE_DIR=/tmp/tc_full TORCHINDUCTOR_CACHE_DIR=/tmp/ic_full \
+    run hybrid_ttft2k 175 $p8k --rates 64,80,96 $ttft --set router.local_prefill_max_pending_tokens=2048
+elif [ "$part" = knees2 ]; then  # both knees on one host with the ttft rule's causes counted, then a prefill budget of 16k
   run hybrid_ttft2k 160 $p8k --rates 64,80,96 $ttft --set router.local_prefill_max_pending_tokens=2048
   run colocated 150 --modes colocated --rates 40,48,56
   run hybrid16k_ttft2k 150 --modes disaggregated --set pools.prefill.engine.max_num_batched_tokens=16384 --rates 96,112 \
@@ -77,7 +84,7 @@ fi
 python3 - "$out" <<'PY'
 import json, pathlib, sys
 for name in ("disagg", "disagg_per_request", "colocated", "hybrid_q4", "hybrid_q8", "hybrid_off", "hybrid_ttft4k",
-             "hybrid_ttft8k", "hybrid_ttft2k", "hybrid16k_ttft2k"):
+             "hybrid_ttft8k", "hybrid_ttft2k", "hybrid16k_ttft2k", "hybrid_basic"):
     path = pathlib.Path(sys.argv[1]) / f"{name}.jsonl"
     if not path.exists():
         continue
@@ -89,5 +96,6 @@ for name in ("disagg", "disagg_per_request", "colocated", "hybrid_q4", "hybrid_q
                                                "goodput_itl_rps", "ttft_p50_s", "ttft_p90_s", "itl_p50_s", "itl_p99_s", "tpot_p90_s",
                                                "slo_attainment_by_scale", "events", "kv_blocks_in_use_after",
                                                "overrides")},
-                  {k: hops[k]["p50"] for k in ("decode.engine.step", "decode.reserve", "decode.commit") if k in hops})
+                  {k: hops[k]["p50"] for k in ("decode.engine.step", "decode.reserve", "decode.commit") if k in hops},
+                  {k: (v["n"], v.get("max")) for k, v in hops.items() if ".jit." in k or k.endswith("engine.step")})
 PY

@@ -18,6 +18,7 @@ import time
 
 from cluster.config import EtcdConfig
 from kv_transfer.config import TransferConfig
+from workers import compile_watch
 from workers.engine.config import EngineConfig, ModelConfig
 from workers.engine_loop import EngineLoop
 from workers.gpu_visibility import show_node_gpus_assigned_first
@@ -93,6 +94,7 @@ class WorkerBase:
         self.inflight: set[str] = set()
         self.counters = dataclasses.asdict(WorkerCounters())
         self.hops = HopTimer()
+        compile_watch.install(self.hops)  # compiles inside serving show up as hops jit.triton / jit.dynamo
         self.started_at = time.time()
 
     # -- lifecycle -----------------------------------------------------------------------------

@@ -66,6 +66,13 @@ class EngineConfig(BaseModel):
                            "but left the Llama-1B batch-1 graph at 1.40 ms (cuBLAS 1.39), and one "
                            "benchmarks/engine.py run with it hit an illegal memory access not reproduced since "
                            "(benchmarks/README.md).")
+    warm_up: Literal["auto", "basic", "full"] = Field(
+        "auto", description="Requests the engine runs while it starts (workers/engine/engine.py warm_up_requests): "
+                            "basic = one short prompt (the first prefill kernel compiles at start-up); full = also "
+                            "a step of two prompts filling max_num_batched_tokens, then a mixed step (decode rows "
+                            "beside a prompt chunk), so the kernels those shapes specialise compile before any user "
+                            "request (a compile inside serving stalls every request of the worker); auto = full "
+                            "on CUDA, basic on the CPU")
     fused_decode: bool | Literal["auto"] = Field(
         "auto", description="Decode steps of <= fused_decode_max_batch rows run as our own Triton kernels (norm + "
                             "GEMV + RoPE, the paged attention, GEMV + residual, norm + gate|up GEMV + SiLU, down + "

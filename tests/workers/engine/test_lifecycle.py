@@ -57,6 +57,22 @@ def test_cache_salt_isolates_prefixes(tiny_checkpoint):
     assert engine.stats().prompt_tokens_hit > hit0  # same salt: shared
 
 
+def test_full_warm_up_runs_a_full_step_and_a_mixed_one_and_leaves_no_trace(tiny_checkpoint):
+    """engine.warm_up: full (the default on CUDA) also runs a step whose two prompts fill the token
+    budget and a step that mixes their decodes with a third prompt; afterwards the engine is as
+    fresh as after the basic warm-up, and serves the same tokens."""
+    basic = make_engine(tiny_checkpoint("llama"), warm_up="basic")
+    full = make_engine(tiny_checkpoint("llama"), warm_up="full")
+    assert full.num_warm_up_steps >= basic.num_warm_up_steps + 3
+    s = full.stats()
+    assert full.requests == {} and not full.has_work()
+    assert (s.num_used_blocks, s.num_cached_free_blocks, s.num_evictions) == (0, 0, 0)
+    assert (s.prompt_tokens_queried, s.prompt_tokens_hit, s.num_preemptions) == (0, 0, 0)
+    assert full.take_kv_events() == []
+    assert_all_blocks_free(full)
+    assert run_all(full, PROMPTS) == run_all(basic, PROMPTS)
+
+
 def test_start_up_request_leaves_no_trace(tiny_checkpoint):
     """Every engine runs one real request while it starts (a GPU's first prefill compiles its
     attention kernel there, not inside serving); afterwards nothing of it is visible: no request,
