@@ -226,6 +226,10 @@ class Runner:
                         row["events"] = {k: after[k] - before.get(k, 0.0) for k in after
                                          if after[k] != before.get(k, 0.0) and k != "kv_blocks_in_use"}
                         row["kv_blocks_in_use_after"] = after["kv_blocks_in_use"]  # idle: 0, else a leak
+                        n = row["events"].pop("router_ttft_count", 0)
+                        took = row["events"].pop("router_ttft_sum_s", 0.0)
+                        if n:  # the client's TTFT minus this: the HTTP proxy's and the client's share
+                            row["router_ttft_mean_s"] = round(took / n, 4)
                         row["worker_hops_ms"] = self.hop_times(url)
                     self.rows.append(row)
                     self.emit(row)
