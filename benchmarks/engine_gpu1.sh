@@ -35,8 +35,10 @@
 #            and logit_bias on CUDA (check_same), then engine.py with it on
 #   fused_a..fused_e: engine.fused_decode (seventeenth session): its CUDA checks and decode graphs
 #            beside the modules' graphs, the bf16 1B check and engine.py with it, a GEMV tile sweep,
-#            then (fused_e) the defaults once it was made the default; fused_f, fused_g (not run
-#            yet): the tensor-core kernel for 2-32 rows, the attention's L2 prefetch
+#            then (fused_e) the defaults once it was made the default; fused_f (eighteenth session):
+#            the tensor-core kernel for 2-32 rows (correct, ~2x slower than cuBLAS); fused_g: the
+#            attention's L2 prefetch (measured instead on an x2 host, serve_gpu2.sh knees2) and
+#            engine.py with the tensor-core kernel (not run: it lost in fused_f)
 #   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
