@@ -230,6 +230,11 @@ class Runner:
                         took = row["events"].pop("router_ttft_sum_s", 0.0)
                         if n:  # the client's TTFT minus this: the HTTP proxy's and the client's share
                             row["router_ttft_mean_s"] = round(took / n, 4)
+                        for path in ("local", "remote"):  # how long a prompt counted as pending, by path
+                            n = row["events"].pop(f"pending_n_{path}", 0)
+                            took = row["events"].pop(f"pending_s_{path}", 0.0)
+                            if n:
+                                row[f"router_{path}_prefill_s"] = round(took / n, 4)
                         row["worker_hops_ms"] = self.hop_times(url)
                     self.rows.append(row)
                     self.emit(row)

@@ -151,7 +151,10 @@ EVENT_COUNTERS = {"pdserve_transfers_total": "kv_transfers", "pdserve_preemption
 # replica to the first token leaving it (the client's TTFT adds the HTTP proxy and the client)
 SUMMED = {"pdserve_ttft_seconds_sum": "router_ttft_sum_s", "pdserve_ttft_seconds_count": "router_ttft_count"}
 LABELLED_COUNTERS = {"pdserve_routing_decisions_total": ("reason", "routed_"),
-                     "pdserve_ttft_remote_prefills_total": ("why", "ttft_remote_")}
+                     "pdserve_ttft_remote_prefills_total": ("why", "ttft_remote_"),
+                     # routing -> first token at the router, by path (summed seconds, count)
+                     "pdserve_routed_prefill_seconds_total": ("path", "pending_s_"),
+                     "pdserve_routed_prefills_total": ("path", "pending_n_")}
 
 
 async def cluster_events(url: str) -> dict[str, float]:

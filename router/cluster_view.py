@@ -124,7 +124,11 @@ class ClusterView:
         self.alarm = ZeroOverlapAlarm(config.zero_overlap_window_requests or 10**9, config.zero_overlap_min_repeats)
         self.decisions: collections.deque = collections.deque(maxlen=max(1, config.recent_decisions))
         self.rng = random.Random(0)
-        self._prefilled_on: dict[str, str] = {}  # attempt key -> the worker its prefill counts on
+        # attempt key -> (the worker its prefill counts on, "local" | "remote", when it was routed)
+        self._prefilled_on: dict[str, tuple[str, str, float]] = {}
+        # path -> [seconds, count] of finished attempts' routing -> prefill_done (/metrics: how long a
+        # prompt counts as pending; the ttft rule's cap keeps a prompt remote while a local one does)
+        self.prefill_pending: dict[str, list] = {"local": [0.0, 0], "remote": [0.0, 0]}
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
 
@@ -188,7 +192,8 @@ class ClusterView:
                                         else (plan.prefill.worker_id, plan.num_remote_uncached_tokens))
         if prefilled_on in self.workers and num_to_prefill > 0:
             self.workers[prefilled_on].add_prefill(attempt_key, num_to_prefill)
-            self._prefilled_on[attempt_key] = prefilled_on
+            self._prefilled_on[attempt_key] = (prefilled_on, "local" if plan.prefill is None else "remote",
+                                               time.monotonic())
         self.alarm.observe(hashes[0] if hashes else None, max(overlaps.values(), default=0))
         self.decisions.append({
             "at": time.time(), "decode": plan.decode.worker_id,
@@ -201,8 +206,14 @@ class ClusterView:
 
     def prefill_done(self, attempt_key: str) -> None:
         """The attempt's prefill is over (its first token arrived) or the attempt ended."""
-        wid = self._prefilled_on.pop(attempt_key, None)
-        if wid is not None and wid in self.workers:
+        entry = self._prefilled_on.pop(attempt_key, None)
+        if entry is None:
+            return
+        wid, path, routed_at = entry
+        took = self.prefill_pending[path]
+        took[0] += time.monotonic() - routed_at
+        took[1] += 1
+        if wid in self.workers:
             self.workers[wid].prefill_in_flight.pop(attempt_key, None)
 
     def _rate_prior(self, role: Role) -> float:

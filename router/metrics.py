@@ -63,6 +63,11 @@ class _ClusterCollector:
             "num_prompt_tokens_cached": ("pdserve_prompt_tokens_cached", "Prompt tokens served from the prefix cache"),
         }
         families = {k: CounterMetricFamily(n, h, labels=["worker"]) for k, (n, h) in counters.items()}
+        pending_s = CounterMetricFamily("pdserve_routed_prefill_seconds", "Seconds this router counted prompts as "
+                                        "pending on the worker prefilling them (routing to first token), by path: "
+                                        "local (the decode worker) or remote", labels=["path"])
+        pending_n = CounterMetricFamily("pdserve_routed_prefills", "Prompts counted in "
+                                        "pdserve_routed_prefill_seconds", labels=["path"])
         if view is not None:
             for wid, w in list(view.workers.items()):
                 if w.state is None:
@@ -78,4 +83,8 @@ class _ClusterCollector:
                 for key, fam in families.items():
                     fam.add_metric([wid], float(getattr(c, key)))
             alarm.add_metric([], 1.0 if view.alarm.is_alarmed else 0.0)
-        yield from (used, total, usage, waiting, running, stalled, hit, alarm, *families.values())
+            for path, (seconds, n) in view.prefill_pending.items():
+                pending_s.add_metric([path], seconds)
+                pending_n.add_metric([path], n)
+        yield from (used, total, usage, waiting, running, stalled, hit, alarm, pending_s, pending_n,
+                    *families.values())

@@ -56,6 +56,11 @@ def test_serve_benchmark_smoke(tmp_path, tiny_checkpoint):
         # the router's decisions, by reason: every request of the run was routed (a retry routes again)
         # the endpoint's own TTFT (from its replica's histogram) is part of what the client waited
         assert 0 < row["router_ttft_mean_s"] <= row["ttft_mean_s"], (where, row)
+        # the router's own clock of each prompt's prefill (routing -> its first token back): at most its TTFT
+        for path in ("local", "remote"):
+            if f"router_{path}_prefill_s" in row:
+                assert 0 < row[f"router_{path}_prefill_s"] <= row["ttft_p99_s"], (where, path, row)
+        assert ("router_remote_prefill_s" in row) == (row["mode"] == "disaggregated"), (where, row)
         routed = {k: v for k, v in row["events"].items() if k.startswith("routed_")}
         assert sum(routed.values()) >= NUM_REQUESTS, (where, row["events"])
         assert ("routed_disaggregated" in routed) == (row["mode"] == "disaggregated"), (where, routed)

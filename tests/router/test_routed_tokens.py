@@ -90,6 +90,12 @@ async def test_a_first_token_frees_the_worker_before_its_next_poll():
     view.prefill_done("rb")  # again (the attempt's end): nothing more is taken off
     assert (pending(view, "d1"), pending(view, "p1")) == (512, 1024)
     view.prefill_done("unknown")
+    # how long each path's prompts counted as pending (/metrics): rb once, local; none remote yet
+    (local_s, local_n), (remote_s, remote_n) = view.prefill_pending["local"], view.prefill_pending["remote"]
+    assert (local_n, remote_n, remote_s) == (1, 0, 0.0) and local_s > 0
+    time.sleep(0.02)
+    view.prefill_done("ra")
+    assert view.prefill_pending["remote"][1] == 1 and view.prefill_pending["remote"][0] >= 0.02
 
 
 async def test_a_poll_counts_only_what_other_routers_sent_beyond_this_ones_requests():
