@@ -19,6 +19,9 @@
 #   hybrid_vs_coloc: ttft with the 2048-token cap vs colocated at 96/112/128 req/s;
 #   itl_knee: the same two on one host (hybrid 96-160, colocated 32-96 req/s), for each mode's knee under both
 #   SLO readings (TTFT + TPOT mean, TTFT + every ITL)
+#   knees3 (next): the hybrid (64-112) then colocated (32-96 req/s) on one host with the full warm-up;
+#   rows carry router_ttft_mean_s (the client's TTFT minus it: proxy + client) and
+#   router_local/remote_prefill_s (how long a prompt counted as pending: the ttft rule's cap)
 #   warm_up: the hybrid as the first cluster on the host with empty compile caches, engine.warm_up
 #   basic (64/80 req/s) vs the default full (64-96); the rows' jit.* hops are compiles inside the run
 #   knees2: the hybrid at 64-96 and colocated at 40-56 req/s on one host (the rows count why the ttft
@@ -41,7 +44,10 @@ run() {  # name, time limit (s), serve.py arguments...
 }
 ttft="--set router.conditional_disaggregation=ttft --set router.prefill_rate_prior_tokens_per_s=200000
   --set router.local_prefill_rate_prior_tokens_per_s=100000"
-if [ "$part" = warm_up ]; then  # the first cluster on a host, basic vs full engine warm-up, each with empty compile caches
+if [ "$part" = knees3 ]; then  # (next) both knees on one host with the full warm-up, the router's share of TTFT read
+  run hybrid_ttft2k 200 $p8k --rates 64,80,96,112 $ttft --set router.local_prefill_max_pending_tokens=2048
+  run colocated 190 --modes colocated --rates 32,48,64,96
+elif [ "$part" = warm_up ]; then  # the first cluster on a host, basic vs full engine warm-up, each with empty compile caches
   TRITON_CACHE_DIR=/tmp/tc_basic TORCHINDUCTOR_CACHE_DIR=/tmp/ic_basic \
     run hybrid_basic 150 $p8k --rates 64,80 $ttft --set router.local_prefill_max_pending_tokens=2048 --set engine.warm_up=basic
   TRITON_CACHE_DIR=/tmp/tc_full TORCHINDUCTOR_CACHE_DIR=/tmp/ic_full \
@@ -95,7 +101,8 @@ for name in ("disagg", "disagg_per_request", "colocated", "hybrid_q4", "hybrid_q
             print(name, {k: r.get(k) for k in ("mode", "rate", "num_failed", "goodput_rps", "slo_attainment", "slo_attainment_itl",
                                                "goodput_itl_rps", "ttft_p50_s", "ttft_p90_s", "itl_p50_s", "itl_p99_s", "tpot_p90_s",
                                                "slo_attainment_by_scale", "events", "kv_blocks_in_use_after",
-                                               "overrides")},
+                                               "router_ttft_mean_s", "router_local_prefill_s",
+                                               "router_remote_prefill_s", "ttft_mean_s", "overrides")},
                   {k: hops[k]["p50"] for k in ("decode.engine.step", "decode.reserve", "decode.commit") if k in hops},
                   {k: (v["n"], v.get("max")) for k, v in hops.items() if ".jit." in k or k.endswith("engine.step")})
 PY

@@ -125,7 +125,7 @@ class Engine(SplitPoints):
         caching, self.pool.enable_caching = self.pool.enable_caching, False
         sch = self.scheduler
         counts = (sch.num_prompt_tokens_queried, sch.num_prompt_tokens_hit, self.num_overlapped_steps,
-                  sch.num_preemptions)
+                  sch.num_preemptions, self.num_dropped_tokens)
         greedy = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
 
         def prompt(length: int, first: int) -> list[int]:
@@ -147,7 +147,7 @@ class Engine(SplitPoints):
         finally:
             self.pool.enable_caching = caching
             (sch.num_prompt_tokens_queried, sch.num_prompt_tokens_hit, self.num_overlapped_steps,
-             sch.num_preemptions) = counts
+             sch.num_preemptions, self.num_dropped_tokens) = counts
 
     def _warm_up_until_idle(self) -> None:
         while self.has_work():

@@ -68,7 +68,7 @@ def test_full_warm_up_runs_a_full_step_and_a_mixed_one_and_leaves_no_trace(tiny_
     assert full.requests == {} and not full.has_work()
     assert (s.num_used_blocks, s.num_cached_free_blocks, s.num_evictions) == (0, 0, 0)
     assert (s.prompt_tokens_queried, s.prompt_tokens_hit, s.num_preemptions) == (0, 0, 0)
-    assert full.take_kv_events() == []
+    assert full.take_kv_events() == [] and (full.num_overlapped_steps, full.num_dropped_tokens) == (0, 0)
     assert_all_blocks_free(full)
     assert run_all(full, PROMPTS) == run_all(basic, PROMPTS)
 
