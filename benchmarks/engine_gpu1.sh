@@ -39,6 +39,7 @@
 #            the tensor-core kernel for 2-32 rows (correct, ~2x slower than cuBLAS); fused_g: the
 #            attention's L2 prefetch (measured instead on an x2 host, serve_gpu2.sh knees2) and
 #            engine.py with the tensor-core kernel (not run: it lost in fused_f)
+#   ahead (next): the o GEMV's L2 prefetch of gate|up during the attention, 8-48 MiB a layer
 #   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
@@ -204,6 +205,15 @@ case $part in
     step prefetch 200 python3 benchmarks/profile_decode.py --batch-sizes 1 --decode-variants "kernel=split;kernel=split,prefetch=1"
     step engine_gemm $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads decode_b1,batch --scheduling async --fused-decode 32
+    ;;
+  ahead)
+    # (next session) the o GEMV's L2 prefetch of the first gate|up rows while it waits out the
+    # attention (engine.fused_decode_ahead_mib, off by default): batch-1 decode graph over the MiB asked for,
+    # then the same with the attention's own first-chunk prefetch
+    step ahead 250 python3 benchmarks/profile_decode.py --batch-sizes 1 --fused-decode 1 \
+      --fused-tiles ";ahead=8;ahead=16;ahead=24;ahead=32;ahead=48"
+    step ahead_check $((560 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused \
+      --fused-ahead 24
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1

@@ -83,9 +83,14 @@ class EngineConfig(BaseModel):
                             "shape: batch-1 decode graph 0.89 ms vs 1.14 ms through the modules (benchmarks/README.md)")
     fused_decode_max_batch: int = Field(
         1, ge=1, le=64, description="Largest decode batch engine.fused_decode runs. 1 row: a GEMV per projection; "
-                                    "2 and more: a tensor-core kernel of the same fusions (not measured on a GPU "
-                                    "yet; the GEMV's first build lost at 2 and 4 rows: 1.17 / 1.78 vs 1.15 / "
-                                    "1.16 ms through the modules)")
+                                    "2 and more: a tensor-core kernel of the same fusions, correct on an H200 but "
+                                    "~2x slower than the modules' graph at 2-32 rows (2.04-2.49 vs 1.16-1.26 ms; "
+                                    "benchmarks/README.md)")
+    fused_decode_ahead_mib: int = Field(
+        0, ge=0, le=1024, description="engine.fused_decode under PDL: MiB of each layer's gate|up weights (their "
+                                      "first rows) that the o GEMV's programs ask L2 for while they wait out the "
+                                      "attention, a phase that leaves HBM idle. 0 = off; not measured on a GPU yet "
+                                      "(benchmarks/engine_gpu1.sh ahead)")
     async_scheduling: bool | Literal["auto"] = Field(
         "auto", description="Overlap the host's work for step n+1 (scheduling, staging) with the GPU running "
                             "step n: step n+1 is launched with its new input tokens read on the device from "

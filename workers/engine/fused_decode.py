@@ -12,7 +12,8 @@ q|k|v and o GEMMs cost a fixed ~6 µs each whatever their bytes. Here a layer is
 then the final norm + lm_head GEMV. Each GEMV program owns a few rows of W, reads them once and
 applies them to every row of the batch; the RMSNorm before a projection is recomputed by every
 program from the input row (a few KiB). Steps of several rows take a tensor-core kernel with the
-same fusions (fused_gemm_kernel: W streamed in chunks, each chunk multiplied with all rows at once). On sm_90+ the kernels run under programmatic
+same fusions (fused_gemm_kernel: W streamed in chunks, each chunk multiplied with all rows at once;
+~2x slower than cuBLAS on an H200, so batch 1 is the default). On sm_90+ the kernels run under programmatic
 dependent launch (fused_decode_kernels.py): a GEMV's weights are in flight while the kernel
 before it (the attention, the previous GEMV's tail) still runs. benchmarks/pdl_probe.py measured
 the stand-in on one H200: 0.71-0.86 ms a step against 1.40-1.57 ms through torch ops.
@@ -42,9 +43,13 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # the best of seven sets profile_decode.py --fused-tiles swept on one H200 (0.881 ms a batch-1 step,
 # the others 0.889-0.920)
 TILES = {"small_k": (4, 4), "large_k": (2, 8), "lm_head": (4, 4)}
+# tiles["ahead"]: MiB of the gate|up weights (half gate, half up: their first rows, which the first
+# wave of the gate|up GEMV's programs reads) that the o GEMV's programs ask L2 for while they wait
+# out the attention (PDL only; fused_decode_kernels._prefetch_ahead); engine.fused_decode_ahead_mib,
+# 0 = off (profile_decode.py --fused-tiles "ahead=16" sweeps it)
 # steps of >= GEMM_FROM rows take fused_gemm_kernel (tensor cores; outputs x K chunk x warps per
-# program) instead of the GEMV (which re-reads and re-normalises its input per row): not measured
-# on a GPU yet, so engine.fused_decode_max_batch stays 1 by default
+# program) instead of the GEMV (which re-reads and re-normalises its input per row): ~2x slower than
+# the modules' cuBLAS graph at 2-32 rows on an H200, so engine.fused_decode_max_batch stays 1
 GEMM_FROM, GEMM_TILE = 2, (64, 128, 4)  # 64 rows of W: one Hopper wgmma tile high
 MAX_BLOCK_K = 8192  # a program's first weight chunk (held in registers across the PDL wait)
 
@@ -94,7 +99,7 @@ class FusedDecode:
     """Callable(ids [1, B], pos [1, B]) -> fp32 logits [B, vocab], B <= max_batch, for
     DecodeGraphs (captured and replayed like the model's forward; same backend buffers)."""
 
-    def __init__(self, model: nn.Module, backend, max_batch: int, pdl: bool | None = None):
+    def __init__(self, model: nn.Module, backend, max_batch: int, pdl: bool | None = None, ahead_mib: int = 0):
         self.model, self.backend, self.max_batch = model, backend, max_batch
         inner = model.model
         config = model.config.get_text_config()
@@ -126,7 +131,7 @@ class FusedDecode:
         # PDL needs sm_90+ (Hopper); elsewhere the same kernels run with plain stream order
         self.pdl = (not self.interpret and torch.cuda.get_device_capability(dev)[0] >= 9) if pdl is None else pdl
         self.qkv_width = (self.hq + 2 * self.hkv) * self.head_dim
-        self.tiles = dict(TILES, gemm=GEMM_TILE)  # read at capture: a captured graph keeps its launches
+        self.tiles = dict(TILES, gemm=GEMM_TILE, ahead=(ahead_mib,))  # read at capture: a graph keeps its launches
         self.gemm_from = GEMM_FROM
         self.num_calls = 0
 
@@ -157,7 +162,7 @@ class FusedDecode:
             k = qkv[:, hq_d:hq_d + self.hkv * self.head_dim].view(1, rows, self.hkv, self.head_dim).transpose(1, 2)
             v = qkv[:, hq_d + self.hkv * self.head_dim:].view(1, rows, self.hkv, self.head_dim).transpose(1, 2)
             out = self.backend._forward(lw["layer"], q, k, v, lw["scaling"], lw["window"])  # [1, B, Hq, D]
-            self._gemv(out.view(rows, hq_d), *lw["o"], x, residual=x)
+            self._gemv(out.view(rows, hq_d), *lw["o"], x, residual=x, ahead=self._ahead(lw))
             act = x.new_empty(rows, lw["gate"][0].shape[0])
             self._gemv(x, *lw["gate"], act, norm=lw["n2"], glu=lw["up"])
             self._gemv(act, *lw["down"], x, residual=x)
@@ -179,9 +184,29 @@ class FusedDecode:
                                rope=pos if rope else None)
             col = hi
 
-    def _gemv(self, x, w, b, y, norm=None, glu=None, residual=None, rope=None, tile=None):
+    def _ahead(self, lw):
+        """(gate, up, bytes per o-GEMV program) for the o GEMV's L2 prefetch of the first gate|up rows,
+        or None (off, no PDL, or a share under 16 bytes a lane)."""
+        mib = self.tiles["ahead"][0]
+        if not (self.pdl and mib > 0):
+            return None
+        gate, up = lw["gate"][0], lw["up"][0]
+        from workers.engine.fused_decode_kernels import AHEAD_LANES
+
+        per_region = min(mib * 2 ** 19, gate.numel() * gate.element_size(), up.numel() * up.element_size())
+        n, k = lw["o"][0].shape  # the o GEMV's grid, as _gemv launches it
+        block_n, _ = self.tiles["small_k" if k <= 4096 else "large_k"]
+        programs = triton.cdiv(n, block_n)
+        unit = 16 * AHEAD_LANES.value
+        share = per_region // programs // unit * unit
+        if share == 0 or any(t.data_ptr() % 16 or not t.is_contiguous() for t in (gate, up)):
+            return None
+        return gate, up, share
+
+    def _gemv(self, x, w, b, y, norm=None, glu=None, residual=None, rope=None, tile=None, ahead=None):
         """y = (residual +) W . norm?(x) (+ b) over x's rows, with the GLU / RoPE epilogues; the GEMV
-        below gemm_from rows, the tensor-core kernel from there."""
+        below gemm_from rows, the tensor-core kernel from there. ``ahead``: (a, b, bytes) for the
+        GEMV's L2 prefetch of what the next kernel reads (see _ahead)."""
         from workers.engine.fused_decode_kernels import fused_gemm_kernel, fused_gemv_kernel
 
         n, k = w.shape
@@ -209,8 +234,10 @@ class FusedDecode:
         block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
         if self.interpret:
             block_n, block_k = max(block_n, 16), min(block_k, 64)  # few programs and chunks for the interpreter
+        a, b2_, nbytes = ahead if ahead is not None else (w, w, 0)
         fused_gemv_kernel[(triton.cdiv(n, block_n),)](*args, n, eps, M=rows, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                     num_warps=warps, **flags)
+                                                     ahead_a=a, ahead_b=b2_, ahead_bytes=nbytes,
+                                                     AHEAD=ahead is not None, num_warps=warps, **flags)
 
     def _rope(self, qkv, pos, q_norm, k_norm):
         from workers.engine.fused_decode_kernels import rope_kernel
@@ -224,7 +251,8 @@ class FusedDecode:
             HEAD_NORM=head_norm, PDL=self.pdl, num_warps=1, **launch)
 
 
-def build(model: nn.Module, model_type: str, backend, max_batch: int, setting) -> FusedDecode | None:
+def build(model: nn.Module, model_type: str, backend, max_batch: int, setting,
+          ahead_mib: int = 0) -> FusedDecode | None:
     """engine.fused_decode for the decode graphs (CUDA): True (an unsupported model is an error),
     'auto' (on where supported, else off with the reason logged), False."""
     if setting is False:
@@ -235,6 +263,6 @@ def build(model: nn.Module, model_type: str, backend, max_batch: int, setting) -
             raise ValueError(f"engine.fused_decode: {why}; set engine.fused_decode: false")
         log.info("fused decode off: %s", why)
         return None
-    fused = FusedDecode(model, backend, max_batch)
+    fused = FusedDecode(model, backend, max_batch, ahead_mib=ahead_mib)
     log.info("fused decode step for batch sizes <= %d (programmatic dependent launch: %s)", max_batch, fused.pdl)
     return fused

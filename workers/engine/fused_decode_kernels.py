@@ -4,7 +4,9 @@ of their own: Triton resolves a @jit function's callees from its module's global
 Each kernel may be launched with programmatic dependent launch (PDL=True, launch_pdl=True; sm_90+):
 it lets the next kernel launch at its start (griddepcontrol.launch_dependents) and reads nothing
 an earlier kernel wrote before griddepcontrol.wait. The GEMV loads its first weight chunk before
-that wait, so weights stream in while the previous kernel finishes. Without PDL both instructions
+that wait, so weights stream in while the previous kernel finishes; with AHEAD it also asks L2 for
+the first rows the kernel after it reads (the o GEMV waits out the attention, a phase that reads
+little from HBM, and can fetch the start of gate|up meanwhile). Without PDL both instructions
 are not emitted. Rounding follows transformers' eager modules: every op's result is rounded to the
 model's dtype where the module's would be (a no-op in fp32).
 """
@@ -58,13 +60,39 @@ def _output_rows(N, K: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, 
     return idx, idx < N, rows, rows2, rows.to(tl.int64)[:, None] * K, rows2.to(tl.int64)[:, None] * K
 
 
+# one bulk (TMA) prefetch of $2 bytes at $1 into L2, issued by the first warp's lanes only (a [32]
+# tensor's elements sit in every warp's lanes: each range is asked for once)
+_L2_BULK_PREFETCH = tl.constexpr("{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.lt.u32 p, t, 32; "
+                                 "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }")
+AHEAD_LANES = tl.constexpr(32)
+
+
 @triton.jit
-def _weights_before_wait(w_ptr, w2_ptr, w_rows, w2_rows, row_ok, cols0, K, TWO: tl.constexpr, PDL: tl.constexpr):
+def _prefetch_ahead(a_ptr, b_ptr, nbytes):
+    """L2 prefetch of this program's share of two regions the NEXT kernel reads first (bytes
+    [p * nbytes, (p + 1) * nbytes) of each, p = program id; nbytes a multiple of 16 * AHEAD_LANES):
+    issued while this kernel waits for the one before it, HBM would idle otherwise."""
+    part = nbytes // AHEAD_LANES
+    at = tl.program_id(0).to(tl.int64) * nbytes + tl.arange(0, AHEAD_LANES).to(tl.int64) * part
+    size = tl.full([AHEAD_LANES], 0, tl.int32) + part.to(tl.int32)
+    a = tl.inline_asm_elementwise(_L2_BULK_PREFETCH, "=r,l,r", [a_ptr.to(tl.pointer_type(tl.int8)) + at, size],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    b = tl.inline_asm_elementwise(_L2_BULK_PREFETCH, "=r,l,r", [b_ptr.to(tl.pointer_type(tl.int8)) + at, size],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    return tl.sum(a + b)
+
+
+@triton.jit
+def _weights_before_wait(w_ptr, w2_ptr, w_rows, w2_rows, row_ok, cols0, K, TWO: tl.constexpr, PDL: tl.constexpr,
+                         ahead_a=None, ahead_b=None, ahead_bytes=0, AHEAD: tl.constexpr = False):
     """Under PDL: lets the next kernel launch, loads the first chunk of this program's W rows (and
     W2's with TWO; else W's again), which no earlier kernel writes, then waits for the earlier
-    kernels' outputs."""
+    kernels' outputs. AHEAD: first asks L2 for this program's share of what the next kernel reads
+    first (_prefetch_ahead)."""
     if PDL:
         gdc_launch_dependents()
+        if AHEAD:
+            _prefetch_ahead(ahead_a, ahead_b, ahead_bytes)
     mask = row_ok[:, None] & (cols0 < K)[None, :]
     w_first = tl.load(w_ptr + w_rows + cols0[None, :], mask=mask, other=0.0)
     w2_first = w_first
@@ -89,14 +117,16 @@ def fused_gemv_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
                       norm_ptr, pos_ptr, cos_ptr, sin_ptr, stride_cos, N, eps, M: tl.constexpr, K: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
                       ROPE: tl.constexpr, HALF: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, ahead_a=None, ahead_b=None, ahead_bytes=0, AHEAD: tl.constexpr = False):
     """For each of M rows: y[rows] = (res[rows] +) W[rows] . norm?(x) (+ b); one program per BLOCK_N
     outputs. GLU: y[rows] = silu(W[rows] . h + b) * (W2[rows] . h + b2). ROPE (W = whole heads of
     2 * HALF rows, N = pairs): output pairs (r, r + HALF) of a head, rotated as transformers'
-    apply_rotary_pos_emb does at the row's position (cos/sin tables [positions, 2 * HALF])."""
+    apply_rotary_pos_emb does at the row's position (cos/sin tables [positions, 2 * HALF]).
+    AHEAD (under PDL): each program asks L2 for ahead_bytes of ahead_a and of ahead_b while it waits."""
     idx, row_ok, rows, rows2, w_rows, w2_rows = _output_rows(N, K, BLOCK_N, ROPE, HALF)
     cols0 = tl.arange(0, BLOCK_K)
-    w_first, w2_first = _weights_before_wait(w_ptr, w2_ptr, w_rows, w2_rows, row_ok, cols0, K, GLU or ROPE, PDL)
+    w_first, w2_first = _weights_before_wait(w_ptr, w2_ptr, w_rows, w2_rows, row_ok, cols0, K, GLU or ROPE, PDL,
+                                             ahead_a, ahead_b, ahead_bytes, AHEAD)
     dt = w_first.dtype
     for m in tl.static_range(M):
         x_row = x_ptr + m * stride_xm

@@ -15,12 +15,12 @@ pytestmark = pytest.mark.parametrize("scheduling", ["once"])  # no engine: one r
 
 HOPPER = GPUTarget("cuda", 90, 32)
 BF16_PTRS = ("x_ptr", "w_ptr", "b_ptr", "w2_ptr", "b2_ptr", "y_ptr", "res_ptr", "norm_ptr", "cos_ptr", "sin_ptr",
-             "qkv_ptr", "qn_ptr", "kn_ptr")
+             "qkv_ptr", "qn_ptr", "kn_ptr", "ahead_a", "ahead_b")
 TYPES = {**{n: "*bf16" for n in BF16_PTRS}, "pos_ptr": "*i64", "eps": "fp32"}
 GEMV = dict(M=1, K=2048, BLOCK_N=4, BLOCK_K=2048, NORM=True, GLU=False, ROPE=False, HALF=1, RESIDUAL=False,
-            HAS_BIAS=False, PDL=True)
+            HAS_BIAS=False, PDL=True, AHEAD=False)
 GEMM = dict(GEMV, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, DOT_PRECISION="tf32")
-del GEMM["M"]
+del GEMM["M"], GEMM["AHEAD"]
 CASES = {  # name -> (kernel, constexprs): each projection of a layer as fused_decode.py launches it
     "gemv_qkv_rope_bias": (fk.fused_gemv_kernel, dict(GEMV, ROPE=True, HALF=32, HAS_BIAS=True)),
     "gemv_gate_up": (fk.fused_gemv_kernel, dict(GEMV, GLU=True)),
@@ -28,6 +28,7 @@ CASES = {  # name -> (kernel, constexprs): each projection of a layer as fused_d
                                                       RESIDUAL=True)),
     "gemv_two_chunks_two_rows": (fk.fused_gemv_kernel, dict(GEMV, M=2, K=14336, BLOCK_N=2, BLOCK_K=8192,
                                                             RESIDUAL=True, PDL=False)),
+    "gemv_o_residual_ahead": (fk.fused_gemv_kernel, dict(GEMV, NORM=False, RESIDUAL=True, AHEAD=True)),
     "gemm_qkv_rope_bias": (fk.fused_gemm_kernel, dict(GEMM, ROPE=True, HALF=32, HAS_BIAS=True)),
     "gemm_gate_up": (fk.fused_gemm_kernel, dict(GEMM, BLOCK_M=16, GLU=True)),
     "gemm_down_residual": (fk.fused_gemm_kernel, dict(GEMM, K=8192, NORM=False, RESIDUAL=True)),
@@ -49,6 +50,10 @@ def test_fused_decode_kernels_compile_for_hopper(case):
     assert ("griddepcontrol.launch_dependents" in ptx) == constexprs["PDL"], case
     if fn is fk.fused_gemm_kernel:  # 64 rows of W as the MMA's M side: Hopper's warpgroup MMA
         assert "wgmma" in ptx, case
+    # the o GEMV's L2 prefetch of the next kernel's first weights (engine.fused_decode_ahead_mib), before its wait
+    assert ("cp.async.bulk.prefetch.L2.global" in ptx) == constexprs.get("AHEAD", False), case
+    if constexprs.get("AHEAD"):
+        assert ptx.index("cp.async.bulk.prefetch.L2") < ptx.index("griddepcontrol.wait"), case
 
 
 def test_split_decode_attention_compiles_under_pdl():
