@@ -204,5 +204,13 @@ class TcpTransceiver(KVTransceiver):
         conn.sendall(bytes([status]) + struct.pack("!I", len(data)) + data)
 
     def _shutdown(self) -> None:
+        # close() alone does not wake a thread blocked in accept() on Linux (close waited out the
+        # join's 5 s every time); shutdown() does: accept() raises and the loop returns
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not listening any more
         self._server.close()
         self._accept_thread.join(timeout=5)
+        if self._accept_thread.is_alive():
+            log.warning("%s: the TCP KV server thread did not stop within 5 s", self.worker_id)
