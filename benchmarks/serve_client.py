@@ -143,6 +143,8 @@ EVENT_COUNTERS = {"pdserve_transfers_total": "kv_transfers", "pdserve_preemption
                   "pdserve_transfer_failures_total": "transfer_failures",
                   "pdserve_local_prefills_total": "local_prefills", "pdserve_migrations_total": "migrations",
                   "pdserve_import_waits_total": "import_waits",
+                  "pdserve_compiles_while_serving_total": "compiles_while_serving",
+                  "pdserve_compile_seconds_while_serving_total": "compile_seconds_while_serving",
                   # a gauge: referenced KV blocks; once a run is over and idle, anything here is a leak
                   "pdserve_kv_used_blocks": "kv_blocks_in_use"}
 # counted by one label: routed_<reason> (the router's decisions), ttft_remote_<why> (why the ttft

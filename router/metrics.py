@@ -61,6 +61,10 @@ class _ClusterCollector:
             "num_final_first_tokens": ("pdserve_final_first_tokens",
                                        "Remote prefills whose first token ended the request: no KV moved"),
             "num_prompt_tokens_cached": ("pdserve_prompt_tokens_cached", "Prompt tokens served from the prefix cache"),
+            "num_compiles_serving": ("pdserve_compiles_while_serving", "Triton / torch.compile compiles a worker ran "
+                                     "after it started serving (its engine stalls for each)"),
+            "compile_seconds_serving": ("pdserve_compile_seconds_while_serving",
+                                        "Seconds of pdserve_compiles_while_serving"),
         }
         families = {k: CounterMetricFamily(n, h, labels=["worker"]) for k, (n, h) in counters.items()}
         pending_s = CounterMetricFamily("pdserve_routed_prefill_seconds", "Seconds this router counted prompts as "

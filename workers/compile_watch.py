@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 _installed = False
 _hops = None  # the HopTimer the hooks add to
 _lock = threading.Lock()
+_serving = False  # set once the worker serves: compiles from then on are counted apart
+_serving_count, _serving_seconds = 0, 0.0
 
 
 def install(hops) -> bool:
@@ -33,9 +35,25 @@ def install(hops) -> bool:
         return _installed
 
 
+def mark_serving() -> None:
+    """The worker started serving: every compile from here on is one a request may wait behind."""
+    global _serving
+    _serving = True
+
+
+def serving_compiles() -> tuple[int, float]:
+    """(compiles, seconds) since mark_serving() in this process (a worker's counters)."""
+    return _serving_count, _serving_seconds
+
+
 def _add(name: str, seconds: float) -> None:
+    global _serving_count, _serving_seconds
     if _hops is not None:
         _hops.add(name, seconds)
+    if _serving:
+        with _lock:
+            _serving_count += 1
+            _serving_seconds += seconds
 
 
 def _install_triton() -> bool:

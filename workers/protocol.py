@@ -204,6 +204,8 @@ class WorkerCounters:
     num_preemptions: int = 0
     num_import_waits: int = 0  # decode: imports that found too few free KV blocks and waited
     num_final_first_tokens: int = 0  # decode: a remote prefill's first token ended the request (no KV moved)
+    num_compiles_serving: int = 0  # Triton / torch.compile compiles after the worker started serving
+    compile_seconds_serving: float = 0.0  # ... and their seconds: each stalled the engine that long
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,7 @@ class WorkerBase:
             raise RuntimeError(f"{self.worker_id}: could not register in etcd at {self.spec.etcd.endpoints} "
                                f"within 30 s ({self.registration.last_error})")
         log.info("%s ready: %s, %d KV blocks", self.worker_id, self.engine.layout.model_id, self.engine.kv_cache.num_blocks)
+        compile_watch.mark_serving()
         return info
 
     def info(self) -> WorkerInfo:
@@ -190,6 +191,8 @@ class WorkerBase:
                              num_prompt_tokens_cached=stats.prompt_tokens_hit, num_preemptions=stats.num_preemptions,
                              num_import_waits=stats.num_import_waits)
         self.counters.update(self.transceiver.counters() if self.transceiver is not None else {})
+        compiles, compile_s = compile_watch.serving_compiles()
+        self.counters.update(num_compiles_serving=compiles, compile_seconds_serving=round(compile_s, 3))
         return WorkerState(load, tuple(events), complete, snapshot, last_seq, WorkerCounters(**self.counters))
 
     async def stats(self, from_snapshot: bool = False):

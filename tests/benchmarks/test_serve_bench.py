@@ -53,6 +53,8 @@ def test_serve_benchmark_smoke(tmp_path, tiny_checkpoint):
         # workers, and once the run is over no KV block is still referenced anywhere (no leak)
         assert (row["events"].get("kv_transfers", 0) > 0) == (row["mode"] == "disaggregated"), (where, row["events"])
         assert row["kv_blocks_in_use_after"] == 0, (where, row)
+        # nothing compiled inside the run on any worker (each compile would stall its engine)
+        assert "compiles_while_serving" not in row["events"], (where, row["events"])
         # the router's decisions, by reason: every request of the run was routed (a retry routes again)
         # the endpoint's own TTFT (from its replica's histogram) is part of what the client waited
         assert 0 < row["router_ttft_mean_s"] <= row["ttft_mean_s"], (where, row)

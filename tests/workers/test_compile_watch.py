@@ -30,3 +30,19 @@ def test_dynamo_and_triton_compiles_are_timed():
     knobs.runtime.jit_post_compile_hook(key=("other", 2), fn=None)  # no start seen: not timed
     assert len(hops.snapshot()["jit.triton"]) == 1
     assert not earlier.snapshot()
+
+
+def test_compiles_after_the_worker_started_serving_are_counted_apart():
+    hops = HopTimer()
+    compile_watch.install(hops)
+    before = compile_watch.serving_compiles()
+    compile_watch.mark_serving()
+
+    @torch.compile(backend="eager", dynamic=False)
+    def g(x):
+        return torch.cos(x) + 1
+
+    g(torch.ones(2))
+    count, seconds = compile_watch.serving_compiles()
+    assert count >= before[0] + 1 and seconds >= before[1]
+

@@ -261,6 +261,9 @@ def test_probes_and_metrics(cluster):
                  "pdserve_kv_used_blocks", "pdserve_transfer_bytes_total", "pdserve_prefix_hit_rate",
                  "pdserve_requests_total"]:
         assert name in text, name
+    # every worker's compiles since it started serving: none on the CPU (no compile_prefill, no Triton)
+    compiles = [line for line in text.splitlines() if line.startswith("pdserve_compiles_while_serving_total{")]
+    assert compiles and all(float(line.rsplit(" ", 1)[1]) == 0 for line in compiles), compiles
 
 
 def test_remote_prefill_really_transferred(cluster):
