@@ -103,6 +103,7 @@ for name in ("disagg", "disagg_per_request", "colocated", "hybrid_q4", "hybrid_q
                                                "slo_attainment_by_scale", "events", "kv_blocks_in_use_after",
                                                "router_ttft_mean_s", "router_local_prefill_s",
                                                "router_remote_prefill_s", "ttft_mean_s", "overrides")},
-                  {k: hops[k]["p50"] for k in ("decode.engine.step", "decode.reserve", "decode.commit") if k in hops},
+                  {k: hops[k]["p50"] for k in ("decode.engine.step", "decode.reserve", "decode.commit", "decode.dispatch",
+                                               "decode.first_delta") if k in hops},
                   {k: (v["n"], v.get("max")) for k, v in hops.items() if ".jit." in k or k.endswith("engine.step")})
 PY

@@ -125,6 +125,9 @@ class DecodeWorkerImpl(LayerwiseImport, WorkerBase):
     async def generate(self, req: GenerateRequest):
         """Async generator of TokenDeltas (a Ray streaming method). Cancelling it aborts the
         request here and releases anything pinned on the prefill worker."""
+        # routed -> here: the actor call's transit and its wait for this worker's event loop (the
+        # router stamps arrival_time as it dispatches; same host's clock, or NTP-close hosts')
+        self.hops.add("dispatch", max(0.0, time.time() - req.arrival_time))
         self.check_accepting()
         rid = req.request_id
         deadline = req.arrival_time + req.deadline_s
