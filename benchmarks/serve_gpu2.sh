@@ -21,7 +21,8 @@
 #   SLO readings (TTFT + TPOT mean, TTFT + every ITL)
 #   knees3 (next): the hybrid (64-112) then colocated (32-96 req/s) on one host with the full warm-up;
 #   rows carry router_ttft_mean_s (the client's TTFT minus it: proxy + client) and
-#   router_local/remote_prefill_s (how long a prompt counted as pending: the ttft rule's cap)
+#   router_local/remote_prefill_s (how long a prompt counted as pending: the ttft rule's cap); then
+#   (issue 8) the fused o GEMV's L2 prefetch of gate|up at batch 1 (engine_gpu1.sh ahead's sweep)
 #   warm_up: the hybrid as the first cluster on the host with empty compile caches, engine.warm_up
 #   basic (64/80 req/s) vs the default full (64-96); the rows' jit.* hops are compiles inside the run
 #   knees2: the hybrid at 64-96 and colocated at 40-56 req/s on one host (the rows count why the ttft
@@ -47,6 +48,10 @@ ttft="--set router.conditional_disaggregation=ttft --set router.prefill_rate_pri
 if [ "$part" = knees3 ]; then  # (next) both knees on one host with the full warm-up, the router's share of TTFT read
   run hybrid_ttft2k 200 $p8k --rates 64,80,96,112 $ttft --set router.local_prefill_max_pending_tokens=2048
   run colocated 190 --modes colocated --rates 32,48,64,96
+  # issue 8 on one of the GPUs with what time is left: the o GEMV's L2 prefetch of gate|up at batch 1
+  timeout $((585-(SECONDS-t0))) python3 benchmarks/profile_decode.py --batch-sizes 1 --fused-decode 1 \
+    --fused-tiles ";ahead=8;ahead=16;ahead=32" > "$out/ahead.jsonl" 2> "$out/ahead.err"
+  echo "ahead rc=$? t=$((SECONDS-t0))"
 elif [ "$part" = warm_up ]; then  # the first cluster on a host, basic vs full engine warm-up, each with empty compile caches
   TRITON_CACHE_DIR=/tmp/tc_basic TORCHINDUCTOR_CACHE_DIR=/tmp/ic_basic \
     run hybrid_basic 150 $p8k --rates 64,80 $ttft --set router.local_prefill_max_pending_tokens=2048 --set engine.warm_up=basic
