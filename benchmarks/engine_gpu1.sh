@@ -40,6 +40,7 @@
 #            attention's L2 prefetch (measured instead on an x2 host, serve_gpu2.sh knees2) and
 #            engine.py with the tensor-core kernel (not run: it lost in fused_f)
 #   ahead (next): the o GEMV's L2 prefetch of gate|up during the attention, 8-48 MiB a layer
+#   gemm2 (next): the tensor-core kernel rebuilt on TMA, 2-32 rows, against the modules (batch32's 3x)
 #   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
@@ -214,6 +215,17 @@ case $part in
       --fused-tiles ";ahead=8;ahead=16;ahead=24;ahead=32;ahead=48"
     step ahead_check $((560 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused \
       --fused-ahead 24
+    ;;
+  gemm2)
+    # (next session) the rebuilt tensor-core kernel (W through TMA in a 4-stage pipeline, mma.sync,
+    # 48-165 registers, no spills offline; RoPE after it): checks with it up to batch 32, decode
+    # graphs 2-32 beside the modules' graphs with a tile sweep, then engine.py with it
+    step check_gemm2 280 python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused --fused-decode 32
+    step prof_gemm2 150 python3 benchmarks/profile_decode.py --batch-sizes 2,8,32 --fused-decode 32 \
+      --fused-tiles ";gemm=64x64x4;gemm=16x64x4;gemm=32x64x8;gemm_pipe=6x32;gemm_pipe=4x0;gemm_pipe=4x128"
+    step prof_modules2 90 python3 benchmarks/profile_decode.py --batch-sizes 2,8,32 --no-fused-decode
+    step engine_gemm2 $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
+      --workloads decode_b1,batch --scheduling async --fused-decode 32
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1

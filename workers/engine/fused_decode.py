@@ -47,10 +47,13 @@ TILES = {"small_k": (4, 4), "large_k": (2, 8), "lm_head": (4, 4)}
 # wave of the gate|up GEMV's programs reads) that the o GEMV's programs ask L2 for while they wait
 # out the attention (PDL only; fused_decode_kernels._prefetch_ahead); engine.fused_decode_ahead_mib,
 # 0 = off (profile_decode.py --fused-tiles "ahead=16" sweeps it)
-# steps of >= GEMM_FROM rows take fused_gemm_kernel (tensor cores; outputs x K chunk x warps per
-# program) instead of the GEMV (which re-reads and re-normalises its input per row): ~2x slower than
-# the modules' cuBLAS graph at 2-32 rows on an H200, so engine.fused_decode_max_batch stays 1
-GEMM_FROM, GEMM_TILE = 2, (64, 128, 4)  # 64 rows of W: one Hopper wgmma tile high
+# steps of >= GEMM_FROM rows take fused_gemm_kernel (tensor cores; outputs x K chunk (elements of
+# 2 bytes; 128 bytes at most) x warps per program; its W pipeline's stages and the KiB of W rows each
+# program asks L2 for before its PDL wait) instead of the GEMV (which re-reads and re-normalises its
+# input per row). Its first build (W through registers, no pipeline) ran ~2x slower than the modules'
+# cuBLAS graph at 2-32 rows on an H200; this one (W through TMA in a pipeline) is not measured yet,
+# so engine.fused_decode_max_batch stays 1
+GEMM_FROM, GEMM_TILE, GEMM_PIPE = 2, (32, 64, 4), (4, 32)
 MAX_BLOCK_K = 8192  # a program's first weight chunk (held in registers across the PDL wait)
 
 
@@ -131,7 +134,9 @@ class FusedDecode:
         # PDL needs sm_90+ (Hopper); elsewhere the same kernels run with plain stream order
         self.pdl = (not self.interpret and torch.cuda.get_device_capability(dev)[0] >= 9) if pdl is None else pdl
         self.qkv_width = (self.hq + 2 * self.hkv) * self.head_dim
-        self.tiles = dict(TILES, gemm=GEMM_TILE, ahead=(ahead_mib,))  # read at capture: a graph keeps its launches
+        # read at capture: a captured graph keeps its launches
+        self.tiles = dict(TILES, gemm=GEMM_TILE, gemm_pipe=GEMM_PIPE, ahead=(ahead_mib,))
+        self._descriptors: dict = {}  # TMA descriptors of the weights, by (address, shape, box)
         self.gemm_from = GEMM_FROM
         self.num_calls = 0
 
@@ -152,10 +157,11 @@ class FusedDecode:
         x = self.embed(ids)  # [B, hidden], the residual stream (updated in place)
         qkv = x.new_empty(rows, self.qkv_width)
         hq_d = self.hq * self.head_dim
+        gemm = rows >= self.gemm_from  # the tensor-core kernel has no RoPE epilogue
         for lw in self.layers:
-            if lw["q_norm"] is None:  # RoPE in the q|k GEMV's epilogue
+            if lw["q_norm"] is None and not gemm:  # RoPE in the q|k GEMV's epilogue
                 self._project(x, lw["qkv"], qkv, lw["n1"], pos)
-            else:  # per-head norms first: a kernel of its own over whole heads
+            else:  # per-head norms (if any) and RoPE: a kernel of its own over whole heads
                 self._project(x, lw["qkv"], qkv, lw["n1"], None)
                 self._rope(qkv, pos, lw["q_norm"], lw["k_norm"])
             q = qkv[:, :hq_d].view(1, rows, self.hq, self.head_dim).transpose(1, 2)
@@ -223,12 +229,20 @@ class FusedDecode:
                      HAS_BIAS=b is not None, PDL=self.pdl, **({"launch_pdl": True} if self.pdl else {}))
         eps = float(norm.variance_epsilon) if norm is not None else 0.0
         if rows >= self.gemm_from:
+            if rope is not None:
+                raise ValueError("the tensor-core path rotates after the projection (rope_kernel), not in it")
             block_n, block_k, warps = self.tiles["gemm"]
-            block_k = min(block_k, triton.next_power_of_2(k))
+            stages, prefetch_kib = self.tiles["gemm_pipe"]
+            block_k = min(block_k * 2 // w.element_size(), 128 // w.element_size(), triton.next_power_of_2(k))
             precision = "ieee" if w.dtype == torch.float32 else "tf32"
             fused_gemm_kernel[(triton.cdiv(n, block_n),)](
-                *args, rows, n, eps, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
-                BLOCK_K=block_k, DOT_PRECISION=precision, num_warps=warps, **flags)
+                x, x.stride(0), self._descriptor(w, block_n, block_k), w if b is None else b,
+                self._descriptor(w2, block_n, block_k), w2 if b2 is None else b2, y, y.stride(0),
+                y if residual is None else residual, 0 if residual is None else residual.stride(0),
+                w if norm is None else norm.weight, w, w2, prefetch_kib * 1024, rows, n, eps, K=k,
+                BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+                NORM=norm is not None, GLU=glu is not None, RESIDUAL=residual is not None, HAS_BIAS=b is not None,
+                PDL=self.pdl, DOT_PRECISION=precision, num_warps=warps, **({"launch_pdl": True} if self.pdl else {}))
             return
         block_n, warps = tile or self.tiles["small_k" if k <= 4096 else "large_k"]
         block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
@@ -238,6 +252,22 @@ class FusedDecode:
         fused_gemv_kernel[(triton.cdiv(n, block_n),)](*args, n, eps, M=rows, BLOCK_N=block_n, BLOCK_K=block_k,
                                                      ahead_a=a, ahead_b=b2_, ahead_bytes=nbytes,
                                                      AHEAD=ahead is not None, num_warps=warps, **flags)
+
+    def _descriptor(self, w: torch.Tensor, block_n: int, block_k: int):
+        """A TMA descriptor of weight ``w`` ([N, K], rows contiguous) in block_n x block_k boxes
+        (rows past N read as zeros), made once per weight and box."""
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        key = (w.data_ptr(), tuple(w.shape), block_n, block_k)
+        desc = self._descriptors.get(key)
+        if desc is None:
+            if w.data_ptr() % 16 or (w.stride(0) * w.element_size()) % 16:
+                if not self.interpret:
+                    raise ValueError(f"engine.fused_decode_max_batch >= 2: a weight of shape {tuple(w.shape)} is not "
+                                     "16-byte aligned (TMA needs it); set engine.fused_decode_max_batch: 1")
+                w = w.clone()  # the interpreter (a CPU load may be 8-byte aligned): an aligned copy, kept below
+            desc = self._descriptors[key] = TensorDescriptor.from_tensor(w, [block_n, block_k])
+        return desc
 
     def _rope(self, qkv, pos, q_norm, k_norm):
         from workers.engine.fused_decode_kernels import rope_kernel

@@ -62,9 +62,22 @@ def _output_rows(N, K: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, 
 
 # one bulk (TMA) prefetch of $2 bytes at $1 into L2, issued by the first warp's lanes only (a [32]
 # tensor's elements sit in every warp's lanes: each range is asked for once)
-_L2_BULK_PREFETCH = tl.constexpr("{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.lt.u32 p, t, 32; "
+_L2_BULK_PREFETCH = tl.constexpr("{ .reg .pred p, q; .reg .u32 t; mov.u32 t, %tid.x; setp.lt.u32 p, t, 32; "
+                                 "setp.ne.u32 q, $2, 0; and.pred p, p, q; "
                                  "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }")
 AHEAD_LANES = tl.constexpr(32)
+
+
+@triton.jit
+def _l2_prefetch(ptr, start, nbytes):
+    """Bulk L2 prefetch of bytes [start, start + nbytes) at ``ptr`` (any element type), split over
+    the first warp's lanes; nbytes a multiple of 16 * AHEAD_LANES (0: nothing)."""
+    part = nbytes // AHEAD_LANES
+    at = start + tl.arange(0, AHEAD_LANES).to(tl.int64) * part
+    size = tl.full([AHEAD_LANES], 0, tl.int32) + part.to(tl.int32)
+    done = tl.inline_asm_elementwise(_L2_BULK_PREFETCH, "=r,l,r", [ptr.to(tl.pointer_type(tl.int8)) + at, size],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+    return tl.sum(done)
 
 
 @triton.jit
@@ -72,14 +85,8 @@ def _prefetch_ahead(a_ptr, b_ptr, nbytes):
     """L2 prefetch of this program's share of two regions the NEXT kernel reads first (bytes
     [p * nbytes, (p + 1) * nbytes) of each, p = program id; nbytes a multiple of 16 * AHEAD_LANES):
     issued while this kernel waits for the one before it, HBM would idle otherwise."""
-    part = nbytes // AHEAD_LANES
-    at = tl.program_id(0).to(tl.int64) * nbytes + tl.arange(0, AHEAD_LANES).to(tl.int64) * part
-    size = tl.full([AHEAD_LANES], 0, tl.int32) + part.to(tl.int32)
-    a = tl.inline_asm_elementwise(_L2_BULK_PREFETCH, "=r,l,r", [a_ptr.to(tl.pointer_type(tl.int8)) + at, size],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    b = tl.inline_asm_elementwise(_L2_BULK_PREFETCH, "=r,l,r", [b_ptr.to(tl.pointer_type(tl.int8)) + at, size],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    return tl.sum(a + b)
+    start = tl.program_id(0).to(tl.int64) * nbytes
+    return _l2_prefetch(a_ptr, start, nbytes) + _l2_prefetch(b_ptr, start, nbytes)
 
 
 @triton.jit
@@ -193,20 +200,35 @@ def _finish(acc, acc2, ms, m_ok, idx, row_ok, rows, rows2, b_ptr, b2_ptr, y_ptr,
 
 
 @triton.jit
-def fused_gemm_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, stride_ym, res_ptr, stride_rm,
-                      norm_ptr, pos_ptr, cos_ptr, sin_ptr, stride_cos, M, N, eps, K: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
-                      GLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, RESIDUAL: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, PDL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """fused_gemv_kernel's outputs for M > 1 rows (<= BLOCK_M, padded to >= 16) on tensor cores:
-    one program per BLOCK_N outputs streams its W rows in BLOCK_K chunks (the first loaded before
-    the PDL wait) and multiplies each chunk with every row at once (W as the MMA's M side)."""
-    idx, row_ok, rows, rows2, w_rows, w2_rows = _output_rows(N, K, BLOCK_N, ROPE, HALF)
+def fused_gemm_kernel(x_ptr, stride_xm, w_desc, b_ptr, w2_desc, b2_ptr, y_ptr, stride_ym, res_ptr, stride_rm,
+                      norm_ptr, w_ptr, w2_ptr, prefetch_bytes, M, N, eps, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, NORM: tl.constexpr,
+                      GLU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """fused_gemv_kernel's outputs (no RoPE: the caller rotates after) for 2..BLOCK_M rows on tensor
+    cores: one program per BLOCK_N outputs, y[:, rows] = x_n [BLOCK_M, K] . W[rows]^T. W comes
+    through a TMA descriptor (w_desc, [N, K] in BLOCK_N x BLOCK_K boxes) in a software pipeline of
+    STAGES chunks; the input chunk is loaded and normalised in registers (as the GEMV rounds it).
+    Under PDL each program asks L2 for the first ``prefetch_bytes`` of its W rows (and W2's) before
+    waiting: no earlier kernel writes them, and the pipeline's first loads then hit L2."""
+    off_n = tl.program_id(0) * BLOCK_N
+    idx = off_n + tl.arange(0, BLOCK_N)
+    row_ok = idx < N
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
     cols0 = tl.arange(0, BLOCK_K)
-    w_first, w2_first = _weights_before_wait(w_ptr, w2_ptr, w_rows, w2_rows, row_ok, cols0, K, GLU or ROPE, PDL)
-    dt = w_first.dtype
+    if PDL:
+        gdc_launch_dependents()
+        elem = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        rows_bytes = tl.minimum(N - off_n, BLOCK_N).to(tl.int64) * K * elem
+        unit = 16 * AHEAD_LANES
+        nbytes = tl.minimum(rows_bytes, prefetch_bytes) // unit * unit
+        start = off_n.to(tl.int64) * K * elem
+        _l2_prefetch(w_ptr, start, nbytes)
+        if GLU:
+            _l2_prefetch(w2_ptr, start, nbytes)
+        gdc_wait()
+    dt = x_ptr.dtype.element_ty
     x_rows = x_ptr + ms[:, None] * stride_xm
     r = tl.full([BLOCK_M], 1.0, tl.float32)
     if NORM:
@@ -217,28 +239,17 @@ def fused_gemm_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
             ss += tl.sum(xf * xf, axis=1)
         r = tl.rsqrt(ss / K + eps)
     r = r[:, None]
-    # W is the MMA's long side ([BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M]: "swap AB"), so a few rows
-    # still fill the tensor cores' M dimension; acc is transposed back for the epilogue
-    xt = _gemm_input(x_rows, norm_ptr, cols0, m_ok, K, r, NORM)
-    acc = tl.dot(w_first, tl.trans(xt), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), input_precision=DOT_PRECISION)
-    if GLU or ROPE:
-        acc2 = tl.dot(w2_first, tl.trans(xt), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
-                      input_precision=DOT_PRECISION)
-    else:
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        xn = _gemm_input(x_rows, norm_ptr, k0 + cols0, m_ok, K, r, NORM)
+        acc = tl.dot(xn, w_desc.load([off_n, k0]).T, acc, input_precision=DOT_PRECISION)
+        if GLU:
+            acc2 = tl.dot(xn, w2_desc.load([off_n, k0]).T, acc2, input_precision=DOT_PRECISION)
+    if not GLU:
         acc2 = acc
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        cols = k0 + cols0
-        wmask = row_ok[:, None] & (cols < K)[None, :]
-        x_t = tl.trans(_gemm_input(x_rows, norm_ptr, cols, m_ok, K, r, NORM))
-        acc = tl.dot(tl.load(w_ptr + w_rows + cols[None, :], mask=wmask, other=0.0), x_t, acc,
-                     input_precision=DOT_PRECISION)
-        if GLU or ROPE:
-            acc2 = tl.dot(tl.load(w2_ptr + w2_rows + cols[None, :], mask=wmask, other=0.0), x_t, acc2,
-                          input_precision=DOT_PRECISION)
-    acc = tl.trans(acc)
-    acc2 = tl.trans(acc2)
-    _finish(acc, acc2, ms, m_ok, idx, row_ok, rows, rows2, b_ptr, b2_ptr, y_ptr, stride_ym, res_ptr, stride_rm,
-            pos_ptr, cos_ptr, sin_ptr, stride_cos, dt, GLU, ROPE, HALF, RESIDUAL, HAS_BIAS)
+    _finish(acc, acc2, ms, m_ok, idx, row_ok, idx, idx, b_ptr, b2_ptr, y_ptr, stride_ym, res_ptr, stride_rm,
+            y_ptr, y_ptr, y_ptr, 0, dt, GLU, False, 1, RESIDUAL, HAS_BIAS)
 
 
 @triton.jit
