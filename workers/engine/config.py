@@ -83,9 +83,9 @@ class EngineConfig(BaseModel):
                             "shape: batch-1 decode graph 0.89 ms vs 1.14 ms through the modules (benchmarks/README.md)")
     fused_decode_max_batch: int = Field(
         1, ge=1, le=64, description="Largest decode batch engine.fused_decode runs. 1 row: a GEMV per projection; "
-                                    "2 and more: a tensor-core kernel of the same fusions, correct on an H200 but "
-                                    "~2x slower than the modules' graph at 2-32 rows (2.04-2.49 vs 1.16-1.26 ms; "
-                                    "benchmarks/README.md)")
+                                    "2 and more: a tensor-core kernel of the same fusions (its first build was "
+                                    "correct on an H200 but ~2x slower than the modules' graph at 2-32 rows; rebuilt "
+                                    "on a TMA pipeline, not measured yet: benchmarks/README.md)")
     fused_decode_ahead_mib: int = Field(
         0, ge=0, le=1024, description="engine.fused_decode under PDL: MiB of each layer's gate|up weights (their "
                                       "first rows) that the o GEMV's programs ask L2 for while they wait out the "
