@@ -222,7 +222,7 @@ case $part in
     # graphs 2-32 beside the modules' graphs with a tile sweep, then engine.py with it
     step check_gemm2 280 python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused --fused-decode 32
     step prof_gemm2 150 python3 benchmarks/profile_decode.py --batch-sizes 2,8,32 --fused-decode 32 \
-      --fused-tiles ";gemm=64x64x4;gemm=16x64x4;gemm=32x64x8;gemm_pipe=6x32;gemm_pipe=4x0;gemm_pipe=4x128"
+      --fused-tiles ";gemm_small_n=16x64x4x4;gemm_small_n=32x64x4x4;gemm_small_n=16x64x4x12;gemm=64x64x4x4;gemm=32x64x8x6;gemm_prefetch=0;gemm_prefetch=128"
     step prof_modules2 90 python3 benchmarks/profile_decode.py --batch-sizes 2,8,32 --no-fused-decode
     step engine_gemm2 $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads decode_b1,batch --scheduling async --fused-decode 32

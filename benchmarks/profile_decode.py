@@ -114,7 +114,7 @@ def sweep_variants(engine: Engine, batch: int, size: int, specs: list[str]) -> N
 
 def sweep_fused_tiles(engine: Engine, batch: int, size: int, specs: list[str]) -> None:
     """engine.fused_decode's GEMV / GEMM tiles: per spec ('small_k=2x4,large_k=1x8,lm_head=4x4,
-    gemm=32x128x4,gemm_from=4'; kinds not named keep the default; gemm_from: the rows from which the
+    gemm=32x64x4x4,gemm_from=4'; kinds not named keep the default; gemm_from: the rows from which the
     tensor-core kernel runs), recapture the graph of ``size``, run real steps, time the replay."""
     graphs = engine.runner.graphs
     fused = graphs.fused

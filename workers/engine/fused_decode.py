@@ -47,13 +47,16 @@ TILES = {"small_k": (4, 4), "large_k": (2, 8), "lm_head": (4, 4)}
 # wave of the gate|up GEMV's programs reads) that the o GEMV's programs ask L2 for while they wait
 # out the attention (PDL only; fused_decode_kernels._prefetch_ahead); engine.fused_decode_ahead_mib,
 # 0 = off (profile_decode.py --fused-tiles "ahead=16" sweeps it)
-# steps of >= GEMM_FROM rows take fused_gemm_kernel (tensor cores; outputs x K chunk (elements of
-# 2 bytes; 128 bytes at most) x warps per program; its W pipeline's stages and the KiB of W rows each
-# program asks L2 for before its PDL wait) instead of the GEMV (which re-reads and re-normalises its
-# input per row). Its first build (W through registers, no pipeline) ran ~2x slower than the modules'
-# cuBLAS graph at 2-32 rows on an H200; this one (W through TMA in a pipeline) is not measured yet,
-# so engine.fused_decode_max_batch stays 1
-GEMM_FROM, GEMM_TILE, GEMM_PIPE = 2, (32, 64, 4), (4, 32)
+# steps of >= GEMM_FROM rows take fused_gemm_kernel (tensor cores) instead of the GEMV (which
+# re-reads and re-normalises its input per row). Tiles: outputs x K chunk (elements of 2 bytes; 128
+# bytes at most) x warps x W pipeline stages per program, by the projection's outputs: <= 4096
+# ("gemm_small_n": smaller tiles, deeper pipeline, so that o / down / q|k|v still keep enough programs
+# and bytes in flight to stream W) or more ("gemm"); "gemm_prefetch": KiB of its W rows each program
+# asks L2 for before its PDL wait. The first build (W through registers, no pipeline) ran ~2x slower
+# than the modules' cuBLAS graph at 2-32 rows on an H200; this one (W through TMA in a pipeline) is
+# not measured yet, so engine.fused_decode_max_batch stays 1
+GEMM_FROM = 2
+GEMM_TILES = {"gemm": (32, 64, 4, 4), "gemm_small_n": (16, 64, 4, 8), "gemm_prefetch": (32,)}
 MAX_BLOCK_K = 8192  # a program's first weight chunk (held in registers across the PDL wait)
 
 
@@ -135,7 +138,7 @@ class FusedDecode:
         self.pdl = (not self.interpret and torch.cuda.get_device_capability(dev)[0] >= 9) if pdl is None else pdl
         self.qkv_width = (self.hq + 2 * self.hkv) * self.head_dim
         # read at capture: a captured graph keeps its launches
-        self.tiles = dict(TILES, gemm=GEMM_TILE, gemm_pipe=GEMM_PIPE, ahead=(ahead_mib,))
+        self.tiles = dict(TILES, **GEMM_TILES, ahead=(ahead_mib,))
         self._descriptors: dict = {}  # TMA descriptors of the weights, by (address, shape, box)
         self.gemm_from = GEMM_FROM
         self.num_calls = 0
@@ -231,8 +234,8 @@ class FusedDecode:
         if rows >= self.gemm_from:
             if rope is not None:
                 raise ValueError("the tensor-core path rotates after the projection (rope_kernel), not in it")
-            block_n, block_k, warps = self.tiles["gemm"]
-            stages, prefetch_kib = self.tiles["gemm_pipe"]
+            block_n, block_k, warps, stages = self.tiles["gemm_small_n" if n <= 4096 else "gemm"]
+            (prefetch_kib,) = self.tiles["gemm_prefetch"]
             block_k = min(block_k * 2 // w.element_size(), 128 // w.element_size(), triton.next_power_of_2(k))
             precision = "ieee" if w.dtype == torch.float32 else "tf32"
             fused_gemm_kernel[(triton.cdiv(n, block_n),)](
