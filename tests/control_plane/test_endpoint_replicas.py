@@ -4,6 +4,8 @@ served. Serve's proxy sends each GET /metrics to one replica, so a plain scrape 
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -12,7 +14,7 @@ from cluster.endpoint_counts import EndpointCounts
 from cluster.ingress_replicas import IngressReplicas
 from tests.control_plane.conftest import eventually
 
-MAX_REQUESTS = 40  # both replicas have served some long before (each request: a fair coin at worst)
+MAX_REQUESTS = 80  # both replicas have served some long before (4 at a time: Serve sends each to the less busy)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,19 @@ def two_replica_url(cluster):
     cluster.extra_apps.append(app)  # removed with the cluster
     url = cluster.url.rsplit("/", 1)[0] + f"/{app}"
     eventually(lambda: httpx.get(f"{url}/ready", timeout=10).status_code == 200, 120, what="the two-replica app")
+    # /ready answers once ONE replica does; the second may still be starting (then every request
+    # lands on the first): wait for Serve to run both
+    eventually(lambda: _running_replicas(app) == 2, 120, what="both replicas of the two-replica app")
     return url
+
+
+def _running_replicas(app: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return 0
+    return sum(d.replica_states.get("RUNNING", 0) for d in status.deployments.values())
 
 
 async def per_replica_requests(replicas: IngressReplicas) -> list[float]:
@@ -49,14 +63,20 @@ async def test_both_replicas_requests_are_counted(cluster, admin, two_replica_ur
         before = admin.get("/cluster/traffic").json()  # the traffic view's baseline of this endpoint
         assert before["ok"] and before["endpoint_url"] == url and before["num_replicas"] == 2, before
         t0 = before["scraped_at"]
-        # send until each replica has served some (then one replica's counts alone are short)
+        # send until each replica has served some (then one replica's counts alone are short), 4 at a
+        # time: Serve's router sends a request to the less busy of two replicas
         sent = 0
-        while sent < 4 or min(await per_replica_requests(replicas)) == 0:
-            assert sent < MAX_REQUESTS, f"{sent} requests all went to one replica"
-            r = httpx.post(f"{url}/v1/completions", timeout=120, json={
-                "model": model, "prompt": f"count me {sent}", "max_tokens": 3, "ignore_eos": True})
+
+        async def one(client, i):
+            r = await client.post(f"{url}/v1/completions", json={
+                "model": model, "prompt": f"count me {i}", "max_tokens": 3, "ignore_eos": True})
             assert r.status_code == 200, r.text
-            sent += 1
+
+        async with httpx.AsyncClient(timeout=120) as client:
+            while sent < 4 or min(await per_replica_requests(replicas)) == 0:
+                assert sent < MAX_REQUESTS, f"{sent} requests all went to one replica"
+                await asyncio.gather(*(one(client, sent + i) for i in range(4)))
+                sent += 4
         per_replica = await per_replica_requests(replicas)
         assert sum(per_replica) == sent and min(per_replica) > 0, per_replica
 
