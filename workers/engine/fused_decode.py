@@ -140,6 +140,7 @@ class FusedDecode:
         # read at capture: a captured graph keeps its launches
         self.tiles = dict(TILES, **GEMM_TILES, ahead=(ahead_mib,))
         self._descriptors: dict = {}  # TMA descriptors of the weights, by (address, shape, box)
+        self._ahead_refused = False
         self.gemm_from = GEMM_FROM
         self.num_calls = 0
 
@@ -209,6 +210,10 @@ class FusedDecode:
         unit = 16 * AHEAD_LANES.value
         share = per_region // programs // unit * unit
         if share == 0 or any(t.data_ptr() % 16 or not t.is_contiguous() for t in (gate, up)):
+            if not self._ahead_refused:  # asked for, not possible here: said once, not silently
+                self._ahead_refused = True
+                log.warning("engine.fused_decode_ahead_mib=%d not applied: %s", mib,
+                            "under 16 bytes a lane" if share == 0 else "gate/up weights not 16-byte aligned")
             return None
         return gate, up, share
 

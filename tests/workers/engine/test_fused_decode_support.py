@@ -66,7 +66,7 @@ def test_l2_prefetch_ahead_shares_stay_inside_gate_and_up(tiny_checkpoint, fuse)
     # a bulk prefetch wants 16-byte aligned addresses: a weight that is not (a CPU load may give
     # 8-byte alignment; CUDA allocations are 256-byte aligned) is not prefetched
     lw["gate"] = (torch.empty(lw["gate"][0].numel() + 2)[2:].view_as(lw["gate"][0]), None)
-    assert lw["gate"][0].data_ptr() % 16 and fused._ahead(lw) is None
+    assert lw["gate"][0].data_ptr() % 16 and fused._ahead(lw) is None and fused._ahead_refused  # logged
     lw["gate"], lw["up"] = ((torch.randn(lw[n][0].shape), None) for n in ("gate", "up"))  # fresh: aligned
     for mib in (1, 1024):
         fused.tiles["ahead"] = (mib,)
