@@ -67,7 +67,7 @@ class EngineConfig(BaseModel):
                            "benchmarks/engine.py run with it hit an illegal memory access not reproduced since "
                            "(benchmarks/README.md).")
     warm_up: Literal["auto", "basic", "full"] = Field(
-        "auto", description="Requests the engine runs while it starts (workers/engine/engine.py warm_up_requests): "
+        "auto", description="Requests the engine runs while it starts (workers/engine/warm_up.py): "
                             "basic = one short prompt (the first prefill kernel compiles at start-up); full = also "
                             "a step of two prompts filling max_num_batched_tokens, then a mixed step (decode rows "
                             "beside a prompt chunk), so the kernels those shapes specialise compile before any user "

@@ -53,6 +53,7 @@ from workers.engine.sampling_constraints import allowed_masks, min_tokens_bans
 from workers.engine.step_inputs import StepInputs
 from workers.engine.structured_output import GrammarState, Grammars, token_bitmask
 from workers.engine.token_outcome import append_token, next_is_last_by_length, token_delta
+from workers.engine.warm_up import warm_up
 from workers.protocol import FinishReason, InvalidRequestError, KVEvent, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -103,56 +104,7 @@ class Engine(SplitPoints):
         # structured output: compiled at the first such request (needs the tokenizer)
         self.grammars = (Grammars(self.tokenizer, self.vocab_size, self.runner.eos_token_ids)
                          if self.tokenizer is not None else None)
-        self.warm_up_requests()
-
-    def warm_up_requests(self, mode: str | None = None) -> None:
-        """Real requests before any user's: the model runner's warm-up feeds padding only, which
-        launches no prefill attention kernel, so on a GPU the first real prefill paid the Triton
-        compile inside serving (on a decode worker that prefills locally, with its running decodes
-        stalled behind it). ``basic``: one prompt of two blocks and a token, two tokens out.
-        ``full`` (engine.warm_up; auto = on CUDA): then two prompts filling the step's token budget
-        together (one a whole number of blocks, one not), and a third arriving while they decode
-        (a mixed step): shapes that specialise kernels anew. Leaves no trace: nothing cached or
-        published, no counter moved, every block free."""
-        mode = mode or self.config.warm_up
-        if mode == "auto":
-            mode = "full" if self.runner.device.type == "cuda" else "basic"
-        self.num_warm_up_steps = 0
-        capacity = min(self.max_model_len - 4, self.kv_cache.num_blocks * self.block_size // 4)
-        n = min(2 * self.block_size + 1, capacity)
-        if n < 1:
-            return
-        caching, self.pool.enable_caching = self.pool.enable_caching, False
-        sch = self.scheduler
-        counts = (sch.num_prompt_tokens_queried, sch.num_prompt_tokens_hit, self.num_overlapped_steps,
-                  sch.num_preemptions, self.num_dropped_tokens)
-        greedy = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
-
-        def prompt(length: int, first: int) -> list[int]:
-            return [(first + i) % (self.vocab_size - 1) + 1 for i in range(length)]
-
-        try:
-            self.add_request("__pdserve_warm_up__", prompt(n, 0), greedy)
-            self._warm_up_until_idle()
-            budget = min(self.config.max_num_batched_tokens, capacity)
-            if mode == "full" and budget >= 2 * self.block_size + 1:
-                whole = max(self.block_size, budget // 2 // self.block_size * self.block_size)
-                more = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-                self.add_request("__pdserve_warm_up_a__", prompt(whole, 1), more)
-                self.add_request("__pdserve_warm_up_b__", prompt(budget - whole - 1, 2), more)
-                self.step()  # both prompts (or their first chunks)
-                self.num_warm_up_steps += 1
-                self.add_request("__pdserve_warm_up_c__", prompt(budget - 2, 3), greedy)  # beside their decodes
-                self._warm_up_until_idle()
-        finally:
-            self.pool.enable_caching = caching
-            (sch.num_prompt_tokens_queried, sch.num_prompt_tokens_hit, self.num_overlapped_steps,
-             sch.num_preemptions, self.num_dropped_tokens) = counts
-
-    def _warm_up_until_idle(self) -> None:
-        while self.has_work():
-            self.step()
-            self.num_warm_up_steps += 1
+        self.num_warm_up_steps = warm_up(self)
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
