@@ -226,40 +226,37 @@ class FusedDecode:
         n, k = w.shape
         rows = x.shape[0]
         w2, b2 = glu if glu is not None else (w, b)
-        if rope is not None:
-            n //= 2  # (r, r + D/2) pairs of each head
-        args = (x, x.stride(0), w, w if b is None else b, w2, w2 if b2 is None else b2, y, y.stride(0),
-                y if residual is None else residual, 0 if residual is None else residual.stride(0),
-                w if norm is None else norm.weight, self.cos if rope is None else rope, self.cos, self.sin,
-                self.cos.stride(0))
-        flags = dict(K=k, NORM=norm is not None, GLU=glu is not None, ROPE=rope is not None,
-                     HALF=self.head_dim // 2 if rope is not None else 1, RESIDUAL=residual is not None,
-                     HAS_BIAS=b is not None, PDL=self.pdl, **({"launch_pdl": True} if self.pdl else {}))
+        # both kernels' arguments around W (absent pointers are stand-ins their flags leave unread)
+        bias, bias2 = (w if b is None else b), (w2 if b2 is None else b2)
+        out = (y, y.stride(0), y if residual is None else residual, 0 if residual is None else residual.stride(0),
+               w if norm is None else norm.weight)
         eps = float(norm.variance_epsilon) if norm is not None else 0.0
+        flags = dict(K=k, NORM=norm is not None, GLU=glu is not None, RESIDUAL=residual is not None,
+                     HAS_BIAS=b is not None, PDL=self.pdl, **({"launch_pdl": True} if self.pdl else {}))
         if rows >= self.gemm_from:
             if rope is not None:
                 raise ValueError("the tensor-core path rotates after the projection (rope_kernel), not in it")
             block_n, block_k, warps, stages = self.tiles["gemm_small_n" if n <= 4096 else "gemm"]
             (prefetch_kib,) = self.tiles["gemm_prefetch"]
             block_k = min(block_k * 2 // w.element_size(), 128 // w.element_size(), triton.next_power_of_2(k))
-            precision = "ieee" if w.dtype == torch.float32 else "tf32"
             fused_gemm_kernel[(triton.cdiv(n, block_n),)](
-                x, x.stride(0), self._descriptor(w, block_n, block_k), w if b is None else b,
-                self._descriptor(w2, block_n, block_k), w2 if b2 is None else b2, y, y.stride(0),
-                y if residual is None else residual, 0 if residual is None else residual.stride(0),
-                w if norm is None else norm.weight, w, w2, prefetch_kib * 1024, rows, n, eps, K=k,
-                BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-                NORM=norm is not None, GLU=glu is not None, RESIDUAL=residual is not None, HAS_BIAS=b is not None,
-                PDL=self.pdl, DOT_PRECISION=precision, num_warps=warps, **({"launch_pdl": True} if self.pdl else {}))
+                x, x.stride(0), self._descriptor(w, block_n, block_k), bias, self._descriptor(w2, block_n, block_k),
+                bias2, *out, w, w2, prefetch_kib * 1024, rows, n, eps, BLOCK_M=max(16, triton.next_power_of_2(rows)),
+                BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+                DOT_PRECISION="ieee" if w.dtype == torch.float32 else "tf32", num_warps=warps, **flags)
             return
+        if rope is not None:
+            n //= 2  # (r, r + D/2) pairs of each head
         block_n, warps = tile or self.tiles["small_k" if k <= 4096 else "large_k"]
         block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
         if self.interpret:
             block_n, block_k = max(block_n, 16), min(block_k, 64)  # few programs and chunks for the interpreter
-        a, b2_, nbytes = ahead if ahead is not None else (w, w, 0)
-        fused_gemv_kernel[(triton.cdiv(n, block_n),)](*args, n, eps, M=rows, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                     ahead_a=a, ahead_b=b2_, ahead_bytes=nbytes,
-                                                     AHEAD=ahead is not None, num_warps=warps, **flags)
+        ahead_a, ahead_b, ahead_bytes = ahead if ahead is not None else (w, w, 0)
+        fused_gemv_kernel[(triton.cdiv(n, block_n),)](
+            x, x.stride(0), w, bias, w2, bias2, *out, self.cos if rope is None else rope, self.cos, self.sin,
+            self.cos.stride(0), n, eps, M=rows, BLOCK_N=block_n, BLOCK_K=block_k, ROPE=rope is not None,
+            HALF=self.head_dim // 2 if rope is not None else 1, ahead_a=ahead_a, ahead_b=ahead_b,
+            ahead_bytes=ahead_bytes, AHEAD=ahead is not None, num_warps=warps, **flags)
 
     def _descriptor(self, w: torch.Tensor, block_n: int, block_k: int):
         """A TMA descriptor of weight ``w`` ([N, K], rows contiguous) in block_n x block_k boxes
