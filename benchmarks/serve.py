@@ -226,15 +226,15 @@ class Runner:
                         row["events"] = {k: after[k] - before.get(k, 0.0) for k in after
                                          if after[k] != before.get(k, 0.0) and k != "kv_blocks_in_use"}
                         row["kv_blocks_in_use_after"] = after["kv_blocks_in_use"]  # idle: 0, else a leak
-                        n = row["events"].pop("router_ttft_count", 0)
-                        took = row["events"].pop("router_ttft_sum_s", 0.0)
-                        if n:  # the client's TTFT minus this: the HTTP proxy's and the client's share
-                            row["router_ttft_mean_s"] = round(took / n, 4)
-                        for path in ("local", "remote"):  # how long a prompt counted as pending, by path
-                            n = row["events"].pop(f"pending_n_{path}", 0)
-                            took = row["events"].pop(f"pending_s_{path}", 0.0)
+                        # the client's TTFT minus router_ttft_mean_s: the HTTP proxy's and the client's
+                        # share; router_<path>_prefill_s: how long a prompt counted as pending, by path
+                        means = {"router_ttft_mean_s": ("router_ttft_sum_s", "router_ttft_count"),
+                                 **{f"router_{p}_prefill_s": (f"pending_s_{p}", f"pending_n_{p}")
+                                    for p in ("local", "remote")}}
+                        for field_name, (sum_key, count_key) in means.items():
+                            took, n = row["events"].pop(sum_key, 0.0), row["events"].pop(count_key, 0)
                             if n:
-                                row[f"router_{path}_prefill_s"] = round(took / n, 4)
+                                row[field_name] = round(took / n, 4)
                         row["worker_hops_ms"] = self.hop_times(url)
                     self.rows.append(row)
                     self.emit(row)

@@ -147,11 +147,11 @@ EVENT_COUNTERS = {"pdserve_transfers_total": "kv_transfers", "pdserve_preemption
                   "pdserve_compile_seconds_while_serving_total": "compile_seconds_while_serving",
                   # a gauge: referenced KV blocks; once a run is over and idle, anything here is a leak
                   "pdserve_kv_used_blocks": "kv_blocks_in_use"}
-# counted by one label: routed_<reason> (the router's decisions), ttft_remote_<why> (why the ttft
-# rule did not keep a prompt on its decode worker)
 # the endpoint's own latency sums (seconds) and counts: the router's TTFT, from the request reaching its
 # replica to the first token leaving it (the client's TTFT adds the HTTP proxy and the client)
 SUMMED = {"pdserve_ttft_seconds_sum": "router_ttft_sum_s", "pdserve_ttft_seconds_count": "router_ttft_count"}
+# counted by one label: routed_<reason> (the router's decisions), ttft_remote_<why> (why the ttft
+# rule did not keep a prompt on its decode worker)
 LABELLED_COUNTERS = {"pdserve_routing_decisions_total": ("reason", "routed_"),
                      "pdserve_ttft_remote_prefills_total": ("why", "ttft_remote_"),
                      # routing -> first token at the router, by path (summed seconds, count)
@@ -168,14 +168,11 @@ async def cluster_events(url: str) -> dict[str, float]:
     out = dict.fromkeys(EVENT_COUNTERS.values(), 0.0)
     for line in r.text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in EVENT_COUNTERS:
-            out[EVENT_COUNTERS[name]] += float(line.rsplit(" ", 1)[1])
-        elif name in SUMMED:
-            out[SUMMED[name]] = out.get(SUMMED[name], 0.0) + float(line.rsplit(" ", 1)[1])
-        elif name in LABELLED_COUNTERS:
+        key = EVENT_COUNTERS.get(name) or SUMMED.get(name)
+        if name in LABELLED_COUNTERS:
             label, prefix = LABELLED_COUNTERS[name]
             value = re.search(label + r'="([^"]*)"', line)
-            if value:
-                key = prefix + value.group(1)
-                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+            key = prefix + value.group(1) if value else None
+        if key is not None:
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
