@@ -91,7 +91,7 @@ def _prefetch_ahead(a_ptr, b_ptr, nbytes):
 
 @triton.jit
 def _weights_before_wait(w_ptr, w2_ptr, w_rows, w2_rows, row_ok, cols0, K, TWO: tl.constexpr, PDL: tl.constexpr,
-                         ahead_a=None, ahead_b=None, ahead_bytes=0, AHEAD: tl.constexpr = False):
+                         ahead_a, ahead_b, ahead_bytes, AHEAD: tl.constexpr):
     """Under PDL: lets the next kernel launch, loads the first chunk of this program's W rows (and
     W2's with TWO; else W's again), which no earlier kernel writes, then waits for the earlier
     kernels' outputs. AHEAD: first asks L2 for this program's share of what the next kernel reads
