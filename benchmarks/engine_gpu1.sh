@@ -35,12 +35,11 @@
 #            and logit_bias on CUDA (check_same), then engine.py with it on
 #   fused_a..fused_e: engine.fused_decode (seventeenth session): its CUDA checks and decode graphs
 #            beside the modules' graphs, the bf16 1B check and engine.py with it, a GEMV tile sweep,
-#            then (fused_e) the defaults once it was made the default; fused_f (eighteenth session):
-#            the tensor-core kernel for 2-32 rows (correct, ~2x slower than cuBLAS); fused_g: the
-#            attention's L2 prefetch (measured instead on an x2 host, serve_gpu2.sh knees2) and
-#            engine.py with the tensor-core kernel (not run: it lost in fused_f)
-#   ahead (next): the o GEMV's L2 prefetch of gate|up during the attention, 8-48 MiB a layer
-#   gemm2 (next): the tensor-core kernel rebuilt on TMA, 2-32 rows, against the modules (batch32's 3x)
+#            then (fused_e) the defaults once it was made the default. Parts that measured ideas which
+#            lost and were removed from the engine (their records: benchmarks/README.md, results/):
+#            fused_f / gemm2 (eighteenth, nineteenth sessions; a tensor-core kernel for 2-32 rows,
+#            two builds, 2-2.5x slower than cuBLAS), ahead (nineteenth: the o GEMV's L2 prefetch
+#            of gate|up, slower at every size)
 #   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
@@ -190,42 +189,6 @@ case $part in
     step bf16_default 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused
     step engine_default $((560 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads decode_b1,batch --scheduling async
-    ;;
-  fused_f)
-    # (next session) the fused step's tensor-core kernel for 2-32 rows (fused_decode_max_batch 32),
-    # unmeasured when written: checks with it, then the decode graphs and a tile sweep beside the
-    # modules' graphs
-    step check_gemm 280 python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused --fused-decode 32
-    step prof_gemm 200 python3 benchmarks/profile_decode.py --batch-sizes 2,4,8,32 --fused-decode 32 \
-      --fused-tiles ";gemm=128x64x4;gemm=64x128x8;gemm=128x128x8;gemm=64x64x4;gemm=32x128x4;gemm_from=3"
-    step prof_modules $((570 - (SECONDS - t0))) python3 benchmarks/profile_decode.py --batch-sizes 2,4,8,32 --no-fused-decode
-    ;;
-  fused_g)
-    # the attention's L2 prefetch under PDL (decode_prefetch) at batch 1, then engine.py with the
-    # tensor-core kernel up to batch 32
-    step prefetch 200 python3 benchmarks/profile_decode.py --batch-sizes 1 --decode-variants "kernel=split;kernel=split,prefetch=1"
-    step engine_gemm $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
-      --workloads decode_b1,batch --scheduling async --fused-decode 32
-    ;;
-  ahead)
-    # (next session) the o GEMV's L2 prefetch of the first gate|up rows while it waits out the
-    # attention (engine.fused_decode_ahead_mib, off by default): batch-1 decode graph over the MiB asked for,
-    # then the same with the attention's own first-chunk prefetch
-    step ahead 250 python3 benchmarks/profile_decode.py --batch-sizes 1 --fused-decode 1 \
-      --fused-tiles ";ahead=8;ahead=16;ahead=24;ahead=32;ahead=48"
-    step ahead_check $((560 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused \
-      --fused-ahead 24
-    ;;
-  gemm2)
-    # (next session) the rebuilt tensor-core kernel (W through TMA in a 4-stage pipeline, mma.sync,
-    # 48-165 registers, no spills offline; RoPE after it): checks with it up to batch 32, decode
-    # graphs 2-32 beside the modules' graphs with a tile sweep, then engine.py with it
-    step check_gemm2 280 python3 benchmarks/gpu_check.py --only fp32-exact,graphs,bf16-1b-fused --fused-decode 32
-    step prof_gemm2 150 python3 benchmarks/profile_decode.py --batch-sizes 2,8,32 --fused-decode 32 \
-      --fused-tiles ";gemm_small_n=16x64x4x4;gemm_small_n=32x64x4x4;gemm_small_n=16x64x4x12;gemm=64x64x4x4;gemm=32x64x8x6;gemm_prefetch=0;gemm_prefetch=128"
-    step prof_modules2 90 python3 benchmarks/profile_decode.py --batch-sizes 2,8,32 --no-fused-decode
-    step engine_gemm2 $((570 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
-      --workloads decode_b1,batch --scheduling async --fused-decode 32
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1

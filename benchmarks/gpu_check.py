@@ -333,8 +333,6 @@ def main() -> int:
                     help="engine.fused_decode: true with this max batch in every check's engines (default: the "
                          "config's auto, batch 1)")
     ap.add_argument("--no-fused-decode", action="store_true", help="engine.fused_decode off in every check's engines")
-    ap.add_argument("--fused-ahead", type=int, default=0, metavar="MIB",
-                    help="engine.fused_decode_ahead_mib in every check's engines (the o GEMV's L2 prefetch)")
     args = ap.parse_args()
     if args.tune_batch1:
         ENGINE_EXTRA["tune_batch1"] = True
@@ -342,8 +340,6 @@ def main() -> int:
         ENGINE_EXTRA.update(fused_decode=True, fused_decode_max_batch=args.fused_decode)
     if args.no_fused_decode:
         ENGINE_EXTRA["fused_decode"] = False
-    if args.fused_ahead:
-        ENGINE_EXTRA["fused_decode_ahead_mib"] = args.fused_ahead
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device: run this on a GPU machine"}))
         return 2

@@ -113,23 +113,19 @@ def sweep_variants(engine: Engine, batch: int, size: int, specs: list[str]) -> N
 
 
 def sweep_fused_tiles(engine: Engine, batch: int, size: int, specs: list[str]) -> None:
-    """engine.fused_decode's GEMV / GEMM tiles: per spec ('small_k=2x4,large_k=1x8,lm_head=4x4,
-    gemm=32x64x4x4,gemm_from=4'; kinds not named keep the default; gemm_from: the rows from which the
-    tensor-core kernel runs), recapture the graph of ``size``, run real steps, time the replay."""
+    """engine.fused_decode's GEMV tiles: per spec ('small_k=2x4,large_k=1x8,lm_head=4x4'; kinds not
+    named keep the default), recapture the graph of ``size``, run real steps, time the replay."""
     graphs = engine.runner.graphs
     fused = graphs.fused
-    defaults, default_from = dict(fused.tiles), fused.gemm_from
+    defaults = dict(fused.tiles)
     engine.async_scheduling = False
     all_sizes, graphs.sizes = graphs.sizes, [size]
     for spec in specs:
-        fused.tiles, fused.gemm_from = dict(defaults), default_from
+        fused.tiles = dict(defaults)
         for item in filter(None, spec.split(",")):
             kind, _, tile = item.partition("=")
-            if kind == "gemm_from":
-                fused.gemm_from = int(tile)
-                continue
             if kind not in defaults:
-                raise SystemExit(f"--fused-tiles {spec!r}: kinds are {sorted(defaults)} and gemm_from")
+                raise SystemExit(f"--fused-tiles {spec!r}: kinds are {sorted(defaults)}")
             fused.tiles[kind] = tuple(int(v) for v in tile.split("x"))
         engine.step()
         graphs.capture()
@@ -139,7 +135,7 @@ def sweep_fused_tiles(engine: Engine, batch: int, size: int, specs: list[str]) -
         replay_ms(graph, 10)
         print(json.dumps({"batch": batch, "graph_size": size, "fused_tiles": spec or "default",
                           "graph_replay_ms": replay_ms(graph)}), flush=True)
-    fused.tiles, fused.gemm_from = defaults, default_from
+    fused.tiles = defaults
     engine.step()
     graphs.sizes = all_sizes
     graphs.capture()

@@ -82,15 +82,10 @@ class EngineConfig(BaseModel):
                             "reason logged where not); true: an unsupported model is an error. One H200, Llama-1B "
                             "shape: batch-1 decode graph 0.89 ms vs 1.14 ms through the modules (benchmarks/README.md)")
     fused_decode_max_batch: int = Field(
-        1, ge=1, le=64, description="Largest decode batch engine.fused_decode runs. 1 row: a GEMV per projection; "
-                                    "2 and more: a tensor-core kernel of the same fusions (its first build was "
-                                    "correct on an H200 but ~2x slower than the modules' graph at 2-32 rows; rebuilt "
-                                    "on a TMA pipeline, not measured yet: benchmarks/README.md)")
-    fused_decode_ahead_mib: int = Field(
-        0, ge=0, le=1024, description="engine.fused_decode under PDL: MiB of each layer's gate|up weights (their "
-                                      "first rows) that the o GEMV's programs ask L2 for while they wait out the "
-                                      "attention, a phase that leaves HBM idle. 0 = off; not measured on a GPU yet "
-                                      "(benchmarks/engine_gpu1.sh ahead)")
+        1, ge=1, le=64, description="Largest decode batch engine.fused_decode runs: a GEMV per projection, "
+                                    "applied to each row. Past 1 the modules' cuBLAS graph is about as fast at "
+                                    "2 rows and faster from 8 (two tensor-core builds lost to it by 2-2.5x at "
+                                    "2-32 rows on an H200: benchmarks/README.md)")
     async_scheduling: bool | Literal["auto"] = Field(
         "auto", description="Overlap the host's work for step n+1 (scheduling, staging) with the GPU running "
                             "step n: step n+1 is launched with its new input tokens read on the device from "

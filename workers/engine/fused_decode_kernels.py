@@ -4,10 +4,8 @@ of their own: Triton resolves a @jit function's callees from its module's global
 Each kernel may be launched with programmatic dependent launch (PDL=True, launch_pdl=True; sm_90+):
 it lets the next kernel launch at its start (griddepcontrol.launch_dependents) and reads nothing
 an earlier kernel wrote before griddepcontrol.wait. The GEMV loads its first weight chunk before
-that wait, so weights stream in while the previous kernel finishes; with AHEAD it also asks L2 for
-the first rows the kernel after it reads (the o GEMV waits out the attention, a phase that reads
-little from HBM, and can fetch the start of gate|up meanwhile). Without PDL both instructions
-are not emitted. Rounding follows transformers' eager modules: every op's result is rounded to the
+that wait, so weights stream in while the previous kernel finishes. Without PDL neither
+instruction is emitted. Rounding follows transformers' eager modules: every op's result is rounded to the
 model's dtype where the module's would be (a no-op in fp32).
 """
 
@@ -31,8 +29,8 @@ def _rms_scale(x_ptr, K: tl.constexpr, eps, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _normalised(xv, norm_ptr, cols, K, r, NORM: tl.constexpr):
-    """A chunk of input (one row [BLOCK_K], or rows [BLOCK_M, BLOCK_K] with r [BLOCK_M, 1]) in its
-    dtype: raw, or RMS-normalised as LlamaRMSNorm rounds it."""
+    """A chunk [BLOCK_K] of one input row in its dtype: raw, or RMS-normalised as LlamaRMSNorm
+    rounds it."""
     if NORM:
         dt = xv.dtype
         xv = (xv.to(tl.float32) * r).to(dt)
@@ -60,46 +58,13 @@ def _output_rows(N, K: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, 
     return idx, idx < N, rows, rows2, rows.to(tl.int64)[:, None] * K, rows2.to(tl.int64)[:, None] * K
 
 
-# one bulk (TMA) prefetch of $2 bytes at $1 into L2, issued by the first warp's lanes only (a [32]
-# tensor's elements sit in every warp's lanes: each range is asked for once)
-_L2_BULK_PREFETCH = tl.constexpr("{ .reg .pred p, q; .reg .u32 t; mov.u32 t, %tid.x; setp.lt.u32 p, t, 32; "
-                                 "setp.ne.u32 q, $2, 0; and.pred p, p, q; "
-                                 "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }")
-AHEAD_LANES = tl.constexpr(32)
-
-
 @triton.jit
-def _l2_prefetch(ptr, start, nbytes):
-    """Bulk L2 prefetch of bytes [start, start + nbytes) at ``ptr`` (any element type), split over
-    the first warp's lanes; nbytes a multiple of 16 * AHEAD_LANES (0: nothing)."""
-    part = nbytes // AHEAD_LANES
-    at = start + tl.arange(0, AHEAD_LANES).to(tl.int64) * part
-    size = tl.full([AHEAD_LANES], 0, tl.int32) + part.to(tl.int32)
-    done = tl.inline_asm_elementwise(_L2_BULK_PREFETCH, "=r,l,r", [ptr.to(tl.pointer_type(tl.int8)) + at, size],
-                                     dtype=tl.int32, is_pure=False, pack=1)
-    return tl.sum(done)
-
-
-@triton.jit
-def _prefetch_ahead(a_ptr, b_ptr, nbytes):
-    """L2 prefetch of this program's share of two regions the NEXT kernel reads first (bytes
-    [p * nbytes, (p + 1) * nbytes) of each, p = program id; nbytes a multiple of 16 * AHEAD_LANES):
-    issued while this kernel waits for the one before it, HBM would idle otherwise."""
-    start = tl.program_id(0).to(tl.int64) * nbytes
-    return _l2_prefetch(a_ptr, start, nbytes) + _l2_prefetch(b_ptr, start, nbytes)
-
-
-@triton.jit
-def _weights_before_wait(w_ptr, w2_ptr, w_rows, w2_rows, row_ok, cols0, K, TWO: tl.constexpr, PDL: tl.constexpr,
-                         ahead_a, ahead_b, ahead_bytes, AHEAD: tl.constexpr):
+def _weights_before_wait(w_ptr, w2_ptr, w_rows, w2_rows, row_ok, cols0, K, TWO: tl.constexpr, PDL: tl.constexpr):
     """Under PDL: lets the next kernel launch, loads the first chunk of this program's W rows (and
     W2's with TWO; else W's again), which no earlier kernel writes, then waits for the earlier
-    kernels' outputs. AHEAD: first asks L2 for this program's share of what the next kernel reads
-    first (_prefetch_ahead)."""
+    kernels' outputs."""
     if PDL:
         gdc_launch_dependents()
-        if AHEAD:
-            _prefetch_ahead(ahead_a, ahead_b, ahead_bytes)
     mask = row_ok[:, None] & (cols0 < K)[None, :]
     w_first = tl.load(w_ptr + w_rows + cols0[None, :], mask=mask, other=0.0)
     w2_first = w_first
@@ -124,16 +89,14 @@ def fused_gemv_kernel(x_ptr, stride_xm, w_ptr, b_ptr, w2_ptr, b2_ptr, y_ptr, str
                       norm_ptr, pos_ptr, cos_ptr, sin_ptr, stride_cos, N, eps, M: tl.constexpr, K: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
                       ROPE: tl.constexpr, HALF: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      PDL: tl.constexpr, ahead_a=None, ahead_b=None, ahead_bytes=0, AHEAD: tl.constexpr = False):
+                      PDL: tl.constexpr):
     """For each of M rows: y[rows] = (res[rows] +) W[rows] . norm?(x) (+ b); one program per BLOCK_N
     outputs. GLU: y[rows] = silu(W[rows] . h + b) * (W2[rows] . h + b2). ROPE (W = whole heads of
     2 * HALF rows, N = pairs): output pairs (r, r + HALF) of a head, rotated as transformers'
-    apply_rotary_pos_emb does at the row's position (cos/sin tables [positions, 2 * HALF]).
-    AHEAD (under PDL): each program asks L2 for ahead_bytes of ahead_a and of ahead_b while it waits."""
+    apply_rotary_pos_emb does at the row's position (cos/sin tables [positions, 2 * HALF])."""
     idx, row_ok, rows, rows2, w_rows, w2_rows = _output_rows(N, K, BLOCK_N, ROPE, HALF)
     cols0 = tl.arange(0, BLOCK_K)
-    w_first, w2_first = _weights_before_wait(w_ptr, w2_ptr, w_rows, w2_rows, row_ok, cols0, K, GLU or ROPE, PDL,
-                                             ahead_a, ahead_b, ahead_bytes, AHEAD)
+    w_first, w2_first = _weights_before_wait(w_ptr, w2_ptr, w_rows, w2_rows, row_ok, cols0, K, GLU or ROPE, PDL)
     dt = w_first.dtype
     for m in tl.static_range(M):
         x_row = x_ptr + m * stride_xm
@@ -197,66 +160,6 @@ def _finish(acc, acc2, ms, m_ok, idx, row_ok, rows, rows2, b_ptr, b2_ptr, y_ptr,
         res = tl.load(res_ptr + ms[:, None] * stride_rm + rows[None, :], mask=ok, other=0.0).to(tl.float32)
         out = (res + out).to(dt)
     tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], out.to(y_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def fused_gemm_kernel(x_ptr, stride_xm, w_desc, b_ptr, w2_desc, b2_ptr, y_ptr, stride_ym, res_ptr, stride_rm,
-                      norm_ptr, w_ptr, w2_ptr, prefetch_bytes, M, N, eps, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, NORM: tl.constexpr,
-                      GLU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
-    """fused_gemv_kernel's outputs (no RoPE: the caller rotates after) for 2..BLOCK_M rows on tensor
-    cores: one program per BLOCK_N outputs, y[:, rows] = x_n [BLOCK_M, K] . W[rows]^T. W comes
-    through a TMA descriptor (w_desc, [N, K] in BLOCK_N x BLOCK_K boxes) in a software pipeline of
-    STAGES chunks; the input chunk is loaded and normalised in registers (as the GEMV rounds it).
-    Under PDL each program asks L2 for the first ``prefetch_bytes`` of its W rows (and W2's) before
-    waiting: no earlier kernel writes them, and the pipeline's first loads then hit L2."""
-    off_n = tl.program_id(0) * BLOCK_N
-    idx = off_n + tl.arange(0, BLOCK_N)
-    row_ok = idx < N
-    ms = tl.arange(0, BLOCK_M)
-    m_ok = ms < M
-    cols0 = tl.arange(0, BLOCK_K)
-    if PDL:
-        gdc_launch_dependents()
-        elem = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-        rows_bytes = tl.minimum(N - off_n, BLOCK_N).to(tl.int64) * K * elem
-        unit = 16 * AHEAD_LANES
-        nbytes = tl.minimum(rows_bytes, prefetch_bytes) // unit * unit
-        start = off_n.to(tl.int64) * K * elem
-        _l2_prefetch(w_ptr, start, nbytes)
-        if GLU:
-            _l2_prefetch(w2_ptr, start, nbytes)
-        gdc_wait()
-    dt = x_ptr.dtype.element_ty
-    x_rows = x_ptr + ms[:, None] * stride_xm
-    r = tl.full([BLOCK_M], 1.0, tl.float32)
-    if NORM:
-        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + cols0
-            xf = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
-            ss += tl.sum(xf * xf, axis=1)
-        r = tl.rsqrt(ss / K + eps)
-    r = r[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        xn = _gemm_input(x_rows, norm_ptr, k0 + cols0, m_ok, K, r, NORM)
-        acc = tl.dot(xn, w_desc.load([off_n, k0]).T, acc, input_precision=DOT_PRECISION)
-        if GLU:
-            acc2 = tl.dot(xn, w2_desc.load([off_n, k0]).T, acc2, input_precision=DOT_PRECISION)
-    if not GLU:
-        acc2 = acc
-    _finish(acc, acc2, ms, m_ok, idx, row_ok, idx, idx, b_ptr, b2_ptr, y_ptr, stride_ym, res_ptr, stride_rm,
-            y_ptr, y_ptr, y_ptr, 0, dt, GLU, False, 1, RESIDUAL, HAS_BIAS)
-
-
-@triton.jit
-def _gemm_input(x_rows, norm_ptr, cols, m_ok, K, r, NORM: tl.constexpr):
-    """A [BLOCK_M, BLOCK_K] chunk of the input rows (r: [BLOCK_M, 1]) in their dtype."""
-    return _normalised(tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0),
-                       norm_ptr, cols, K, r, NORM)
 
 
 @triton.jit

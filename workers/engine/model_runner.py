@@ -197,8 +197,7 @@ class ModelRunner:
             from workers.engine import fused_decode
 
             fused = fused_decode.build(self.model, self.hf_config.model_type, self.backend,
-                                       min(cfg.fused_decode_max_batch, cfg.max_num_seqs), cfg.fused_decode,
-                                       cfg.fused_decode_ahead_mib)
+                                       min(cfg.fused_decode_max_batch, cfg.max_num_seqs), cfg.fused_decode)
             self.graphs = DecodeGraphs(self.model, self.backend, capture_sizes(cfg.max_num_seqs), cfg.compile_decode,
                                        cfg.tune_batch1, fused)
             self.graphs.capture()

@@ -48,33 +48,3 @@ def test_build_follows_the_setting(tiny_checkpoint):
         build(model, "llama", None, 1, True)
     fused = build(_load(tiny_checkpoint("llama")), "llama", None, 2, "auto")
     assert fused is not None and fused.max_batch == 2 and not fused.pdl  # PDL only on sm_90+ CUDA devices
-
-
-@pytest.mark.parametrize("fuse", [False, True])
-def test_l2_prefetch_ahead_shares_stay_inside_gate_and_up(tiny_checkpoint, fuse):
-    """The o GEMV's L2 prefetch of the first gate|up rows (engine.fused_decode_ahead_mib, PDL only): each
-    program's share is a whole number of 16-byte lanes, and all programs' shares together stay
-    inside the gate and up weights (fused [2I, K] group or separate Linears)."""
-    from workers.engine.fused_decode import FusedDecode
-    from workers.engine.fused_decode_kernels import AHEAD_LANES
-
-    model = _load(tiny_checkpoint("llama"), fuse=fuse)
-    fused = FusedDecode(model, backend=None, max_batch=1, pdl=True)
-    lw = fused.layers[0]
-    assert fused._ahead(lw) is None  # off by default
-    fused.tiles["ahead"] = (1,)
-    # a bulk prefetch wants 16-byte aligned addresses: a weight that is not (a CPU load may give
-    # 8-byte alignment; CUDA allocations are 256-byte aligned) is not prefetched
-    lw["gate"] = (torch.empty(lw["gate"][0].numel() + 2)[2:].view_as(lw["gate"][0]), None)
-    assert lw["gate"][0].data_ptr() % 16 and fused._ahead(lw) is None and fused._ahead_refused  # logged
-    lw["gate"], lw["up"] = ((torch.randn(lw[n][0].shape), None) for n in ("gate", "up"))  # fresh: aligned
-    for mib in (1, 1024):
-        fused.tiles["ahead"] = (mib,)
-        gate, up, share = fused._ahead(lw)
-        n, k = lw["o"][0].shape
-        programs = -(-n // fused.tiles["small_k" if k <= 4096 else "large_k"][0])
-        assert share > 0 and share % (16 * AHEAD_LANES.value) == 0
-        for t in (gate, up):
-            assert t.is_contiguous() and programs * share <= min(mib * 2 ** 19, t.numel() * t.element_size())
-    fused.pdl = False
-    assert fused._ahead(lw) is None  # the prefetch runs while waiting on the kernel before: PDL only

@@ -270,7 +270,7 @@ def test_padded_general_steps_match_generate(tiny_checkpoint):
                                                    ("qwen2", False, 2)])
 def test_engine_fused_decode_matches_generate(tiny_checkpoint, scheduling, family, fuse, max_batch):
     """engine.fused_decode's kernels (workers/engine/fused_decode.py) for decode steps of up to
-    ``max_batch`` rows (1 row: the GEMV; 2-3: the tensor-core kernel), run eagerly over the graphs'
+    ``max_batch`` rows (the GEMV over each row), run eagerly over the graphs'
     padded inputs as DecodeGraphs would capture them (larger steps take the model's forward):
     generate's tokens for Llama (fused q|k|v and gate|up), Qwen3 (q/k norms, separate projections),
     Mistral (sliding window) and Qwen2 (q|k|v bias)."""
@@ -299,16 +299,15 @@ def test_engine_fused_decode_matches_generate(tiny_checkpoint, scheduling, famil
 
 @ONCE
 def test_fused_projections_on_ragged_shapes_match_torch(scheduling):
-    """The fused step's GEMV (1 row) and tensor-core kernel (3 rows: W through TMA descriptors) on
-    shapes no tile divides (outputs past the last full tile read as zeros, a K chunk past the end is
+    """The fused step's GEMV (1 and 3 rows) on shapes no tile divides (outputs past the last full tile read as zeros, a K chunk past the end is
     masked): plain + bias, RMSNorm + SiLU*mul (GLU), and a residual added in place, against torch in
     fp32."""
     import types
 
-    from workers.engine.fused_decode import GEMM_TILES, TILES, FusedDecode
+    from workers.engine.fused_decode import TILES, FusedDecode
 
     f = FusedDecode.__new__(FusedDecode)  # the projections alone: no model
-    f.tiles, f.pdl, f.interpret, f.gemm_from, f._descriptors = dict(TILES, **GEMM_TILES, ahead=(0,)), False, True, 2, {}
+    f.tiles, f.pdl, f.interpret = dict(TILES), False, True
     f.cos = f.sin = torch.zeros(4, 8)
     gen = torch.Generator().manual_seed(0)
     for rows in (1, 3):
