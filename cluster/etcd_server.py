@@ -57,10 +57,22 @@ def find_etcd_binary() -> str:
     )
 
 
-def pick_free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def pick_free_port(host: str = "127.0.0.1", avoid: tuple[int, ...] = ()) -> int:
+    """A port the kernel calls free on ``host`` now, not one of ``avoid``. Ports picked one after
+    the other may repeat (each socket is closed before the next bind: the kernel may hand the
+    same port out again), so a caller wanting several passes those it already holds."""
+    held = []
+    try:
+        while True:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(s)  # kept bound until a port outside ``avoid`` comes up: never offered twice
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+            if port not in avoid:
+                return port
+    finally:
+        for s in held:
+            s.close()
 
 
 _running: "weakref.WeakSet[LocalEtcd]" = weakref.WeakSet()
@@ -98,8 +110,8 @@ class LocalEtcd:
         self.data_dir = self.run_dir / f"{name}.data"
         self.log_path = self.run_dir / f"{name}.log"
         self._binary = find_etcd_binary()
-        self.client_port = client_port or pick_free_port(host)
-        self.peer_port = peer_port or pick_free_port(host)
+        self.client_port = client_port or pick_free_port(host, avoid=(peer_port,) if peer_port else ())
+        self.peer_port = peer_port or pick_free_port(host, avoid=(self.client_port,))
         if self.peer_port == self.client_port:
             raise ValueError("etcd client and peer ports must differ")
         self._proc: subprocess.Popen | None = None
