@@ -40,7 +40,8 @@
 #            fused_f / gemm2 (eighteenth, nineteenth sessions; a tensor-core kernel for 2-32 rows,
 #            two builds, 2-2.5x slower than cuBLAS), ahead (nineteenth: the o GEMV's L2 prefetch
 #            of gate|up, slower at every size)
-#   usage: benchmarks/engine_gpu1.sh decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
+#   preload: the split decode kernel's first tile loaded before the PDL wait (decode_preload)
+#   usage: benchmarks/engine_gpu1.sh preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -189,6 +190,15 @@ case $part in
     step bf16_default 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused
     step engine_default $((560 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads decode_b1,batch --scheduling async
+    ;;
+  preload)
+    # (nineteenth session) the split decode kernel loading its first tile's cached K/V before the
+    # PDL wait (TritonPagedAttention.decode_preload): decode graphs at batch 1 (fused, PDL), 8 and
+    # 32 (modules), then the kernels check with it (every other split variant, bit-identity across
+    # preload / PDL on and off)
+    step preload 240 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 \
+      --decode-variants "kernel=split;kernel=split,preload=1;kernel=split,preload=1,prefetch=1;kernel=split,preload=1,block_n=64"
+    step check_preload $((560 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only kernels
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1

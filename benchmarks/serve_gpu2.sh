@@ -19,10 +19,12 @@
 #   hybrid_vs_coloc: ttft with the 2048-token cap vs colocated at 96/112/128 req/s;
 #   itl_knee: the same two on one host (hybrid 96-160, colocated 32-96 req/s), for each mode's knee under both
 #   SLO readings (TTFT + TPOT mean, TTFT + every ITL)
-#   knees3 (next): the hybrid (64-112) then colocated (32-96 req/s) on one host with the full warm-up;
+#   knees4: the hybrid (80, 96) then colocated (48, 64, 96 req/s) on one host, as knees3 meant to
+#   (nineteenth session: knees3's colocated cluster did not start: etcd's two automatic ports
+#   coincided, fixed)
+#   knees3: the hybrid (64-112) then colocated (32-96 req/s) on one host with the full warm-up;
 #   rows carry router_ttft_mean_s (the client's TTFT minus it: proxy + client) and
-#   router_local/remote_prefill_s (how long a prompt counted as pending: the ttft rule's cap); then
-#   (issue 8) the fused o GEMV's L2 prefetch of gate|up at batch 1 (engine_gpu1.sh ahead's sweep)
+#   router_local/remote_prefill_s (how long a prompt counted as pending: the ttft rule's cap)
 #   warm_up: the hybrid as the first cluster on the host with empty compile caches, engine.warm_up
 #   basic (64/80 req/s) vs the default full (64-96); the rows' jit.* hops are compiles inside the run
 #   knees2: the hybrid at 64-96 and colocated at 40-56 req/s on one host (the rows count why the ttft
@@ -45,13 +47,12 @@ run() {  # name, time limit (s), serve.py arguments...
 }
 ttft="--set router.conditional_disaggregation=ttft --set router.prefill_rate_prior_tokens_per_s=200000
   --set router.local_prefill_rate_prior_tokens_per_s=100000"
-if [ "$part" = knees3 ]; then  # (next) both knees on one host with the full warm-up, the router's share of TTFT read
+if [ "$part" = knees4 ]; then  # both knees on one host, short
+  run hybrid_ttft2k 150 $p8k --rates 80,96 $ttft --set router.local_prefill_max_pending_tokens=2048
+  run colocated 200 --modes colocated --rates 48,64,96
+elif [ "$part" = knees3 ]; then  # both knees on one host with the full warm-up, the router's share of TTFT read
   run hybrid_ttft2k 200 $p8k --rates 64,80,96,112 $ttft --set router.local_prefill_max_pending_tokens=2048
   run colocated 190 --modes colocated --rates 32,48,64,96
-  # issue 8 on one of the GPUs with what time is left: the o GEMV's L2 prefetch of gate|up at batch 1
-  timeout $((585-(SECONDS-t0))) python3 benchmarks/profile_decode.py --batch-sizes 1 --fused-decode 1 \
-    --fused-tiles ";ahead=8;ahead=16;ahead=32" > "$out/ahead.jsonl" 2> "$out/ahead.err"
-  echo "ahead rc=$? t=$((SECONDS-t0))"
 elif [ "$part" = warm_up ]; then  # the first cluster on a host, basic vs full engine warm-up, each with empty compile caches
   TRITON_CACHE_DIR=/tmp/tc_basic TORCHINDUCTOR_CACHE_DIR=/tmp/ic_basic \
     run hybrid_basic 150 $p8k --rates 64,80 $ttft --set router.local_prefill_max_pending_tokens=2048 --set engine.warm_up=basic

@@ -78,9 +78,12 @@ def check_split_decode() -> dict:
     for hq, hkv, dim, window in [(32, 8, 64, None), (8, 2, 128, None), (4, 4, 64, 7), (12, 4, 64, None)]:
         caches, ref, general, split = _backends(hq, hkv, dim)
         rng = random.Random(hq * dim)
-        for splits, merge, fused, block_n, chunk_keys in VARIANTS:
+        for n, (splits, merge, fused, block_n, chunk_keys) in enumerate(VARIANTS):
             split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
             split.decode_split_block_n, split.decode_chunk_keys = block_n, chunk_keys
+            # every other variant with the first tiles loaded up front, and under PDL (a launch
+            # attribute only: nothing before it triggers early, so its wait returns at once)
+            split.decode_preload = split.decode_pdl = n % 2 == 1
             for batch in (1, 3, 6):
                 seqs, ids, pos = _step(rng, caches[0].num_blocks, rng.sample(CONTEXTS, batch))
                 for b in (ref, general, split):
@@ -100,7 +103,7 @@ def check_split_decode() -> dict:
                 worst = max(worst, err)
                 if not torch.isfinite(first).all() or err > 1e-2:
                     raise AssertionError(f"split decode {hq, hkv, dim, window} "
-                                         f"{splits, merge, fused, block_n, chunk_keys} "
+                                         f"{splits, merge, fused, block_n, chunk_keys, split.decode_preload} "
                                          f"batch {batch}: relative error {err:.2e}")
                 if not (_same(caches[0], caches[2]) and _same(caches[1], caches[2])):
                     raise AssertionError(f"split decode {splits, merge, fused}: cache writes differ")
@@ -185,6 +188,10 @@ def _check_any_step(chunking: tuple[int, int] | None) -> float:
                                  (64, "last", True)]:
         split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
         seen.append(run(split, decodes))
+    for preload, pdl in [(False, False), (True, True), (False, True)]:  # the same bits: first tiles up front, PDL
+        split.decode_preload, split.decode_pdl = preload, pdl
+        seen.append(run(split, decodes))
+    split.decode_preload, split.decode_pdl = True, False  # the defaults
     seen.append(run(split, decodes[::-1], pad_to=8))
     mixed = ["chunk", "d2048", "prompt1", "d17", "d257", "d129", "d256"]
     seen.append(run(split, mixed))

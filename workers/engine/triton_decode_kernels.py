@@ -43,21 +43,39 @@ def _decode_chunking(ctx, window, CHUNK_KEYS: tl.constexpr, USE_WINDOW: tl.const
 
 
 @triton.jit
-def _decode_tile(n0, n_end, new_pos, q, k_new, v_new, m_i, l_i, acc, anchor, layer_off, kv_off, block_off,
-                 blk_start, kvh, scale, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Keys [n0, min(n0 + BLOCK_N, n_end)) of a decode row into its running (max, sum, output);
-    key ``new_pos`` from registers (k_new/v_new, in the cache's dtype), the others from the cache."""
+def _cached_kv(n0, n_end, new_pos, anchor, layer_off, kv_off, block_off, blk_start, kvh, HKV: tl.constexpr,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The cached K and V rows of keys [n0, min(n0 + BLOCK_N, n_end)) but ``new_pos`` (zeros there
+    and past the end): written by earlier steps, never by this step's kernels."""
     n = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
-    n_ok = n < n_end
-    is_new = n == new_pos
-    cached = n_ok & (n != new_pos)
+    cached = (n < n_end) & (n != new_pos)
     base = (tl.load(block_off + blk_start + n // BS, mask=cached, other=0) + layer_off
             + (n % BS) * (HKV * D) + kvh * D)
     kv_mask = cached[:, None] & (d < D)[None, :]
     k = tl.load(anchor + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(anchor + kv_off + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _decode_tile(n0, n_end, new_pos, q, k_new, v_new, m_i, l_i, acc, anchor, layer_off, kv_off, block_off,
+                 blk_start, kvh, scale, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Keys [n0, min(n0 + BLOCK_N, n_end)) of a decode row into its running (max, sum, output);
+    key ``new_pos`` from registers (k_new/v_new, in the cache's dtype), the others from the cache."""
+    k, v = _cached_kv(n0, n_end, new_pos, anchor, layer_off, kv_off, block_off, blk_start, kvh, HKV, D, BLOCK_D,
+                      BS, BLOCK_N)
+    return _attend_kv(n0, n_end, new_pos, q, k, v, k_new, v_new, m_i, l_i, acc, scale, BLOCK_N, DOT_PRECISION)
+
+
+@triton.jit
+def _attend_kv(n0, n_end, new_pos, q, k, v, k_new, v_new, m_i, l_i, acc, scale, BLOCK_N: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """_decode_tile on the tile's cached rows already loaded (_cached_kv)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = n < n_end
+    is_new = n == new_pos
     k = tl.where(is_new[:, None], k_new[None, :], k)
     v = tl.where(is_new[:, None], v_new[None, :], v)
     scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
@@ -67,22 +85,29 @@ def _decode_tile(n0, n_end, new_pos, q, k_new, v_new, m_i, l_i, acc, anchor, lay
 
 @triton.jit
 def _decode_chunk(n_lo, n_hi, new_pos, q, k_new, v_new, anchor, layer_off, kv_off, block_off, blk_start, kvh,
-                  scale, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """(max, sum, unnormalised output) of keys [n_lo, n_hi), from a fresh state (max in log2 units)."""
+                  scale, k_first, v_first, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, FIRST_LOADED: tl.constexpr):
+    """(max, sum, unnormalised output) of keys [n_lo, n_hi), from a fresh state (max in log2 units).
+    FIRST_LOADED: the first tile's cached rows are k_first / v_first (_cached_kv of n_lo, n_hi)."""
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: NaN-free
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    start = n_lo
+    if FIRST_LOADED:
+        if n_lo < n_hi:
+            m_i, l_i, acc = _attend_kv(n_lo, n_hi, new_pos, q, k_first, v_first, k_new, v_new, m_i, l_i, acc, scale,
+                                       BLOCK_N, DOT_PRECISION)
+        start = n_lo + BLOCK_N
     if INTERPRET:  # the interpreter cannot take tensor bounds in range()
-        n0 = n_lo
+        n0 = start
         while n0 < n_hi:
             m_i, l_i, acc = _decode_tile(n0, n_hi, new_pos, q, k_new, v_new, m_i, l_i, acc, anchor, layer_off,
                                          kv_off, block_off, blk_start, kvh, scale, HKV, D, BLOCK_D, BS, BLOCK_N,
                                          DOT_PRECISION)
             n0 += BLOCK_N
     else:
-        for n0 in range(n_lo, n_hi, BLOCK_N):
+        for n0 in range(start, n_hi, BLOCK_N):
             m_i, l_i, acc = _decode_tile(n0, n_hi, new_pos, q, k_new, v_new, m_i, l_i, acc, anchor, layer_off,
                                          kv_off, block_off, blk_start, kvh, scale, HKV, D, BLOCK_D, BS, BLOCK_N,
                                          DOT_PRECISION)
@@ -138,7 +163,7 @@ def paged_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_KEYS: tl.constexpr, BLOCK_G: tl.constexpr,
     USE_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, COMBINE_LAST: tl.constexpr, ALL_DECODE: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
-    PREFETCH_LINES: tl.constexpr = 0,
+    PREFETCH_LINES: tl.constexpr = 0, PRELOAD: tl.constexpr = False,
 ):
     """Program (i, kvh, j) of a (rows, HKV, SPLITS) grid: decode row i (ALL_DECODE: sequence i,
     token i; else sequence dec_seq[i], token seq_q_start[s]), the G query heads of KV head kvh,
@@ -146,18 +171,21 @@ def paged_decode_kernel(
     programmatic dependent launch, engine.fused_decode): the next kernel may launch at once (its
     weights load meanwhile); this one waits for the previous kernel's writes before reading. With
     PREFETCH_LINES (> 0: 128-byte lines per cached key row), it first asks L2 for its first chunk's
-    cached K/V, which earlier steps wrote, not the kernels it waits for."""
-    if PDL:
-        gdc_launch_dependents()
-        if PREFETCH_LINES > 0:
-            _prefetch_chunk(tl.program_id(0), tl.program_id(1), tl.program_id(2), anchor, layer_off, kv_off,
-                            block_off, dec_seq, seq_ctx_len, seq_blk_start, window, HKV, D, BS, CHUNK_KEYS,
-                            USE_WINDOW, ALL_DECODE, PREFETCH_LINES)
-        gdc_wait()
+    cached K/V, which earlier steps wrote, not the kernels it waits for. The step's metadata (block
+    tables, context lengths: uploaded before the step's first kernel) is read before that wait;
+    with PRELOAD so is the first tile of the program's first chunk (its cached K/V rows, into
+    registers): under PDL those loads overlap the kernel before (the q|k|v projection), and what
+    is left after the wait is q, this step's k/v and the arithmetic. The same tiles in the same
+    order either way: the output's bits do not depend on PRELOAD or PDL."""
     i = tl.program_id(0)
     kvh = tl.program_id(1)
     j = tl.program_id(2)
     splits = tl.num_programs(2)
+    if PDL:
+        gdc_launch_dependents()
+        if PREFETCH_LINES > 0:
+            _prefetch_chunk(i, kvh, j, anchor, layer_off, kv_off, block_off, dec_seq, seq_ctx_len, seq_blk_start,
+                            window, HKV, D, BS, CHUNK_KEYS, USE_WINDOW, ALL_DECODE, PREFETCH_LINES)
     if ALL_DECODE:  # a decode-only step: one round of independent loads
         s = i
         t = i
@@ -166,8 +194,16 @@ def paged_decode_kernel(
         t = tl.load(seq_q_start + s)
     ctx = tl.load(seq_ctx_len + s)
     lo, n_chunks = _decode_chunking(ctx, window, CHUNK_KEYS, USE_WINDOW)
+    blk_start = tl.load(seq_blk_start + s)
+    first = lo + j * CHUNK_KEYS  # this program's first chunk: c = j (one chunk: [lo, ctx))
+    k_first = ctx  # stand-ins, unread without PRELOAD
+    v_first = ctx
+    if PRELOAD:
+        k_first, v_first = _cached_kv(first, tl.minimum(first + CHUNK_KEYS, ctx), ctx - 1, anchor, layer_off, kv_off,
+                                      block_off, blk_start, kvh, HKV, D, BLOCK_D, BS, BLOCK_N)
+    if PDL:
+        gdc_wait()
     if j < tl.maximum(n_chunks, 1):  # program 0 always runs: it writes K/V and one-chunk outputs
-        blk_start = tl.load(seq_blk_start + s)
         r = tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
         row_ok = r < G
@@ -187,24 +223,30 @@ def paged_decode_kernel(
         scale = scale * 1.4426950408889634  # log2 e: exp2 below
         if n_chunks <= 1:  # the whole context (none: a padding row, zeros) straight to the output
             m_i, l_i, acc = _decode_chunk(lo, ctx, ctx - 1, q, k_new, v_new, anchor, layer_off, kv_off, block_off,
-                                          blk_start, kvh, scale, HKV, D, BLOCK_D, BS, BLOCK_M, BLOCK_N, INTERPRET,
-                                          DOT_PRECISION)
+                                          blk_start, kvh, scale, k_first, v_first, HKV, D, BLOCK_D, BS, BLOCK_M,
+                                          BLOCK_N, INTERPRET, DOT_PRECISION, PRELOAD)
             out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
             tl.store(O + o_off + r[:, None] * o_stride_h + d[None, :], out.to(O.dtype.element_ty), mask=o_mask)
         else:
             row0 = (i * HKV + kvh) * max_chunks  # scratch rows of this (row, KV head), one per chunk
+            # chunk j (< n_chunks here) first: its first tile may be loaded already
+            _decode_partial(j, lo, ctx, row0, q, k_new, v_new, anchor, layer_off, kv_off, block_off, blk_start, kvh,
+                            scale, part_m, part_l, part_acc, r, d, row_ok, o_mask, k_first, v_first, G, HKV, D,
+                            BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET, DOT_PRECISION, PRELOAD)
             if INTERPRET:  # the interpreter cannot take tensor bounds in range()
-                c = j
+                c = j + splits
                 while c < n_chunks:
                     _decode_partial(c, lo, ctx, row0, q, k_new, v_new, anchor, layer_off, kv_off, block_off,
-                                    blk_start, kvh, scale, part_m, part_l, part_acc, r, d, row_ok, o_mask, G, HKV, D,
-                                    BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET, DOT_PRECISION)
+                                    blk_start, kvh, scale, part_m, part_l, part_acc, r, d, row_ok, o_mask, ctx, ctx,
+                                    G, HKV, D, BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET, DOT_PRECISION,
+                                    False)
                     c += splits
             else:
-                for c in range(j, n_chunks, splits):
+                for c in range(j + splits, n_chunks, splits):
                     _decode_partial(c, lo, ctx, row0, q, k_new, v_new, anchor, layer_off, kv_off, block_off,
-                                    blk_start, kvh, scale, part_m, part_l, part_acc, r, d, row_ok, o_mask, G, HKV, D,
-                                    BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET, DOT_PRECISION)
+                                    blk_start, kvh, scale, part_m, part_l, part_acc, r, d, row_ok, o_mask, ctx, ctx,
+                                    G, HKV, D, BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET, DOT_PRECISION,
+                                    False)
             if COMBINE_LAST:
                 tl.debug_barrier()  # all threads' partial stores precede the merge / the release below
                 parts = tl.minimum(splits, n_chunks)  # programs holding chunks: j < parts
@@ -248,15 +290,15 @@ def _prefetch_chunk(i, kvh, j, anchor, layer_off, kv_off, block_off, dec_seq, se
 
 @triton.jit
 def _decode_partial(c, lo, ctx, row0, q, k_new, v_new, anchor, layer_off, kv_off, block_off, blk_start, kvh, scale,
-                    part_m, part_l, part_acc, r, d, row_ok, o_mask, G: tl.constexpr, HKV: tl.constexpr,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, CHUNK_KEYS: tl.constexpr, INTERPRET: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """Chunk c of a decode row into its scratch row row0 + c."""
+                    part_m, part_l, part_acc, r, d, row_ok, o_mask, k_first, v_first, G: tl.constexpr,
+                    HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_KEYS: tl.constexpr,
+                    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, FIRST_LOADED: tl.constexpr):
+    """Chunk c of a decode row into its scratch row row0 + c (FIRST_LOADED: see _decode_chunk)."""
     n_lo = lo + c * CHUNK_KEYS
     m_i, l_i, acc = _decode_chunk(n_lo, tl.minimum(n_lo + CHUNK_KEYS, ctx), ctx - 1, q, k_new, v_new, anchor,
-                                  layer_off, kv_off, block_off, blk_start, kvh, scale, HKV, D, BLOCK_D, BS, BLOCK_M,
-                                  BLOCK_N, INTERPRET, DOT_PRECISION)
+                                  layer_off, kv_off, block_off, blk_start, kvh, scale, k_first, v_first, HKV, D,
+                                  BLOCK_D, BS, BLOCK_M, BLOCK_N, INTERPRET, DOT_PRECISION, FIRST_LOADED)
     mine = (row0 + c) * G + r
     tl.store(part_m + mine, m_i, mask=row_ok)
     tl.store(part_l + mine, l_i, mask=row_ok)

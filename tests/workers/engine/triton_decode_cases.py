@@ -86,9 +86,10 @@ def test_split_decode_matches_reference(hq, hkv, dim, window):
     torch.manual_seed(hq * 10 + dim)
     rng = random.Random(dim)
     caches, ref, _, split = backends(hq, hkv, dim, "float32")  # ref's writes == write_kv_kernel's
-    for splits, merge, fused, block_n, chunk_keys in VARIANTS:
+    for n, (splits, merge, fused, block_n, chunk_keys) in enumerate(VARIANTS):
         split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
         split.decode_split_block_n, split.decode_chunk_keys = block_n, chunk_keys
+        split.decode_preload = n % 2 == 0  # every other variant with each first tile loaded up front (the default)
         shapes = CONTEXTS[:]
         rng.shuffle(shapes)
         seqs, ids, pos = random_step(rng, caches[0].num_blocks, BS, shapes)
@@ -99,7 +100,8 @@ def test_split_decode_matches_reference(hq, hkv, dim, window):
             q, k, v = torch.randn(1, hq, 6, dim), torch.randn(1, hkv, 6, dim), torch.randn(1, hkv, 6, dim)
             want = ref.forward(layer, q, k, v, dim ** -0.5, window)
             got = split.forward(layer, q, k, v, dim ** -0.5, window)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{splits, merge}: {m}")
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"{splits, merge, split.decode_preload}: {m}")
         assert same_cache(caches[0], caches[2]), "cache writes differ"
         assert not split._scratch[3].any(), "arrival counters not reset"
 
@@ -177,6 +179,11 @@ def test_decode_rows_bit_identical_in_any_step(window):
         split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
         seen.append(run(split, DECODES))
         assert split.step_decode.all_decode and split.step_splits == splits
+    split.decode_preload = False  # the first tile of each program's first chunk not loaded up front: same bits
+    for splits, merge, fused in [(1, "last", True), (4, "last", False), (16, "kernel", True)]:
+        split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
+        seen.append(run(split, DECODES))
+    split.decode_preload = True
     split.decode_splits, split.decode_programs = None, 132
     seen.append(run(split, DECODES[1:] + DECODES[:1], pad_to=8))
     assert split.step_splits == 132 // (8 * 2)
