@@ -41,6 +41,7 @@
 #            two builds, 2-2.5x slower than cuBLAS), ahead (nineteenth: the o GEMV's L2 prefetch
 #            of gate|up, slower at every size)
 #   preload: the split decode kernel's first tile loaded before the PDL wait (decode_preload)
+#   preload2 (next): chunkings whose whole ~240-key context is preloaded (128-key chunks; one 256-key tile)
 #   usage: benchmarks/engine_gpu1.sh preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
@@ -199,6 +200,16 @@ case $part in
     step preload 240 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 \
       --decode-variants "kernel=split;kernel=split,preload=1;kernel=split,preload=1,prefetch=1;kernel=split,preload=1,block_n=64"
     step check_preload $((560 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only kernels
+    ;;
+  preload2)
+    # (next session) with the first tile loaded before the PDL wait, chunkings that put a whole
+    # ~240-key context in preloaded tiles: 128-key chunks (two programs a KV head, merged by the
+    # last) and one 256-key tile on 8 warps; batch 1, 8, 32 (a chunking fixes the bits, so it must
+    # win across batches to become the default), then engine.py with the defaults
+    step preload2 300 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 \
+      --decode-variants "kernel=split;kernel=split,chunk_keys=128,block_n=128;kernel=split,block_n=256,warps=8;kernel=split,block_n=256,warps=8,stages=1"
+    step engine_preload $((560 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
+      --workloads decode_b1,batch --scheduling async
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1
