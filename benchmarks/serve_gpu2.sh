@@ -48,8 +48,8 @@ run() {  # name, time limit (s), serve.py arguments...
 ttft="--set router.conditional_disaggregation=ttft --set router.prefill_rate_prior_tokens_per_s=200000
   --set router.local_prefill_rate_prior_tokens_per_s=100000"
 if [ "$part" = knees4 ]; then  # both knees on one host, short
-  run hybrid_ttft2k 150 $p8k --rates 80,96 $ttft --set router.local_prefill_max_pending_tokens=2048
-  run colocated 200 --modes colocated --rates 48,64,96
+  run hybrid_ttft2k 230 $p8k --rates 80,96 $ttft --set router.local_prefill_max_pending_tokens=2048
+  run colocated 190 --modes colocated --rates 48,64,96
 elif [ "$part" = knees3 ]; then  # both knees on one host with the full warm-up, the router's share of TTFT read
   run hybrid_ttft2k 200 $p8k --rates 64,80,96,112 $ttft --set router.local_prefill_max_pending_tokens=2048
   run colocated 190 --modes colocated --rates 32,48,64,96
