@@ -41,7 +41,8 @@
 #            two builds, 2-2.5x slower than cuBLAS), ahead (nineteenth: the o GEMV's L2 prefetch
 #            of gate|up, slower at every size)
 #   preload: the split decode kernel's first tile loaded before the PDL wait (decode_preload)
-#   preload2 (next): chunkings whose whole ~240-key context is preloaded (128-key chunks; one 256-key tile)
+#   preload2: chunkings whose whole ~240-key context is preloaded (128-key chunks; one 256-key tile)
+#   preload3 (next): the second tile's block ids before the wait; the chunk's L2 prefetch at every batch
 #   usage: benchmarks/engine_gpu1.sh preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
@@ -210,6 +211,15 @@ case $part in
       --decode-variants "kernel=split;kernel=split,chunk_keys=128,block_n=128;kernel=split,block_n=256,warps=8;kernel=split,block_n=256,warps=8,stages=1"
     step engine_preload $((560 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads decode_b1,batch --scheduling async
+    ;;
+  preload3)
+    # (next session) the second tile's block ids before the PDL wait too (decode_preload_next; 255
+    # registers + 16 bytes of stack at 128-key tiles offline) and the chunk's L2 prefetch in every
+    # decode launch, not only under PDL (decode_prefetch=2): decode graphs at batch 1, 8, 32, then
+    # the kernels check (split_decode_check runs both against the reference and bit for bit)
+    step preload3 240 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 \
+      --decode-variants "kernel=split;kernel=split,preload_next=1;kernel=split,prefetch=2;kernel=split,preload_next=1,prefetch=2"
+    step check_preload3 $((560 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only kernels
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1

@@ -135,7 +135,11 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
         # shape, ~240 keys, decode graph: batch 1 0.891 -> 0.859 ms (preload) -> 0.850 (+ prefetch);
         # batch 8 1.179 -> 1.163; batch 32 1.262 -> 1.258 (benchmarks/README.md)
         self.decode_preload = True
-        self.decode_prefetch = True
+        # decode_prefetch: 1 = under PDL (the fused step); 2 = in every decode launch (not measured
+        # on a GPU yet); 0 = off. decode_preload_next: also read the second tile's block-table
+        # entries before the wait (not measured yet: off)
+        self.decode_prefetch = 1
+        self.decode_preload_next = False
         self.block_q = 1
         self.num_qblocks = 0
         self.num_tokens = 0
@@ -259,6 +263,12 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
         )
         return out
 
+    def _prefetch_lines(self, q) -> int:
+        """128-byte lines per cached key row the decode kernel asks L2 for (0: no prefetch)."""
+        if int(self.decode_prefetch) >= 2 or (self.decode_prefetch and self.decode_pdl):
+            return _pow2(-(-self.D * q.element_size() // 128))
+        return 0
+
     def _decode(self, launch: DecodeLaunch, layer_off, q, k, v, o, scaling, sliding_window, precision) -> None:
         """Split-KV attention of the step's decode rows (q, k, v [H, T, D]; o [T, Hq, D])."""
         m, G = self.meta, self.group
@@ -277,8 +287,8 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
             BLOCK_N=launch.block_n, CHUNK_KEYS=launch.chunk_keys, BLOCK_G=block_g, USE_WINDOW=bool(sliding_window),
             WRITE_KV=launch.fuse_write, COMBINE_LAST=launch.merge_last, ALL_DECODE=launch.all_decode,
             INTERPRET=INTERPRET, DOT_PRECISION=precision, PDL=self.decode_pdl,
-            PREFETCH_LINES=_pow2(-(-self.D * q.element_size() // 128)) if self.decode_pdl and self.decode_prefetch else 0,
-            PRELOAD=self.decode_preload,
+            PREFETCH_LINES=self._prefetch_lines(q), PRELOAD=self.decode_preload,
+            PRELOAD_NEXT=self.decode_preload and self.decode_preload_next,
             num_warps=launch.warps, **stages,
         )
         if not launch.merge_last:

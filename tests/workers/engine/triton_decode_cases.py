@@ -90,6 +90,7 @@ def test_split_decode_matches_reference(hq, hkv, dim, window):
         split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
         split.decode_split_block_n, split.decode_chunk_keys = block_n, chunk_keys
         split.decode_preload = n % 2 == 0  # every other variant with each first tile loaded up front (the default)
+        split.decode_preload_next = n % 4 == 0  # and half of those with the second tile's block ids too
         shapes = CONTEXTS[:]
         rng.shuffle(shapes)
         seqs, ids, pos = random_step(rng, caches[0].num_blocks, BS, shapes)
@@ -179,11 +180,14 @@ def test_decode_rows_bit_identical_in_any_step(window):
         split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
         seen.append(run(split, DECODES))
         assert split.step_decode.all_decode and split.step_splits == splits
-    split.decode_preload = False  # the first tile of each program's first chunk not loaded up front: same bits
-    for splits, merge, fused in [(1, "last", True), (4, "last", False), (16, "kernel", True)]:
-        split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
-        seen.append(run(split, DECODES))
-    split.decode_preload = True
+    # the first tile of each program's first chunk not loaded up front, or loaded with the second
+    # tile's block ids too: same bits
+    for preload, preload_next in [(False, False), (True, True)]:
+        split.decode_preload, split.decode_preload_next = preload, preload_next
+        for splits, merge, fused in [(1, "last", True), (4, "last", False), (16, "kernel", True)]:
+            split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
+            seen.append(run(split, DECODES))
+    split.decode_preload, split.decode_preload_next = True, False
     split.decode_splits, split.decode_programs = None, 132
     seen.append(run(split, DECODES[1:] + DECODES[:1], pad_to=8))
     assert split.step_splits == 132 // (8 * 2)
