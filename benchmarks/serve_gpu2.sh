@@ -19,6 +19,10 @@
 #   hybrid_vs_coloc: ttft with the 2048-token cap vs colocated at 96/112/128 req/s;
 #   itl_knee: the same two on one host (hybrid 96-160, colocated 32-96 req/s), for each mode's knee under both
 #   SLO readings (TTFT + TPOT mean, TTFT + every ITL)
+#   caps2 (next): the ttft rule's cap of pending local prompt tokens again, now that no compile
+#   stalls a run (the seventh round's 4096 / 8192 caps lost, with Triton compiling inside serving
+#   then): 2048 vs 4096 at 96 and 112 req/s. The ninth round's decode worker stepped in ~2 ms at
+#   96-112 req/s (nearly idle) while remote prompts waited 81-554 ms for the prefill worker
 #   knees4: the hybrid (80, 96) then colocated (48, 64, 96 req/s) on one host, as knees3 meant to
 #   (nineteenth session: knees3's colocated cluster did not start: etcd's two automatic ports
 #   coincided, fixed)
@@ -47,7 +51,10 @@ run() {  # name, time limit (s), serve.py arguments...
 }
 ttft="--set router.conditional_disaggregation=ttft --set router.prefill_rate_prior_tokens_per_s=200000
   --set router.local_prefill_rate_prior_tokens_per_s=100000"
-if [ "$part" = knees4 ]; then  # both knees on one host, short
+if [ "$part" = caps2 ]; then  # one- and two-prompt caps at the hybrid's knee and past it
+  run hybrid_ttft4k 260 $p8k --rates 96,112 $ttft --set router.local_prefill_max_pending_tokens=4096
+  run hybrid_ttft2k $((570-(SECONDS-t0))) $p8k --rates 96,112 $ttft --set router.local_prefill_max_pending_tokens=2048
+elif [ "$part" = knees4 ]; then  # both knees on one host, short
   run hybrid_ttft2k 230 $p8k --rates 80,96 $ttft --set router.local_prefill_max_pending_tokens=2048
   run colocated 190 --modes colocated --rates 48,64,96
 elif [ "$part" = knees3 ]; then  # both knees on one host with the full warm-up, the router's share of TTFT read
