@@ -216,9 +216,10 @@ case $part in
     # (next session) the second tile's block ids before the PDL wait too (decode_preload_next; 255
     # registers + 16 bytes of stack at 128-key tiles offline) and the chunk's L2 prefetch in every
     # decode launch, not only under PDL (decode_prefetch=2): decode graphs at batch 1, 8, 32, then
-    # the kernels check (split_decode_check runs both against the reference and bit for bit)
+    # the kernels check (split_decode_check runs both against the reference and bit for bit);
+    # --timeline: the async step's device busy / idle time around the graph (batch32's 95 us a step)
     step preload3 240 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 \
-      --decode-variants "kernel=split;kernel=split,preload_next=1;kernel=split,prefetch=2;kernel=split,preload_next=1,prefetch=2"
+      --timeline --decode-variants "kernel=split;kernel=split,preload_next=1;kernel=split,prefetch=2;kernel=split,preload_next=1,prefetch=2"
     step check_preload3 $((560 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only kernels
     ;;
   fused_b)

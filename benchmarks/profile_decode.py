@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.cuda_kernels import kernel_times  # noqa: E402
+from benchmarks.cuda_kernels import kernel_times, step_timeline  # noqa: E402
 from benchmarks.engine import add_engine_flags, build_model, engine_flag_settings, prompts  # noqa: E402
 from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
@@ -175,6 +175,9 @@ def main() -> int:
     ap.add_argument("--decode-variants", default="",
                     help="';'-separated decode attention settings, each 'key=value,...' with keys "
                          f"{sorted(KNOBS)}; or 'default' (DEFAULT_VARIANTS)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="per batch size, the async engine step's device timeline: busy, span and idle time a "
+                         "step and the device ops by time (graph and the work around it)")
     ap.add_argument("--fused-tiles", default="",
                     help="';'-separated engine.fused_decode tile sets swept at batch sizes it runs, e.g. "
                          "';small_k=4x8;lm_head=8x8' (an empty item: the defaults)")
@@ -188,7 +191,8 @@ def main() -> int:
         print(json.dumps({"inductor": key, "value": value}), flush=True)
     model_dir = build_model(args.model, Path(args.cache_dir))
     t_build = time.perf_counter()
-    blocks_per_seq = max(24, -(-(args.prompt_len + 210 + 5 * len(variants)) // 16))
+    extra = 5 * len(variants) + (25 if args.timeline else 0)  # decode steps past the first 200
+    blocks_per_seq = max(24, -(-(args.prompt_len + 210 + extra) // 16))
     engine = Engine(ModelConfig(device="cuda", dtype="bfloat16"),
                     EngineConfig(block_size=16, num_kv_blocks=max(sizes) * blocks_per_seq + 64,
                                  blocks_per_segment=256, max_num_batched_tokens=4096, max_num_seqs=max(sizes),
@@ -198,7 +202,7 @@ def main() -> int:
     print(json.dumps({"engine_start_s": round(time.perf_counter() - t_build, 1)}), flush=True)
     graphs = engine.runner.graphs
     for n in sizes:
-        sp = SamplingParams(max_tokens=200 + 5 * len(variants), temperature=0, ignore_eos=True)
+        sp = SamplingParams(max_tokens=200 + extra, temperature=0, ignore_eos=True)
         for i, p in enumerate(prompts(n, args.prompt_len, engine.vocab_size, n)):
             engine.add_request(f"p{n}-{i}", p, sp)
         for _ in range(-(-n * args.prompt_len // 4096)):  # prefill (chunks of max_num_batched_tokens)
@@ -224,6 +228,14 @@ def main() -> int:
         print(json.dumps({"batch": n, "graph_size": size, "engine_step_ms": step_ms[False],
                           "async_engine_step_ms": step_ms[True], "graph_replay_ms": round(graph_ms, 3),
                           "kernels_us": [(name, round(us, 1)) for name, us in table]}), flush=True)
+        if args.timeline:  # the async step's device time: the graph and what runs around it
+            engine.async_scheduling = True
+            engine.step()
+            try:
+                timeline = step_timeline(engine.step)
+            except Exception as e:  # a profiler quirk must not cost the rest of the call
+                timeline = {"error": f"{type(e).__name__}: {e}"}
+            print(json.dumps({"batch": n, "graph_size": size, "async_step_timeline": timeline}), flush=True)
         if variants:
             sweep_variants(engine, n, size, variants)
         if args.fused_tiles and graphs.fused is not None and size <= graphs.fused.max_batch:
