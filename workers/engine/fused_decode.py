@@ -10,14 +10,14 @@ q|k|v and o GEMMs cost a fixed ~6 µs each whatever their bytes. Here a layer is
 (Qwen3's per-head q/k norms come before RoPE: its rotation is a kernel of its own after the GEMV.)
 
 then the final norm + lm_head GEMV. Each GEMV program owns a few rows of W, reads them once and
-applies them to every row of the batch; the RMSNorm before a projection is recomputed by every
-program from the input row (a few KiB). Steps of several rows (engine.fused_decode_max_batch > 1)
-run the same GEMVs once per row over W's chunk in registers; tensor-core kernels for 2-32 rows lost
-to cuBLAS by 2-2.5x on an H200 in two builds (benchmarks/README.md), so batch 1 is the default.
-On sm_90+ the kernels run under programmatic
-dependent launch (fused_decode_kernels.py): a GEMV's weights are in flight while the kernel
-before it (the attention, the previous GEMV's tail) still runs. benchmarks/pdl_probe.py measured
-the stand-in on one H200: 0.71-0.86 ms a step against 1.40-1.57 ms through torch ops.
+applies them to every row of the batch (engine.fused_decode_max_batch rows; 1 by default: the
+modules' cuBLAS graph is as fast at 2 rows and faster from 8, and tensor-core kernels for 2-32 rows
+lost to it by 2-2.5x on an H200 in two builds, benchmarks/README.md); the RMSNorm before a
+projection is recomputed by every program from the input row (a few KiB). On sm_90+ the kernels
+run under programmatic dependent launch (fused_decode_kernels.py): a GEMV's weights are in flight
+while the kernel before it (the attention, the previous GEMV's tail) still runs, and the attention
+loads its cached K/V while the q|k|v GEMV runs. benchmarks/pdl_probe.py measured the stand-in on
+one H200: 0.71-0.86 ms a step against 1.40-1.57 ms through torch ops.
 
 The weights are the model's own tensors (no copy): the fused q|k|v and gate|up groups of
 fused_projections.py when present, else the separate Linears (one GEMV each). Families: those
