@@ -126,6 +126,16 @@ def test_gpu_workers_keep_their_compile_caches_on_the_node(file_name, spec):
             host = volumes[mount["name"]].get("hostPath")
             assert host and host["type"] == "DirectoryOrCreate", (file_name, group, var)
         assert env["TRITON_CACHE_DIR"] != env["TORCHINDUCTOR_CACHE_DIR"]
+        # hostPath creates the directory root-owned: an init container (the same image, as root)
+        # hands it to the user Ray runs as, or Triton could not write its cache and the worker fails
+        (init,) = pod["initContainers"]
+        assert init["image"] == container["image"] and init["securityContext"]["runAsUser"] == 0
+        (init_mount,) = init["volumeMounts"]
+        assert volumes[init_mount["name"]].get("hostPath") == host
+        script = init["command"][-1]
+        assert "chown -R 1000:100 " + init_mount["mountPath"] in script, script
+        for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+            assert env[var] in script  # made before Triton looks for it
 
 
 def test_services_reach_the_head_on_the_configured_ports():
