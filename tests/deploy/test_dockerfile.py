@@ -120,3 +120,18 @@ def test_etcd_server_is_optional_and_from_the_distribution(instructions):
     (etcd_step,) = [text for _, text in runs(instructions) if "etcd" in text]
     assert '[ "$INSTALL_ETCD" = "true" ]' in etcd_step
     assert "etcd-server" in shlex.split(etcd_step.replace(";", " ").replace("&&", " "))
+
+
+def test_compile_caches_live_in_one_folder_a_volume_can_keep(instructions):
+    """Both caches under one folder the build makes (as the image's user, so a named volume mounted
+    there starts with that owner), named in README's docker run line."""
+    env = {}
+    for ins in instructions:
+        if ins.cmd == "ENV":
+            env.update(zip(ins.value[::2], ins.value[1::2]))
+    triton, inductor = env["TRITON_CACHE_DIR"], env["TORCHINDUCTOR_CACHE_DIR"]
+    folder = triton.rsplit("/", 1)[0]
+    assert inductor.rsplit("/", 1)[0] == folder and triton != inductor
+    made = " ".join(text for _, text in runs(instructions) if "mkdir" in text)
+    assert triton in made and inductor in made
+    assert f"-v pdserve-cache:{folder}" in (REPO / "README.md").read_text()
