@@ -43,7 +43,7 @@
 #   preload: the split decode kernel's first tile loaded before the PDL wait (decode_preload)
 #   preload2: chunkings whose whole ~240-key context is preloaded (128-key chunks; one 256-key tile)
 #   preload3 (next): the second tile's block ids before the wait; the chunk's L2 prefetch at every batch
-#   usage: benchmarks/engine_gpu1.sh preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
+#   usage: benchmarks/engine_gpu1.sh preload3|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
