@@ -14,7 +14,6 @@ next, so an idle cluster never takes CPU from the one being measured.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,15 +21,11 @@ from pathlib import Path
 
 import httpx
 
+from cluster.etcd_server import pick_free_port
+
 MODES = ("disaggregated", "colocated")
 ROUTINGS = ("kv_aware", "round_robin")  # compared by default
 ALL_ROUTINGS = (*ROUTINGS, "cache_aware")  # every router.policy (--routings)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -56,7 +51,7 @@ class BenchEnv:
         self.etcd = LocalEtcd(self.run_dir / "etcd").start()
         ray.init(address="local", num_cpus=self.num_cpus, num_gpus=self.num_gpus, include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=False)
-        self.serve_port = free_port()
+        self.serve_port = pick_free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": self.serve_port})
         return self
 
@@ -117,7 +112,7 @@ def start_cluster(env: BenchEnv, mode: str, routings: tuple[str, ...], base: dic
     name = f"bench-{mode[:4]}-{uuid.uuid4().hex[:6]}"
     overrides = {
         **base, "cluster_name": name, "etcd.endpoints": [env.etcd.endpoint], "server.port": env.serve_port,
-        "server.admin_port": free_port(), "server.admin_token": uuid.uuid4().hex,
+        "server.admin_port": pick_free_port(), "server.admin_token": uuid.uuid4().hex,
         **pool_overrides(mode, num_prefill, num_decode, gpus_per_worker), "router.policy": routings[0],
     }
     cluster = Cluster(load_config(None, overrides), say=lambda m: None, app_name=name, route_prefix=f"/{name}")

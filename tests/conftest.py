@@ -44,14 +44,6 @@ def session_etcd(tmp_path_factory):
     etcd.stop()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_session():
     """Ray (local, in-process head) with Serve's HTTP proxy on a free loopback port."""
@@ -63,7 +55,9 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=os.environ.get("PDSERVE_TEST_RAY_LOGS") == "1")
-    port = _free_port()
+    from cluster.etcd_server import pick_free_port
+
+    port = pick_free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield {"serve_port": port}
     serve.shutdown()
@@ -79,6 +73,7 @@ def pdserve_cluster(ray_session, session_etcd, tmp_path_factory):
     import uuid
 
     from cluster.config import load_config
+    from cluster.etcd_server import pick_free_port
     from cluster.launcher import Cluster
 
     started = []
@@ -89,7 +84,7 @@ def pdserve_cluster(ray_session, session_etcd, tmp_path_factory):
         base = {
             "cluster_name": name, "model.path": model_dir, "model.device": "cpu",
             "etcd.endpoints": [session_etcd.endpoint], "etcd.lease_ttl_s": 3,
-            "server.port": ray_session["serve_port"], "server.admin_port": _free_port(),
+            "server.port": ray_session["serve_port"], "server.admin_port": pick_free_port(),
             "server.admin_token": "test-token",
             "engine.block_size": 4, "engine.num_kv_blocks": 256, "engine.blocks_per_segment": 32,
             "engine.max_num_batched_tokens": 128, "engine.max_num_seqs": 16,

@@ -4,7 +4,6 @@ schema), `pdserve down`."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,18 +11,14 @@ import httpx
 import openai
 import pytest
 
+from cluster.etcd_server import pick_free_port
 from tests.conftest import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def detached_cluster(tmp_path_factory):
-    port, admin = free_port(), free_port()
+    port = pick_free_port()
+    admin = pick_free_port(avoid=(port,))  # two picks in a row may repeat a port
     name = f"paris-{os.getpid()}"
     env = os.environ | {"PDSERVE_RUN_DIR": str(tmp_path_factory.mktemp("run"))}
     cli = [sys.executable, "-m", "cluster.cli"]
