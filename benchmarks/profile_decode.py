@@ -38,7 +38,7 @@ from workers.protocol import SamplingParams  # noqa: E402
 KNOBS = {"kernel": "decode_kernel", "splits": "decode_splits", "chunk_keys": "decode_chunk_keys",
          "block_n": "decode_split_block_n", "programs": "decode_programs", "warps": "decode_warps",
          "stages": "decode_stages", "combine": "decode_combine", "fuse_write": "decode_fuse_write",
-         "prefetch": "decode_prefetch", "preload": "decode_preload", "preload_next": "decode_preload_next"}
+         "prefetch": "decode_prefetch", "preload": "decode_preload"}
 # split: 256-key chunks of 64-key tiles, auto split count (~one program per SM, at most one per
 # chunk a row can have), 4 warps, merged by the last program, K/V written in the same launch; each
 # line changes one knob (or two: chunk_keys=32 needs 32- or 16-key tiles)
@@ -58,7 +58,7 @@ def parse_variant(spec: str) -> dict[str, object]:
         key, _, value = item.partition("=")
         if key not in KNOBS or not value:
             raise SystemExit(f"decode variant {spec!r}: want key=value with key in {sorted(KNOBS)}")
-        if key in ("fuse_write", "preload", "preload_next"):
+        if key in ("fuse_write", "prefetch", "preload"):
             out[KNOBS[key]] = value not in ("0", "false", "False")
         else:
             out[KNOBS[key]] = int(value) if value.isdigit() else value

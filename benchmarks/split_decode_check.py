@@ -84,8 +84,7 @@ def check_split_decode() -> dict:
             # every other variant with the first tiles loaded up front, and under PDL (a launch
             # attribute only: nothing before it triggers early, so its wait returns at once)
             split.decode_preload = split.decode_pdl = n % 2 == 1
-            split.decode_preload_next = n % 4 == 1  # the second tile's block ids up front too
-            split.decode_prefetch = 2 if n % 4 == 3 else 1  # L2 prefetch in every launch
+            split.decode_prefetch = n % 4 != 3  # and half of those under PDL without the L2 prefetch
             for batch in (1, 3, 6):
                 seqs, ids, pos = _step(rng, caches[0].num_blocks, rng.sample(CONTEXTS, batch))
                 for b in (ref, general, split):
@@ -190,13 +189,12 @@ def _check_any_step(chunking: tuple[int, int] | None) -> float:
                                  (64, "last", True)]:
         split.decode_splits, split.decode_combine, split.decode_fuse_write = splits, merge, fused
         seen.append(run(split, decodes))
-    # the same bits: first tiles up front (with the second's block ids), PDL, L2 prefetch everywhere
-    for preload, nxt, pdl, prefetch in [(False, False, False, 1), (True, True, True, 1), (False, False, True, 1),
-                                        (True, True, False, 2), (True, False, True, 2)]:
-        split.decode_preload, split.decode_preload_next = preload, nxt
-        split.decode_pdl, split.decode_prefetch = pdl, prefetch
+    # the same bits: first tiles up front or not, under PDL or not, with its L2 prefetch or not
+    for preload, pdl, prefetch in [(False, False, True), (True, True, True), (False, True, True), (True, True, False),
+                                   (False, True, False)]:
+        split.decode_preload, split.decode_pdl, split.decode_prefetch = preload, pdl, prefetch
         seen.append(run(split, decodes))
-    split.decode_preload, split.decode_preload_next, split.decode_pdl, split.decode_prefetch = True, False, False, 1
+    split.decode_preload, split.decode_pdl, split.decode_prefetch = True, False, True  # the defaults
     seen.append(run(split, decodes[::-1], pad_to=8))
     mixed = ["chunk", "d2048", "prompt1", "d17", "d257", "d129", "d256"]
     seen.append(run(split, mixed))

@@ -135,11 +135,11 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
         # shape, ~240 keys, decode graph: batch 1 0.891 -> 0.859 ms (preload) -> 0.850 (+ prefetch);
         # batch 8 1.179 -> 1.163; batch 32 1.262 -> 1.258 (benchmarks/README.md)
         self.decode_preload = True
-        # decode_prefetch: 1 = under PDL (the fused step); 2 = in every decode launch (not measured
-        # on a GPU yet); 0 = off. decode_preload_next: also read the second tile's block-table
-        # entries before the wait (not measured yet: off)
-        self.decode_prefetch = 1
-        self.decode_preload_next = False
+        self.decode_prefetch = True  # the L2 prefetch of the first chunk, under PDL only
+        # Measured and removed (one H200, decode graph replay under the profiler, batch 1 / 8 / 32,
+        # benchmarks/results/engine_gpu1_h200_r20_preload3.jsonl; as is: 1.0276 / 1.3407 / 1.6166 ms):
+        # the second tile's block ids before the wait too, 1.0476 / 1.3531 / 1.6353 (slower at each);
+        # the prefetch in every decode launch, not only under PDL, 1.026 / 1.3527 / 1.6363 (equal, slower)
         self.block_q = 1
         self.num_qblocks = 0
         self.num_tokens = 0
@@ -265,7 +265,7 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
 
     def _prefetch_lines(self, q) -> int:
         """128-byte lines per cached key row the decode kernel asks L2 for (0: no prefetch)."""
-        if int(self.decode_prefetch) >= 2 or (self.decode_prefetch and self.decode_pdl):
+        if self.decode_prefetch and self.decode_pdl:
             return _pow2(-(-self.D * q.element_size() // 128))
         return 0
 
@@ -288,7 +288,6 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
             WRITE_KV=launch.fuse_write, COMBINE_LAST=launch.merge_last, ALL_DECODE=launch.all_decode,
             INTERPRET=INTERPRET, DOT_PRECISION=precision, PDL=self.decode_pdl,
             PREFETCH_LINES=self._prefetch_lines(q), PRELOAD=self.decode_preload,
-            PRELOAD_NEXT=self.decode_preload and self.decode_preload_next,
             num_warps=launch.warps, **stages,
         )
         if not launch.merge_last:

@@ -43,34 +43,19 @@ def _decode_chunking(ctx, window, CHUNK_KEYS: tl.constexpr, USE_WINDOW: tl.const
 
 
 @triton.jit
-def _cached_rows(n0, n_end, new_pos, layer_off, block_off, blk_start, kvh, HKV: tl.constexpr, D: tl.constexpr,
-                 BS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(element offsets of the cached K rows, which of them to read) for keys [n0, min(n0 +
-    BLOCK_N, n_end)) but ``new_pos``: the block table's entries, written before the step."""
-    n = n0 + tl.arange(0, BLOCK_N)
-    cached = (n < n_end) & (n != new_pos)
-    base = (tl.load(block_off + blk_start + n // BS, mask=cached, other=0) + layer_off
-            + (n % BS) * (HKV * D) + kvh * D)
-    return base, cached
-
-
-@triton.jit
-def _rows_kv(base, cached, anchor, kv_off, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The K and V rows at ``base`` (zeros where not ``cached``)."""
-    d = tl.arange(0, BLOCK_D)
-    kv_mask = cached[:, None] & (d < D)[None, :]
-    k = tl.load(anchor + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(anchor + kv_off + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    return k, v
-
-
-@triton.jit
 def _cached_kv(n0, n_end, new_pos, anchor, layer_off, kv_off, block_off, blk_start, kvh, HKV: tl.constexpr,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
     """The cached K and V rows of keys [n0, min(n0 + BLOCK_N, n_end)) but ``new_pos`` (zeros there
     and past the end): written by earlier steps, never by this step's kernels."""
-    base, cached = _cached_rows(n0, n_end, new_pos, layer_off, block_off, blk_start, kvh, HKV, D, BS, BLOCK_N)
-    return _rows_kv(base, cached, anchor, kv_off, D, BLOCK_D)
+    n = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    cached = (n < n_end) & (n != new_pos)
+    base = (tl.load(block_off + blk_start + n // BS, mask=cached, other=0) + layer_off
+            + (n % BS) * (HKV * D) + kvh * D)
+    kv_mask = cached[:, None] & (d < D)[None, :]
+    k = tl.load(anchor + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(anchor + kv_off + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -100,14 +85,11 @@ def _attend_kv(n0, n_end, new_pos, q, k, v, k_new, v_new, m_i, l_i, acc, scale, 
 
 @triton.jit
 def _decode_chunk(n_lo, n_hi, new_pos, q, k_new, v_new, anchor, layer_off, kv_off, block_off, blk_start, kvh,
-                  scale, k_first, v_first, base_next, cached_next, HKV: tl.constexpr, D: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, FIRST_LOADED: tl.constexpr,
-                  NEXT_ADDRESSED: tl.constexpr):
+                  scale, k_first, v_first, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, FIRST_LOADED: tl.constexpr):
     """(max, sum, unnormalised output) of keys [n_lo, n_hi), from a fresh state (max in log2 units).
-    FIRST_LOADED: the first tile's cached rows are k_first / v_first (_cached_kv of n_lo, n_hi);
-    NEXT_ADDRESSED (with it): the second tile's row offsets are base_next / cached_next
-    (_cached_rows of n_lo + BLOCK_N, n_hi)."""
+    FIRST_LOADED: the first tile's cached rows are k_first / v_first (_cached_kv of n_lo, n_hi)."""
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: NaN-free
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -117,12 +99,6 @@ def _decode_chunk(n_lo, n_hi, new_pos, q, k_new, v_new, anchor, layer_off, kv_of
             m_i, l_i, acc = _attend_kv(n_lo, n_hi, new_pos, q, k_first, v_first, k_new, v_new, m_i, l_i, acc, scale,
                                        BLOCK_N, DOT_PRECISION)
         start = n_lo + BLOCK_N
-        if NEXT_ADDRESSED:
-            if start < n_hi:
-                k_next, v_next = _rows_kv(base_next, cached_next, anchor, kv_off, D, BLOCK_D)
-                m_i, l_i, acc = _attend_kv(start, n_hi, new_pos, q, k_next, v_next, k_new, v_new, m_i, l_i, acc,
-                                           scale, BLOCK_N, DOT_PRECISION)
-            start = n_lo + 2 * BLOCK_N
     if INTERPRET:  # the interpreter cannot take tensor bounds in range()
         n0 = start
         while n0 < n_hi:
@@ -187,7 +163,7 @@ def paged_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_KEYS: tl.constexpr, BLOCK_G: tl.constexpr,
     USE_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, COMBINE_LAST: tl.constexpr, ALL_DECODE: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
-    PREFETCH_LINES: tl.constexpr = 0, PRELOAD: tl.constexpr = False, PRELOAD_NEXT: tl.constexpr = False,
+    PREFETCH_LINES: tl.constexpr = 0, PRELOAD: tl.constexpr = False,
 ):
     """Program (i, kvh, j) of a (rows, HKV, SPLITS) grid: decode row i (ALL_DECODE: sequence i,
     token i; else sequence dec_seq[i], token seq_q_start[s]), the G query heads of KV head kvh,
@@ -199,19 +175,17 @@ def paged_decode_kernel(
     tables, context lengths: uploaded before the step's first kernel) is read before that wait;
     with PRELOAD so is the first tile of the program's first chunk (its cached K/V rows, into
     registers): under PDL those loads overlap the kernel before (the q|k|v projection), and what
-    is left after the wait is q, this step's k/v and the arithmetic; PRELOAD_NEXT (with PRELOAD)
-    also reads the second tile's block-table entries before it. PREFETCH_LINES applies without PDL
-    too (the host asks for it only under PDL unless told otherwise). The same tiles in the same
-    order either way: the output's bits depend on none of these."""
+    is left after the wait is q, this step's k/v and the arithmetic. The same tiles in the same
+    order either way: the output's bits do not depend on PRELOAD or PDL."""
     i = tl.program_id(0)
     kvh = tl.program_id(1)
     j = tl.program_id(2)
     splits = tl.num_programs(2)
     if PDL:
         gdc_launch_dependents()
-    if PREFETCH_LINES > 0:
-        _prefetch_chunk(i, kvh, j, anchor, layer_off, kv_off, block_off, dec_seq, seq_ctx_len, seq_blk_start,
-                        window, HKV, D, BS, CHUNK_KEYS, USE_WINDOW, ALL_DECODE, PREFETCH_LINES)
+        if PREFETCH_LINES > 0:
+            _prefetch_chunk(i, kvh, j, anchor, layer_off, kv_off, block_off, dec_seq, seq_ctx_len, seq_blk_start,
+                            window, HKV, D, BS, CHUNK_KEYS, USE_WINDOW, ALL_DECODE, PREFETCH_LINES)
     if ALL_DECODE:  # a decode-only step: one round of independent loads
         s = i
         t = i
@@ -222,17 +196,11 @@ def paged_decode_kernel(
     lo, n_chunks = _decode_chunking(ctx, window, CHUNK_KEYS, USE_WINDOW)
     blk_start = tl.load(seq_blk_start + s)
     first = lo + j * CHUNK_KEYS  # this program's first chunk: c = j (one chunk: [lo, ctx))
-    k_first = ctx  # stand-ins, unread without PRELOAD (PRELOAD_NEXT)
+    k_first = ctx  # stand-ins, unread without PRELOAD
     v_first = ctx
-    base_next = ctx
-    cached_next = ctx
     if PRELOAD:
-        first_end = tl.minimum(first + CHUNK_KEYS, ctx)
-        k_first, v_first = _cached_kv(first, first_end, ctx - 1, anchor, layer_off, kv_off, block_off, blk_start, kvh,
-                                      HKV, D, BLOCK_D, BS, BLOCK_N)
-        if PRELOAD_NEXT:
-            base_next, cached_next = _cached_rows(first + BLOCK_N, first_end, ctx - 1, layer_off, block_off,
-                                                  blk_start, kvh, HKV, D, BS, BLOCK_N)
+        k_first, v_first = _cached_kv(first, tl.minimum(first + CHUNK_KEYS, ctx), ctx - 1, anchor, layer_off, kv_off,
+                                      block_off, blk_start, kvh, HKV, D, BLOCK_D, BS, BLOCK_N)
     if PDL:
         gdc_wait()
     if j < tl.maximum(n_chunks, 1):  # program 0 always runs: it writes K/V and one-chunk outputs
@@ -255,32 +223,30 @@ def paged_decode_kernel(
         scale = scale * 1.4426950408889634  # log2 e: exp2 below
         if n_chunks <= 1:  # the whole context (none: a padding row, zeros) straight to the output
             m_i, l_i, acc = _decode_chunk(lo, ctx, ctx - 1, q, k_new, v_new, anchor, layer_off, kv_off, block_off,
-                                          blk_start, kvh, scale, k_first, v_first, base_next, cached_next, HKV, D,
-                                          BLOCK_D, BS, BLOCK_M, BLOCK_N, INTERPRET, DOT_PRECISION, PRELOAD,
-                                          PRELOAD_NEXT)
+                                          blk_start, kvh, scale, k_first, v_first, HKV, D, BLOCK_D, BS, BLOCK_M,
+                                          BLOCK_N, INTERPRET, DOT_PRECISION, PRELOAD)
             out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
             tl.store(O + o_off + r[:, None] * o_stride_h + d[None, :], out.to(O.dtype.element_ty), mask=o_mask)
         else:
             row0 = (i * HKV + kvh) * max_chunks  # scratch rows of this (row, KV head), one per chunk
             # chunk j (< n_chunks here) first: its first tile may be loaded already
             _decode_partial(j, lo, ctx, row0, q, k_new, v_new, anchor, layer_off, kv_off, block_off, blk_start, kvh,
-                            scale, part_m, part_l, part_acc, r, d, row_ok, o_mask, k_first, v_first, base_next,
-                            cached_next, G, HKV, D, BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET,
-                            DOT_PRECISION, PRELOAD, PRELOAD_NEXT)
+                            scale, part_m, part_l, part_acc, r, d, row_ok, o_mask, k_first, v_first, G, HKV, D,
+                            BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET, DOT_PRECISION, PRELOAD)
             if INTERPRET:  # the interpreter cannot take tensor bounds in range()
                 c = j + splits
                 while c < n_chunks:
                     _decode_partial(c, lo, ctx, row0, q, k_new, v_new, anchor, layer_off, kv_off, block_off,
                                     blk_start, kvh, scale, part_m, part_l, part_acc, r, d, row_ok, o_mask, ctx, ctx,
-                                    ctx, ctx, G, HKV, D, BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET,
-                                    DOT_PRECISION, False, False)
+                                    G, HKV, D, BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET, DOT_PRECISION,
+                                    False)
                     c += splits
             else:
                 for c in range(j + splits, n_chunks, splits):
                     _decode_partial(c, lo, ctx, row0, q, k_new, v_new, anchor, layer_off, kv_off, block_off,
                                     blk_start, kvh, scale, part_m, part_l, part_acc, r, d, row_ok, o_mask, ctx, ctx,
-                                    ctx, ctx, G, HKV, D, BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET,
-                                    DOT_PRECISION, False, False)
+                                    G, HKV, D, BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET, DOT_PRECISION,
+                                    False)
             if COMBINE_LAST:
                 tl.debug_barrier()  # all threads' partial stores precede the merge / the release below
                 parts = tl.minimum(splits, n_chunks)  # programs holding chunks: j < parts
@@ -324,18 +290,15 @@ def _prefetch_chunk(i, kvh, j, anchor, layer_off, kv_off, block_off, dec_seq, se
 
 @triton.jit
 def _decode_partial(c, lo, ctx, row0, q, k_new, v_new, anchor, layer_off, kv_off, block_off, blk_start, kvh, scale,
-                    part_m, part_l, part_acc, r, d, row_ok, o_mask, k_first, v_first, base_next, cached_next,
-                    G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+                    part_m, part_l, part_acc, r, d, row_ok, o_mask, k_first, v_first, G: tl.constexpr,
+                    HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_KEYS: tl.constexpr,
-                    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, FIRST_LOADED: tl.constexpr,
-                    NEXT_ADDRESSED: tl.constexpr):
-    """Chunk c of a decode row into its scratch row row0 + c (FIRST_LOADED, NEXT_ADDRESSED: see
-    _decode_chunk)."""
+                    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, FIRST_LOADED: tl.constexpr):
+    """Chunk c of a decode row into its scratch row row0 + c (FIRST_LOADED: see _decode_chunk)."""
     n_lo = lo + c * CHUNK_KEYS
     m_i, l_i, acc = _decode_chunk(n_lo, tl.minimum(n_lo + CHUNK_KEYS, ctx), ctx - 1, q, k_new, v_new, anchor,
-                                  layer_off, kv_off, block_off, blk_start, kvh, scale, k_first, v_first, base_next,
-                                  cached_next, HKV, D, BLOCK_D, BS, BLOCK_M, BLOCK_N, INTERPRET, DOT_PRECISION,
-                                  FIRST_LOADED, NEXT_ADDRESSED)
+                                  layer_off, kv_off, block_off, blk_start, kvh, scale, k_first, v_first, HKV, D,
+                                  BLOCK_D, BS, BLOCK_M, BLOCK_N, INTERPRET, DOT_PRECISION, FIRST_LOADED)
     mine = (row0 + c) * G + r
     tl.store(part_m + mine, m_i, mask=row_ok)
     tl.store(part_l + mine, l_i, mask=row_ok)
