@@ -42,8 +42,8 @@
 #            of gate|up, slower at every size)
 #   preload: the split decode kernel's first tile loaded before the PDL wait (decode_preload)
 #   preload2: chunkings whose whole ~240-key context is preloaded (128-key chunks; one 256-key tile)
-#   preload3 (next): the second tile's block ids before the wait; the chunk's L2 prefetch at every batch
-#   usage: benchmarks/engine_gpu1.sh preload3|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
+#   argmax (next): the in-graph greedy argmax; host phases; timeline; engine.py
+#   usage: benchmarks/engine_gpu1.sh argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -212,15 +212,15 @@ case $part in
     step engine_preload $((560 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads decode_b1,batch --scheduling async
     ;;
-  preload3)
-    # (next session) the second tile's block ids before the PDL wait too (decode_preload_next; 255
-    # registers + 16 bytes of stack at 128-key tiles offline) and the chunk's L2 prefetch in every
-    # decode launch, not only under PDL (decode_prefetch=2): decode graphs at batch 1, 8, 32, then
-    # the kernels check (split_decode_check runs both against the reference and bit for bit);
-    # --timeline: the async step's device busy / idle time around the graph (batch32's 95 us a step)
-    step preload3 240 python3 benchmarks/profile_decode.py --batch-sizes 1,8,32 \
-      --timeline --decode-variants "kernel=split;kernel=split,preload_next=1;kernel=split,prefetch=2;kernel=split,preload_next=1,prefetch=2"
-    step check_preload3 $((560 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only kernels
+  argmax)
+    # the decode graphs' own argmax (in-graph, greedy rows take it) checked against torch's, then
+    # where the host's time goes per step (bare timers around each phase), the async step's device
+    # timeline and engine.py's decode_b1 / batch32
+    step check_argmax 200 python3 benchmarks/gpu_check.py --only argmax,graphs,bf16-1b-fused
+    step host 150 python3 benchmarks/host_profile.py --batch-sizes 1,32
+    step timeline 150 python3 benchmarks/profile_decode.py --batch-sizes 1,32 --timeline
+    step engine $((580 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
+      --workloads decode_b1,batch --scheduling async
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1

@@ -134,7 +134,31 @@ def check_kernels() -> dict:
         raise AssertionError(f"relative error {worst:.2e} > 1e-2")
     from benchmarks.split_decode_check import check_split_decode
 
-    return {"max_rel_err": round(worst, 5), **check_split_decode()}
+    return {"max_rel_err": round(worst, 5), "argmax_cases": check_argmax(), **check_split_decode()}
+
+
+def check_argmax() -> int:
+    """The decode graphs' argmax kernel == torch.argmax on the GPU: Llama-3's vocabulary, 1-32 rows
+    (fp32 and bf16), ties across and inside chunks, -inf rows, NaNs. Cases checked."""
+    from workers.engine.argmax import greedy_argmax
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    cases = 0
+    for rows in (1, 8, 32):
+        x = torch.randn(rows, 128256, device="cuda", generator=gen)
+        if rows > 1:
+            x[0, 17] = x[0, 128000] = 99.0
+            x[-1] = float("-inf")
+        if rows > 4:
+            x[1, 4100] = float("nan")
+            x[2] = x[2].round()
+        for t in (x, x.to(torch.bfloat16)):
+            got, want = greedy_argmax(t), t.argmax(dim=-1)
+            if not torch.equal(got, want):
+                raise AssertionError(f"greedy_argmax differs from torch.argmax ({rows} rows, {t.dtype}): "
+                                     f"{got.tolist()} vs {want.tolist()}")
+            cases += 1
+    return cases
 
 
 def check_fp32_exact() -> dict:
@@ -171,6 +195,9 @@ def check_graphs() -> dict:
     a, b = run_all(with_graphs, prompts), run_all(without, prompts)
     if a != b:
         raise AssertionError("compiled CUDA-graph decode differs from eager decode")
+    for size, (_, logits, argmax) in with_graphs.runner.graphs.graphs.items():  # as the last replay left them
+        if not torch.equal(argmax, logits.argmax(dim=-1)):
+            raise AssertionError(f"the batch-{size} graph's argmax differs from torch.argmax of its logits")
     return {"graph_replays": with_graphs.runner.graphs.num_replays}
 
 
@@ -343,7 +370,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device: run this on a GPU machine"}))
         return 2
-    checks = {"kernels": check_kernels, "sampler": check_sampler, "fp32-exact": check_fp32_exact,
+    checks = {"kernels": check_kernels, "argmax": lambda: {"cases": check_argmax()}, "sampler": check_sampler, "fp32-exact": check_fp32_exact,
               "graphs": check_graphs, "split": check_split, "async": check_async, "fused": check_fused,
               "compiled-prefill": check_compiled_prefill, "prompt-logprobs": check_prompt_logprobs,
               "prompt-logprobs-1b": check_prompt_logprobs_1b,

@@ -5,9 +5,10 @@ engine step takes ~2.1 ms while the decode graph replays in ~1.35 ms).
     .venv/bin/python benchmarks/host_profile.py --device cpu --model tiny --batch-sizes 32   # CPU
 
 Per batch size: ``n`` requests decode in steady state (prefilled first); 50 async steps timed bare,
-then 100 under cProfile. One JSON line per batch size: the bare step (ms), the step's phases
-(cumulative µs per step of the engine's own functions) and the top functions by own time
-(µs per step). ``result`` is where the host waits for the device (async: for the previous step);
+then 100 with a perf_counter timer around each phase (``bare_phases_us``: inclusive µs per step,
+no profiler; ``wait`` is the host blocked on the device's tokens), then 100 under cProfile. One
+JSON line per batch size: the bare step (ms), the step's phases (cumulative µs per step of the
+engine's own functions, cProfile-inflated) and the top functions by own time (µs per step). ``result`` is where the host waits for the device (async: for the previous step);
 host-bound when it is near zero.
 """
 
@@ -36,6 +37,59 @@ PHASES = {"step": ("engine.py", "step"), "schedule": ("scheduler.py", "schedule"
           "resolve": ("engine.py", "_resolve"), "result": ("sampler.py", "result"),
           "append_token": ("engine.py", "_append_token"), "publish_blocks": ("engine.py", "_publish_blocks"),
           "retire": ("engine.py", "_retire_length_finished")}
+
+
+def timed_phases(engine: Engine, steps: int) -> tuple[float, dict]:
+    """``steps`` engine steps with a perf_counter timer around each phase: (median step ms, phase ->
+    [inclusive µs per step, calls per step]). Instance methods are wrapped on the instance, the
+    rest on their class, and all are put back after."""
+    from workers.engine.sampler import DeviceSample
+    from workers.engine.step_inputs import StepInputs
+
+    runner = engine.runner
+    targets = {"retire": (engine, "_retire_length_finished"), "schedule": (engine.scheduler, "schedule"),
+               "launch": (engine, "_launch"), "pack": (StepInputs, "pack"), "execute": (runner, "execute"),
+               "prepare": (runner.backend, "prepare"), "sample": (engine.sampler, "sample"),
+               "resolve": (engine, "_resolve"), "wait": (DeviceSample, "result"),
+               "append_token": (engine, "_append_token"), "publish_blocks": (engine, "_publish_blocks")}
+    if runner.graphs is not None:
+        targets["replay"] = (runner.graphs, "_replay")
+    acc = {name: [0.0, 0] for name in targets}
+    undo = []
+
+    def timer(name, fn):
+        def wrapped(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                cell = acc[name]
+                cell[0] += time.perf_counter() - t0
+                cell[1] += 1
+        return wrapped
+
+    for name, (obj, attr) in targets.items():
+        if isinstance(obj, type):  # a class: wrap the raw function (classmethods keep their binding)
+            raw = obj.__dict__[attr]
+            if isinstance(raw, classmethod):
+                setattr(obj, attr, classmethod(timer(name, raw.__func__)))
+            else:
+                setattr(obj, attr, timer(name, raw))
+            undo.append(lambda obj=obj, attr=attr, raw=raw: setattr(obj, attr, raw))
+        else:
+            setattr(obj, attr, timer(name, getattr(obj, attr)))
+            undo.append(lambda obj=obj, attr=attr: delattr(obj, attr))
+    times = []
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t0)
+    finally:
+        for u in undo:
+            u()
+    return (round(statistics.median(times) * 1e3, 3),
+            {name: [round(us * 1e6 / steps, 1), round(n / steps, 2)] for name, (us, n) in acc.items()})
 
 
 def profile_steps(engine: Engine, steps: int) -> tuple[dict, list]:
@@ -75,9 +129,11 @@ def main() -> None:
             t0 = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - t0)
+        timed_ms, bare = timed_phases(engine, 100)
         phases, top = profile_steps(engine, 100)
         print(json.dumps({"batch": n, "device": args.device, "async_step_ms": round(statistics.median(times) * 1e3, 3),
-                          "phases_us": phases, "top_own_us": top}), flush=True)
+                          "timed_step_ms": timed_ms, "bare_phases_us": bare, "phases_us": phases,
+                          "top_own_us": top}), flush=True)
         for i in range(n):
             engine.abort(f"h{n}-{i}")
         while engine.scheduler.running or engine._in_flight is not None:

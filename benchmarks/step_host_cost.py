@@ -70,7 +70,9 @@ def build_engine(tree: Path, max_batch: int):
     logits[torch.arange(logits.shape[0]), torch.tensor([text[r % len(text)] for r in range(logits.shape[0])])] = 1.0
     sizes = capture_sizes(max_batch)
     graphs = DecodeGraphs(runner.model, runner.backend, sizes)
-    graphs.graphs = {s: (_NoGraph(), logits[:s]) for s in sizes}
+    # (graph, logits[, their argmax]): trees from before the graphs' in-graph argmax keep two
+    with_argmax = hasattr(DecodeGraphs, "greedy_ids")
+    graphs.graphs = {s: (_NoGraph(), logits[:s], *((logits[:s].argmax(-1),) if with_argmax else ())) for s in sizes}
     runner.graphs = graphs
     runner._general = lambda ids, pos, keep: logits[: keep.shape[0]]
     return engine, text

@@ -8,6 +8,9 @@ scheduling, a device-side copy of the previous step's sampled tokens into the to
 KV segment table is rewritten in place on resize. So a replay issues no host sync; the step's only
 sync is reading the sampled token ids back.
 
+Each graph also computes its rows' greedy argmax (workers/engine/argmax.py) after the logits: a
+greedy step's sampler takes those (``greedy_ids``) and launches nothing of its own.
+
 Graphs share one memory pool and are captured largest first, so smaller graphs reuse the
 largest one's intermediate memory; replays never overlap (one engine thread).
 """
@@ -50,8 +53,10 @@ class DecodeGraphs:
         # batches keep cuBLAS, where the same tuning made the step slower (benchmarks/README.md)
         self.tune_batch1 = compile_model and tune_batch1
         self.sizes = sorted(sizes)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # size -> (graph, its static fp32 logits [size, vocab], their greedy argmax [size] int64)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.num_replays = 0
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # run()'s logits and their argmax
 
     @property
     def max_batch(self) -> int:
@@ -80,6 +85,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        from workers.engine.argmax import greedy_argmax  # Triton: imported where graphs are captured
+
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for size in sorted(self.sizes, reverse=True):
@@ -93,7 +100,8 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool), self._tuning(size):
                 logits = self.forward_for(size)(ids, pos)
-            self.graphs[size] = (graph, logits)
+                argmax = greedy_argmax(logits)
+            self.graphs[size] = (graph, logits, argmax)
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.sizes, time.perf_counter() - t0)
 
@@ -110,14 +118,24 @@ class DecodeGraphs:
         ids, pos, keep = self.backend.prepare(seqs, input_ids, positions, logits_indices, pad_to=size)
         if fill is not None:
             fill.apply(ids)
-        logits = self._replay(size, ids, pos)
+        logits, argmax = self._replay(size, ids, pos)
         self.num_replays += 1
         if logits_indices == list(range(len(seqs))):
-            return logits[: len(seqs)]
-        return logits.index_select(0, keep)
-
-    def _replay(self, size: int, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Run the graph of ``size`` over its static inputs (ids/pos are those buffers' views)."""
-        graph, logits = self.graphs[size]
-        graph.replay()
+            logits, argmax = logits[: len(seqs)], argmax[: len(seqs)]
+        else:
+            logits, argmax = logits.index_select(0, keep), argmax.index_select(0, keep)
+        self._last = (logits, argmax)
         return logits
+
+    def greedy_ids(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The greedy argmax of ``logits`` when they are what the last run() returned (computed in
+        its graph, valid as long as the logits are), else None."""
+        last = self._last
+        return last[1] if last is not None and last[0] is logits else None
+
+    def _replay(self, size: int, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the graph of ``size`` over its static inputs (ids/pos are those buffers' views): its
+        static logits and their argmax."""
+        graph, logits, argmax = self.graphs[size]
+        graph.replay()
+        return logits, argmax

@@ -214,7 +214,8 @@ class Engine(SplitPoints):
             sample = self.sampler.sample(
                 logits, [r.sampling for r in sampled], positions, self.token_counts.rows(sampled),
                 min_tokens_bans(sampled, positions, self.runner.eos_token_ids, self.vocab_size),
-                allowed_masks(sampled, self.vocab_size, pin=self.runner.device.type == "cuda"))
+                allowed_masks(sampled, self.vocab_size, pin=self.runner.device.type == "cuda"),
+                self.runner.greedy_ids(logits))
             step.sample, step.mark = sample, sample.mark
         else:
             step.mark = DeviceMark(self.runner.device)

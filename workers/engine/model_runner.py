@@ -240,6 +240,12 @@ class ModelRunner:
         finally:
             self.backend.on_layer_written = None
 
+    def greedy_ids(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """``logits``' greedy argmax [rows] int64 on the device if a decode graph computed it with
+        them (execute's return value of a graph step), else None: the sampler takes it for rows
+        whose logits nothing changes."""
+        return self.graphs.greedy_ids(logits) if self.graphs is not None else None
+
     @torch.inference_mode()
     def execute_with_hidden(self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice],
                             logits_indices: list[int], hidden_rows: list[int],

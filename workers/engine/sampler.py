@@ -77,13 +77,16 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
                penalties: PenaltyRows | None = None, banned: list[tuple[int, int]] | None = None,
-               allowed: tuple[list[int], torch.Tensor] | None = None) -> DeviceSample:
+               allowed: tuple[list[int], torch.Tensor] | None = None,
+               argmax: torch.Tensor | None = None) -> DeviceSample:
         """Queue the sampling of every row; no host sync (see ``DeviceSample``). ``penalties``: the
         batch's penalised rows (TokenCounts.rows), None when it has none; their chosen tokens are
         counted on the device before this returns. ``banned``: (row, token) pairs that row must not
         choose (min_tokens: EOS and stop tokens), first of all; ``allowed``: (rows, int32 bitmask
         [len(rows), words] on the host), the only tokens those rows may choose (structured output's
-        grammars, allowed_token_ids), as first; logprobs stay the model's."""
+        grammars, allowed_token_ids), as first; logprobs stay the model's. ``argmax``: the rows'
+        argmax of ``logits`` if already computed (the decode graphs do): the greedy rows' tokens
+        when no ban, mask or penalty changes the logits."""
         logits = raw = logits.float()
         if allowed is not None:
             rows, bitmask = allowed
@@ -96,7 +99,8 @@ class Sampler:
         if penalties is not None:
             logits = penalties.apply(logits)
         greedy = [p.is_greedy for p in params]
-        chosen = logits.argmax(dim=-1)
+        unchanged = allowed is None and not banned and penalties is None
+        chosen = argmax if argmax is not None and unchanged else logits.argmax(dim=-1)
         if not all(greedy):
             sampled = self._sample_rows(logits, params, positions, greedy)
             if any(greedy):

@@ -59,3 +59,24 @@ def test_reference_min_p_is_transformers():
     for _ in range(50):
         ids = sampler(logits, params, [0, 0]).token_ids
         assert want[0, ids[0]] and want[1, ids[1]]
+
+
+def test_precomputed_argmax_is_taken_only_for_unchanged_logits():
+    """``argmax`` (what a decode graph computed with its logits) gives the greedy rows' tokens when
+    nothing changes the logits, sampled rows still sample; a ban (min_tokens) or an allowed mask
+    makes the sampler take the argmax of the changed logits itself. A marker argmax (not the
+    logits' own) shows which one was used."""
+    sampler = Sampler(torch.device("cpu"))
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0.0], [3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0]])
+    marker = torch.tensor([2, 2, 2])
+    greedy = [SamplingParams(temperature=0)] * 3
+    assert sampler.sample(logits, greedy, [0, 0, 0], argmax=marker).result().token_ids == [2, 2, 2]
+    assert sampler.sample(logits, greedy, [0, 0, 0]).result().token_ids == [1, 0, 3]
+    mixed = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_p=0.1, seed=1),
+             SamplingParams(temperature=0)]
+    assert sampler.sample(logits, mixed, [0, 0, 0], argmax=marker).result().token_ids == [2, 0, 2]
+    banned = sampler.sample(logits, greedy, [0, 0, 0], banned=[(0, 1)], argmax=marker).result().token_ids
+    assert banned == [2, 0, 3]  # row 0 without token 1: token 2 of the logits; the others their own max
+    mask = torch.tensor([[0b0011]] * 3, dtype=torch.int32)  # tokens 0 and 1 only
+    allowed = sampler.sample(logits, greedy, [0, 0, 0], allowed=([0, 1, 2], mask), argmax=marker).result()
+    assert allowed.token_ids == [1, 0, 0]

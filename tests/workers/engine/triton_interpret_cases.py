@@ -152,12 +152,14 @@ def test_padded_decode_steps_match_generate(tiny_checkpoint):
     """The CUDA-graph path's inputs without the graph: decode steps padded to capture sizes run
     eagerly over the same fixed buffers (what a replay reads) give generate's tokens. With async
     scheduling the new tokens reach those buffers on the device only (TokenFill)."""
+    from workers.engine.argmax import greedy_argmax
     from workers.engine.cuda_graphs import DecodeGraphs
 
     class EagerPadded(DecodeGraphs):
-        def _replay(self, size, ids, pos):
+        def _replay(self, size, ids, pos):  # with the graph's argmax: greedy rows take its tokens
             assert ids.shape[1] == size
-            return self._forward(ids, pos)
+            logits = self._forward(ids, pos)
+            return logits, greedy_argmax(logits)
 
     model_dir = tiny_checkpoint("llama")
     engine = make_engine(model_dir, attention_backend="triton", max_num_seqs=5, blocks_per_segment=4)
@@ -188,6 +190,37 @@ def test_gemv_matches_linear(cfg):
     two = torch.randn(1, 2, 300, generator=gen)  # two rows: F.linear, the GEMV op is not called
     w = torch.randn(37, 300, generator=gen)
     assert torch.equal(gemv.linear(two, w, None, cfg), torch.nn.functional.linear(two, w))
+
+
+@ONCE
+def test_greedy_argmax_matches_torch():
+    """The decode graphs' argmax (workers/engine/argmax.py) == torch.argmax row by row: ties (the
+    first index, in one chunk and across chunks), -inf rows, NaNs (the first one wins, as torch
+    orders them above everything), fp32 and bf16, a vocabulary that is not a multiple of the chunk,
+    a single chunk; bad shapes are refused."""
+    from workers.engine.argmax import greedy_argmax
+
+    gen = torch.Generator().manual_seed(3)
+    for cols, block in ((1000, 64), (384, 4096), (130, 16), (4096, 256)):
+        x = torch.randn(9, cols, generator=gen)
+        x[1, 5] = x[1, cols - 3] = 50.0  # a tie across chunks: the first index
+        x[2, 7] = x[2, 8] = 60.0  # a tie inside one chunk
+        x[3] = float("-inf")  # nothing but -inf: index 0
+        x[4, cols // 2] = float("nan")  # a NaN wins over the max
+        x[4, 0] = 70.0
+        x[5, cols - 1] = x[5, cols // 3] = float("nan")  # two NaNs: the first
+        x[6, cols - 1] = float("inf")
+        x[7] = x[7].round()  # many ties
+        for t in (x, x.to(torch.bfloat16)):
+            got = greedy_argmax(t, block=block)
+            assert got.dtype == torch.int64
+            assert got.tolist() == t.argmax(dim=-1).tolist(), (cols, block, t.dtype)
+    wide = torch.randn(3, 2000, generator=gen)
+    assert greedy_argmax(wide[:, :1500]).tolist() == wide[:, :1500].argmax(-1).tolist()  # row stride != cols
+    assert greedy_argmax(torch.empty(0, 10)).numel() == 0
+    for bad in (torch.randn(4), torch.randn(10, 4).t()):
+        with pytest.raises(ValueError, match="greedy_argmax"):
+            greedy_argmax(bad)
 
 
 @shallow_stack
@@ -274,12 +307,14 @@ def test_engine_fused_decode_matches_generate(tiny_checkpoint, scheduling, famil
     padded inputs as DecodeGraphs would capture them (larger steps take the model's forward):
     generate's tokens for Llama (fused q|k|v and gate|up), Qwen3 (q/k norms, separate projections),
     Mistral (sliding window) and Qwen2 (q|k|v bias)."""
+    from workers.engine.argmax import greedy_argmax
     from workers.engine.cuda_graphs import DecodeGraphs
     from workers.engine.fused_decode import FusedDecode, supported
 
     class EagerPadded(DecodeGraphs):
         def _replay(self, size, ids, pos):
-            return self.forward_for(size)(ids, pos)
+            logits = self.forward_for(size)(ids, pos)
+            return logits, greedy_argmax(logits)
 
     model_dir = tiny_checkpoint(family)
     engine = make_engine(model_dir, attention_backend="triton", max_num_seqs=3, blocks_per_segment=4,
