@@ -42,8 +42,9 @@
 #            of gate|up, slower at every size)
 #   preload: the split decode kernel's first tile loaded before the PDL wait (decode_preload)
 #   preload2: chunkings whose whole ~240-key context is preloaded (128-key chunks; one 256-key tile)
-#   argmax (next): the in-graph greedy argmax; host phases; timeline; engine.py
-#   usage: benchmarks/engine_gpu1.sh argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
+#   argmax: the in-graph greedy argmax; host phases; timeline; engine.py
+#   host2 (next): CUDA call costs on the host, the argmax checks, host phases with PinnedSlots
+#   usage: benchmarks/engine_gpu1.sh host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -219,6 +220,16 @@ case $part in
     step check_argmax 200 python3 benchmarks/gpu_check.py --only argmax,graphs,bf16-1b-fused
     step host 150 python3 benchmarks/host_profile.py --batch-sizes 1,32
     step timeline 150 python3 benchmarks/profile_decode.py --batch-sizes 1,32 --timeline
+    step engine $((580 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
+      --workloads decode_b1,batch --scheduling async
+    ;;
+  host2)
+    # what the host's CUDA calls cost there (idle vs busy device) and its Python speed; the graphs'
+    # argmax check again (fixed: each graph replayed before its outputs are compared); host phases
+    # with the sampled tokens' pinned buffers reused (PinnedSlots); engine.py
+    step api 90 python3 benchmarks/cuda_api_cost.py
+    step check_graphs 200 python3 benchmarks/gpu_check.py --only argmax,graphs
+    step host 150 python3 benchmarks/host_profile.py --batch-sizes 1,32
     step engine $((580 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads decode_b1,batch --scheduling async
     ;;
