@@ -36,13 +36,12 @@ class DeviceMark:
 
 
 class Download:
-    """One device->host copy of ``tensor``, queued now, read by ``result()``. ``into``: the pinned
-    host tensor to copy into (PinnedSlots), else a new one."""
+    """One device->host copy of ``tensor``, queued now, read by ``result()``."""
 
-    def __init__(self, tensor: torch.Tensor, into: torch.Tensor | None = None):
+    def __init__(self, tensor: torch.Tensor):
         self.host = tensor
         if tensor.device.type == "cuda":
-            self.host = into if into is not None else torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self.host.copy_(tensor, non_blocking=True)
         self.mark = DeviceMark(tensor.device)  # after the copy and every kernel queued before it
 
@@ -53,40 +52,3 @@ class Download:
     def result(self) -> torch.Tensor:
         self.wait()
         return self.host
-
-
-class PinnedSlots:
-    """Pinned host buffers handed out in turn to downloads that are read once and let go (a
-    step's sampled tokens), instead of a pinned allocation per download: torch's caching host
-    allocator costs tens of µs a call on some GPU hosts (one H200: 34 µs, cProfile; a decode step
-    makes one). A slot is handed out again ``n`` takes later (per dtype), and only if its holder
-    released it; a slot still held (its download never read) is left to its holder and a new
-    buffer takes its place. ``pin`` False: plain host memory (tests of the hand-out on a CPU)."""
-
-    def __init__(self, n: int = 4, pin: bool = True):
-        self.n, self.pin = n, pin
-        self._rings: dict[torch.dtype, list] = {}  # dtype -> [next index, [(buffer, holder) or None] * n]
-
-    def take(self, like: torch.Tensor, holder: object) -> torch.Tensor:
-        """A pinned host tensor of ``like``'s shape and dtype, held by ``holder`` until release()."""
-        ring = self._rings.setdefault(like.dtype, [0, [None] * self.n])
-        i = ring[0]
-        ring[0] = (i + 1) % self.n
-        slot = ring[1][i]
-        numel = like.numel()
-        if slot is None or slot[1] is not None or slot[0].numel() < numel:
-            grown = max(numel, slot[0].numel() if slot is not None else 0)
-            buf = torch.empty(grown, dtype=like.dtype, pin_memory=self.pin)
-        else:
-            buf = slot[0]
-        ring[1][i] = (buf, holder)
-        return buf[:numel].view(like.shape)
-
-    def release(self, holder: object) -> None:
-        """``holder`` has read its buffer: the slot may be handed out again."""
-        for ring in self._rings.values():
-            slots = ring[1]
-            for i, slot in enumerate(slots):
-                if slot is not None and slot[1] is holder:
-                    slots[i] = (slot[0], None)
-                    return

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workers.engine.device_transfer import Download, PinnedSlots, upload
+from workers.engine.device_transfer import Download, upload
 from workers.engine.penalties import PenaltyRows
 from workers.engine.structured_output import apply_bitmask
 from workers.protocol import SamplingParams
@@ -39,13 +39,10 @@ class DeviceSample:
     """A batch's sampled tokens on the device (``token_ids``: the next step may feed them to the
     model without a sync) and their one copy to the host, already queued."""
 
-    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, top_counts: list[int] | None,
-                 slots: PinnedSlots | None = None):
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, top_counts: list[int] | None):
         self.token_ids = token_ids  # [n] int64, on the device
         self.top_counts = top_counts  # per row, how many top logprobs it asked for (None: no logprobs)
-        self._slots = slots if packed.device.type == "cuda" else None
-        self._download = Download(packed, self._slots.take(packed, self) if self._slots is not None else None)
-        self._result: SampleResult | None = None
+        self._download = Download(packed)
 
     @property
     def mark(self):
@@ -53,13 +50,7 @@ class DeviceSample:
         return self._download.mark
 
     def result(self) -> SampleResult:
-        if self._result is None:
-            self._result = self._read(self._download.result())  # the step's one device->host sync
-            if self._slots is not None:
-                self._slots.release(self)  # read into Python values: the pinned buffer may be reused
-        return self._result
-
-    def _read(self, host: torch.Tensor) -> SampleResult:
+        host = self._download.result()  # the step's one device->host sync
         if self.top_counts is None:
             return SampleResult(host.tolist(), None, None)
         rows = host.tolist()  # float64 [n, 2 + 2k]: token, its logprob, k top ids, k top logprobs
@@ -78,7 +69,6 @@ class Sampler:
         self._unseeded = torch.Generator(device=device)
         self._unseeded.seed()
         self._seeded = torch.Generator(device=device)  # re-seeded per row: (seed, output position)
-        self._slots = PinnedSlots()  # the pinned host buffers the samples are copied into
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
                  penalties: PenaltyRows | None = None) -> SampleResult:
@@ -121,7 +111,7 @@ class Sampler:
         if penalties is not None:
             penalties.count(chosen)
         if not any(p.logprobs or p.top_logprobs for p in params):
-            return DeviceSample(chosen, chosen, None, self._slots)
+            return DeviceSample(chosen, chosen, None)
         logprobs = torch.log_softmax(raw, dim=-1)
         cols = [chosen[:, None].double(), logprobs.gather(1, chosen[:, None]).double()]
         k = max(p.top_logprobs for p in params)
@@ -129,7 +119,7 @@ class Sampler:
             vals, ids = logprobs.topk(k, dim=-1)
             cols += [ids.double(), vals.double()]
         # one tensor, so one copy: float64 holds token ids (< 2^53) and fp32 logprobs exactly
-        return DeviceSample(chosen, torch.cat(cols, dim=1), [p.top_logprobs for p in params], self._slots)
+        return DeviceSample(chosen, torch.cat(cols, dim=1), [p.top_logprobs for p in params])
 
     def _sample_rows(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
                      greedy: list[bool]) -> torch.Tensor:

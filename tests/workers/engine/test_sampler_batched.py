@@ -80,39 +80,3 @@ def test_precomputed_argmax_is_taken_only_for_unchanged_logits():
     mask = torch.tensor([[0b0011]] * 3, dtype=torch.int32)  # tokens 0 and 1 only
     allowed = sampler.sample(logits, greedy, [0, 0, 0], allowed=([0, 1, 2], mask), argmax=marker).result()
     assert allowed.token_ids == [1, 0, 0]
-
-
-def test_pinned_slots_reuse_only_released_buffers():
-    """PinnedSlots (the sampled tokens' host buffers on CUDA): a slot comes back n takes later when
-    its holder released it, keeps a buffer big enough for every size seen, and a slot still held
-    (a download never read) is never written again: a new buffer takes its place."""
-    from workers.engine.device_transfer import PinnedSlots
-
-    slots = PinnedSlots(n=2, pin=False)
-    a, b = object(), object()
-    first = slots.take(torch.empty(3, dtype=torch.int64), a)
-    second = slots.take(torch.empty(5, dtype=torch.int64), b)
-    assert first.shape == (3,) and second.shape == (5,)
-    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
-    first.copy_(torch.tensor([7, 8, 9]))
-    slots.release(a)
-    again = slots.take(torch.empty(2, dtype=torch.int64), object())  # slot 0, released: same memory
-    assert again.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-    c = object()
-    held = slots.take(torch.empty(4, dtype=torch.int64), c)  # slot 1, b never released: a new buffer
-    assert held.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
-    slots.release(b)  # b no longer holds slot 1 (c does): nothing changes
-    slots.release(c)
-    assert slots.take(torch.empty(2, dtype=torch.int64), object()).untyped_storage().data_ptr() != \
-        first.untyped_storage().data_ptr()  # slot 0 is held by `again`'s holder: new buffer
-    assert slots.take(torch.empty(6, 2, dtype=torch.float64), object()).shape == (6, 2)  # per dtype
-
-
-def test_device_sample_reads_once_and_releases_its_slot():
-    """A DeviceSample's result is read once (cached) and lets its pinned slot go on CUDA; on the
-    CPU no slot is taken (the download is the tensor itself)."""
-    sampler = Sampler(torch.device("cpu"))
-    sample = sampler.sample(torch.tensor([[0.0, 2.0], [3.0, 1.0]]), [SamplingParams(temperature=0)] * 2, [0, 0])
-    assert sample.result() is sample.result()
-    assert sample.result().token_ids == [1, 0]
-    assert sample._slots is None
