@@ -43,8 +43,9 @@
 #   preload: the split decode kernel's first tile loaded before the PDL wait (decode_preload)
 #   preload2: chunkings whose whole ~240-key context is preloaded (128-key chunks; one 256-key tile)
 #   argmax: the in-graph greedy argmax; host phases; timeline; engine.py
-#   host2 (next): CUDA call costs on the host, the argmax checks, host phases with PinnedSlots
-#   usage: benchmarks/engine_gpu1.sh host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
+#   host2: CUDA call costs on the host, the argmax checks, host phases with PinnedSlots (taken out)
+#   blas (next): batch 8/32 graphs with cuBLASLt preferred, a bigger workspace, TunableOp
+#   usage: benchmarks/engine_gpu1.sh blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -232,6 +233,16 @@ case $part in
     step host 150 python3 benchmarks/host_profile.py --batch-sizes 1,32
     step engine $((580 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
       --workloads decode_b1,batch --scheduling async
+    ;;
+  blas)
+    # batch 8 / 32 decode graphs are cuBLAS's GEMMs (q|k|v + o at ~1.5 TB/s): the same graphs with
+    # cuBLASLt preferred, a 64 MiB workspace, and TunableOp tuning the GEMMs before capture
+    prof="benchmarks/profile_decode.py --batch-sizes 8,32"
+    step blas_default 150 python3 $prof
+    TORCH_BLAS_PREFER_CUBLASLT=1 step blas_lt 120 python3 $prof
+    CUBLAS_WORKSPACE_CONFIG=:65536:2 CUBLASLT_WORKSPACE_SIZE=65536 step blas_ws 120 python3 $prof
+    PYTORCH_TUNABLEOP_ENABLED=1 PYTORCH_TUNABLEOP_TUNING=1 PYTORCH_TUNABLEOP_FILENAME=$out/tunableop.csv \
+      step blas_tunable $((560 - (SECONDS - t0))) python3 $prof
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1
