@@ -44,7 +44,7 @@
 #   preload2: chunkings whose whole ~240-key context is preloaded (128-key chunks; one 256-key tile)
 #   argmax: the in-graph greedy argmax; host phases; timeline; engine.py
 #   host2: CUDA call costs on the host, the argmax checks, host phases with PinnedSlots (taken out)
-#   blas (next): batch 8/32 graphs with cuBLASLt preferred, a bigger workspace, TunableOp
+#   blas: batch 8/32 graphs with cuBLASLt preferred, a bigger workspace, TunableOp (no change)
 #   usage: benchmarks/engine_gpu1.sh blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
@@ -236,7 +236,8 @@ case $part in
     ;;
   blas)
     # batch 8 / 32 decode graphs are cuBLAS's GEMMs (q|k|v + o at ~1.5 TB/s): the same graphs with
-    # cuBLASLt preferred, a 64 MiB workspace, and TunableOp tuning the GEMMs before capture
+    # cuBLASLt preferred, a 64 MiB workspace, and TunableOp tuning the GEMMs before capture (twentieth
+    # session: the same kernels at the same times in all four; torch names the table tunableop0.csv)
     prof="benchmarks/profile_decode.py --batch-sizes 8,32"
     step blas_default 150 python3 $prof
     TORCH_BLAS_PREFER_CUBLASLT=1 step blas_lt 120 python3 $prof
