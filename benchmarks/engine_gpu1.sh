@@ -45,7 +45,8 @@
 #   argmax: the in-graph greedy argmax; host phases; timeline; engine.py
 #   host2: CUDA call costs on the host, the argmax checks, host phases with PinnedSlots (taken out)
 #   blas: batch 8/32 graphs with cuBLASLt preferred, a bigger workspace, TunableOp (no change)
-#   usage: benchmarks/engine_gpu1.sh blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
+#   lt (next): cuBLASLt's algorithm candidates for the projections (benchmarks/cublaslt_probe.py)
+#   usage: benchmarks/engine_gpu1.sh lt|blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -244,6 +245,12 @@ case $part in
     CUBLAS_WORKSPACE_CONFIG=:65536:2 CUBLASLT_WORKSPACE_SIZE=65536 step blas_ws 120 python3 $prof
     PYTORCH_TUNABLEOP_ENABLED=1 PYTORCH_TUNABLEOP_TUNING=1 PYTORCH_TUNABLEOP_FILENAME=$out/tunableop.csv \
       step blas_tunable $((560 - (SECONDS - t0))) python3 $prof
+    ;;
+  lt)
+    # (next session) cuBLASLt's own candidates for the decode projections at 8 and 32 rows vs
+    # F.linear (ctypes; torch 2.11's TunableOp offers only the default on CUDA); then batch 1
+    step lt 400 python3 benchmarks/cublaslt_probe.py --rows 8,32
+    step lt1 $((560 - (SECONDS - t0))) python3 benchmarks/cublaslt_probe.py --rows 1
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1
