@@ -42,8 +42,10 @@ class Detokenizer:
         self._ids: list[int] = list(prompt_tail or [])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        self.text = ""  # all output text so far (truncated at a stop string once found)
-        self._emitted = 0
+        # output text not handed out yet (take_delta): with stop strings, at least the last
+        # holdback characters (a possible stop string's start); truncated at a stop string once found.
+        # Only this tail is kept, so each token appends to a short string, not the whole output's
+        self._pending = ""
         self.stopped = False  # a stop string was found
         self._rust = getattr(tokenizer, "_tokenizer", None) if DecodeStream is not None else None
         if getattr(tokenizer, "clean_up_tokenization_spaces", False):
@@ -81,12 +83,14 @@ class Detokenizer:
             self._append_text(new)
 
     def _append_text(self, new: str) -> None:
-        start = max(0, len(self.text) - self._holdback)
-        self.text += new
+        # a stop string can start no earlier than holdback characters before the new text, all of
+        # them still pending (take_delta keeps them back)
+        start = max(0, len(self._pending) - self._holdback)
+        self._pending += new
         for s in self.stop:
-            i = self.text.find(s, start)
+            i = self._pending.find(s, start)
             if i >= 0:
-                self.text = self.text[:i + len(s) if self.include_stop else i]
+                self._pending = self._pending[:i + len(s) if self.include_stop else i]
                 self.stopped = True
                 break
 
@@ -94,9 +98,13 @@ class Detokenizer:
         """Text not yet handed out; keeps back a possible stop-string prefix unless final."""
         if final and not self.stopped and self._read_offset < len(self._ids):
             self.add([], final=True)
-        end = len(self.text) if (final or self.stopped or not self.stop) else max(self._emitted, len(self.text) - self._holdback)
-        delta = self.text[self._emitted:end]
-        self._emitted = end
+        if final or self.stopped or not self.stop:
+            delta, self._pending = self._pending, ""
+            return delta
+        cut = len(self._pending) - self._holdback
+        if cut <= 0:
+            return ""
+        delta, self._pending = self._pending[:cut], self._pending[cut:]
         return delta
 
 

@@ -90,3 +90,34 @@ def test_include_stop_and_special_tokens(tiny_checkpoint):
                 d = Detokenizer(t, skip_special_tokens=skip)
                 d.add(tok("Paris.", add_special_tokens=False)["input_ids"] + [special])
                 assert d.take_delta(final=True) == want, (skip, type(t))
+
+
+def test_stop_strings_against_the_whole_text(tiny_checkpoint):
+    """Token by token, with stop strings (both decode paths): the pieces add up to the whole
+    output's text cut at the stop string that completes first (kept with include_stop), no piece
+    hands out a stop string's start before it is known not to be one, and a stream without a
+    match gives the whole text."""
+    for tok in _tokenizers(tiny_checkpoint):
+        ids = tok("The capital of France is Paris. Ünïcödé → 東京 ok. The end.", add_special_tokens=False)["input_ids"]
+        whole = tok.decode(ids, skip_special_tokens=True)
+        for stop in (("Paris",), ("is P", "zzz"), ("東",), ("zzz",), ("ok.", "capital"), ("end.",), ("T",)):
+            hits = [(whole.find(s) + len(s), whole.find(s), s) for s in stop if s in whole]
+            for include in (False, True):
+                for t in (tok, WindowOnly(tok)):
+                    d = Detokenizer(t, stop, include_stop=include)
+                    pieces = []
+                    for i, token in enumerate(ids):
+                        final = i == len(ids) - 1
+                        d.add([token], final=final)
+                        pieces.append(d.take_delta(final=final or d.stopped))
+                        so_far = "".join(pieces)
+                        if not d.stopped and not final:  # nothing that may still begin a stop string
+                            assert not any(s in so_far for s in stop), (stop, so_far)
+                        if d.stopped:
+                            break
+                    want = whole
+                    if hits:
+                        _, start, s = min(hits)
+                        want = whole[:start + len(s) if include else start]
+                    assert d.stopped == bool(hits)
+                    assert "".join(pieces) == want, (stop, include, type(t))
