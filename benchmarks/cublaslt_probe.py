@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.gemv_probe import LAYER, LAYERS, LM_HEAD  # noqa: E402
+from benchmarks.gemv_probe import projection_weights  # noqa: E402
 from workers.engine.gemv import graph_time_us  # noqa: E402
 
 CUBLAS_COMPUTE_32F = 68
@@ -134,9 +134,7 @@ def main() -> None:
     rows_list = [int(r) for r in args.rows.split(",")]
     torch.manual_seed(0)
     step = {m: {"linear": 0.0, "best": 0.0} for m in rows_list}
-    for name, (n, k) in {**LAYER, "lm_head": LM_HEAD}.items():
-        count = LAYERS if name in LAYER else 1
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
+    for name, n, k, count, weights in projection_weights():
         for m in rows_list:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             want = torch.nn.functional.linear(x, weights[0]).float()
@@ -165,8 +163,6 @@ def main() -> None:
                               "best_us": round(best[1], 2)}), flush=True)
             step[m]["linear"] += linear_us * count
             step[m]["best"] += best[1] * count
-        del weights
-        torch.cuda.empty_cache()
     for m in rows_list:
         print(json.dumps({"summary": "one decode step's projections", "rows": m,
                           "linear_us": round(step[m]["linear"], 1), "best_us": round(step[m]["best"], 1),

@@ -30,6 +30,19 @@ from workers.engine import gemv  # noqa: E402
 LAYERS = 16
 LAYER = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
 LM_HEAD = (128256, 2048)
+
+
+def projection_weights():
+    """(name, n, k, count, weights) per projection: LAYERS distinct bf16 weights [n, k] a layer shape,
+    the lm_head once; each shape's weights are freed before the next is made."""
+    for name, (n, k) in {**LAYER, "lm_head": LM_HEAD}.items():
+        count = LAYERS if name in LAYER else 1
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
+        yield name, n, k, count, weights
+        weights.clear()  # the caller's list too: the memory is free once the caller's tensors are gone
+        torch.cuda.empty_cache()
+
+
 CONFIGS = tuple(dict.fromkeys((*gemv.CONFIGS, (16, 512, 4), (8, 256, 4), (32, 128, 4), (64, 128, 8), (8, 1024, 8), (16, 1024, 8),
            (4, 2048, 8), (2, 2048, 4))))
 

@@ -8,10 +8,12 @@ Checks:
                mixed prefill/decode steps, GQA, sliding window, split_diagonal off and on: relative
                error, identical cache writes; decode-only steps on the split-KV kernel
                (benchmarks/split_decode_check.py): split counts, merges, fused write, repeatability,
-               CUDA-graph replay of padded steps
+               CUDA-graph replay of padded steps; the decode graphs' argmax kernel vs torch.argmax
+  argmax       that argmax check alone (benchmarks/gpu_check_argmax.py)
   fp32-exact   tiny llama/mistral/qwen2/qwen3 in fp32 on CUDA, token-identical to transformers'
                generate on CUDA: whole and chunked prefill, prefix-cache hits, preemption
-  graphs       decode through CUDA graphs == the same engine without graphs, token for token
+  graphs       decode through CUDA graphs == the same engine without graphs, token for token; each
+               graph's own argmax == torch.argmax of its logits
   split        prefill on engine A, copy the blocks to engine B, decode on B == colocated
   bf16-1b      Llama-3.2-1B-shaped random model, bf16: greedy output close to generate by vLLM's
                rule (where sequences diverge, each side's token is in the other's top-5); then the
@@ -50,6 +52,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.gpu_check_argmax import check_argmax  # noqa: E402
 from benchmarks.gpu_check_bf16 import check_bf16_1b  # noqa: E402
 from benchmarks.gpu_check_prompt_logprobs import check_prompt_logprobs, check_prompt_logprobs_1b  # noqa: E402
 from kv_transfer.layout import KVLayout  # noqa: E402
@@ -135,30 +138,6 @@ def check_kernels() -> dict:
     from benchmarks.split_decode_check import check_split_decode
 
     return {"max_rel_err": round(worst, 5), "argmax_cases": check_argmax(), **check_split_decode()}
-
-
-def check_argmax() -> int:
-    """The decode graphs' argmax kernel == torch.argmax on the GPU: Llama-3's vocabulary, 1-32 rows
-    (fp32 and bf16), ties across and inside chunks, -inf rows, NaNs. Cases checked."""
-    from workers.engine.argmax import greedy_argmax
-
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    cases = 0
-    for rows in (1, 8, 32):
-        x = torch.randn(rows, 128256, device="cuda", generator=gen)
-        if rows > 1:
-            x[0, 17] = x[0, 128000] = 99.0
-            x[-1] = float("-inf")
-        if rows > 4:
-            x[1, 4100] = float("nan")
-            x[2] = x[2].round()
-        for t in (x, x.to(torch.bfloat16)):
-            got, want = greedy_argmax(t), t.argmax(dim=-1)
-            if not torch.equal(got, want):
-                raise AssertionError(f"greedy_argmax differs from torch.argmax ({rows} rows, {t.dtype}): "
-                                     f"{got.tolist()} vs {want.tolist()}")
-            cases += 1
-    return cases
 
 
 def check_fp32_exact() -> dict:

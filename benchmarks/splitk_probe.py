@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.gemv_probe import LAYER, LAYERS, LM_HEAD  # noqa: E402
+from benchmarks.gemv_probe import projection_weights  # noqa: E402
 from workers.engine.gemv import graph_time_us  # noqa: E402
 
 
@@ -57,9 +57,7 @@ def main() -> None:
     torch.manual_seed(0)
     step: dict[int, dict[str, float]] = {m: {"cublas": 0.0, "best": 0.0} for m in rows_list}
     picks: dict[int, dict[str, str]] = {m: {} for m in rows_list}
-    for name, (n, k) in {**LAYER, "lm_head": LM_HEAD}.items():
-        count = LAYERS if name in LAYER else 1
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
+    for name, n, k, count, weights in projection_weights():
         for m in rows_list:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             want = torch.nn.functional.linear(x, weights[0]).float()
@@ -91,8 +89,6 @@ def main() -> None:
             step[m]["cublas"] += times["cublas"] * count
             step[m]["best"] += times[best] * count
             picks[m][name] = best
-        del weights
-        torch.cuda.empty_cache()
     for m in rows_list:
         print(json.dumps({"summary": "one decode step's projections", "rows": m,
                           "cublas_us": round(step[m]["cublas"], 1), "best_us": round(step[m]["best"], 1),
