@@ -13,7 +13,8 @@ all their calls captured in one CUDA graph (gemv.graph_time_us: median of 5 repl
 each candidate's output compared with F.linear's. The last lines sum one decode step's projections
 per row count: F.linear against the fastest candidate of each shape. cuBLASLt is called through
 ctypes (torch exposes the library choice, not its algorithms); the library is the one torch's CUDA
-build ships. Prepared in the twentieth session without a GPU: not run yet.
+build ships. First run on an H200 in the twenty-first session: no candidate beats F.linear
+(benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -50,15 +51,23 @@ class Heuristic(ctypes.Structure):  # cublasLtMatmulHeuristicResult_t
 
 
 def load_cublaslt() -> ctypes.CDLL:
-    """The libcublasLt torch's CUDA build came with (its nvidia wheels), else the loader's."""
+    """The libcublasLt this process already runs (torch loads it with its first GEMM on CUDA), else
+    the one in the nvidia wheels on sys.path, else the loader's."""
+    torch.nn.functional.linear(torch.ones(8, 8, device="cuda", dtype=torch.bfloat16),
+                               torch.ones(8, 8, device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    with open("/proc/self/maps") as maps:
+        loaded = sorted({line.split()[-1] for line in maps if "libcublasLt.so" in line})
     roots = [p for p in sys.path if p and os.path.isdir(p)]
     found = sorted({f for r in roots for f in glob.glob(os.path.join(r, "nvidia", "**", "libcublasLt.so*"),
                                                         recursive=True)})
-    for path in found + ["libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"]:
+    for path in loaded + found + ["libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"]:
         try:
-            return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
+        print(json.dumps({"cublaslt": path, "already_loaded": path in loaded}), flush=True)
+        return lib
     raise SystemExit("libcublasLt not found (searched the nvidia wheels on sys.path and the loader's path)")
 
 

@@ -247,7 +247,7 @@ case $part in
       step blas_tunable $((560 - (SECONDS - t0))) python3 $prof
     ;;
   lt)
-    # (next session) cuBLASLt's own candidates for the decode projections at 8 and 32 rows vs
+    # (twenty-first session, measured: none wins) cuBLASLt's own candidates for the decode projections at 8 and 32 rows vs
     # F.linear (ctypes; torch 2.11's TunableOp offers only the default on CUDA); then batch 1
     step lt 400 python3 benchmarks/cublaslt_probe.py --rows 8,32
     step lt1 $((560 - (SECONDS - t0))) python3 benchmarks/cublaslt_probe.py --rows 1
