@@ -45,8 +45,9 @@
 #   argmax: the in-graph greedy argmax; host phases; timeline; engine.py
 #   host2: CUDA call costs on the host, the argmax checks, host phases with PinnedSlots (taken out)
 #   blas: batch 8/32 graphs with cuBLASLt preferred, a bigger workspace, TunableOp (no change)
-#   lt (next): cuBLASLt's algorithm candidates for the projections (benchmarks/cublaslt_probe.py)
-#   usage: benchmarks/engine_gpu1.sh lt|blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
+#   lt: cuBLASLt's algorithm candidates for the projections (benchmarks/cublaslt_probe.py; none wins)
+#   families: the further model families (gpu_check more-families) and the kernels check
+#   usage: benchmarks/engine_gpu1.sh families|lt|blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -251,6 +252,20 @@ case $part in
     # F.linear (ctypes; torch 2.11's TunableOp offers only the default on CUDA); then batch 1
     step lt 400 python3 benchmarks/cublaslt_probe.py --rows 8,32
     step lt1 $((560 - (SECONDS - t0))) python3 benchmarks/cublaslt_probe.py --rows 1
+    ;;
+  families)
+    # (twenty-first session) the ten further families of tests/tiny_models.py on the CUDA path
+    # (Triton attention, decode graphs, once more compiled) token-identical to generate; then the
+    # kernels check, now with Phi-3-mini's (96) and Gemma's (256, windowed) head dims
+    step families 400 python3 benchmarks/gpu_check.py --only more-families
+    step kernels $((570 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only kernels
+    ;;
+  families2)
+    # the same after the first call stopped at mixtral's graph capture (engine.cuda_graphs auto
+    # since): the families it did not reach first, then the ones it passed, with compile_prefill too
+    step families_b 330 python3 benchmarks/gpu_check.py --only more-families --families mixtral,qwen3_moe,phi,gpt2,smollm3
+    step families_a $((570 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only more-families \
+      --families phi3,gemma,gemma3_text,granite,olmo2
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1

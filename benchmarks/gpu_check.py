@@ -12,6 +12,9 @@ Checks:
   argmax       that argmax check alone (benchmarks/gpu_check_argmax.py)
   fp32-exact   tiny llama/mistral/qwen2/qwen3 in fp32 on CUDA, token-identical to transformers'
                generate on CUDA: whole and chunked prefill, prefix-cache hits, preemption
+  more-families  fp32-exact on the ten further families of tests/tiny_models.py (phi3, gemma,
+               gemma3_text, granite, olmo2, mixtral, qwen3_moe, phi, gpt2, smollm3), and once more
+               each with the decode graphs compiled
   graphs       decode through CUDA graphs == the same engine without graphs, token for token; each
                graph's own argmax == torch.argmax of its logits
   split        prefill on engine A, copy the blocks to engine B, decode on B == colocated
@@ -56,7 +59,7 @@ from benchmarks.gpu_check_argmax import check_argmax  # noqa: E402
 from benchmarks.gpu_check_bf16 import check_bf16_1b  # noqa: E402
 from benchmarks.gpu_check_prompt_logprobs import check_prompt_logprobs, check_prompt_logprobs_1b  # noqa: E402
 from kv_transfer.layout import KVLayout  # noqa: E402
-from tests.tiny_models import FAMILIES, build_tiny_checkpoint  # noqa: E402
+from tests.tiny_models import FAMILIES, MORE_FAMILIES, build_tiny_checkpoint  # noqa: E402
 from tests.workers.engine.helpers import GREEDY, PROMPTS, collect, drain, run_all  # noqa: E402
 from workers.engine.attention import SeqSlice, TorchPagedAttention  # noqa: E402
 from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
@@ -100,7 +103,8 @@ def check_kernels() -> dict:
     from workers.engine.triton_attention import TritonPagedAttention
 
     worst = 0.0
-    for hq, hkv, dim, window in [(32, 8, 64, None), (8, 2, 128, None), (4, 4, 64, 7)]:
+    for hq, hkv, dim, window in [(32, 8, 64, None), (8, 2, 128, None), (4, 4, 64, 7), (32, 32, 96, None),
+                                  (8, 1, 256, 7)]:  # Phi-3-mini's heads, Gemma-2B's (window: Gemma 3's)
         layout = KVLayout("m", 2, hkv, dim, 16, "bfloat16", 16)
         a, b = KVCache(layout, 3, "cuda"), KVCache(layout, 3, "cuda")
         for i in a.segments:
@@ -140,19 +144,35 @@ def check_kernels() -> dict:
     return {"max_rel_err": round(worst, 5), "argmax_cases": check_argmax(), **check_split_decode()}
 
 
-def check_fp32_exact() -> dict:
-    mismatches = []
-    for family in FAMILIES:
+def check_fp32_exact(families=FAMILIES, compiled: bool = False) -> dict:
+    """compiled: also a run with the decode and prefill steps compiled (the CUDA defaults; each
+    compiles). Reports which families decode through CUDA graphs (engine.cuda_graphs auto turns
+    them off where the model's forward cannot be captured; then true must be an error)."""
+    from workers.engine.model_runner import UnsupportedModelError
+
+    mismatches, graphs_on = [], {}
+    for family in families:
         d = str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
         ref = {f"r{i}": hf_generate(d, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
-        for label, kw in [("whole", {}), ("chunked-5", dict(max_num_batched_tokens=5, max_num_seqs=5)),
-                          ("preempt", dict(num_kv_blocks=12, blocks_per_segment=4, max_num_seqs=5))]:
+        cases = [("whole", {}), ("chunked-5", dict(max_num_batched_tokens=5, max_num_seqs=5)),
+                 ("preempt", dict(num_kv_blocks=12, blocks_per_segment=4, max_num_seqs=5))]
+        if compiled:
+            cases.append(("compiled", dict(compile_decode=True, compile_prefill=True)))
+        for label, kw in cases:
             e = make(d, **kw)
+            graphs_on.setdefault(family, e.runner.graphs is not None)
+            if label == "whole" and not graphs_on[family]:
+                try:
+                    make(d, cuda_graphs=True)
+                    mismatches.append(f"{family}: graphs off under auto, but cuda_graphs true did not fail")
+                except UnsupportedModelError as err:
+                    print(f"fp32-exact {family}: cuda_graphs true refused: {str(err)[:300]}", file=sys.stderr)
             got = run_all(e, PROMPTS)
             if got != ref:
                 mismatches.append(f"{family}/{label}")
             if label == "preempt" and e.stats().num_preemptions == 0:
                 mismatches.append(f"{family}/preempt: no preemption happened")
+            print(f"fp32-exact {family}/{label}: {'same' if got == ref else 'DIFFERS'}", file=sys.stderr, flush=True)
         e = make(d)
         shared = list(range(40, 70))
         run_all(e, [shared + [1, 2]], prefix="a")
@@ -161,7 +181,8 @@ def check_fp32_exact() -> dict:
             mismatches.append(f"{family}/prefix-hit")
     if mismatches:
         raise AssertionError(f"not token-identical to generate: {mismatches}")
-    return {"families": list(FAMILIES), "cases": 4}
+    return {"families": list(families), "cases": 5 if compiled else 4,
+            "without_graphs": [f for f, on in graphs_on.items() if not on]}
 
 
 def check_graphs() -> dict:
@@ -339,6 +360,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-1b", action="store_true")
     ap.add_argument("--only", help="comma list of checks to run (default: all)")
+    ap.add_argument("--families", help="comma list: the families more-families runs (default: all of MORE_FAMILIES)")
     ap.add_argument("--tune-batch1", action="store_true", help="engine.tune_batch1 on in every check's engines")
     ap.add_argument("--fused-decode", type=int, default=0, metavar="MAX_BATCH",
                     help="engine.fused_decode: true with this max batch in every check's engines (default: the "
@@ -355,6 +377,8 @@ def main() -> int:
         print(json.dumps({"error": "no CUDA device: run this on a GPU machine"}))
         return 2
     checks = {"kernels": check_kernels, "argmax": lambda: {"cases": check_argmax()}, "sampler": check_sampler, "fp32-exact": check_fp32_exact,
+              "more-families": lambda: check_fp32_exact(args.families.split(",") if args.families else MORE_FAMILIES,
+                                                        compiled=True),
               "graphs": check_graphs, "split": check_split, "async": check_async, "fused": check_fused,
               "compiled-prefill": check_compiled_prefill, "prompt-logprobs": check_prompt_logprobs,
               "prompt-logprobs-1b": check_prompt_logprobs_1b,

@@ -10,6 +10,10 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# More families the engine runs through transformers' own modules, each with something FAMILIES
+# lack (tests/workers/engine/test_more_families.py; on CUDA: benchmarks/gpu_check.py more-families)
+MORE_FAMILIES = ("phi3", "gemma", "gemma3_text", "granite", "olmo2", "mixtral", "qwen3_moe", "phi", "gpt2",
+                 "smollm3")
 
 _CORPUS = [
     "The capital of France is Paris. The capital of Germany is Berlin.",
@@ -65,6 +69,30 @@ def _config(family: str, vocab_size: int, eos_id: int):
         return tf.Qwen2Config(**common)
     if family == "qwen3":
         return tf.Qwen3Config(**common, head_dim=32)
+    if family == "phi3":  # q|k|v and gate|up already one Linear each in the checkpoint
+        return tf.Phi3Config(**common)
+    if family == "gemma":  # heads x head_dim != hidden, scaled embeddings, (1 + w) norms, GeLU
+        return tf.GemmaConfig(**{**common, "head_dim": 32})
+    if family == "gemma3_text":  # per-layer windows (local / global layers), q/k norms, its own scaling
+        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    if family == "granite":  # multipliers on embeddings, residuals, attention scale and logits
+        return tf.GraniteConfig(**common, embedding_multiplier=2.0, attention_multiplier=0.3,
+                                residual_multiplier=0.5, logits_scaling=4.0)
+    if family == "olmo2":  # q/k norms over the whole projection, norms after attention and MLP
+        return tf.Olmo2Config(**common)
+    if family == "mixtral":  # mixture of experts
+        return tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**{**common, "head_dim": 16}, num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=32)
+    if family == "phi":  # partial rotary, attention and MLP in parallel, biases, LayerNorm
+        return tf.PhiConfig(**common, partial_rotary_factor=0.5)
+    if family == "gpt2":  # learned absolute positions, Conv1D projections, multi-head (no GQA)
+        return tf.GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=512, vocab_size=vocab_size,
+                             initializer_range=0.4, eos_token_id=eos_id, bos_token_id=0)
+    if family == "smollm3":  # layers without RoPE (NoPE) between RoPE layers
+        return tf.SmolLM3Config(**common, no_rope_layer_interval=2)
     raise ValueError(family)
 
 
@@ -79,7 +107,7 @@ def build_tiny_checkpoint(family: str, out_dir: str | os.PathLike, seed: int | N
         return out
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out, think=think)
-    seed = FAMILIES.index(family) if seed is None else seed
+    seed = (FAMILIES + MORE_FAMILIES).index(family) if seed is None else seed
     torch.manual_seed(seed)
     cfg = _config(family, len(tok), tok.convert_tokens_to_ids("<|im_end|>"))
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -27,7 +27,11 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="Context limit; default: the model's max_position_embeddings")
     enable_prefix_caching: bool = True
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
-    cuda_graphs: bool = Field(True, description="Capture decode steps as CUDA graphs (CUDA only)")
+    cuda_graphs: bool | Literal["auto"] = Field(
+        "auto", description="Capture decode steps as CUDA graphs (CUDA only). 'auto' = capture them, and where "
+                            "the model's forward cannot be captured (transformers' mixture-of-experts layers "
+                            "copy from the host inside it) decode without them, the reason logged; true: that "
+                            "is an error")
     compile_decode: bool = Field(True, description="torch.compile the decode step before capturing its CUDA "
                                                    "graphs: fuses norms, RoPE and activations (CUDA only)")
     compile_prefill: bool = Field(

@@ -21,7 +21,7 @@ one H200: 0.71-0.86 ms a step against 1.40-1.57 ms through torch ops.
 
 The weights are the model's own tensors (no copy): the fused q|k|v and gate|up groups of
 fused_projections.py when present, else the separate Linears (one GEMV each). Families: those
-whose decoder layer is LlamaDecoderLayer-shaped (TESTED_MODEL_TYPES: Llama, Mistral, Qwen2 with
+whose decoder layer is LlamaDecoderLayer-shaped (FAMILIES below: Llama, Mistral, Qwen2 with
 q|k|v bias, Qwen3 with q/k norms), SiLU MLP, RoPE over the whole head from a RopeTable
 (engine.rope_table). ``supported()`` says why a model is not.
 """

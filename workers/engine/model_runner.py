@@ -25,8 +25,10 @@ from workers.engine.rope_table import use_rope_tables
 
 log = logging.getLogger(__name__)
 
-# Families tested token-exact against transformers' generate (tests/workers/engine).
-TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Families tested token-exact against transformers' generate (tests/workers/engine:
+# test_equivalence.py, test_more_families.py); any other loads with a warning that says so.
+TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text", "granite", "olmo2",
+                      "mixtral", "qwen3_moe", "phi", "gpt2", "smollm3")
 # Known not to work, and why.
 UNSUPPORTED_MODEL_TYPES = {
     "gemma2": "attention logit soft-capping is not implemented in the paged attention",
@@ -118,6 +120,10 @@ class ModelRunner:
         ).to(self.device).eval()
         if not type(self.model).is_backend_compatible():
             raise UnsupportedModelError(f"{model_cls_name} does not use transformers' attention interface")
+        if self.hf_config.model_type not in TESTED_MODEL_TYPES:
+            log.warning("model type %r runs through transformers' own %s but is not among the families tested "
+                        "token-identical to transformers' generate (%s): check its output before serving it",
+                        self.hf_config.model_type, model_cls_name, ", ".join(TESTED_MODEL_TYPES))
         fuse = engine_config.fuse_projections
         self.fused_groups = 0
         if fuse is True or (fuse == "auto" and self.device.type == "cuda"):
@@ -200,7 +206,16 @@ class ModelRunner:
                                        min(cfg.fused_decode_max_batch, cfg.max_num_seqs), cfg.fused_decode)
             self.graphs = DecodeGraphs(self.model, self.backend, capture_sizes(cfg.max_num_seqs), cfg.compile_decode,
                                        cfg.tune_batch1, fused)
-            self.graphs.capture()
+            try:
+                self.graphs.capture()
+            except Exception as e:
+                self.graphs = None
+                why = f"{type(self.model).__name__}'s decode step cannot be captured as a CUDA graph: {type(e).__name__}: {e}"
+                if cfg.cuda_graphs is True:
+                    raise UnsupportedModelError(f"{why}; set engine.cuda_graphs: false (or auto) to decode without "
+                                                f"CUDA graphs") from e
+                torch.cuda.synchronize()
+                log.warning("engine.cuda_graphs auto: decoding without CUDA graphs (slower): %s", why)
         if self.compiled_general and min(cfg.max_num_seqs, self.backend.max_tokens) >= 2:
             self.pad_general = True
             self.general_warmup_s = self.warm_up_general()

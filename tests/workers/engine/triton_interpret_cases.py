@@ -137,8 +137,9 @@ def test_padded_decode_rows_write_nothing(kernel):
 
 
 @shallow_stack
-def test_engine_on_triton_backend_matches_generate(tiny_checkpoint):
-    model_dir = tiny_checkpoint("qwen2")
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])  # gemma3_text: windows on some layers only
+def test_engine_on_triton_backend_matches_generate(tiny_checkpoint, family):
+    model_dir = tiny_checkpoint(family)
     prompts = PROMPTS[:3]
     engine = make_engine(model_dir, attention_backend="triton", max_num_batched_tokens=16, blocks_per_segment=4)
     assert type(engine.runner.backend).__name__ == "TritonPagedAttention"

@@ -1,0 +1,53 @@
+"""Families beyond the four of test_equivalence.py run token-identical to transformers' generate
+(fp32, CPU): each brings something the four lack (MORE_FAMILIES in tests/tiny_models.py: already
+fused projections, per-layer windows, multipliers, post-norms, experts, partial rotary, learned
+positions, layers without RoPE). The engine has no code of its own per family: these pin that its
+paged attention, KV layout, RoPE tables, chunked prefill, preemption, prefix cache and fused
+projections serve each."""
+
+import pytest
+
+from tests.tiny_models import MORE_FAMILIES
+from tests.workers.engine.helpers import GREEDY, PROMPTS, assert_all_blocks_free, hf_greedy, make_engine, run_all
+from workers.engine.model_runner import TESTED_MODEL_TYPES, UnsupportedModelError
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_family_matches_generate(family, tiny_checkpoint):
+    model_dir = tiny_checkpoint(family)
+    ref = {f"r{i}": hf_greedy(model_dir, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
+
+    whole = make_engine(model_dir)
+    assert whole.runner.hf_config.model_type == family
+    assert run_all(whole, PROMPTS) == ref
+    # prefix cache: 7 full blocks of the first request's prompt serve the second's
+    shared = list(range(40, 70))
+    run_all(whole, [shared + [1, 2]], prefix="a")
+    second = run_all(whole, [shared + [3, 4, 5]], prefix="b")
+    assert whole.stats().prompt_tokens_hit >= 28
+    assert second["b0"] == hf_greedy(model_dir, shared + [3, 4, 5], GREEDY.max_tokens)
+    assert_all_blocks_free(whole)
+
+    # 5-token chunks of prefill, and 12 blocks of 4 tokens for five requests: preemption
+    tight = make_engine(model_dir, max_num_batched_tokens=5, max_num_seqs=5, num_kv_blocks=12, blocks_per_segment=4)
+    assert run_all(tight, PROMPTS) == ref
+    assert tight.stats().num_preemptions > 0
+    assert_all_blocks_free(tight)
+
+    # q|k|v and gate|up each as one GEMM (engine.fuse_projections, auto on CUDA): the same tokens;
+    # checkpoints that ship them fused already have nothing to fuse, which fuse_projections: true refuses
+    if family in ("phi3", "gpt2"):
+        with pytest.raises(UnsupportedModelError, match="no q/k/v or gate/up Linear groups to fuse"):
+            make_engine(model_dir, fuse_projections=True)
+    else:
+        fused = make_engine(model_dir, fuse_projections=True)
+        assert fused.runner.fused_groups > 0
+        assert run_all(fused, PROMPTS) == ref
+
+
+def test_tested_families_are_the_ones_tested():
+    """The engine's list of families tested token-exact (it warns at load for any other) is the
+    families these tests build."""
+    from tests.tiny_models import FAMILIES
+
+    assert set(TESTED_MODEL_TYPES) == set(FAMILIES) | set(MORE_FAMILIES)
