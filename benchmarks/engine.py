@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     common = dict(device=args.device, model=args.model, dtype=dtype, threads=args.threads,
                   attention_backend=type(engine.runner.backend).__name__,
                   cuda_graphs=engine.runner.graphs is not None,
-                  compile_decode=ecfg.compile_decode and engine.runner.graphs is not None,
+                  compile_decode=engine.runner.compile_decode and engine.runner.graphs is not None,
                   fuse_projections=engine.runner.fused_groups > 0,
                   gemv=[f"{r['shape'][0]}x{r['shape'][1]}:{r['kernel']}" for r in engine.runner.gemv_choices],
                   engine_init_s=round(init_s, 2), hf_compiled=not args.hf_eager, rope_tables=engine.runner.rope_tables,

@@ -47,7 +47,8 @@
 #   blas: batch 8/32 graphs with cuBLASLt preferred, a bigger workspace, TunableOp (no change)
 #   lt: cuBLASLt's algorithm candidates for the projections (benchmarks/cublaslt_probe.py; none wins)
 #   families: the further model families (gpu_check more-families) and the kernels check
-#   usage: benchmarks/engine_gpu1.sh families|lt|blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
+#   moe: MoE families in bf16 with the CUDA defaults (gpu_check moe-bf16)
+#   usage: benchmarks/engine_gpu1.sh moe|families2|families|lt|blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -266,6 +267,12 @@ case $part in
     step families_b 330 python3 benchmarks/gpu_check.py --only more-families --families mixtral,qwen3_moe,phi,gpt2,smollm3
     step families_a $((570 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only more-families \
       --families phi3,gemma,gemma3_text,granite,olmo2
+    ;;
+  moe)
+    # mixture-of-experts in bf16 (as served): do their decode graphs capture, and are they right
+    step moe 200 python3 benchmarks/gpu_check.py --only moe-bf16
+    # and the dense defaults through the same settings (compile_* auto now)
+    step dense $((560 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only graphs,compiled-prefill
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1

@@ -32,16 +32,21 @@ class EngineConfig(BaseModel):
                             "the model's forward cannot be captured (transformers' mixture-of-experts layers "
                             "copy from the host inside it) decode without them, the reason logged; true: that "
                             "is an error")
-    compile_decode: bool = Field(True, description="torch.compile the decode step before capturing its CUDA "
-                                                   "graphs: fuses norms, RoPE and activations (CUDA only)")
-    compile_prefill: bool = Field(
-        True, description="torch.compile the steps that are not decode-graph replays (prefill chunks, "
-                          "mixed steps) with a symbolic token count: fuses norms, RoPE and activations "
-                          "as compile_decode does for decode (CUDA only). Compiled at start-up on all-padding "
-                          "steps (seconds per worker), and steps are padded to >= 2 tokens and >= 2 logits rows "
-                          "so sizes 0/1 never recompile: benchmarks/gpu_check.py --only compiled-prefill checks "
-                          "tokens and that nothing compiles after the warm-up. H100, Llama-1B shape: a worker's "
-                          "2048-token prefill step 17.0 -> 12.8 ms, TTFT p50 36.8 -> 32.5 ms (latency floor)")
+    compile_decode: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the decode step before capturing its CUDA graphs: fuses norms, RoPE and "
+                            "activations (CUDA only). 'auto' = on, except for mixture-of-experts models (compiled, "
+                            "their bf16 decode matched transformers' generate less often than uncompiled graphs, "
+                            "which matched it exactly: benchmarks/gpu_check.py --only moe-bf16); true compiles them too")
+    compile_prefill: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the steps that are not decode-graph replays (prefill chunks, "
+                            "mixed steps) with a symbolic token count: fuses norms, RoPE and activations "
+                            "as compile_decode does for decode (CUDA only). Compiled at start-up on all-padding "
+                            "steps (seconds per worker), and steps are padded to >= 2 tokens and >= 2 logits rows "
+                            "so sizes 0/1 never recompile: benchmarks/gpu_check.py --only compiled-prefill checks "
+                            "tokens and that nothing compiles after the warm-up. H100, Llama-1B shape: a worker's "
+                            "2048-token prefill step 17.0 -> 12.8 ms, TTFT p50 36.8 -> 32.5 ms (latency floor). "
+                            "'auto' = on, except for mixture-of-experts models, whose compiled prefill gave wrong "
+                            "first tokens on an H200 (gpu_check moe-bf16); true on such a model is an error")
     fuse_projections: bool | Literal["auto"] = Field(
         "auto", description="Load-time module surgery: one GEMM for q/k/v and one for gate/up per layer "
                             "(workers/engine/fused_projections.py). 'auto' = on for CUDA (an H100 batch-1 "

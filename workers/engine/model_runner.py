@@ -56,6 +56,33 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+# Config fields that give a model's number of routed experts (Mixtral, Qwen2/3-MoE, OLMoE, ...)
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def mixture_of_experts(text_config) -> bool:
+    return any(isinstance(getattr(text_config, f, None), int) and getattr(text_config, f) > 1
+               for f in EXPERT_COUNT_FIELDS)
+
+
+def resolve_compile(setting: bool | str, what: str, moe: bool, model_cls_name: str, on_moe_error: bool) -> bool:
+    """engine.compile_decode / compile_prefill on CUDA: 'auto' is on except for mixture-of-experts
+    models (benchmarks/gpu_check.py --only moe-bf16, H200: compiled prefill gave wrong first tokens,
+    compiled decode fewer tokens identical to transformers' generate than uncompiled graphs)."""
+    if not moe or setting is False:
+        return bool(setting)
+    if setting == "auto":
+        log.info("%s off (engine.%s auto): %s is a mixture-of-experts model", what, what, model_cls_name)
+        return False
+    if on_moe_error:
+        raise UnsupportedModelError(f"engine.{what}: true, but {model_cls_name} is a mixture-of-experts model, whose "
+                                    f"compiled {what.removeprefix('compile_')} steps gave wrong tokens (benchmarks/"
+                                    f"gpu_check.py --only moe-bf16); set engine.{what}: auto or false")
+    log.warning("engine.%s: true on the mixture-of-experts model %s: compiled, its decode matched transformers' "
+                "generate less often than without (gpu_check moe-bf16)", what, model_cls_name)
+    return True
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -152,7 +179,12 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.gemv_choices: list[dict] = []  # gemv.choose()'s table, when it ran
         self._general = self._forward
-        self.compiled_general = engine_config.compile_prefill and self.device.type == "cuda"
+        self.moe = mixture_of_experts(text_config)
+        on_cuda = self.device.type == "cuda"
+        self.compile_decode = on_cuda and resolve_compile(engine_config.compile_decode, "compile_decode", self.moe,
+                                                          model_cls_name, on_moe_error=False)
+        self.compiled_general = on_cuda and resolve_compile(engine_config.compile_prefill, "compile_prefill", self.moe,
+                                                            model_cls_name, on_moe_error=True)
         if self.compiled_general:
             self._general = torch.compile(self._forward, dynamic=True)
         # Steps through a compiled general path are padded to >= 2 tokens and >= 2 logits rows:
@@ -204,7 +236,7 @@ class ModelRunner:
 
             fused = fused_decode.build(self.model, self.hf_config.model_type, self.backend,
                                        min(cfg.fused_decode_max_batch, cfg.max_num_seqs), cfg.fused_decode)
-            self.graphs = DecodeGraphs(self.model, self.backend, capture_sizes(cfg.max_num_seqs), cfg.compile_decode,
+            self.graphs = DecodeGraphs(self.model, self.backend, capture_sizes(cfg.max_num_seqs), self.compile_decode,
                                        cfg.tune_batch1, fused)
             try:
                 self.graphs.capture()
