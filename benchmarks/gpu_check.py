@@ -12,9 +12,12 @@ Checks:
   argmax       that argmax check alone (benchmarks/gpu_check_argmax.py)
   fp32-exact   tiny llama/mistral/qwen2/qwen3 in fp32 on CUDA, token-identical to transformers'
                generate on CUDA: whole and chunked prefill, prefix-cache hits, preemption
-  more-families  fp32-exact on the ten further families of tests/tiny_models.py (phi3, gemma,
-               gemma3_text, granite, olmo2, mixtral, qwen3_moe, phi, gpt2, smollm3), and once more
-               each with the decode graphs compiled
+  more-families  fp32-exact on the further families of tests/tiny_models.py (phi3, gemma,
+               gemma3_text, granite, olmo2, mixtral, qwen3_moe, phi, gpt2, smollm3, gemma2), and once
+               more each with the decode graphs compiled
+  capped-triton  Gemma 2 (attention logit cap) through the Triton kernels, fp32-exact's cases (the
+               engine refuses that path on CUDA until this passes; more-families runs Gemma 2 on
+               the torch attention backend, as it is served on CUDA now)
   moe-bf16     tiny Mixtral / Qwen3-MoE in bf16: eager, graphs, compiled decode, the CUDA defaults,
                each vs bf16 generate by the top-5 rule (the defaults: identical); compile_prefill
                true refused
@@ -60,6 +63,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.gpu_check_argmax import check_argmax  # noqa: E402
 from benchmarks.gpu_check_bf16 import check_bf16_1b  # noqa: E402
+from benchmarks.gpu_check_families import _capped, check_capped_triton, check_moe_bf16  # noqa: E402
 from benchmarks.gpu_check_prompt_logprobs import check_prompt_logprobs, check_prompt_logprobs_1b  # noqa: E402
 from kv_transfer.layout import KVLayout  # noqa: E402
 from tests.tiny_models import FAMILIES, MORE_FAMILIES, build_tiny_checkpoint  # noqa: E402
@@ -106,8 +110,9 @@ def check_kernels() -> dict:
     from workers.engine.triton_attention import TritonPagedAttention
 
     worst = 0.0
-    for hq, hkv, dim, window in [(32, 8, 64, None), (8, 2, 128, None), (4, 4, 64, 7), (32, 32, 96, None),
-                                  (8, 1, 256, 7)]:  # Phi-3-mini's heads, Gemma-2B's (window: Gemma 3's)
+    # Phi-3-mini's heads, Gemma-2B's (window: Gemma 3's), a capped one (Gemma 2's tanh cap, low: it bites)
+    for hq, hkv, dim, window, cap in [(32, 8, 64, None, None), (8, 2, 128, None, None), (4, 4, 64, 7, None),
+                                      (32, 32, 96, None, None), (8, 1, 256, 7, None), (8, 2, 128, 7, 1.0)]:
         layout = KVLayout("m", 2, hkv, dim, 16, "bfloat16", 16)
         a, b = KVCache(layout, 3, "cuda"), KVCache(layout, 3, "cuda")
         for i in a.segments:
@@ -130,10 +135,10 @@ def check_kernels() -> dict:
             q = torch.randn(1, hq, t, dim, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(1, hkv, t, dim, device="cuda", dtype=torch.bfloat16)
             v = torch.randn(1, hkv, t, dim, device="cuda", dtype=torch.bfloat16)
-            want = ref.forward(layer, q.float(), k, v, dim ** -0.5, window).float()
+            want = ref.forward(layer, q.float(), k, v, dim ** -0.5, window, cap).float()
             for split in (False, True):  # split_diagonal: unmasked tiles below the diagonal
                 fast.split_diagonal = split
-                got = fast.forward(layer, q, k, v, dim ** -0.5, window).float()
+                got = fast.forward(layer, q, k, v, dim ** -0.5, window, cap).float()
                 if not torch.isfinite(got).all():
                     raise AssertionError(f"non-finite attention output (split_diagonal={split})")
                 worst = max(worst, ((got - want).norm() / want.norm()).item())
@@ -147,7 +152,7 @@ def check_kernels() -> dict:
     return {"max_rel_err": round(worst, 5), "argmax_cases": check_argmax(), **check_split_decode()}
 
 
-def check_fp32_exact(families=FAMILIES, compiled: bool = False) -> dict:
+def check_fp32_exact(families=FAMILIES, compiled: bool = False, triton_capped: bool = False) -> dict:
     """compiled: also a run with the decode and prefill steps compiled (the CUDA defaults; each
     compiles). Reports which families decode through CUDA graphs (engine.cuda_graphs auto turns
     them off where the model's forward cannot be captured; then true must be an error)."""
@@ -159,12 +164,15 @@ def check_fp32_exact(families=FAMILIES, compiled: bool = False) -> dict:
         ref = {f"r{i}": hf_generate(d, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
         cases = [("whole", {}), ("chunked-5", dict(max_num_batched_tokens=5, max_num_seqs=5)),
                  ("preempt", dict(num_kv_blocks=12, blocks_per_segment=4, max_num_seqs=5))]
-        if compiled:
+        # a model that caps its attention logits is served on CUDA through the torch attention backend
+        # only (model_runner.py; no graphs, nothing compiled); check_capped_triton runs the Triton kernels
+        backend = {} if triton_capped or not _capped(d) else {"attention_backend": "torch"}
+        if compiled and not backend:
             cases.append(("compiled", dict(compile_decode=True, compile_prefill=True)))
         for label, kw in cases:
-            e = make(d, **kw)
+            e = make(d, **backend, **kw)
             graphs_on.setdefault(family, e.runner.graphs is not None)
-            if label == "whole" and not graphs_on[family]:
+            if label == "whole" and not graphs_on[family] and not backend:
                 try:
                     make(d, cuda_graphs=True)
                     mismatches.append(f"{family}: graphs off under auto, but cuda_graphs true did not fail")
@@ -207,61 +215,6 @@ def check_graphs() -> dict:
         if not torch.equal(argmax, logits.argmax(dim=-1)):
             raise AssertionError(f"the batch-{size} graph's argmax differs from torch.argmax of its logits")
     return {"graph_replays": with_graphs.runner.graphs.num_replays}
-
-
-def check_moe_bf16() -> dict:
-    """Tiny Mixtral / Qwen3-MoE in bf16 (as served): eager decode without graphs, graphs of the
-    modules' forward, and the CUDA defaults (compiled decode + prefill, engine.cuda_graphs auto),
-    each against transformers' bf16 generate by the top-5 rule of bf16-1b (where two sequences
-    diverge, each side's token is in the other's top-5). In bf16 a router's top-k flips with the
-    last bit of its logits, so exact identity is counted, not required."""
-    from workers.engine.model_runner import UnsupportedModelError
-    from workers.protocol import SamplingParams
-
-    sp = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0, ignore_eos=True, top_logprobs=5)
-    prompts = PROMPTS + [list(range(200, 260)), [3] * 41, list(range(70, 75))]
-    out = {}
-    for family in ("mixtral", "qwen3_moe"):
-        d = str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
-        refs = [hf_generate(d, p, sp.max_tokens, "bfloat16", with_scores=True) for p in prompts]
-        # compile_prefill: true gave wrong first tokens here (twenty-first session); it is refused now
-        try:
-            make(d, dtype="bfloat16", compile_prefill=True)
-            raise AssertionError(f"{family}: compile_prefill true on a mixture-of-experts model was not refused")
-        except UnsupportedModelError:
-            pass
-        variants = {"eager": dict(cuda_graphs=False), "graphs": dict(compile_decode=False),
-                    "compile_decode": dict(compile_decode=True, compile_prefill=False),
-                    "defaults": {k: v for k, v in EngineConfig().model_dump().items()
-                                 if k in ("cuda_graphs", "compile_decode", "compile_prefill")}}
-        for name, kw in variants.items():
-            e = make(d, dtype="bfloat16", **kw)
-            got = {f"q{i}": ([], []) for i in range(len(prompts))}
-            for i, p in enumerate(prompts):
-                e.add_request(f"q{i}", p, sp)
-            while e.has_work():
-                for delta in e.step().deltas:
-                    got[delta.request_id][0].extend(delta.token_ids)
-                    got[delta.request_id][1].extend([[t for t, _ in step] for step in delta.top_logprobs])
-            exact, outside = 0, []
-            for i, (ref, ref_top) in enumerate(refs):
-                ours, our_top = got[f"q{i}"]
-                exact += ours == ref
-                for j, (x, y) in enumerate(zip(ours, ref)):
-                    if x != y:
-                        if x not in ref_top[j][:5] or y not in our_top[j][:5]:
-                            outside.append(f"q{i}@{j}")
-                        break
-            out[f"{family}/{name}"] = {"graphs": e.runner.graphs is not None, "compiled": e.runner.compile_decode,
-                                       "compiled_prefill": e.runner.compiled_general, "identical": exact,
-                                       "prompts": len(prompts), "outside_top5": outside}
-            print(f"moe-bf16 {family}/{name}: {out[f'{family}/{name}']}", file=sys.stderr, flush=True)
-            del e
-    bad = {k: v for k, v in out.items() if v["outside_top5"]
-           or (k.endswith("/defaults") and (v["compiled_prefill"] or v["identical"] < v["prompts"]))}
-    if bad:
-        raise AssertionError(f"outside the top-5 rule: {bad}; all: {out}")
-    return out
 
 
 def check_split() -> dict:
@@ -437,7 +390,7 @@ def main() -> int:
     checks = {"kernels": check_kernels, "argmax": lambda: {"cases": check_argmax()}, "sampler": check_sampler, "fp32-exact": check_fp32_exact,
               "more-families": lambda: check_fp32_exact(args.families.split(",") if args.families else MORE_FAMILIES,
                                                         compiled=True),
-              "graphs": check_graphs, "moe-bf16": check_moe_bf16, "split": check_split, "async": check_async, "fused": check_fused,
+              "graphs": check_graphs, "moe-bf16": check_moe_bf16, "capped-triton": check_capped_triton, "split": check_split, "async": check_async, "fused": check_fused,
               "compiled-prefill": check_compiled_prefill, "prompt-logprobs": check_prompt_logprobs,
               "prompt-logprobs-1b": check_prompt_logprobs_1b,
               "gemv": check_gemv, "bf16-1b": check_bf16_1b, "bf16-1b-fused": lambda: check_bf16_1b(fuse=True),

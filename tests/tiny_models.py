@@ -13,7 +13,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # More families the engine runs through transformers' own modules, each with something FAMILIES
 # lack (tests/workers/engine/test_more_families.py; on CUDA: benchmarks/gpu_check.py more-families)
 MORE_FAMILIES = ("phi3", "gemma", "gemma3_text", "granite", "olmo2", "mixtral", "qwen3_moe", "phi", "gpt2",
-                 "smollm3")
+                 "smollm3", "gemma2")
 
 _CORPUS = [
     "The capital of France is Paris. The capital of Germany is Berlin.",
@@ -73,6 +73,9 @@ def _config(family: str, vocab_size: int, eos_id: int):
         return tf.Phi3Config(**common)
     if family == "gemma":  # heads x head_dim != hidden, scaled embeddings, (1 + w) norms, GeLU
         return tf.GemmaConfig(**{**common, "head_dim": 32})
+    if family == "gemma2":  # attention logits capped (tanh; low here, so it bites), sliding / global layers
+        return tf.Gemma2Config(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                               attn_logit_softcapping=2.0, final_logit_softcapping=5.0)
     if family == "gemma3_text":  # per-layer windows (local / global layers), q/k norms, its own scaling
         return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"])

@@ -45,8 +45,9 @@ class EngineConfig(BaseModel):
                             "so sizes 0/1 never recompile: benchmarks/gpu_check.py --only compiled-prefill checks "
                             "tokens and that nothing compiles after the warm-up. H100, Llama-1B shape: a worker's "
                             "2048-token prefill step 17.0 -> 12.8 ms, TTFT p50 36.8 -> 32.5 ms (latency floor). "
-                            "'auto' = on, except for mixture-of-experts models, whose compiled prefill gave wrong "
-                            "first tokens on an H200 (gpu_check moe-bf16); true on such a model is an error")
+                            "'auto' = on, except for mixture-of-experts models (whose compiled prefill gave wrong "
+                            "first tokens on an H200, gpu_check moe-bf16; true on such a model is an error) and "
+                            "with attention_backend torch")
     fuse_projections: bool | Literal["auto"] = Field(
         "auto", description="Load-time module surgery: one GEMM for q/k/v and one for gate/up per layer "
                             "(workers/engine/fused_projections.py). 'auto' = on for CUDA (an H100 batch-1 "

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from workers.engine.triton_kernels import _softmax_update
+from workers.engine.triton_kernels import _capped, _softmax_update
 
 
 # Decode rows (one new token that is not a prompt token: SeqSlice.prompt), in decode-only steps
@@ -61,24 +61,25 @@ def _cached_kv(n0, n_end, new_pos, anchor, layer_off, kv_off, block_off, blk_sta
 @triton.jit
 def _decode_tile(n0, n_end, new_pos, q, k_new, v_new, m_i, l_i, acc, anchor, layer_off, kv_off, block_off,
                  blk_start, kvh, scale, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 BS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     """Keys [n0, min(n0 + BLOCK_N, n_end)) of a decode row into its running (max, sum, output);
     key ``new_pos`` from registers (k_new/v_new, in the cache's dtype), the others from the cache."""
     k, v = _cached_kv(n0, n_end, new_pos, anchor, layer_off, kv_off, block_off, blk_start, kvh, HKV, D, BLOCK_D,
                       BS, BLOCK_N)
-    return _attend_kv(n0, n_end, new_pos, q, k, v, k_new, v_new, m_i, l_i, acc, scale, BLOCK_N, DOT_PRECISION)
+    return _attend_kv(n0, n_end, new_pos, q, k, v, k_new, v_new, m_i, l_i, acc, scale, BLOCK_N, DOT_PRECISION,
+                      SOFTCAP)
 
 
 @triton.jit
 def _attend_kv(n0, n_end, new_pos, q, k, v, k_new, v_new, m_i, l_i, acc, scale, BLOCK_N: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     """_decode_tile on the tile's cached rows already loaded (_cached_kv)."""
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < n_end
     is_new = n == new_pos
     k = tl.where(is_new[:, None], k_new[None, :], k)
     v = tl.where(is_new[:, None], v_new[None, :], v)
-    scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
+    scores = _capped(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale, SOFTCAP)
     scores = tl.where(n_ok[None, :], scores, float("-inf"))
     return _softmax_update(scores, v, m_i, l_i, acc, DOT_PRECISION)
 
@@ -87,7 +88,7 @@ def _attend_kv(n0, n_end, new_pos, q, k, v, k_new, v_new, m_i, l_i, acc, scale, 
 def _decode_chunk(n_lo, n_hi, new_pos, q, k_new, v_new, anchor, layer_off, kv_off, block_off, blk_start, kvh,
                   scale, k_first, v_first, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                   BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, FIRST_LOADED: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, FIRST_LOADED: tl.constexpr, SOFTCAP: tl.constexpr):
     """(max, sum, unnormalised output) of keys [n_lo, n_hi), from a fresh state (max in log2 units).
     FIRST_LOADED: the first tile's cached rows are k_first / v_first (_cached_kv of n_lo, n_hi)."""
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: NaN-free
@@ -97,20 +98,20 @@ def _decode_chunk(n_lo, n_hi, new_pos, q, k_new, v_new, anchor, layer_off, kv_of
     if FIRST_LOADED:
         if n_lo < n_hi:
             m_i, l_i, acc = _attend_kv(n_lo, n_hi, new_pos, q, k_first, v_first, k_new, v_new, m_i, l_i, acc, scale,
-                                       BLOCK_N, DOT_PRECISION)
+                                       BLOCK_N, DOT_PRECISION, SOFTCAP)
         start = n_lo + BLOCK_N
     if INTERPRET:  # the interpreter cannot take tensor bounds in range()
         n0 = start
         while n0 < n_hi:
             m_i, l_i, acc = _decode_tile(n0, n_hi, new_pos, q, k_new, v_new, m_i, l_i, acc, anchor, layer_off,
                                          kv_off, block_off, blk_start, kvh, scale, HKV, D, BLOCK_D, BS, BLOCK_N,
-                                         DOT_PRECISION)
+                                         DOT_PRECISION, SOFTCAP)
             n0 += BLOCK_N
     else:
         for n0 in range(start, n_hi, BLOCK_N):
             m_i, l_i, acc = _decode_tile(n0, n_hi, new_pos, q, k_new, v_new, m_i, l_i, acc, anchor, layer_off,
                                          kv_off, block_off, blk_start, kvh, scale, HKV, D, BLOCK_D, BS, BLOCK_N,
-                                         DOT_PRECISION)
+                                         DOT_PRECISION, SOFTCAP)
     return m_i, l_i, acc
 
 
@@ -163,7 +164,7 @@ def paged_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_KEYS: tl.constexpr, BLOCK_G: tl.constexpr,
     USE_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, COMBINE_LAST: tl.constexpr, ALL_DECODE: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
-    PREFETCH_LINES: tl.constexpr = 0, PRELOAD: tl.constexpr = False,
+    PREFETCH_LINES: tl.constexpr = 0, PRELOAD: tl.constexpr = False, SOFTCAP: tl.constexpr = 0.0,
 ):
     """Program (i, kvh, j) of a (rows, HKV, SPLITS) grid: decode row i (ALL_DECODE: sequence i,
     token i; else sequence dec_seq[i], token seq_q_start[s]), the G query heads of KV head kvh,
@@ -224,7 +225,7 @@ def paged_decode_kernel(
         if n_chunks <= 1:  # the whole context (none: a padding row, zeros) straight to the output
             m_i, l_i, acc = _decode_chunk(lo, ctx, ctx - 1, q, k_new, v_new, anchor, layer_off, kv_off, block_off,
                                           blk_start, kvh, scale, k_first, v_first, HKV, D, BLOCK_D, BS, BLOCK_M,
-                                          BLOCK_N, INTERPRET, DOT_PRECISION, PRELOAD)
+                                          BLOCK_N, INTERPRET, DOT_PRECISION, PRELOAD, SOFTCAP)
             out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
             tl.store(O + o_off + r[:, None] * o_stride_h + d[None, :], out.to(O.dtype.element_ty), mask=o_mask)
         else:
@@ -232,21 +233,21 @@ def paged_decode_kernel(
             # chunk j (< n_chunks here) first: its first tile may be loaded already
             _decode_partial(j, lo, ctx, row0, q, k_new, v_new, anchor, layer_off, kv_off, block_off, blk_start, kvh,
                             scale, part_m, part_l, part_acc, r, d, row_ok, o_mask, k_first, v_first, G, HKV, D,
-                            BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET, DOT_PRECISION, PRELOAD)
+                            BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET, DOT_PRECISION, PRELOAD, SOFTCAP)
             if INTERPRET:  # the interpreter cannot take tensor bounds in range()
                 c = j + splits
                 while c < n_chunks:
                     _decode_partial(c, lo, ctx, row0, q, k_new, v_new, anchor, layer_off, kv_off, block_off,
                                     blk_start, kvh, scale, part_m, part_l, part_acc, r, d, row_ok, o_mask, ctx, ctx,
                                     G, HKV, D, BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET, DOT_PRECISION,
-                                    False)
+                                    False, SOFTCAP)
                     c += splits
             else:
                 for c in range(j + splits, n_chunks, splits):
                     _decode_partial(c, lo, ctx, row0, q, k_new, v_new, anchor, layer_off, kv_off, block_off,
                                     blk_start, kvh, scale, part_m, part_l, part_acc, r, d, row_ok, o_mask, ctx, ctx,
                                     G, HKV, D, BLOCK_D, BS, BLOCK_M, BLOCK_N, CHUNK_KEYS, INTERPRET, DOT_PRECISION,
-                                    False)
+                                    False, SOFTCAP)
             if COMBINE_LAST:
                 tl.debug_barrier()  # all threads' partial stores precede the merge / the release below
                 parts = tl.minimum(splits, n_chunks)  # programs holding chunks: j < parts
@@ -293,12 +294,13 @@ def _decode_partial(c, lo, ctx, row0, q, k_new, v_new, anchor, layer_off, kv_off
                     part_m, part_l, part_acc, r, d, row_ok, o_mask, k_first, v_first, G: tl.constexpr,
                     HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_KEYS: tl.constexpr,
-                    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, FIRST_LOADED: tl.constexpr):
+                    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, FIRST_LOADED: tl.constexpr,
+                    SOFTCAP: tl.constexpr):
     """Chunk c of a decode row into its scratch row row0 + c (FIRST_LOADED: see _decode_chunk)."""
     n_lo = lo + c * CHUNK_KEYS
     m_i, l_i, acc = _decode_chunk(n_lo, tl.minimum(n_lo + CHUNK_KEYS, ctx), ctx - 1, q, k_new, v_new, anchor,
                                   layer_off, kv_off, block_off, blk_start, kvh, scale, k_first, v_first, HKV, D,
-                                  BLOCK_D, BS, BLOCK_M, BLOCK_N, INTERPRET, DOT_PRECISION, FIRST_LOADED)
+                                  BLOCK_D, BS, BLOCK_M, BLOCK_N, INTERPRET, DOT_PRECISION, FIRST_LOADED, SOFTCAP)
     mine = (row0 + c) * G + r
     tl.store(part_m + mine, m_i, mask=row_ok)
     tl.store(part_l + mine, l_i, mask=row_ok)

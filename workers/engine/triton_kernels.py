@@ -53,10 +53,20 @@ def _softmax_update(scores, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _capped(scores, SOFTCAP: tl.constexpr):
+    """Gemma 2's logit cap, SOFTCAP * tanh(scores / SOFTCAP), in the caller's (log2) units; tanh as
+    1 - 2 / (e^2x + 1), which saturates to +-1 without NaN; 0.0: scores as they are."""
+    if SOFTCAP > 0:
+        e2x = tl.exp2(scores * (2.0 * 1.4426950408889634 / SOFTCAP))
+        scores = SOFTCAP * (1.0 - 2.0 / (e2x + 1.0))
+    return scores
+
+
+@triton.jit
 def _attend_tile(n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
                  kvh, scale, window, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
                  BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 MASKED: tl.constexpr):
+                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
     """Keys [n0, n0 + BLOCK_N) of one sequence into the running (max, sum, output) of its rows.
     ``scale`` is in log2 units (softmax scale * log2 e: exp2 below). MASKED=False: every row sees
     every key of the tile (the caller checked), so no causal/length masks are built."""
@@ -74,7 +84,7 @@ def _attend_tile(n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, 
         d_mask = (d < D)[None, :]
         k = tl.load(anchor + base[:, None] + d[None, :], mask=d_mask, other=0.0)
         v = tl.load(anchor + kv_off + base[:, None] + d[None, :], mask=d_mask, other=0.0)
-    scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
+    scores = _capped(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale, SOFTCAP)
     if MASKED:
         visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
         if USE_WINDOW:
@@ -92,6 +102,7 @@ def paged_attention_kernel(
     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_DIAGONAL: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = 0.0,
 ):
     """One program = one query block (up to BLOCK_Q tokens of one sequence) x one KV head, with the
     G query heads of that KV head stacked as rows: row r is token r // G, query head kvh * G + r % G.
@@ -140,22 +151,22 @@ def paged_attention_kernel(
         while n0 < full_hi:
             m_i, l_i, acc = _attend_tile(
                 n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
-                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION, False)
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION, False, SOFTCAP)
             n0 += BLOCK_N
         while n0 < kv_hi:
             m_i, l_i, acc = _attend_tile(
                 n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
-                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION, True)
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION, True, SOFTCAP)
             n0 += BLOCK_N
     else:  # for loops: the compiler pipelines the K/V loads
         for n0 in range(kv_lo, full_hi, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
-                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION, False)
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION, False, SOFTCAP)
         for n0 in range(full_hi, kv_hi, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
-                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION, True)
+                kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION, True, SOFTCAP)
     out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
     tl.store(O + tok[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

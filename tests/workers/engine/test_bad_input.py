@@ -72,11 +72,11 @@ def test_unknown_architecture(tmp_path, tiny_checkpoint):
 
 
 def test_known_unsupported_architecture(tmp_path):
-    from transformers import Gemma2Config
+    from transformers import GptOssConfig
 
-    Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    GptOssConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=16, vocab_size=64).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="soft-capping"):
+    with pytest.raises(UnsupportedModelError, match="attention sinks"):
         make_engine(str(tmp_path))
 
 

@@ -74,9 +74,11 @@ ONCE = pytest.mark.parametrize("scheduling", ["once"])
 
 
 @ONCE
-@pytest.mark.parametrize("hq,hkv,dim,window", [(4, 2, 16, None), (8, 2, 32, None), (4, 4, 16, 5), (6, 2, 24, None)],
-                         ids=["gqa2", "gqa4-d32", "mha-window5", "gqa3-d24"])
-def test_kernels_match_torch_reference(hq, hkv, dim, window):
+@pytest.mark.parametrize("hq,hkv,dim,window,softcap", [(4, 2, 16, None, None), (8, 2, 32, None, None),
+                                                        (4, 4, 16, 5, None), (6, 2, 24, None, None),
+                                                        (4, 2, 16, 5, 1.5)],
+                         ids=["gqa2", "gqa4-d32", "mha-window5", "gqa3-d24", "gqa2-window5-softcap"])
+def test_kernels_match_torch_reference(hq, hkv, dim, window, softcap):
     torch.manual_seed(hq * 100 + dim)
     rng = random.Random(hq + dim)
     bs, bps, layers = 4, 8, 2
@@ -110,8 +112,9 @@ def test_kernels_match_torch_reference(hq, hkv, dim, window):
         assert (fast.seg_off[:3] < 0).sum() == 2
         for layer in range(layers):
             q, k, v = torch.randn(1, hq, T, dim), torch.randn(1, hkv, T, dim), torch.randn(1, hkv, T, dim)
-            want = ref.forward(layer, q, k, v, dim ** -0.5, window)
-            got = fast.forward(layer, q, k, v, dim ** -0.5, window)
+            q = q * 2 if softcap else q  # scores past the cap: it bites
+            want = ref.forward(layer, q, k, v, dim ** -0.5, window, softcap)
+            got = fast.forward(layer, q, k, v, dim ** -0.5, window, softcap)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         for i in caches[0].segments:
             assert torch.equal(caches[0].segments[i], caches[1].segments[i]), "cache writes differ"
@@ -137,7 +140,8 @@ def test_padded_decode_rows_write_nothing(kernel):
 
 
 @shallow_stack
-@pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])  # gemma3_text: windows on some layers only
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "gemma2"])  # gemma3_text: windows on some layers
+# only; gemma2: attention logits capped (and windows)
 def test_engine_on_triton_backend_matches_generate(tiny_checkpoint, family):
     model_dir = tiny_checkpoint(family)
     prompts = PROMPTS[:3]
