@@ -43,10 +43,11 @@ def check_capped_triton() -> dict:
 
 def check_moe_bf16() -> dict:
     """Tiny Mixtral / Qwen3-MoE in bf16 (as served): eager decode without graphs, graphs of the
-    modules' forward, and the CUDA defaults (compiled decode + prefill, engine.cuda_graphs auto),
+    modules' forward, compiled decode, and the CUDA defaults (compile_* auto: uncompiled for MoE),
     each against transformers' bf16 generate by the top-5 rule of bf16-1b (where two sequences
-    diverge, each side's token is in the other's top-5). In bf16 a router's top-k flips with the
-    last bit of its logits, so exact identity is counted, not required."""
+    diverge, each side's token is in the other's top-5); the defaults must be token-identical and
+    compile_prefill: true is refused. In bf16 a router's top-k flips with the last bit of its
+    logits, so the other variants' exact identity is counted, not required."""
     from benchmarks.gpu_check import CACHE, hf_generate, make  # its module imports this one
     from workers.engine.config import EngineConfig
     from workers.engine.model_runner import UnsupportedModelError
