@@ -18,7 +18,7 @@ CASE_NAMES = ("test_engine_on_triton_backend_matches_generate", "test_padded_dec
 ASYNC_CASE_NAMES = ("test_engine_fused_decode_matches_generate",)  # run in the async mode only
 KERNEL_CASE_NAMES = ("test_kernels_match_torch_reference", "test_padded_decode_rows_write_nothing",
                      "test_gemv_matches_linear", "test_fused_projections_on_ragged_shapes_match_torch",
-                     "test_greedy_argmax_matches_torch")
+                     "test_greedy_argmax_matches_torch", "test_compiled_path_op_matches_direct_call")
 DECODE_CASE_NAMES = ("test_split_decode_matches_reference", "test_split_decode_auto_splits_bf16",
                      "test_split_decode_padded_rows", "test_split_decode_settings_are_checked",
                      "test_decode_rows_bit_identical_in_any_step",

@@ -121,6 +121,27 @@ def test_kernels_match_torch_reference(hq, hkv, dim, window, softcap):
 
 
 @ONCE
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_compiled_path_op_matches_direct_call(softcap):
+    """Under torch.compile the backend runs as the opaque op torch.ops.pdserve.paged_attention
+    (CUDA's compiled decode and prefill); its arguments reach the same kernels as a direct call."""
+    layout = KVLayout("m", 1, 2, 16, 4, "float32", 8)
+    pair = [KVCache(layout, 2), KVCache(layout, 2)]
+    for i, seg in pair[0].segments.items():
+        seg.normal_()
+        pair[1].segments[i].copy_(seg)
+    backends = [TritonPagedAttention(c, 4, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64) for c in pair]
+    seqs = [SeqSlice(0, 5, 9, (0, 1, 2)), SeqSlice(5, 1, 7, (3, 4))]
+    for b in backends:
+        b.prepare(seqs, [1] * 6, [4, 5, 6, 7, 8, 6], [4, 5])
+    q, k, v = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
+    direct = backends[0]._forward(0, q, k, v, 0.25, 3, softcap)
+    op = torch.ops.pdserve.paged_attention(q, k, v, backends[1].backend_id, 0, 0.25, 3, float(softcap or 0.0))
+    assert torch.equal(direct, op)
+    assert all(torch.equal(pair[0].segments[i], pair[1].segments[i]) for i in pair[0].segments)
+
+
+@ONCE
 @pytest.mark.parametrize("kernel", ["general", "split"])
 def test_padded_decode_rows_write_nothing(kernel):
     layout = KVLayout("m", 1, 2, 16, 4, "float32", 8)
