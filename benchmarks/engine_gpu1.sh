@@ -272,7 +272,7 @@ case $part in
   capped)
     # (next session) Gemma 2's attention logit cap: on the torch backend as served on CUDA now, then
     # through the Triton kernels (refused by the engine until this passes; twenty-first session:
-    # its first run differed from generate, unexplained)
+    # its first run differed from a generate that dropped the cap: transformers 5.17 picks SDPA)
     step capped_torch 150 python3 benchmarks/gpu_check.py --only more-families --families gemma2
     step capped_triton $((560 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only capped-triton
     ;;

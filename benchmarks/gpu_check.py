@@ -95,7 +95,11 @@ def hf_generate(model_dir, prompt, n, dtype="float32", with_scores=False):
 
     key = (model_dir, dtype)
     if key not in _HF:
-        _HF[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).cuda().eval()
+        # a capped model's reference is transformers' eager attention: transformers 5.17 (the device
+        # image's) picks SDPA for Gemma 2, which drops the cap (twenty-first session: every prompt
+        # differed from the capped engine; 5.17 eager == 5.24 == the engine on the CPU)
+        kw = {"attn_implementation": "eager"} if _capped(model_dir) else {}
+        _HF[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), **kw).cuda().eval()
     with torch.inference_mode():
         out = _HF[key].generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n, do_sample=False,
                                 eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)

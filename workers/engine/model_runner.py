@@ -142,8 +142,9 @@ class ModelRunner:
         if (cap and self.device.type == "cuda" and engine_config.attention_backend != "torch"
                 and os.environ.get("PDSERVE_CHECK_CAPPED_TRITON") != "1"):  # set by gpu_check capped-triton only
             # the Triton kernels cap scores as the torch reference does under the interpreter
-            # (tests), but their first run on a GPU (an H200, gpu_check more-families) differed from
-            # transformers' generate, unexplained: not served through them until a GPU check passes
+            # (tests); their one GPU run was checked against a reference without the cap
+            # (transformers 5.17 loads Gemma 2 with SDPA): not served through them until
+            # benchmarks/gpu_check.py --only capped-triton passes on a GPU
             raise UnsupportedModelError(
                 f"{model_cls_name} caps its attention logits (attn_logit_softcapping={cap}), which pdserve's "
                 f"Triton attention does not do on CUDA yet; set engine.attention_backend: torch (the reference "

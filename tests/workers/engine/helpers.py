@@ -80,9 +80,13 @@ def collect(engine, requests: dict[str, tuple[list[int], SamplingParams]], with_
 
 @functools.lru_cache(maxsize=None)
 def hf_model(model_dir: str, dtype: str = "float32"):
-    from transformers import AutoModelForCausalLM
+    """transformers' model as the reference; a model that caps its attention logits (Gemma 2) with
+    eager attention, the exact one: transformers 5.17 picks SDPA for Gemma 2, which drops the cap."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    capped = getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "attn_logit_softcapping", None)
+    kw = {"attn_implementation": "eager"} if capped else {}
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), **kw).eval()
 
 
 def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int, dtype: str = "float32") -> list[int]:
