@@ -5,7 +5,6 @@ kernels (capped-triton). CUDA only."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from tests.tiny_models import build_tiny_checkpoint
 from tests.workers.engine.helpers import GREEDY, PROMPTS, run_all
@@ -13,9 +12,11 @@ from tests.workers.engine.helpers import GREEDY, PROMPTS, run_all
 
 def _capped(model_dir: str) -> bool:
     """The checkpoint caps its attention logits (Gemma 2)."""
-    import json
+    from transformers import AutoConfig
 
-    return bool(json.loads((Path(model_dir) / "config.json").read_text()).get("attn_logit_softcapping"))
+    from workers.engine.model_runner import attention_logit_cap
+
+    return attention_logit_cap(AutoConfig.from_pretrained(model_dir)) is not None
 
 
 def check_capped_triton() -> dict:

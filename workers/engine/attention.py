@@ -257,10 +257,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         raise RuntimeError(f"{PAGED_ATTN} attention called without a pdserve backend (use ModelRunner)")
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks are not supported by pdserve's paged attention")
-    window = kwargs.get("sliding_window")
-    softcap = kwargs.get("softcap")
-    out = backend.forward(module.layer_idx, query, key, value, scaling or module.scaling, window,
-                          **({"softcap": softcap} if softcap is not None else {}))
+    out = backend.forward(module.layer_idx, query, key, value, scaling or module.scaling,
+                          kwargs.get("sliding_window"), kwargs.get("softcap"))
     return out, None
 
 

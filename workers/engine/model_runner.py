@@ -59,6 +59,11 @@ class UnsupportedModelError(ValueError):
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
+def attention_logit_cap(config) -> float | None:
+    """Gemma 2's cap on attention scores (cap * tanh(s / cap)), None for models without one."""
+    return getattr(config.get_text_config(), "attn_logit_softcapping", None) or None
+
+
 def mixture_of_experts(text_config) -> bool:
     return any(isinstance(getattr(text_config, f, None), int) and getattr(text_config, f) > 1
                for f in EXPERT_COUNT_FIELDS)
@@ -138,7 +143,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.hf_config = load_hf_config(model_path)
         model_cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.hf_config.model_type]
-        cap = getattr(self.hf_config.get_text_config(), "attn_logit_softcapping", None)
+        cap = attention_logit_cap(self.hf_config)
         if (cap and self.device.type == "cuda" and engine_config.attention_backend != "torch"
                 and os.environ.get("PDSERVE_CHECK_CAPPED_TRITON") != "1"):  # set by gpu_check capped-triton only
             # the Triton kernels cap scores as the torch reference does under the interpreter
@@ -186,16 +191,16 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.gemv_choices: list[dict] = []  # gemv.choose()'s table, when it ran
         self._general = self._forward
-        self.moe = mixture_of_experts(text_config)
+        moe = mixture_of_experts(text_config)
         on_cuda = self.device.type == "cuda"
-        self.compile_decode = on_cuda and resolve_compile(engine_config.compile_decode, "compile_decode", self.moe,
+        self.compile_decode = on_cuda and resolve_compile(engine_config.compile_decode, "compile_decode", moe,
                                                           model_cls_name, on_moe_error=False)
         # compile_prefill auto with the torch attention backend: off (compiled steps are built around
         # the Triton backend's fixed-shape metadata; the torch reference builds masks in Python)
         prefill = engine_config.compile_prefill
         if prefill == "auto" and engine_config.attention_backend == "torch":
             prefill = False
-        self.compiled_general = on_cuda and resolve_compile(prefill, "compile_prefill", self.moe, model_cls_name,
+        self.compiled_general = on_cuda and resolve_compile(prefill, "compile_prefill", moe, model_cls_name,
                                                             on_moe_error=True)
         if self.compiled_general:
             self._general = torch.compile(self._forward, dynamic=True)

@@ -84,8 +84,9 @@ def hf_model(model_dir: str, dtype: str = "float32"):
     eager attention, the exact one: transformers 5.17 picks SDPA for Gemma 2, which drops the cap."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    capped = getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "attn_logit_softcapping", None)
-    kw = {"attn_implementation": "eager"} if capped else {}
+    from workers.engine.model_runner import attention_logit_cap
+
+    kw = {"attn_implementation": "eager"} if attention_logit_cap(AutoConfig.from_pretrained(model_dir)) else {}
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), **kw).eval()
 
 
