@@ -60,10 +60,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# run as a script this module is __main__: the check modules' "from benchmarks.gpu_check import ..."
+# must get this one (its ENGINE_EXTRA as main() sets it, one _HF cache), not a second copy
+sys.modules.setdefault("benchmarks.gpu_check", sys.modules[__name__])
 
 from benchmarks.gpu_check_argmax import check_argmax  # noqa: E402
 from benchmarks.gpu_check_bf16 import check_bf16_1b  # noqa: E402
-from benchmarks.gpu_check_families import _capped, check_capped_triton, check_moe_bf16  # noqa: E402
+from benchmarks.gpu_check_families import _capped, check_capped_triton, check_fp32_exact, check_moe_bf16  # noqa: E402
 from benchmarks.gpu_check_prompt_logprobs import check_prompt_logprobs, check_prompt_logprobs_1b  # noqa: E402
 from kv_transfer.layout import KVLayout  # noqa: E402
 from tests.tiny_models import FAMILIES, MORE_FAMILIES, build_tiny_checkpoint  # noqa: E402
@@ -154,50 +157,6 @@ def check_kernels() -> dict:
     from benchmarks.split_decode_check import check_split_decode
 
     return {"max_rel_err": round(worst, 5), "argmax_cases": check_argmax(), **check_split_decode()}
-
-
-def check_fp32_exact(families=FAMILIES, compiled: bool = False, triton_capped: bool = False) -> dict:
-    """compiled: also a run with the decode and prefill steps compiled (the CUDA defaults; each
-    compiles). Reports which families decode through CUDA graphs (engine.cuda_graphs auto turns
-    them off where the model's forward cannot be captured; then true must be an error)."""
-    from workers.engine.model_runner import UnsupportedModelError
-
-    mismatches, graphs_on = [], {}
-    for family in families:
-        d = str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
-        ref = {f"r{i}": hf_generate(d, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
-        cases = [("whole", {}), ("chunked-5", dict(max_num_batched_tokens=5, max_num_seqs=5)),
-                 ("preempt", dict(num_kv_blocks=12, blocks_per_segment=4, max_num_seqs=5))]
-        # a model that caps its attention logits is served on CUDA through the torch attention backend
-        # only (model_runner.py; no graphs, nothing compiled); check_capped_triton runs the Triton kernels
-        backend = {} if triton_capped or not _capped(d) else {"attention_backend": "torch"}
-        if compiled and not backend:
-            cases.append(("compiled", dict(compile_decode=True, compile_prefill=True)))
-        for label, kw in cases:
-            e = make(d, **backend, **kw)
-            graphs_on.setdefault(family, e.runner.graphs is not None)
-            if label == "whole" and not graphs_on[family] and not backend:
-                try:
-                    make(d, cuda_graphs=True)
-                    mismatches.append(f"{family}: graphs off under auto, but cuda_graphs true did not fail")
-                except UnsupportedModelError as err:
-                    print(f"fp32-exact {family}: cuda_graphs true refused: {str(err)[:300]}", file=sys.stderr)
-            got = run_all(e, PROMPTS)
-            if got != ref:
-                mismatches.append(f"{family}/{label}")
-            if label == "preempt" and e.stats().num_preemptions == 0:
-                mismatches.append(f"{family}/preempt: no preemption happened")
-            print(f"fp32-exact {family}/{label}: {'same' if got == ref else 'DIFFERS'}", file=sys.stderr, flush=True)
-        e = make(d)
-        shared = list(range(40, 70))
-        run_all(e, [shared + [1, 2]], prefix="a")
-        second = run_all(e, [shared + [3, 4, 5]], prefix="b")["b0"]
-        if e.stats().prompt_tokens_hit < 28 or second != hf_generate(d, shared + [3, 4, 5], GREEDY.max_tokens):
-            mismatches.append(f"{family}/prefix-hit")
-    if mismatches:
-        raise AssertionError(f"not token-identical to generate: {mismatches}")
-    return {"families": list(families), "cases": 5 if compiled else 4,
-            "without_graphs": [f for f, on in graphs_on.items() if not on]}
 
 
 def check_graphs() -> dict:

@@ -14,6 +14,28 @@ from workers.engine.engine import Engine
 from workers.protocol import SamplingParams
 
 
+def greedy_with_top5(e: Engine, prompts: list[list[int]], sp: SamplingParams) -> dict[str, tuple[list, list]]:
+    """Request "q<i>" per prompt, run to the end: its (tokens, each step's top-5 token ids)."""
+    got = {}
+    for i, p in enumerate(prompts):
+        e.add_request(f"q{i}", p, sp)
+        got[f"q{i}"] = ([], [])
+    while e.has_work():
+        for delta in e.step().deltas:
+            got[delta.request_id][0].extend(delta.token_ids)
+            got[delta.request_id][1].extend([[t for t, _ in step] for step in delta.top_logprobs])
+    return got
+
+
+def outside_top5(ours: list[int], our_top: list, theirs: list[int], their_top: list) -> int | None:
+    """vLLM's closeness rule: at the first position where the sequences differ, each side's token is
+    in the other's top-5. That position when it is not (None: identical or close)."""
+    for j, (x, y) in enumerate(zip(ours, theirs)):
+        if x != y:
+            return j if x not in their_top[j][:5] or y not in our_top[j][:5] else None
+    return None
+
+
 def check_bf16_1b(fuse: bool = False, use_gemv: bool = False) -> dict:
     """The bf16-1b checks (benchmarks/gpu_check.py's list)."""
     from benchmarks.gpu_check import CACHE, ENGINE_EXTRA, hf_generate  # its module imports this one
@@ -26,14 +48,7 @@ def check_bf16_1b(fuse: bool = False, use_gemv: bool = False) -> dict:
     g = torch.Generator().manual_seed(5)
     prompts = torch.randint(10, 128000, (4, 60), generator=g).tolist()
     sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, top_logprobs=5)
-    got = {}
-    for i, p in enumerate(prompts):
-        e.add_request(f"q{i}", p, sp)
-        got[f"q{i}"] = ([], [])
-    while e.has_work():
-        for delta in e.step().deltas:
-            got[delta.request_id][0].extend(delta.token_ids)
-            got[delta.request_id][1].extend([[t for t, _ in step] for step in delta.top_logprobs])
+    got = greedy_with_top5(e, prompts, sp)
     async_checks = check_bf16_async(e, prompts)
     exact = 0
     del e
@@ -41,11 +56,9 @@ def check_bf16_1b(fuse: bool = False, use_gemv: bool = False) -> dict:
     for i, p in enumerate(prompts):
         (ours, our_top), (theirs, their_top) = got[f"q{i}"], hf_generate(d, p, 24, "bfloat16", with_scores=True)
         exact += ours == theirs
-        for j, (x, y) in enumerate(zip(ours, theirs)):
-            if x != y:
-                if x not in their_top[j][:5] or y not in our_top[j][:5]:
-                    raise AssertionError(f"prompt {i} diverged at {j}: {x} vs {y}, outside each other's top-5")
-                break
+        j = outside_top5(ours, our_top, theirs, their_top)
+        if j is not None:
+            raise AssertionError(f"prompt {i} diverged at {j}: {ours[j]} vs {theirs[j]}, outside each other's top-5")
     return {"prompts": len(prompts), "identical": exact, **async_checks}
 
 

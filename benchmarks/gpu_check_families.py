@@ -1,12 +1,13 @@
-"""gpu_check.py's checks of model families beyond the engine's first four (its module imports this
-one): mixture-of-experts in bf16 (moe-bf16) and Gemma 2's attention logit cap through the Triton
-kernels (capped-triton). CUDA only."""
+"""gpu_check.py's checks of model families (its module imports this one): each family token-identical
+to transformers' generate in fp32 (fp32-exact, more-families), mixture-of-experts in bf16 (moe-bf16)
+and Gemma 2's attention logit cap through the Triton kernels (capped-triton). CUDA only."""
 
 from __future__ import annotations
 
 import sys
 
-from tests.tiny_models import build_tiny_checkpoint
+from benchmarks.gpu_check_bf16 import greedy_with_top5, outside_top5
+from tests.tiny_models import FAMILIES, build_tiny_checkpoint
 from tests.workers.engine.helpers import GREEDY, PROMPTS, run_all
 
 
@@ -17,6 +18,51 @@ def _capped(model_dir: str) -> bool:
     from workers.engine.model_runner import attention_logit_cap
 
     return attention_logit_cap(AutoConfig.from_pretrained(model_dir)) is not None
+
+
+def check_fp32_exact(families=FAMILIES, compiled: bool = False, triton_capped: bool = False) -> dict:
+    """compiled: also a run with the decode and prefill steps compiled (the CUDA defaults; each
+    compiles). Reports which families decode through CUDA graphs (engine.cuda_graphs auto turns
+    them off where the model's forward cannot be captured; then true must be an error)."""
+    from benchmarks.gpu_check import CACHE, hf_generate, make  # its module imports this one
+    from workers.engine.model_runner import UnsupportedModelError
+
+    mismatches, graphs_on = [], {}
+    for family in families:
+        d = str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
+        ref = {f"r{i}": hf_generate(d, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
+        cases = [("whole", {}), ("chunked-5", dict(max_num_batched_tokens=5, max_num_seqs=5)),
+                 ("preempt", dict(num_kv_blocks=12, blocks_per_segment=4, max_num_seqs=5))]
+        # a model that caps its attention logits is served on CUDA through the torch attention backend
+        # only (model_runner.py; no graphs, nothing compiled); check_capped_triton runs the Triton kernels
+        backend = {} if triton_capped or not _capped(d) else {"attention_backend": "torch"}
+        if compiled and not backend:
+            cases.append(("compiled", dict(compile_decode=True, compile_prefill=True)))
+        for label, kw in cases:
+            e = make(d, **backend, **kw)
+            graphs_on.setdefault(family, e.runner.graphs is not None)
+            if label == "whole" and not graphs_on[family] and not backend:
+                try:
+                    make(d, cuda_graphs=True)
+                    mismatches.append(f"{family}: graphs off under auto, but cuda_graphs true did not fail")
+                except UnsupportedModelError as err:
+                    print(f"fp32-exact {family}: cuda_graphs true refused: {str(err)[:300]}", file=sys.stderr)
+            got = run_all(e, PROMPTS)
+            if got != ref:
+                mismatches.append(f"{family}/{label}")
+            if label == "preempt" and e.stats().num_preemptions == 0:
+                mismatches.append(f"{family}/preempt: no preemption happened")
+            print(f"fp32-exact {family}/{label}: {'same' if got == ref else 'DIFFERS'}", file=sys.stderr, flush=True)
+        e = make(d)
+        shared = list(range(40, 70))
+        run_all(e, [shared + [1, 2]], prefix="a")
+        second = run_all(e, [shared + [3, 4, 5]], prefix="b")["b0"]
+        if e.stats().prompt_tokens_hit < 28 or second != hf_generate(d, shared + [3, 4, 5], GREEDY.max_tokens):
+            mismatches.append(f"{family}/prefix-hit")
+    if mismatches:
+        raise AssertionError(f"not token-identical to generate: {mismatches}")
+    return {"families": list(families), "cases": 5 if compiled else 4,
+            "without_graphs": [f for f, on in graphs_on.items() if not on]}
 
 
 def check_capped_triton() -> dict:
@@ -72,22 +118,14 @@ def check_moe_bf16() -> dict:
                                  if k in ("cuda_graphs", "compile_decode", "compile_prefill")}}
         for name, kw in variants.items():
             e = make(d, dtype="bfloat16", **kw)
-            got = {f"q{i}": ([], []) for i in range(len(prompts))}
-            for i, p in enumerate(prompts):
-                e.add_request(f"q{i}", p, sp)
-            while e.has_work():
-                for delta in e.step().deltas:
-                    got[delta.request_id][0].extend(delta.token_ids)
-                    got[delta.request_id][1].extend([[t for t, _ in step] for step in delta.top_logprobs])
+            got = greedy_with_top5(e, prompts, sp)
             exact, outside = 0, []
             for i, (ref, ref_top) in enumerate(refs):
                 ours, our_top = got[f"q{i}"]
                 exact += ours == ref
-                for j, (x, y) in enumerate(zip(ours, ref)):
-                    if x != y:
-                        if x not in ref_top[j][:5] or y not in our_top[j][:5]:
-                            outside.append(f"q{i}@{j}")
-                        break
+                j = outside_top5(ours, our_top, ref, ref_top)
+                if j is not None:
+                    outside.append(f"q{i}@{j}")
             out[f"{family}/{name}"] = {"graphs": e.runner.graphs is not None, "compiled": e.runner.compile_decode,
                                        "compiled_prefill": e.runner.compiled_general, "identical": exact,
                                        "prompts": len(prompts), "outside_top5": outside}
