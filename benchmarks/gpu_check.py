@@ -15,9 +15,8 @@ Checks:
   more-families  fp32-exact on the further families of tests/tiny_models.py (phi3, gemma,
                gemma3_text, granite, olmo2, mixtral, qwen3_moe, phi, gpt2, smollm3, gemma2), and once
                more each with the decode graphs compiled
-  capped-triton  Gemma 2 (attention logit cap) through the Triton kernels, fp32-exact's cases (the
-               engine refuses that path on CUDA until this passes; more-families runs Gemma 2 on
-               the torch attention backend, as it is served on CUDA now)
+  capped-triton  Gemma 2 (attention logit cap): the Triton and torch attention backends
+               token-identical on CUDA, then fp32-exact's cases (compiled too) through Triton
   moe-bf16     tiny Mixtral / Qwen3-MoE in bf16: eager, graphs, compiled decode, the CUDA defaults,
                each vs bf16 generate by the top-5 rule (the defaults: identical); compile_prefill
                true refused

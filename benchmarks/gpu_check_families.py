@@ -20,7 +20,7 @@ def _capped(model_dir: str) -> bool:
     return attention_logit_cap(AutoConfig.from_pretrained(model_dir)) is not None
 
 
-def check_fp32_exact(families=FAMILIES, compiled: bool = False, triton_capped: bool = False) -> dict:
+def check_fp32_exact(families=FAMILIES, compiled: bool = False) -> dict:
     """compiled: also a run with the decode and prefill steps compiled (the CUDA defaults; each
     compiles). Reports which families decode through CUDA graphs (engine.cuda_graphs auto turns
     them off where the model's forward cannot be captured; then true must be an error)."""
@@ -33,15 +33,12 @@ def check_fp32_exact(families=FAMILIES, compiled: bool = False, triton_capped: b
         ref = {f"r{i}": hf_generate(d, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
         cases = [("whole", {}), ("chunked-5", dict(max_num_batched_tokens=5, max_num_seqs=5)),
                  ("preempt", dict(num_kv_blocks=12, blocks_per_segment=4, max_num_seqs=5))]
-        # a model that caps its attention logits is served on CUDA through the torch attention backend
-        # only (model_runner.py; no graphs, nothing compiled); check_capped_triton runs the Triton kernels
-        backend = {} if triton_capped or not _capped(d) else {"attention_backend": "torch"}
-        if compiled and not backend:
+        if compiled:
             cases.append(("compiled", dict(compile_decode=True, compile_prefill=True)))
         for label, kw in cases:
-            e = make(d, **backend, **kw)
+            e = make(d, **kw)
             graphs_on.setdefault(family, e.runner.graphs is not None)
-            if label == "whole" and not graphs_on[family] and not backend:
+            if label == "whole" and not graphs_on[family]:
                 try:
                     make(d, cuda_graphs=True)
                     mismatches.append(f"{family}: graphs off under auto, but cuda_graphs true did not fail")
@@ -66,26 +63,20 @@ def check_fp32_exact(families=FAMILIES, compiled: bool = False, triton_capped: b
 
 
 def check_capped_triton() -> dict:
-    """Gemma 2 (attention logits capped) through the Triton kernels on CUDA, which model_runner.py
-    refuses until this passes: fp32-exact's cases, token-identical to generate."""
-    import os
-
+    """Gemma 2 (attention logits capped) through the Triton kernels on CUDA: the Triton and torch
+    attention backends token-identical to each other, then fp32-exact's cases (compiled too) to
+    generate with eager attention (which keeps the cap; SDPA drops it)."""
     from benchmarks.gpu_check import CACHE, check_fp32_exact, make  # its module imports this one
 
-    os.environ["PDSERVE_CHECK_CAPPED_TRITON"] = "1"
-    try:
-        # first the two attention backends against each other (whatever transformers' generate does)
-        d = str(build_tiny_checkpoint("gemma2", CACHE / "tiny-gemma2"))
-        prompts = PROMPTS + [list(range(200, 260)), [3] * 41]
-        triton_out = run_all(make(d), prompts)
-        torch_out = run_all(make(d, attention_backend="torch"), prompts)
-        differ = [k for k in torch_out if triton_out[k] != torch_out[k]]
-        print(f"capped-triton: triton vs torch backend on CUDA differ in {differ}", file=sys.stderr, flush=True)
-        if differ:
-            raise AssertionError(f"Triton and torch attention backends differ on CUDA for {differ}")
-        return {"backends_identical": len(prompts), **check_fp32_exact(["gemma2"], compiled=True, triton_capped=True)}
-    finally:
-        del os.environ["PDSERVE_CHECK_CAPPED_TRITON"]
+    d = str(build_tiny_checkpoint("gemma2", CACHE / "tiny-gemma2"))
+    prompts = PROMPTS + [list(range(200, 260)), [3] * 41]
+    triton_out = run_all(make(d), prompts)
+    torch_out = run_all(make(d, attention_backend="torch"), prompts)
+    differ = [k for k in torch_out if triton_out[k] != torch_out[k]]
+    print(f"capped-triton: triton vs torch backend on CUDA differ in {differ}", file=sys.stderr, flush=True)
+    if differ:
+        raise AssertionError(f"Triton and torch attention backends differ on CUDA for {differ}")
+    return {"backends_identical": len(prompts), **check_fp32_exact(["gemma2"], compiled=True)}
 
 
 def check_moe_bf16() -> dict:

@@ -143,17 +143,6 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.hf_config = load_hf_config(model_path)
         model_cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.hf_config.model_type]
-        cap = attention_logit_cap(self.hf_config)
-        if (cap and self.device.type == "cuda" and engine_config.attention_backend != "torch"
-                and os.environ.get("PDSERVE_CHECK_CAPPED_TRITON") != "1"):  # set by gpu_check capped-triton only
-            # the Triton kernels cap scores as the torch reference does under the interpreter
-            # (tests); their one GPU run was checked against a reference without the cap
-            # (transformers 5.17 loads Gemma 2 with SDPA): not served through them until
-            # benchmarks/gpu_check.py --only capped-triton passes on a GPU
-            raise UnsupportedModelError(
-                f"{model_cls_name} caps its attention logits (attn_logit_softcapping={cap}), which pdserve's "
-                f"Triton attention does not do on CUDA yet; set engine.attention_backend: torch (the reference "
-                f"attention, without CUDA graphs) or model.device: cpu")
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=self.dtype, attn_implementation=PAGED_ATTN
         ).to(self.device).eval()

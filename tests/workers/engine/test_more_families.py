@@ -70,21 +70,3 @@ def test_compile_settings_for_mixture_of_experts(tiny_checkpoint):
     assert resolve_compile(True, "compile_decode", True, "MixtralForCausalLM", on_moe_error=False) is True
     with pytest.raises(UnsupportedModelError, match="engine.compile_prefill: auto or false"):
         resolve_compile(True, "compile_prefill", True, "MixtralForCausalLM", on_moe_error=True)
-
-
-def test_capped_attention_is_refused_on_cuda_through_triton(tiny_checkpoint, monkeypatch):
-    """Gemma 2's attention logit cap runs on the CPU (above) and through the Triton kernels under
-    the interpreter (triton_interpret_cases.py), but not on CUDA through Triton until a GPU check
-    passes (its first one differed from generate): refused before any weight is loaded, with the
-    settings that work. The device is stood in for (this box has no GPU)."""
-    import torch
-
-    from workers.engine import model_runner
-    from workers.engine.config import EngineConfig, ModelConfig
-
-    monkeypatch.setattr(model_runner, "resolve_device", lambda name: torch.device("cuda"))
-    with pytest.raises(UnsupportedModelError, match="attention_backend: torch .* or model.device: cpu"):
-        model_runner.ModelRunner(ModelConfig(device="cuda"), EngineConfig(), tiny_checkpoint("gemma2"))
-    with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping"):
-        model_runner.ModelRunner(ModelConfig(device="cuda"), EngineConfig(attention_backend="triton"),
-                                 tiny_checkpoint("gemma2"))
