@@ -17,9 +17,9 @@ Checks:
                more each with the decode graphs compiled
   capped-triton  Gemma 2 (attention logit cap): the Triton and torch attention backends
                token-identical on CUDA, then fp32-exact's cases (compiled too) through Triton
-  moe-bf16     tiny Mixtral / Qwen3-MoE in bf16: eager, graphs, compiled decode, the CUDA defaults,
-               each vs bf16 generate by the top-5 rule (the defaults: identical); compile_prefill
-               true refused
+  moe-bf16     tiny Mixtral / Qwen3-MoE in bf16: eager, graphs, compiled decode, compiled prefill,
+               the CUDA defaults, each as near the fp32 model's greedy tokens as transformers'
+               bf16 generate (24 prompts, 2 of slack)
   graphs       decode through CUDA graphs == the same engine without graphs, token for token; each
                graph's own argmax == torch.argmax of its logits
   split        prefill on engine A, copy the blocks to engine B, decode on B == colocated

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.gpu_check_bf16 import greedy_with_top5, outside_top5
+import torch
+
 from tests.tiny_models import FAMILIES, build_tiny_checkpoint
 from tests.workers.engine.helpers import GREEDY, PROMPTS, run_all
+from workers.protocol import SamplingParams
 
 
 def _capped(model_dir: str) -> bool:
@@ -80,50 +82,48 @@ def check_capped_triton() -> dict:
 
 
 def check_moe_bf16() -> dict:
-    """Tiny Mixtral / Qwen3-MoE in bf16 (as served): eager decode without graphs, graphs of the
-    modules' forward, compiled decode, and the CUDA defaults (compile_* auto: uncompiled for MoE),
-    each against transformers' bf16 generate by the top-5 rule of bf16-1b (where two sequences
-    diverge, each side's token is in the other's top-5); the defaults must be token-identical and
-    compile_prefill: true is refused. In bf16 a router's top-k flips with the last bit of its
-    logits, so the other variants' exact identity is counted, not required."""
+    """Tiny Mixtral / Qwen3-MoE in bf16 (as served), each engine variant (eager decode without
+    graphs, the modules' graphs, compiled decode, compiled prefill, the CUDA defaults) against the
+    fp32 model: transformers' fp32 greedy tokens, 24 random prompts, 6 tokens each. In these tiny
+    random models bf16 rounding flips a router's top-k (a near tie between experts) whichever side
+    rounds, so bf16 is not held to bf16 generate token for token: a variant must match the fp32
+    model as often as transformers' own bf16 generate does, less 2 prompts (first tokens and whole
+    sequences). Twenty-second session (benchmarks/moe_compile_probe.py): transformers' compiled
+    bf16 forward is as near fp32 as its eager one, while the two differ from each other."""
     from benchmarks.gpu_check import CACHE, hf_generate, make  # its module imports this one
     from workers.engine.config import EngineConfig
-    from workers.engine.model_runner import UnsupportedModelError
-    from workers.protocol import SamplingParams
 
-    sp = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0, ignore_eos=True, top_logprobs=5)
-    prompts = PROMPTS + [list(range(200, 260)), [3] * 41, list(range(70, 75))]
-    out = {}
+    n = 6
+    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 380, (int(torch.randint(5, 90, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(24)]
+    defaults = {k: v for k, v in EngineConfig().model_dump().items()
+                if k in ("cuda_graphs", "compile_decode", "compile_prefill")}
+    variants = {"eager": dict(cuda_graphs=False), "graphs": dict(compile_decode=False),
+                "compile_decode": dict(compile_decode=True), "compile_prefill": dict(compile_prefill=True),
+                "defaults": defaults}
+    out, bad = {}, []
     for family in ("mixtral", "qwen3_moe"):
         d = str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
-        refs = [hf_generate(d, p, sp.max_tokens, "bfloat16", with_scores=True) for p in prompts]
-        # compile_prefill: true gave wrong first tokens here (twenty-first session); it is refused now
-        try:
-            make(d, dtype="bfloat16", compile_prefill=True)
-            raise AssertionError(f"{family}: compile_prefill true on a mixture-of-experts model was not refused")
-        except UnsupportedModelError:
-            pass
-        variants = {"eager": dict(cuda_graphs=False), "graphs": dict(compile_decode=False),
-                    "compile_decode": dict(compile_decode=True, compile_prefill=False),
-                    "defaults": {k: v for k, v in EngineConfig().model_dump().items()
-                                 if k in ("cuda_graphs", "compile_decode", "compile_prefill")}}
+        ref = [hf_generate(d, p, n, "float32") for p in prompts]
+
+        def score(seqs: list[list[int]]) -> dict:
+            return {"first": sum(s[0] == r[0] for s, r in zip(seqs, ref)), "whole": sum(s == r for s, r in zip(seqs, ref))}
+
+        base = score([hf_generate(d, p, n, "bfloat16") for p in prompts])
+        out[f"{family}/hf-bf16"] = base
         for name, kw in variants.items():
             e = make(d, dtype="bfloat16", **kw)
-            got = greedy_with_top5(e, prompts, sp)
-            exact, outside = 0, []
-            for i, (ref, ref_top) in enumerate(refs):
-                ours, our_top = got[f"q{i}"]
-                exact += ours == ref
-                j = outside_top5(ours, our_top, ref, ref_top)
-                if j is not None:
-                    outside.append(f"q{i}@{j}")
-            out[f"{family}/{name}"] = {"graphs": e.runner.graphs is not None, "compiled": e.runner.compile_decode,
-                                       "compiled_prefill": e.runner.compiled_general, "identical": exact,
-                                       "prompts": len(prompts), "outside_top5": outside}
-            print(f"moe-bf16 {family}/{name}: {out[f'{family}/{name}']}", file=sys.stderr, flush=True)
+            got = run_all(e, prompts, sp, prefix="q")
+            s = {**score([got[f"q{i}"] for i in range(len(prompts))]), "graphs": e.runner.graphs is not None,
+                 "compiled_decode": e.runner.compile_decode, "compiled_prefill": e.runner.compiled_general}
+            out[f"{family}/{name}"] = s
+            print(f"moe-bf16 {family}/{name}: {s} (transformers bf16: {base}, of {len(prompts)})",
+                  file=sys.stderr, flush=True)
+            if s["first"] < base["first"] - 2 or s["whole"] < base["whole"] - 2:
+                bad.append(f"{family}/{name}")
             del e
-    bad = {k: v for k, v in out.items() if v["outside_top5"]
-           or (k.endswith("/defaults") and (v["compiled_prefill"] or v["identical"] < v["prompts"]))}
     if bad:
-        raise AssertionError(f"outside the top-5 rule: {bad}; all: {out}")
-    return out
+        raise AssertionError(f"further from the fp32 model than transformers' bf16 generate: {bad}; all: {out}")
+    return {"prompts": 24, **out}

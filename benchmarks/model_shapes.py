@@ -23,6 +23,12 @@ SHAPES = {
     "cpu-small-shape": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
                             head_dim=64, intermediate_size=1024, vocab_size=384, tie_word_embeddings=False,
                             max_position_embeddings=2048),
+    # a mid-size mixture of experts (Mixtral's layout, 8 experts, 2 a token; ~2.4B parameters, 0.7B
+    # active): compiled vs uncompiled MoE steps (benchmarks/moe_compile_probe.py)
+    "moe-shape": dict(model_type="mixtral", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=64, intermediate_size=2816, num_local_experts=8,
+                      num_experts_per_tok=2, vocab_size=32000, tie_word_embeddings=False,
+                      max_position_embeddings=4096, sliding_window=None),
 }
 
 
@@ -45,10 +51,11 @@ def checkpoint(name: str, cache: Path) -> str:
 def _build_random(shape: dict, out: Path) -> None:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    shape = dict(shape)
+    cfg = AutoConfig.for_model(shape.pop("model_type", "llama"), **shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 1B random inits are slow on a CPU
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)

@@ -34,9 +34,7 @@ class EngineConfig(BaseModel):
                             "is an error")
     compile_decode: bool | Literal["auto"] = Field(
         "auto", description="torch.compile the decode step before capturing its CUDA graphs: fuses norms, RoPE and "
-                            "activations (CUDA only). 'auto' = on, except for mixture-of-experts models (compiled, "
-                            "their bf16 decode matched transformers' generate less often than uncompiled graphs, "
-                            "which matched it exactly: benchmarks/gpu_check.py --only moe-bf16); true compiles them too")
+                            "activations (CUDA only). 'auto' = on")
     compile_prefill: bool | Literal["auto"] = Field(
         "auto", description="torch.compile the steps that are not decode-graph replays (prefill chunks, "
                             "mixed steps) with a symbolic token count: fuses norms, RoPE and activations "
@@ -45,9 +43,7 @@ class EngineConfig(BaseModel):
                             "so sizes 0/1 never recompile: benchmarks/gpu_check.py --only compiled-prefill checks "
                             "tokens and that nothing compiles after the warm-up. H100, Llama-1B shape: a worker's "
                             "2048-token prefill step 17.0 -> 12.8 ms, TTFT p50 36.8 -> 32.5 ms (latency floor). "
-                            "'auto' = on, except for mixture-of-experts models (whose compiled prefill gave wrong "
-                            "first tokens on an H200, gpu_check moe-bf16; true on such a model is an error) and "
-                            "with attention_backend torch")
+                            "'auto' = on, except with attention_backend torch")
     fuse_projections: bool | Literal["auto"] = Field(
         "auto", description="Load-time module surgery: one GEMM for q/k/v and one for gate/up per layer "
                             "(workers/engine/fused_projections.py). 'auto' = on for CUDA (an H100 batch-1 "

@@ -55,36 +55,9 @@ class UnsupportedModelError(ValueError):
     pass
 
 
-# Config fields that give a model's number of routed experts (Mixtral, Qwen2/3-MoE, OLMoE, ...)
-EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-
-
 def attention_logit_cap(config) -> float | None:
     """Gemma 2's cap on attention scores (cap * tanh(s / cap)), None for models without one."""
     return getattr(config.get_text_config(), "attn_logit_softcapping", None) or None
-
-
-def mixture_of_experts(text_config) -> bool:
-    return any(isinstance(getattr(text_config, f, None), int) and getattr(text_config, f) > 1
-               for f in EXPERT_COUNT_FIELDS)
-
-
-def resolve_compile(setting: bool | str, what: str, moe: bool, model_cls_name: str, on_moe_error: bool) -> bool:
-    """engine.compile_decode / compile_prefill on CUDA: 'auto' is on except for mixture-of-experts
-    models (benchmarks/gpu_check.py --only moe-bf16, H200: compiled prefill gave wrong first tokens,
-    compiled decode fewer tokens identical to transformers' generate than uncompiled graphs)."""
-    if not moe or setting is False:
-        return bool(setting)
-    if setting == "auto":
-        log.info("%s off (engine.%s auto): %s is a mixture-of-experts model", what, what, model_cls_name)
-        return False
-    if on_moe_error:
-        raise UnsupportedModelError(f"engine.{what}: true, but {model_cls_name} is a mixture-of-experts model, whose "
-                                    f"compiled {what.removeprefix('compile_')} steps gave wrong tokens (benchmarks/"
-                                    f"gpu_check.py --only moe-bf16); set engine.{what}: auto or false")
-    log.warning("engine.%s: true on the mixture-of-experts model %s: compiled, its decode matched transformers' "
-                "generate less often than without (gpu_check moe-bf16)", what, model_cls_name)
-    return True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,17 +153,14 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.gemv_choices: list[dict] = []  # gemv.choose()'s table, when it ran
         self._general = self._forward
-        moe = mixture_of_experts(text_config)
         on_cuda = self.device.type == "cuda"
-        self.compile_decode = on_cuda and resolve_compile(engine_config.compile_decode, "compile_decode", moe,
-                                                          model_cls_name, on_moe_error=False)
+        self.compile_decode = on_cuda and engine_config.compile_decode is not False
         # compile_prefill auto with the torch attention backend: off (compiled steps are built around
         # the Triton backend's fixed-shape metadata; the torch reference builds masks in Python)
         prefill = engine_config.compile_prefill
         if prefill == "auto" and engine_config.attention_backend == "torch":
             prefill = False
-        self.compiled_general = on_cuda and resolve_compile(prefill, "compile_prefill", moe, model_cls_name,
-                                                            on_moe_error=True)
+        self.compiled_general = on_cuda and prefill is not False
         if self.compiled_general:
             self._general = torch.compile(self._forward, dynamic=True)
         # Steps through a compiled general path are padded to >= 2 tokens and >= 2 logits rows:

@@ -51,22 +51,3 @@ def test_tested_families_are_the_ones_tested():
     from tests.tiny_models import FAMILIES
 
     assert set(TESTED_MODEL_TYPES) == set(FAMILIES) | set(MORE_FAMILIES)
-
-
-def test_compile_settings_for_mixture_of_experts(tiny_checkpoint):
-    """compile_decode / compile_prefill 'auto' leave mixture-of-experts models uncompiled on CUDA
-    (an H200 gave wrong first tokens with their prefill compiled: benchmarks/README.md); true on
-    compile_prefill is refused with the setting to change. The decision itself, on the CPU."""
-    from transformers import AutoConfig
-
-    from workers.engine.model_runner import mixture_of_experts, resolve_compile
-
-    moe = {f: mixture_of_experts(AutoConfig.from_pretrained(tiny_checkpoint(f))) for f in MORE_FAMILIES}
-    assert {f for f, m in moe.items() if m} == {"mixtral", "qwen3_moe"}
-    assert resolve_compile("auto", "compile_prefill", False, "LlamaForCausalLM", on_moe_error=True) is True
-    assert resolve_compile("auto", "compile_prefill", True, "MixtralForCausalLM", on_moe_error=True) is False
-    assert resolve_compile("auto", "compile_decode", True, "MixtralForCausalLM", on_moe_error=False) is False
-    assert resolve_compile(False, "compile_decode", False, "LlamaForCausalLM", on_moe_error=False) is False
-    assert resolve_compile(True, "compile_decode", True, "MixtralForCausalLM", on_moe_error=False) is True
-    with pytest.raises(UnsupportedModelError, match="engine.compile_prefill: auto or false"):
-        resolve_compile(True, "compile_prefill", True, "MixtralForCausalLM", on_moe_error=True)
