@@ -18,6 +18,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+INTERPRETER_TESTS = "tests/workers/engine/test_triton_attention.py"
 CACHE = Path(os.environ.get("PDSERVE_TEST_CACHE", REPO / ".cache" / "test-models"))
 
 
@@ -136,3 +137,19 @@ def attach_ingress(cluster, prefix: str, **overrides):
             raise TimeoutError(f"ingress {prefix} not ready")
         time.sleep(0.2)
     return base
+
+
+def pytest_collection_finish(session):
+    """The Triton interpreter's checks (~3 CPU-minutes in three processes) start now, niced, and
+    run while the rest of the suite does; test_triton_attention.py collects their results."""
+    if any(item.nodeid.startswith(INTERPRETER_TESTS) for item in session.items):
+        from tests.workers.engine import interpreter_runs
+
+        interpreter_runs.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    if "tests.workers.engine.interpreter_runs" in sys.modules:
+        sys.modules["tests.workers.engine.interpreter_runs"].stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -108,13 +110,24 @@ def build_tiny_checkpoint(family: str, out_dir: str | os.PathLike, seed: int | N
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out, think=think)
+    # built aside and renamed into place: processes that build the same checkpoint at once (the
+    # suite and its Triton interpreter processes) never see a half-written one
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tok = build_tokenizer(tmp, think=think)
     seed = (FAMILIES + MORE_FAMILIES).index(family) if seed is None else seed
     torch.manual_seed(seed)
     cfg = _config(family, len(tok), tok.convert_tokens_to_ids("<|im_end|>"))
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.generation_config.eos_token_id = cfg.eos_token_id
-    model.save_pretrained(out)
-    (out / "pdserve_test_model.json").write_text(json.dumps({"family": family, "seed": seed}))
+    model.save_pretrained(tmp)
+    (tmp / "pdserve_test_model.json").write_text(json.dumps({"family": family, "seed": seed}))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process got there first, or a partial directory of an interrupted
+        if (out / "config.json").exists() and (out / "tokenizer.json").exists():  # build in place
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(out)
+            tmp.rename(out)
     return out
