@@ -275,10 +275,10 @@ case $part in
     step capped_triton 560 python3 benchmarks/gpu_check.py --only capped-triton
     ;;
   moe)
-    # mixture-of-experts in bf16 (as served): do their decode graphs capture, and are they right
-    step moe 200 python3 benchmarks/gpu_check.py --only moe-bf16
-    # and the dense defaults through the same settings (compile_* auto now)
-    step dense $((560 - (SECONDS - t0))) python3 benchmarks/gpu_check.py --only graphs,compiled-prefill
+    # mixture-of-experts in bf16 (as served): each variant against the fp32 model (twenty-second
+    # session's rule), then compiled vs not (benchmarks/moe_compile_probe.py --only engine_speed)
+    step moe 300 python3 benchmarks/gpu_check.py --only moe-bf16
+    step moe_speed $((560 - (SECONDS - t0))) python3 benchmarks/moe_compile_probe.py --only engine_speed
     ;;
   fused_b)
     step bf16_fused 200 python3 benchmarks/gpu_check.py --only bf16-1b-fused --fused-decode 1

@@ -1,12 +1,14 @@
-"""Where compiled prefill goes wrong on mixture-of-experts models on CUDA (twenty-first session:
-with engine.compile_prefill the tiny Mixtral / Qwen3-MoE in bf16 gave first tokens outside
-generate's top-5; uncompiled they were identical). CUDA only; one JSON line per comparison:
+"""Why compiled prefill looked wrong on mixture-of-experts models on CUDA (twenty-first session:
+with engine.compile_prefill the tiny Mixtral / Qwen3-MoE in bf16 gave first tokens outside bf16
+generate's top-5; uncompiled they were identical), and what compiling them is worth. Twenty-second
+session's answer (benchmarks/README.md): bf16 rounding, either side as near the fp32 model; the
+compiled engine faster. CUDA only; one JSON line per comparison:
 
   hf/<family>/<dtype>       transformers' own forward on a prompt, eager vs torch.compile(dynamic)
   experts/<family>/<dtype>  the first layer's experts alone on the same hidden states and routing
   grouped_mm/<dtype>        torch's grouped_mm eager vs compiled, groups of 1-40 rows (unaligned)
-  engine/<family>           pdserve's first token with compile_prefill forced on vs off (the
-                            engine refuses it on MoE models; the probe lifts that for the run)
+  engine/<family>           pdserve's first tokens with compile_prefill on vs off (the
+                            twenty-first session's default turned it off for MoE models)
   truth/<family>            bf16 eager and bf16 compiled, each against the fp32 eager forward
                             (which of the two is nearer the fp32 model)
   speed/<shape>             a mid-size random Mixtral's forward over a long prompt, eager vs
