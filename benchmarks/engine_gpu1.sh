@@ -49,7 +49,8 @@
 #   families: the further model families (gpu_check more-families) and the kernels check
 #   moe: MoE families in bf16 with the CUDA defaults (gpu_check moe-bf16)
 #   capped: Gemma 2's attention cap on CUDA, torch backend then Triton (gpu_check capped-triton)
-#   usage: benchmarks/engine_gpu1.sh capped|moe|families2|families|lt|blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
+#   sinks: the kernels check with gpt-oss's attention sinks (gpu_check kernels)
+#   usage: benchmarks/engine_gpu1.sh sinks|capped|moe|families2|families|lt|blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -273,6 +274,11 @@ case $part in
     # Gemma 2's attention logit cap through the Triton kernels: against the torch backend, then
     # generate (twenty-second session: passed; the engine's refusal of that path removed since)
     step capped_triton 560 python3 benchmarks/gpu_check.py --only capped-triton
+    ;;
+  sinks)
+    # (next session) the kernels check with gpt-oss's attention sinks (two cases: the split decode's
+    # chunk merge with sinks is checked on the CPU only; twenty-second session's 150 s cut it off)
+    step kernels 560 python3 benchmarks/gpu_check.py --only kernels
     ;;
   moe)
     # mixture-of-experts in bf16 (as served): each variant against the fp32 model (twenty-second

@@ -116,9 +116,13 @@ def check_kernels() -> dict:
     from workers.engine.triton_attention import TritonPagedAttention
 
     worst = 0.0
-    # Phi-3-mini's heads, Gemma-2B's (window: Gemma 3's), a capped one (Gemma 2's tanh cap, low: it bites)
-    for hq, hkv, dim, window, cap in [(32, 8, 64, None, None), (8, 2, 128, None, None), (4, 4, 64, 7, None),
-                                      (32, 32, 96, None, None), (8, 1, 256, 7, None), (8, 2, 128, 7, 1.0)]:
+    # Phi-3-mini's heads, Gemma-2B's (window: Gemma 3's), a capped one (Gemma 2's tanh cap, low: it
+    # bites), gpt-oss's (64 query heads of 64 over 8 KV heads, attention sinks; the 301-key context
+    # is two chunks of the split decode: the sinks go in its merge)
+    for hq, hkv, dim, window, cap, sinks in [(32, 8, 64, None, None, False), (8, 2, 128, None, None, False),
+                                             (4, 4, 64, 7, None, False), (32, 32, 96, None, None, False),
+                                             (8, 1, 256, 7, None, False), (8, 2, 128, 7, 1.0, False),
+                                             (64, 8, 64, None, None, True), (64, 8, 64, 7, None, True)]:
         layout = KVLayout("m", 2, hkv, dim, 16, "bfloat16", 16)
         a, b = KVCache(layout, 3, "cuda"), KVCache(layout, 3, "cuda")
         for i in a.segments:
@@ -138,13 +142,15 @@ def check_kernels() -> dict:
         ref.prepare(seqs, ids, pos, [t - 1])
         fast.prepare(seqs, ids, pos, [t - 1])
         for layer in range(2):
+            head_sinks = torch.randn(hq, device="cuda", dtype=torch.bfloat16) * 2 if sinks else None
             q = torch.randn(1, hq, t, dim, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(1, hkv, t, dim, device="cuda", dtype=torch.bfloat16)
             v = torch.randn(1, hkv, t, dim, device="cuda", dtype=torch.bfloat16)
-            want = ref.forward(layer, q.float(), k, v, dim ** -0.5, window, cap).float()
+            want = ref.forward(layer, q.float(), k, v, dim ** -0.5, window, cap,
+                               None if head_sinks is None else head_sinks.float()).float()
             for split in (False, True):  # split_diagonal: unmasked tiles below the diagonal
                 fast.split_diagonal = split
-                got = fast.forward(layer, q, k, v, dim ** -0.5, window, cap).float()
+                got = fast.forward(layer, q, k, v, dim ** -0.5, window, cap, head_sinks).float()
                 if not torch.isfinite(got).all():
                     raise AssertionError(f"non-finite attention output (split_diagonal={split})")
                 worst = max(worst, ((got - want).norm() / want.norm()).item())

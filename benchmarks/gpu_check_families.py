@@ -82,7 +82,7 @@ def check_capped_triton() -> dict:
 
 
 def check_moe_bf16() -> dict:
-    """Tiny Mixtral / Qwen3-MoE in bf16 (as served), each engine variant (eager decode without
+    """Tiny Mixtral / Qwen3-MoE / gpt-oss in bf16 (as served), each engine variant (eager decode without
     graphs, the modules' graphs, compiled decode, compiled prefill, the CUDA defaults) against the
     fp32 model: transformers' fp32 greedy tokens, 24 random prompts, 6 tokens each. In these tiny
     random models bf16 rounding flips a router's top-k (a near tie between experts) whichever side
@@ -104,7 +104,7 @@ def check_moe_bf16() -> dict:
                 "compile_decode": dict(compile_decode=True), "compile_prefill": dict(compile_prefill=True),
                 "defaults": defaults}
     out, bad = {}, []
-    for family in ("mixtral", "qwen3_moe"):
+    for family in ("mixtral", "qwen3_moe", "gpt_oss"):
         d = str(build_tiny_checkpoint(family, CACHE / f"tiny-{family}"))
         ref = [hf_generate(d, p, n, "float32") for p in prompts]
 

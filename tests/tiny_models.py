@@ -15,7 +15,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # More families the engine runs through transformers' own modules, each with something FAMILIES
 # lack (tests/workers/engine/test_more_families.py; on CUDA: benchmarks/gpu_check.py more-families)
 MORE_FAMILIES = ("phi3", "gemma", "gemma3_text", "granite", "olmo2", "mixtral", "qwen3_moe", "phi", "gpt2",
-                 "smollm3", "gemma2")
+                 "smollm3", "gemma2", "gpt_oss")
 
 _CORPUS = [
     "The capital of France is Paris. The capital of Germany is Berlin.",
@@ -96,6 +96,12 @@ def _config(family: str, vocab_size: int, eos_id: int):
     if family == "gpt2":  # learned absolute positions, Conv1D projections, multi-head (no GQA)
         return tf.GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=512, vocab_size=vocab_size,
                              initializer_range=0.4, eos_token_id=eos_id, bos_token_id=0)
+    if family == "gpt_oss":  # attention sinks (a learned logit per head in the softmax), sliding / full
+        # layers, biased q/k/v/o, mixture of experts with clamped SwiGLU; YaRN RoPE
+        yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128, beta_fast=32.0,
+                    beta_slow=1.0, rope_theta=150000.0, truncate=False)  # 4 x 128 = max_position_embeddings
+        return tf.GptOssConfig(**{**common, "intermediate_size": 32}, head_dim=16, sliding_window=8,
+                               num_local_experts=4, num_experts_per_tok=2, rope_parameters=yarn)
     if family == "smollm3":  # layers without RoPE (NoPE) between RoPE layers
         return tf.SmolLM3Config(**common, no_rope_layer_interval=2)
     raise ValueError(family)

@@ -104,23 +104,33 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scaling: float, sliding_window: int | None, softcap: float | None = None) -> torch.Tensor:
+                scaling: float, sliding_window: int | None, softcap: float | None = None,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
         """q [1, Hq, T, D], k/v [1, Hkv, T, D] -> out [1, T, Hq, D]. softcap: scores become
-        softcap * tanh(scores / softcap) before the softmax (Gemma 2)."""
+        softcap * tanh(scores / softcap) before the softmax (Gemma 2). sinks [Hq]: a learned logit
+        per query head that joins every row's softmax and attends to nothing (gpt-oss)."""
 
 
-def _attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
-    """SDPA over [.., H, n, D] with GQA; with ``softcap`` the scores are capped as transformers'
-    eager attention caps them (softmax in fp32, then q's dtype), which SDPA cannot do."""
-    if softcap is None:
+def _attend(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA over [.., H, n, D] with GQA; with ``softcap`` or ``sinks`` the scores go as in
+    transformers' eager attention, which SDPA cannot do: capped (softmax in fp32, then q's dtype),
+    or with each head's sink logit as one more column of the softmax, dropped after it (softmax in
+    q's dtype, as gpt-oss's eager attention does)."""
+    if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     group = q.shape[-3] // k.shape[-3]
     k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    if sinks is None:
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    sink = sinks.to(scores.dtype).reshape(-1, 1, 1).expand(*scores.shape[:-1], 1)
+    both = torch.cat([scores, sink], dim=-1)
+    probs = torch.softmax(both - both.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 class TorchPagedAttention(AttentionBackend):
@@ -219,7 +229,7 @@ class TorchPagedAttention(AttentionBackend):
             out.index_copy_(0, rows, kv.layer_view(seg, layer)[cache_kv].index_select(0, local))
         return out
 
-    def forward(self, layer, q, k, v, scaling, sliding_window, softcap=None):
+    def forward(self, layer, q, k, v, scaling, sliding_window, softcap=None, sinks=None):
         kv = self.kv_cache
         k_t, v_t = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, Hkv, D]
         heads, dim = k_t.shape[1], k_t.shape[2]
@@ -236,7 +246,7 @@ class TorchPagedAttention(AttentionBackend):
             qs = q[0].index_select(1, self.dec_q).transpose(0, 1)[:, :, None]  # [n, Hq, 1, D]
             keys = keys_all[self.dec_rows].transpose(1, 2)  # [n, Hkv, width, D]
             vals = vals_all[self.dec_rows].transpose(1, 2)
-            o = _attend(qs, keys, vals, self._dec_mask(sliding_window), scaling, softcap)
+            o = _attend(qs, keys, vals, self._dec_mask(sliding_window), scaling, softcap, sinks)
             out.index_copy_(0, self.dec_q, o[:, :, 0])
         batched = set(self.dec)
         for i, s in enumerate(self.seqs):
@@ -246,7 +256,7 @@ class TorchPagedAttention(AttentionBackend):
             keys = keys_all[lo:lo + s.ctx_len].transpose(0, 1)  # [Hkv, ctx, D]
             vals = vals_all[lo:lo + s.ctx_len].transpose(0, 1)
             qs = q[0, :, s.q_start:s.q_start + s.q_len]  # [Hq, n, D]
-            o = _attend(qs[None], keys[None], vals[None], self._mask(i, sliding_window), scaling, softcap)
+            o = _attend(qs[None], keys[None], vals[None], self._mask(i, sliding_window), scaling, softcap, sinks)
             out[s.q_start:s.q_start + s.q_len] = o[0].transpose(0, 1)  # [n, Hq, D]
         return out[None]
 
@@ -255,10 +265,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     backend: AttentionBackend | None = kwargs.get("pdserve_backend")
     if backend is None:
         raise RuntimeError(f"{PAGED_ATTN} attention called without a pdserve backend (use ModelRunner)")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks are not supported by pdserve's paged attention")
     out = backend.forward(module.layer_idx, query, key, value, scaling or module.scaling,
-                          kwargs.get("sliding_window"), kwargs.get("softcap"))
+                          kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux"))
     return out, None
 
 

@@ -28,10 +28,9 @@ log = logging.getLogger(__name__)
 # Families tested token-exact against transformers' generate (tests/workers/engine:
 # test_equivalence.py, test_more_families.py); any other loads with a warning that says so.
 TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite",
-                      "olmo2", "mixtral", "qwen3_moe", "phi", "gpt2", "smollm3")
+                      "olmo2", "mixtral", "qwen3_moe", "phi", "gpt2", "smollm3", "gpt_oss")
 # Known not to work, and why.
 UNSUPPORTED_MODEL_TYPES = {
-    "gpt_oss": "attention sinks are not implemented in the paged attention",
     "mamba": "not an attention model (state-space layers have no KV cache)",
     "mamba2": "not an attention model (state-space layers have no KV cache)",
     "jamba": "hybrid attention/state-space layers are not supported",

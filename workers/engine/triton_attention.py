@@ -51,13 +51,13 @@ _BACKENDS: "weakref.WeakValueDictionary[int, TritonPagedAttention]" = weakref.We
 
 @torch.library.custom_op("pdserve::paged_attention", mutates_args=())
 def _paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend_id: int, layer: int,
-                        scaling: float, window: int, softcap: float) -> torch.Tensor:
+                        scaling: float, window: int, softcap: float, sinks: torch.Tensor | None) -> torch.Tensor:
     """Writes this step's K/V into the paged cache and attends; the backend holds the step's metadata."""
-    return _BACKENDS[backend_id]._forward(layer, q, k, v, scaling, window or None, softcap or None)
+    return _BACKENDS[backend_id]._forward(layer, q, k, v, scaling, window or None, softcap or None, sinks)
 
 
 @_paged_attention_op.register_fake
-def _(q, k, v, backend_id, layer, scaling, window, softcap):
+def _(q, k, v, backend_id, layer, scaling, window, softcap, sinks):
     return q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
 
 
@@ -213,16 +213,16 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
                          torch.empty(rows, self.group, self.D, **f32),
                          torch.zeros(rows, dtype=torch.int32, device=device))  # (rows >= counters)
 
-    def forward(self, layer, q, k, v, scaling, sliding_window, softcap=None):
+    def forward(self, layer, q, k, v, scaling, sliding_window, softcap=None, sinks=None):
         """q [1, Hq, T, D], k/v [1, Hkv, T, D] -> out [1, T, Hq, D]."""
         if torch.compiler.is_compiling():
             # under torch.compile the kernels are one opaque op (they touch the cache through raw
             # pointers, which the compiler cannot trace); outside it, a direct call is cheaper
             return torch.ops.pdserve.paged_attention(q, k, v, self.backend_id, layer, float(scaling),
-                                                     int(sliding_window or 0), float(softcap or 0.0))
-        return self._forward(layer, q, k, v, scaling, sliding_window, softcap)
+                                                     int(sliding_window or 0), float(softcap or 0.0), sinks)
+        return self._forward(layer, q, k, v, scaling, sliding_window, softcap, sinks)
 
-    def _forward(self, layer, q, k, v, scaling, sliding_window, softcap=None):
+    def _forward(self, layer, q, k, v, scaling, sliding_window, softcap=None, sinks=None):
         m, T = self.meta, self.num_tokens
         q, k, v = q[0], k[0], v[0]  # [H, T, D]
         if q.stride(-1) != 1:
@@ -248,7 +248,7 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
         # fp32 models: exact fp32 products (not tf32), so fp32 output matches the torch reference
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
         if split is not None:
-            self._decode(split, layer_off, q, k, v, o, scaling, sliding_window, precision, softcap)
+            self._decode(split, layer_off, q, k, v, o, scaling, sliding_window, precision, softcap, sinks)
             if fused_write:
                 self._layer_written(layer)
         if not self.num_qblocks:
@@ -262,11 +262,11 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
             self.anchor, layer_off, self.kv_off,
             m.dev_block_off, m.dev_view("qb_seq"), m.dev_view("qb_start"), m.dev_view("q_start"),
             m.dev_view("q_len"), m.dev_view("ctx"), m.dev_view("blk_start"),
-            float(scaling), int(sliding_window or 0),
+            float(scaling), int(sliding_window or 0), q if sinks is None else sinks,
             G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs,
             BLOCK_Q=self.block_q, BLOCK_M=block_m, BLOCK_N=self.decode_block_n if decode else self.prefill_block_n,
             USE_WINDOW=bool(sliding_window), INTERPRET=INTERPRET, SPLIT_DIAGONAL=self.split_diagonal,
-            DOT_PRECISION=precision, SOFTCAP=_log2_cap(softcap), **launch,
+            DOT_PRECISION=precision, SOFTCAP=_log2_cap(softcap), HAS_SINKS=sinks is not None, **launch,
         )
         return out
 
@@ -277,7 +277,7 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
         return 0
 
     def _decode(self, launch: DecodeLaunch, layer_off, q, k, v, o, scaling, sliding_window, precision,
-                softcap=None) -> None:
+                softcap=None, sinks=None) -> None:
         """Split-KV attention of the step's decode rows (q, k, v [H, T, D]; o [T, Hq, D])."""
         m, G = self.meta, self.group
         part_m, part_l, part_acc, arrivals = self._scratch
@@ -291,17 +291,17 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
             o, o.stride(0), o.stride(1), self.anchor, layer_off, self.kv_off, m.dev_block_off,
             m.dev_view("dec_seq"), m.dev_view("q_start"), m.dev_view("ctx"), m.dev_view("blk_start"),
             m.dev_slot_off, m.dev_view("n_real"), part_m, part_l, part_acc, arrivals, float(scaling), window,
-            launch.max_chunks, G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs, BLOCK_M=max(16, block_g),
+            launch.max_chunks, q if sinks is None else sinks, G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs, BLOCK_M=max(16, block_g),
             BLOCK_N=launch.block_n, CHUNK_KEYS=launch.chunk_keys, BLOCK_G=block_g, USE_WINDOW=bool(sliding_window),
             WRITE_KV=launch.fuse_write, COMBINE_LAST=launch.merge_last, ALL_DECODE=launch.all_decode,
             INTERPRET=INTERPRET, DOT_PRECISION=precision, PDL=self.decode_pdl,
             PREFETCH_LINES=self._prefetch_lines(q), PRELOAD=self.decode_preload, SOFTCAP=_log2_cap(softcap),
-            num_warps=launch.warps, **stages,
+            HAS_SINKS=sinks is not None, num_warps=launch.warps, **stages,
         )
         if not launch.merge_last:
             decode_combine_kernel[(launch.rows, self.H)](
                 part_m, part_l, part_acc, o, o.stride(0), o.stride(1), m.dev_view("dec_seq"), m.dev_view("q_start"),
-                m.dev_view("ctx"), window, launch.max_chunks, G=G, HKV=self.H, D=self.D,
+                m.dev_view("ctx"), window, launch.max_chunks, q if sinks is None else sinks, G=G, HKV=self.H, D=self.D,
                 CHUNK_KEYS=launch.chunk_keys, BLOCK_G=block_g, BLOCK_D=block_d, USE_WINDOW=bool(sliding_window),
-                ALL_DECODE=launch.all_decode, INTERPRET=INTERPRET, num_warps=launch.warps,
+                ALL_DECODE=launch.all_decode, INTERPRET=INTERPRET, HAS_SINKS=sinks is not None, num_warps=launch.warps,
             )

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from workers.engine.triton_kernels import _capped, _softmax_update
+from workers.engine.triton_kernels import _capped, _normalized, _softmax_update
 
 
 # Decode rows (one new token that is not a prompt token: SeqSlice.prompt), in decode-only steps
@@ -116,12 +116,14 @@ def _decode_chunk(n_lo, n_hi, new_pos, q, k_new, v_new, anchor, layer_off, kv_of
 
 
 @triton.jit
-def _combine_chunks(part_m, part_l, part_acc, row0, n_chunks, O, o_off, o_stride_h, G: tl.constexpr,
-                    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
+def _combine_chunks(part_m, part_l, part_acc, row0, n_chunks, O, o_off, o_stride_h, head_sinks, G: tl.constexpr,
+                    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
+                    HAS_SINKS: tl.constexpr):
     """O[head kvh * G + g] = sum_c 2^(m_c - M) acc_c / sum_c 2^(m_c - M) l_c over the partials of
     scratch rows [row0, row0 + n_chunks) (M = max_c m_c; m in log2 units), merged one chunk at a
     time in chunk order: the bits depend on n_chunks and the partials alone, the cost on n_chunks.
-    Loads skip L1 (.cg): other programs wrote these rows during this launch, and L1 is not coherent."""
+    Loads skip L1 (.cg): other programs wrote these rows during this launch, and L1 is not coherent.
+    head_sinks: the G heads' sinks (HAS_SINKS), counted once, in the merged sum."""
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     g_ok = g < G
@@ -139,7 +141,7 @@ def _combine_chunks(part_m, part_l, part_acc, row0, n_chunks, O, o_off, o_stride
         for c in range(0, n_chunks):
             m_run, l_run, acc = _combine_one(part_m, part_l, part_acc, (row0 + c) * G + g, g_ok, gd_ok, d, m_run,
                                              l_run, acc, D)
-    out = acc / tl.maximum(l_run, 1.0e-30)[:, None]
+    out = _normalized(acc, m_run, l_run, head_sinks, g, g_ok, HAS_SINKS)
     tl.store(O + o_off + g[:, None] * o_stride_h + d[None, :], out.to(O.dtype.element_ty), mask=gd_ok)
 
 
@@ -159,12 +161,13 @@ def _combine_one(part_m, part_l, part_acc, rows, g_ok, gd_ok, d, m_run, l_run, a
 def paged_decode_kernel(
     Q, q_stride_t, q_stride_h, K, k_stride_t, k_stride_h, V, v_stride_t, v_stride_h,
     O, o_stride_t, o_stride_h, anchor, layer_off, kv_off, block_off, dec_seq, seq_q_start, seq_ctx_len,
-    seq_blk_start, slot_off, n_real, part_m, part_l, part_acc, arrivals, scale, window, max_chunks,
+    seq_blk_start, slot_off, n_real, part_m, part_l, part_acc, arrivals, scale, window, max_chunks, sinks,
     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_KEYS: tl.constexpr, BLOCK_G: tl.constexpr,
     USE_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, COMBINE_LAST: tl.constexpr, ALL_DECODE: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
     PREFETCH_LINES: tl.constexpr = 0, PRELOAD: tl.constexpr = False, SOFTCAP: tl.constexpr = 0.0,
+    HAS_SINKS: tl.constexpr = False,
 ):
     """Program (i, kvh, j) of a (rows, HKV, SPLITS) grid: decode row i (ALL_DECODE: sequence i,
     token i; else sequence dec_seq[i], token seq_q_start[s]), the G query heads of KV head kvh,
@@ -226,7 +229,7 @@ def paged_decode_kernel(
             m_i, l_i, acc = _decode_chunk(lo, ctx, ctx - 1, q, k_new, v_new, anchor, layer_off, kv_off, block_off,
                                           blk_start, kvh, scale, k_first, v_first, HKV, D, BLOCK_D, BS, BLOCK_M,
                                           BLOCK_N, INTERPRET, DOT_PRECISION, PRELOAD, SOFTCAP)
-            out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
+            out = _normalized(acc, m_i, l_i, sinks, kvh * G + r, row_ok, HAS_SINKS)
             tl.store(O + o_off + r[:, None] * o_stride_h + d[None, :], out.to(O.dtype.element_ty), mask=o_mask)
         else:
             row0 = (i * HKV + kvh) * max_chunks  # scratch rows of this (row, KV head), one per chunk
@@ -252,14 +255,14 @@ def paged_decode_kernel(
                 tl.debug_barrier()  # all threads' partial stores precede the merge / the release below
                 parts = tl.minimum(splits, n_chunks)  # programs holding chunks: j < parts
                 if parts == 1:  # this program wrote every partial
-                    _combine_chunks(part_m, part_l, part_acc, row0, n_chunks, O, o_off, o_stride_h, G, D, BLOCK_G,
-                                    BLOCK_D, INTERPRET)
+                    _combine_chunks(part_m, part_l, part_acc, row0, n_chunks, O, o_off, o_stride_h, sinks + kvh * G,
+                                    G, D, BLOCK_G, BLOCK_D, INTERPRET, HAS_SINKS)
                 else:
                     count = tl.atomic_add(arrivals + i * HKV + kvh, 1, sem="acq_rel", scope="gpu")
                     if count == parts - 1:  # the others have released their partials: merge, reset
                         tl.store(arrivals + i * HKV + kvh, 0)
-                        _combine_chunks(part_m, part_l, part_acc, row0, n_chunks, O, o_off, o_stride_h, G, D,
-                                        BLOCK_G, BLOCK_D, INTERPRET)
+                        _combine_chunks(part_m, part_l, part_acc, row0, n_chunks, O, o_off, o_stride_h,
+                                        sinks + kvh * G, G, D, BLOCK_G, BLOCK_D, INTERPRET, HAS_SINKS)
 
 
 _L2_PREFETCH = tl.constexpr("{ .reg .pred p; setp.ne.u32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }")
@@ -309,9 +312,10 @@ def _decode_partial(c, lo, ctx, row0, q, k_new, v_new, anchor, layer_off, kv_off
 
 @triton.jit
 def decode_combine_kernel(part_m, part_l, part_acc, O, o_stride_t, o_stride_h, dec_seq, seq_q_start, seq_ctx_len,
-                          window, max_chunks, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                          window, max_chunks, sinks, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                           CHUNK_KEYS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                          USE_WINDOW: tl.constexpr, ALL_DECODE: tl.constexpr, INTERPRET: tl.constexpr):
+                          USE_WINDOW: tl.constexpr, ALL_DECODE: tl.constexpr, INTERPRET: tl.constexpr,
+                          HAS_SINKS: tl.constexpr = False):
     """paged_decode_kernel's merge as its own launch (grid: decode rows x KV heads); one-chunk rows
     were stored by paged_decode_kernel."""
     i = tl.program_id(0)
@@ -325,4 +329,5 @@ def decode_combine_kernel(part_m, part_l, part_acc, O, o_stride_t, o_stride_h, d
     _, n_chunks = _decode_chunking(tl.load(seq_ctx_len + s), window, CHUNK_KEYS, USE_WINDOW)
     if n_chunks > 1:
         _combine_chunks(part_m, part_l, part_acc, (i * HKV + kvh) * max_chunks, n_chunks, O,
-                        t * o_stride_t + kvh * G * o_stride_h, o_stride_h, G, D, BLOCK_G, BLOCK_D, INTERPRET)
+                        t * o_stride_t + kvh * G * o_stride_h, o_stride_h, sinks + kvh * G, G, D, BLOCK_G, BLOCK_D,
+                        INTERPRET, HAS_SINKS)

@@ -63,6 +63,17 @@ def _capped(scores, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _normalized(acc, m_i, l_i, sinks, head, row_ok, HAS_SINKS: tl.constexpr):
+    """A row's output: its unnormalised output over the softmax's sum. HAS_SINKS (gpt-oss): each
+    query head's learned sink logit is one more term of that sum, 2^(sink - m) in the running
+    max's log2 units, and adds nothing to the output (a row with no key left stays 0)."""
+    if HAS_SINKS:
+        sink = tl.load(sinks + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        l_i = l_i + tl.exp2(sink - m_i)
+    return acc / tl.maximum(l_i, 1.0e-30)[:, None]
+
+
+@triton.jit
 def _attend_tile(n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
                  kvh, scale, window, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
                  BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -98,11 +109,11 @@ def paged_attention_kernel(
     Q, q_stride_t, q_stride_h, O, o_stride_t, o_stride_h,
     anchor, layer_off, kv_off,
     block_off, qb_seq, qb_start, seq_q_start, seq_q_len, seq_ctx_len, seq_blk_start,
-    scale, window,
+    scale, window, sinks,
     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_DIAGONAL: tl.constexpr = False,
-    SOFTCAP: tl.constexpr = 0.0,
+    SOFTCAP: tl.constexpr = 0.0, HAS_SINKS: tl.constexpr = False,
 ):
     """One program = one query block (up to BLOCK_Q tokens of one sequence) x one KV head, with the
     G query heads of that KV head stacked as rows: row r is token r // G, query head kvh * G + r % G.
@@ -167,6 +178,6 @@ def paged_attention_kernel(
             m_i, l_i, acc = _attend_tile(
                 n0, kv_hi, q, q_pos, m_i, l_i, acc, anchor, layer_off, kv_off, block_off, blk_start,
                 kvh, scale, window, HKV, D, BLOCK_D, BS, BLOCK_N, USE_WINDOW, DOT_PRECISION, True, SOFTCAP)
-    out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
+    out = _normalized(acc, m_i, l_i, sinks, head, row_ok, HAS_SINKS)
     tl.store(O + tok[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

@@ -72,11 +72,12 @@ def test_unknown_architecture(tmp_path, tiny_checkpoint):
 
 
 def test_known_unsupported_architecture(tmp_path):
-    from transformers import GptOssConfig
+    from transformers import DeepseekV3Config
 
-    GptOssConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=16, vocab_size=64).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="attention sinks"):
+    DeepseekV3Config(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=2, vocab_size=64, n_routed_experts=4,
+                     num_experts_per_tok=2, first_k_dense_replace=1).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="multi-head latent attention"):
         make_engine(str(tmp_path))
 
 

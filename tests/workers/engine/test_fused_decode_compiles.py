@@ -47,15 +47,16 @@ def test_fused_decode_kernels_compile_for_hopper(case):
         assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), case
 
 
-@pytest.mark.parametrize("preload", [False, True])
-def test_split_decode_attention_compiles_under_pdl(preload):
+@pytest.mark.parametrize("preload,sinks", [(False, False), (True, False), (True, True)])
+def test_split_decode_attention_compiles_under_pdl(preload, sinks):
     """The backend's split decode kernel as the fused step launches it (PDL=True), with the L2
     prefetch of its first chunk (decode_prefetch); with decode_preload its first tile's cached K/V
-    rows (128 keys x 64 dims, K and V) are loaded before the wait (the step's metadata always is)."""
+    rows (128 keys x 64 dims, K and V) are loaded before the wait (the step's metadata always is).
+    With gpt-oss's attention sinks too (read where rows are normalised: after the wait)."""
     consts = dict(G=4, HKV=8, D=64, BLOCK_D=64, BS=16, BLOCK_M=16, BLOCK_N=128, CHUNK_KEYS=256, BLOCK_G=4,
                   USE_WINDOW=False, WRITE_KV=True, COMBINE_LAST=True, ALL_DECODE=True, INTERPRET=False,
-                  DOT_PRECISION="tf32", PDL=True, PREFETCH_LINES=1, PRELOAD=preload)
-    types = {n: "*bf16" for n in ("Q", "K", "V", "O", "anchor")}
+                  DOT_PRECISION="tf32", PDL=True, PREFETCH_LINES=1, PRELOAD=preload, HAS_SINKS=sinks)
+    types = {n: "*bf16" for n in ("Q", "K", "V", "O", "anchor", "sinks")}
     types.update({n: "*fp32" for n in ("part_m", "part_l", "part_acc")}, scale="fp32")
     types.update({n: "*i32" for n in ("dec_seq", "seq_q_start", "seq_ctx_len", "seq_blk_start", "n_real", "arrivals")})
     types.update(block_off="*i64", slot_off="*i64", layer_off="i64", kv_off="i64")
@@ -69,3 +70,35 @@ def test_split_decode_attention_compiles_under_pdl(preload):
     # metadata (context length, block start) always; with preload the tile's block ids and K/V
     # rows too (128 keys x 64 bf16 = 16 KiB each: ~128 vector loads over 128 threads)
     assert before >= 64 if preload else 1 <= before <= 8, before
+
+
+@pytest.mark.parametrize("kernel", ["general", "combine"])
+def test_attention_sinks_compile_for_hopper(kernel):
+    """gpt-oss's attention sinks in the general attention kernel (prefill chunks) and in the split
+    decode's merge as its own launch, compiled for sm_90 (the interpreter runs them on the CPU;
+    the sink is read where rows are normalised)."""
+    from workers.engine import triton_kernels as gk
+
+    if kernel == "general":
+        fn = gk.paged_attention_kernel
+        consts = dict(G=8, HKV=8, D=64, BLOCK_D=64, BS=16, BLOCK_Q=16, BLOCK_M=128, BLOCK_N=64, USE_WINDOW=True,
+                      INTERPRET=False, DOT_PRECISION="tf32", SPLIT_DIAGONAL=True, SOFTCAP=0.0, HAS_SINKS=True)
+        types = {n: "*bf16" for n in ("Q", "O", "anchor", "sinks")}
+        types.update(block_off="*i64", layer_off="i64", kv_off="i64", scale="fp32")
+    else:
+        fn = tk.decode_combine_kernel
+        consts = dict(G=8, HKV=8, D=64, CHUNK_KEYS=256, BLOCK_G=8, BLOCK_D=64, USE_WINDOW=False, ALL_DECODE=True,
+                      INTERPRET=False, HAS_SINKS=True)
+        types = {n: "*fp32" for n in ("part_m", "part_l", "part_acc")}
+        types.update(O="*bf16", sinks="*bf16")
+    for name in fn.arg_names:
+        if name not in consts and name not in types:
+            types[name] = "*i32" if name in ("qb_seq", "qb_start", "seq_q_start", "seq_q_len", "seq_ctx_len",
+                                             "seq_blk_start", "dec_seq") else "i32"
+    signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
+    loads = {}
+    for sinks in (False, True):
+        ptx = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=dict(consts, HAS_SINKS=sinks)),
+                             target=HOPPER, options={"num_warps": 4}).asm["ptx"]
+        loads[sinks] = ptx.count("ld.global")
+    assert loads[True] > loads[False], loads  # the sinks are read (HAS_SINKS off: the kernel as before)

@@ -80,9 +80,10 @@ def same_cache(a: KVCache, b: KVCache) -> bool:
     return all(torch.equal(a.segments[i], b.segments[i]) for i in a.segments)
 
 
-@pytest.mark.parametrize("hq,hkv,dim,window", [(8, 2, 16, None), (6, 2, 24, None), (4, 4, 16, 40), (2, 1, 32, 5)],
-                         ids=["gqa4", "gqa3-d24", "mha-window40", "gqa2-window5"])
-def test_split_decode_matches_reference(hq, hkv, dim, window):
+@pytest.mark.parametrize("hq,hkv,dim,window,sinks", [(8, 2, 16, None, False), (6, 2, 24, None, False),
+                                                      (4, 4, 16, 40, False), (2, 1, 32, 5, False), (2, 1, 32, None, True)],
+                         ids=["gqa4", "gqa3-d24", "mha-window40", "gqa2-window5", "gqa2-sinks"])
+def test_split_decode_matches_reference(hq, hkv, dim, window, sinks):
     torch.manual_seed(hq * 10 + dim)
     rng = random.Random(dim)
     caches, ref, _, split = backends(hq, hkv, dim, "float32")  # ref's writes == write_kv_kernel's
@@ -98,8 +99,9 @@ def test_split_decode_matches_reference(hq, hkv, dim, window):
         assert split.step_splits == (splits or 1), split.step_splits  # auto: 4 programs // (6 x hkv) -> 1
         for layer in range(2):
             q, k, v = torch.randn(1, hq, 6, dim), torch.randn(1, hkv, 6, dim), torch.randn(1, hkv, 6, dim)
-            want = ref.forward(layer, q, k, v, dim ** -0.5, window)
-            got = split.forward(layer, q, k, v, dim ** -0.5, window)
+            head_sinks = torch.randn(hq) * 2 if sinks else None  # counted once in a merge of many chunks
+            want = ref.forward(layer, q, k, v, dim ** -0.5, window, None, head_sinks)
+            got = split.forward(layer, q, k, v, dim ** -0.5, window, None, head_sinks)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4,
                                        msg=lambda m: f"{splits, merge, split.decode_preload}: {m}")
         assert same_cache(caches[0], caches[2]), "cache writes differ"

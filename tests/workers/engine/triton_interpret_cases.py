@@ -74,11 +74,12 @@ ONCE = pytest.mark.parametrize("scheduling", ["once"])
 
 
 @ONCE
-@pytest.mark.parametrize("hq,hkv,dim,window,softcap", [(4, 2, 16, None, None), (8, 2, 32, None, None),
-                                                        (4, 4, 16, 5, None), (6, 2, 24, None, None),
-                                                        (4, 2, 16, 5, 1.5)],
-                         ids=["gqa2", "gqa4-d32", "mha-window5", "gqa3-d24", "gqa2-window5-softcap"])
-def test_kernels_match_torch_reference(hq, hkv, dim, window, softcap):
+@pytest.mark.parametrize("hq,hkv,dim,window,softcap,sinks", [(4, 2, 16, None, None, False), (8, 2, 32, None, None, False),
+                                                              (4, 4, 16, 5, None, False), (6, 2, 24, None, None, False),
+                                                              (4, 2, 16, 5, 1.5, False), (4, 2, 16, 5, None, True)],
+                         ids=["gqa2", "gqa4-d32", "mha-window5", "gqa3-d24", "gqa2-window5-softcap",
+                              "gqa2-window5-sinks"])
+def test_kernels_match_torch_reference(hq, hkv, dim, window, softcap, sinks):
     torch.manual_seed(hq * 100 + dim)
     rng = random.Random(hq + dim)
     bs, bps, layers = 4, 8, 2
@@ -113,16 +114,18 @@ def test_kernels_match_torch_reference(hq, hkv, dim, window, softcap):
         for layer in range(layers):
             q, k, v = torch.randn(1, hq, T, dim), torch.randn(1, hkv, T, dim), torch.randn(1, hkv, T, dim)
             q = q * 2 if softcap else q  # scores past the cap: it bites
-            want = ref.forward(layer, q, k, v, dim ** -0.5, window, softcap)
-            got = fast.forward(layer, q, k, v, dim ** -0.5, window, softcap)
+            # gpt-oss's sinks, about the scores' size (they take a share of every row's softmax)
+            head_sinks = torch.randn(hq) * 2 if sinks else None
+            want = ref.forward(layer, q, k, v, dim ** -0.5, window, softcap, head_sinks)
+            got = fast.forward(layer, q, k, v, dim ** -0.5, window, softcap, head_sinks)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         for i in caches[0].segments:
             assert torch.equal(caches[0].segments[i], caches[1].segments[i]), "cache writes differ"
 
 
 @ONCE
-@pytest.mark.parametrize("softcap", [None, 1.5])
-def test_compiled_path_op_matches_direct_call(softcap):
+@pytest.mark.parametrize("softcap,sinks", [(None, False), (1.5, False), (None, True)])
+def test_compiled_path_op_matches_direct_call(softcap, sinks):
     """Under torch.compile the backend runs as the opaque op torch.ops.pdserve.paged_attention
     (CUDA's compiled decode and prefill); its arguments reach the same kernels as a direct call."""
     layout = KVLayout("m", 1, 2, 16, 4, "float32", 8)
@@ -135,8 +138,10 @@ def test_compiled_path_op_matches_direct_call(softcap):
     for b in backends:
         b.prepare(seqs, [1] * 6, [4, 5, 6, 7, 8, 6], [4, 5])
     q, k, v = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
-    direct = backends[0]._forward(0, q, k, v, 0.25, 3, softcap)
-    op = torch.ops.pdserve.paged_attention(q, k, v, backends[1].backend_id, 0, 0.25, 3, float(softcap or 0.0))
+    head_sinks = torch.randn(4) if sinks else None
+    direct = backends[0]._forward(0, q, k, v, 0.25, 3, softcap, head_sinks)
+    op = torch.ops.pdserve.paged_attention(q, k, v, backends[1].backend_id, 0, 0.25, 3, float(softcap or 0.0),
+                                           head_sinks)
     assert torch.equal(direct, op)
     assert all(torch.equal(pair[0].segments[i], pair[1].segments[i]) for i in pair[0].segments)
 
@@ -161,8 +166,8 @@ def test_padded_decode_rows_write_nothing(kernel):
 
 
 @shallow_stack
-@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "gemma2"])  # gemma3_text: windows on some layers
-# only; gemma2: attention logits capped (and windows)
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "gemma2", "gpt_oss"])  # gemma3_text: windows on
+# some layers only; gemma2: attention logits capped (and windows); gpt_oss: attention sinks (and windows)
 def test_engine_on_triton_backend_matches_generate(tiny_checkpoint, family):
     model_dir = tiny_checkpoint(family)
     prompts = PROMPTS[:3]
