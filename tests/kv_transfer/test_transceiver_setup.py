@@ -89,7 +89,6 @@ def test_device_reads_are_issued_on_the_loop_and_awaited_by_polling():
     import threading
 
     from kv_transfer.cuda_ipc import CudaIpcReader
-    from kv_transfer.descriptors import plan_runs
 
     registry = CollectorRegistry()
     src = KVCache(make_layout(), 1)

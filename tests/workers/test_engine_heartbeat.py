@@ -5,7 +5,6 @@ A real engine on a tiny model; its step is held on an Event (the real step runs 
 
 import asyncio
 import threading
-import time
 
 import pytest
 

@@ -26,7 +26,7 @@ from workers.engine.triton_staging import (DECODE_COMBINES, DECODE_KERNELS, MAX_
                                            StepStaging, _pow2)
 
 try:
-    import triton
+    import triton  # noqa: F401 (here so that its absence gets the message below)
 
     from workers.engine.triton_decode_kernels import decode_combine_kernel, paged_decode_kernel
     from workers.engine.triton_kernels import paged_attention_kernel, write_kv_kernel
