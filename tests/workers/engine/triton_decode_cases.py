@@ -1,7 +1,7 @@
 """The split-KV decode kernel (TritonPagedAttention.decode_kernel == "split"), run on the CPU by
 Triton's interpreter: decode rows give the torch reference's output and the same cache writes as
 the general path (write_kv_kernel + paged_attention_kernel), for contexts on both sides of block
-and chunk boundaries (small decode_chunk_keys: one to 65 chunks a row), GQA groups, a sliding
+and chunk boundaries (small decode_chunk_keys: one to 19 chunks a row), GQA groups, a sliding
 window, padded graph rows, both merges; a decode row's bits do not depend on its step (split
 count, padding, prefill chunks beside it); and the engine on the split path (16-key chunks):
 generate's tokens (fp32), the same bits when run twice with prefix hits (bf16).
@@ -27,13 +27,14 @@ from tests.workers.engine.triton_interpret_cases import random_step, shallow_sta
 from workers.engine.triton_attention import TritonPagedAttention  # noqa: E402
 
 BS = 16
-# (cached, new) per sequence: contexts 1, 15, 16, 17, 129 and 1030 tokens
-CONTEXTS = [(0, 1), (14, 1), (15, 1), (16, 1), (128, 1), (1029, 1)]
-# (splits, merge, fused write, keys per tile, keys per chunk): 16-key chunks cut the 1030-token
-# context into 65 one-tile chunks (one program merges them all, or 4 programs share them), 32-key
-# ones the 129-token context into 5; 3 splits share 17 chunks unevenly; 64 splits leave most
+# (cached, new) per sequence: contexts 1, 15, 16, 17, 129 and 301 tokens (the longest was 1030 until the
+# twenty-second session: the interpreter's time goes with the keys, and 301 spans as many kinds of split)
+CONTEXTS = [(0, 1), (14, 1), (15, 1), (16, 1), (128, 1), (300, 1)]
+# (splits, merge, fused write, keys per tile, keys per chunk): 16-key chunks cut the 301-token
+# context into 19 one-tile chunks (one program merges them all, or 4 programs share them), 32-key
+# ones the 129-token context into 5; 3 splits share 5 chunks unevenly; 64 splits leave most
 # programs without a chunk; None: the auto count (decode_programs 4 on a CPU: 1 split for 6
-# sequences) with the default chunking (every context but 1030 in one chunk)
+# sequences) with the default chunking (every context but 301 in one chunk)
 VARIANTS = [(1, "last", True, 16, 16), (4, "last", True, 16, 32), (3, "kernel", False, 16, 64),
             (None, "last", True, 64, 256), (4, "kernel", True, 64, 128), (64, "last", True, 16, 16)]
 
@@ -133,10 +134,10 @@ def test_split_decode_auto_splits_bf16(batch, bf16_dot):
     assert same_cache(caches[1], caches[2]), "cache writes differ from the general path's"
 
 
-# decode rows (ctx 1030, 129, 33, 32, 17: with 32-key chunks 33, 5, 2 (the second holding only the
+# decode rows (ctx 301, 129, 33, 32, 17: with 32-key chunks 10, 5, 2 (the second holding only the
 # new key), 1 and 1 chunks) and, for mixed steps, a 9-token prefill chunk after 20 cached tokens and
 # a one-token prompt chunk (a prefix-cache hit's remainder)
-DECODES = [("d1030", 1029, 1, False), ("d129", 128, 1, False), ("d33", 32, 1, False), ("d32", 31, 1, False),
+DECODES = [("d301", 300, 1, False), ("d129", 128, 1, False), ("d33", 32, 1, False), ("d32", 31, 1, False),
            ("d17", 16, 1, False)]
 OTHERS = [("chunk", 20, 9, False), ("prompt1", 4, 1, True)]
 
