@@ -12,12 +12,11 @@ Checks:
   argmax       that argmax check alone (benchmarks/gpu_check_argmax.py)
   fp32-exact   tiny llama/mistral/qwen2/qwen3 in fp32 on CUDA, token-identical to transformers'
                generate on CUDA: whole and chunked prefill, prefix-cache hits, preemption
-  more-families  fp32-exact on the further families of tests/tiny_models.py (phi3, gemma,
-               gemma3_text, granite, olmo2, mixtral, qwen3_moe, phi, gpt2, smollm3, gemma2), and once
-               more each with the decode graphs compiled
+  more-families  fp32-exact on the further families of tests/tiny_models.py (MORE_FAMILIES, or
+               --families), and once more each with the decode and prefill steps compiled
   capped-triton  Gemma 2 (attention logit cap): the Triton and torch attention backends
                token-identical on CUDA, then fp32-exact's cases (compiled too) through Triton
-  moe-bf16     tiny Mixtral / Qwen3-MoE in bf16: eager, graphs, compiled decode, compiled prefill,
+  moe-bf16     tiny Mixtral / Qwen3-MoE / gpt-oss in bf16: eager, graphs, compiled decode, compiled prefill,
                the CUDA defaults, each as near the fp32 model's greedy tokens as transformers'
                bf16 generate (24 prompts, 2 of slack)
   graphs       decode through CUDA graphs == the same engine without graphs, token for token; each
@@ -358,7 +357,8 @@ def main() -> int:
     checks = {"kernels": check_kernels, "argmax": lambda: {"cases": check_argmax()}, "sampler": check_sampler, "fp32-exact": check_fp32_exact,
               "more-families": lambda: check_fp32_exact(args.families.split(",") if args.families else MORE_FAMILIES,
                                                         compiled=True),
-              "graphs": check_graphs, "moe-bf16": check_moe_bf16, "capped-triton": check_capped_triton, "split": check_split, "async": check_async, "fused": check_fused,
+              "graphs": check_graphs, "moe-bf16": check_moe_bf16, "capped-triton": check_capped_triton,
+              "split": check_split, "async": check_async, "fused": check_fused,
               "compiled-prefill": check_compiled_prefill, "prompt-logprobs": check_prompt_logprobs,
               "prompt-logprobs-1b": check_prompt_logprobs_1b,
               "gemv": check_gemv, "bf16-1b": check_bf16_1b, "bf16-1b-fused": lambda: check_bf16_1b(fuse=True),

@@ -149,7 +149,6 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    import sys
+    from tests.workers.engine import interpreter_runs
 
-    if "tests.workers.engine.interpreter_runs" in sys.modules:
-        sys.modules["tests.workers.engine.interpreter_runs"].stop()
+    interpreter_runs.stop()  # whatever still runs (nothing when they were not started)

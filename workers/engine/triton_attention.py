@@ -68,6 +68,11 @@ def _log2_cap(softcap: float | None) -> float:
     return float(softcap) * 1.4426950408889634 if softcap else 0.0
 
 
+def _sinks_arg(sinks: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """The kernels' sinks pointer: gpt-oss's per-head sinks, else any tensor (HAS_SINKS off: unread)."""
+    return stand_in if sinks is None else sinks
+
+
 class TritonPagedAttention(StepStaging, AttentionBackend):
     def __init__(self, kv_cache: KVCache, num_q_heads: int, max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, max_model_len: int = 2048):
@@ -262,7 +267,7 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
             self.anchor, layer_off, self.kv_off,
             m.dev_block_off, m.dev_view("qb_seq"), m.dev_view("qb_start"), m.dev_view("q_start"),
             m.dev_view("q_len"), m.dev_view("ctx"), m.dev_view("blk_start"),
-            float(scaling), int(sliding_window or 0), q if sinks is None else sinks,
+            float(scaling), int(sliding_window or 0), _sinks_arg(sinks, q),
             G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs,
             BLOCK_Q=self.block_q, BLOCK_M=block_m, BLOCK_N=self.decode_block_n if decode else self.prefill_block_n,
             USE_WINDOW=bool(sliding_window), INTERPRET=INTERPRET, SPLIT_DIAGONAL=self.split_diagonal,
@@ -291,7 +296,8 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
             o, o.stride(0), o.stride(1), self.anchor, layer_off, self.kv_off, m.dev_block_off,
             m.dev_view("dec_seq"), m.dev_view("q_start"), m.dev_view("ctx"), m.dev_view("blk_start"),
             m.dev_slot_off, m.dev_view("n_real"), part_m, part_l, part_acc, arrivals, float(scaling), window,
-            launch.max_chunks, q if sinks is None else sinks, G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs, BLOCK_M=max(16, block_g),
+            launch.max_chunks, _sinks_arg(sinks, q), G=G, HKV=self.H, D=self.D, BLOCK_D=block_d, BS=self.bs,
+            BLOCK_M=max(16, block_g),
             BLOCK_N=launch.block_n, CHUNK_KEYS=launch.chunk_keys, BLOCK_G=block_g, USE_WINDOW=bool(sliding_window),
             WRITE_KV=launch.fuse_write, COMBINE_LAST=launch.merge_last, ALL_DECODE=launch.all_decode,
             INTERPRET=INTERPRET, DOT_PRECISION=precision, PDL=self.decode_pdl,
@@ -301,7 +307,7 @@ class TritonPagedAttention(StepStaging, AttentionBackend):
         if not launch.merge_last:
             decode_combine_kernel[(launch.rows, self.H)](
                 part_m, part_l, part_acc, o, o.stride(0), o.stride(1), m.dev_view("dec_seq"), m.dev_view("q_start"),
-                m.dev_view("ctx"), window, launch.max_chunks, q if sinks is None else sinks, G=G, HKV=self.H, D=self.D,
+                m.dev_view("ctx"), window, launch.max_chunks, _sinks_arg(sinks, q), G=G, HKV=self.H, D=self.D,
                 CHUNK_KEYS=launch.chunk_keys, BLOCK_G=block_g, BLOCK_D=block_d, USE_WINDOW=bool(sliding_window),
                 ALL_DECODE=launch.all_decode, INTERPRET=INTERPRET, HAS_SINKS=sinks is not None, num_warps=launch.warps,
             )
