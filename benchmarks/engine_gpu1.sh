@@ -280,6 +280,10 @@ case $part in
     # chunks whose merge adds the sinks once); passed on an H200 in 275 s (twenty-third session)
     step kernels 560 python3 benchmarks/gpu_check.py --only kernels
     ;;
+  mxfp4)
+    # gpt-oss as released: MXFP4 experts dequantized at load (bf16 / fp32 weights, fp32 tokens vs generate)
+    step mxfp4 300 python3 benchmarks/gpu_check.py --only mxfp4
+    ;;
   moe)
     # mixture-of-experts in bf16 (as served): each variant against the fp32 model (twenty-second
     # session's rule), then compiled vs not (benchmarks/moe_compile_probe.py --only engine_speed)

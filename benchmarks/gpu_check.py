@@ -64,7 +64,8 @@ sys.modules.setdefault("benchmarks.gpu_check", sys.modules[__name__])
 
 from benchmarks.gpu_check_argmax import check_argmax  # noqa: E402
 from benchmarks.gpu_check_bf16 import check_bf16_1b  # noqa: E402
-from benchmarks.gpu_check_families import _capped, check_capped_triton, check_fp32_exact, check_moe_bf16  # noqa: E402
+from benchmarks.gpu_check_families import (_capped, check_capped_triton, check_fp32_exact,  # noqa: E402
+                                           check_moe_bf16, check_mxfp4)
 from benchmarks.gpu_check_prompt_logprobs import check_prompt_logprobs, check_prompt_logprobs_1b  # noqa: E402
 from kv_transfer.layout import KVLayout  # noqa: E402
 from tests.tiny_models import FAMILIES, MORE_FAMILIES, build_tiny_checkpoint  # noqa: E402
@@ -357,7 +358,7 @@ def main() -> int:
     checks = {"kernels": check_kernels, "argmax": lambda: {"cases": check_argmax()}, "sampler": check_sampler, "fp32-exact": check_fp32_exact,
               "more-families": lambda: check_fp32_exact(args.families.split(",") if args.families else MORE_FAMILIES,
                                                         compiled=True),
-              "graphs": check_graphs, "moe-bf16": check_moe_bf16, "capped-triton": check_capped_triton,
+              "graphs": check_graphs, "moe-bf16": check_moe_bf16, "capped-triton": check_capped_triton, "mxfp4": check_mxfp4,
               "split": check_split, "async": check_async, "fused": check_fused,
               "compiled-prefill": check_compiled_prefill, "prompt-logprobs": check_prompt_logprobs,
               "prompt-logprobs-1b": check_prompt_logprobs_1b,

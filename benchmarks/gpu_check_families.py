@@ -1,6 +1,7 @@
 """gpu_check.py's checks of model families (its module imports this one): each family token-identical
 to transformers' generate in fp32 (fp32-exact, more-families), mixture-of-experts in bf16 (moe-bf16)
-and Gemma 2's attention logit cap through the Triton kernels (capped-triton). CUDA only."""
+Gemma 2's attention logit cap through the Triton kernels (capped-triton) and gpt-oss's MXFP4
+checkpoints dequantized at load (mxfp4). CUDA only."""
 
 from __future__ import annotations
 
@@ -127,3 +128,27 @@ def check_moe_bf16() -> dict:
     if bad:
         raise AssertionError(f"further from the fp32 model than transformers' bf16 generate: {bad}; all: {out}")
     return {"prompts": 24, **out}
+
+
+def check_mxfp4() -> dict:
+    """gpt-oss as released (its experts' weights in MXFP4), dequantized at load on the GPU: the
+    engine's expert weights are the values the 4-bit codes decode to, in bf16 and fp32 (bf16 holds
+    them exactly), and the fp32 engine is token-identical to generate on the same checkpoint,
+    whole and with the steps compiled."""
+    from benchmarks.gpu_check import CACHE, hf_generate, make  # its module imports this one
+    from tests.tiny_models import build_mxfp4_checkpoint
+
+    src = build_tiny_checkpoint("gpt_oss", CACHE / "tiny-gpt_oss")
+    d, decoded = build_mxfp4_checkpoint(src, CACHE / "tiny-gpt_oss-mxfp4")
+    d, bad = str(d), []
+    for dtype in ("bfloat16", "float32"):
+        params = dict(make(d, dtype=dtype).runner.model.named_parameters())
+        bad += [f"{dtype}/{name}" for name, values in decoded.items()
+                if params[name].dtype != getattr(torch, dtype) or not torch.equal(params[name].detach().cpu().float(), values)]
+    ref = {f"r{i}": hf_generate(d, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
+    for label, kw in [("whole", {}), ("compiled", dict(compile_decode=True, compile_prefill=True))]:
+        if run_all(make(d, **kw), PROMPTS) != ref:
+            bad.append(label)
+    if bad:
+        raise AssertionError(f"MXFP4 gpt-oss: expert weights not the decoded values / not token-identical: {bad}")
+    return {"expert_weights": len(decoded), "cases": 2}

@@ -137,3 +137,43 @@ def build_tiny_checkpoint(family: str, out_dir: str | os.PathLike, seed: int | N
             shutil.rmtree(out)
             tmp.rename(out)
     return out
+
+
+# MXFP4's 4-bit values (e2m1), by code: bit 3 is the sign
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An expert weight as gpt-oss's checkpoints store it: ``w`` [experts, in, out] (the model's
+    parameter) -> blocks [experts, out, in / 32, 16] (two 4-bit codes a byte, the low nibble first),
+    scales [experts, out, in / 32] (a power of two per 32 inputs, as exponent + 127), and the values
+    they decode to (shaped as ``w``)."""
+    grid = torch.tensor(FP4_VALUES)
+    rows = w.transpose(1, 2).reshape(w.shape[0], w.shape[2], w.shape[1] // 32, 32)
+    exp = torch.ceil(torch.log2(rows.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-127, 127)
+    scaled = rows / torch.exp2(exp)[..., None]
+    codes = (scaled[..., None] - grid).abs().argmin(-1)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8).contiguous()
+    values = (grid[codes] * torch.exp2(exp)[..., None]).reshape(w.shape[0], w.shape[2], w.shape[1]).transpose(1, 2)
+    return blocks, (exp + 127).to(torch.uint8).contiguous(), values.contiguous()
+
+
+def build_mxfp4_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A copy of a tiny gpt-oss checkpoint with its experts' weights in MXFP4, laid out and
+    configured as the released gpt-oss checkpoints are; returns it and, per expert weight, the
+    values its MXFP4 codes decode to."""
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out)
+    weights = load_file(out / "model.safetensors")
+    decoded = {}
+    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        weights[f"{name}_blocks"], weights[f"{name}_scales"], decoded[name] = quantize_mxfp4(weights.pop(name))
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out, decoded

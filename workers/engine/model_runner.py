@@ -90,6 +90,30 @@ def load_hf_config(path: str):
     return config
 
 
+def quantized_load_args(config, dtype: torch.dtype) -> dict:
+    """from_pretrained's arguments for a quantized checkpoint. MXFP4 (gpt-oss's released
+    checkpoints: the experts' weights as 4-bit values with a shared scale per 32) is dequantized to
+    the engine's dtype at load, always: transformers would otherwise swap in its own MXFP4 expert
+    kernels where the `kernels` package can fetch them (and dequantize where it cannot), so what ran
+    would depend on the machine. Any other quantization is refused: the engine's fused
+    projections and decode kernels read the modules' weights as plain tensors."""
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return {}
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    method = str(getattr(method, "value", method))
+    if method == "mxfp4":
+        from transformers import Mxfp4Config
+
+        log.warning("the checkpoint's MXFP4 expert weights are dequantized to %s at load (pdserve has no MXFP4 "
+                    "kernels): its experts take about %dx the checkpoint's bytes for them in memory", dtype,
+                    torch.finfo(dtype).bits // 4)
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    raise UnsupportedModelError(f"quantized checkpoints are not supported (quantization_config.quant_method "
+                                f"{method!r}): pdserve runs unquantized weights (bfloat16, float16 or float32); "
+                                f"serve the unquantized checkpoint of this model")
+
+
 def load_tokenizer(path: str):
     """The checkpoint's tokenizer, or None when it ships none: the engine then works on token ids
     only (no text in deltas, no stop strings), as a benchmark of token-id workloads needs."""
@@ -116,7 +140,8 @@ class ModelRunner:
         self.hf_config = load_hf_config(model_path)
         model_cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.hf_config.model_type]
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.dtype, attn_implementation=PAGED_ATTN
+            model_path, dtype=self.dtype, attn_implementation=PAGED_ATTN,
+            **quantized_load_args(self.hf_config, self.dtype)
         ).to(self.device).eval()
         if not type(self.model).is_backend_compatible():
             raise UnsupportedModelError(f"{model_cls_name} does not use transformers' attention interface")

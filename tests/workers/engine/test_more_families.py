@@ -5,7 +5,11 @@ positions, layers without RoPE). The engine has no code of its own per family: t
 paged attention, KV layout, RoPE tables, chunked prefill, preemption, prefix cache and fused
 projections serve each."""
 
+import json
+import shutil
+
 import pytest
+import torch
 
 from tests.tiny_models import MORE_FAMILIES
 from tests.workers.engine.helpers import GREEDY, PROMPTS, assert_all_blocks_free, hf_greedy, make_engine, run_all
@@ -51,3 +55,36 @@ def test_tested_families_are_the_ones_tested():
     from tests.tiny_models import FAMILIES
 
     assert set(TESTED_MODEL_TYPES) == set(FAMILIES) | set(MORE_FAMILIES)
+
+
+def test_mxfp4_gpt_oss_is_dequantized_at_load(tiny_checkpoint, tmp_path, caplog):
+    """gpt-oss as released: the experts' weights in MXFP4 (4-bit values, a power-of-two scale per
+    32). The engine dequantizes them to its dtype at load, says so, and then serves the model
+    token-identical to transformers' generate on the same checkpoint."""
+    from tests.tiny_models import build_mxfp4_checkpoint
+
+    model_dir, decoded = build_mxfp4_checkpoint(tiny_checkpoint("gpt_oss"), tmp_path / "tiny-gpt-oss-mxfp4")
+    with caplog.at_level("WARNING", logger="workers.engine.model_runner"):
+        engine = make_engine(str(model_dir))
+    assert "MXFP4 expert weights are dequantized to torch.float32" in caplog.text
+    params = dict(engine.runner.model.named_parameters())
+    for name, values in decoded.items():  # the 4-bit values times their scales, not the original weights
+        assert params[name].dtype == torch.float32 and torch.equal(params[name].detach(), values), name
+    original = make_engine(tiny_checkpoint("gpt_oss")).runner.model.state_dict()
+    assert not torch.equal(original[name], values)
+    ref = {f"r{i}": hf_greedy(str(model_dir), p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
+    assert run_all(engine, PROMPTS) == ref
+    assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("method", ["gptq", "fp8", "bitsandbytes"])
+def test_other_quantized_checkpoints_are_refused(tiny_checkpoint, tmp_path, method):
+    """Quantized checkpoints other than MXFP4 would run transformers' quantized modules under the
+    engine's fused kernels, which read plain weights: refused at load, with the method named."""
+    model_dir = tmp_path / f"tiny-{method}"
+    shutil.copytree(tiny_checkpoint("llama"), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=f"quant_method '{method}'.*unquantized checkpoint"):
+        make_engine(str(model_dir))
