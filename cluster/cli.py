@@ -25,10 +25,10 @@ def _up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster-name", help="cluster name (etcd prefix, Ray namespace)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--ray-address", help="join an existing Ray cluster ('auto' on a ray up / KubeRay head)")
-    p.add_argument("--tool-call-parser", choices=["hermes"],
+    p.add_argument("--tool-call-parser", choices=["hermes", "gpt_oss"],
                    help="how the model writes tool calls (chat tool_choice 'auto'); see server.tool_call_parser")
-    p.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"],
-                   help="keep a thinking model's <think>...</think> apart from its answer; see server.reasoning_parser")
+    p.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1", "gpt_oss"],
+                   help="keep a thinking model's reasoning apart from its answer; see server.reasoning_parser")
     p.add_argument("--detach", action="store_true", help="run in the background; stop with `pdserve down`")
 
 

@@ -160,13 +160,16 @@ class ServerConfig(_Section):
                              "spread over them; each admits limits.max_concurrent_requests and routes from its own "
                              "view of the workers (polled, so all views see the same loads and prefixes)")
     ingress_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs per endpoint replica")
-    tool_call_parser: Literal["hermes"] | None = Field(
+    tool_call_parser: Literal["hermes", "gpt_oss"] | None = Field(
         None, description="How this model writes tool calls in its text, for chat tool_choice 'auto' (OpenAI's "
-                          "default with tools): hermes (<tool_call>{...}</tool_call>: Hermes, Qwen 2.5/3). None: "
+                          "default with tools): hermes (<tool_call>{...}</tool_call>: Hermes, Qwen 2.5/3), gpt_oss "
+                          "(harmony's messages to functions.NAME; the same as reasoning_parser gpt_oss). None: "
                           "'auto' is a 400; a named function and 'required' work with any model")
-    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = Field(
-        None, description="Keep a thinking model's <think>...</think> apart from its answer: chat's "
-                          "message.reasoning_content, the Responses API's reasoning item")
+    reasoning_parser: Literal["qwen3", "deepseek_r1", "gpt_oss"] | None = Field(
+        None, description="Keep a thinking model's reasoning apart from its answer: chat's "
+                          "message.reasoning_content, the Responses API's reasoning item. qwen3, deepseek_r1: "
+                          "<think>...</think>; gpt_oss: harmony's channels (analysis, final, and tool calls "
+                          "to functions.NAME; the same as tool_call_parser gpt_oss)")
 
     @field_validator("api_keys")
     @classmethod
@@ -180,6 +183,20 @@ class ServerConfig(_Section):
         if self.port == self.admin_port:
             raise ValueError(f"port and admin_port must differ (both {self.port})")
         return self
+
+    @model_validator(mode="after")
+    def _one_output_format(self) -> "ServerConfig":
+        parsers = {self.tool_call_parser, self.reasoning_parser} - {None}
+        if "gpt_oss" in parsers and len(parsers) > 1:
+            raise ValueError(f"gpt_oss (harmony) parses both the reasoning and the tool calls: it cannot go with "
+                             f"{(parsers - {'gpt_oss'}).pop()}; set server.tool_call_parser and "
+                             f"server.reasoning_parser to gpt_oss or leave one unset")
+        return self
+
+    @property
+    def harmony(self) -> bool:
+        """The output is gpt-oss's harmony messages (router/harmony.py)."""
+        return "gpt_oss" in (self.tool_call_parser, self.reasoning_parser)
 
 
 class PdserveConfig(_Section):

@@ -30,6 +30,7 @@ from router import fanout
 from router import openai_format as fmt
 from router.cluster_view import ClusterView
 from router.endpoint_errors import ERROR_RESPONSES, UNAVAILABLE, first_delta, install_error_handlers, stream_error
+from router.harmony import Harmony
 from router.metrics import EndpointMetrics
 from router.openai_models import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                   CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard,
@@ -73,6 +74,7 @@ class OpenAIIngress:
         self.model_name = served_model_name(model_path, self.config.model.served_model_name)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._think_ids = marker_ids(self.tokenizer)  # <think>, </think> as tokens, or None
+        self._harmony = Harmony.of(self.tokenizer) if self.config.server.harmony else None
         from workers.engine.model_runner import load_hf_config
 
         text_config = load_hf_config(model_path).get_text_config()
@@ -261,15 +263,21 @@ class OpenAIIngress:
         return StreamingResponse(events, media_type="text/event-stream")
 
     # -- internals -----------------------------------------------------------------------------
-    def _chat_request(self, body: ChatCompletionRequest) -> tuple[ToolPlan, list[int], SamplingParams, bool | None]:
+    def _chat_request(self, body: ChatCompletionRequest) -> tuple[ToolPlan, list[int], SamplingParams,
+                                                                  bool | Harmony | None]:
         """A chat request's tool plan, prompt ids (the template's, tools included), sampling, and
         whether the template opened the model's reasoning (None without server.reasoning_parser;
-        router/reasoning.py). With a reasoning parser a constraint holds after the reasoning."""
-        tools = ToolPlan.of(body, self.config.server.tool_call_parser)
+        router/reasoning.py), or the Harmony parser's settings for gpt-oss (router/harmony.py).
+        With a <think> parser a constraint holds after the reasoning; with harmony it holds from
+        the first token (the output is then plain text, no channels)."""
+        server = self.config.server
+        tools = ToolPlan.of(body, "gpt_oss" if server.harmony else server.tool_call_parser)
         prompt = truncated(chat_prompt(self.tokenizer, body, tools.template_tools), body)
         sampling = sampling_params(body, len(prompt), self.max_model_len, self.config.limits,
                                    default_max_tokens=None, tool_constraint=tools.constraint)
-        if self.config.server.reasoning_parser is None:
+        if server.harmony:  # the channels are special tokens: the parser needs their text
+            return tools, prompt, dataclasses.replace(sampling, skip_special_tokens=False), self._harmony
+        if server.reasoning_parser is None:
             return tools, prompt, sampling, None
         tail = self.tokenizer.decode(prompt[-8:])
         markers = constraint_markers(self._think_ids, tail) if sampling.structured is not None else None

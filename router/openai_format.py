@@ -7,6 +7,7 @@ import json
 import time
 from dataclasses import dataclass
 
+from router import harmony
 from router.openai_models import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChoiceLogprobs,
                                   CompletionChoice, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
                                   TokenLogprob, TopLogprob, Usage)
@@ -129,10 +130,13 @@ def completion_body(rid: str, model: str, accs: list[Accumulator], want_logprobs
 
 
 def answer_parts(text: str, finish: str | None, tools: ToolPlan,
-                 reasoning: bool | None) -> tuple[str | None, str | None, list[dict] | None, str | None]:
+                 reasoning: bool | harmony.Harmony | None) -> tuple[str | None, str | None, list[dict] | None, str | None]:
     """(reasoning, content, tool calls, finish_reason) of a finished output: the reasoning apart
     (``reasoning``: None, or whether the prompt opened it; router/reasoning.py), then the calls out
-    of the answer (router/tool_calls.py)."""
+    of the answer (router/tool_calls.py). ``reasoning`` a harmony.Harmony: gpt-oss's channels
+    say which is which (router/harmony.py)."""
+    if isinstance(reasoning, harmony.Harmony):
+        return harmony.answer_parts(text, finish, tools, reasoning)
     thought, text = split_reasoning(text, reasoning) if reasoning is not None else (None, text)
     return thought, *tools.message(text, finish)
 
@@ -141,17 +145,21 @@ class AnswerStream:
     """One streamed choice's text split as answer_parts splits the whole: add(text, finish) ->
     (reasoning delta, chat deltas of content and tool calls, finish_reason)."""
 
-    def __init__(self, tools: ToolPlan, reasoning: bool | None):
-        self.thought = ReasoningStream(reasoning) if reasoning is not None else None
+    def __init__(self, tools: ToolPlan, reasoning: bool | harmony.Harmony | None):
+        is_harmony = isinstance(reasoning, harmony.Harmony)
+        self.harmony = harmony.HarmonyStream(tools, reasoning) if is_harmony else None
+        self.thought = ReasoningStream(reasoning) if reasoning is not None and not is_harmony else None
         self.tools = tools.streamer()
 
     def add(self, text: str, finish: str | None) -> tuple[str, list[dict], str | None]:
+        if self.harmony is not None:
+            return self.harmony.add(text, finish)
         thought, text = self.thought.add(text, finish is not None) if self.thought is not None else ("", text)
         return (thought, *self.tools.add(text, finish))
 
 
 def chat_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool, tools: ToolPlan,
-              reasoning: bool | None = None) -> ChatCompletionResponse:
+              reasoning: bool | harmony.Harmony | None = None) -> ChatCompletionResponse:
     """``tools`` and ``reasoning``: as answer_parts takes them."""
     choices = []
     for i, acc in enumerate(accs):

@@ -184,8 +184,10 @@ def item_id(kind: str) -> str:
 class ResponseBuilder:
     """One request's Responses answer: the response object, whole or as stream events."""
 
-    def __init__(self, rid: str, model: str, body: ResponsesRequest, plan: ToolPlan, reasoning: bool | None = None):
-        """``reasoning``: None, or whether the prompt opened the model's reasoning (router/reasoning.py)."""
+    def __init__(self, rid: str, model: str, body: ResponsesRequest, plan: ToolPlan,
+                 reasoning=None):
+        """``reasoning``: None, whether the prompt opened the model's reasoning (router/reasoning.py),
+        or a harmony.Harmony (gpt-oss's channels, router/harmony.py)."""
         self.rid, self.model, self.body, self.plan, self.reasoning = rid, model, body, plan, reasoning
         self.created = int(time.time())
         self.seq = 0

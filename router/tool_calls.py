@@ -10,7 +10,9 @@
     "auto"       either (OpenAI's default with tools)  the model's own tool-call format, parsed from
                                                        its text: needs server.tool_call_parser
                                                        ("hermes": <tool_call>{"name", "arguments"}
-                                                       </tool_call>, as Hermes, Qwen 2.5/3 write)
+                                                       </tool_call>, as Hermes, Qwen 2.5/3 write;
+                                                       "gpt_oss": harmony's messages to
+                                                       functions.NAME, router/harmony.py)
 
 The tools go to the model's chat template (`tools=`), which says how the model sees them; a
 template without tool support shows nothing of them, and then only a forced choice (named or
@@ -71,7 +73,8 @@ class ToolPlan:
                     "tool_choice 'auto' (the default with tools) needs the server's tool-call parser: set "
                     "server.tool_call_parser (e.g. hermes) for this model, or send tool_choice 'required' or a "
                     "named function, which work with any model", "tool_choice")
-            return cls("auto", template_tools, parallel=body.parallel_tool_calls)  # hermes: the one parser
+            # hermes: parsed here (_parse); gpt_oss: from harmony's messages (router/harmony.py)
+            return cls("auto", template_tools, parallel=body.parallel_tool_calls)
         if choice == "required":
             cases = [{"type": "object", "properties": {"name": {"const": t.function.name},
                                                        "parameters": _parameters(t.function)},

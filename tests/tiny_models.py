@@ -36,7 +36,18 @@ THINK_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}"
                                             "<|im_start|>assistant\n<think>\n{% endif %}")
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 384, think: bool = False):
+# gpt-oss's harmony format: its markers are special tokens, <|return|> and <|call|> end the output;
+# the template shows the tools in a developer message and leaves the assistant's header open
+HARMONY_TOKENS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>"]
+HARMONY_CHAT_TEMPLATE = (
+    "{% if tools %}<|start|>developer<|message|># Tools\n{% for t in tools %}{{ t['function']['name'] }}\n"
+    "{% endfor %}<|end|>{% endif %}"
+    "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 384, think: bool = False, harmony: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,6 +63,9 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 384, think: bool = False):
     if think:  # tokens of their own, but text (not special), as in Qwen3's and DeepSeek-R1's tokenizers
         fast.add_tokens(["<think>", "</think>"])
     fast.chat_template = THINK_CHAT_TEMPLATE if think else CHAT_TEMPLATE
+    if harmony:
+        fast.add_special_tokens({"additional_special_tokens": HARMONY_TOKENS})
+        fast.eos_token, fast.chat_template = "<|return|>", HARMONY_CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     return fast
 
@@ -108,9 +122,10 @@ def _config(family: str, vocab_size: int, eos_id: int):
 
 
 def build_tiny_checkpoint(family: str, out_dir: str | os.PathLike, seed: int | None = None,
-                          think: bool = False) -> Path:
+                          think: bool = False, harmony: bool = False) -> Path:
     """Save a seeded random model + tokenizer; returns the directory. Idempotent. ``think``: a
-    thinking model's tokenizer (<think> and </think> tokens, a template that opens the reasoning)."""
+    thinking model's tokenizer (<think> and </think> tokens, a template that opens the reasoning);
+    ``harmony``: gpt-oss's (its markers as special tokens, <|return|> and <|call|> as EOS)."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
@@ -120,12 +135,13 @@ def build_tiny_checkpoint(family: str, out_dir: str | os.PathLike, seed: int | N
     # suite and its Triton interpreter processes) never see a half-written one
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    tok = build_tokenizer(tmp, think=think)
+    tok = build_tokenizer(tmp, think=think, harmony=harmony)
     seed = (FAMILIES + MORE_FAMILIES).index(family) if seed is None else seed
     torch.manual_seed(seed)
-    cfg = _config(family, len(tok), tok.convert_tokens_to_ids("<|im_end|>"))
+    cfg = _config(family, len(tok), tok.convert_tokens_to_ids(tok.eos_token))
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.generation_config.eos_token_id = cfg.eos_token_id
+    model.generation_config.eos_token_id = [cfg.eos_token_id, tok.convert_tokens_to_ids("<|call|>")] if harmony \
+        else cfg.eos_token_id
     model.save_pretrained(tmp)
     (tmp / "pdserve_test_model.json").write_text(json.dumps({"family": family, "seed": seed}))
     try:
