@@ -245,6 +245,9 @@ class ChatCompletionRequest(_Request, ChatTemplateOptions):
         None, description="none, auto (the default with tools: needs server.tool_call_parser), required (at least "
                           "one call, any model) or a named function (that call, any model)")
     parallel_tool_calls: StrictBool = Field(True, description="false: at most one call")
+    reasoning_effort: Literal["low", "medium", "high"] | None = Field(
+        None, description="For reasoning models whose chat template takes it (gpt-oss: 'Reasoning: high' in its "
+                          "system message): the template's reasoning_effort; other templates ignore it")
     # OpenAI's deprecated forms of tools are refused, not answered as if there were none
     functions: list | None = Field(None, max_length=0, description="Deprecated by OpenAI: use tools")
     function_call: Literal["none"] | None = Field(None, description="Deprecated by OpenAI: use tool_choice")

@@ -48,6 +48,12 @@ def chat_prompt(tokenizer, body: ChatCompletionRequest | TokenizeRequest, tools:
         raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
     messages = [m.for_template() for m in body.messages]
     extra = dict(body.chat_template_kwargs or {})
+    effort = getattr(body, "reasoning_effort", None)
+    if effort is not None:
+        if extra.get("reasoning_effort", effort) != effort:
+            raise InvalidRequestError("reasoning_effort and chat_template_kwargs.reasoning_effort differ",
+                                      "reasoning_effort")
+        extra["reasoning_effort"] = effort
     if tools is not None and "tools" in extra:
         raise InvalidRequestError("send the tools in tools, not in chat_template_kwargs", "chat_template_kwargs")
     taken = sorted(set(extra) & _reserved_template_args(type(tokenizer))) if extra else []

@@ -83,6 +83,12 @@ class TextConfig(BaseModel):
     format: TextFormat | None = None
 
 
+class ReasoningConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # summary: not produced (the reasoning item has the text)
+
+    effort: Literal["low", "medium", "high"] | None = None
+
+
 class ResponsesRequest(BaseModel):
     """What pdserve takes of a Responses request; other fields are ignored, as in the chat API."""
     model_config = ConfigDict(extra="ignore")
@@ -99,6 +105,7 @@ class ResponsesRequest(BaseModel):
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: StrictBool = True
     text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = Field(None, description="effort: the chat request's reasoning_effort")
     metadata: dict[str, str] | None = Field(None, max_length=16)
     user: str | None = None
     seed: int | None = None
@@ -132,7 +139,8 @@ class ResponsesRequest(BaseModel):
             raise InvalidRequestError("input has no turn to answer", "input")
         chat = {"model": self.model, "messages": messages, "max_completion_tokens": self.max_output_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                "parallel_tool_calls": self.parallel_tool_calls, "priority": self.priority}
+                "parallel_tool_calls": self.parallel_tool_calls, "priority": self.priority,
+                "reasoning_effort": self.reasoning.effort if self.reasoning is not None else None}
         if self.structured_outputs is not None:
             chat["structured_outputs"] = self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
         if self.tools:

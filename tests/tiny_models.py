@@ -37,9 +37,11 @@ THINK_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}"
 
 
 # gpt-oss's harmony format: its markers are special tokens, <|return|> and <|call|> end the output;
-# the template shows the tools in a developer message and leaves the assistant's header open
+# the template shows the reasoning effort in a system message and the tools in a developer message, and
+# leaves the assistant's header open
 HARMONY_TOKENS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>"]
 HARMONY_CHAT_TEMPLATE = (
+    "{% if reasoning_effort %}<|start|>system<|message|>Reasoning: {{ reasoning_effort }}<|end|>{% endif %}"
     "{% if tools %}<|start|>developer<|message|># Tools\n{% for t in tools %}{{ t['function']['name'] }}\n"
     "{% endfor %}<|end|>{% endif %}"
     "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"

@@ -128,3 +128,25 @@ def test_free_output_leaks_no_marker_and_a_constrained_answer_is_plain(client, c
                                        temperature=0, response_format={"type": "json_schema", "json_schema": {
                                            "name": "w", "schema": {"enum": ["Paris", "Lyon"]}}})
     assert r.choices[0].message.content in ('"Paris"', '"Lyon"') and r.choices[0].message.reasoning_content is None
+
+
+def test_reasoning_effort_reaches_the_template(client, cluster, harmony_model):
+    """OpenAI's reasoning_effort (the Responses API's reasoning.effort) is the template's
+    reasoning_effort, as gpt-oss's template takes it (its system message says 'Reasoning: high')."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(harmony_model)
+    model = cluster.config.model.served_model_name
+    want = len(tok.apply_chat_template(ASK, add_generation_prompt=True, reasoning_effort="high", tokenize=True,
+                                       return_dict=True)["input_ids"])
+    plain = client.chat.completions.create(model=model, messages=ASK, max_tokens=1).usage.prompt_tokens
+    high = client.chat.completions.create(model=model, messages=ASK, max_tokens=1, reasoning_effort="high")
+    assert high.usage.prompt_tokens == want > plain
+    r = client.responses.create(model=model, input=ASK[0]["content"], max_output_tokens=1, reasoning={"effort": "high"})
+    assert r.usage.input_tokens == want
+    for bad, param in [(dict(reasoning_effort="extreme"), "reasoning_effort"),
+                       (dict(reasoning_effort="high", extra_body={"chat_template_kwargs": {"reasoning_effort": "low"}}),
+                        "reasoning_effort")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model, messages=ASK, max_tokens=1, **bad)
+        assert e.value.body["type"] == "invalid_request_error" and param in (e.value.body["param"] or ""), e.value.body
