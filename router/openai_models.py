@@ -143,6 +143,9 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's calls (passed to the template)")
     tool_call_id: str | None = Field(None, description="A tool turn: the call it answers")
     name: str | None = None
+    reasoning_content: str | None = Field(
+        None, description="An assistant turn's reasoning as the answer gave it, passed back (the template decides "
+                          "what to show: Qwen3's reads reasoning_content, gpt-oss's thinking, e.g. before a tool call)")
 
     def text(self) -> str:
         if self.content is None:
@@ -168,6 +171,8 @@ class ChatMessage(BaseModel):
             m["tool_call_id"] = self.tool_call_id
         if self.name is not None:
             m["name"] = self.name
+        if self.reasoning_content is not None:  # Qwen3's templates read the one, gpt-oss's the other
+            m["reasoning_content"] = m["thinking"] = self.reasoning_content
         return m
 
 

@@ -44,7 +44,13 @@ HARMONY_CHAT_TEMPLATE = (
     "{% if reasoning_effort %}<|start|>system<|message|>Reasoning: {{ reasoning_effort }}<|end|>{% endif %}"
     "{% if tools %}<|start|>developer<|message|># Tools\n{% for t in tools %}{{ t['function']['name'] }}\n"
     "{% endfor %}<|end|>{% endif %}"
-    "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% for m in messages %}{% if m['role'] == 'assistant' and m['tool_calls'] %}"
+    "{% if m['thinking'] %}<|start|>assistant<|channel|>analysis<|message|>{{ m['thinking'] }}<|end|>{% endif %}"
+    "{% for c in m['tool_calls'] %}<|start|>assistant to=functions.{{ c['function']['name'] }}<|channel|>commentary"
+    " json<|message|>{{ c['function']['arguments'] | tojson }}<|call|>{% endfor %}"
+    "{% elif m['role'] == 'tool' %}<|start|>functions.tool to=assistant<|channel|>commentary<|message|>"
+    "{{ m['content'] }}<|end|>"
+    "{% else %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
 )
 

@@ -150,3 +150,28 @@ def test_reasoning_effort_reaches_the_template(client, cluster, harmony_model):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=model, messages=ASK, max_tokens=1, **bad)
         assert e.value.body["type"] == "invalid_request_error" and param in (e.value.body["param"] or ""), e.value.body
+
+
+def test_the_reasoning_before_a_call_goes_back_to_the_template(client, cluster, markers, harmony_model):
+    """A tool loop's next turn: the assistant's call and its reasoning_content as the answer gave
+    them, then the tool's result. The template gets the reasoning (gpt-oss's reads it as thinking,
+    Qwen3's as reasoning_content) and shows it before the call."""
+    from transformers import AutoTokenizer
+
+    r = client.chat.completions.create(**forced(cluster, markers, ANALYSIS + CALL, tools=TOOLS))
+    m = r.choices[0].message
+    turn = ASK + [m.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": m.tool_calls[0].id,
+                                                     "content": "sunny"}]
+    tok = AutoTokenizer.from_pretrained(harmony_model)
+    for_template = turn[:1] + [dict(turn[1], thinking=m.reasoning_content, tool_calls=[
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}])] + turn[2:]
+    text = tok.apply_chat_template(for_template, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert "analysis<|message|>The user asks about Paris.<|end|>" in text
+    want = len(tok(text, add_special_tokens=False).input_ids)
+    r = client.chat.completions.create(model=cluster.config.model.served_model_name, messages=turn, tools=TOOLS,
+                                       max_tokens=1)
+    assert r.usage.prompt_tokens == want
+    without = [turn[0], {k: v for k, v in turn[1].items() if k != "reasoning_content"}, turn[2]]
+    r = client.chat.completions.create(model=cluster.config.model.served_model_name, messages=without, tools=TOOLS,
+                                       max_tokens=1)
+    assert r.usage.prompt_tokens < want
