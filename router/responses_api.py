@@ -59,6 +59,25 @@ class FunctionCallOutputItem(BaseModel):
     output: str
 
 
+class ReasoningText(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class ReasoningInputItem(BaseModel):
+    """A reasoning item of an earlier answer, passed back: the next assistant turn's
+    reasoning_content (what a stateless tool loop sends with its function_call)."""
+    model_config = ConfigDict(extra="ignore")  # id, summary, encrypted_content: not used
+
+    type: Literal["reasoning"]
+    content: list[ReasoningText] | None = None
+
+    def text(self) -> str:
+        return "".join(p.text for p in self.content or ())
+
+
 class ResponsesTool(FunctionDef):
     type: Literal["function"]
 
@@ -94,8 +113,9 @@ class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem] = Field(
-        ..., description="Text, or turns: messages (text parts), function_call and function_call_output items")
+    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem | ReasoningInputItem] = Field(
+        ..., description="Text, or turns: messages (text parts), function_call, function_call_output and reasoning "
+                         "items (an earlier answer's, for the assistant turn after it)")
     instructions: str | None = Field(None, description="The system message")
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -122,8 +142,11 @@ class ResponsesRequest(BaseModel):
                                       "whole conversation as input", "previous_response_id")
         messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
         items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        thought = None  # a reasoning item's text, for the assistant turn after it
         for item in items:
-            if isinstance(item, InputMessage):
+            if isinstance(item, ReasoningInputItem):
+                thought = (thought or "") + item.text()
+            elif isinstance(item, InputMessage):
                 messages.append({"role": item.role, "content": item.text()})
             elif isinstance(item, FunctionCallItem):
                 call = {"id": item.call_id, "type": "function", "function": {"name": item.name,
@@ -135,6 +158,8 @@ class ResponsesRequest(BaseModel):
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             else:
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            if thought is not None and messages and messages[-1]["role"] == "assistant":
+                messages[-1]["reasoning_content"], thought = thought, None
         if not messages or messages[-1]["role"] == "system":
             raise InvalidRequestError("input has no turn to answer", "input")
         chat = {"model": self.model, "messages": messages, "max_completion_tokens": self.max_output_tokens,

@@ -175,3 +175,15 @@ def test_the_reasoning_before_a_call_goes_back_to_the_template(client, cluster, 
     r = client.chat.completions.create(model=cluster.config.model.served_model_name, messages=without, tools=TOOLS,
                                        max_tokens=1)
     assert r.usage.prompt_tokens < want
+    # the Responses API's stateless loop: the answer's output items (reasoning, function_call) sent
+    # back with the call's output; the reasoning goes with the call's turn
+    tool = {"type": "function", **TOOLS[0]["function"]}
+    first = client.responses.create(model=cluster.config.model.served_model_name, input=ASK[0]["content"],
+                                    tools=[tool], max_output_tokens=120, temperature=0,
+                                    extra_body={"structured_outputs": {"choice": [ANALYSIS + CALL]}})
+    assert [o.type for o in first.output] == ["reasoning", "function_call"]
+    items = [{"role": "user", "content": ASK[0]["content"]}] + [o.model_dump(exclude_none=True) for o in first.output]
+    items.append({"type": "function_call_output", "call_id": first.output[1].call_id, "output": "sunny"})
+    r = client.responses.create(model=cluster.config.model.served_model_name, input=items, tools=[tool],
+                                max_output_tokens=1)
+    assert r.usage.input_tokens == want
