@@ -114,6 +114,18 @@ def quantized_load_args(config, dtype: torch.dtype) -> dict:
                                 f"serve the unquantized checkpoint of this model")
 
 
+def mxfp4_to_dtype(model, dtype: torch.dtype) -> int:
+    """Dequantized MXFP4 expert weights in ``dtype``: transformers 5.17 dequantizes them to bf16
+    whatever the model's dtype (5.24 to the dtype); the 4-bit values times their power-of-two scales
+    are exact in either. Returns how many parameters changed dtype."""
+    changed = 0
+    for name, p in model.named_parameters():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            changed += 1
+    return changed
+
+
 def load_tokenizer(path: str):
     """The checkpoint's tokenizer, or None when it ships none: the engine then works on token ids
     only (no text in deltas, no stop strings), as a benchmark of token-id workloads needs."""
@@ -139,10 +151,12 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.hf_config = load_hf_config(model_path)
         model_cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.hf_config.model_type]
+        quantized = quantized_load_args(self.hf_config, self.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.dtype, attn_implementation=PAGED_ATTN,
-            **quantized_load_args(self.hf_config, self.dtype)
+            model_path, dtype=self.dtype, attn_implementation=PAGED_ATTN, **quantized
         ).to(self.device).eval()
+        if quantized:
+            mxfp4_to_dtype(self.model, self.dtype)
         if not type(self.model).is_backend_compatible():
             raise UnsupportedModelError(f"{model_cls_name} does not use transformers' attention interface")
         if self.hf_config.model_type not in TESTED_MODEL_TYPES:

@@ -75,6 +75,15 @@ def test_mxfp4_gpt_oss_is_dequantized_at_load(tiny_checkpoint, tmp_path, caplog)
     ref = {f"r{i}": hf_greedy(str(model_dir), p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
     assert run_all(engine, PROMPTS) == ref
     assert_all_blocks_free(engine)
+    # transformers 5.17 (the GPU image's) dequantizes to bf16 whatever the dtype: the engine casts
+    # them back, exactly (the 4-bit values times powers of two are bf16 numbers)
+    from workers.engine.model_runner import mxfp4_to_dtype
+
+    model = engine.runner.model
+    for name in decoded:
+        model.get_parameter(name).data = model.get_parameter(name).data.bfloat16()
+    assert mxfp4_to_dtype(model, torch.float32) == len(decoded)
+    assert all(torch.equal(model.get_parameter(n).detach(), v) for n, v in decoded.items())
 
 
 @pytest.mark.parametrize("method", ["gptq", "fp8", "bitsandbytes"])
