@@ -109,10 +109,15 @@ def test_responses_items(client, cluster):
     r = client.responses.create(**kwargs)
     assert [o.type for o in r.output] == ["reasoning", "message"] and r.output_text == "Sunny in Paris."
     assert r.output[0].content[0].text == "The user asks about Paris."
-    r = client.responses.create(**(kwargs | {"tools": [{"type": "function", **TOOLS[0]["function"]}],
-                                             "extra_body": {"structured_outputs": {"choice": [ANALYSIS + CALL]}}}))
-    assert [o.type for o in r.output] == ["reasoning", "function_call"]
-    assert (r.output[1].name, r.output[1].arguments) == ("get_weather", '{"city": "Paris"}')
+    events = list(client.responses.create(stream=True, **kwargs))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == \
+        "The user asks about Paris."
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Sunny in Paris."
+    with_call = kwargs | {"tools": [{"type": "function", **TOOLS[0]["function"]}],
+                          "extra_body": {"structured_outputs": {"choice": [ANALYSIS + CALL]}}}
+    for r in (client.responses.create(**with_call), list(client.responses.create(stream=True, **with_call))[-1].response):
+        assert [o.type for o in r.output] == ["reasoning", "function_call"]
+        assert (r.output[1].name, r.output[1].arguments) == ("get_weather", '{"city": "Paris"}')
 
 
 def test_free_output_leaks_no_marker_and_a_constrained_answer_is_plain(client, cluster, markers):
