@@ -233,6 +233,8 @@ class OpenAIIngress:
                 lp = fmt.chat_logprobs(acc, list(d.token_ids), list(d.logprobs or ()), d.top_logprobs) \
                     if body.logprobs and d.token_ids else None
                 thought, deltas, finish = streams[index].add(d.text, fmt.finish_str(d.finish_reason))
+                if reasoning is not None:
+                    acc.add_reasoning(thought)
                 if thought:
                     deltas = [{"reasoning_content": thought}] + [x for x in deltas if x != {"content": ""}]
                 if not deltas and (lp or finish):

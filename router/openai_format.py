@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from router import harmony
 from router.openai_models import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChoiceLogprobs,
-                                  CompletionChoice, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
+                                  CompletionChoice, CompletionTokensDetails, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
                                   TokenLogprob, TopLogprob, Usage)
 from router.reasoning import ReasoningStream, split as split_reasoning
 from router.tool_calls import ToolPlan
@@ -43,6 +43,20 @@ class Accumulator:
         self.num_cached_tokens = 0
         self.prompt_logprobs: tuple[float | None, ...] = ()  # SamplingParams.prompt_logprobs: first delta
         self.prompt_top_logprobs: tuple | None = None
+        self.reasoning: str | None = None  # with a reasoning parser: the reasoning text so far
+
+    def add_reasoning(self, text: str | None) -> None:
+        """With a reasoning parser (even when there was none: then usage says 0 reasoning tokens)."""
+        self.reasoning = (self.reasoning or "") + (text or "")
+
+    def reasoning_tokens(self) -> int | None:
+        """The reasoning's tokens, counted by tokenizing its text (the markers around it not
+        included), at most the completion's; None without a reasoning parser."""
+        if self.reasoning is None:
+            return None
+        if not self.reasoning:
+            return 0
+        return min(len(self.token_ids), len(self.tokenizer(self.reasoning, add_special_tokens=False).input_ids))
 
     def add(self, d: TokenDelta) -> None:
         self.text += d.text
@@ -56,9 +70,12 @@ class Accumulator:
             self.prompt_logprobs, self.prompt_top_logprobs = d.prompt_logprobs, d.prompt_top_logprobs
 
     def usage(self) -> Usage:
+        reasoning = self.reasoning_tokens()
         return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=len(self.token_ids),
                      total_tokens=self.num_prompt_tokens + len(self.token_ids),
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens))
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens),
+                     completion_tokens_details=None if reasoning is None else
+                     CompletionTokensDetails(reasoning_tokens=reasoning))
 
     def token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -112,8 +129,11 @@ def usage(accs: list[Accumulator], per_prompt: int | None = None) -> Usage:
     prompt = sum(max(a.num_prompt_tokens for a in g) for g in groups)
     cached = sum(max(a.num_cached_tokens for a in g) for g in groups)
     completion = sum(len(a.token_ids) for a in accs)
+    reasoning = [a.reasoning_tokens() for a in accs]
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+                 completion_tokens_details=None if None in reasoning else
+                 CompletionTokensDetails(reasoning_tokens=sum(reasoning)))
 
 
 def completion_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool,
@@ -164,6 +184,8 @@ def chat_body(rid: str, model: str, accs: list[Accumulator], want_logprobs: bool
     choices = []
     for i, acc in enumerate(accs):
         thought, content, calls, finish = answer_parts(acc.text, finish_str(acc.finish_reason), tools, reasoning)
+        if reasoning is not None:
+            acc.add_reasoning(thought)
         choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, reasoning_content=thought,
                                                                     tool_calls=calls),
                                   finish_reason=finish, logprobs=chat_logprobs(acc, acc.token_ids, acc.logprobs,

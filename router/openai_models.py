@@ -314,6 +314,12 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = Field(
+        None, description="With server.reasoning_parser: how many of the completion tokens were reasoning")
+
+
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int
 
 
 class PromptTokensDetails(BaseModel):

@@ -190,7 +190,8 @@ class ResponsesRequest(BaseModel):
 
 def _usage(acc: Accumulator) -> dict:
     return {"input_tokens": acc.num_prompt_tokens, "input_tokens_details": {"cached_tokens": acc.num_cached_tokens},
-            "output_tokens": len(acc.token_ids), "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": len(acc.token_ids),
+            "output_tokens_details": {"reasoning_tokens": acc.reasoning_tokens() or 0},
             "total_tokens": acc.num_prompt_tokens + len(acc.token_ids)}
 
 
@@ -248,6 +249,8 @@ class ResponseBuilder:
         """The whole response of a finished request."""
         finish = finish_str(acc.finish_reason)
         thought, content, calls, _ = answer_parts(acc.text, finish, self.plan, self.reasoning)
+        if self.reasoning is not None:
+            acc.add_reasoning(thought)
         output = [reasoning_item(item_id("rs"), thought)] if thought else []
         output += [message_item(item_id("msg"), content)] if content or not calls else []
         output += [call_item(item_id("fc"), c) for c in calls or ()]
@@ -271,6 +274,8 @@ class ResponseBuilder:
     def add(self, text: str, finish: str | None, acc: Accumulator) -> list[dict]:
         """The events for a delta's text (and, when it is the last, the closing ones)."""
         thought, deltas, _ = self.stream.add(text, finish)
+        if self.reasoning is not None:
+            acc.add_reasoning(thought)
         events = self._reasoning(thought) if thought else []
         for d in deltas:
             if d.get("content"):

@@ -73,7 +73,9 @@ def streamed(chunks):
     return thought or None, content or None, [calls[i] for i in sorted(calls)], finish
 
 
-def test_channels_come_apart_as_reasoning_and_answer(client, cluster, markers):
+def test_channels_come_apart_as_reasoning_and_answer(client, cluster, markers, harmony_model):
+    from transformers import AutoTokenizer
+
     args = forced(cluster, markers, ANALYSIS + FINAL, logprobs=True)
     r = client.chat.completions.create(**args)
     m = r.choices[0].message
@@ -81,8 +83,13 @@ def test_channels_come_apart_as_reasoning_and_answer(client, cluster, markers):
         ("The user asks about Paris.", "Sunny in Paris.", None, "stop")
     # the markers came as the special tokens a gpt-oss model samples (one token each)
     assert {t.token for t in r.choices[0].logprobs.content} >= {"<|channel|>", "<|message|>", "<|end|>", "<|start|>"}
-    assert streamed(client.chat.completions.create(stream=True, **args)) == \
-        ("The user asks about Paris.", "Sunny in Paris.", [], "stop")
+    # usage counts the reasoning's tokens (its text tokenized), whole and streamed
+    tok = AutoTokenizer.from_pretrained(harmony_model)
+    thought_tokens = len(tok("The user asks about Paris.", add_special_tokens=False).input_ids)
+    assert r.usage.completion_tokens_details.reasoning_tokens == thought_tokens < r.usage.completion_tokens
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == thought_tokens
+    assert streamed(chunks) == ("The user asks about Paris.", "Sunny in Paris.", [], "stop")
 
 
 def test_a_message_to_a_function_is_a_tool_call(client, cluster, markers):
@@ -109,7 +116,10 @@ def test_responses_items(client, cluster):
     r = client.responses.create(**kwargs)
     assert [o.type for o in r.output] == ["reasoning", "message"] and r.output_text == "Sunny in Paris."
     assert r.output[0].content[0].text == "The user asks about Paris."
+    assert 0 < r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
     events = list(client.responses.create(stream=True, **kwargs))
+    assert events[-1].response.usage.output_tokens_details.reasoning_tokens == \
+        r.usage.output_tokens_details.reasoning_tokens
     assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == \
         "The user asks about Paris."
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Sunny in Paris."
