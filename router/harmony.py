@@ -8,13 +8,15 @@ one ends with <|return|> or <|call|>, both EOS tokens, so their text never reach
 
 (the prompt ends with <|start|>assistant, so the first header has no role). What comes back:
 
-    channel analysis                     reasoning (chat's reasoning_content, the Responses API's
-                                         reasoning item)
     a recipient functions.NAME           a tool call to NAME with the body as its arguments (the
                                          recipient may stand in the role part or after the channel)
-    final, or commentary with no         the answer (content); commentary without a recipient is a
-    recipient                            preamble the user sees
-    any other recipient                  the answer, as text (a built-in tool pdserve does not run)
+    channel analysis                     reasoning (chat's reasoning_content, the Responses API's
+                                         reasoning item); with a recipient too: a call to a built-in
+                                         tool (browser.*, python), part of the chain of thought,
+                                         which pdserve does not run
+    final, commentary                    the answer (content); commentary without a recipient is a
+                                         preamble the user sees, with another recipient than a
+                                         function the message comes back as text
 
 The markers are special tokens: the router decodes the output with them (skip_special_tokens off)
 and no special token's text reaches the client (Harmony.clean). An output that does not start with a marker (a structured
@@ -78,7 +80,7 @@ class _Header:
     def kind(self) -> str:
         if self.recipient is not None and self.recipient.startswith(FUNCTIONS):
             return "call"
-        return "reasoning" if self.channel == "analysis" and self.recipient is None else "content"
+        return "reasoning" if self.channel == "analysis" else "content"
 
 
 @dataclass

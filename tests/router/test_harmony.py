@@ -51,9 +51,14 @@ CASES = [
     (("Sunny in Paris.", "stop", "none"), (None, "Sunny in Paris.", None, "stop")),
     (("  <b>Sunny</b>", "stop", "none"), (None, "  <b>Sunny</b>", None, "stop")),
     (('{"city": "Paris"}', "stop", "named"), (None, None, [WEATHER], "stop")),
-    # a built-in tool's recipient (browser, python): not a function call here, its text is content
+    # a built-in tool's call (browser, python) is in the analysis channel: part of the reasoning;
+    # a commentary message to anything but a function: text; the recipient right before <|constrain|>
     (("<|channel|>analysis to=browser.search<|message|>{\"q\": 1}<|end|>" + FINAL, "stop", "auto"),
-     (None, '{"q": 1}Sunny in Paris.', None, "stop")),
+     ('{"q": 1}', "Sunny in Paris.", None, "stop")),
+    (("<|channel|>commentary to=container.exec<|message|>ls<|end|>" + FINAL, "stop", "auto"),
+     (None, "lsSunny in Paris.", None, "stop")),
+    (('<|channel|>commentary to=functions.get_weather<|constrain|>json<|message|>{"city": "Paris"}', "stop", "auto"),
+     (None, None, [WEATHER], "tool_calls")),
     # special tokens where harmony has none (a random or derailed model) never reach the client;
     # text that merely looks like one stays
     (("<|channel|>final<|message|>Sunny<|start|> in<|endoftext|> Paris<think>.", "stop", "none"),
