@@ -50,7 +50,8 @@
 #   moe: MoE families in bf16 with the CUDA defaults (gpu_check moe-bf16)
 #   capped: Gemma 2's attention cap on CUDA, torch backend then Triton (gpu_check capped-triton)
 #   sinks: the kernels check with gpt-oss's attention sinks (gpu_check kernels)
-#   usage: benchmarks/engine_gpu1.sh sinks|capped|moe|families2|families|lt|blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
+#   mxfp4: gpt-oss's released MXFP4 layout dequantized at load (gpu_check mxfp4)
+#   usage: benchmarks/engine_gpu1.sh mxfp4|sinks|capped|moe|families2|families|lt|blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
