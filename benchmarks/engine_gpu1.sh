@@ -51,7 +51,8 @@
 #   capped: Gemma 2's attention cap on CUDA, torch backend then Triton (gpu_check capped-triton)
 #   sinks: the kernels check with gpt-oss's attention sinks (gpu_check kernels)
 #   mxfp4: gpt-oss's released MXFP4 layout dequantized at load (gpu_check mxfp4)
-#   usage: benchmarks/engine_gpu1.sh mxfp4|sinks|capped|moe|families2|families|lt|blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
+#   r23: the defaults' checks and engine.py decode_b1 / batch32 again (twenty-third session)
+#   usage: benchmarks/engine_gpu1.sh r23|mxfp4|sinks|capped|moe|families2|families|lt|blas|host2|argmax|preload2|preload|decode|prefill|split|gemv|gemv_fault|gemv_cause|attn32|rope|r13|r13b|r13c|r13d|r14
 set -uo pipefail
 part=${1:?decode, prefill or split}
 out=${OUT:-/tmp/engine-gpu1}
@@ -280,6 +281,13 @@ case $part in
     # the kernels check with gpt-oss's attention sinks (two cases, one a 300-key context in two
     # chunks whose merge adds the sinks once); passed on an H200 in 275 s (twenty-third session)
     step kernels 560 python3 benchmarks/gpu_check.py --only kernels
+    ;;
+  r23)
+    # the defaults re-checked after the twenty-third session's loader change (quantized checkpoints),
+    # then engine.py's decode_b1 / batch32 on that host
+    step check_r23 280 python3 benchmarks/gpu_check.py --only graphs,fp32-exact,bf16-1b-fused
+    step engine $((580 - (SECONDS - t0))) python3 benchmarks/engine.py --device cuda --model llama-1b-shape \
+      --workloads decode_b1,batch --scheduling async
     ;;
   mxfp4)
     # gpt-oss as released: MXFP4 experts dequantized at load (bf16 / fp32 weights, fp32 tokens vs
