@@ -19,9 +19,9 @@ one ends with <|return|> or <|call|>, both EOS tokens, so their text never reach
                                          function the message comes back as text
 
 The markers are special tokens: the router decodes the output with them (skip_special_tokens off)
-and no special token's text reaches the client (Harmony.clean). An output that does not start with a marker (a structured
-output, a named or required tool choice: their grammar holds from the first token) is plain text,
-parsed as the request's tool plan parses it. A call comes back as a call only with tool_choice
+and no special token's text reaches the client (Harmony.clean). An output that does not start
+with a marker (a structured output, a named or required tool choice: their grammar holds from the
+first token) is plain text, parsed as the request's tool plan parses it. A call comes back as a call only with tool_choice
 "auto" and an output that ended on its own ("stop"); otherwise its arguments join the content, as
 a cut-short Hermes call does: nothing the model wrote is dropped but the headers (a header cut
 short by max_tokens included).
@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+from router.tool_calls import call_id
 
 MESSAGE, END, START = "<|message|>", "<|end|>", "<|start|>"
 # what ends a body: <|end|>, or <|return|> / <|call|> where a client's stop_token_ids kept them
@@ -172,7 +174,8 @@ def answer_parts(text: str, finish: str | None, tools, harmony: Harmony) -> tupl
     calls = [c for d in deltas for c in d.get("tool_calls") or ()]
     if stream.plain is not None:  # the tool plan's own parse of plain text
         return None, *tools.message(harmony.clean(text), finish)
-    return thought or None, content or None, [{k: v for k, v in c.items() if k != "index"} for c in calls] or None, reason
+    calls = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+    return thought or None, content or None, calls or None, reason
 
 
 @dataclass
@@ -182,7 +185,7 @@ class HarmonyStream:
 
     tools: object  # the request's ToolPlan
     harmony: Harmony
-    parser: HarmonyParser = None
+    parser: HarmonyParser = field(init=False)
     plain: object = None  # the tool plan's streamer, once the output turned out to be plain text
     calls: list[tuple[str, str]] = field(default_factory=list)
 
@@ -212,8 +215,6 @@ class HarmonyStream:
             return thought, _merged(out), finish
         if self.tools.mode != "auto" or finish != "stop":  # not a call here: its arguments as text
             return thought, _merged(out + [{"content": args} for _, args in self.calls]), finish
-        from router.tool_calls import call_id
-
         calls = self.calls[:1] if not self.tools.parallel else self.calls
         return thought, _merged(out) + [{"tool_calls": [{"index": i, "id": call_id(), "type": "function",
                                                          "function": {"name": name, "arguments": args}}]}

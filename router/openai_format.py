@@ -150,7 +150,8 @@ def completion_body(rid: str, model: str, accs: list[Accumulator], want_logprobs
 
 
 def answer_parts(text: str, finish: str | None, tools: ToolPlan,
-                 reasoning: bool | harmony.Harmony | None) -> tuple[str | None, str | None, list[dict] | None, str | None]:
+                 reasoning: bool | harmony.Harmony | None) -> tuple[str | None, str | None, list[dict] | None,
+                                                                     str | None]:
     """(reasoning, content, tool calls, finish_reason) of a finished output: the reasoning apart
     (``reasoning``: None, or whether the prompt opened it; router/reasoning.py), then the calls out
     of the answer (router/tool_calls.py). ``reasoning`` a harmony.Harmony: gpt-oss's channels

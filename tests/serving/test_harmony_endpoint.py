@@ -125,7 +125,8 @@ def test_responses_items(client, cluster):
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Sunny in Paris."
     with_call = kwargs | {"tools": [{"type": "function", **TOOLS[0]["function"]}],
                           "extra_body": {"structured_outputs": {"choice": [ANALYSIS + CALL]}}}
-    for r in (client.responses.create(**with_call), list(client.responses.create(stream=True, **with_call))[-1].response):
+    streamed_call = list(client.responses.create(stream=True, **with_call))[-1].response
+    for r in (client.responses.create(**with_call), streamed_call):
         assert [o.type for o in r.output] == ["reasoning", "function_call"]
         assert (r.output[1].name, r.output[1].arguments) == ("get_weather", '{"city": "Paris"}')
 
