@@ -4,6 +4,7 @@ with our paged attention.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -114,6 +115,39 @@ def quantized_load_args(config, dtype: torch.dtype) -> dict:
                                 f"serve the unquantized checkpoint of this model")
 
 
+def weight_bytes(config, dtype: torch.dtype) -> int:
+    """The model's parameter bytes in ``dtype`` (MXFP4 experts as the engine dequantizes them), from
+    its config alone: the model built on the meta device, which allocates nothing."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def check_weights_fit(nbytes: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before loading anything, weights that cannot fit where they go: host memory first
+    (from_pretrained reads them there), then the GPU's free memory; an error that says so instead
+    of a worker killed for memory after minutes of loading."""
+    places = [("host memory available", _host_available_bytes())]
+    if device.type == "cuda":
+        gpu = f"free on {device} ({torch.cuda.get_device_name(device)})"
+        places.append((gpu, torch.cuda.mem_get_info(device)[0]))
+    for where, free in places:
+        if nbytes > free:
+            raise UnsupportedModelError(
+                f"the model's weights take {nbytes / 2**30:.1f} GiB as {str(dtype).removeprefix('torch.')}, more than "
+                f"the {free / 2**30:.1f} GiB {where}: a worker holds its whole model on one device (no tensor "
+                f"parallelism); use a smaller model or dtype, or a device with more memory")
+
+
+def _host_available_bytes() -> int:
+    """Linux's MemAvailable (what can be allocated without swapping)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")
+
+
 def mxfp4_to_dtype(model, dtype: torch.dtype) -> int:
     """Dequantized MXFP4 expert weights in ``dtype``: transformers 5.17 dequantizes them to bf16
     whatever the model's dtype (5.24 to the dtype); the 4-bit values times their power-of-two scales
@@ -152,6 +186,7 @@ class ModelRunner:
         self.hf_config = load_hf_config(model_path)
         model_cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.hf_config.model_type]
         quantized = quantized_load_args(self.hf_config, self.dtype)
+        check_weights_fit(weight_bytes(self.hf_config, self.dtype), self.dtype, self.device)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=self.dtype, attn_implementation=PAGED_ATTN, **quantized
         ).to(self.device).eval()

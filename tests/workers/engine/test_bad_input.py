@@ -84,3 +84,30 @@ def test_known_unsupported_architecture(tmp_path):
 def test_missing_model_dir():
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         make_engine("/nonexistent/model")
+
+
+def test_weights_that_cannot_fit_are_refused_before_loading(tmp_path, tiny_checkpoint):
+    """A checkpoint whose weights exceed the host's memory (the tiny llama's config with ~1.5 TiB of
+    parameters: the check builds the model on the meta device, so nothing that big is made or
+    read) is refused at once with the sizes, not loaded until the worker is killed for memory."""
+    import shutil
+
+    shutil.copytree(tiny_checkpoint("llama"), tmp_path / "huge")
+    cfg = json.loads((tmp_path / "huge" / "config.json").read_text())
+    cfg.update(hidden_size=65536, intermediate_size=4 * 65536, num_hidden_layers=8)
+    (tmp_path / "huge" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=r"weights take 15\d\d\.\d GiB as float32, more than the .* GiB "
+                                                    r"host memory available"):
+        make_engine(str(tmp_path / "huge"))
+
+
+def test_weight_bytes_counts_what_the_engine_loads(tiny_checkpoint):
+    """The estimate is the loaded model's own parameter bytes (tied weights once), in each dtype."""
+    import torch
+
+    from workers.engine.model_runner import load_hf_config, weight_bytes
+
+    engine = make_engine(tiny_checkpoint("qwen3"))
+    loaded = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    config = load_hf_config(tiny_checkpoint("qwen3"))
+    assert weight_bytes(config, torch.float32) == loaded == 2 * weight_bytes(config, torch.bfloat16)
