@@ -36,11 +36,18 @@ def resolve_model_path(path: str | None) -> str:
     raise FileNotFoundError(f"model directory not found: {path}")
 
 
+# What a hub checkpoint's download takes: the top level's config, weights and tokenizer files. Not
+# subfolders: repos keep other formats of the same weights there (gpt-oss's original/ and metal/,
+# each as big as the checkpoint itself); huggingface_hub's patterns match across "/".
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+DOWNLOAD_IGNORE = ["*/*"]
+
+
 def _download(repo_id: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        return snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS, ignore_patterns=DOWNLOAD_IGNORE)
     except Exception as e:
         raise FileNotFoundError(
             f"{repo_id!r} is not a local directory and could not be fetched from the Hugging Face hub ({e}). "
