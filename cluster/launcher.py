@@ -78,7 +78,8 @@ class Cluster:
         model_path = resolve_model_path(c.model.path)
         if c.model.path is None or c.model.served_model_name is None:
             model = c.model.model_copy(update={"path": model_path,
-                                               "served_model_name": served_model_name(model_path, c.model.served_model_name)})
+                                               "served_model_name": served_model_name(
+                                                   model_path, c.model.served_model_name, requested=c.model.path)})
             c = c.model_copy(update={"model": model})
         self.config, self.token_file = ensure_admin_token(c, self.rdir)
         c = self.config

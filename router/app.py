@@ -71,7 +71,8 @@ class OpenAIIngress:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.config = config
         model_path = resolve_model_path(self.config.model.path)
-        self.model_name = served_model_name(model_path, self.config.model.served_model_name)
+        self.model_name = served_model_name(model_path, self.config.model.served_model_name,
+                                            requested=self.config.model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._think_ids = marker_ids(self.tokenizer)  # <think>, </think> as tokens, or None
         self._harmony = Harmony.of(self.tokenizer) if self.config.server.harmony else None

@@ -31,9 +31,14 @@ def resolve_model_path(path: str | None) -> str:
         return path
     if os.path.exists(path):
         raise ValueError(f"model path {path!r} is a file; pass a checkpoint directory (config.json, safetensors, tokenizer)")
-    if path.count("/") == 1 and not path.startswith((".", "/")):
+    if is_hub_id(path):
         return _download(path)
     raise FileNotFoundError(f"model directory not found: {path}")
+
+
+def is_hub_id(path: str | None) -> bool:
+    """``owner/name`` that is not a local path: a Hugging Face hub id."""
+    return path is not None and path.count("/") == 1 and not path.startswith((".", "/")) and not os.path.exists(path)
 
 
 # What a hub checkpoint's download takes: the top level's config, weights and tokenizer files. Not
@@ -105,5 +110,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def served_model_name(model_path: str, override: str | None = None) -> str:
-    return override or Path(model_path.rstrip("/")).name
+def served_model_name(model_path: str, override: str | None = None, requested: str | None = None) -> str:
+    """The model id clients send: ``override``, else the hub id the model was asked for as
+    (``requested``; its download's directory is named by a commit hash), else the directory's name."""
+    return override or (requested if is_hub_id(requested) else Path(model_path.rstrip("/")).name)

@@ -1,9 +1,10 @@
-"""Which files a model given as a hub id downloads (workers/model_files.py), through
-huggingface_hub's own filter (the one snapshot_download applies); no network here."""
+"""A model given as a hub id (workers/model_files.py): which files its download takes, through
+huggingface_hub's own filter (the one snapshot_download applies), and the id it is served as; no
+network here."""
 
 from huggingface_hub.utils import filter_repo_objects
 
-from workers.model_files import DOWNLOAD_IGNORE, DOWNLOAD_PATTERNS
+from workers.model_files import DOWNLOAD_IGNORE, DOWNLOAD_PATTERNS, served_model_name
 
 # openai/gpt-oss-20b's layout: the checkpoint at the top, the same weights again in original/
 # (and metal/), each ~13 GB
@@ -19,3 +20,14 @@ def test_a_hub_download_takes_the_top_level_checkpoint_only():
     assert got == GPT_OSS_FILES[:10]
     # without the ignore pattern the same weights would come twice
     assert "original/model.safetensors" in filter_repo_objects(GPT_OSS_FILES, allow_patterns=DOWNLOAD_PATTERNS)
+
+
+def test_a_hub_model_is_served_as_its_id(tmp_path):
+    """Not as its download's directory (a commit hash under the hub cache's snapshots/)."""
+    snapshot = "/root/.cache/huggingface/hub/models--openai--gpt-oss-20b/snapshots/6cee5e81ee83917806bbde320786"
+    assert served_model_name(snapshot, requested="openai/gpt-oss-20b") == "openai/gpt-oss-20b"
+    assert served_model_name(snapshot, "gpt-oss", requested="openai/gpt-oss-20b") == "gpt-oss"
+    local = tmp_path / "my-model"
+    local.mkdir()
+    assert served_model_name(str(local), requested=str(local)) == "my-model"
+    assert served_model_name(str(local) + "/", requested=None) == "my-model"
