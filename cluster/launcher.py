@@ -75,11 +75,13 @@ class Cluster:
 
         c = self.config
         self.say(f"model: resolving {c.model.path or 'the default model (SmolLM2-135M-Instruct)'} ...")
+        # resolved here to fail early and to name the model; model.path itself stays as given (the
+        # default model, a hub id): every worker resolves it on its own node, where the head's
+        # conversion or download does not exist on a multi-node cluster
         model_path = resolve_model_path(c.model.path)
-        if c.model.path is None or c.model.served_model_name is None:
-            model = c.model.model_copy(update={"path": model_path,
-                                               "served_model_name": served_model_name(
-                                                   model_path, c.model.served_model_name, requested=c.model.path)})
+        if c.model.served_model_name is None:
+            model = c.model.model_copy(update={"served_model_name": served_model_name(
+                model_path, None, requested=c.model.path)})
             c = c.model_copy(update={"model": model})
         self.config, self.token_file = ensure_admin_token(c, self.rdir)
         c = self.config
