@@ -78,7 +78,7 @@ class Cluster:
         # resolved here to fail early and to name the model; model.path itself stays as given (the
         # default model, a hub id): every worker resolves it on its own node, where the head's
         # conversion or download does not exist on a multi-node cluster
-        model_path = resolve_model_path(c.model.path)
+        model_path = resolve_model_path(c.model.path, weights=False)
         if c.model.served_model_name is None:
             model = c.model.model_copy(update={"served_model_name": served_model_name(
                 model_path, None, requested=c.model.path)})

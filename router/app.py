@@ -70,7 +70,7 @@ class OpenAIIngress:
         # (plus Ray's callbacks): each hand-off of a delta waits for the GIL, as in a worker
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.config = config
-        model_path = resolve_model_path(self.config.model.path)
+        model_path = resolve_model_path(self.config.model.path, weights=False)  # its tokenizer and config
         self.model_name = served_model_name(model_path, self.config.model.served_model_name,
                                             requested=self.config.model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)

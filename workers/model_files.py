@@ -23,8 +23,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
 
 
-def resolve_model_path(path: str | None) -> str:
-    """A local checkpoint directory for ``path`` (None = the default model)."""
+def resolve_model_path(path: str | None, weights: bool = True) -> str:
+    """A local checkpoint directory for ``path`` (None = the default model). ``weights`` False: a
+    hub model's config and tokenizer files only (what the endpoint and the launcher read), not its
+    safetensors (a CPU head node need not download them)."""
     if path is None:
         return str(default_model_dir())
     if os.path.isdir(path):
@@ -32,7 +34,7 @@ def resolve_model_path(path: str | None) -> str:
     if os.path.exists(path):
         raise ValueError(f"model path {path!r} is a file; pass a checkpoint directory (config.json, safetensors, tokenizer)")
     if is_hub_id(path):
-        return _download(path)
+        return _download(path, weights)
     raise FileNotFoundError(f"model directory not found: {path}")
 
 
@@ -48,11 +50,16 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 DOWNLOAD_IGNORE = ["*/*"]
 
 
-def _download(repo_id: str) -> str:
+def download_patterns(weights: bool = True) -> list[str]:
+    """snapshot_download's allow_patterns (its ignore_patterns: DOWNLOAD_IGNORE)."""
+    return DOWNLOAD_PATTERNS if weights else [p for p in DOWNLOAD_PATTERNS if p != "*.safetensors"]
+
+
+def _download(repo_id: str, weights: bool = True) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS, ignore_patterns=DOWNLOAD_IGNORE)
+        return snapshot_download(repo_id, allow_patterns=download_patterns(weights), ignore_patterns=DOWNLOAD_IGNORE)
     except Exception as e:
         raise FileNotFoundError(
             f"{repo_id!r} is not a local directory and could not be fetched from the Hugging Face hub ({e}). "

@@ -4,7 +4,7 @@ network here."""
 
 from huggingface_hub.utils import filter_repo_objects
 
-from workers.model_files import DOWNLOAD_IGNORE, DOWNLOAD_PATTERNS, served_model_name
+from workers.model_files import DOWNLOAD_IGNORE, download_patterns, served_model_name
 
 # openai/gpt-oss-20b's layout: the checkpoint at the top, the same weights again in original/
 # (and metal/), each ~13 GB
@@ -16,10 +16,15 @@ GPT_OSS_FILES = ["config.json", "generation_config.json", "chat_template.jinja",
 
 
 def test_a_hub_download_takes_the_top_level_checkpoint_only():
-    got = list(filter_repo_objects(GPT_OSS_FILES, allow_patterns=DOWNLOAD_PATTERNS, ignore_patterns=DOWNLOAD_IGNORE))
-    assert got == GPT_OSS_FILES[:10]
+    def taken(weights):
+        return list(filter_repo_objects(GPT_OSS_FILES, allow_patterns=download_patterns(weights),
+                                        ignore_patterns=DOWNLOAD_IGNORE))
+
+    assert taken(True) == GPT_OSS_FILES[:10]
+    # the endpoint's and the launcher's download: config and tokenizer, no weights
+    assert taken(False) == [f for f in GPT_OSS_FILES[:10] if not f.endswith(".safetensors")]
     # without the ignore pattern the same weights would come twice
-    assert "original/model.safetensors" in filter_repo_objects(GPT_OSS_FILES, allow_patterns=DOWNLOAD_PATTERNS)
+    assert "original/model.safetensors" in filter_repo_objects(GPT_OSS_FILES, allow_patterns=download_patterns())
 
 
 def test_a_hub_model_is_served_as_its_id(tmp_path):
