@@ -74,7 +74,7 @@ from workers.engine.attention import SeqSlice, TorchPagedAttention  # noqa: E402
 from workers.engine.config import EngineConfig, ModelConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.kv_cache import KVCache  # noqa: E402
-from workers.engine.model_runner import load_hf_config, mxfp4_to_dtype, quantized_load_args  # noqa: E402
+from workers.engine.model_runner import load_causal_lm, load_hf_config  # noqa: E402
 from workers.protocol import SamplingParams  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "pdserve-gpu-check"
@@ -94,8 +94,6 @@ def make(model_dir, dtype="float32", **kw) -> Engine:
 
 
 def hf_generate(model_dir, prompt, n, dtype="float32", with_scores=False):
-    from transformers import AutoModelForCausalLM
-
     key = (model_dir, dtype)
     if key not in _HF:
         # a capped model's reference is transformers' eager attention: transformers 5.17 (the device
@@ -104,9 +102,7 @@ def hf_generate(model_dir, prompt, n, dtype="float32", with_scores=False):
         kw = {"attn_implementation": "eager"} if _capped(model_dir) else {}
         # MXFP4 experts dequantized to the dtype, as the engine loads them: transformers 5.17
         # dequantizes them to bf16 whatever the dtype (a dtype mismatch in fp32)
-        kw.update(quantized_load_args(load_hf_config(model_dir), getattr(torch, dtype)))
-        _HF[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), **kw).cuda().eval()
-        mxfp4_to_dtype(_HF[key], getattr(torch, dtype))
+        _HF[key] = load_causal_lm(model_dir, load_hf_config(model_dir), getattr(torch, dtype), **kw).cuda().eval()
     with torch.inference_mode():
         out = _HF[key].generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n, do_sample=False,
                                 eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)

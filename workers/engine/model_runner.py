@@ -148,6 +148,21 @@ def _host_available_bytes() -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable line")
 
 
+def load_causal_lm(path: str, config, dtype: torch.dtype, device: torch.device | None = None, **kwargs):
+    """transformers' model of the checkpoint at ``path`` (``config``: its load_hf_config) in
+    ``dtype``, on the CPU: a quantized checkpoint refused or dequantized as quantized_load_args
+    says (MXFP4 experts cast to ``dtype``); with ``device``, weights that cannot fit there are
+    refused before anything is read (check_weights_fit). The engine's model and the tests' and
+    gpu_check's references load through here, so they see the same weights."""
+    quantized = quantized_load_args(config, dtype)
+    if device is not None:
+        check_weights_fit(weight_bytes(config, dtype), dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **quantized, **kwargs)
+    if quantized:
+        mxfp4_to_dtype(model, dtype)
+    return model
+
+
 def mxfp4_to_dtype(model, dtype: torch.dtype) -> int:
     """Dequantized MXFP4 expert weights in ``dtype``: transformers 5.17 dequantizes them to bf16
     whatever the model's dtype (5.24 to the dtype); the 4-bit values times their power-of-two scales
@@ -185,13 +200,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.hf_config = load_hf_config(model_path)
         model_cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.hf_config.model_type]
-        quantized = quantized_load_args(self.hf_config, self.dtype)
-        check_weights_fit(weight_bytes(self.hf_config, self.dtype), self.dtype, self.device)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.dtype, attn_implementation=PAGED_ATTN, **quantized
-        ).to(self.device).eval()
-        if quantized:
-            mxfp4_to_dtype(self.model, self.dtype)
+        self.model = load_causal_lm(model_path, self.hf_config, self.dtype, self.device,
+                                    attn_implementation=PAGED_ATTN).to(self.device).eval()
         if not type(self.model).is_backend_compatible():
             raise UnsupportedModelError(f"{model_cls_name} does not use transformers' attention interface")
         if self.hf_config.model_type not in TESTED_MODEL_TYPES:

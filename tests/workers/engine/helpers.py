@@ -84,16 +84,11 @@ def hf_model(model_dir: str, dtype: str = "float32"):
     eager attention, the exact one: transformers 5.17 picks SDPA for Gemma 2, which drops the cap.
     MXFP4 experts dequantized to ``dtype`` as the engine loads them (transformers 5.17 dequantizes
     them to bf16 whatever the dtype)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from workers.engine.model_runner import attention_logit_cap, load_causal_lm, load_hf_config
 
-    from workers.engine.model_runner import attention_logit_cap, mxfp4_to_dtype, quantized_load_args
-
-    config = AutoConfig.from_pretrained(model_dir)
+    config = load_hf_config(model_dir)
     kw = {"attn_implementation": "eager"} if attention_logit_cap(config) else {}
-    kw.update(quantized_load_args(config, getattr(torch, dtype)))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), **kw).eval()
-    mxfp4_to_dtype(model, getattr(torch, dtype))
-    return model
+    return load_causal_lm(model_dir, config, getattr(torch, dtype), **kw).eval()
 
 
 def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int, dtype: str = "float32") -> list[int]:
