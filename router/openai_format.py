@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from router import harmony
 from router.openai_models import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChoiceLogprobs,
-                                  CompletionChoice, CompletionTokensDetails, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
-                                  TokenLogprob, TopLogprob, Usage)
+                                  CompletionChoice, CompletionLogprobs, CompletionResponse, CompletionTokensDetails,
+                                  PromptTokensDetails, TokenLogprob, TopLogprob, Usage)
 from router.reasoning import ReasoningStream, split as split_reasoning
 from router.tool_calls import ToolPlan
 from workers.protocol import FinishReason, TokenDelta
@@ -69,14 +69,6 @@ class Accumulator:
         if d.prompt_logprobs is not None:
             self.prompt_logprobs, self.prompt_top_logprobs = d.prompt_logprobs, d.prompt_top_logprobs
 
-    def usage(self) -> Usage:
-        reasoning = self.reasoning_tokens()
-        return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=len(self.token_ids),
-                     total_tokens=self.num_prompt_tokens + len(self.token_ids),
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens),
-                     completion_tokens_details=None if reasoning is None else
-                     CompletionTokensDetails(reasoning_tokens=reasoning))
-
     def token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
@@ -121,9 +113,8 @@ def chat_logprobs(acc: Accumulator, ids: list[int], lps: list[float], tops) -> C
 def usage(accs: list[Accumulator], per_prompt: int | None = None) -> Usage:
     """A request's usage over its choices, ``per_prompt`` consecutive choices for each prompt (all
     of them: one prompt): each prompt counted once, and its cached tokens as the most any of its
-    choices found cached; the completion tokens of every choice."""
-    if len(accs) == 1:
-        return accs[0].usage()
+    choices found cached; the completion tokens of every choice (and, with a reasoning parser,
+    their reasoning tokens)."""
     per_prompt = per_prompt or len(accs)
     groups = [accs[i:i + per_prompt] for i in range(0, len(accs), per_prompt)]
     prompt = sum(max(a.num_prompt_tokens for a in g) for g in groups)
